@@ -1,0 +1,170 @@
+"""Side-by-side quality / size / speed table on the default model (the foundation benchmark).
+
+    python bench/quality.py                       # everything: original, RTN, GPTQ, llm-compressor GPTQ
+    python bench/quality.py --bits 3 --methods gptq
+
+Protocol: WikiText-2 test, seqlen 2048, the first --windows windows; calibration 128 x 512 tokens of
+the C4 sample in ../shared/data/c4 (seed 0), the same windows for every method; group 64, asymmetric.
+rdquant rows evaluate the *loaded artifact* and check it is bit-identical to the in-memory model.
+Peer (llm-compressor) runs are cached in bench/cache/ (they do not change between rdquant versions);
+--rerun-peers runs them again. Rows are also cached per configuration; --fresh recomputes ours.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+import rdquant
+from rdquant.data import calibration_windows, shared_data_dir
+from rdquant.models import load_model, resolve_model
+from rdquant.runtime import QuantLinear
+
+ROOT = Path(__file__).resolve().parents[1]
+CACHE = ROOT / "bench" / "cache"
+PEER_PY = ROOT / ".venv-bench" / "bin" / "python"
+
+
+def calib_file(tok, n: int, seqlen: int, seed: int) -> Path:
+    path = CACHE / f"calib_c4_{n}x{seqlen}_seed{seed}.safetensors"
+    if not path.is_file():
+        ids = calibration_windows(tok, shared_data_dir() / "c4" / "c4_calib_1k.jsonl", n, seqlen, seed)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({"input_ids": ids}, path)
+    return path
+
+
+def cached_row(name: str, fresh: bool, compute):
+    path = CACHE / "rows" / f"{name}.json"
+    if path.is_file() and not fresh:
+        return json.loads(path.read_text())
+    row = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(row, indent=1))
+    return row
+
+
+def eval_row(model, tok, args) -> dict:
+    r = rdquant.evaluate(model, tok, seqlen=args.seqlen, max_windows=args.windows)
+    return {"ppl": r.ppl, "tokens": r.tokens, "eval_seconds": r.seconds}
+
+
+def run_rdquant(method: str, bits: int, args, calib: Path) -> dict:
+    model, tok, mid = load_model(args.model)
+    ids = load_file(calib)["input_ids"]
+    cfg = rdquant.CompressConfig(method=method, bits=bits, group_size=args.group_size)
+    t0 = time.perf_counter()
+    cm = rdquant.compress(model, cfg, tokenizer=tok, calib_ids=ids, model_id=mid)
+    seconds = time.perf_counter() - t0
+    out = cm.save(CACHE / "artifacts" / f"{method}_w{bits}g{args.group_size}", overwrite=True)
+    loaded = rdquant.load(out, cache_dequantized=True)
+    exact = all(
+        torch.equal(m.dequantized_weight(), loaded.get_submodule(n).dequantized_weight())
+        for n, m in cm.model.named_modules()
+        if isinstance(m, QuantLinear)
+    )
+    x = torch.arange(256).unsqueeze(0) * 7 % 1000
+    with torch.no_grad():
+        exact = exact and torch.equal(cm.model(x).logits, loaded(x).logits)
+    del cm, model
+    rep = rdquant.inspect(out)
+    row = {"tool": "rdquant", "method": method, "bits": bits, "group_size": args.group_size,
+           "bits_per_weight": rep.bits_per_weight, "quantized_bytes": rep.quantized_bytes,
+           "disk_bytes": rep.total_bytes, "compress_seconds": seconds, "exact_reload": exact,
+           "threads": torch.get_num_threads()}
+    row.update(eval_row(loaded, tok, args))
+    return row
+
+
+def run_llmcompressor(bits: int, args, calib: Path) -> dict:
+    out = CACHE / f"llmcompressor_w{bits}g{args.group_size}"
+    result = out / "result.json"
+    if args.rerun_peers or not result.is_file():
+        if not PEER_PY.is_file():
+            raise SystemExit("llm-compressor needs its venv: see bench/peers/README.md")
+        src = resolve_model(args.model)
+        cmd = [str(PEER_PY), str(ROOT / "bench" / "peers" / "llmcompressor_gptq.py"), "--model", str(src.path),
+               "--calib", str(calib), "--bits", str(bits), "--group-size", str(args.group_size), "--out", str(out),
+               "--threads", str(torch.get_num_threads())]
+        subprocess.run(cmd, check=True)
+    peer = json.loads(result.read_text())
+    model, tok, _ = load_model(args.model)
+    deq = load_file(out / "dequantized.safetensors")
+    with torch.no_grad():
+        for name, w in deq.items():
+            model.get_parameter(name).copy_(w)
+    row = {"tool": "llm-compressor", "method": "gptq", "bits": bits, "group_size": args.group_size,
+           "bits_per_weight": 8 * peer["quantized_linear_bytes"] / peer["n_quantized_params"],
+           "quantized_bytes": peer["quantized_linear_bytes"], "disk_bytes": peer["compressed_bytes"],
+           "compress_seconds": peer["wall_time_s"], "exact_reload": None, "threads": peer.get("threads"),
+           "version": peer.get("version"), "actorder": peer.get("actorder")}
+    row.update(eval_row(model, tok, args))
+    return row
+
+
+def table(rows: list[dict], args) -> str:
+    tokens = next((r["tokens"] for r in rows if "tokens" in r), 0)
+    head = (f"WikiText-2 test, first {args.windows} windows x {args.seqlen} = {tokens:,} tokens; "
+            f"group {args.group_size}, asymmetric; calibration {args.calib_samples} x {args.calib_seqlen} C4 tokens\n\n")
+    lines = ["| tool | method | bits | ppl | bits/weight (all-in) | quantized-linear bytes | bytes on disk | compress s | threads | reload exact |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        fmt = lambda v, f: "-" if v is None else format(v, f)
+        lines.append(
+            f"| {r['tool']} | {r['method']} | {r.get('bits', '-')} | {r['ppl']:.3f} | {fmt(r.get('bits_per_weight'), '.3f')} | "
+            f"{fmt(r.get('quantized_bytes'), ',')} | {fmt(r.get('disk_bytes'), ',')} | {fmt(r.get('compress_seconds'), '.0f')} | "
+            f"{r.get('threads', '-')} | {'-' if r.get('exact_reload') is None else ('yes' if r['exact_reload'] else 'NO')} |"
+        )
+    return head + "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--bits", type=int, nargs="+", default=[4, 3, 2])
+    ap.add_argument("--methods", nargs="+", default=["rtn", "gptq", "llmcompressor"])
+    ap.add_argument("--group-size", type=int, default=64)
+    ap.add_argument("--windows", type=int, default=32)
+    ap.add_argument("--seqlen", type=int, default=2048)
+    ap.add_argument("--calib-samples", type=int, default=128)
+    ap.add_argument("--calib-seqlen", type=int, default=512)
+    ap.add_argument("--fresh", action="store_true", help="recompute cached rdquant rows")
+    ap.add_argument("--rerun-peers", action="store_true", help="run llm-compressor again instead of its cache")
+    ap.add_argument("--json", type=Path, default=CACHE / "quality.json")
+    args = ap.parse_args()
+    if shared_data_dir() is None:
+        raise SystemExit("needs ../shared/data (WikiText-2 and the C4 sample)")
+
+    _, tok, _ = load_model(args.model) if False else (None, None, None)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(resolve_model(args.model).path)
+    calib = calib_file(tok, args.calib_samples, args.calib_seqlen, 0)
+    tag = f"w{args.windows}s{args.seqlen}c{args.calib_samples}x{args.calib_seqlen}g{args.group_size}"
+    rows = [cached_row(f"original_{args.model}_{tag}", False,
+                       lambda: {"tool": "original", "method": "fp32 (16-bit on disk)",
+                                **eval_row(*load_model(args.model)[:2], args)})]
+    for bits in args.bits:
+        for method in args.methods:
+            name = f"{method}_w{bits}_{tag}"
+            if method == "llmcompressor":
+                rows.append(cached_row(name, args.rerun_peers, lambda: run_llmcompressor(bits, args, calib)))
+            else:
+                rows.append(cached_row(f"{name}_v{rdquant.__version__}", args.fresh,
+                                       lambda: run_rdquant(method, bits, args, calib)))
+            print(table(rows, args), flush=True)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(rows, indent=1))
+    print("\n" + table(rows, args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,18 @@
+"""rdquant: compress a trained causal LM post-training, save a real packed artifact, load, evaluate.
+
+Public API: compress, load, evaluate, inspect, CompressConfig.
+"""
+
+__version__ = "0.1.0"
+
+from .compress import CompressedModel, compress  # noqa: E402
+from .config import CompressConfig  # noqa: E402
+from .errors import ArtifactError, RdquantError  # noqa: E402
+from .evaluate import EvalResult, evaluate  # noqa: E402
+from .loading import load  # noqa: E402
+from .report import InspectReport, inspect  # noqa: E402
+
+__all__ = [
+    "ArtifactError", "CompressConfig", "CompressedModel", "EvalResult", "InspectReport", "RdquantError",
+    "compress", "evaluate", "inspect", "load", "__version__",
+]

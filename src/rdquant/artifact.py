@@ -1,0 +1,176 @@
+"""The artifact container (docs/FORMAT.md): safetensors shards + manifest.json with a sha256 per
+tensor, plus the model's config and tokenizer files so it loads stand-alone. Writes are atomic."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import struct
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .errors import ArtifactError, RdquantError
+
+FORMAT_NAME = "rdquant"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+SHARD_BYTES = 2 * 1024**3
+
+
+def tensor_sha256(t: torch.Tensor) -> str:
+    data = t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
+    return hashlib.sha256(memoryview(data)).hexdigest()
+
+
+def _dtype_name(t: torch.Tensor) -> str:
+    return str(t.dtype).removeprefix("torch.")
+
+
+def write_artifact(
+    out: Path,
+    tensors: dict[str, torch.Tensor],
+    manifest: dict[str, Any],
+    extra_files: dict[str, Any],
+    overwrite: bool = False,
+) -> None:
+    """Write tensors (sharded safetensors) + manifest + extra files into a temporary directory beside
+    `out`, then rename it into place, so `out` is never half-written.
+
+    extra_files maps a file name to a callable(dir) that writes it (config, tokenizer, logs).
+    """
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise RdquantError(f"{out} already exists; pass --overwrite to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        shards: list[dict[str, torch.Tensor]] = [{}]
+        size = 0
+        for name, t in tensors.items():
+            nbytes = t.numel() * t.element_size()
+            if shards[-1] and size + nbytes > SHARD_BYTES:
+                shards.append({})
+                size = 0
+            shards[-1][name] = t.detach().contiguous().cpu()
+            size += nbytes
+        entries: dict[str, Any] = {}
+        files: dict[str, Any] = {}
+        for k, shard in enumerate(shards):
+            fname = "model.safetensors" if len(shards) == 1 else f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, tmp / fname, metadata={"format": "pt", "producer": FORMAT_NAME})
+            files[fname] = {"bytes": (tmp / fname).stat().st_size}
+            for name, t in shard.items():
+                entries[name] = {
+                    "file": fname,
+                    "dtype": _dtype_name(t),
+                    "shape": list(t.shape),
+                    "sha256": tensor_sha256(t),
+                }
+        for writer in extra_files.values():
+            writer(tmp)
+        manifest = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **manifest, "files": files, "tensors": entries}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def is_artifact(path: str | os.PathLike) -> bool:
+    return (Path(path) / MANIFEST).is_file()
+
+
+def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_dir():
+        raise ArtifactError(f"artifact not found: {p}")
+    mpath = p / MANIFEST
+    if not mpath.is_file():
+        raise ArtifactError(f"{p} is not an rdquant artifact (no {MANIFEST})")
+    try:
+        manifest = json.loads(mpath.read_text())
+    except json.JSONDecodeError as e:
+        raise ArtifactError(f"{mpath} is corrupted: {e}") from e
+    if manifest.get("format") != FORMAT_NAME:
+        raise ArtifactError(f"{mpath} is not an rdquant manifest")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ArtifactError(
+            f"{p} has format version {manifest.get('format_version')}; this rdquant reads version {FORMAT_VERSION}"
+        )
+    return manifest
+
+
+def _check_file(path: Path, fname: str, expected: int, entries: dict[str, Any]) -> None:
+    """Size check; on truncation name the first tensor whose bytes are missing."""
+    f = path / fname
+    if not f.is_file():
+        raise ArtifactError(f"{f} is missing")
+    actual = f.stat().st_size
+    if actual == expected:
+        return
+    bad = "its header"
+    try:
+        with open(f, "rb") as fh:
+            (hlen,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(hlen))
+        start = 8 + hlen
+        beyond = [
+            (info["data_offsets"][1], name)
+            for name, info in header.items()
+            if name != "__metadata__" and start + info["data_offsets"][1] > actual
+        ]
+        if beyond:
+            bad = f"tensor {min(beyond)[1]}"
+    except Exception:  # header itself damaged
+        pass
+    raise ArtifactError(f"{f} is truncated or altered ({actual} bytes, expected {expected}): {bad} is damaged")
+
+
+def read_tensors(path: str | os.PathLike, verify: bool = True) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(manifest, tensors) of an artifact; with verify, every tensor's sha256 is checked."""
+    p = Path(path)
+    manifest = read_manifest(p)
+    entries = manifest["tensors"]
+    for fname, info in manifest["files"].items():
+        _check_file(p, fname, info["bytes"], entries)
+    tensors: dict[str, torch.Tensor] = {}
+    by_file: dict[str, list[str]] = {}
+    for name, info in entries.items():
+        by_file.setdefault(info["file"], []).append(name)
+    for fname, names in by_file.items():
+        try:
+            with safe_open(p / fname, framework="pt") as fh:
+                stored = set(fh.keys())
+                for name in names:
+                    if name not in stored:
+                        raise ArtifactError(f"tensor {name} is missing from {p / fname}")
+                    tensors[name] = fh.get_tensor(name)
+        except ArtifactError:
+            raise
+        except Exception as e:
+            raise ArtifactError(f"{p / fname} could not be read ({e}); the artifact is corrupted") from e
+    for name, info in entries.items():
+        t = tensors[name]
+        if list(t.shape) != info["shape"] or _dtype_name(t) != info["dtype"]:
+            raise ArtifactError(f"tensor {name} has shape/dtype {list(t.shape)}/{_dtype_name(t)}, manifest says {info['shape']}/{info['dtype']}")
+        if verify and tensor_sha256(t) != info["sha256"]:
+            raise ArtifactError(f"tensor {name} in {p / info['file']} fails its sha256 check: the artifact is corrupted")
+    return manifest, tensors

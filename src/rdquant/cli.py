@@ -1,0 +1,180 @@
+"""The `rdquant` command: a thin layer over the Python API."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .errors import RdquantError
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True, help="Compress, inspect, evaluate and run LLMs.")
+
+
+def _fail(msg: str, code: int = 2) -> None:
+    typer.echo(f"error: {msg}", err=True)
+    raise typer.Exit(code)
+
+
+def friendly(fn):
+    """Turn expected failures into one-line messages instead of tracebacks."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        import torch
+
+        try:
+            return fn(*args, **kwargs)
+        except RdquantError as e:
+            _fail(str(e))
+        except torch.OutOfMemoryError:
+            _fail("out of memory on the device: try fewer --calib-samples, a smaller --batch-size, "
+                  "a shorter --calib-seqlen, or --device cpu", 3)
+        except MemoryError:
+            _fail("out of host memory: try fewer --calib-samples or a shorter --calib-seqlen", 3)
+
+    return wrapper
+
+
+@app.command()
+@friendly
+def compress(
+    model: str = typer.Option("smollm2-135m", "--model", "-m", help="HF directory, .gguf file or alias"),
+    out: Path = typer.Option(..., "--out", "-o", help="artifact directory to write"),
+    method: Optional[str] = typer.Option(None, help="gptq | rtn  [default: gptq]"),
+    bits: Optional[int] = typer.Option(None, help="2, 3, 4 or 8  [default: 4]"),
+    group_size: Optional[int] = typer.Option(None, "--group-size", "-g", help="-1 = per row  [default: 64]"),
+    symmetric: Optional[bool] = typer.Option(None, "--symmetric/--asymmetric", help="[default: asymmetric]"),
+    act_order: Optional[bool] = typer.Option(None, "--act-order/--no-act-order", help="[default: on]"),
+    damp_percent: Optional[float] = typer.Option(None, "--damp", help="GPTQ damping  [default: 0.01]"),
+    clip_search: Optional[int] = typer.Option(None, "--clip-search", help="grid shrink steps, 0 = min-max  [default: 20]"),
+    calib: Optional[str] = typer.Option(None, help="text or JSONL file  [default: bundled C4 sample]"),
+    calib_samples: Optional[int] = typer.Option(None, "--calib-samples", help="[default: 128]"),
+    calib_seqlen: Optional[int] = typer.Option(None, "--calib-seqlen", help="[default: 512]"),
+    seed: Optional[int] = typer.Option(None, help="[default: 0]"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="windows per forward  [default: 16]"),
+    device: Optional[str] = typer.Option(None, help="cpu | cuda | cuda:N  [default: cpu]"),
+    recipe: Optional[Path] = typer.Option(None, help="YAML recipe; flags given here override it"),
+    resume: bool = typer.Option(False, help="continue an interrupted run from its last finished block"),
+    overwrite: bool = typer.Option(False, help="replace --out if it exists"),
+    eval_: bool = typer.Option(False, "--eval", help="also print WikiText-2 perplexity, original vs compressed"),
+    eval_windows: int = typer.Option(8, "--eval-windows", help="windows for --eval"),
+    eval_seqlen: int = typer.Option(2048, "--eval-seqlen"),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Quantize a model's linear layers and write a packed artifact."""
+    from . import compress as api_compress
+    from .config import CompressConfig
+    from .evaluate import evaluate
+    from .models import load_model
+    from .report import inspect as api_inspect
+
+    given = dict(method=method, bits=bits, group_size=group_size, symmetric=symmetric, act_order=act_order,
+                 damp_percent=damp_percent, clip_search=clip_search, calib=calib, calib_samples=calib_samples,
+                 calib_seqlen=calib_seqlen, seed=seed, batch_size=batch_size, device=device)
+    base = CompressConfig.from_yaml(recipe) if recipe else CompressConfig()
+    cfg = base.replace(**{k: v for k, v in given.items() if v is not None})
+    if out.exists() and not overwrite:
+        raise RdquantError(f"{out} already exists; pass --overwrite to replace it")
+    ckpt = out.with_name(out.name + ".partial")
+    if resume and not ckpt.is_dir():
+        raise RdquantError(f"--resume: no checkpoint at {ckpt}")
+    m, tok, model_id = load_model(model)
+    original = None
+    if eval_:
+        original = evaluate(m, tok, seqlen=eval_seqlen, max_windows=eval_windows, device=cfg.device, progress=progress)
+    try:
+        cm = api_compress(m, cfg, tokenizer=tok, checkpoint_dir=ckpt, resume=resume, progress=progress, model_id=model_id)
+    except KeyboardInterrupt:
+        typer.echo(f"\ninterrupted: finished blocks are kept in {ckpt}; rerun with --resume", err=True)
+        raise typer.Exit(130)
+    cm.save(out, overwrite=overwrite)
+    import shutil
+
+    shutil.rmtree(ckpt, ignore_errors=True)
+    rep = api_inspect(out)
+    typer.echo(f"wrote {out} in {cm.seconds:.1f} s compress time")
+    typer.echo(rep.table(per_layer=False))
+    if original is not None:
+        q = evaluate(cm, seqlen=eval_seqlen, max_windows=eval_windows, device=cfg.device, progress=progress)
+        typer.echo(f"\nWikiText-2 perplexity ({q.windows} windows x {q.seqlen} = {q.tokens} tokens)")
+        typer.echo(f"  original (16-bit: {rep.original_16bit_bytes / 2**20:7.1f} MiB)  ppl {original.ppl:8.3f}")
+        typer.echo(f"  rdquant  ({rep.total_bytes / 2**20:7.1f} MiB, {rep.bits_per_weight:.3f} bpw)  ppl {q.ppl:8.3f}")
+
+
+@app.command("eval")
+@friendly
+def eval_cmd(
+    model: str = typer.Argument(..., help="artifact directory, HF directory, .gguf file or alias"),
+    data: str = typer.Option("wikitext2", help="wikitext2 or a text/JSONL file"),
+    seqlen: int = typer.Option(2048),
+    max_windows: Optional[int] = typer.Option(None, "--max-windows"),
+    device: str = typer.Option("cpu"),
+    as_json: bool = typer.Option(False, "--json"),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Perplexity with the standard protocol (non-overlapping windows, exp of mean NLL)."""
+    from dataclasses import asdict
+
+    from .evaluate import evaluate
+
+    r = evaluate(model, data=data, seqlen=seqlen, max_windows=max_windows, device=device, progress=progress)
+    if as_json:
+        typer.echo(json.dumps(asdict(r)))
+    else:
+        typer.echo(f"{model}: ppl {r.ppl:.4f} on {data} ({r.windows} windows x {r.seqlen} = {r.tokens} tokens, {r.seconds:.1f} s)")
+
+
+@app.command("inspect")
+@friendly
+def inspect_cmd(
+    artifact: Path = typer.Argument(...),
+    layers: bool = typer.Option(True, "--layers/--no-layers"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Per-layer table and totals: params, all-in bits/weight, bytes on disk, compression ratio."""
+    from .report import inspect as api_inspect
+
+    rep = api_inspect(artifact)
+    if as_json:
+        typer.echo(json.dumps({"bits_per_weight": rep.bits_per_weight, "total_bytes": rep.total_bytes,
+                               "quantized_params": rep.quantized_params, "quantized_bytes": rep.quantized_bytes,
+                               "dense_bytes": rep.dense_bytes, "compression_ratio": rep.compression_ratio}))
+    else:
+        typer.echo(rep.table(per_layer=layers))
+
+
+@app.command()
+@friendly
+def generate(
+    model: str = typer.Argument(..., help="artifact directory, HF directory, .gguf file or alias"),
+    prompt: str = typer.Option("The capital of France is", "--prompt", "-p"),
+    max_new_tokens: int = typer.Option(40, "--max-new-tokens"),
+    chat: bool = typer.Option(False, help="wrap the prompt in the tokenizer's chat template"),
+    device: str = typer.Option("cpu"),
+) -> None:
+    """Greedy generation from a prompt."""
+    import torch
+
+    from .evaluate import load_any
+
+    m, tok = load_any(model, device=device)
+    text = prompt
+    if chat and getattr(tok, "chat_template", None):
+        text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+    enc = tok(text, return_tensors="pt").to(device)
+    with torch.inference_mode():
+        out = m.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.eos_token_id)
+    typer.echo(tok.decode(out[0][enc["input_ids"].shape[1]:], skip_special_tokens=True))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,137 @@
+"""`compress(model, config) -> CompressedModel`: the one entry point of the algorithms."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from . import __version__
+from .artifact import write_artifact
+from .config import CompressConfig, LayerLog
+from .data import calibration_windows
+from .errors import RdquantError
+from .methods import METHODS
+from .models import load_model
+from .pipeline import Checkpoint, run_pipeline
+from .runtime import QuantLinear
+
+QUANT_BUFFERS = ("qweight", "scales", "qzeros")
+
+
+def dense_dtype_for(model: nn.Module) -> torch.dtype:
+    """16-bit storage for everything left unquantized: bf16 if the model is bf16, else fp16."""
+    return torch.bfloat16 if next(model.parameters()).dtype == torch.bfloat16 else torch.float16
+
+
+@dataclass
+class CompressedModel:
+    """A quantized transformers model (QuantLinear modules) plus what is needed to save it."""
+
+    model: nn.Module
+    tokenizer: Any
+    config: CompressConfig
+    model_id: str
+    logs: list[LayerLog] = field(default_factory=list)
+    seconds: float = 0.0
+    dense_dtype: torch.dtype = torch.float16  # storage of everything left unquantized
+
+    def state_for_artifact(self) -> tuple[dict[str, torch.Tensor], dict[str, str], dict[str, Any]]:
+        """(tensors, tied aliases, quantized-module table): packed buffers as they are, every other
+        floating tensor in the 16-bit dense dtype, tied weights stored once."""
+        dense = self.dense_dtype
+        quantized = {
+            name: {
+                "method": self.config.method,
+                "bits": m.bits,
+                "group_size": m.group_size,
+                "symmetric": m.symmetric,
+                "shape": [m.out_features, m.in_features],
+                "bias": m.bias is not None,
+            }
+            for name, m in self.model.named_modules()
+            if isinstance(m, QuantLinear)
+        }
+        tensors: dict[str, torch.Tensor] = {}
+        tied: dict[str, str] = {}
+        seen: dict[int, str] = {}
+        for name, t in self.model.state_dict(keep_vars=False).items():
+            owner, _, leaf = name.rpartition(".")
+            key = t.data_ptr()
+            if key in seen and t.numel():
+                tied[name] = seen[key]
+                continue
+            seen[key] = name
+            if not (owner in quantized and leaf in QUANT_BUFFERS) and t.is_floating_point():
+                t = t.to(dense)
+            tensors[name] = t
+        return tensors, tied, quantized
+
+    def save(self, out: str | Path, overwrite: bool = False) -> Path:
+        """Write the artifact directory (atomic: `out` appears complete or not at all)."""
+        tensors, tied, quantized = self.state_for_artifact()
+        manifest = {
+            "rdquant_version": __version__,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "source_model": self.model_id,
+            "architecture": (getattr(self.model.config, "architectures", None) or [type(self.model).__name__])[0],
+            "recipe": self.config.to_dict(),
+            "dense_dtype": str(self.dense_dtype).removeprefix("torch."),
+            "packing": "lsb-first, 8 codes per `bits` bytes, row-major [out, in]",
+            "compress_seconds": round(self.seconds, 2),
+            "quantized": quantized,
+            "tied": tied,
+        }
+        log = [asdict(entry) for entry in self.logs]
+        extra = {
+            "config": lambda d: self.model.config.save_pretrained(d),
+            "tokenizer": lambda d: self.tokenizer.save_pretrained(d) if self.tokenizer is not None else None,
+            "log": lambda d: (Path(d) / "quant_log.json").write_text(json.dumps(log, indent=1)),
+        }
+        write_artifact(Path(out), tensors, manifest, extra, overwrite=overwrite)
+        return Path(out)
+
+
+def compress(
+    model: nn.Module | str,
+    config: CompressConfig | None = None,
+    tokenizer: Any = None,
+    calib_ids: torch.Tensor | None = None,
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    model_id: str | None = None,
+    after_block: Callable[[int], None] | None = None,
+) -> CompressedModel:
+    """Quantize the decoder-block linears of `model` (modified in place) per `config`.
+
+    `model` is a transformers causal LM or anything `--model` accepts. Calibration windows come from
+    `calib_ids` [N, L] if given, else from `config.calib` (None: the bundled C4 sample) via the tokenizer.
+    With `checkpoint_dir`, finished blocks are saved there and `resume=True` continues from them.
+    """
+    cfg = config or CompressConfig()
+    t0 = time.perf_counter()
+    if isinstance(model, (str, Path)):
+        model, tokenizer, model_id = load_model(str(model))
+    dense = dense_dtype_for(model)
+    if next(model.parameters()).dtype != torch.float32 and cfg.device == "cpu":
+        model = model.float()
+    if calib_ids is None and METHODS[cfg.method].needs_hessian:
+        if tokenizer is None:
+            raise RdquantError("calibration needs a tokenizer (or pass calib_ids)")
+        calib_ids = calibration_windows(tokenizer, cfg.calib, cfg.calib_samples, cfg.calib_seqlen, cfg.seed)
+    model_id = model_id or getattr(model.config, "_name_or_path", "") or type(model).__name__
+    ckpt = Checkpoint(Path(checkpoint_dir), cfg, model_id) if checkpoint_dir else None
+    model.eval()
+    state = run_pipeline(model, cfg, calib_ids, ckpt, resume, progress, after_block)
+    # Round what stays dense to its 16-bit storage dtype, so this model equals the saved one exactly.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.data = p.data.to(dense).to(p.dtype)
+    return CompressedModel(model, tokenizer, cfg, model_id, state.logs, time.perf_counter() - t0, dense)

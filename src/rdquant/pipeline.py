@@ -1,0 +1,454 @@
+"""The sequential block pipeline: calibrate and quantize one decoder block at a time.
+
+1. Capture the inputs of block 0 (hidden states + every keyword argument the blocks take).
+2. For each block: find its linears' execution order and group those that share an input into
+   stages (q/k/v, then o, then gate/up, then down for Llama). Stage by stage, run the block only as
+   far as that stage (the forward stops at the stage's last linear), accumulate H = 2 X^T X / n,
+   quantize, swap in QuantLinear - so later stages see the quantized earlier ones (true sequential).
+3. Run the finished block to produce the next block's inputs. Only the current block is on the
+   compute device. Finished blocks are checkpointed, so an interrupted run can resume.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from .config import CompressConfig, LayerLog
+from .errors import RdquantError
+from .hessian import HessianAccumulator
+from .methods import METHODS
+from .methods.gptq import proxy_error
+from .grid import quantize
+from .qtensor import dequantize_codes, expand_groups
+from .models import block_linears, find_blocks, set_submodule
+from .runtime import QuantLinear
+
+
+class _StopForward(Exception):
+    """Raised from a hook once a partial forward has produced what the pipeline needs."""
+
+
+@dataclass
+class Chunk:
+    """A batch of calibration windows at the current block's input."""
+
+    hidden: torch.Tensor
+    kwargs: dict[str, Any]
+
+
+@dataclass
+class PipelineState:
+    """What the pipeline produced: per-layer logs and which blocks are done."""
+
+    blocks_done: int = 0
+    logs: list[LayerLog] = field(default_factory=list)
+
+
+def _move_outside_blocks(model: nn.Module, blocks: nn.ModuleList, device: torch.device) -> None:
+    """Move every parameter/buffer that is not inside a decoder block to `device`."""
+    inside = {id(m) for b in blocks for m in b.modules()}
+    for m in model.modules():
+        if id(m) in inside or m is blocks:
+            continue
+        for k, p in m._parameters.items():
+            if p is not None:
+                p.data = p.data.to(device)
+        for k, b in m._buffers.items():
+            if b is not None:
+                m._buffers[k] = b.to(device)
+
+
+@torch.no_grad()
+def capture_block_inputs(
+    model: nn.Module, blocks: nn.ModuleList, input_ids: torch.Tensor, batch_size: int, device: torch.device
+) -> list[Chunk]:
+    """Run the model up to block 0 for each batch of windows; keep hidden states and kwargs."""
+    chunks: list[Chunk] = []
+
+    def hook(module, args, kwargs):
+        kwargs = dict(kwargs)
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        for k in ("past_key_value", "past_key_values"):
+            if k in kwargs:
+                kwargs[k] = None
+        if "use_cache" in kwargs:
+            kwargs["use_cache"] = False
+        chunks.append(Chunk(hidden, kwargs))
+        raise _StopForward
+
+    _move_outside_blocks(model, blocks, device)
+    handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for i in range(0, input_ids.shape[0], batch_size):
+            try:
+                model(input_ids[i : i + batch_size].to(device), use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+        _move_outside_blocks(model, blocks, torch.device("cpu"))
+    if len(chunks) != -(-input_ids.shape[0] // batch_size):
+        raise RdquantError("could not capture the inputs of the first decoder block")
+    return chunks
+
+
+def _block_output(block: nn.Module, chunk: Chunk) -> torch.Tensor:
+    out = block(chunk.hidden, **chunk.kwargs)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+class ActivationReuse:
+    """Serve a block submodule's output from the previous pass instead of recomputing it.
+
+    Between two passes over the same block inputs only the linears of one stage change. A submodule
+    that finished before the first of those linears started (in the previous pass) computed exactly
+    what it would compute again, so its cached output is reused. This removes most recomputation
+    from true-sequential GPTQ (each linear runs about once per chunk instead of once per stage).
+    Caches live for one block. `bypass` turns it off (for the exactness check).
+    """
+
+    def __init__(self, block: nn.Module) -> None:
+        self.cache: dict[tuple[str, int], Any] = {}
+        self.reusable: set[str] = set()
+        self.finished: set[str] = set()  # finished before the mark in the current pass
+        self.marked = False
+        self.chunk = 0
+        self.bypass = False
+        self._patched: list[nn.Module] = []
+        for name, mod in block.named_modules():
+            if name:
+                mod.forward = self._wrap(name, mod.forward)
+                self._patched.append(mod)
+
+    def _wrap(self, name: str, forward: Callable) -> Callable:
+        def wrapped(*args, **kwargs):
+            if self.bypass:
+                return forward(*args, **kwargs)
+            key = (name, self.chunk)
+            out = self.cache[key] if name in self.reusable and key in self.cache else forward(*args, **kwargs)
+            if not self.marked:
+                self.cache[key] = out
+                self.finished.add(name)
+            return out
+
+        return wrapped
+
+    def begin_pass(self) -> None:
+        self.reusable, self.finished = self.finished, set()
+        self.cache = {k: v for k, v in self.cache.items() if k[0] in self.reusable}
+
+    def begin_chunk(self, k: int) -> None:
+        self.chunk, self.marked = k, False
+
+    def mark(self) -> None:
+        """The first linear changed by this pass's stage starts now: nothing later is reusable."""
+        self.marked = True
+
+    def close(self) -> None:
+        for mod in self._patched:
+            del mod.forward
+        self._patched, self.cache = [], {}
+
+
+def _run_pass(
+    block: nn.Module,
+    chunks: list[Chunk],
+    reuse: ActivationReuse | None,
+    on_output: Callable[[int, torch.Tensor], None] | None = None,
+) -> None:
+    """One forward of the block over every chunk (each may stop early via _StopForward)."""
+    if reuse:
+        reuse.begin_pass()
+    for k, c in enumerate(chunks):
+        if reuse:
+            reuse.begin_chunk(k)
+        try:
+            out = _block_output(block, c)
+        except _StopForward:
+            continue
+        if on_output:
+            on_output(k, out)
+
+
+@torch.no_grad()
+def propagate(block: nn.Module, chunks: list[Chunk], index: int, reuse: ActivationReuse | None = None) -> None:
+    """Replace each chunk's hidden states by the block's output (the next block's input)."""
+    outputs: dict[int, torch.Tensor] = {}
+
+    def keep(k: int, out: torch.Tensor) -> None:
+        if not torch.isfinite(out).all():
+            raise RdquantError(
+                f"non-finite (NaN/Inf) activations after block {index}: the model overflows on the "
+                "calibration data in this dtype; load it in float32 or check the checkpoint"
+            )
+        outputs[k] = out
+
+    _run_pass(block, chunks, reuse, keep)
+    for k, c in enumerate(chunks):
+        c.hidden = outputs[k]
+
+
+@torch.no_grad()
+def discover_stages(block: nn.Module, linears: dict[str, nn.Linear], chunk: Chunk) -> list[list[str]]:
+    """Linears in execution order, grouped into stages of consecutive linears sharing one input."""
+    order: list[tuple[str, int, tuple[int, ...]]] = []
+    seen: set[str] = set()
+    handles = []
+
+    def make(name: str):
+        def hook(module, args):
+            if name not in seen:
+                seen.add(name)
+                x = args[0]
+                order.append((name, x.data_ptr(), tuple(x.shape)))
+                if len(seen) == len(linears):
+                    raise _StopForward
+
+        return hook
+
+    for name, lin in linears.items():
+        handles.append(lin.register_forward_pre_hook(make(name)))
+    try:
+        small = Chunk(chunk.hidden[:1], _slice_kwargs(chunk.kwargs, chunk.hidden.shape[0]))
+        _block_output(block, small)
+    except _StopForward:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    if len(order) != len(linears):
+        missing = sorted(set(linears) - seen)
+        raise RdquantError(f"these linears never run in the block's forward: {', '.join(missing)}")
+    stages: list[list[str]] = []
+    last_key = None
+    for name, ptr, shape in order:
+        key = (ptr, shape)
+        if stages and key == last_key:
+            stages[-1].append(name)
+        else:
+            stages.append([name])
+        last_key = key
+    return stages
+
+
+def _slice_kwargs(kwargs: dict[str, Any], batch: int) -> dict[str, Any]:
+    """Keyword arguments for the first sample of a batch (tensors with a leading batch dim are cut)."""
+
+    def cut(v):
+        if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == batch and batch > 1:
+            return v[:1]
+        if isinstance(v, tuple):
+            return tuple(cut(x) for x in v)
+        return v
+
+    return {k: cut(v) for k, v in kwargs.items()}
+
+
+@torch.no_grad()
+def stage_hessian(
+    block: nn.Module,
+    linears: dict[str, nn.Linear],
+    stage: list[str],
+    chunks: list[Chunk],
+    label: str,
+    reuse: ActivationReuse | None = None,
+) -> torch.Tensor:
+    """H of the stage's shared input, from forwards that stop at the stage's last linear."""
+    first = linears[stage[0]]
+    acc = HessianAccumulator(first.in_features, device=first.weight.device)
+
+    def collect(module, args):
+        if reuse:
+            reuse.mark()
+        acc.add(args[0], label)
+
+    def stop(module, args):
+        raise _StopForward
+
+    handles = [first.register_forward_pre_hook(collect), linears[stage[-1]].register_forward_pre_hook(stop)]
+    try:
+        _run_pass(block, chunks, reuse)
+    finally:
+        for h in handles:
+            h.remove()
+    return acc.H
+
+
+def quantize_stage(
+    block: nn.Module,
+    linears: dict[str, nn.Linear],
+    stage: list[str],
+    H: torch.Tensor | None,
+    cfg: CompressConfig,
+    prefix: str,
+    dtype: torch.dtype,
+) -> list[LayerLog]:
+    """Quantize the stage's linears jointly (they share H, so rows can be stacked) and swap in
+    QuantLinear modules; returns one log line per linear."""
+    method = METHODS[cfg.method]
+    t0 = time.perf_counter()
+    weights = [linears[n].weight.data.to(torch.float32) for n in stage]
+    for n, w in zip(stage, weights):
+        if not torch.isfinite(w).all():
+            raise RdquantError(f"{prefix}{n}.weight has NaN/Inf values; the checkpoint is broken")
+    W = torch.cat(weights, dim=0)
+    qw, notes = method.quantize(W, H, cfg)
+    seconds = (time.perf_counter() - t0) / len(stage)
+    logs, row = [], 0
+    for n, w in zip(stage, weights):
+        part = qw.rows(row, row + w.shape[0])
+        row += w.shape[0]
+        lin = linears[n]
+        q = QuantLinear.from_quantized(part, lin.bias.data if lin.bias is not None else None, dtype)
+        q.cache_dequantized = True  # the pipeline's later stages reuse it; cleared per block
+        Q = q.dequantized_weight().to(torch.float32)
+        log = LayerLog(prefix + n, cfg.method, cfg.bits, cfg.group_size, tuple(w.shape), notes=list(notes))
+        log.weight_mse = float((w - Q).square().mean())
+        log.seconds = seconds
+        if H is not None:
+            log.proxy_error = proxy_error(w, Q, H)
+            # "before": plain rounding onto the same grid, without the method's error compensation
+            S = expand_groups(part.scales.float(), w.shape[1], part.group_size)
+            Z = expand_groups(part.zero_points().float(), w.shape[1], part.group_size)
+            log.proxy_error_rtn = proxy_error(w, dequantize_codes(quantize(w, S, Z, part.bits), S, Z), H)
+        logs.append(log)
+        set_submodule(block, n, q)
+        linears[n] = q  # type: ignore[assignment]
+    return logs
+
+
+class Checkpoint:
+    """Finished blocks of an interrupted run: <dir>/progress.json + block_NNN.safetensors/.json."""
+
+    def __init__(self, path: Path, cfg: CompressConfig, model_id: str) -> None:
+        self.path = path
+        self.key = {"config": cfg.to_dict(), "model": model_id}
+
+    def start(self, resume: bool) -> int:
+        """Blocks already done (0 unless resuming a matching checkpoint); prepares the directory."""
+        prog = self.path / "progress.json"
+        if resume and prog.is_file():
+            state = json.loads(prog.read_text())
+            if state.get("key") != self.key:
+                raise RdquantError(
+                    f"--resume: the checkpoint in {self.path} was made with other settings or another model"
+                )
+            return int(state["blocks_done"])
+        if self.path.exists():
+            shutil.rmtree(self.path)
+        self.path.mkdir(parents=True)
+        return 0
+
+    def save_block(self, i: int, block: nn.Module, logs: list[LayerLog]) -> None:
+        tensors = {
+            f"{n}.{k}": v.contiguous()
+            for n, m in block.named_modules()
+            if isinstance(m, QuantLinear)
+            for k, v in m.state_dict().items()
+        }
+        save_file(tensors, self.path / f"block_{i:04d}.safetensors")
+        (self.path / f"block_{i:04d}.json").write_text(json.dumps([asdict(l) for l in logs]))
+        tmp = self.path / "progress.json.tmp"
+        tmp.write_text(json.dumps({"key": self.key, "blocks_done": i + 1}))
+        tmp.replace(self.path / "progress.json")
+
+    def load_block(self, i: int, block: nn.Module, cfg: CompressConfig, dtype: torch.dtype) -> list[LayerLog]:
+        tensors = load_file(self.path / f"block_{i:04d}.safetensors")
+        for n, lin in block_linears(block, cfg.skip).items():
+            q = QuantLinear(
+                lin.in_features, lin.out_features, cfg.bits, cfg.group_size, cfg.symmetric,
+                lin.bias is not None, dtype,
+            )
+            q.load_state_dict({k.split(".")[-1]: v for k, v in tensors.items() if k.rpartition(".")[0] == n})
+            set_submodule(block, n, q)
+        logs = json.loads((self.path / f"block_{i:04d}.json").read_text())
+        return [LayerLog(**{**l, "shape": tuple(l["shape"])}) for l in logs]
+
+    def remove(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+def run_pipeline(
+    model: nn.Module,
+    cfg: CompressConfig,
+    calib_ids: torch.Tensor | None,
+    checkpoint: Checkpoint | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    after_block: Callable[[int], None] | None = None,
+) -> PipelineState:
+    """Quantize every decoder-block linear of `model` in place (nn.Linear -> QuantLinear)."""
+    device = torch.device(cfg.device)
+    dtype = next(model.parameters()).dtype
+    blocks_name, blocks = find_blocks(model)
+    method = METHODS[cfg.method]
+    state = PipelineState()
+    start = checkpoint.start(resume) if checkpoint else 0
+    for i in range(start):
+        state.logs += checkpoint.load_block(i, blocks[i], cfg, dtype)  # type: ignore[union-attr]
+
+    chunks: list[Chunk] = []
+    if method.needs_hessian:
+        if calib_ids is None:
+            raise RdquantError(f"method {cfg.method} needs calibration data")
+        chunks = capture_block_inputs(model, blocks, calib_ids, cfg.batch_size, device)
+        for i in range(start):  # resume: recompute the inputs of the first unfinished block
+            blocks[i].to(device)
+            propagate(blocks[i], chunks, i)
+            blocks[i].to("cpu")
+
+    stages: list[list[str]] | None = None
+    bar = tqdm(range(start, len(blocks)), desc=f"{cfg.method} {cfg.bits}-bit", unit="block", disable=not progress,
+               initial=start, total=len(blocks))
+    for i in bar:
+        block = blocks[i].to(device)
+        prefix = f"{blocks_name}.{i}."
+        linears = block_linears(block, cfg.skip)
+        logs: list[LayerLog] = []
+        if method.needs_hessian:
+            if stages is None or sorted(n for s in stages for n in s) != sorted(linears):
+                stages = discover_stages(block, linears, chunks[0])
+            reuse = ActivationReuse(block) if cfg.reuse_activations else None
+            try:
+                for stage in stages:
+                    H = stage_hessian(block, linears, stage, chunks, prefix + stage[0], reuse)
+                    logs += quantize_stage(block, linears, stage, H, cfg, prefix, dtype)
+                if reuse and i == start:  # check once that reuse is exact for this architecture
+                    reuse.bypass = True
+                    reference = _block_output(block, chunks[0])
+                    reuse.bypass = False
+                propagate(block, chunks, i, reuse)
+                if reuse and i == start and not torch.equal(reference, chunks[0].hidden):
+                    raise RdquantError(
+                        "activation reuse does not reproduce this architecture's block outputs exactly "
+                        "(a module changes its output in place?); rerun with reuse_activations: false"
+                    )
+            finally:
+                if reuse:
+                    reuse.close()
+        else:
+            for n in list(linears):
+                logs += quantize_stage(block, linears, [n], None, cfg, prefix, dtype)
+        for m in block.modules():
+            if isinstance(m, QuantLinear):
+                m.cache_dequantized = False
+                m.clear_cache()
+        blocks[i] = block.to("cpu")
+        state.logs += logs
+        state.blocks_done = i + 1
+        if checkpoint:
+            checkpoint.save_block(i, blocks[i], logs)
+        if after_block:
+            after_block(i)
+    return state

@@ -1,0 +1,100 @@
+"""The quantized-weight layout shared by the algorithms, the artifact and the runtime.
+
+A weight W (out x in) is stored as integer codes on a per-group affine grid:
+    W[r, c] ~= (codes[r, c] - zeros[r, g]) * scales[r, g],   g = c // group_size
+Groups run along the input dimension; the last group may be shorter (ragged). Scales are fp16; zero
+points are integers in [0, 2**bits) (bit-packed like the codes); symmetric grids use the constant zero
+2**(bits-1) and store none. This module never imports the algorithms.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import packing
+
+
+def num_groups(in_features: int, group_size: int) -> int:
+    """Number of groups along the input dimension (-1 means one group per row)."""
+    return 1 if group_size == -1 else -(-in_features // group_size)
+
+
+def expand_groups(t: torch.Tensor, in_features: int, group_size: int) -> torch.Tensor:
+    """Broadcast per-group values [out, n_groups] to per-column [out, in] (ragged last group)."""
+    if group_size == -1:
+        return t.expand(t.shape[0], in_features)
+    return t.repeat_interleave(group_size, dim=1)[:, :in_features]
+
+
+def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """The one dequantization formula, (code - zero) * scale in float32; inputs broadcast."""
+    return (codes.to(torch.float32) - zero.to(torch.float32)) * scale.to(torch.float32)
+
+
+@dataclass
+class QuantizedWeight:
+    """Codes, fp16 scales and integer zero points of one linear layer's weight."""
+
+    codes: torch.Tensor  # [out, in] uint8
+    scales: torch.Tensor  # [out, n_groups] float16
+    zeros: torch.Tensor | None  # [out, n_groups] uint8, None when symmetric
+    bits: int
+    group_size: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.codes.shape)  # type: ignore[return-value]
+
+    @property
+    def symmetric(self) -> bool:
+        return self.zeros is None
+
+    def zero_points(self) -> torch.Tensor:
+        if self.zeros is not None:
+            return self.zeros
+        return torch.full_like(self.scales, float(1 << (self.bits - 1)), dtype=torch.float32)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        out_f, in_f = self.shape
+        scale = expand_groups(self.scales, in_f, self.group_size)
+        zero = expand_groups(self.zero_points(), in_f, self.group_size)
+        return dequantize_codes(self.codes, scale, zero).to(dtype)
+
+    def rows(self, start: int, stop: int) -> "QuantizedWeight":
+        """The sub-weight of output rows [start, stop) (splits jointly quantized matrices)."""
+        zeros = None if self.zeros is None else self.zeros[start:stop]
+        return QuantizedWeight(
+            self.codes[start:stop], self.scales[start:stop], zeros, self.bits, self.group_size
+        )
+
+    # --- packed form, as stored in the artifact ---------------------------------------------
+    def packed_state(self) -> dict[str, torch.Tensor]:
+        """Tensors written to the artifact: qweight (packed codes), scales, qzeros (packed, asym)."""
+        state = {
+            "qweight": packing.pack(self.codes, self.bits),
+            "scales": self.scales.to(torch.float16).contiguous(),
+        }
+        if self.zeros is not None:
+            state["qzeros"] = packing.pack(self.zeros, self.bits)
+        return state
+
+    @classmethod
+    def from_packed(
+        cls,
+        state: dict[str, torch.Tensor],
+        shape: tuple[int, int],
+        bits: int,
+        group_size: int,
+    ) -> "QuantizedWeight":
+        out_f, in_f = shape
+        n_g = num_groups(in_f, group_size)
+        codes = packing.unpack(state["qweight"], bits, out_f * in_f).view(out_f, in_f)
+        scales = state["scales"]
+        if tuple(scales.shape) != (out_f, n_g):
+            raise ValueError(f"scales have shape {tuple(scales.shape)}, expected {(out_f, n_g)}")
+        zeros = None
+        if "qzeros" in state:
+            zeros = packing.unpack(state["qzeros"], bits, out_f * n_g).view(out_f, n_g)
+        return cls(codes=codes, scales=scales, zeros=zeros, bits=bits, group_size=group_size)

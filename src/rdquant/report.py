@@ -1,0 +1,99 @@
+"""`inspect(dir)`: per-layer and total size accounting of an artifact, all side information included."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .artifact import read_manifest
+
+_DTYPE_BYTES = {"uint8": 1, "int8": 1, "float16": 2, "bfloat16": 2, "float32": 4, "int32": 4, "int64": 8, "bool": 1}
+
+
+@dataclass
+class LayerReport:
+    name: str
+    shape: tuple[int, int]
+    method: str
+    bits: int
+    group_size: int
+    params: int
+    bytes: int  # codes + scales + zero points (+ bias)
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8 * self.bytes / self.params
+
+
+@dataclass
+class InspectReport:
+    path: str
+    source_model: str
+    layers: list[LayerReport] = field(default_factory=list)
+    quantized_params: int = 0
+    quantized_bytes: int = 0
+    dense_params: int = 0
+    dense_bytes: int = 0
+    total_bytes: int = 0  # every file in the artifact directory
+    original_16bit_bytes: int = 0  # all parameters (tied ones once) at 2 bytes each
+
+    @property
+    def bits_per_weight(self) -> float:
+        """All-in bits per quantized weight: codes, scales, zero points and biases."""
+        return 8 * self.quantized_bytes / max(self.quantized_params, 1)
+
+    @property
+    def compression_ratio(self) -> float:
+        return self.original_16bit_bytes / max(self.total_bytes, 1)
+
+    def table(self, per_layer: bool = True) -> str:
+        lines = []
+        if per_layer:
+            lines.append(f"{'layer':<48} {'shape':>12} {'method':>6} {'bits':>4} {'group':>5} {'bytes':>10} {'bpw':>6}")
+            for l in self.layers:
+                shape = f"{l.shape[0]}x{l.shape[1]}"
+                lines.append(
+                    f"{l.name:<48} {shape:>12} {l.method:>6} {l.bits:>4} {l.group_size:>5} {l.bytes:>10,} {l.bits_per_weight:>6.3f}"
+                )
+            lines.append("")
+        lines += [
+            f"artifact            {self.path}  (from {self.source_model})",
+            f"quantized weights   {self.quantized_params:,} params in {len(self.layers)} layers, "
+            f"{self.quantized_bytes:,} bytes, {self.bits_per_weight:.3f} bits/weight all-in",
+            f"left in 16 bit      {self.dense_params:,} params, {self.dense_bytes:,} bytes",
+            f"on disk             {self.total_bytes:,} bytes ({self.total_bytes / 2**20:.1f} MiB)",
+            f"16-bit original     {self.original_16bit_bytes:,} bytes; compression ratio {self.compression_ratio:.2f}x",
+        ]
+        return "\n".join(lines)
+
+
+def _nbytes(info: dict) -> int:
+    return math.prod(info["shape"]) * _DTYPE_BYTES[info["dtype"]]
+
+
+def inspect(path: str | os.PathLike) -> InspectReport:
+    """Size report of an artifact, from its manifest and files (tensors are not loaded)."""
+    p = Path(path)
+    manifest = read_manifest(p)
+    tensors = manifest["tensors"]
+    rep = InspectReport(str(p), manifest.get("source_model", "?"))
+    owned: set[str] = set()
+    for name, info in manifest["quantized"].items():
+        keys = [k for k in (f"{name}.{s}" for s in ("qweight", "scales", "qzeros", "bias")) if k in tensors]
+        owned.update(keys)
+        out_f, in_f = info["shape"]
+        rep.layers.append(
+            LayerReport(name, (out_f, in_f), info["method"], info["bits"], info["group_size"], out_f * in_f,
+                        sum(_nbytes(tensors[k]) for k in keys))
+        )
+    rep.quantized_params = sum(l.params for l in rep.layers)
+    rep.quantized_bytes = sum(l.bytes for l in rep.layers)
+    dense = [info for k, info in tensors.items() if k not in owned]
+    rep.dense_params = sum(math.prod(i["shape"]) for i in dense)
+    rep.dense_bytes = sum(_nbytes(i) for i in dense)
+    rep.total_bytes = sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+    biases = sum(math.prod(tensors[k]["shape"]) for k in owned if k.endswith(".bias"))
+    rep.original_16bit_bytes = 2 * (rep.quantized_params + rep.dense_params + biases)
+    return rep

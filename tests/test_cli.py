@@ -1,0 +1,57 @@
+"""CLI smoke tests on a tiny random model, and its one-line errors."""
+
+import json
+
+from typer.testing import CliRunner
+
+from rdquant.cli import app
+
+runner = CliRunner()
+
+
+def test_compress_inspect_eval_generate(tiny_model_dir, text_file, tmp_path):
+    out = tmp_path / "art"
+    r = runner.invoke(app, ["compress", "--model", str(tiny_model_dir), "--bits", "4", "--group-size", "32",
+                            "--calib", str(text_file), "--calib-samples", "4", "--calib-seqlen", "32",
+                            "--out", str(out), "--no-progress"])
+    assert r.exit_code == 0, r.output
+    assert "bits/weight all-in" in r.output
+    assert (out / "quant_log.json").is_file() and not (tmp_path / "art.partial").exists()
+    log = json.loads((out / "quant_log.json").read_text())
+    assert log and all(e["proxy_error"] <= e["proxy_error_rtn"] * 1.0001 for e in log)
+    r = runner.invoke(app, ["inspect", str(out)])
+    assert r.exit_code == 0 and "compression ratio" in r.output and "q_proj" in r.output
+    r = runner.invoke(app, ["inspect", str(out), "--json"])
+    assert json.loads(r.output)["bits_per_weight"] > 4
+    r = runner.invoke(app, ["eval", str(out), "--data", str(text_file), "--seqlen", "64", "--max-windows", "2",
+                            "--no-progress", "--json"])
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.output)
+    assert res["windows"] == 2 and res["tokens"] == 128 and res["ppl"] > 1
+    r = runner.invoke(app, ["generate", str(out), "--prompt", "the", "--max-new-tokens", "4"])
+    assert r.exit_code == 0, r.output
+
+
+def _error(args):
+    r = runner.invoke(app, args)
+    assert r.exit_code == 2, r.output
+    errors = [l for l in r.output.splitlines() if l.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in r.output, r.output
+    return errors[0]
+
+
+def test_one_line_errors(tiny_model_dir, tmp_path):
+    assert "model not found" in _error(["compress", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "o")])
+    assert "bit width" in _error(["compress", "--model", str(tiny_model_dir), "--bits", "5", "--out", str(tmp_path / "o")])
+    assert "group size" in _error(["compress", "--model", str(tiny_model_dir), "--group-size", "7",
+                                   "--out", str(tmp_path / "o")])
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    assert "no text" in _error(["compress", "--model", str(tiny_model_dir), "--calib", str(empty),
+                                "--out", str(tmp_path / "o")])
+    short = tmp_path / "short.txt"
+    short.write_text("just a few words")
+    assert "fewer than one window" in _error(["compress", "--model", str(tiny_model_dir), "--calib", str(short),
+                                              "--out", str(tmp_path / "o")])
+    assert "not an rdquant artifact" in _error(["inspect", str(tmp_path)])
+    assert "--resume" in _error(["compress", "--model", str(tiny_model_dir), "--resume", "--out", str(tmp_path / "o")])

@@ -1,0 +1,114 @@
+"""Pipeline behaviour: resume after an interruption, atomic writes, bad inputs, activation reuse."""
+
+import pytest
+import torch
+
+import rdquant
+from rdquant import artifact
+from rdquant.models import load_model
+
+
+def _cfg(**kw):
+    return rdquant.CompressConfig(calib_samples=8, calib_seqlen=64, batch_size=4, **kw)
+
+
+def _tensors(path):
+    _, t = artifact.read_tensors(path)
+    return t
+
+
+def test_resume_after_interrupt_gives_the_same_artifact(tiny_model_dir, tmp_path):
+    cfg = _cfg(bits=3)
+    model, tok, mid = load_model(str(tiny_model_dir))
+    full = rdquant.compress(model, cfg, tokenizer=tok, progress=False, model_id=mid).save(tmp_path / "full")
+
+    def stop_after_block_1(i):
+        if i == 1:
+            raise KeyboardInterrupt
+
+    ckpt = tmp_path / "run.partial"
+    model, tok, mid = load_model(str(tiny_model_dir))
+    with pytest.raises(KeyboardInterrupt):
+        rdquant.compress(model, cfg, tokenizer=tok, checkpoint_dir=ckpt, progress=False, model_id=mid,
+                         after_block=stop_after_block_1)
+    assert (ckpt / "progress.json").is_file() and not (tmp_path / "resumed").exists()
+    model, tok, mid = load_model(str(tiny_model_dir))
+    resumed = rdquant.compress(model, cfg, tokenizer=tok, checkpoint_dir=ckpt, resume=True, progress=False,
+                               model_id=mid).save(tmp_path / "resumed")
+    a, b = _tensors(full), _tensors(resumed)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_resume_refuses_a_checkpoint_of_other_settings(tiny_model_dir, tmp_path):
+    ckpt = tmp_path / "run.partial"
+    model, tok, mid = load_model(str(tiny_model_dir))
+
+    def stop(i):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        rdquant.compress(model, _cfg(bits=3), tokenizer=tok, checkpoint_dir=ckpt, progress=False, after_block=stop)
+    model, tok, mid = load_model(str(tiny_model_dir))
+    with pytest.raises(rdquant.RdquantError, match="other settings"):
+        rdquant.compress(model, _cfg(bits=4), tokenizer=tok, checkpoint_dir=ckpt, resume=True, progress=False)
+
+
+def test_interrupted_write_leaves_nothing_at_out(tiny_model_dir, tmp_path, monkeypatch):
+    model, tok, mid = load_model(str(tiny_model_dir))
+    cm = rdquant.compress(model, _cfg(method="rtn"), tokenizer=tok, progress=False)
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(artifact, "save_file", boom)
+    with pytest.raises(KeyboardInterrupt):
+        cm.save(tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_activation_reuse_changes_nothing(tiny_model_dir, tmp_path):
+    outs = []
+    for reuse in (True, False):
+        model, tok, mid = load_model(str(tiny_model_dir))
+        cm = rdquant.compress(model, _cfg(reuse_activations=reuse), tokenizer=tok, progress=False, model_id=mid)
+        outs.append(cm.save(tmp_path / f"r{reuse}"))
+    a, b = _tensors(outs[0]), _tensors(outs[1])
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_nan_weights_are_reported(tiny_model_dir):
+    model, tok, mid = load_model(str(tiny_model_dir))
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
+    with pytest.raises(rdquant.RdquantError, match=r"layers\.1\.mlp\.up_proj.*NaN"):
+        rdquant.compress(model, _cfg(), tokenizer=tok, progress=False)
+
+
+def test_inf_activations_are_reported(tiny_model_dir):
+    model, tok, mid = load_model(str(tiny_model_dir))
+    with torch.no_grad():
+        model.model.layers[0].input_layernorm.weight.fill_(float("inf"))
+    with pytest.raises(rdquant.RdquantError, match="non-finite"):
+        rdquant.compress(model, _cfg(), tokenizer=tok, progress=False)
+
+
+def test_config_validation():
+    with pytest.raises(rdquant.RdquantError, match="bit width"):
+        rdquant.CompressConfig(bits=5)
+    with pytest.raises(rdquant.RdquantError, match="group size"):
+        rdquant.CompressConfig(group_size=30)
+    with pytest.raises(rdquant.RdquantError, match="unknown method"):
+        rdquant.CompressConfig(method="awq")
+
+
+def test_recipe_yaml(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text("compress:\n  method: rtn\n  bits: 3\n  group_size: 128\n")
+    cfg = rdquant.CompressConfig.from_yaml(p)
+    assert (cfg.method, cfg.bits, cfg.group_size) == ("rtn", 3, 128)
+    p.write_text("bits: 3\nbogus: 1\n")
+    with pytest.raises(rdquant.RdquantError, match="bogus"):
+        rdquant.CompressConfig.from_yaml(p)
