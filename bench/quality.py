@@ -143,7 +143,6 @@ def main() -> None:
     if shared_data_dir() is None:
         raise SystemExit("needs ../shared/data (WikiText-2 and the C4 sample)")
 
-    _, tok, _ = load_model(args.model) if False else (None, None, None)
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(resolve_model(args.model).path)
