@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from .artifact import is_artifact
 from .data import eval_text
 from .errors import RdquantError
+from .memory import retain_freed_memory
 
 
 @dataclass
@@ -72,10 +73,11 @@ def evaluate(
     dev = next(model.parameters()).device
     t0 = time.perf_counter()
     total = 0.0
-    for w in tqdm(range(n), desc=f"ppl {data}", unit="window", disable=not progress):
-        x = ids[w * seqlen : (w + 1) * seqlen].unsqueeze(0).to(dev)
-        logits = model(x, use_cache=False).logits[0, :-1].float()
-        total += float(F.cross_entropy(logits, x[0, 1:], reduction="sum"))
+    with retain_freed_memory():
+        for w in tqdm(range(n), desc=f"ppl {data}", unit="window", disable=not progress):
+            x = ids[w * seqlen : (w + 1) * seqlen].unsqueeze(0).to(dev)
+            logits = model(x, use_cache=False).logits[0, :-1].float()
+            total += float(F.cross_entropy(logits, x[0, 1:], reduction="sum"))
     predicted = n * (seqlen - 1)
     nll = total / predicted
     return EvalResult(math.exp(nll), nll, n * seqlen, predicted, n, seqlen, data, time.perf_counter() - t0)

@@ -2,29 +2,43 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from .errors import RdquantError
 
 
 class HessianAccumulator:
-    """Running mean of 2 x x^T over the rows x of every input batch (GPTQ's add_batch)."""
+    """Running mean of 2 x x^T over the rows x of every input batch (GPTQ's add_batch).
 
-    def __init__(self, n_features: int, device: torch.device | str = "cpu") -> None:
-        self.H = torch.zeros(n_features, n_features, dtype=torch.float32, device=device)
+    Only the upper block triangle is accumulated (row panels H[i, i:] += X_i^T X[:, i:]), which
+    skips most of the redundant lower half of the product; `H` mirrors it once when read.
+    """
+
+    def __init__(self, n_features: int, device: torch.device | str = "cpu", panels: int | None = None) -> None:
+        self._upper = torch.zeros(n_features, n_features, dtype=torch.float32, device=device)
         self.n = 0
+        k = panels if panels is not None else (4 if n_features >= 256 else 1)
+        self._edges = [round(i * n_features / k) for i in range(k + 1)]
 
-    def add(self, x: torch.Tensor, name: str = "layer") -> None:
+    def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).to(torch.float32)
-        if not torch.isfinite(x).all():
+        m = x.shape[0]
+        self._upper.mul_(self.n / (self.n + m))
+        self.n += m
+        e = self._edges
+        for a, b in zip(e[:-1], e[1:]):
+            self._upper[a:b, a:].addmm_(x[:, a:b].t(), x[:, a:], alpha=2.0 / self.n)
+
+    @property
+    def H(self) -> torch.Tensor:
+        """The full symmetric Hessian [n_features, n_features]."""
+        upper = torch.triu(self._upper)
+        return upper + torch.triu(self._upper, 1).t()
+
+    def check_finite(self, name: str) -> None:
+        """NaN/Inf anywhere in the inputs shows up in H: one cheap check instead of one per batch."""
+        if not torch.isfinite(self._upper).all():
             raise RdquantError(
                 f"non-finite (NaN/Inf) activations reach {name}: the model overflows on the "
                 "calibration data in this dtype; load it in float32 or check the checkpoint"
             )
-        m = x.shape[0]
-        self.H.mul_(self.n / (self.n + m))
-        self.n += m
-        x = x * math.sqrt(2.0 / self.n)
-        self.H.addmm_(x.t(), x)

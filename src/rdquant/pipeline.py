@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from .config import CompressConfig, LayerLog
 from .errors import RdquantError
 from .hessian import HessianAccumulator
+from .memory import retain_freed_memory
 from .methods import METHODS
 from .methods.gptq import proxy_error
 from .grid import quantize
@@ -119,17 +120,21 @@ class ActivationReuse:
     """
 
     def __init__(self, block: nn.Module) -> None:
+        self.block = block
         self.cache: dict[tuple[str, int], Any] = {}
         self.reusable: set[str] = set()
         self.finished: set[str] = set()  # finished before the mark in the current pass
         self.marked = False
         self.chunk = 0
         self.bypass = False
-        self._patched: list[nn.Module] = []
-        for name, mod in block.named_modules():
-            if name:
+        self._patched: dict[int, nn.Module] = {}
+
+    def _patch_new_modules(self) -> None:
+        """Wrap every submodule not wrapped yet (quantization swaps in new QuantLinear modules)."""
+        for name, mod in self.block.named_modules():
+            if name and id(mod) not in self._patched:
                 mod.forward = self._wrap(name, mod.forward)
-                self._patched.append(mod)
+                self._patched[id(mod)] = mod
 
     def _wrap(self, name: str, forward: Callable) -> Callable:
         def wrapped(*args, **kwargs):
@@ -145,6 +150,7 @@ class ActivationReuse:
         return wrapped
 
     def begin_pass(self) -> None:
+        self._patch_new_modules()
         self.reusable, self.finished = self.finished, set()
         self.cache = {k: v for k, v in self.cache.items() if k[0] in self.reusable}
 
@@ -156,9 +162,9 @@ class ActivationReuse:
         self.marked = True
 
     def close(self) -> None:
-        for mod in self._patched:
+        for mod in self._patched.values():
             del mod.forward
-        self._patched, self.cache = [], {}
+        self._patched, self.cache = {}, {}
 
 
 def _run_pass(
@@ -264,24 +270,23 @@ def stage_hessian(
     label: str,
     reuse: ActivationReuse | None = None,
 ) -> torch.Tensor:
-    """H of the stage's shared input, from forwards that stop at the stage's last linear."""
+    """H of the stage's shared input, from forwards that stop where the stage's first linear starts
+    (the stage's linears all take that same input)."""
     first = linears[stage[0]]
     acc = HessianAccumulator(first.in_features, device=first.weight.device)
 
-    def collect(module, args):
+    def collect_and_stop(module, args):
         if reuse:
             reuse.mark()
-        acc.add(args[0], label)
-
-    def stop(module, args):
+        acc.add(args[0])
         raise _StopForward
 
-    handles = [first.register_forward_pre_hook(collect), linears[stage[-1]].register_forward_pre_hook(stop)]
+    handle = first.register_forward_pre_hook(collect_and_stop)
     try:
         _run_pass(block, chunks, reuse)
     finally:
-        for h in handles:
-            h.remove()
+        handle.remove()
+    acc.check_finite(label)
     return acc.H
 
 
@@ -379,7 +384,13 @@ class Checkpoint:
         shutil.rmtree(self.path, ignore_errors=True)
 
 
-def run_pipeline(
+def run_pipeline(*args, **kwargs) -> PipelineState:
+    """Quantize every decoder-block linear of `model` in place (nn.Linear -> QuantLinear)."""
+    with retain_freed_memory():
+        return _run_pipeline(*args, **kwargs)
+
+
+def _run_pipeline(
     model: nn.Module,
     cfg: CompressConfig,
     calib_ids: torch.Tensor | None,
@@ -388,7 +399,6 @@ def run_pipeline(
     progress: bool = True,
     after_block: Callable[[int], None] | None = None,
 ) -> PipelineState:
-    """Quantize every decoder-block linear of `model` in place (nn.Linear -> QuantLinear)."""
     device = torch.device(cfg.device)
     dtype = next(model.parameters()).dtype
     blocks_name, blocks = find_blocks(model)
