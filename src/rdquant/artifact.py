@@ -18,7 +18,8 @@ from safetensors.torch import save_file
 from .errors import ArtifactError, RdquantError
 
 FORMAT_NAME = "rdquant"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: optional per-tensor codecs
+READABLE_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
 SHARD_BYTES = 2 * 1024**3
 
@@ -38,12 +39,16 @@ def write_artifact(
     manifest: dict[str, Any],
     extra_files: dict[str, Any],
     overwrite: bool = False,
+    stored: dict[str, tuple[torch.Tensor, dict[str, Any]]] | None = None,
 ) -> None:
     """Write tensors (sharded safetensors) + manifest + extra files into a temporary directory beside
     `out`, then rename it into place, so `out` is never half-written.
 
     extra_files maps a file name to a callable(dir) that writes it (config, tokenizer, logs).
+    `stored` holds coded payloads (coding.encode_tensors) written instead of the named tensors; the
+    manifest keeps the decoded tensor's dtype, shape and sha256 and adds the payload's.
     """
+    stored = stored or {}
     out = Path(out)
     if out.exists() and not overwrite:
         raise RdquantError(f"{out} already exists; pass --overwrite to replace it")
@@ -56,6 +61,7 @@ def write_artifact(
         shards: list[dict[str, torch.Tensor]] = [{}]
         size = 0
         for name, t in tensors.items():
+            t = stored[name][0] if name in stored else t
             nbytes = t.numel() * t.element_size()
             if shards[-1] and size + nbytes > SHARD_BYTES:
                 shards.append({})
@@ -69,12 +75,17 @@ def write_artifact(
             save_file(shard, tmp / fname, metadata={"format": "pt", "producer": FORMAT_NAME})
             files[fname] = {"bytes": (tmp / fname).stat().st_size}
             for name, t in shard.items():
+                decoded = tensors[name]
                 entries[name] = {
                     "file": fname,
-                    "dtype": _dtype_name(t),
-                    "shape": list(t.shape),
-                    "sha256": tensor_sha256(t),
+                    "dtype": _dtype_name(decoded),
+                    "shape": list(decoded.shape),
+                    "sha256": tensor_sha256(decoded),
                 }
+                if name in stored:
+                    entries[name]["codec"] = stored[name][1]
+                    entries[name]["stored_bytes"] = t.numel()
+                    entries[name]["stored_sha256"] = tensor_sha256(t)
         for writer in extra_files.values():
             writer(tmp)
         manifest = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **manifest, "files": files, "tensors": entries}
@@ -111,7 +122,7 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
         raise ArtifactError(f"{mpath} is corrupted: {e}") from e
     if manifest.get("format") != FORMAT_NAME:
         raise ArtifactError(f"{mpath} is not an rdquant manifest")
-    if manifest.get("format_version") != FORMAT_VERSION:
+    if manifest.get("format_version") not in READABLE_VERSIONS:
         raise ArtifactError(
             f"{p} has format version {manifest.get('format_version')}; this rdquant reads version {FORMAT_VERSION}"
         )
@@ -151,7 +162,7 @@ def read_tensors(path: str | os.PathLike, verify: bool = True) -> tuple[dict[str
     entries = manifest["tensors"]
     for fname, info in manifest["files"].items():
         _check_file(p, fname, info["bytes"], entries)
-    tensors: dict[str, torch.Tensor] = {}
+    raw: dict[str, torch.Tensor] = {}
     by_file: dict[str, list[str]] = {}
     for name, info in entries.items():
         by_file.setdefault(info["file"], []).append(name)
@@ -162,11 +173,12 @@ def read_tensors(path: str | os.PathLike, verify: bool = True) -> tuple[dict[str
                 for name in names:
                     if name not in stored:
                         raise ArtifactError(f"tensor {name} is missing from {p / fname}")
-                    tensors[name] = fh.get_tensor(name)
+                    raw[name] = fh.get_tensor(name)
         except ArtifactError:
             raise
         except Exception as e:
             raise ArtifactError(f"{p / fname} could not be read ({e}); the artifact is corrupted") from e
+    tensors = _decode_all(p, raw, entries, manifest.get("quantized", {}), verify)
     for name, info in entries.items():
         t = tensors[name]
         if list(t.shape) != info["shape"] or _dtype_name(t) != info["dtype"]:
@@ -174,3 +186,39 @@ def read_tensors(path: str | os.PathLike, verify: bool = True) -> tuple[dict[str
         if verify and tensor_sha256(t) != info["sha256"]:
             raise ArtifactError(f"tensor {name} in {p / info['file']} fails its sha256 check: the artifact is corrupted")
     return manifest, tensors
+
+
+def _decode_all(
+    path: Path, raw: dict[str, torch.Tensor], entries: dict[str, Any], quantized: dict[str, Any], verify: bool
+) -> dict[str, torch.Tensor]:
+    """Decode coded tensors, in parallel threads (a layer's qzeros before its qweight)."""
+    coded = [n for n, e in entries.items() if "codec" in e]
+    if not coded:
+        return raw
+    from concurrent.futures import ThreadPoolExecutor
+
+    from .codecs import CodecError
+    from .coding import decode_tensor
+
+    out = {n: t for n, t in raw.items() if n not in coded}
+
+    def run(names: list[str]) -> dict[str, torch.Tensor]:
+        done: dict[str, torch.Tensor] = {}
+        for name in names:
+            e = entries[name]
+            if verify and tensor_sha256(raw[name]) != e["stored_sha256"]:
+                raise ArtifactError(f"tensor {name} in {path / e['file']} fails its sha256 check: the artifact is corrupted")
+            try:
+                done[name] = decode_tensor(name, raw[name], e, quantized, {**out, **done})
+            except CodecError as err:
+                raise ArtifactError(f"tensor {name} in {path / e['file']} does not decode: {err}") from err
+        return done
+
+    groups: dict[str, list[str]] = {}
+    for name in coded:  # one task per layer; qweight last within it
+        groups.setdefault(name.rpartition(".")[0], []).append(name)
+    tasks = [sorted(g, key=lambda n: n.endswith(".qweight")) for g in groups.values()]
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        for part in pool.map(run, tasks):
+            out.update(part)
+    return out

@@ -61,6 +61,8 @@ def compress(
     recipe: Optional[Path] = typer.Option(None, help="YAML recipe; flags given here override it"),
     resume: bool = typer.Option(False, help="continue an interrupted run from its last finished block"),
     overwrite: bool = typer.Option(False, help="replace --out if it exists"),
+    codec: str = typer.Option("none", help="entropy coding of the quantized tensors: none | zstd-L | lz4 | ans | auto"),
+    speed_floor: float = typer.Option(200.0, "--codec-speed-floor", help="auto: slowest decode allowed, MB/s"),
     eval_: bool = typer.Option(False, "--eval", help="also print WikiText-2 perplexity, original vs compressed"),
     eval_windows: int = typer.Option(8, "--eval-windows", help="windows for --eval"),
     eval_seqlen: int = typer.Option(2048, "--eval-seqlen"),
@@ -92,7 +94,7 @@ def compress(
     except KeyboardInterrupt:
         typer.echo(f"\ninterrupted: finished blocks are kept in {ckpt}; rerun with --resume", err=True)
         raise typer.Exit(130)
-    cm.save(out, overwrite=overwrite)
+    cm.save(out, overwrite=overwrite, codec=codec, speed_floor_mbps=speed_floor)
     import shutil
 
     shutil.rmtree(ckpt, ignore_errors=True)
@@ -146,6 +148,25 @@ def inspect_cmd(
                                "dense_bytes": rep.dense_bytes, "compression_ratio": rep.compression_ratio}))
     else:
         typer.echo(rep.table(per_layer=layers))
+
+
+@app.command()
+@friendly
+def recode(
+    artifact: Path = typer.Argument(..., help="artifact directory to re-code"),
+    out: Path = typer.Option(..., "--out", "-o"),
+    codec: str = typer.Option("auto", help="none | zstd-L | lz4 | ans | auto"),
+    speed_floor: float = typer.Option(200.0, "--codec-speed-floor", help="auto: slowest decode allowed, MB/s"),
+    dense: bool = typer.Option(False, help="also code the tensors left in 16 bit"),
+    overwrite: bool = typer.Option(False),
+) -> None:
+    """Copy an artifact with its tensors entropy-coded (or decoded, with --codec none); the model is
+    bit-identical."""
+    from .coding import recode as api_recode
+    from .report import inspect as api_inspect
+
+    api_recode(artifact, out, codec=codec, speed_floor_mbps=speed_floor, dense=dense, overwrite=overwrite)
+    typer.echo(api_inspect(out).table(per_layer=False))
 
 
 @app.command()

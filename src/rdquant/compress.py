@@ -14,6 +14,7 @@ from torch import nn
 
 from . import __version__
 from .artifact import write_artifact
+from .coding import DEFAULT_SPEED_FLOOR_MBPS, encode_tensors
 from .config import CompressConfig, LayerLog
 from .data import calibration_windows
 from .errors import RdquantError
@@ -73,9 +74,17 @@ class CompressedModel:
             tensors[name] = t
         return tensors, tied, quantized
 
-    def save(self, out: str | Path, overwrite: bool = False) -> Path:
-        """Write the artifact directory (atomic: `out` appears complete or not at all)."""
+    def save(
+        self,
+        out: str | Path,
+        overwrite: bool = False,
+        codec: str = "none",
+        speed_floor_mbps: float = DEFAULT_SPEED_FLOOR_MBPS,
+    ) -> Path:
+        """Write the artifact directory (atomic: `out` appears complete or not at all). With a codec
+        (none | zstd-L | lz4 | ans | auto) the quantized layers' tensors are entropy-coded."""
         tensors, tied, quantized = self.state_for_artifact()
+        stored = encode_tensors(tensors, quantized, codec, speed_floor_mbps)
         manifest = {
             "rdquant_version": __version__,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -87,6 +96,7 @@ class CompressedModel:
             "compress_seconds": round(self.seconds, 2),
             "quantized": quantized,
             "tied": tied,
+            "codec": {"requested": codec, "speed_floor_mbps": speed_floor_mbps, "dense": False},
         }
         log = [asdict(entry) for entry in self.logs]
         extra = {
@@ -94,7 +104,7 @@ class CompressedModel:
             "tokenizer": lambda d: self.tokenizer.save_pretrained(d) if self.tokenizer is not None else None,
             "log": lambda d: (Path(d) / "quant_log.json").write_text(json.dumps(log, indent=1)),
         }
-        write_artifact(Path(out), tensors, manifest, extra, overwrite=overwrite)
+        write_artifact(Path(out), tensors, manifest, extra, overwrite=overwrite, stored=stored)
         return Path(out)
 
 

@@ -20,11 +20,18 @@ class LayerReport:
     bits: int
     group_size: int
     params: int
-    bytes: int  # codes + scales + zero points (+ bias)
+    bytes: int  # codes + scales + zero points (+ bias), bit-packed
+    stored_bytes: int = 0  # the same tensors as stored (after any codec)
+    codec: str = "none"  # of qweight
+    entropy_bits: float | None = None  # empirical entropy of the coded symbols, bits per weight
 
     @property
     def bits_per_weight(self) -> float:
         return 8 * self.bytes / self.params
+
+    @property
+    def coded_bits_per_weight(self) -> float:
+        return 8 * self.stored_bytes / self.params
 
 
 @dataclass
@@ -34,6 +41,7 @@ class InspectReport:
     layers: list[LayerReport] = field(default_factory=list)
     quantized_params: int = 0
     quantized_bytes: int = 0
+    quantized_stored_bytes: int = 0
     dense_params: int = 0
     dense_bytes: int = 0
     total_bytes: int = 0  # every file in the artifact directory
@@ -45,23 +53,35 @@ class InspectReport:
         return 8 * self.quantized_bytes / max(self.quantized_params, 1)
 
     @property
+    def coded_bits_per_weight(self) -> float:
+        """All-in bits per quantized weight as stored (after entropy coding, if any)."""
+        return 8 * self.quantized_stored_bytes / max(self.quantized_params, 1)
+
+    @property
     def compression_ratio(self) -> float:
         return self.original_16bit_bytes / max(self.total_bytes, 1)
 
     def table(self, per_layer: bool = True) -> str:
         lines = []
         if per_layer:
-            lines.append(f"{'layer':<48} {'shape':>12} {'method':>6} {'bits':>4} {'group':>5} {'bytes':>10} {'bpw':>6}")
+            lines.append(
+                f"{'layer':<44} {'shape':>10} {'method':>6} {'bits':>4} {'group':>5} {'bytes':>10} {'bpw':>6}"
+                f" {'codec':>8} {'H(code)':>7} {'coded bpw':>9}"
+            )
             for l in self.layers:
                 shape = f"{l.shape[0]}x{l.shape[1]}"
+                h = "-" if l.entropy_bits is None else f"{l.entropy_bits:.3f}"
                 lines.append(
-                    f"{l.name:<48} {shape:>12} {l.method:>6} {l.bits:>4} {l.group_size:>5} {l.bytes:>10,} {l.bits_per_weight:>6.3f}"
+                    f"{l.name:<44} {shape:>10} {l.method:>6} {l.bits:>4} {l.group_size:>5} {l.bytes:>10,} "
+                    f"{l.bits_per_weight:>6.3f} {l.codec:>8} {h:>7} {l.coded_bits_per_weight:>9.3f}"
                 )
             lines.append("")
         lines += [
             f"artifact            {self.path}  (from {self.source_model})",
             f"quantized weights   {self.quantized_params:,} params in {len(self.layers)} layers, "
             f"{self.quantized_bytes:,} bytes, {self.bits_per_weight:.3f} bits/weight all-in",
+            f"  as stored         {self.quantized_stored_bytes:,} bytes, {self.coded_bits_per_weight:.3f} bits/weight all-in"
+            f" ({100 * (1 - self.quantized_stored_bytes / max(self.quantized_bytes, 1)):.1f}% saved by coding)",
             f"left in 16 bit      {self.dense_params:,} params, {self.dense_bytes:,} bytes",
             f"on disk             {self.total_bytes:,} bytes ({self.total_bytes / 2**20:.1f} MiB)",
             f"16-bit original     {self.original_16bit_bytes:,} bytes; compression ratio {self.compression_ratio:.2f}x",
@@ -71,6 +91,10 @@ class InspectReport:
 
 def _nbytes(info: dict) -> int:
     return math.prod(info["shape"]) * _DTYPE_BYTES[info["dtype"]]
+
+
+def _stored(info: dict) -> int:
+    return info.get("stored_bytes", _nbytes(info))
 
 
 def inspect(path: str | os.PathLike) -> InspectReport:
@@ -84,15 +108,19 @@ def inspect(path: str | os.PathLike) -> InspectReport:
         keys = [k for k in (f"{name}.{s}" for s in ("qweight", "scales", "qzeros", "bias")) if k in tensors]
         owned.update(keys)
         out_f, in_f = info["shape"]
+        qweight = tensors[f"{name}.qweight"]
+        codec = qweight.get("codec", {})
         rep.layers.append(
             LayerReport(name, (out_f, in_f), info["method"], info["bits"], info["group_size"], out_f * in_f,
-                        sum(_nbytes(tensors[k]) for k in keys))
+                        sum(_nbytes(tensors[k]) for k in keys), sum(_stored(tensors[k]) for k in keys),
+                        codec.get("codec", "none"), codec.get("entropy_bits"))
         )
     rep.quantized_params = sum(l.params for l in rep.layers)
     rep.quantized_bytes = sum(l.bytes for l in rep.layers)
+    rep.quantized_stored_bytes = sum(l.stored_bytes for l in rep.layers)
     dense = [info for k, info in tensors.items() if k not in owned]
     rep.dense_params = sum(math.prod(i["shape"]) for i in dense)
-    rep.dense_bytes = sum(_nbytes(i) for i in dense)
+    rep.dense_bytes = sum(_stored(i) for i in dense)
     rep.total_bytes = sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
     biases = sum(math.prod(tensors[k]["shape"]) for k in owned if k.endswith(".bias"))
     rep.original_16bit_bytes = 2 * (rep.quantized_params + rep.dense_params + biases)

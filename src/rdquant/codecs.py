@@ -1,0 +1,154 @@
+"""Lossless codecs for quantization symbols and raw tensor bytes (docs/FORMAT.md, "Codecs").
+
+A codec turns a stream of small integer symbols (one per weight, uint8) into bytes and back,
+bit-exactly. Three families, all from well-kept libraries:
+  - `zstd-L` (zstandard, level L) and `lz4` (lz4.frame): byte-oriented; they see one byte per symbol.
+  - `ans`: an asymmetric-numeral-system coder (constriction's stack coder) driven by the symbols'
+    own frequency table, which is stored in the payload; within a few bytes of the empirical entropy.
+Payloads are self-describing (a small header precedes the body), so a coded tensor is one uint8 blob.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+
+_MAGIC = b"RDQC"
+_HEADER = struct.Struct("<4sBBHQ")  # magic, codec id, level, alphabet size, number of symbols
+
+# Codec names and ids; decode speeds (MB/s of one-byte symbols, one thread, this project's 2-core CI
+# machine) are measured by bench/codecs.py and used by `auto` so the choice is deterministic.
+CODEC_IDS = {"none": 0, "zstd": 1, "lz4": 2, "ans": 3}
+NOMINAL_DECODE_MBPS = {"none": 5000.0, "zstd": 900.0, "lz4": 800.0, "ans": 60.0}
+AUTO_CANDIDATES = ("zstd-3", "zstd-19", "lz4", "ans")
+
+
+class CodecError(ValueError):
+    """A payload that does not decode: wrong magic, truncated, or internally inconsistent."""
+
+
+@dataclass(frozen=True)
+class CodecSpec:
+    name: str  # none | zstd | lz4 | ans
+    level: int = 0
+
+    @classmethod
+    def parse(cls, text: str) -> "CodecSpec":
+        name, _, level = text.partition("-")
+        if name not in CODEC_IDS or (level and name != "zstd"):
+            raise ValueError(f"unknown codec {text!r}; use none, zstd-LEVEL (1-22), lz4, ans or auto")
+        lvl = int(level) if level else (3 if name == "zstd" else 0)
+        if name == "zstd" and not 1 <= lvl <= 22:
+            raise ValueError("zstd level must be in 1..22")
+        return cls(name, lvl)
+
+    def __str__(self) -> str:
+        return f"zstd-{self.level}" if self.name == "zstd" else self.name
+
+
+def entropy_bits(symbols: np.ndarray) -> float:
+    """Empirical (order-0) entropy of the stream in bits per symbol: the floor for i.i.d. coding."""
+    if symbols.size == 0:
+        return 0.0
+    counts = np.bincount(symbols.reshape(-1))
+    p = counts[counts > 0] / symbols.size
+    return float(-(p * np.log2(p)).sum())
+
+
+def encode(symbols: np.ndarray, codec: CodecSpec | str) -> bytes:
+    """Payload bytes for a uint8 symbol stream."""
+    spec = CodecSpec.parse(codec) if isinstance(codec, str) else codec
+    sym = np.ascontiguousarray(symbols, dtype=np.uint8).reshape(-1)
+    alphabet = int(sym.max()) + 1 if sym.size else 1
+    header = _HEADER.pack(_MAGIC, CODEC_IDS[spec.name], spec.level, alphabet, sym.size)
+    if spec.name == "none":
+        body = sym.tobytes()
+    elif spec.name == "zstd":
+        import zstandard
+
+        body = zstandard.ZstdCompressor(level=spec.level).compress(sym.tobytes())
+    elif spec.name == "lz4":
+        import lz4.frame
+
+        body = lz4.frame.compress(sym.tobytes(), compression_level=0)
+    else:
+        body = _ans_encode(sym, alphabet)
+    return header + body
+
+
+def decode(payload: bytes | np.ndarray) -> np.ndarray:
+    """The uint8 symbol stream of a payload (raises CodecError on a malformed one)."""
+    buf = memoryview(payload).cast("B") if not isinstance(payload, np.ndarray) else memoryview(payload.reshape(-1))
+    if len(buf) < _HEADER.size:
+        raise CodecError("payload shorter than its header")
+    magic, cid, level, alphabet, n = _HEADER.unpack(buf[: _HEADER.size])
+    if magic != _MAGIC:
+        raise CodecError("payload has no codec header")
+    body = buf[_HEADER.size :]
+    try:
+        if cid == CODEC_IDS["none"]:
+            out = np.frombuffer(body, dtype=np.uint8).copy()
+        elif cid == CODEC_IDS["zstd"]:
+            import zstandard
+
+            out = np.frombuffer(zstandard.ZstdDecompressor().decompress(body, max_output_size=n), dtype=np.uint8)
+        elif cid == CODEC_IDS["lz4"]:
+            import lz4.frame
+
+            out = np.frombuffer(lz4.frame.decompress(body), dtype=np.uint8)
+        elif cid == CODEC_IDS["ans"]:
+            out = _ans_decode(body, alphabet, n)
+        else:
+            raise CodecError(f"unknown codec id {cid}")
+    except CodecError:
+        raise
+    except Exception as e:  # the libraries' own errors on damaged input
+        raise CodecError(f"payload does not decode ({e})") from e
+    if out.size != n:
+        raise CodecError(f"payload decodes to {out.size} symbols, header says {n}")
+    return out
+
+
+# --- ANS via constriction ------------------------------------------------------------------------
+_FREQ_DTYPE = np.uint32
+
+
+def _ans_model(counts: np.ndarray):
+    import constriction
+
+    probs = counts.astype(np.float64) / counts.sum()
+    return constriction.stream.model.Categorical(probs.astype(np.float32), perfect=False)
+
+
+def _ans_encode(sym: np.ndarray, alphabet: int) -> bytes:
+    import constriction
+
+    counts = np.bincount(sym, minlength=alphabet).astype(_FREQ_DTYPE)
+    if np.count_nonzero(counts) <= 1:  # zero or one distinct symbol: the table says it all
+        return counts.tobytes()
+    coder = constriction.stream.stack.AnsCoder()
+    coder.encode_reverse(sym.astype(np.int32), _ans_model(counts))
+    return counts.tobytes() + coder.get_compressed().tobytes()
+
+
+def _ans_decode(body: memoryview, alphabet: int, n: int) -> np.ndarray:
+    import constriction
+
+    table = alphabet * np.dtype(_FREQ_DTYPE).itemsize
+    if len(body) < table:
+        raise CodecError("ANS payload shorter than its frequency table")
+    counts = np.frombuffer(body[:table], dtype=_FREQ_DTYPE)
+    if int(counts.sum()) != n:
+        raise CodecError("ANS frequency table does not match the symbol count")
+    if np.count_nonzero(counts) <= 1:
+        if len(body) != table:
+            raise CodecError("ANS payload has trailing bytes")
+        return np.full(n, int(np.argmax(counts)) if n else 0, dtype=np.uint8)
+    words = np.frombuffer(body[table:], dtype=np.uint32)
+    coder = constriction.stream.stack.AnsCoder(words.copy())
+    out = coder.decode(_ans_model(counts), n).astype(np.uint8)
+    if not coder.is_empty():  # an intact stream is consumed exactly
+        raise CodecError("ANS payload is damaged (bits left over after decoding)")
+    return out

@@ -1,0 +1,192 @@
+"""Entropy coding of a quantized layer's tensors (issue: lossless coding of quantized weights).
+
+The packed codes `qweight` become a stream of one symbol per weight, coded by a codec from
+`codecs.py`. Two symbol mappings, chosen per layer by lower empirical entropy:
+  - `raw`: the code itself;
+  - `zero-relative`: code - zero_point + 2**bits - 1, which lines up the groups' differently shifted
+    code distributions (asymmetric grids put weight 0 at a different code in every group).
+Other tensors (scales, packed zero points) are coded as raw bytes. Decoding restores the exact packed
+bytes, so the artifact's per-tensor sha256 is the same as for the uncoded artifact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+import os
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import codecs, packing
+from .codecs import CodecSpec
+from .errors import RdquantError
+from .qtensor import expand_groups, num_groups
+
+DEFAULT_SPEED_FLOOR_MBPS = 200.0
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """What the symbol mapping needs to know about a quantized layer (from the manifest)."""
+
+    shape: tuple[int, int]
+    bits: int
+    group_size: int
+    symmetric: bool
+
+    @classmethod
+    def from_manifest(cls, info: dict[str, Any]) -> "LayerInfo":
+        return cls(tuple(info["shape"]), info["bits"], info["group_size"], info["symmetric"])
+
+
+def _zero_grid(info: LayerInfo, qzeros: torch.Tensor | None) -> np.ndarray:
+    """Per-weight zero points [out, in] as int16."""
+    out_f, in_f = info.shape
+    n_g = num_groups(in_f, info.group_size)
+    if qzeros is None:
+        z = torch.full((out_f, n_g), 1 << (info.bits - 1), dtype=torch.int16)
+    else:
+        z = packing.unpack(qzeros, info.bits, out_f * n_g).view(out_f, n_g).to(torch.int16)
+    return expand_groups(z, in_f, info.group_size).numpy()
+
+
+def weight_symbols(qweight: torch.Tensor, qzeros: torch.Tensor | None, info: LayerInfo, mapping: str) -> np.ndarray:
+    """The layer's symbol stream (uint8, row-major [out, in]) under `mapping`."""
+    codes = packing.unpack(qweight, info.bits, info.shape[0] * info.shape[1]).numpy()
+    if mapping == "raw":
+        return codes
+    rel = codes.reshape(info.shape).astype(np.int16) - _zero_grid(info, qzeros) + ((1 << info.bits) - 1)
+    return rel.astype(np.uint8).reshape(-1)
+
+
+def weight_from_symbols(sym: np.ndarray, qzeros: torch.Tensor | None, info: LayerInfo, mapping: str) -> torch.Tensor:
+    """Packed qweight bytes from a decoded symbol stream."""
+    if mapping == "raw":
+        codes = sym
+    else:
+        rel = sym.reshape(info.shape).astype(np.int16) - ((1 << info.bits) - 1) + _zero_grid(info, qzeros)
+        if rel.min(initial=0) < 0 or rel.max(initial=0) >= (1 << info.bits):
+            raise codecs.CodecError("decoded symbols fall outside the code range")
+        codes = rel.astype(np.uint8)
+    return packing.pack(torch.from_numpy(np.ascontiguousarray(codes).reshape(-1)), info.bits)
+
+
+def mappings_for(bits: int) -> tuple[str, ...]:
+    """zero-relative symbols span 2**(bits+1) - 1 values, so they fit a byte only up to 7 bits."""
+    return ("raw", "zero-relative") if bits <= 7 else ("raw",)
+
+
+def best_mapping(qweight: torch.Tensor, qzeros: torch.Tensor | None, info: LayerInfo) -> tuple[str, np.ndarray, float]:
+    """(mapping, symbols, entropy bits/symbol) of the lower-entropy mapping (raw wins ties)."""
+    best = None
+    for mapping in mappings_for(info.bits):
+        sym = weight_symbols(qweight, qzeros, info, mapping)
+        h = codecs.entropy_bits(sym)
+        if best is None or h < best[2] - 1e-9:
+            best = (mapping, sym, h)
+    return best  # type: ignore[return-value]
+
+
+def choose_codec(data: np.ndarray, codec: str, speed_floor_mbps: float) -> tuple[CodecSpec, bytes]:
+    """Encode with the named codec, or for `auto` with the smallest candidate whose nominal decode
+    speed is at least the floor (nominal speeds, not timings, so the choice is deterministic)."""
+    if codec != "auto":
+        spec = CodecSpec.parse(codec)
+        return spec, codecs.encode(data, spec)
+    best: tuple[CodecSpec, bytes] | None = None
+    for name in ("none", *codecs.AUTO_CANDIDATES):
+        spec = CodecSpec.parse(name)
+        if codecs.NOMINAL_DECODE_MBPS[spec.name] < speed_floor_mbps:
+            continue
+        payload = codecs.encode(data, spec)
+        if best is None or len(payload) < len(best[1]):
+            best = (spec, payload)
+    assert best is not None
+    return best
+
+
+def encode_tensors(
+    tensors: dict[str, torch.Tensor],
+    quantized: dict[str, dict[str, Any]],
+    codec: str,
+    speed_floor_mbps: float = DEFAULT_SPEED_FLOOR_MBPS,
+    dense: bool = False,
+) -> dict[str, tuple[torch.Tensor, dict[str, Any]]]:
+    """Stored form of the tensors that a codec shrinks: name -> (uint8 payload, manifest fields).
+
+    Quantized layers' qweight is coded as symbols, their scales/qzeros as bytes; other tensors only
+    with `dense`. A tensor whose best payload is not smaller than its raw bytes stays uncoded.
+    """
+    stored: dict[str, tuple[torch.Tensor, dict[str, Any]]] = {}
+    if codec != "auto":
+        try:
+            CodecSpec.parse(codec)
+        except ValueError as e:
+            raise RdquantError(str(e)) from e
+    if codec == "none":
+        return stored
+    for name, t in tensors.items():
+        owner, _, leaf = name.rpartition(".")
+        layer = quantized.get(owner)
+        raw_bytes = t.numel() * t.element_size()
+        if layer is not None and leaf == "qweight":
+            info = LayerInfo.from_manifest(layer)
+            mapping, sym, h = best_mapping(t, tensors.get(f"{owner}.qzeros"), info)
+            spec, payload = choose_codec(sym, codec, speed_floor_mbps)
+            fields = {"kind": "symbols", "mapping": mapping, "entropy_bits": round(h, 4)}
+        elif layer is not None or dense:
+            data = t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+            spec, payload = choose_codec(data, codec, speed_floor_mbps)
+            fields = {"kind": "bytes"}
+        else:
+            continue
+        if spec.name == "none" or len(payload) >= raw_bytes:
+            continue
+        stored[name] = (torch.frombuffer(bytearray(payload), dtype=torch.uint8), {"codec": str(spec), **fields})
+    return stored
+
+
+def decode_tensor(
+    name: str,
+    payload: torch.Tensor,
+    entry: dict[str, Any],
+    quantized: dict[str, dict[str, Any]],
+    decoded: dict[str, torch.Tensor],
+) -> torch.Tensor:
+    """Decode one stored tensor to its manifest dtype/shape; a qweight needs its layer's qzeros
+    already in `decoded` (or uncoded there)."""
+    sym = codecs.decode(payload.numpy())
+    codec = entry["codec"]
+    if codec["kind"] == "bytes":
+        dtype = getattr(torch, entry["dtype"])
+        return torch.from_numpy(sym.copy()).view(dtype).reshape(entry["shape"])
+    owner = name.rpartition(".")[0]
+    info = LayerInfo.from_manifest(quantized[owner])
+    return weight_from_symbols(sym, decoded.get(f"{owner}.qzeros"), info, codec["mapping"])
+
+
+def recode(
+    src: str | os.PathLike,
+    out: str | os.PathLike,
+    codec: str = "auto",
+    speed_floor_mbps: float = DEFAULT_SPEED_FLOOR_MBPS,
+    dense: bool = False,
+    overwrite: bool = False,
+):
+    """Write a copy of artifact `src` at `out` with its tensors (re)coded by `codec`; the decoded
+    tensors, and so the model, are bit-identical."""
+    import shutil
+    from pathlib import Path
+
+    from .artifact import MANIFEST, read_tensors, write_artifact
+
+    src, out = Path(src), Path(out)
+    manifest, tensors = read_tensors(src)
+    stored = encode_tensors(tensors, manifest["quantized"], codec, speed_floor_mbps, dense)
+    keep = {k: v for k, v in manifest.items() if k not in ("format", "format_version", "files", "tensors")}
+    keep["codec"] = {"requested": codec, "speed_floor_mbps": speed_floor_mbps, "dense": dense}
+    extras = [f for f in src.iterdir() if f.is_file() and f.name != MANIFEST and not f.name.endswith(".safetensors")]
+    write_artifact(out, tensors, keep, {f.name: (lambda d, f=f: shutil.copy2(f, Path(d) / f.name)) for f in extras},
+                   overwrite=overwrite, stored=stored)
+    return out

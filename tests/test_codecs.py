@@ -1,0 +1,56 @@
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from rdquant import codecs
+
+CODECS = ["none", "zstd-3", "zstd-19", "lz4", "ans"]
+
+
+@pytest.mark.parametrize("codec", CODECS)
+@settings(max_examples=25, deadline=None)
+@given(data=st.lists(st.integers(0, 255), max_size=3000))
+def test_round_trip_random(codec, data):
+    sym = np.array(data, dtype=np.uint8)
+    assert np.array_equal(codecs.decode(codecs.encode(sym, codec)), sym)
+
+
+@pytest.mark.parametrize("codec", CODECS)
+@pytest.mark.parametrize(
+    "sym",
+    [
+        np.zeros(0, dtype=np.uint8),  # empty
+        np.full(10_000, 7, dtype=np.uint8),  # one symbol
+        np.arange(256, dtype=np.uint8),  # all symbols distinct
+        np.random.default_rng(0).integers(0, 256, 50_000).astype(np.uint8),  # incompressible
+    ],
+    ids=["empty", "constant", "all-distinct", "uniform"],
+)
+def test_round_trip_edge_cases(codec, sym):
+    assert np.array_equal(codecs.decode(codecs.encode(sym, codec)), sym)
+
+
+def test_ans_reaches_the_entropy():
+    rng = np.random.default_rng(1)
+    sym = np.clip(np.round(rng.normal(3.5, 1.2, 200_000)), 0, 7).astype(np.uint8)
+    bits = 8 * (len(codecs.encode(sym, "ans")) - codecs._HEADER.size - 8 * 4) / sym.size
+    assert bits == pytest.approx(codecs.entropy_bits(sym), abs=0.01)
+
+
+@pytest.mark.parametrize("codec", ["zstd-3", "lz4", "ans"])
+def test_damaged_payload_raises(codec):
+    sym = np.random.default_rng(2).integers(0, 8, 5000).astype(np.uint8)
+    payload = codecs.encode(sym, codec)
+    with pytest.raises(codecs.CodecError):
+        codecs.decode(payload[: len(payload) // 2])
+    with pytest.raises(codecs.CodecError):
+        codecs.decode(b"XXXX" + payload[4:])
+
+
+def test_codec_names():
+    assert str(codecs.CodecSpec.parse("zstd")) == "zstd-3"
+    with pytest.raises(ValueError):
+        codecs.CodecSpec.parse("brotli")
+    with pytest.raises(ValueError):
+        codecs.CodecSpec.parse("zstd-99")
