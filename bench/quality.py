@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 import rdquant
 from rdquant.data import calibration_windows, shared_data_dir
 from rdquant.models import load_model, resolve_model
+from rdquant.coding import recode
 from rdquant.runtime import QuantLinear
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,14 +58,20 @@ def eval_row(model, tok, args) -> dict:
     return {"ppl": r.ppl, "tokens": r.tokens, "eval_seconds": r.seconds}
 
 
-def run_rdquant(method: str, bits: int, args, calib: Path) -> dict:
+def run_rdquant(method: str, bits: float, args, calib: Path) -> dict:
+    """bits: the bit width, or for ecsq the target coded bits per weight."""
     model, tok, mid = load_model(args.model)
     ids = load_file(calib)["input_ids"]
-    cfg = rdquant.CompressConfig(method=method, bits=bits, group_size=args.group_size)
+    if method == "ecsq":
+        cfg = rdquant.CompressConfig(method=method, target_coded_bits=bits, group_size=args.ecsq_group_size)
+        name = f"ecsq_c{bits}g{args.ecsq_group_size}"
+    else:
+        cfg = rdquant.CompressConfig(method=method, bits=int(bits), group_size=args.group_size)
+        name = f"{method}_w{int(bits)}g{args.group_size}"
     t0 = time.perf_counter()
     cm = rdquant.compress(model, cfg, tokenizer=tok, calib_ids=ids, model_id=mid)
     seconds = time.perf_counter() - t0
-    out = cm.save(CACHE / "artifacts" / f"{method}_w{bits}g{args.group_size}", overwrite=True)
+    out = cm.save(CACHE / "artifacts" / name, overwrite=True)
     loaded = rdquant.load(out, cache_dequantized=True)
     exact = all(
         torch.equal(m.dequantized_weight(), loaded.get_submodule(n).dequantized_weight())
@@ -76,8 +83,9 @@ def run_rdquant(method: str, bits: int, args, calib: Path) -> dict:
         exact = exact and torch.equal(cm.model(x).logits, loaded(x).logits)
     del cm, model
     rep = rdquant.inspect(out)
-    row = {"tool": "rdquant", "method": method, "bits": bits, "group_size": args.group_size,
-           "bits_per_weight": rep.bits_per_weight, "quantized_bytes": rep.quantized_bytes,
+    coded = rdquant.inspect(recode(out, CACHE / "coded" / f"{name}-ans", codec="ans", overwrite=True))
+    row = {"tool": "rdquant", "method": method, "bits": bits, "group_size": cfg.group_size,
+           "bits_per_weight": rep.bits_per_weight, "coded_bits_per_weight": coded.coded_bits_per_weight, "quantized_bytes": rep.quantized_bytes,
            "disk_bytes": rep.total_bytes, "compress_seconds": seconds, "exact_reload": exact,
            "threads": torch.get_num_threads()}
     row.update(eval_row(loaded, tok, args))
@@ -114,12 +122,13 @@ def table(rows: list[dict], args) -> str:
     tokens = next((r["tokens"] for r in rows if "tokens" in r), 0)
     head = (f"WikiText-2 test, first {args.windows} windows x {args.seqlen} = {tokens:,} tokens; "
             f"group {args.group_size}, asymmetric; calibration {args.calib_samples} x {args.calib_seqlen} C4 tokens\n\n")
-    lines = ["| tool | method | bits | ppl | bits/weight (all-in) | quantized-linear bytes | bytes on disk | compress s | threads | reload exact |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| tool | method | bits | group | ppl | bits/weight (all-in) | coded bits/weight (ANS) | quantized-linear bytes | bytes on disk | compress s | threads | reload exact |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         fmt = lambda v, f: "-" if v is None else format(v, f)
         lines.append(
-            f"| {r['tool']} | {r['method']} | {r.get('bits', '-')} | {r['ppl']:.3f} | {fmt(r.get('bits_per_weight'), '.3f')} | "
+            f"| {r['tool']} | {r['method']} | {r.get('bits', '-')} | {r.get('group_size', '-')} | {r['ppl']:.3f} | {fmt(r.get('bits_per_weight'), '.3f')} | "
+            f"{fmt(r.get('coded_bits_per_weight'), '.3f')} | "
             f"{fmt(r.get('quantized_bytes'), ',')} | {fmt(r.get('disk_bytes'), ',')} | {fmt(r.get('compress_seconds'), '.0f')} | "
             f"{r.get('threads', '-')} | {'-' if r.get('exact_reload') is None else ('yes' if r['exact_reload'] else 'NO')} |"
         )
@@ -136,6 +145,9 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=2048)
     ap.add_argument("--calib-samples", type=int, default=128)
     ap.add_argument("--calib-seqlen", type=int, default=512)
+    ap.add_argument("--ecsq-targets", type=float, nargs="+", default=[3.0, 2.5],
+                    help="coded bits/weight targets for --methods ecsq")
+    ap.add_argument("--ecsq-group-size", type=int, default=128)
     ap.add_argument("--fresh", action="store_true", help="recompute cached rdquant rows")
     ap.add_argument("--rerun-peers", action="store_true", help="run llm-compressor again instead of its cache")
     ap.add_argument("--json", type=Path, default=CACHE / "quality.json")
@@ -151,15 +163,16 @@ def main() -> None:
     rows = [cached_row(f"original_{args.model}_{tag}", False,
                        lambda: {"tool": "original", "method": "fp32 (16-bit on disk)",
                                 **eval_row(*load_model(args.model)[:2], args)})]
-    for bits in args.bits:
-        for method in args.methods:
-            name = f"{method}_w{bits}_{tag}"
-            if method == "llmcompressor":
-                rows.append(cached_row(name, args.rerun_peers, lambda: run_llmcompressor(bits, args, calib)))
-            else:
-                rows.append(cached_row(f"{name}_v{rdquant.__version__}", args.fresh,
-                                       lambda: run_rdquant(method, bits, args, calib)))
-            print(table(rows, args), flush=True)
+    jobs = [(m, b) for b in args.bits for m in args.methods if m != "ecsq"]
+    jobs += [("ecsq", t) for t in args.ecsq_targets if "ecsq" in args.methods]
+    for method, bits in jobs:
+        name = f"{method}_w{bits}_{tag}" if method != "ecsq" else f"ecsq_c{bits}g{args.ecsq_group_size}_{tag}"
+        if method == "llmcompressor":
+            rows.append(cached_row(name, args.rerun_peers, lambda: run_llmcompressor(bits, args, calib)))
+        else:
+            rows.append(cached_row(f"{name}_v{rdquant.__version__}", args.fresh,
+                                   lambda: run_rdquant(method, bits, args, calib)))
+        print(table(rows, args), flush=True)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(rows, indent=1))
     print("\n" + table(rows, args))

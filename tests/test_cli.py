@@ -42,7 +42,7 @@ def _error(args):
 
 def test_one_line_errors(tiny_model_dir, tmp_path):
     assert "model not found" in _error(["compress", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "o")])
-    assert "bit width" in _error(["compress", "--model", str(tiny_model_dir), "--bits", "5", "--out", str(tmp_path / "o")])
+    assert "bit width" in _error(["compress", "--model", str(tiny_model_dir), "--bits", "9", "--out", str(tmp_path / "o")])
     assert "group size" in _error(["compress", "--model", str(tiny_model_dir), "--group-size", "7",
                                    "--out", str(tmp_path / "o")])
     empty = tmp_path / "empty.txt"

@@ -97,7 +97,7 @@ def test_inf_activations_are_reported(tiny_model_dir):
 
 def test_config_validation():
     with pytest.raises(rdquant.RdquantError, match="bit width"):
-        rdquant.CompressConfig(bits=5)
+        rdquant.CompressConfig(bits=9)
     with pytest.raises(rdquant.RdquantError, match="group size"):
         rdquant.CompressConfig(group_size=30)
     with pytest.raises(rdquant.RdquantError, match="unknown method"):

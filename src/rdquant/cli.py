@@ -45,8 +45,10 @@ def friendly(fn):
 def compress(
     model: str = typer.Option("smollm2-135m", "--model", "-m", help="HF directory, .gguf file or alias"),
     out: Path = typer.Option(..., "--out", "-o", help="artifact directory to write"),
-    method: Optional[str] = typer.Option(None, help="gptq | rtn  [default: gptq]"),
-    bits: Optional[int] = typer.Option(None, help="2, 3, 4 or 8  [default: 4]"),
+    method: Optional[str] = typer.Option(None, help="gptq | rtn | ecsq  [default: gptq]"),
+    bits: Optional[int] = typer.Option(None, help="2..8  [default: 4]; ecsq: alphabet width (auto)"),
+    target_coded_bits: Optional[float] = typer.Option(None, "--target-coded-bits",
+                                                      help="ecsq: coded bits per weight, all-in"),
     group_size: Optional[int] = typer.Option(None, "--group-size", "-g", help="-1 = per row  [default: 64]"),
     symmetric: Optional[bool] = typer.Option(None, "--symmetric/--asymmetric", help="[default: asymmetric]"),
     act_order: Optional[bool] = typer.Option(None, "--act-order/--no-act-order", help="[default: on]"),
@@ -75,7 +77,7 @@ def compress(
     from .models import load_model
     from .report import inspect as api_inspect
 
-    given = dict(method=method, bits=bits, group_size=group_size, symmetric=symmetric, act_order=act_order,
+    given = dict(method=method, bits=bits, target_coded_bits=target_coded_bits, group_size=group_size, symmetric=symmetric, act_order=act_order,
                  damp_percent=damp_percent, clip_search=clip_search, calib=calib, calib_samples=calib_samples,
                  calib_seqlen=calib_seqlen, seed=seed, batch_size=batch_size, device=device)
     base = CompressConfig.from_yaml(recipe) if recipe else CompressConfig()

@@ -11,8 +11,8 @@ import yaml
 
 from .errors import RdquantError
 
-METHODS = ("gptq", "rtn")
-BITS = (2, 3, 4, 8)
+METHODS = ("gptq", "rtn", "ecsq")
+BITS = (2, 3, 4, 5, 6, 7, 8)
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,8 @@ class CompressConfig:
     act_order: bool = True  # columns by decreasing H_jj, with static (pre-computed) groups
     damp_percent: float = 0.01  # lambda = damp_percent * mean(diag(H))
     block_size: int = 128  # lazy-batch width of the column sweep
+    # ecsq: entropy-constrained grid whose coded size meets this many bits per weight (all-in)
+    target_coded_bits: float | None = None
     # grid: shrink the min-max range by up to max_shrink in clip_search steps (0 = plain min-max)
     clip_search: int = 20
     max_shrink: float = 0.3
@@ -50,6 +52,8 @@ class CompressConfig:
             raise RdquantError(
                 f"unsupported group size {self.group_size}; use -1 (per row) or a multiple of 8 >= 8"
             )
+        if self.method == "ecsq" and not (self.target_coded_bits and 0.5 <= self.target_coded_bits <= 7):
+            raise RdquantError("method ecsq needs --target-coded-bits between 0.5 and 7")
         if not 0 <= self.damp_percent < 1:
             raise RdquantError("damp_percent must be in [0, 1)")
         if self.calib_samples < 1 or self.calib_seqlen < 8:
@@ -95,6 +99,7 @@ class LayerLog:
     bits: int
     group_size: int
     shape: tuple[int, int]
+    symmetric: bool = False
     proxy_error_rtn: float | None = None  # tr((W-Q)H(W-Q)^T) of plain rounding onto the same grid
     proxy_error: float | None = None  # the same for the method's result
     weight_mse: float = 0.0

@@ -28,7 +28,7 @@ from .config import CompressConfig, LayerLog
 from .errors import RdquantError
 from .hessian import HessianAccumulator
 from .memory import retain_freed_memory
-from .methods import METHODS
+from .methods import METHODS, state_to_dict
 from .methods.gptq import proxy_error
 from .grid import quantize
 from .qtensor import dequantize_codes, expand_groups
@@ -298,6 +298,7 @@ def quantize_stage(
     cfg: CompressConfig,
     prefix: str,
     dtype: torch.dtype,
+    method_state: Any = None,
 ) -> list[LayerLog]:
     """Quantize the stage's linears jointly (they share H, so rows can be stacked) and swap in
     QuantLinear modules; returns one log line per linear."""
@@ -308,7 +309,7 @@ def quantize_stage(
         if not torch.isfinite(w).all():
             raise RdquantError(f"{prefix}{n}.weight has NaN/Inf values; the checkpoint is broken")
     W = torch.cat(weights, dim=0)
-    qw, notes = method.quantize(W, H, cfg)
+    qw, notes = method.quantize(W, H, cfg, method_state, len(stage))
     seconds = (time.perf_counter() - t0) / len(stage)
     logs, row = [], 0
     for n, w in zip(stage, weights):
@@ -318,7 +319,8 @@ def quantize_stage(
         q = QuantLinear.from_quantized(part, lin.bias.data if lin.bias is not None else None, dtype)
         q.cache_dequantized = True  # the pipeline's later stages reuse it; cleared per block
         Q = q.dequantized_weight().to(torch.float32)
-        log = LayerLog(prefix + n, cfg.method, cfg.bits, cfg.group_size, tuple(w.shape), notes=list(notes))
+        log = LayerLog(prefix + n, cfg.method, part.bits, part.group_size, tuple(w.shape), part.symmetric,
+                       notes=list(notes))
         log.weight_mse = float((w - Q).square().mean())
         log.seconds = seconds
         if H is not None:
@@ -343,19 +345,21 @@ class Checkpoint:
     def start(self, resume: bool) -> int:
         """Blocks already done (0 unless resuming a matching checkpoint); prepares the directory."""
         prog = self.path / "progress.json"
+        self.method_state: dict[str, Any] | None = None
         if resume and prog.is_file():
             state = json.loads(prog.read_text())
             if state.get("key") != self.key:
                 raise RdquantError(
                     f"--resume: the checkpoint in {self.path} was made with other settings or another model"
                 )
+            self.method_state = state.get("method_state")
             return int(state["blocks_done"])
         if self.path.exists():
             shutil.rmtree(self.path)
         self.path.mkdir(parents=True)
         return 0
 
-    def save_block(self, i: int, block: nn.Module, logs: list[LayerLog]) -> None:
+    def save_block(self, i: int, block: nn.Module, logs: list[LayerLog], method_state: dict | None = None) -> None:
         tensors = {
             f"{n}.{k}": v.contiguous()
             for n, m in block.named_modules()
@@ -365,20 +369,22 @@ class Checkpoint:
         save_file(tensors, self.path / f"block_{i:04d}.safetensors")
         (self.path / f"block_{i:04d}.json").write_text(json.dumps([asdict(l) for l in logs]))
         tmp = self.path / "progress.json.tmp"
-        tmp.write_text(json.dumps({"key": self.key, "blocks_done": i + 1}))
+        tmp.write_text(json.dumps({"key": self.key, "blocks_done": i + 1, "method_state": method_state}))
         tmp.replace(self.path / "progress.json")
 
-    def load_block(self, i: int, block: nn.Module, cfg: CompressConfig, dtype: torch.dtype) -> list[LayerLog]:
+    def load_block(self, i: int, block: nn.Module, cfg: CompressConfig, dtype: torch.dtype, prefix: str) -> list[LayerLog]:
         tensors = load_file(self.path / f"block_{i:04d}.safetensors")
+        logs = [LayerLog(**{**l, "shape": tuple(l["shape"])}) for l in json.loads((self.path / f"block_{i:04d}.json").read_text())]
+        by_name = {l.name: l for l in logs}
         for n, lin in block_linears(block, cfg.skip).items():
+            log = by_name[prefix + n]
             q = QuantLinear(
-                lin.in_features, lin.out_features, cfg.bits, cfg.group_size, cfg.symmetric,
+                lin.in_features, lin.out_features, log.bits, log.group_size, log.symmetric,
                 lin.bias is not None, dtype,
             )
             q.load_state_dict({k.split(".")[-1]: v for k, v in tensors.items() if k.rpartition(".")[0] == n})
             set_submodule(block, n, q)
-        logs = json.loads((self.path / f"block_{i:04d}.json").read_text())
-        return [LayerLog(**{**l, "shape": tuple(l["shape"])}) for l in logs]
+        return logs
 
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
@@ -406,7 +412,15 @@ def _run_pipeline(
     state = PipelineState()
     start = checkpoint.start(resume) if checkpoint else 0
     for i in range(start):
-        state.logs += checkpoint.load_block(i, blocks[i], cfg, dtype)  # type: ignore[union-attr]
+        state.logs += checkpoint.load_block(i, blocks[i], cfg, dtype, f"{blocks_name}.{i}.")  # type: ignore[union-attr]
+    method_state = None
+    if method.prepare is not None:
+        saved = checkpoint.method_state if checkpoint and start else None
+        if saved is not None and method.from_dict is not None:
+            method_state = method.from_dict(saved)
+        else:
+            weights = [lin.weight.data for b in blocks for lin in block_linears(b, cfg.skip).values()]
+            method_state = method.prepare(weights, cfg)
 
     chunks: list[Chunk] = []
     if method.needs_hessian:
@@ -433,7 +447,7 @@ def _run_pipeline(
             try:
                 for stage in stages:
                     H = stage_hessian(block, linears, stage, chunks, prefix + stage[0], reuse)
-                    logs += quantize_stage(block, linears, stage, H, cfg, prefix, dtype)
+                    logs += quantize_stage(block, linears, stage, H, cfg, prefix, dtype, method_state)
                 if reuse and i == start:  # check once that reuse is exact for this architecture
                     reuse.bypass = True
                     reference = _block_output(block, chunks[0])
@@ -449,7 +463,7 @@ def _run_pipeline(
                     reuse.close()
         else:
             for n in list(linears):
-                logs += quantize_stage(block, linears, [n], None, cfg, prefix, dtype)
+                logs += quantize_stage(block, linears, [n], None, cfg, prefix, dtype, method_state)
         for m in block.modules():
             if isinstance(m, QuantLinear):
                 m.cache_dequantized = False
@@ -458,7 +472,7 @@ def _run_pipeline(
         state.logs += logs
         state.blocks_done = i + 1
         if checkpoint:
-            checkpoint.save_block(i, blocks[i], logs)
+            checkpoint.save_block(i, blocks[i], logs, state_to_dict(method_state))
         if after_block:
             after_block(i)
     return state

@@ -1,38 +1,60 @@
 """Per-matrix quantization methods, one module each, behind one signature:
-`quantize(W [out, in], H [in, in] | None, cfg) -> (QuantizedWeight, notes)`."""
+`quantize(W [out, in], H [in, in] | None, cfg, state, n_parts) -> (QuantizedWeight, notes)`,
+where W stacks `n_parts` layers that share the input (and so H).
+
+A method may keep run-wide state (ECSQ's rate controller): `prepare(weights, cfg)` makes it from all
+the weights to be quantized, and `to_dict` / `from_dict` let checkpoints carry it across a resume.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
 
 import torch
 
 from ..config import CompressConfig
 from ..qtensor import QuantizedWeight
+from .ecsq import RateControl, ecsq_quantize, plan_rate
 from .gptq import gptq_quantize
 from .rtn import rtn_quantize
 
-QuantizeFn = Callable[[torch.Tensor, "torch.Tensor | None", CompressConfig], "tuple[QuantizedWeight, list[str]]"]
+Result = tuple[QuantizedWeight, list[str]]
 
 
 @dataclass(frozen=True)
 class Method:
     name: str
-    quantize: QuantizeFn
+    quantize: Callable[[torch.Tensor, "torch.Tensor | None", CompressConfig, Any], Result]
     needs_hessian: bool
+    prepare: Callable[[list[torch.Tensor], CompressConfig], Any] | None = None
+    from_dict: Callable[[dict[str, Any]], Any] | None = None
 
 
-def _rtn(W: torch.Tensor, H: torch.Tensor | None, cfg: CompressConfig) -> tuple[QuantizedWeight, list[str]]:
+def state_to_dict(state: Any) -> dict[str, Any] | None:
+    return None if state is None else asdict(state)
+
+
+def _rtn(W, H, cfg, state, n_parts=1) -> Result:
     return rtn_quantize(W, cfg), []
 
 
-def _gptq(W: torch.Tensor, H: torch.Tensor | None, cfg: CompressConfig) -> tuple[QuantizedWeight, list[str]]:
+def _gptq(W, H, cfg, state, n_parts=1) -> Result:
     assert H is not None, "GPTQ needs the layer Hessian"
     return gptq_quantize(W, H, cfg)
+
+
+def _ecsq(W, H, cfg, state, n_parts=1) -> Result:
+    assert H is not None and state is not None
+    return ecsq_quantize(W, H, cfg, state, n_parts)
+
+
+def _rate_from_dict(d: dict[str, Any]) -> RateControl:
+    return RateControl(**{**d, "history": [tuple(h) for h in d["history"]]})
 
 
 METHODS: dict[str, Method] = {
     "rtn": Method("rtn", _rtn, needs_hessian=False),
     "gptq": Method("gptq", _gptq, needs_hessian=True),
+    "ecsq": Method("ecsq", _ecsq, needs_hessian=True, prepare=plan_rate, from_dict=_rate_from_dict),
 }

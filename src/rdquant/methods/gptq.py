@@ -44,14 +44,20 @@ def inverse_hessian_cholesky(
     return None
 
 
-def gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: CompressConfig) -> tuple[QuantizedWeight, list[str]]:
+def gptq_quantize(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    cfg: CompressConfig,
+    grid: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[QuantizedWeight, list[str]]:
     """Quantize W [out, in] against Hessian H [in, in]; returns the weight and log notes.
 
     Dead inputs (H_jj = 0) get weight 0. With act_order, columns go by decreasing H_jj and the
     group grids are fixed up front from the original weights (static groups), so the stored layout
     stays in natural column order. Otherwise a group's grid is set when the sweep reaches its
     first column, from the error-updated weights (the block width is a multiple of the group size,
-    so the whole group is up to date then).
+    so the whole group is up to date then). A given `grid` (scales, zeros [out, n_groups]) is used
+    as a static grid instead (other methods' grids, e.g. ECSQ).
     """
     notes: list[str] = []
     W = W.to(torch.float32).clone()
@@ -79,8 +85,10 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: CompressConfig) -> tupl
         s, z = grid_params(w_group, cfg.bits, cfg.symmetric, cfg.clip_search, cfg.max_shrink, cw)
         scales[:, k : k + 1], zeros[:, k : k + 1] = s, z
 
-    static = cfg.act_order or G >= cols
-    if static:
+    static = cfg.act_order or G >= cols or grid is not None
+    if grid is not None:
+        scales, zeros = grid[0].to(W.device, torch.float32), grid[1].to(W.device, torch.float32)
+    elif static:
         scales, zeros = group_grid(
             W, cfg.bits, cfg.symmetric, cfg.group_size, cfg.clip_search, cfg.max_shrink, h_diag
         )

@@ -1,0 +1,163 @@
+"""Lossless coding of the quantized artifacts: sizes, entropy floor, decode speed, load time.
+
+    python bench/codecs.py                 # uses the GPTQ artifacts that bench/quality.py saved
+    python bench/codecs.py --artifacts DIR [DIR ...]
+
+For each artifact: the packed size of the quantized linears, the same after zstd-19 / lz4 / ANS /
+auto coding, and the empirical-entropy floor (sum over layers of H(symbols) * n + side information).
+Decode throughput is MB/s of decoded symbols (one byte per weight) for the `qweight` payloads, one
+thread, then all tensors with the loader's thread pool. Load time is files -> ready model via
+rdquant.load, warm (page cache) and cold (pages dropped with posix_fadvise), against the 16-bit
+safetensors original loaded with transformers. Coded artifacts decode to the same bytes (checked by
+sha256 on load), so their perplexity is the packed artifact's (bench/quality.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+
+import rdquant
+from rdquant import codecs
+from rdquant.artifact import MANIFEST, read_tensors
+from rdquant.coding import recode
+
+ROOT = Path(__file__).resolve().parents[1]
+CACHE = ROOT / "bench" / "cache"
+CODECS = ["zstd-19", "lz4", "ans", "auto"]
+
+
+def drop_cache(path: Path) -> None:
+    for f in path.rglob("*"):
+        if f.is_file():
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def timed_load(fn, path: Path, repeats: int = 3) -> tuple[float, float]:
+    """(cold, warm) seconds: cold after dropping the files' pages, warm = best of `repeats`."""
+    drop_cache(path)
+    t0 = time.perf_counter()
+    fn(path)
+    cold = time.perf_counter() - t0
+    warm = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn(path)
+        warm.append(time.perf_counter() - t0)
+    return cold, min(warm)
+
+
+def entropy_floor_bytes(packed: Path) -> float:
+    """Bytes if every qweight were coded at its empirical entropy, other quantized tensors as packed."""
+    manifest, tensors = read_tensors(packed, verify=False)
+    from rdquant.coding import LayerInfo, best_mapping
+
+    total = 0.0
+    for name, info in manifest["quantized"].items():
+        _, _, h = best_mapping(tensors[f"{name}.qweight"], tensors.get(f"{name}.qzeros"), LayerInfo.from_manifest(info))
+        total += h * info["shape"][0] * info["shape"][1] / 8
+        total += sum(tensors[k].numel() * tensors[k].element_size() for k in (f"{name}.scales", f"{name}.qzeros", f"{name}.bias") if k in tensors)
+    return total
+
+
+def decode_speed(coded: Path) -> float | None:
+    """MB/s of decoded symbols over all coded qweight payloads, one thread."""
+    manifest = json.loads((coded / MANIFEST).read_text())
+    payloads = []
+    with safe_open(coded / "model.safetensors", framework="pt") as fh:
+        for name, e in manifest["tensors"].items():
+            if e.get("codec", {}).get("kind") == "symbols":
+                payloads.append(fh.get_tensor(name).numpy())
+    if not payloads:
+        return None
+    t0 = time.perf_counter()
+    n = sum(codecs.decode(p).size for p in payloads)
+    return n / (time.perf_counter() - t0) / 1e6
+
+
+def original_16bit(model: str) -> Path:
+    """A 16-bit safetensors copy of the original (what a user would otherwise ship)."""
+    path = CACHE / "original16"
+    if not (path / "model.safetensors").is_file():
+        from rdquant.models import load_model
+
+        m, tok, _ = load_model(model)
+        m.half().save_pretrained(path)
+        tok.save_pretrained(path)
+    return path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--artifacts", type=Path, nargs="+",
+                    default=[CACHE / "artifacts" / f"gptq_w{b}g64" for b in (4, 3, 2)])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--json", type=Path, default=CACHE / "codecs.json")
+    args = ap.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+    from transformers import AutoModelForCausalLM
+
+    orig = original_16bit(args.model)
+    orig_cold, orig_warm = timed_load(lambda p: AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32), orig)
+    rows = []
+    for packed in args.artifacts:
+        if not packed.is_dir():
+            print(f"skip {packed}: run bench/quality.py first")
+            continue
+        rep = rdquant.inspect(packed)
+        row = {"artifact": packed.name, "params": rep.quantized_params, "packed_bytes": rep.quantized_bytes,
+               "entropy_floor_bytes": entropy_floor_bytes(packed), "total_packed_bytes": rep.total_bytes}
+        row["load_packed"] = timed_load(rdquant.load, packed)
+        ref = rdquant.load(packed)
+        x = torch.arange(1, 257).unsqueeze(0)
+        with torch.no_grad():
+            ref_logits = ref(x).logits
+        for codec in CODECS:
+            out = CACHE / "coded" / f"{packed.name}-{codec}"
+            recode(packed, out, codec=codec, overwrite=True)
+            crep = rdquant.inspect(out)
+            t0 = time.perf_counter()
+            read_tensors(out)
+            parallel = time.perf_counter() - t0
+            with torch.no_grad():
+                same = torch.equal(rdquant.load(out)(x).logits, ref_logits)
+            row[codec] = {"bytes": crep.quantized_stored_bytes, "total_bytes": crep.total_bytes,
+                          "decode_mbps_1thread": decode_speed(out), "read_all_s": parallel,
+                          "load": timed_load(rdquant.load, out), "identical_logits": same}
+        rows.append(row)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"original16": [orig_cold, orig_warm], "rows": rows}, indent=1))
+
+    print(f"\n16-bit original (safetensors, transformers): load cold {orig_cold:.2f} s, warm {orig_warm:.2f} s\n")
+    print("| artifact | packed MB | entropy floor | " + " | ".join(CODECS) + " |")
+    print("|---|---|---|" + "---|" * len(CODECS))
+    for r in rows:
+        pk = r["packed_bytes"]
+        cells = [f"{r[c]['bytes'] / 1e6:.2f} MB ({100 * (1 - r[c]['bytes'] / pk):+.1f}%)" for c in CODECS]
+        floor = r["entropy_floor_bytes"]
+        print(f"| {r['artifact']} | {pk / 1e6:.2f} | {floor / 1e6:.2f} MB ({100 * (1 - floor / pk):+.1f}%) | " + " | ".join(cells) + " |")
+    print("\n(sizes: quantized linears, all side information included; % = saving vs packed)\n")
+    print("| artifact | codec | bpw packed -> coded | decode MB/s (1 thread) | read+decode all s | load cold / warm s (packed: cold / warm) | identical logits |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        for c in CODECS:
+            d = r[c]
+            sp = "-" if d["decode_mbps_1thread"] is None else f"{d['decode_mbps_1thread']:.0f}"
+            print(f"| {r['artifact']} | {c} | {8 * r['packed_bytes'] / r['params']:.3f} -> {8 * d['bytes'] / r['params']:.3f} | "
+                  f"{sp} | {d['read_all_s']:.2f} | {d['load'][0]:.2f} / {d['load'][1]:.2f} "
+                  f"({r['load_packed'][0]:.2f} / {r['load_packed'][1]:.2f}) | {d['identical_logits']} |")
+
+
+if __name__ == "__main__":
+    main()
