@@ -116,11 +116,17 @@ class ActivationReuse:
     that finished before the first of those linears started (in the previous pass) computed exactly
     what it would compute again, so its cached output is reused. This removes most recomputation
     from true-sequential GPTQ (each linear runs about once per chunk instead of once per stage).
-    Caches live for one block. `bypass` turns it off (for the exactness check).
+    Moreover, a module whose output *is* the output of the changed linear (its tail: o_proj for
+    attention, down_proj for the MLP, found by `discover_stages`) is answered by running just that
+    linear on its input, recorded by the Hessian pass. Caches live for one block. `bypass` turns it
+    all off (for the exactness check).
     """
 
-    def __init__(self, block: nn.Module) -> None:
+    def __init__(self, block: nn.Module, tails: dict[str, tuple[str, int]] | None = None) -> None:
         self.block = block
+        self.tails = tails or {}  # module -> (tail linear, number of None outputs after it)
+        self.inputs: dict[tuple[str, int], torch.Tensor] = {}
+        self.shortcut: dict[str, tuple[str, int]] = {}
         self.cache: dict[tuple[str, int], Any] = {}
         self.reusable: set[str] = set()
         self.finished: set[str] = set()  # finished before the mark in the current pass
@@ -141,7 +147,14 @@ class ActivationReuse:
             if self.bypass:
                 return forward(*args, **kwargs)
             key = (name, self.chunk)
-            out = self.cache[key] if name in self.reusable and key in self.cache else forward(*args, **kwargs)
+            if name in self.reusable and key in self.cache:
+                out = self.cache[key]
+            elif name in self.shortcut and (self.shortcut[name][0], self.chunk) in self.inputs:
+                tail, extra = self.shortcut[name]
+                y = self.block.get_submodule(tail)(self.inputs[(tail, self.chunk)])
+                out = (y, *([None] * extra)) if extra else y
+            else:
+                out = forward(*args, **kwargs)
             if not self.marked:
                 self.cache[key] = out
                 self.finished.add(name)
@@ -149,10 +162,18 @@ class ActivationReuse:
 
         return wrapped
 
-    def begin_pass(self) -> None:
+    def begin_pass(self, changed: str | None = None) -> None:
+        """A new pass; `changed` is the first linear quantized since the last one (if any)."""
         self._patch_new_modules()
         self.reusable, self.finished = self.finished, set()
         self.cache = {k: v for k, v in self.cache.items() if k[0] in self.reusable}
+        self.shortcut = {m: t for m, t in self.tails.items() if t[0] == changed}
+        self.inputs = {k: v for k, v in self.inputs.items() if k[0] == changed}
+
+    def record_input(self, linear: str, x: torch.Tensor) -> None:
+        """The input of a linear about to change (the Hessian pass sees it for every chunk)."""
+        if any(t[0] == linear for t in self.tails.values()):
+            self.inputs[(linear, self.chunk)] = x
 
     def begin_chunk(self, k: int) -> None:
         self.chunk, self.marked = k, False
@@ -164,7 +185,7 @@ class ActivationReuse:
     def close(self) -> None:
         for mod in self._patched.values():
             del mod.forward
-        self._patched, self.cache = {}, {}
+        self._patched, self.cache, self.inputs = {}, {}, {}
 
 
 def _run_pass(
@@ -172,10 +193,11 @@ def _run_pass(
     chunks: list[Chunk],
     reuse: ActivationReuse | None,
     on_output: Callable[[int, torch.Tensor], None] | None = None,
+    changed: str | None = None,
 ) -> None:
     """One forward of the block over every chunk (each may stop early via _StopForward)."""
     if reuse:
-        reuse.begin_pass()
+        reuse.begin_pass(changed)
     for k, c in enumerate(chunks):
         if reuse:
             reuse.begin_chunk(k)
@@ -188,7 +210,9 @@ def _run_pass(
 
 
 @torch.no_grad()
-def propagate(block: nn.Module, chunks: list[Chunk], index: int, reuse: ActivationReuse | None = None) -> None:
+def propagate(
+    block: nn.Module, chunks: list[Chunk], index: int, reuse: ActivationReuse | None = None, changed: str | None = None
+) -> None:
     """Replace each chunk's hidden states by the block's output (the next block's input)."""
     outputs: dict[int, torch.Tensor] = {}
 
@@ -200,42 +224,49 @@ def propagate(block: nn.Module, chunks: list[Chunk], index: int, reuse: Activati
             )
         outputs[k] = out
 
-    _run_pass(block, chunks, reuse, keep)
+    _run_pass(block, chunks, reuse, keep, changed)
     for k, c in enumerate(chunks):
         c.hidden = outputs[k]
 
 
 @torch.no_grad()
-def discover_stages(block: nn.Module, linears: dict[str, nn.Linear], chunk: Chunk) -> list[list[str]]:
-    """Linears in execution order, grouped into stages of consecutive linears sharing one input."""
+def discover_stages(
+    block: nn.Module, linears: dict[str, nn.Linear], chunk: Chunk
+) -> tuple[list[list[str]], dict[str, tuple[str, int]]]:
+    """Run the block once on one sample and read its structure:
+    stages - the linears in execution order, consecutive ones that share an input grouped;
+    tails - for each submodule whose output is exactly one of its linears' output (alone, or first
+    in a tuple whose other items are None), that linear and the number of Nones."""
     order: list[tuple[str, int, tuple[int, ...]]] = []
-    seen: set[str] = set()
+    outputs: dict[str, Any] = {}
     handles = []
+    names = {id(m): n for n, m in block.named_modules() if n}
 
-    def make(name: str):
+    def pre(name: str):
         def hook(module, args):
-            if name not in seen:
-                seen.add(name)
+            if name not in outputs and all(o[0] != name for o in order):
                 x = args[0]
                 order.append((name, x.data_ptr(), tuple(x.shape)))
-                if len(seen) == len(linears):
-                    raise _StopForward
 
         return hook
 
+    def post(module, args, out):
+        outputs.setdefault(names[id(module)], out)
+
     for name, lin in linears.items():
-        handles.append(lin.register_forward_pre_hook(make(name)))
+        handles.append(lin.register_forward_pre_hook(pre(name)))
+    for m in block.modules():
+        if id(m) in names:
+            handles.append(m.register_forward_hook(post))
     try:
         small = Chunk(chunk.hidden[:1], _slice_kwargs(chunk.kwargs, chunk.hidden.shape[0]))
         _block_output(block, small)
-    except _StopForward:
-        pass
     finally:
         for h in handles:
             h.remove()
-    if len(order) != len(linears):
-        missing = sorted(set(linears) - seen)
-        raise RdquantError(f"these linears never run in the block's forward: {', '.join(missing)}")
+    seen = {o[0] for o in order}
+    if seen != set(linears):
+        raise RdquantError(f"these linears never run in the block's forward: {', '.join(sorted(set(linears) - seen))}")
     stages: list[list[str]] = []
     last_key = None
     for name, ptr, shape in order:
@@ -245,7 +276,17 @@ def discover_stages(block: nn.Module, linears: dict[str, nn.Linear], chunk: Chun
         else:
             stages.append([name])
         last_key = key
-    return stages
+    tails: dict[str, tuple[str, int]] = {}
+    for mname, out in outputs.items():
+        if mname in linears:
+            continue
+        head, rest = (out[0], out[1:]) if isinstance(out, tuple) and out else (out, ())
+        if any(r is not None for r in rest):
+            continue
+        for lname in linears:
+            if lname.startswith(mname + ".") and outputs.get(lname) is head:
+                tails[mname] = (lname, len(rest))
+    return stages, tails
 
 
 def _slice_kwargs(kwargs: dict[str, Any], batch: int) -> dict[str, Any]:
@@ -269,6 +310,7 @@ def stage_hessian(
     chunks: list[Chunk],
     label: str,
     reuse: ActivationReuse | None = None,
+    changed: str | None = None,
 ) -> torch.Tensor:
     """H of the stage's shared input, from forwards that stop where the stage's first linear starts
     (the stage's linears all take that same input)."""
@@ -278,12 +320,13 @@ def stage_hessian(
     def collect_and_stop(module, args):
         if reuse:
             reuse.mark()
+            reuse.record_input(stage[0], args[0])
         acc.add(args[0])
         raise _StopForward
 
     handle = first.register_forward_pre_hook(collect_and_stop)
     try:
-        _run_pass(block, chunks, reuse)
+        _run_pass(block, chunks, reuse, changed=changed)
     finally:
         handle.remove()
     acc.check_finite(label)
@@ -359,7 +402,16 @@ class Checkpoint:
         self.path.mkdir(parents=True)
         return 0
 
-    def save_block(self, i: int, block: nn.Module, logs: list[LayerLog], method_state: dict | None = None) -> None:
+    def save_block(
+        self,
+        i: int,
+        block: nn.Module,
+        logs: list[LayerLog],
+        method_state: dict | None = None,
+        chunks: list[Chunk] | None = None,
+    ) -> None:
+        """Save block i's quantized tensors and log, then the inputs of block i+1 (so a resume
+        starts from exactly these activations instead of recomputing them), then the progress."""
         tensors = {
             f"{n}.{k}": v.contiguous()
             for n, m in block.named_modules()
@@ -368,6 +420,10 @@ class Checkpoint:
         }
         save_file(tensors, self.path / f"block_{i:04d}.safetensors")
         (self.path / f"block_{i:04d}.json").write_text(json.dumps([asdict(l) for l in logs]))
+        if chunks:
+            tmp_inputs = self.path / "inputs.safetensors.tmp"
+            save_file({f"chunk_{k:05d}": c.hidden.detach().cpu().contiguous() for k, c in enumerate(chunks)}, tmp_inputs)
+            tmp_inputs.replace(self.path / "inputs.safetensors")
         tmp = self.path / "progress.json.tmp"
         tmp.write_text(json.dumps({"key": self.key, "blocks_done": i + 1, "method_state": method_state}))
         tmp.replace(self.path / "progress.json")
@@ -385,6 +441,18 @@ class Checkpoint:
             q.load_state_dict({k.split(".")[-1]: v for k, v in tensors.items() if k.rpartition(".")[0] == n})
             set_submodule(block, n, q)
         return logs
+
+    def load_inputs(self, chunks: list[Chunk]) -> bool:
+        """Restore the saved block inputs into `chunks`; False if there are none."""
+        f = self.path / "inputs.safetensors"
+        if not f.is_file():
+            return False
+        saved = load_file(f)
+        if len(saved) != len(chunks):
+            raise RdquantError(f"--resume: the checkpoint in {self.path} has inputs for another calibration set")
+        for k, c in enumerate(chunks):
+            c.hidden = saved[f"chunk_{k:05d}"].to(c.hidden.device)
+        return True
 
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
@@ -427,12 +495,14 @@ def _run_pipeline(
         if calib_ids is None:
             raise RdquantError(f"method {cfg.method} needs calibration data")
         chunks = capture_block_inputs(model, blocks, calib_ids, cfg.batch_size, device)
-        for i in range(start):  # resume: recompute the inputs of the first unfinished block
-            blocks[i].to(device)
-            propagate(blocks[i], chunks, i)
-            blocks[i].to("cpu")
+        if start and not checkpoint.load_inputs(chunks):  # type: ignore[union-attr]
+            for i in range(start):  # no saved activations: recompute the inputs of block `start`
+                blocks[i].to(device)
+                propagate(blocks[i], chunks, i)
+                blocks[i].to("cpu")
 
     stages: list[list[str]] | None = None
+    tails: dict[str, tuple[str, int]] = {}
     bar = tqdm(range(start, len(blocks)), desc=f"{cfg.method} {cfg.bits}-bit", unit="block", disable=not progress,
                initial=start, total=len(blocks))
     for i in bar:
@@ -442,17 +512,19 @@ def _run_pipeline(
         logs: list[LayerLog] = []
         if method.needs_hessian:
             if stages is None or sorted(n for s in stages for n in s) != sorted(linears):
-                stages = discover_stages(block, linears, chunks[0])
-            reuse = ActivationReuse(block) if cfg.reuse_activations else None
+                stages, tails = discover_stages(block, linears, chunks[0])
+            reuse = ActivationReuse(block, tails) if cfg.reuse_activations else None
             try:
+                changed = None
                 for stage in stages:
-                    H = stage_hessian(block, linears, stage, chunks, prefix + stage[0], reuse)
+                    H = stage_hessian(block, linears, stage, chunks, prefix + stage[0], reuse, changed)
+                    changed = stage[0]
                     logs += quantize_stage(block, linears, stage, H, cfg, prefix, dtype, method_state)
                 if reuse and i == start:  # check once that reuse is exact for this architecture
                     reuse.bypass = True
                     reference = _block_output(block, chunks[0])
                     reuse.bypass = False
-                propagate(block, chunks, i, reuse)
+                propagate(block, chunks, i, reuse, changed)
                 if reuse and i == start and not torch.equal(reference, chunks[0].hidden):
                     raise RdquantError(
                         "activation reuse does not reproduce this architecture's block outputs exactly "
@@ -472,7 +544,7 @@ def _run_pipeline(
         state.logs += logs
         state.blocks_done = i + 1
         if checkpoint:
-            checkpoint.save_block(i, blocks[i], logs, state_to_dict(method_state))
+            checkpoint.save_block(i, blocks[i], logs, state_to_dict(method_state), chunks)
         if after_block:
             after_block(i)
     return state
