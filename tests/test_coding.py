@@ -92,3 +92,16 @@ def test_damaged_coded_tensor_is_named(packed_artifact, tmp_path):
 def test_unknown_codec_is_a_clear_error(packed_artifact, tmp_path):
     with pytest.raises(rdquant.RdquantError, match="unknown codec"):
         recode(packed_artifact, tmp_path / "x", codec="brotli")
+
+
+def test_lazy_load_decodes_a_layer_on_first_use(packed_artifact, tmp_path):
+    from rdquant.runtime import QuantLinear
+
+    coded = recode(packed_artifact, tmp_path / "lazy", codec="ans")
+    eager, lazy = rdquant.load(coded), rdquant.load(coded, lazy=True)
+    pending = [m for m in lazy.modules() if isinstance(m, QuantLinear) and m._loader is not None]
+    assert pending and len(pending) == sum(isinstance(m, QuantLinear) for m in lazy.modules())
+    x = torch.arange(1, 20).unsqueeze(0)
+    with torch.no_grad():
+        assert torch.equal(eager(x).logits, lazy(x).logits)
+    assert all(m._loader is None for m in pending)

@@ -59,15 +59,17 @@ def write_artifact(
     tmp.mkdir()
     try:
         shards: list[dict[str, torch.Tensor]] = [{}]
-        size = 0
+        size, owner = 0, None
         for name, t in tensors.items():
             t = stored[name][0] if name in stored else t
             nbytes = t.numel() * t.element_size()
-            if shards[-1] and size + nbytes > SHARD_BYTES:
+            new_owner = name.rpartition(".")[0]  # a layer's tensors stay in one shard
+            if shards[-1] and size + nbytes > SHARD_BYTES and new_owner != owner:
                 shards.append({})
                 size = 0
             shards[-1][name] = t.detach().contiguous().cpu()
             size += nbytes
+            owner = new_owner
         entries: dict[str, Any] = {}
         files: dict[str, Any] = {}
         for k, shard in enumerate(shards):
@@ -155,70 +157,76 @@ def _check_file(path: Path, fname: str, expected: int, entries: dict[str, Any]) 
     raise ArtifactError(f"{f} is truncated or altered ({actual} bytes, expected {expected}): {bad} is damaged")
 
 
-def read_tensors(path: str | os.PathLike, verify: bool = True) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """(manifest, tensors) of an artifact; with verify, every tensor's sha256 is checked."""
+def read_tensors(
+    path: str | os.PathLike, verify: bool = True, names: list[str] | None = None
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(manifest, tensors) of an artifact, or of the named tensors only.
+
+    Tensors are read, checked (sha256 of the stored bytes, then of the decoded tensor) and decoded a
+    layer at a time in worker threads, so the file is never held twice in memory.
+    """
     p = Path(path)
     manifest = read_manifest(p)
     entries = manifest["tensors"]
     for fname, info in manifest["files"].items():
         _check_file(p, fname, info["bytes"], entries)
-    raw: dict[str, torch.Tensor] = {}
-    by_file: dict[str, list[str]] = {}
-    for name, info in entries.items():
-        by_file.setdefault(info["file"], []).append(name)
-    for fname, names in by_file.items():
-        try:
-            with safe_open(p / fname, framework="pt") as fh:
-                stored = set(fh.keys())
-                for name in names:
-                    if name not in stored:
-                        raise ArtifactError(f"tensor {name} is missing from {p / fname}")
-                    raw[name] = fh.get_tensor(name)
-        except ArtifactError:
-            raise
-        except Exception as e:
-            raise ArtifactError(f"{p / fname} could not be read ({e}); the artifact is corrupted") from e
-    tensors = _decode_all(p, raw, entries, manifest.get("quantized", {}), verify)
-    for name, info in entries.items():
-        t = tensors[name]
-        if list(t.shape) != info["shape"] or _dtype_name(t) != info["dtype"]:
-            raise ArtifactError(f"tensor {name} has shape/dtype {list(t.shape)}/{_dtype_name(t)}, manifest says {info['shape']}/{info['dtype']}")
-        if verify and tensor_sha256(t) != info["sha256"]:
-            raise ArtifactError(f"tensor {name} in {p / info['file']} fails its sha256 check: the artifact is corrupted")
+    wanted = list(entries) if names is None else names
+    for name in wanted:
+        if name not in entries:
+            raise ArtifactError(f"tensor {name} is not in {p}")
+    groups: dict[tuple[str, str], list[str]] = {}
+    for name in wanted:  # one task per layer and file; a layer's qweight after its qzeros
+        groups.setdefault((entries[name]["file"], name.rpartition(".")[0]), []).append(name)
+    tasks = [(f, sorted(g, key=lambda n: n.endswith(".qweight"))) for (f, _), g in groups.items()]
+    quantized = manifest.get("quantized", {})
+
+    def run(task: tuple[str, list[str]]) -> dict[str, torch.Tensor]:
+        fname, group = task
+        return _read_group(p, fname, group, entries, quantized, verify)
+
+    tensors: dict[str, torch.Tensor] = {}
+    if len(tasks) == 1:
+        tensors.update(run(tasks[0]))
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+            for part in pool.map(run, tasks):
+                tensors.update(part)
     return manifest, tensors
 
 
-def _decode_all(
-    path: Path, raw: dict[str, torch.Tensor], entries: dict[str, Any], quantized: dict[str, Any], verify: bool
+def _read_group(
+    p: Path, fname: str, names: list[str], entries: dict[str, Any], quantized: dict[str, Any], verify: bool
 ) -> dict[str, torch.Tensor]:
-    """Decode coded tensors, in parallel threads (a layer's qzeros before its qweight)."""
-    coded = [n for n, e in entries.items() if "codec" in e]
-    if not coded:
-        return raw
-    from concurrent.futures import ThreadPoolExecutor
-
     from .codecs import CodecError
     from .coding import decode_tensor
 
-    out = {n: t for n, t in raw.items() if n not in coded}
-
-    def run(names: list[str]) -> dict[str, torch.Tensor]:
-        done: dict[str, torch.Tensor] = {}
-        for name in names:
-            e = entries[name]
-            if verify and tensor_sha256(raw[name]) != e["stored_sha256"]:
-                raise ArtifactError(f"tensor {name} in {path / e['file']} fails its sha256 check: the artifact is corrupted")
-            try:
-                done[name] = decode_tensor(name, raw[name], e, quantized, {**out, **done})
-            except CodecError as err:
-                raise ArtifactError(f"tensor {name} in {path / e['file']} does not decode: {err}") from err
-        return done
-
-    groups: dict[str, list[str]] = {}
-    for name in coded:  # one task per layer; qweight last within it
-        groups.setdefault(name.rpartition(".")[0], []).append(name)
-    tasks = [sorted(g, key=lambda n: n.endswith(".qweight")) for g in groups.values()]
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        for part in pool.map(run, tasks):
-            out.update(part)
+    out: dict[str, torch.Tensor] = {}
+    try:
+        with safe_open(p / fname, framework="pt") as fh:
+            stored = set(fh.keys())
+            for name in names:
+                if name not in stored:
+                    raise ArtifactError(f"tensor {name} is missing from {p / fname}")
+                e = entries[name]
+                t = fh.get_tensor(name)
+                if "codec" in e:
+                    if verify and tensor_sha256(t) != e["stored_sha256"]:
+                        raise ArtifactError(f"tensor {name} in {p / fname} fails its sha256 check: the artifact is corrupted")
+                    try:
+                        t = decode_tensor(name, t, e, quantized, out)
+                    except CodecError as err:
+                        raise ArtifactError(f"tensor {name} in {p / fname} does not decode: {err}") from err
+                if list(t.shape) != e["shape"] or _dtype_name(t) != e["dtype"]:
+                    raise ArtifactError(
+                        f"tensor {name} has shape/dtype {list(t.shape)}/{_dtype_name(t)}, manifest says {e['shape']}/{e['dtype']}"
+                    )
+                if verify and tensor_sha256(t) != e["sha256"]:
+                    raise ArtifactError(f"tensor {name} in {p / fname} fails its sha256 check: the artifact is corrupted")
+                out[name] = t
+    except ArtifactError:
+        raise
+    except Exception as err:
+        raise ArtifactError(f"{p / fname} could not be read ({err}); the artifact is corrupted") from err
     return out

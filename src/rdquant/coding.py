@@ -69,7 +69,10 @@ def weight_from_symbols(sym: np.ndarray, qzeros: torch.Tensor | None, info: Laye
         if rel.min(initial=0) < 0 or rel.max(initial=0) >= (1 << info.bits):
             raise codecs.CodecError("decoded symbols fall outside the code range")
         codes = rel.astype(np.uint8)
-    return packing.pack(torch.from_numpy(np.ascontiguousarray(codes).reshape(-1)), info.bits)
+    codes = np.ascontiguousarray(codes).reshape(-1)
+    if not codes.flags.writeable:  # decoded straight from a read-only buffer
+        codes = codes.copy()
+    return packing.pack(torch.from_numpy(codes), info.bits)
 
 
 def mappings_for(bits: int) -> tuple[str, ...]:
@@ -155,7 +158,7 @@ def decode_tensor(
     decoded: dict[str, torch.Tensor],
 ) -> torch.Tensor:
     """Decode one stored tensor to its manifest dtype/shape; a qweight needs its layer's qzeros
-    already in `decoded` (or uncoded there)."""
+    (decoded, or uncoded) in `decoded` when the layer is asymmetric."""
     sym = codecs.decode(payload.numpy())
     codec = entry["codec"]
     if codec["kind"] == "bytes":

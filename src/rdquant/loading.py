@@ -3,13 +3,14 @@ Runtime side: reads the container and builds modules; never imports the algorith
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .artifact import read_tensors
+from .artifact import read_manifest, read_tensors
 from .errors import ArtifactError
 from .models import set_submodule
 from .runtime import QuantLinear, set_dequant_cache
@@ -26,16 +27,24 @@ def load(
     dtype: torch.dtype = torch.float32,
     verify: bool = True,
     cache_dequantized: bool = False,
+    lazy: bool = False,
 ) -> nn.Module:
     """Load an artifact as a transformers causal LM whose quantized linears are QuantLinear.
 
     Every tensor's sha256 is checked unless verify=False; a damaged artifact raises ArtifactError
-    naming the tensor. `cache_dequantized` keeps each dequantized weight after first use.
+    naming the tensor. `cache_dequantized` keeps each dequantized weight after first use. With
+    `lazy`, a quantized layer's tensors are read, checked and decoded only when it is first used.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(path)
-    manifest, tensors = read_tensors(path, verify=verify)
+    manifest = read_manifest(path)
+    layer_keys = {
+        name: [k for k in (f"{name}.{s}" for s in ("qweight", "scales", "qzeros")) if k in manifest["tensors"]]
+        for name in manifest["quantized"]
+    }
+    deferred = {k for keys in layer_keys.values() for k in keys} if lazy else set()
+    _, tensors = read_tensors(path, verify=verify, names=[k for k in manifest["tensors"] if k not in deferred])
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as e:
@@ -47,11 +56,14 @@ def load(
         out_f, in_f = info["shape"]
         q = QuantLinear(in_f, out_f, info["bits"], info["group_size"], info["symmetric"], info["bias"], dtype)
         set_submodule(model, name, q)
+        if lazy:
+            q.set_loader(functools.partial(_materialize, path, layer_keys[name], verify))
         quant_keys.update(f"{name}.{k}" for k in ("qweight", "scales", "qzeros"))
     state = {
         k: v if k in quant_keys or not v.is_floating_point() else v.to(dtype) for k, v in tensors.items()
     }
     missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k not in deferred]
     if unexpected:
         raise ArtifactError(f"tensor {unexpected[0]} in {path} does not belong to a {config.model_type} model")
     tied = manifest.get("tied", {})
@@ -66,6 +78,13 @@ def load(
     model.eval().to(device)
     set_dequant_cache(model, cache_dequantized)
     return model
+
+
+def _materialize(path: Path, keys: list[str], verify: bool, module: QuantLinear) -> None:
+    """Read, check and decode one layer's tensors into its (lazy) QuantLinear."""
+    _, t = read_tensors(path, verify=verify, names=keys)
+    for k, v in t.items():
+        getattr(module, k.rpartition(".")[2]).copy_(v)
 
 
 def load_tokenizer(path: str | os.PathLike):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -35,6 +37,7 @@ class QuantLinear(nn.Module):
         self.compute_dtype = dtype
         self.cache_dequantized = False
         self._cache: torch.Tensor | None = None
+        self._loader: Callable[["QuantLinear"], None] | None = None  # lazy loading (loading.py)
         n_g = num_groups(in_features, group_size)
         nbytes = packing.packed_nbytes(in_features * out_features, bits)
         self.register_buffer("qweight", torch.zeros(nbytes, dtype=torch.uint8, device=device))
@@ -61,7 +64,17 @@ class QuantLinear(nn.Module):
             m.bias.data.copy_(bias.to(dtype))
         return m
 
+    def set_loader(self, loader: Callable[["QuantLinear"], None]) -> None:
+        """Defer reading this layer's tensors until the weight is first needed."""
+        self._loader = loader
+
+    def materialize(self) -> None:
+        if self._loader is not None:
+            loader, self._loader = self._loader, None
+            loader(self)
+
     def quantized_weight(self) -> QuantizedWeight:
+        self.materialize()
         state = {"qweight": self.qweight, "scales": self.scales}
         if self.qzeros is not None:
             state["qzeros"] = self.qzeros
