@@ -21,18 +21,32 @@ def packed_nbytes(numel: int, bits: int) -> int:
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack integer codes in [0, 2**bits) into a 1-D uint8 tensor of packed_nbytes(numel, bits) bytes."""
     _check_bits(bits)
-    flat = codes.reshape(-1).to(torch.int64)
+    flat = codes.reshape(-1)
     if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= (1 << bits)):
         raise ValueError(f"codes out of range for {bits}-bit packing")
+    flat = flat.to(torch.uint8)
     pad = (-flat.numel()) % 8
     if pad:
         flat = torch.cat([flat, flat.new_zeros(pad)])
     if bits == 8:
-        return flat.to(torch.uint8)
-    shifts = torch.arange(8, device=flat.device, dtype=torch.int64) * bits
-    words = (flat.view(-1, 8) << shifts).sum(dim=1)  # < 2**(8*bits) <= 2**56
-    byte_shifts = torch.arange(bits, device=flat.device, dtype=torch.int64) * 8
-    return ((words.unsqueeze(1) >> byte_shifts) & 0xFF).to(torch.uint8).reshape(-1)
+        return flat
+    if 8 % bits == 0:  # whole codes per byte: byte = sum_i c_i << (bits * i), i < 8 / bits
+        per = 8 // bits
+        lanes = flat.view(-1, per)
+        out = lanes[:, 0].clone()
+        for i in range(1, per):
+            out |= lanes[:, i] << (bits * i)
+        return out
+    # code i occupies bits [bits*i, bits*i + bits) of the run: its low part goes to byte
+    # (bits*i) // 8 and, when it straddles a byte boundary, its high part to the next byte
+    lanes = flat.view(-1, 8)
+    out = torch.zeros(lanes.shape[0], bits, dtype=torch.uint8, device=flat.device)
+    for i in range(8):
+        j, shift = divmod(bits * i, 8)
+        out[:, j] |= lanes[:, i] << shift
+        if shift + bits > 8:
+            out[:, j + 1] |= lanes[:, i] >> (8 - shift)
+    return out.reshape(-1)
 
 
 def unpack(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
@@ -47,11 +61,20 @@ def unpack(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
         )
     if bits == 8:
         return packed[:numel].clone()
-    byte_shifts = torch.arange(bits, device=packed.device, dtype=torch.int64) * 8
-    words = (packed.view(-1, bits).to(torch.int64) << byte_shifts).sum(dim=1)
-    shifts = torch.arange(8, device=packed.device, dtype=torch.int64) * bits
-    codes = (words.unsqueeze(1) >> shifts) & ((1 << bits) - 1)
-    return codes.reshape(-1)[:numel].to(torch.uint8)
+    mask = (1 << bits) - 1
+    if 8 % bits == 0:
+        per = 8 // bits
+        codes = torch.stack([(packed >> (bits * i)) & mask for i in range(per)], dim=1)
+        return codes.reshape(-1)[:numel]
+    lanes = packed.view(-1, bits)
+    codes = torch.empty(lanes.shape[0], 8, dtype=torch.uint8, device=packed.device)
+    for i in range(8):
+        j, shift = divmod(bits * i, 8)
+        c = lanes[:, j] >> shift
+        if shift + bits > 8:
+            c = c | (lanes[:, j + 1] << (8 - shift))
+        codes[:, i] = c & mask
+    return codes.reshape(-1)[:numel]
 
 
 def _check_bits(bits: int) -> None:
