@@ -503,7 +503,8 @@ def _run_pipeline(
 
     stages: list[list[str]] | None = None
     tails: dict[str, tuple[str, int]] = {}
-    bar = tqdm(range(start, len(blocks)), desc=f"{cfg.method} {cfg.bits}-bit", unit="block", disable=not progress,
+    what = f"{cfg.target_coded_bits} coded bits" if cfg.method == "ecsq" else f"{cfg.bits}-bit"
+    bar = tqdm(range(start, len(blocks)), desc=f"{cfg.method} {what}", unit="block", disable=not progress,
                initial=start, total=len(blocks))
     for i in bar:
         block = blocks[i].to(device)
