@@ -31,7 +31,7 @@ from rdquant.coding import recode
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / "bench" / "cache"
-CODECS = ["zstd-19", "lz4", "ans", "auto"]
+CODECS = ["zstd-19", "lz4", "ans", "auto", "auto+dense"]  # +dense: the 16-bit tensors coded too
 
 
 def drop_cache(path: Path) -> None:
@@ -125,7 +125,7 @@ def main() -> None:
             ref_logits = ref(x).logits
         for codec in CODECS:
             out = CACHE / "coded" / f"{packed.name}-{codec}"
-            recode(packed, out, codec=codec, overwrite=True)
+            recode(packed, out, codec=codec.removesuffix("+dense"), dense=codec.endswith("+dense"), overwrite=True)
             crep = rdquant.inspect(out)
             t0 = time.perf_counter()
             read_tensors(out)
@@ -144,10 +144,17 @@ def main() -> None:
     print("|---|---|---|" + "---|" * len(CODECS))
     for r in rows:
         pk = r["packed_bytes"]
-        cells = [f"{r[c]['bytes'] / 1e6:.2f} MB ({100 * (1 - r[c]['bytes'] / pk):+.1f}%)" for c in CODECS]
+        cells = [f"{r[c]['bytes'] / 1e6:.2f} MB ({100 * (1 - r[c]['bytes'] / pk):.1f}%)" for c in CODECS]
         floor = r["entropy_floor_bytes"]
-        print(f"| {r['artifact']} | {pk / 1e6:.2f} | {floor / 1e6:.2f} MB ({100 * (1 - floor / pk):+.1f}%) | " + " | ".join(cells) + " |")
-    print("\n(sizes: quantized linears, all side information included; % = saving vs packed)\n")
+        print(f"| {r['artifact']} | {pk / 1e6:.2f} | {floor / 1e6:.2f} MB ({100 * (1 - floor / pk):.1f}%) | " + " | ".join(cells) + " |")
+    print("\n(quantized linears, all side information included; % = saved vs packed)\n")
+    print("| artifact | whole artifact packed MB | " + " | ".join(CODECS) + " |")
+    print("|---|---|" + "---|" * len(CODECS))
+    for r in rows:
+        tp = r["total_packed_bytes"]
+        cells = [f"{r[c]['total_bytes'] / 1e6:.2f} MB ({100 * (1 - r[c]['total_bytes'] / tp):.1f}%)" for c in CODECS]
+        print(f"| {r['artifact']} | {tp / 1e6:.2f} | " + " | ".join(cells) + " |")
+    print()
     print("| artifact | codec | bpw packed -> coded | decode MB/s (1 thread) | read+decode all s | load cold / warm s (packed: cold / warm) | identical logits |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:

@@ -31,8 +31,10 @@ PAYLOAD_BITS = 8 * (16 + 8)  # per coded tensor: payload header and the coder's 
 
 
 def ecsq_bits(cfg: CompressConfig) -> int:
-    """Alphabet width: wide enough that clipping is rare at the target rate."""
-    return min(8, max(cfg.bits, math.ceil(cfg.target_coded_bits or 3) + 2))
+    """Alphabet width: wide enough that nothing clips. A weight can reach sqrt(group size) x the
+    group's rms (one outlier), i.e. ~11 steps of rms at group 128; at the step sizes of 2-4 coded
+    bits (0.3-0.9 rms) that needs about +-32 levels. Unused levels cost no coded bits."""
+    return min(8, max(cfg.bits, math.ceil(cfg.target_coded_bits or 3) + 3))
 
 
 def ecsq_grid(W: torch.Tensor, bits: int, group_size: int, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
