@@ -43,10 +43,13 @@ def calib_file(tok, n: int, seqlen: int, seed: int) -> Path:
     return path
 
 
-def cached_row(name: str, fresh: bool, compute):
+def cached_row(name: str, fresh: bool, compute, cached_only: bool = False):
     path = CACHE / "rows" / f"{name}.json"
     if path.is_file() and not fresh:
         return json.loads(path.read_text())
+    if cached_only:
+        print(f"(no cached row {name}: skipped)")
+        return None
     row = compute()
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(row, indent=1))
@@ -150,6 +153,7 @@ def main() -> None:
     ap.add_argument("--ecsq-group-size", type=int, default=128)
     ap.add_argument("--fresh", action="store_true", help="recompute cached rdquant rows")
     ap.add_argument("--rerun-peers", action="store_true", help="run llm-compressor again instead of its cache")
+    ap.add_argument("--cached-only", action="store_true", help="print the table of cached rows; run nothing")
     ap.add_argument("--json", type=Path, default=CACHE / "quality.json")
     args = ap.parse_args()
     if shared_data_dir() is None:
@@ -168,10 +172,12 @@ def main() -> None:
     for method, bits in jobs:
         name = f"{method}_w{bits}_{tag}" if method != "ecsq" else f"ecsq_c{bits}g{args.ecsq_group_size}_{tag}"
         if method == "llmcompressor":
-            rows.append(cached_row(name, args.rerun_peers, lambda: run_llmcompressor(bits, args, calib)))
+            row = cached_row(name, args.rerun_peers, lambda: run_llmcompressor(bits, args, calib), args.cached_only)
         else:
-            rows.append(cached_row(f"{name}_v{rdquant.__version__}", args.fresh,
-                                   lambda: run_rdquant(method, bits, args, calib)))
+            row = cached_row(f"{name}_v{rdquant.__version__}", args.fresh,
+                             lambda: run_rdquant(method, bits, args, calib), args.cached_only)
+        if row is not None:
+            rows.append(row)
         print(table(rows, args), flush=True)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(rows, indent=1))
