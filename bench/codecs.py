@@ -44,7 +44,7 @@ def drop_cache(path: Path) -> None:
                 os.close(fd)
 
 
-def timed_load(fn, path: Path, repeats: int = 3) -> tuple[float, float]:
+def timed_load(fn, path: Path, repeats: int = 2) -> tuple[float, float]:
     """(cold, warm) seconds: cold after dropping the files' pages, warm = best of `repeats`."""
     drop_cache(path)
     t0 = time.perf_counter()
