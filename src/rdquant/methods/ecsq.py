@@ -26,7 +26,7 @@ from ..grid import quantize
 from .gptq import gptq_quantize
 
 SCALE_BITS = 16  # one fp16 step per group
-TABLE_BITS = 32  # per used symbol and coded tensor: the ANS frequency table (codecs.py)
+TABLE_BITS = 32  # per symbol up to the largest used, per coded tensor: the ANS count table (codecs.py)
 PAYLOAD_BITS = 8 * (16 + 8)  # per coded tensor: payload header and the coder's final state
 
 
@@ -56,7 +56,7 @@ def coded_bits(codes: torch.Tensor, n_groups_total: int, n_tensors: int = 1) -> 
     counts = torch.bincount(codes.reshape(-1).to(torch.int64)).double()
     p = counts[counts > 0] / counts.sum()
     entropy = float(-(p * torch.log2(p)).sum()) * codes.numel()
-    return entropy + SCALE_BITS * n_groups_total + (TABLE_BITS * len(p) + PAYLOAD_BITS) * n_tensors
+    return entropy + SCALE_BITS * n_groups_total + (TABLE_BITS * len(counts) + PAYLOAD_BITS) * n_tensors
 
 
 def rtn_coded_bits(W: torch.Tensor, bits: int, group_size: int, alpha: float, n_tensors: int = 1) -> float:
