@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import shutil
 import time
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
