@@ -59,16 +59,25 @@ def eval_row(model, tok, args) -> dict:
     return {"ppl": r.ppl, "tokens": r.tokens, "eval_seconds": r.seconds}
 
 
-def run_rdquant(method: str, bits: float, args, calib: Path) -> dict:
-    """bits: the bit width, or for ecsq the target coded bits per weight."""
+def rdquant_job(method: str, setting: float, args) -> tuple[str, rdquant.CompressConfig]:
+    """(artifact name, config) of one rdquant row. setting: the bit width; ecsq: target coded bits;
+    claq: target all-in bits per weight."""
+    if method == "ecsq":
+        return (f"ecsq_c{setting}g{args.ecsq_group_size}",
+                rdquant.CompressConfig(method=method, target_coded_bits=setting, group_size=args.ecsq_group_size))
+    if method == "claq":
+        extra = dict(kv.split("=", 1) for kv in args.claq_extra)
+        typed = {k: type(getattr(rdquant.CompressConfig, k))(v) if not isinstance(getattr(rdquant.CompressConfig, k), bool)
+                 else v.lower() in ("1", "true", "yes") for k, v in extra.items()}
+        tag = "".join(f"_{k.removeprefix('claq_')}{v}" for k, v in sorted(extra.items()))
+        return f"claq_t{setting}{tag}", rdquant.CompressConfig(method="claq", target_bits=setting, **typed)
+    return (f"{method}_w{int(setting)}g{args.group_size}",
+            rdquant.CompressConfig(method=method, bits=int(setting), group_size=args.group_size))
+
+
+def run_rdquant(name: str, cfg: rdquant.CompressConfig, args, calib: Path) -> dict:
     model, tok, mid = load_model(args.model)
     ids = load_file(calib)["input_ids"]
-    if method == "ecsq":
-        cfg = rdquant.CompressConfig(method=method, target_coded_bits=bits, group_size=args.ecsq_group_size)
-        name = f"ecsq_c{bits}g{args.ecsq_group_size}"
-    else:
-        cfg = rdquant.CompressConfig(method=method, bits=int(bits), group_size=args.group_size)
-        name = f"{method}_w{int(bits)}g{args.group_size}"
     t0 = time.perf_counter()
     cm = rdquant.compress(model, cfg, tokenizer=tok, calib_ids=ids, model_id=mid)
     seconds = time.perf_counter() - t0
@@ -85,24 +94,39 @@ def run_rdquant(method: str, bits: float, args, calib: Path) -> dict:
     del cm, model
     rep = rdquant.inspect(out)
     coded = rdquant.inspect(recode(out, CACHE / "coded" / f"{name}-ans", codec="ans", overwrite=True))
-    row = {"tool": "rdquant", "method": method, "bits": bits, "group_size": cfg.group_size,
+    row = {"tool": "rdquant", "method": cfg.method, "bits": cfg.target_bits or cfg.target_coded_bits or cfg.bits,
+           "group_size": cfg.group_size if cfg.method != "claq" else f"col/{cfg.claq_share}",
            "bits_per_weight": rep.bits_per_weight, "coded_bits_per_weight": coded.coded_bits_per_weight, "quantized_bytes": rep.quantized_bytes,
            "disk_bytes": rep.total_bytes, "compress_seconds": seconds, "exact_reload": exact,
-           "threads": torch.get_num_threads()}
+           "threads": torch.get_num_threads(), "split_bits": rep.split_bits(), "name": name}
     row.update(eval_row(loaded, tok, args))
     return row
 
 
-def run_llmcompressor(bits: int, args, calib: Path) -> dict:
-    out = CACHE / f"llmcompressor_w{bits}g{args.group_size}"
+PEERS = {
+    # kind: (runner, cache dir of a setting, runner arguments of a setting, label of a setting)
+    "llmcompressor": ("llmcompressor_gptq.py", lambda b, a: f"llmcompressor_w{b}g{a.group_size}",
+                      lambda b, a, calib: ["--calib", str(calib), "--bits", str(b), "--group-size", str(a.group_size)]),
+    "hqq": ("hqq_quant.py", lambda b, a: f"hqq_w{b}g{a.group_size}",
+            lambda b, a, calib: ["--bits", str(b), "--group-size", str(a.group_size)]),
+    "llamacpp": ("llamacpp_quant.py", lambda b, a: f"llamacpp_{LLAMACPP_FTYPE[b]}",
+                 lambda b, a, calib: ["--ftype", LLAMACPP_FTYPE[b]]),
+}
+LLAMACPP_FTYPE = {4: "Q4_K_M", 3: "Q3_K_M", 2: "Q2_K"}
+
+
+def run_peer(kind: str, bits: int, args, calib: Path) -> dict:
+    """A third-party quantizer's row: run it in its venv (bench/peers/README.md) unless cached, then
+    load its dequantized weights into the float model and evaluate with the same protocol."""
+    runner, dirname, extra = PEERS[kind]
+    out = CACHE / dirname(bits, args)
     result = out / "result.json"
     if args.rerun_peers or not result.is_file():
         if not PEER_PY.is_file():
-            raise SystemExit("llm-compressor needs its venv: see bench/peers/README.md")
+            raise SystemExit(f"{kind} needs its venv: see bench/peers/README.md")
         src = resolve_model(args.model)
-        cmd = [str(PEER_PY), str(ROOT / "bench" / "peers" / "llmcompressor_gptq.py"), "--model", str(src.path),
-               "--calib", str(calib), "--bits", str(bits), "--group-size", str(args.group_size), "--out", str(out),
-               "--threads", str(torch.get_num_threads())]
+        cmd = [str(PEER_PY), str(ROOT / "bench" / "peers" / runner), "--model", str(src.path), "--out", str(out),
+               "--threads", str(torch.get_num_threads()), *extra(bits, args, calib)]
         subprocess.run(cmd, check=True)
     peer = json.loads(result.read_text())
     model, tok, _ = load_model(args.model)
@@ -110,9 +134,11 @@ def run_llmcompressor(bits: int, args, calib: Path) -> dict:
     with torch.no_grad():
         for name, w in deq.items():
             model.get_parameter(name).copy_(w)
-    row = {"tool": "llm-compressor", "method": "gptq", "bits": bits, "group_size": args.group_size,
+    row = {"tool": {"llmcompressor": "llm-compressor", "hqq": "hqq", "llamacpp": "llama.cpp"}[kind],
+           "method": {"llmcompressor": "gptq", "hqq": "hqq", "llamacpp": peer.get("ftype", "")}[kind],
+           "bits": bits, "group_size": args.group_size if kind != "llamacpp" else "k-quant",
            "bits_per_weight": 8 * peer["quantized_linear_bytes"] / peer["n_quantized_params"],
-           "quantized_bytes": peer["quantized_linear_bytes"], "disk_bytes": peer["compressed_bytes"],
+           "quantized_bytes": peer["quantized_linear_bytes"], "disk_bytes": peer.get("compressed_bytes", peer.get("quantized_gguf_file_bytes")),
            "compress_seconds": peer["wall_time_s"], "exact_reload": None, "threads": peer.get("threads"),
            "version": peer.get("version"), "actorder": peer.get("actorder")}
     row.update(eval_row(model, tok, args))
@@ -140,7 +166,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--bits", type=int, nargs="+", default=[4, 3, 2])
-    ap.add_argument("--methods", nargs="+", default=["rtn", "gptq", "llmcompressor"])
+    ap.add_argument("--methods", nargs="+", default=["rtn", "gptq", "llmcompressor"],
+                    help="rdquant: rtn gptq ecsq claq; peers: llmcompressor hqq llamacpp")
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--windows", type=int, default=32)
     ap.add_argument("--seqlen", type=int, default=2048)
@@ -149,8 +176,14 @@ def main() -> None:
     ap.add_argument("--ecsq-targets", type=float, nargs="+", default=[3.0, 2.5],
                     help="coded bits/weight targets for --methods ecsq")
     ap.add_argument("--ecsq-group-size", type=int, default=128)
+    ap.add_argument("--claq-targets", type=float, nargs="+", default=[4.1, 3.1, 2.2],
+                    help="all-in bits/weight targets for --methods claq")
+    ap.add_argument("--claq-extra", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="more CompressConfig fields for claq rows, e.g. claq_outlier_frac=0.002")
+    ap.add_argument("--plot", type=Path, default=ROOT / "bench" / "plots" / "ppl_vs_bits.png",
+                    help="perplexity vs all-in bits/weight of every row (log y)")
     ap.add_argument("--fresh", action="store_true", help="recompute cached rdquant rows")
-    ap.add_argument("--rerun-peers", action="store_true", help="run llm-compressor again instead of its cache")
+    ap.add_argument("--rerun-peers", action="store_true", help="run the peers again instead of their cache")
     ap.add_argument("--cached-only", action="store_true", help="print the table of cached rows; run nothing")
     ap.add_argument("--json", type=Path, default=CACHE / "quality.json")
     args = ap.parse_args()
@@ -165,21 +198,57 @@ def main() -> None:
     rows = [cached_row(f"original_{args.model}_{tag}", False,
                        lambda: {"tool": "original", "method": "fp32 (16-bit on disk)",
                                 **eval_row(*load_model(args.model)[:2], args)})]
-    jobs = [(m, b) for b in args.bits for m in args.methods if m != "ecsq"]
+    jobs = [(m, b) for b in args.bits for m in args.methods if m not in ("ecsq", "claq")]
     jobs += [("ecsq", t) for t in args.ecsq_targets if "ecsq" in args.methods]
+    jobs += [("claq", t) for t in args.claq_targets if "claq" in args.methods]
     for method, bits in jobs:
-        name = f"{method}_w{bits}_{tag}" if method != "ecsq" else f"ecsq_c{bits}g{args.ecsq_group_size}_{tag}"
-        if method == "llmcompressor":
-            row = cached_row(name, args.rerun_peers, lambda: run_llmcompressor(bits, args, calib), args.cached_only)
+        if method in PEERS:
+            row = cached_row(f"{method}_w{bits}_{tag}", args.rerun_peers, lambda: run_peer(method, bits, args, calib),
+                             args.cached_only)
         else:
-            row = cached_row(f"{name}_v{rdquant.__version__}", args.fresh,
-                             lambda: run_rdquant(method, bits, args, calib), args.cached_only)
+            name, cfg = rdquant_job(method, bits, args)
+            row_name = f"{method}_w{bits}_{tag}" if method not in ("ecsq", "claq") else f"{name}_{tag}"
+            row = cached_row(f"{row_name}_v{rdquant.__version__}", args.fresh,
+                             lambda: run_rdquant(name, cfg, args, calib), args.cached_only)
         if row is not None:
             rows.append(row)
         print(table(rows, args), flush=True)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(rows, indent=1))
     print("\n" + table(rows, args))
+    if args.plot:
+        plot(rows, args.plot)
+        print(f"\nplot: {args.plot}")
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Perplexity (log scale) against all-in bits per weight, one marker/line per tool+method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    base = next((r for r in rows if r["tool"] == "original"), None)
+    series: dict[str, list[tuple[float, float]]] = {}
+    for r in rows:
+        if r.get("bits_per_weight") is None:
+            continue
+        series.setdefault(f"{r['tool']} {r['method']}", []).append((r["bits_per_weight"], r["ppl"]))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, pts in sorted(series.items()):
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+    if base is not None:
+        ax.axhline(base["ppl"], color="gray", ls="--", lw=1, label=f"original ({base['ppl']:.2f})")
+    ax.set_yscale("log")
+    ax.set_xlabel("all-in bits per quantized weight")
+    ax.set_ylabel("WikiText-2 perplexity (log)")
+    ax.set_title("SmolLM2-135M: perplexity vs size")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":

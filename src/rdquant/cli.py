@@ -45,10 +45,19 @@ def friendly(fn):
 def compress(
     model: str = typer.Option("smollm2-135m", "--model", "-m", help="HF directory, .gguf file or alias"),
     out: Path = typer.Option(..., "--out", "-o", help="artifact directory to write"),
-    method: Optional[str] = typer.Option(None, help="gptq | rtn | ecsq  [default: gptq]"),
+    method: Optional[str] = typer.Option(None, help="gptq | rtn | ecsq | claq  [default: gptq]"),
     bits: Optional[int] = typer.Option(None, help="2..8  [default: 4]; ecsq: alphabet width (auto)"),
     target_coded_bits: Optional[float] = typer.Option(None, "--target-coded-bits",
                                                       help="ecsq: coded bits per weight, all-in"),
+    target_bits: Optional[float] = typer.Option(None, "--target-bits",
+                                                help="claq: all-in bits per weight of every layer, e.g. 3.1"),
+    outlier_frac: Optional[float] = typer.Option(None, "--outlier-frac",
+                                                 help="claq: share of weights kept in fp16, e.g. 0.002  [default: 0]"),
+    codebook_share: Optional[int] = typer.Option(None, "--codebook-share",
+                                                 help="claq: columns per codebook  [default: 1]"),
+    high_bits: Optional[int] = typer.Option(None, "--high-bits", help="claq: width of promoted columns, 0 = the low width + 1  [default: 0]"),
+    row_scale: Optional[bool] = typer.Option(None, "--row-scale/--no-row-scale",
+                                             help="claq: fp16 row scales, codebooks on row-normalised values  [default: on]"),
     group_size: Optional[int] = typer.Option(None, "--group-size", "-g", help="-1 = per row  [default: 64]"),
     symmetric: Optional[bool] = typer.Option(None, "--symmetric/--asymmetric", help="[default: asymmetric]"),
     act_order: Optional[bool] = typer.Option(None, "--act-order/--no-act-order", help="[default: on]"),
@@ -77,7 +86,9 @@ def compress(
     from .models import load_model
     from .report import inspect as api_inspect
 
-    given = dict(method=method, bits=bits, target_coded_bits=target_coded_bits, group_size=group_size, symmetric=symmetric, act_order=act_order,
+    given = dict(method=method, bits=bits, target_coded_bits=target_coded_bits, target_bits=target_bits,
+                 claq_outlier_frac=outlier_frac, claq_share=codebook_share, claq_high_bits=high_bits,
+                 claq_row_scale=row_scale, group_size=group_size, symmetric=symmetric, act_order=act_order,
                  damp_percent=damp_percent, clip_search=clip_search, calib=calib, calib_samples=calib_samples,
                  calib_seqlen=calib_seqlen, seed=seed, batch_size=batch_size, device=device)
     base = CompressConfig.from_yaml(recipe) if recipe else CompressConfig()

@@ -21,6 +21,7 @@ import torch
 from . import codecs, packing
 from .codecs import CodecSpec
 from .errors import RdquantError
+from .qcodebook import column_widths, pack_segments, unpack_segments
 from .qtensor import expand_groups, num_groups
 
 DEFAULT_SPEED_FLOOR_MBPS = 200.0
@@ -133,7 +134,11 @@ def encode_tensors(
         owner, _, leaf = name.rpartition(".")
         layer = quantized.get(owner)
         raw_bytes = t.numel() * t.element_size()
-        if layer is not None and leaf == "qweight":
+        if layer is not None and leaf == "qweight" and layer.get("layout") == "codebook":
+            sym = _codebook_symbols(t, tensors[f"{owner}.widths"], layer)
+            spec, payload = choose_codec(sym, codec, speed_floor_mbps)
+            fields = {"kind": "symbols", "mapping": "codebook", "entropy_bits": round(codecs.entropy_bits(sym), 4)}
+        elif layer is not None and leaf == "qweight":
             info = LayerInfo.from_manifest(layer)
             mapping, sym, h = best_mapping(t, tensors.get(f"{owner}.qzeros"), info)
             spec, payload = choose_codec(sym, codec, speed_floor_mbps)
@@ -165,8 +170,25 @@ def decode_tensor(
         dtype = getattr(torch, entry["dtype"])
         return torch.from_numpy(sym.copy()).view(dtype).reshape(entry["shape"])
     owner = name.rpartition(".")[0]
+    if codec["mapping"] == "codebook":
+        layer = quantized[owner]
+        out_f, in_f = layer["shape"]
+        if sym.size != out_f * in_f:
+            raise codecs.CodecError("decoded symbol count does not match the layer shape")
+        cw = column_widths(decoded[f"{owner}.widths"], layer["share"], in_f)
+        codes = torch.from_numpy(np.ascontiguousarray(sym).reshape(out_f, in_f).copy())
+        if bool((codes.to(torch.long) >= (1 << cw)[None, :]).any()):
+            raise codecs.CodecError("decoded codes fall outside their column widths")
+        return pack_segments(codes, cw)
     info = LayerInfo.from_manifest(quantized[owner])
     return weight_from_symbols(sym, decoded.get(f"{owner}.qzeros"), info, codec["mapping"])
+
+
+def _codebook_symbols(qweight: torch.Tensor, widths: torch.Tensor, layer: dict[str, Any]) -> np.ndarray:
+    """A codebook layer's codes, one symbol per weight, row-major [out, in] (mapping `codebook`)."""
+    out_f, in_f = layer["shape"]
+    codes = unpack_segments(qweight, column_widths(widths, layer["share"], in_f), out_f)
+    return codes.reshape(-1).numpy()
 
 
 def recode(

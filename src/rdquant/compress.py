@@ -21,9 +21,7 @@ from .errors import RdquantError
 from .methods import METHODS
 from .models import load_model
 from .pipeline import Checkpoint, run_pipeline
-from .runtime import QuantLinear
-
-QUANT_BUFFERS = ("qweight", "scales", "qzeros")
+from .runtime import QUANT_BUFFERS, QuantLinear
 
 
 def dense_dtype_for(model: nn.Module) -> torch.dtype:
@@ -55,6 +53,7 @@ class CompressedModel:
                 "symmetric": m.symmetric,
                 "shape": [m.out_features, m.in_features],
                 "bias": m.bias is not None,
+                **(m.spec or {}),
             }
             for name, m in self.model.named_modules()
             if isinstance(m, QuantLinear)

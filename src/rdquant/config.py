@@ -11,7 +11,7 @@ import yaml
 
 from .errors import RdquantError
 
-METHODS = ("gptq", "rtn", "ecsq")
+METHODS = ("gptq", "rtn", "ecsq", "claq")
 BITS = (2, 3, 4, 5, 6, 7, 8)
 
 
@@ -29,6 +29,18 @@ class CompressConfig:
     block_size: int = 128  # lazy-batch width of the column sweep
     # ecsq: entropy-constrained grid whose coded size meets this many bits per weight (all-in)
     target_coded_bits: float | None = None
+    # all-in bits per weight of every quantized layer (claq: codes + codebooks + widths + outliers);
+    # None = every column `bits` wide
+    target_bits: float | None = None
+    # CLAQ (Wang et al. 2024): column K-means codebooks inside GPTQ
+    claq_high_bits: int = 0  # adaptive precision: promoted columns' width; 0 = low + 1 (CLAQ used 4)
+    claq_outlier_factor: float = 13.0  # |w| > factor * mean|W| counts as an outlier (column ranking)
+    claq_outlier_frac: float = 0.0  # share of entries kept in fp16 (outlier reservation), e.g. 0.005
+    claq_share: int = 1  # columns per codebook; > 1: shared codebooks fixed up front, H_jj-weighted
+    claq_row_scale: bool = True  # fp16 per-row scale (RMS), codebooks on row-normalised values
+    claq_kmeans_iters: int = 20  # Lloyd steps of the batched per-block K-means
+    claq_refine_iters: int = 4  # Lloyd steps on each column's up-to-date values when the sweep reaches it
+    claq_hessian_weight: bool = True  # shared codebooks: weight each column's values by H_jj
     # grid: shrink the min-max range by up to max_shrink in clip_search steps (0 = plain min-max)
     clip_search: int = 20
     max_shrink: float = 0.3
@@ -54,6 +66,14 @@ class CompressConfig:
             )
         if self.method == "ecsq" and not (self.target_coded_bits and 0.5 <= self.target_coded_bits <= 7):
             raise RdquantError("method ecsq needs --target-coded-bits between 0.5 and 7")
+        if self.target_bits is not None and not 0.1 <= self.target_bits <= 16:
+            raise RdquantError("--target-bits must be between 0.1 and 16 bits per weight")
+        if self.target_bits is not None and self.method not in ("claq",):
+            raise RdquantError(f"--target-bits is not supported by method {self.method}; use --bits")
+        if self.claq_high_bits not in (0, *BITS) or self.claq_share < 1 or not 0 <= self.claq_outlier_frac < 0.5:
+            raise RdquantError("claq: need high bits 0 (low + 1) or 2..8, share >= 1 and outlier fraction in [0, 0.5)")
+        if self.claq_kmeans_iters < 1 or self.claq_refine_iters < 0 or self.claq_outlier_factor <= 0:
+            raise RdquantError("claq: need kmeans iters >= 1, refine iters >= 0 and outlier factor > 0")
         if not 0 <= self.damp_percent < 1:
             raise RdquantError("damp_percent must be in [0, 1)")
         if self.calib_samples < 1 or self.calib_seqlen < 8:
@@ -96,10 +116,11 @@ class LayerLog:
 
     name: str
     method: str
-    bits: int
-    group_size: int
+    bits: int  # codebook layout: the widest column
+    group_size: int  # codebook layout: columns per codebook
     shape: tuple[int, int]
     symmetric: bool = False
+    spec: dict | None = None  # codebook layout: what the runtime needs to allocate the layer
     proxy_error_rtn: float | None = None  # tr((W-Q)H(W-Q)^T) of plain rounding onto the same grid
     proxy_error: float | None = None  # the same for the method's result
     weight_mse: float = 0.0

@@ -13,7 +13,7 @@ from torch import nn
 from .artifact import read_manifest, read_tensors
 from .errors import ArtifactError
 from .models import set_submodule
-from .runtime import QuantLinear, set_dequant_cache
+from .runtime import QUANT_BUFFERS, QuantLinear, set_dequant_cache
 
 try:  # transformers >= 5
     from transformers.initialization import no_init_weights
@@ -40,7 +40,7 @@ def load(
     path = Path(path)
     manifest = read_manifest(path)
     layer_keys = {
-        name: [k for k in (f"{name}.{s}" for s in ("qweight", "scales", "qzeros")) if k in manifest["tensors"]]
+        name: [k for k in (f"{name}.{s}" for s in QUANT_BUFFERS) if k in manifest["tensors"]]
         for name in manifest["quantized"]
     }
     deferred = {k for keys in layer_keys.values() for k in keys} if lazy else set()
@@ -54,11 +54,12 @@ def load(
     quant_keys = set()
     for name, info in manifest["quantized"].items():
         out_f, in_f = info["shape"]
-        q = QuantLinear(in_f, out_f, info["bits"], info["group_size"], info["symmetric"], info["bias"], dtype)
+        spec = info if info.get("layout", "affine") != "affine" else None
+        q = QuantLinear(in_f, out_f, info["bits"], info["group_size"], info["symmetric"], info["bias"], dtype, spec=spec)
         set_submodule(model, name, q)
         if lazy:
             q.set_loader(functools.partial(_materialize, path, layer_keys[name], verify))
-        quant_keys.update(f"{name}.{k}" for k in ("qweight", "scales", "qzeros"))
+        quant_keys.update(f"{name}.{k}" for k in QUANT_BUFFERS)
     state = {
         k: v if k in quant_keys or not v.is_floating_point() else v.to(dtype) for k, v in tensors.items()
     }
@@ -83,8 +84,7 @@ def load(
 def _materialize(path: Path, keys: list[str], verify: bool, module: QuantLinear) -> None:
     """Read, check and decode one layer's tensors into its (lazy) QuantLinear."""
     _, t = read_tensors(path, verify=verify, names=keys)
-    for k, v in t.items():
-        getattr(module, k.rpartition(".")[2]).copy_(v)
+    module.set_tensors({k.rpartition(".")[2]: v for k, v in t.items()})
 
 
 def load_tokenizer(path: str | os.PathLike):

@@ -32,6 +32,7 @@ from .methods.gptq import proxy_error
 from .grid import quantize
 from .qtensor import dequantize_codes, expand_groups
 from .models import block_linears, find_blocks, set_submodule
+from .qcodebook import CodebookWeight
 from .runtime import QuantLinear
 
 
@@ -351,26 +352,33 @@ def quantize_stage(
         if not torch.isfinite(w).all():
             raise RdquantError(f"{prefix}{n}.weight has NaN/Inf values; the checkpoint is broken")
     W = torch.cat(weights, dim=0)
-    qw, notes = method.quantize(W, H, cfg, method_state, len(stage))
+    parts = tuple((w.shape[0], linears[n].bias is not None) for n, w in zip(stage, weights))
+    qw, notes = method.quantize(W, H, cfg, method_state, parts)
     seconds = (time.perf_counter() - t0) / len(stage)
-    logs, row = [], 0
-    for n, w in zip(stage, weights):
-        part = qw.rows(row, row + w.shape[0])
-        row += w.shape[0]
+    if isinstance(qw, list):
+        results = qw
+    else:
+        bounds = torch.cumsum(torch.tensor([0] + [w.shape[0] for w in weights]), 0).tolist()
+        results = [qw.rows(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+    logs = []
+    for n, w, part in zip(stage, weights, results):
         lin = linears[n]
         q = QuantLinear.from_quantized(part, lin.bias.data if lin.bias is not None else None, dtype)
         q.cache_dequantized = True  # the pipeline's later stages reuse it; cleared per block
         Q = q.dequantized_weight().to(torch.float32)
         log = LayerLog(prefix + n, cfg.method, part.bits, part.group_size, tuple(w.shape), part.symmetric,
-                       notes=list(notes))
+                       spec=q.spec, notes=list(notes))
         log.weight_mse = float((w - Q).square().mean())
         log.seconds = seconds
         if H is not None:
             log.proxy_error = proxy_error(w, Q, H)
             # "before": plain rounding onto the same grid, without the method's error compensation
-            S = expand_groups(part.scales.float(), w.shape[1], part.group_size)
-            Z = expand_groups(part.zero_points().float(), w.shape[1], part.group_size)
-            log.proxy_error_rtn = proxy_error(w, dequantize_codes(quantize(w, S, Z, part.bits), S, Z), H)
+            if isinstance(part, CodebookWeight):
+                log.proxy_error_rtn = proxy_error(w, part.round_to_grid(w), H)
+            else:
+                S = expand_groups(part.scales.float(), w.shape[1], part.group_size)
+                Z = expand_groups(part.zero_points().float(), w.shape[1], part.group_size)
+                log.proxy_error_rtn = proxy_error(w, dequantize_codes(quantize(w, S, Z, part.bits), S, Z), H)
         logs.append(log)
         set_submodule(block, n, q)
         linears[n] = q  # type: ignore[assignment]
@@ -435,7 +443,7 @@ class Checkpoint:
             log = by_name[prefix + n]
             q = QuantLinear(
                 lin.in_features, lin.out_features, log.bits, log.group_size, log.symmetric,
-                lin.bias is not None, dtype,
+                lin.bias is not None, dtype, spec=log.spec,
             )
             q.load_state_dict({k.split(".")[-1]: v for k, v in tensors.items() if k.rpartition(".")[0] == n})
             set_submodule(block, n, q)
@@ -502,7 +510,8 @@ def _run_pipeline(
 
     stages: list[list[str]] | None = None
     tails: dict[str, tuple[str, int]] = {}
-    what = f"{cfg.target_coded_bits} coded bits" if cfg.method == "ecsq" else f"{cfg.bits}-bit"
+    what = (f"{cfg.target_coded_bits} coded bits" if cfg.method == "ecsq"
+            else f"{cfg.target_bits} bits/weight" if cfg.target_bits is not None else f"{cfg.bits}-bit")
     bar = tqdm(range(start, len(blocks)), desc=f"{cfg.method} {what}", unit="block", disable=not progress,
                initial=start, total=len(blocks))
     for i in bar:

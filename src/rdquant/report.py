@@ -8,8 +8,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .artifact import read_manifest
+from .runtime import QUANT_BUFFERS
 
-_DTYPE_BYTES = {"uint8": 1, "int8": 1, "float16": 2, "bfloat16": 2, "float32": 4, "int32": 4, "int64": 8, "bool": 1}
+# where each stored tensor's bytes go in the bits-per-weight split
+PART_OF = {"qweight": "codes", "codebook": "codebooks", "outlier_count": "outliers", "outlier_row": "outliers",
+           "outlier_val": "outliers", "scales": "other", "qzeros": "other", "widths": "other",
+           "row_scale": "other", "bias": "other"}
+PARTS = ("codes", "codebooks", "outliers", "other")
+
+_DTYPE_BYTES = {"uint8": 1, "int8": 1, "int16": 2, "float16": 2, "bfloat16": 2, "float32": 4, "int32": 4, "int64": 8, "bool": 1}
 
 
 @dataclass
@@ -24,6 +31,8 @@ class LayerReport:
     stored_bytes: int = 0  # the same tensors as stored (after any codec)
     codec: str = "none"  # of qweight
     entropy_bits: float | None = None  # empirical entropy of the coded symbols, bits per weight
+    split: dict[str, int] = field(default_factory=dict)  # bytes by PARTS
+    mean_width: float | None = None  # codebook layout: mean code width over columns
 
     @property
     def bits_per_weight(self) -> float:
@@ -57,6 +66,11 @@ class InspectReport:
         """All-in bits per quantized weight as stored (after entropy coding, if any)."""
         return 8 * self.quantized_stored_bytes / max(self.quantized_params, 1)
 
+    def split_bits(self) -> dict[str, float]:
+        """All-in bits per quantized weight by part: codes, codebooks, outliers, other side info."""
+        n = max(self.quantized_params, 1)
+        return {k: 8 * sum(l.split.get(k, 0) for l in self.layers) / n for k in PARTS}
+
     @property
     def compression_ratio(self) -> float:
         return self.original_16bit_bytes / max(self.total_bytes, 1)
@@ -65,21 +79,24 @@ class InspectReport:
         lines = []
         if per_layer:
             lines.append(
-                f"{'layer':<44} {'shape':>10} {'method':>6} {'bits':>4} {'group':>5} {'bytes':>10} {'bpw':>6}"
-                f" {'codec':>8} {'H(code)':>7} {'coded bpw':>9}"
+                f"{'layer':<44} {'shape':>10} {'method':>6} {'bits':>5} {'group':>5} {'bytes':>10} {'bpw':>6}"
+                f" {'codes':>6} {'books':>6} {'outl':>6} {'other':>6} {'codec':>8} {'H(code)':>7} {'coded bpw':>9}"
             )
             for l in self.layers:
                 shape = f"{l.shape[0]}x{l.shape[1]}"
                 h = "-" if l.entropy_bits is None else f"{l.entropy_bits:.3f}"
+                bits = f"{l.mean_width:.2f}" if l.mean_width is not None else str(l.bits)
+                sp = " ".join(f"{8 * l.split.get(k, 0) / l.params:>6.3f}" for k in PARTS)
                 lines.append(
-                    f"{l.name:<44} {shape:>10} {l.method:>6} {l.bits:>4} {l.group_size:>5} {l.bytes:>10,} "
-                    f"{l.bits_per_weight:>6.3f} {l.codec:>8} {h:>7} {l.coded_bits_per_weight:>9.3f}"
+                    f"{l.name:<44} {shape:>10} {l.method:>6} {bits:>5} {l.group_size:>5} {l.bytes:>10,} "
+                    f"{l.bits_per_weight:>6.3f} {sp} {l.codec:>8} {h:>7} {l.coded_bits_per_weight:>9.3f}"
                 )
             lines.append("")
         lines += [
             f"artifact            {self.path}  (from {self.source_model})",
             f"quantized weights   {self.quantized_params:,} params in {len(self.layers)} layers, "
             f"{self.quantized_bytes:,} bytes, {self.bits_per_weight:.3f} bits/weight all-in",
+            "  of which          " + ", ".join(f"{k} {v:.3f}" for k, v in self.split_bits().items()),
             f"  as stored         {self.quantized_stored_bytes:,} bytes, {self.coded_bits_per_weight:.3f} bits/weight all-in"
             f" ({100 * (1 - self.quantized_stored_bytes / max(self.quantized_bytes, 1)):.1f}% saved by coding)",
             f"left in 16 bit      {self.dense_params:,} params, {self.dense_bytes:,} bytes",
@@ -105,7 +122,7 @@ def inspect(path: str | os.PathLike) -> InspectReport:
     rep = InspectReport(str(p), manifest.get("source_model", "?"))
     owned: set[str] = set()
     for name, info in manifest["quantized"].items():
-        keys = [k for k in (f"{name}.{s}" for s in ("qweight", "scales", "qzeros", "bias")) if k in tensors]
+        keys = [k for k in (f"{name}.{s}" for s in (*QUANT_BUFFERS, "bias")) if k in tensors]
         owned.update(keys)
         out_f, in_f = info["shape"]
         qweight = tensors[f"{name}.qweight"]
@@ -113,8 +130,12 @@ def inspect(path: str | os.PathLike) -> InspectReport:
         rep.layers.append(
             LayerReport(name, (out_f, in_f), info["method"], info["bits"], info["group_size"], out_f * in_f,
                         sum(_nbytes(tensors[k]) for k in keys), sum(_stored(tensors[k]) for k in keys),
-                        codec.get("codec", "none"), codec.get("entropy_bits"))
+                        codec.get("codec", "none"), codec.get("entropy_bits"),
+                        split={}, mean_width=info.get("mean_width"))
         )
+        for k in keys:
+            part = PART_OF[k.rpartition(".")[2]]
+            rep.layers[-1].split[part] = rep.layers[-1].split.get(part, 0) + _nbytes(tensors[k])
     rep.quantized_params = sum(l.params for l in rep.layers)
     rep.quantized_bytes = sum(l.bytes for l in rep.layers)
     rep.quantized_stored_bytes = sum(l.stored_bytes for l in rep.layers)

@@ -9,15 +9,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import packing
+from .qcodebook import STORED as CODEBOOK_BUFFERS, CodebookWeight
 from .qtensor import QuantizedWeight, num_groups
+
+AFFINE_BUFFERS = ("qweight", "scales", "qzeros")
+QUANT_BUFFERS = tuple(dict.fromkeys(AFFINE_BUFFERS + CODEBOOK_BUFFERS))  # every stored tensor name
 
 
 class QuantLinear(nn.Module):
-    """A Linear whose weight lives as packed codes + fp16 scales (+ packed zero points).
+    """A Linear whose weight lives packed, as stored in the artifact, and is dequantized on the fly.
 
-    Buffers are named as in the artifact (qweight, scales, qzeros), so the module's state_dict is
-    exactly what is stored. With `cache_dequantized` the dequantized weight is kept after first use
-    (faster, but costs the dense weight's memory).
+    Two layouts: `affine` (qtensor.py: packed codes + fp16 scales + packed zero points) and `codebook`
+    (qcodebook.py: codes packed per column width + fp16 column codebooks + optional row scales + fp16
+    outliers; `spec` says which of those exist). Buffers are named as in the artifact, so the module's
+    state_dict is exactly what is stored; codebook buffers take their sizes from what is loaded.
+    With `cache_dequantized` the dequantized weight is kept after first use (faster, but costs the
+    dense weight's memory).
     """
 
     def __init__(
@@ -30,14 +37,28 @@ class QuantLinear(nn.Module):
         bias: bool,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
+        spec: dict | None = None,
     ) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size, self.symmetric = bits, group_size, symmetric
+        self.spec = dict(spec) if spec else None
+        self.layout = self.spec["layout"] if self.spec else "affine"
         self.compute_dtype = dtype
         self.cache_dequantized = False
         self._cache: torch.Tensor | None = None
         self._loader: Callable[["QuantLinear"], None] | None = None  # lazy loading (loading.py)
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
+        if self.layout == "codebook":
+            empty = lambda dt: torch.zeros(0, dtype=dt, device=device)
+            for name, dt in (("qweight", torch.uint8), ("widths", torch.uint8), ("codebook", torch.float16)):
+                self.register_buffer(name, empty(dt))
+            if self.spec.get("row_scale"):
+                self.register_buffer("row_scale", empty(torch.float16))
+            if self.spec.get("outliers"):
+                for name, dt in (("outlier_count", torch.int16), ("outlier_row", torch.int16), ("outlier_val", torch.float16)):
+                    self.register_buffer(name, empty(dt))
+            return
         n_g = num_groups(in_features, group_size)
         nbytes = packing.packed_nbytes(in_features * out_features, bits)
         self.register_buffer("qweight", torch.zeros(nbytes, dtype=torch.uint8, device=device))
@@ -47,22 +68,44 @@ class QuantLinear(nn.Module):
             self.register_buffer("qzeros", torch.zeros(zbytes, dtype=torch.uint8, device=device))
         else:
             self.qzeros = None
-        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
 
     @classmethod
     def from_quantized(
-        cls, qw: QuantizedWeight, bias: torch.Tensor | None, dtype: torch.dtype = torch.float32
+        cls, qw: "QuantizedWeight | CodebookWeight", bias: torch.Tensor | None, dtype: torch.dtype = torch.float32
     ) -> "QuantLinear":
         out_f, in_f = qw.shape
-        m = cls(in_f, out_f, qw.bits, qw.group_size, qw.symmetric, bias is not None, dtype, qw.codes.device)
-        state = qw.packed_state()
-        m.qweight.copy_(state["qweight"])
-        m.scales.copy_(state["scales"])
-        if m.qzeros is not None:
-            m.qzeros.copy_(state["qzeros"])
+        spec = qw.spec() if isinstance(qw, CodebookWeight) else None
+        m = cls(in_f, out_f, qw.bits, qw.group_size, qw.symmetric, bias is not None, dtype, qw.codes.device, spec)
+        m.set_tensors(qw.packed_state())
         if bias is not None:
             m.bias.data.copy_(bias.to(dtype))
         return m
+
+    @property
+    def buffer_names(self) -> tuple[str, ...]:
+        """The stored tensors of this layer's layout that it has."""
+        names = CODEBOOK_BUFFERS if self.layout == "codebook" else AFFINE_BUFFERS
+        return tuple(n for n in names if getattr(self, n, None) is not None)
+
+    def set_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Put stored tensors in place (codebook buffers take the given sizes)."""
+        for k, v in tensors.items():
+            if k not in self._buffers or self._buffers[k] is None:
+                raise KeyError(f"{k} is not a stored tensor of this {self.layout} layer")
+            cur = self._buffers[k]
+            if self.layout == "codebook":
+                self._buffers[k] = v.to(cur.device).clone()
+            else:
+                cur.copy_(v)
+        self._cache = None
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        if self.layout == "codebook":  # sizes come from the data
+            for k in self.buffer_names:
+                t = state_dict.get(prefix + k)
+                if t is not None:
+                    self._buffers[k] = torch.empty_like(t, device=self._buffers[k].device)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
     def set_loader(self, loader: Callable[["QuantLinear"], None]) -> None:
         """Defer reading this layer's tensors until the weight is first needed."""
@@ -73,8 +116,11 @@ class QuantLinear(nn.Module):
             loader, self._loader = self._loader, None
             loader(self)
 
-    def quantized_weight(self) -> QuantizedWeight:
+    def quantized_weight(self) -> "QuantizedWeight | CodebookWeight":
         self.materialize()
+        if self.layout == "codebook":
+            state = {k: getattr(self, k) for k in self.buffer_names}
+            return CodebookWeight.from_packed(state, (self.out_features, self.in_features), self.group_size)
         state = {"qweight": self.qweight, "scales": self.scales}
         if self.qzeros is not None:
             state["qzeros"] = self.qzeros
@@ -103,6 +149,9 @@ class QuantLinear(nn.Module):
         return F.linear(x, w.to(x.dtype), bias)
 
     def extra_repr(self) -> str:
+        if self.layout == "codebook":
+            return (f"in_features={self.in_features}, out_features={self.out_features}, layout=codebook, "
+                    f"max_bits={self.bits}, share={self.group_size}, bias={self.bias is not None}")
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
             f"group_size={self.group_size}, symmetric={self.symmetric}, bias={self.bias is not None}"

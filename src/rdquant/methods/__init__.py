@@ -1,6 +1,7 @@
 """Per-matrix quantization methods, one module each, behind one signature:
-`quantize(W [out, in], H [in, in] | None, cfg, state, n_parts) -> (QuantizedWeight, notes)`,
-where W stacks `n_parts` layers that share the input (and so H).
+`quantize(W [out, in], H [in, in] | None, cfg, state, parts) -> (weight, notes)`,
+where W stacks layers that share the input (and so H); `parts` gives (rows, has_bias) of each. The weight is one
+QuantizedWeight for the stack (split by rows afterwards) or a list with one weight per part.
 
 A method may keep run-wide state (ECSQ's rate controller): `prepare(weights, cfg)` makes it from all
 the weights to be quantized, and `to_dict` / `from_dict` let checkpoints carry it across a resume.
@@ -15,11 +16,12 @@ import torch
 
 from ..config import CompressConfig
 from ..qtensor import QuantizedWeight
+from .claq import claq_quantize
 from .ecsq import RateControl, ecsq_quantize, plan_rate
 from .gptq import gptq_quantize
 from .rtn import rtn_quantize
 
-Result = tuple[QuantizedWeight, list[str]]
+Result = tuple["QuantizedWeight | list[Any]", list[str]]
 
 
 @dataclass(frozen=True)
@@ -35,18 +37,23 @@ def state_to_dict(state: Any) -> dict[str, Any] | None:
     return None if state is None else asdict(state)
 
 
-def _rtn(W, H, cfg, state, n_parts=1) -> Result:
+def _rtn(W, H, cfg, state, parts=None) -> Result:
     return rtn_quantize(W, cfg), []
 
 
-def _gptq(W, H, cfg, state, n_parts=1) -> Result:
+def _gptq(W, H, cfg, state, parts=None) -> Result:
     assert H is not None, "GPTQ needs the layer Hessian"
     return gptq_quantize(W, H, cfg)
 
 
-def _ecsq(W, H, cfg, state, n_parts=1) -> Result:
+def _ecsq(W, H, cfg, state, parts=None) -> Result:
     assert H is not None and state is not None
-    return ecsq_quantize(W, H, cfg, state, n_parts)
+    return ecsq_quantize(W, H, cfg, state, len(parts) if parts else 1)
+
+
+def _claq(W, H, cfg, state, parts=None) -> Result:
+    assert H is not None, "CLAQ needs the layer Hessian"
+    return claq_quantize(W, H, cfg, parts)
 
 
 def _rate_from_dict(d: dict[str, Any]) -> RateControl:
@@ -57,4 +64,5 @@ METHODS: dict[str, Method] = {
     "rtn": Method("rtn", _rtn, needs_hessian=False),
     "gptq": Method("gptq", _gptq, needs_hessian=True),
     "ecsq": Method("ecsq", _ecsq, needs_hessian=True, prepare=plan_rate, from_dict=_rate_from_dict),
+    "claq": Method("claq", _claq, needs_hessian=True),
 }

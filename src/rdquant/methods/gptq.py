@@ -44,6 +44,99 @@ def inverse_hessian_cholesky(
     return None
 
 
+class ColumnQuantizer:
+    """What the GPTQ sweep asks of a quantizer: `begin_block(cols, W1)` once per lazy block (cols: the
+    block's original column indices; W1 [b, rows]: the block's current, error-updated columns, which
+    the sweep keeps updating in place), then `column(i, w) -> q` for the block's i-th column, returning
+    the dequantized values the error is taken against (and recording the codes itself)."""
+
+    def begin_block(self, cols: list[int], W1: torch.Tensor) -> None:  # pragma: no cover - interface
+        pass
+
+    def column(self, i: int, w: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+def prepare_hessian(W: torch.Tensor, H: torch.Tensor, notes: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(W, H, dead) in float32 with dead inputs (H_jj = 0) zeroed in W and set to 1 on H's diagonal."""
+    W = W.to(torch.float32).clone()
+    H = H.to(torch.float32).clone()
+    if not torch.isfinite(H).all():
+        raise ValueError("Hessian has non-finite entries (NaN/Inf activations)")
+    dead = torch.diagonal(H) == 0
+    if bool(dead.all()):  # nothing to compensate with: callers fall back to plain rounding of W
+        return W, H, dead
+    if bool(dead.any()):
+        notes.append(f"{int(dead.sum())} dead input columns set to 0")
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    return W, H, dead
+
+
+def gptq_sweep(
+    W: torch.Tensor, H: torch.Tensor, quantizer: ColumnQuantizer, perm: torch.Tensor, block_size: int,
+    damp_percent: float, notes: list[str],
+) -> bool:
+    """The GPTQ column sweep in the order `perm`, one implementation for every grid (uniform groups,
+    column codebooks, ...). W [out, in] is consumed. False if H could not be factored."""
+    cols = W.shape[1]
+    W, H = W[:, perm], H[perm][:, perm]
+    Hinv = inverse_hessian_cholesky(H, damp_percent, notes)
+    if Hinv is None:
+        return False
+    order = perm.tolist()
+    for i1 in range(0, cols, block_size):
+        i2 = min(i1 + block_size, cols)
+        # work on the transposed block [B, rows] so each column and each update row is contiguous
+        W1 = W[:, i1:i2].t().contiguous()
+        Err1 = torch.empty_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        d = torch.diagonal(Hinv1).tolist()
+        quantizer.begin_block(order[i1:i2], W1)
+        for i in range(i2 - i1):
+            w = W1[i]
+            err = (w - quantizer.column(i, w)) / d[i]
+            W1[i + 1 :].addr_(Hinv1[i, i + 1 :], err, alpha=-1)
+            Err1[i] = err
+        W[:, i2:] -= Err1.t() @ Hinv[i1:i2, i2:]
+    return True
+
+
+class _UniformColumns(ColumnQuantizer):
+    """GPTQ's own quantizer: per-group affine grids, static (given up front) or set when the sweep
+    reaches a group's first column."""
+
+    def __init__(self, cfg: CompressConfig, scales, zeros, static: bool, h_diag: torch.Tensor, rows: int, cols: int):
+        self.cfg, self.static, self.h_diag = cfg, static, h_diag
+        self.G = cols if cfg.group_size == -1 else cfg.group_size
+        self.scales, self.zeros = scales, zeros
+        self.codes = torch.empty(rows, cols, dtype=torch.uint8, device=scales.device)
+
+    def begin_block(self, cols: list[int], W1: torch.Tensor) -> None:
+        self.cols, self.W1 = cols, W1
+        self.group_of = [c // self.G for c in cols]
+        if self.static:  # per-column grid of this block, gathered once
+            self.S1 = self.scales[:, self.group_of].t().contiguous()
+            self.Z1 = self.zeros[:, self.group_of].t().contiguous()
+        else:
+            self.S1, self.Z1 = torch.empty_like(W1), torch.empty_like(W1)
+
+    def column(self, i: int, w: torch.Tensor) -> torch.Tensor:
+        cfg, G = self.cfg, self.G
+        if not self.static and self.cols[i] % G == 0:
+            k = self.group_of[i]
+            wg = self.W1[i : i + G].t()
+            cw = self.h_diag[k * G : k * G + wg.shape[1]]
+            s, z = grid_params(wg, cfg.bits, cfg.symmetric, cfg.clip_search, cfg.max_shrink, cw)
+            self.scales[:, k : k + 1], self.zeros[:, k : k + 1] = s, z
+            self.S1[i : i + G] = self.scales[:, k]
+            self.Z1[i : i + G] = self.zeros[:, k]
+        s, z = self.S1[i], self.Z1[i]
+        c = quantize(w, s, z, cfg.bits)
+        self.codes[:, self.cols[i]] = c.to(torch.uint8)
+        return dequantize_codes(c, s, z)
+
+
 def gptq_quantize(
     W: torch.Tensor,
     H: torch.Tensor,
@@ -60,31 +153,14 @@ def gptq_quantize(
     as a static grid instead (other methods' grids, e.g. ECSQ).
     """
     notes: list[str] = []
-    W = W.to(torch.float32).clone()
-    H = H.to(torch.float32).clone()
+    W, H, dead = prepare_hessian(W, H, notes)
     rows, cols = W.shape
-    if not torch.isfinite(H).all():
-        raise ValueError("Hessian has non-finite entries (NaN/Inf activations)")
-    dead = torch.diagonal(H) == 0
     if bool(dead.all()):
         notes.append("all inputs are zero: fell back to RTN")
         return rtn_quantize(W, cfg), notes
-    if bool(dead.any()):
-        notes.append(f"{int(dead.sum())} dead input columns set to 0")
-    H[dead, dead] = 1
-    W[:, dead] = 0
     h_diag = torch.diagonal(H).clone()
-
     G = cols if cfg.group_size == -1 else cfg.group_size
     n_g = num_groups(cols, cfg.group_size)
-    scales = torch.zeros(rows, n_g, device=W.device)
-    zeros = torch.zeros(rows, n_g, device=W.device)
-
-    def set_group(k: int, w_group: torch.Tensor) -> None:
-        cw = h_diag[k * G : k * G + w_group.shape[1]]
-        s, z = grid_params(w_group, cfg.bits, cfg.symmetric, cfg.clip_search, cfg.max_shrink, cw)
-        scales[:, k : k + 1], zeros[:, k : k + 1] = s, z
-
     static = cfg.act_order or G >= cols or grid is not None
     if grid is not None:
         scales, zeros = grid[0].to(W.device, torch.float32), grid[1].to(W.device, torch.float32)
@@ -92,49 +168,17 @@ def gptq_quantize(
         scales, zeros = group_grid(
             W, cfg.bits, cfg.symmetric, cfg.group_size, cfg.clip_search, cfg.max_shrink, h_diag
         )
+    else:
+        scales = torch.zeros(rows, n_g, device=W.device)
+        zeros = torch.zeros(rows, n_g, device=W.device)
     perm = torch.argsort(h_diag, descending=True) if cfg.act_order else torch.arange(cols, device=W.device)
-    W, H = W[:, perm], H[perm][:, perm]
-    group_of = (perm // G).tolist()  # group of the column at each sweep position
-
-    Hinv = inverse_hessian_cholesky(H, cfg.damp_percent, notes)
-    if Hinv is None:
-        notes.append("Hessian could not be factored even with heavy damping: fell back to RTN")
-        return rtn_quantize(W[:, torch.argsort(perm)], cfg), notes
-
+    cq = _UniformColumns(cfg, scales, zeros, static, h_diag, rows, cols)
     B = cfg.block_size if static else max(1, -(-cfg.block_size // G)) * G
-    codes = torch.empty(rows, cols, dtype=torch.uint8, device=W.device)
-    for i1 in range(0, cols, B):
-        i2 = min(i1 + B, cols)
-        # work on the transposed block [B, rows] so each column and each update row is contiguous
-        W1 = W[:, i1:i2].t().contiguous()
-        Err1 = torch.empty_like(W1)
-        C1 = torch.empty_like(W1)
-        Hinv1 = Hinv[i1:i2, i1:i2]
-        d = torch.diagonal(Hinv1).tolist()
-        if static:  # per-column grid of this block, gathered once
-            S1 = scales[:, group_of[i1:i2]].t().contiguous()
-            Z1 = zeros[:, group_of[i1:i2]].t().contiguous()
-        else:
-            S1, Z1 = torch.empty_like(W1), torch.empty_like(W1)
-        for i in range(i2 - i1):
-            j = i1 + i
-            if not static and j % G == 0:
-                k = group_of[j]
-                set_group(k, W1[i : i + G].t())
-                S1[i : i + G] = scales[:, k]
-                Z1[i : i + G] = zeros[:, k]
-            w, s, z = W1[i], S1[i], Z1[i]
-            c = quantize(w, s, z, cfg.bits)
-            err = (w - dequantize_codes(c, s, z)) / d[i]
-            C1[i] = c
-            W1[i + 1 :].addr_(Hinv1[i, i + 1 :], err, alpha=-1)
-            Err1[i] = err
-        codes[:, i1:i2] = C1.t().to(torch.uint8)
-        W[:, i2:] -= Err1.t() @ Hinv[i1:i2, i2:]
-
-    codes = codes[:, torch.argsort(perm)]
+    if not gptq_sweep(W, H, cq, perm, B, cfg.damp_percent, notes):
+        notes.append("Hessian could not be factored even with heavy damping: fell back to RTN")
+        return rtn_quantize(W, cfg), notes
     qw = QuantizedWeight(
-        codes=codes,
+        codes=cq.codes,
         scales=scales.to(torch.float16),
         zeros=None if cfg.symmetric else zeros.to(torch.uint8),
         bits=cfg.bits,

@@ -1,0 +1,299 @@
+"""CLAQ (Wang et al., 2024, arXiv 2405.17233): column-level K-means codebooks inside GPTQ's sweep,
+outlier-guided adaptive precision per column, and outlier reservation in fp16.
+
+Per input column j (an input channel: the `out` values W[:, j]) the codebook is the 1-D K-means of
+the column *as the sweep reaches it* (after earlier columns' error feedback); entries snap to the
+nearest centroid and the error is pushed onward exactly as in GPTQ (gptq.gptq_sweep). K-means is
+batched: each lazy block's columns are clustered together when the block starts, and each column's
+codebook is then refined by a few Lloyd steps on its up-to-date values when the sweep reaches it.
+
+Widths and reserved outliers come from a column precision policy (`plan_columns`): CLAQ's rule ranks
+columns by their count of entries above `outlier_factor` x mean|W| and gives the top columns the high
+width, as many as the all-in size target allows (codebooks, widths and outliers are counted). A later
+global allocator can hand in its own widths instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..config import CompressConfig
+from ..errors import RdquantError
+from ..kmeans import kmeans_1d, nearest
+from ..packing import packed_nbytes
+from ..qcodebook import CodebookWeight, index_dtype
+from .gptq import ColumnQuantizer, gptq_sweep, prepare_hessian
+
+TOP_SHARE = 0.1  # CLAQ's outlier reservation: the top 10% of columns (by outlier count) ...
+TOP_RATE = 3.5  # ... keep 3.5x the share of the others (CLAQ: 1.4% vs 0.4% per side)
+
+
+@dataclass
+class ColumnPlan:
+    """One layer's per-column decisions: width of each codebook group and fp16 outliers per column."""
+
+    widths: torch.Tensor  # [n_groups] long, bits per code
+    outliers: torch.Tensor  # [in] long, entries kept in fp16 (largest half + smallest half)
+
+    def bits(self, rows: int, in_features: int, share: int, row_scale: bool) -> float:
+        """All-in bits of the layer under this plan, as the artifact will store it."""
+        return float(layer_bits(rows, in_features, share, self.widths, self.outliers, row_scale))
+
+
+def layer_bits(rows: int, in_f: int, share: int, widths: torch.Tensor, outliers: torch.Tensor, row_scale: bool,
+               bias: bool = False) -> int:
+    """Exact stored bits: packed codes per width, fp16 codebooks, uint8 widths, row scales, outliers,
+    and the layer's 16-bit bias (counted with the layer, as `rdquant inspect` does)."""
+    cols_per = torch.full_like(widths, share)
+    cols_per[-1] = in_f - share * (widths.numel() - 1)
+    total = 0
+    for b in widths.unique().tolist():
+        if b:
+            total += 8 * packed_nbytes(rows * int(cols_per[widths == b].sum()), int(b))
+    total += 16 * int((torch.ones_like(widths) << widths).sum()) + 8 * widths.numel()
+    total += 16 * rows if row_scale else 0
+    total += 16 * rows if bias else 0
+    n = int(outliers.sum())
+    if n:
+        isz = 16 if index_dtype(rows) == torch.int16 else 32
+        total += isz * in_f + (isz + 16) * n
+    return total
+
+
+def outlier_counts(W: torch.Tensor, factor: float) -> torch.Tensor:
+    """CLAQ's outlier score per column: entries with |w| > factor * mean|W| of the whole matrix."""
+    return (W.abs() > factor * W.abs().mean()).sum(0)
+
+
+def column_priority(W: torch.Tensor, h_diag: torch.Tensor, factor: float) -> torch.Tensor:
+    """Columns, most deserving first: by outlier count, ties by output energy H_jj * ||W[:, j]||^2."""
+    count = outlier_counts(W, factor).to(torch.float64)
+    energy = (h_diag.to(torch.float64) * W.to(torch.float64).square().sum(0))
+    energy = energy / energy.max().clamp_min(1e-300)  # in [0, 1], below one outlier step
+    return torch.argsort(count + energy * 0.5, descending=True)
+
+
+def plan_columns(W: torch.Tensor, h_diag: torch.Tensor, cfg: CompressConfig, bias: bool = False) -> ColumnPlan:
+    """CLAQ's column precision policy (outlier-guided adaptive precision + outlier reservation)."""
+    rows, in_f = W.shape
+    share = cfg.claq_share
+    n_g = -(-in_f // share)
+    prio = column_priority(W, h_diag, cfg.claq_outlier_factor)
+    # outlier reservation: top columns by outlier count keep TOP_RATE x the share of the others
+    outliers = torch.zeros(in_f, dtype=torch.long)
+    if cfg.claq_outlier_frac > 0:
+        base = cfg.claq_outlier_frac / (TOP_SHARE * TOP_RATE + 1 - TOP_SHARE)
+        rate = torch.full((in_f,), base, dtype=torch.float64)
+        rate[prio[: int(round(TOP_SHARE * in_f))]] = base * TOP_RATE
+        outliers = torch.round(rate * rows).to(torch.long).clamp(max=rows)
+    # group priority: the best rank of its columns
+    rank = torch.empty(in_f, dtype=torch.long)
+    rank[prio] = torch.arange(in_f)
+    g_rank = torch.full((n_g,), in_f, dtype=torch.long).scatter_reduce(0, torch.arange(in_f) // share, rank, "amin")
+    g_order = torch.argsort(g_rank)
+    if cfg.target_bits is None:
+        return ColumnPlan(torch.full((n_g,), cfg.bits, dtype=torch.long), outliers)
+    budget = cfg.target_bits * rows * in_f
+    size = lambda widths: layer_bits(rows, in_f, share, widths, outliers, cfg.claq_row_scale, bias)
+    fits = lambda widths: size(widths) <= budget
+    lo = next((b for b in range(8, -1, -1) if fits(torch.full((n_g,), b, dtype=torch.long))), None)
+    if lo is None:
+        raise RdquantError(
+            f"--target-bits {cfg.target_bits} cannot be met for a {rows}x{in_f} layer even at width 0 "
+            f"(side information alone is {size(torch.zeros(n_g, dtype=torch.long)) / (rows * in_f):.3f} bits/weight)"
+        )
+    widths = torch.full((n_g,), lo, dtype=torch.long)
+    hi = cfg.claq_high_bits if cfg.claq_high_bits > lo else lo + 1
+    if lo < 8:
+        # promote groups in priority order while the budget holds (bisection on the count)
+        a, z = 0, n_g
+        while a < z:
+            mid = (a + z + 1) // 2
+            w = widths.clone()
+            w[g_order[:mid]] = hi
+            a, z = (mid, z) if fits(w) else (a, mid - 1)
+        widths[g_order[:a]] = hi
+    return ColumnPlan(widths, outliers)
+
+
+def _outlier_mask(X: torch.Tensor, valid: torch.Tensor, n_top: torch.Tensor, n_bot: torch.Tensor) -> torch.Tensor:
+    """[N, m] mask of the n_top largest and n_bot smallest valid entries of each row of X."""
+    if not bool((n_top > 0).any() or (n_bot > 0).any()):
+        return torch.zeros_like(valid)
+    inf = float("inf")
+    asc = torch.where(valid, X, inf).argsort(1).argsort(1)
+    desc = torch.where(valid, -X, inf).argsort(1).argsort(1)
+    return ((asc < n_bot[:, None]) | (desc < n_top[:, None])) & valid
+
+
+class _CodebookColumns(ColumnQuantizer):
+    """Column codebooks for a stack of layers (parts) that share the input: every part gets its own
+    codebook per column (batched together), widths and outliers from its own plan."""
+
+    def __init__(self, W: torch.Tensor, parts: list[tuple[int, int]], plans: list[ColumnPlan],
+                 scales: list[torch.Tensor | None], cfg: CompressConfig, static: torch.Tensor | None = None):
+        rows, cols = W.shape
+        dev = W.device
+        self.cfg, self.parts, self.plans = cfg, parts, plans
+        P, m = len(parts), max(b - a for a, b in parts)
+        self.idx = torch.zeros(P, m, dtype=torch.long, device=dev)
+        self.valid = torch.zeros(P, m, dtype=torch.bool, device=dev)
+        self.r = torch.ones(P, m, device=dev)
+        for p, (a, b) in enumerate(parts):
+            self.idx[p, : b - a] = torch.arange(a, b, device=dev)
+            self.valid[p, : b - a] = True
+            if scales[p] is not None:
+                self.r[p, : b - a] = scales[p].to(dev, torch.float32)
+        self.w2 = self.r.square() * self.valid
+        share = cfg.claq_share
+        self.k = torch.stack([(1 << p.widths.repeat_interleave(share)[:cols]) for p in plans]).to(dev)  # [P, in]
+        self.n_out = torch.stack([p.outliers for p in plans]).to(dev)  # [P, in]
+        self.kmax = int(self.k.max())
+        self.codes = torch.zeros(rows, cols, dtype=torch.uint8, device=dev)
+        self.cb = torch.full((cols, P, self.kmax), float("inf"), device=dev)  # fp16-rounded values
+        self.out_mask = torch.zeros(rows, cols, dtype=torch.bool, device=dev)
+        self.static = static  # [cols, P, kmax] fixed codebooks (shared codebooks), or None
+
+    def _prep(self, X: torch.Tensor, cols: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """X [N, P, m] raw values -> (normalised values, K-means weights, outlier mask), all [N, P, m]."""
+        N, P, m = X.shape
+        n = self.n_out[:, cols].t()  # [N, P]
+        n_top, n_bot = ((n + 1) // 2).reshape(-1), (n // 2).reshape(-1)
+        mask = _outlier_mask(X.reshape(N * P, m), self.valid.repeat(N, 1), n_top, n_bot).view(N, P, m)
+        x = X / self.r
+        w = self.w2.expand(N, P, m) * ~mask
+        return x, w, mask
+
+    def begin_block(self, cols: list[int], W1: torch.Tensor) -> None:
+        self.cols = cols
+        if self.static is not None:
+            self.block_cb = self.static[cols]
+            return
+        b = len(cols)
+        x, w, _ = self._prep(W1[:, self.idx], cols)
+        P, m = self.idx.shape
+        k = self.k[:, cols].t().reshape(-1)
+        cb = kmeans_1d(x.reshape(b * P, m), k, w.reshape(b * P, m), iters=self.cfg.claq_kmeans_iters)
+        self.block_cb = cb.view(b, P, -1)
+
+    def column(self, i: int, w: torch.Tensor) -> torch.Tensor:
+        j = self.cols[i]
+        X = w[self.idx][None]  # [1, P, m]
+        x, wt, mask = self._prep(X, [j])
+        x, wt, mask = x[0], wt[0], mask[0]
+        cb = self.block_cb[i]
+        if self.static is None and self.cfg.claq_refine_iters > 0:
+            cb = kmeans_1d(x, self.k[:, j], wt, iters=self.cfg.claq_refine_iters, init=cb)
+        cb = cb.to(torch.float16).to(torch.float32)  # stored values; inf stays inf
+        code = nearest(x, cb)
+        q = cb.gather(1, code) * self.r
+        q = torch.where(mask, X[0].to(torch.float16).to(torch.float32), q)
+        out = torch.empty_like(w)
+        v = self.valid
+        out[self.idx[v]] = q[v]
+        self.codes[self.idx[v], j] = code[v].to(torch.uint8)
+        self.out_mask[self.idx[v], j] = mask[v]
+        self.cb[j, :, : cb.shape[1]] = cb
+        return out
+
+    def result(self, Q: torch.Tensor, scales: list[torch.Tensor | None]) -> list[CodebookWeight]:
+        """Per-part weights; Q holds the final dequantized values (outliers read from it)."""
+        res = []
+        share = self.cfg.claq_share
+        for p, ((a, b), plan) in enumerate(zip(self.parts, self.plans)):
+            widths = plan.widths
+            first = torch.arange(widths.numel()) * share  # each group's codebook = its first column's
+            sizes = (1 << widths).tolist()
+            book = torch.cat([self.cb[c, p, :s] for c, s in zip(first.tolist(), sizes)]).to(torch.float16)
+            mask = self.out_mask[a:b]
+            wt = CodebookWeight(self.codes[a:b].clone(), widths.to(torch.uint8), book, share,
+                                None if scales[p] is None else scales[p].to(torch.float16))
+            if bool(mask.any()):
+                cr = torch.nonzero(mask.t())  # (col, row) sorted by column then row
+                wt.outlier_count = mask.sum(0).to(index_dtype(b - a))
+                wt.outlier_row = cr[:, 1].to(index_dtype(b - a))
+                wt.outlier_val = Q[a:b][cr[:, 1], cr[:, 0]].to(torch.float16)
+            res.append(wt)
+        return res
+
+
+def _row_scales(W: torch.Tensor) -> torch.Tensor:
+    """fp16 per-row scale (RMS of the row) for row-normalised codebooks; never zero."""
+    r = W.square().mean(1).sqrt()
+    r = torch.where(r > 0, r, torch.ones_like(r)).to(torch.float16)
+    return torch.where(r > 0, r, torch.ones_like(r))  # underflow to 0 in fp16
+
+
+def _static_codebooks(W: torch.Tensor, cq: _CodebookColumns, h_diag: torch.Tensor, cfg: CompressConfig) -> torch.Tensor:
+    """Shared codebooks (one per `share` columns) from the original weights, K-means weighted by
+    H_jj (and row scale^2), computed up front: [cols, P, kmax] (each column gets its group's)."""
+    rows, cols = W.shape
+    share = cfg.claq_share
+    n_g = -(-cols // share)
+    P, m = cq.idx.shape
+    x, w, _ = cq._prep(W.t()[:, cq.idx], list(range(cols)))  # [cols, P, m]
+    w = w * h_diag[:, None, None].clamp_min(0) if cfg.claq_hessian_weight else w
+    pad = n_g * share - cols
+    if pad:
+        x = torch.cat([x, torch.zeros(pad, P, m)], 0)
+        w = torch.cat([w, torch.zeros(pad, P, m)], 0)
+    xg = x.view(n_g, share, P, m).permute(0, 2, 1, 3).reshape(n_g * P, share * m)
+    wg = w.view(n_g, share, P, m).permute(0, 2, 1, 3).reshape(n_g * P, share * m)
+    k = cq.k[:, ::share].t().reshape(-1)
+    cb = kmeans_1d(xg, k, wg, iters=cfg.claq_kmeans_iters).view(n_g, P, -1)
+    return cb.repeat_interleave(share, 0)[:cols]
+
+
+def claq_quantize(
+    W: torch.Tensor, H: torch.Tensor, cfg: CompressConfig, parts: tuple[tuple[int, bool], ...] | None = None
+) -> tuple[list[CodebookWeight], list[str]]:
+    """CLAQ on W [out, in] stacking layers of parts (rows, has_bias) (one result per part)."""
+    notes: list[str] = []
+    rows, cols = W.shape
+    parts = parts or ((rows, False),)
+    bounds = []
+    a = 0
+    for n, _ in parts:
+        bounds.append((a, a + n))
+        a += n
+    W, H, dead = prepare_hessian(W, H, notes)
+    h_diag = torch.diagonal(H).clone()
+    plans = [plan_columns(W[a:b], h_diag, cfg, bias) for (a, b), (_, bias) in zip(bounds, parts)]
+    scales = [_row_scales(W[a:b]) if cfg.claq_row_scale else None for a, b in bounds]
+    cq = _CodebookColumns(W, bounds, plans, scales, cfg)
+    if cfg.claq_share > 1:
+        cq.static = _static_codebooks(W, cq, h_diag, cfg)
+    perm = torch.argsort(h_diag, descending=True) if cfg.act_order else torch.arange(cols)
+    Q = W.clone()
+    ok = not bool(dead.all()) and gptq_sweep(W.clone(), H, _Recording(cq, Q), perm, cfg.block_size, cfg.damp_percent, notes)
+    if not ok:  # no usable Hessian: codebooks and rounding without error feedback
+        notes.append("no usable Hessian: column codebooks without error compensation")
+        rec = _Recording(cq, Q)
+        for i1 in range(0, cols, cfg.block_size):
+            cs = list(range(i1, min(i1 + cfg.block_size, cols)))
+            W1 = W[:, cs].t().contiguous()
+            rec.begin_block(cs, W1)
+            for i in range(len(cs)):
+                rec.column(i, W1[i])
+    widths = torch.cat([p.widths.repeat_interleave(cfg.claq_share)[:cols].float() for p in plans])
+    notes.append(f"column widths {sorted(set(widths.long().tolist()))}, mean {float(widths.mean()):.3f}; "
+                 f"{int(cq.out_mask.sum())} fp16 outliers")
+    return cq.result(Q, scales), notes
+
+
+class _Recording(ColumnQuantizer):
+    """Passes through to the codebook quantizer and keeps every returned column in Q."""
+
+    def __init__(self, inner: _CodebookColumns, Q: torch.Tensor):
+        self.inner, self.Q = inner, Q
+
+    def begin_block(self, cols, W1):
+        self.cols = cols
+        self.inner.begin_block(cols, W1)
+
+    def column(self, i, w):
+        q = self.inner.column(i, w)
+        self.Q[:, self.cols[i]] = q
+        return q

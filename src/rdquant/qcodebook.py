@@ -1,0 +1,197 @@
+"""The column-codebook layout (CLAQ and any method with per-column widths; docs/FORMAT.md).
+
+A weight W (out x in) is stored as
+    W[r, c] = codebook[offset(c) + codes[r, c]] * row_scale[r]      (row_scale optional, else 1)
+except at the reserved outliers, which are stored exactly (fp16) and overwrite the codebook value.
+Columns are taken `share` at a time (share = 1: one codebook per column); codebook group k has width
+widths[k] in 0..8 bits and 2**widths[k] fp16 entries, laid end to end in `codebook`. Codes are
+bit-packed per width: all columns of width 1 (row-major over [out, those columns]), then width 2, ...
+A width-0 group has one entry and no code bits. Outliers are column-compressed: per-column counts,
+then row indices and fp16 values sorted by (column, row).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import packing
+
+STORED = ("qweight", "widths", "codebook", "row_scale", "outlier_count", "outlier_row", "outlier_val")
+
+
+def index_dtype(n: int) -> torch.dtype:
+    """Smallest signed integer dtype that holds indices/counts up to n."""
+    return torch.int16 if n < 2**15 else torch.int32
+
+
+def column_widths(widths: torch.Tensor, share: int, in_features: int) -> torch.Tensor:
+    return widths.to(torch.long).repeat_interleave(share)[:in_features]
+
+
+def column_offsets(widths: torch.Tensor, share: int, in_features: int) -> torch.Tensor:
+    """Offset of every column's codebook in the flat codebook array."""
+    sizes = torch.ones_like(widths, dtype=torch.long) << widths.to(torch.long)
+    starts = torch.cumsum(sizes, 0) - sizes
+    return starts.repeat_interleave(share)[:in_features]
+
+
+def pack_segments(codes: torch.Tensor, col_widths: torch.Tensor) -> torch.Tensor:
+    """Codes [out, in] -> one uint8 stream: the columns of each width (ascending), each packed."""
+    parts = []
+    for b in sorted(set(col_widths.tolist())):
+        if b == 0:
+            continue
+        cols = torch.nonzero(col_widths == b).flatten()
+        parts.append(packing.pack(codes[:, cols].contiguous(), b))
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.uint8)
+
+
+def unpack_segments(qweight: torch.Tensor, col_widths: torch.Tensor, out_features: int) -> torch.Tensor:
+    """Inverse of pack_segments: codes [out, in] uint8."""
+    in_f = col_widths.numel()
+    codes = torch.zeros(out_features, in_f, dtype=torch.uint8, device=qweight.device)
+    pos = 0
+    for b in sorted(set(col_widths.tolist())):
+        if b == 0:
+            continue
+        cols = torch.nonzero(col_widths == b).flatten().to(qweight.device)
+        n = packing.packed_nbytes(out_features * cols.numel(), b)
+        if pos + n > qweight.numel():
+            raise ValueError("qweight is shorter than its widths say")
+        codes[:, cols] = packing.unpack(qweight[pos : pos + n], b, out_features * cols.numel()).view(out_features, -1)
+        pos += n
+    if pos != qweight.numel():
+        raise ValueError(f"qweight has {qweight.numel()} bytes, its widths say {pos}")
+    return codes
+
+
+@dataclass
+class CodebookWeight:
+    """Codes, per-column (or per column group) fp16 codebooks, optional row scales, fp16 outliers."""
+
+    codes: torch.Tensor  # [out, in] uint8
+    widths: torch.Tensor  # [n_codebooks] uint8
+    codebook: torch.Tensor  # [sum 2**widths] float16
+    share: int = 1
+    row_scale: torch.Tensor | None = None  # [out] float16
+    outlier_count: torch.Tensor | None = None  # [in] per column
+    outlier_row: torch.Tensor | None = None  # [n] sorted by (column, row)
+    outlier_val: torch.Tensor | None = None  # [n] float16
+
+    layout = "codebook"
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.codes.shape)  # type: ignore[return-value]
+
+    @property
+    def bits(self) -> int:
+        return int(self.widths.max()) if self.widths.numel() else 0
+
+    @property
+    def group_size(self) -> int:
+        return self.share
+
+    @property
+    def symmetric(self) -> bool:
+        return False
+
+    @property
+    def n_outliers(self) -> int:
+        return 0 if self.outlier_val is None else int(self.outlier_val.numel())
+
+    def mean_width(self) -> float:
+        return float(column_widths(self.widths, self.share, self.shape[1]).float().mean())
+
+    def spec(self) -> dict:
+        """What the manifest records so the runtime can allocate the layer's buffers."""
+        return {"layout": "codebook", "share": self.share, "row_scale": self.row_scale is not None,
+                "outliers": self.n_outliers, "mean_width": round(self.mean_width(), 4)}
+
+    def outlier_cols(self) -> torch.Tensor:
+        assert self.outlier_count is not None
+        return torch.repeat_interleave(
+            torch.arange(self.shape[1], device=self.codes.device), self.outlier_count.to(torch.long)
+        )
+
+    def lookup(self, codes: torch.Tensor) -> torch.Tensor:
+        """Codebook values of `codes` [out, in] (before row scales and outliers), float32."""
+        off = column_offsets(self.widths, self.share, self.shape[1]).to(codes.device)
+        return self.codebook.to(torch.float32)[codes.to(torch.long) + off[None, :]]
+
+    def finish(self, W: torch.Tensor) -> torch.Tensor:
+        """Apply row scales and put the outliers back (in place on W, float32)."""
+        if self.row_scale is not None:
+            W.mul_(self.row_scale.to(torch.float32)[:, None])
+        if self.n_outliers:
+            W[self.outlier_row.to(torch.long), self.outlier_cols()] = self.outlier_val.to(torch.float32)
+        return W
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.finish(self.lookup(self.codes)).to(dtype)
+
+    def round_to_grid(self, W: torch.Tensor) -> torch.Tensor:
+        """W snapped, column by column, to the nearest entry of its own codebook (the same outliers
+        kept): plain rounding on this grid, the "before" of the method's error compensation."""
+        from .kmeans import nearest
+
+        out_f, in_f = self.shape
+        x = W.to(torch.float32)
+        if self.row_scale is not None:
+            x = x / self.row_scale.to(torch.float32)[:, None]
+        cw = column_widths(self.widths, self.share, in_f)
+        off = column_offsets(self.widths, self.share, in_f)
+        kmax = 1 << int(cw.max())
+        idx = (off[:, None] + torch.arange(kmax)[None, :]).clamp(max=self.codebook.numel() - 1)
+        cb = self.codebook.to(torch.float32)[idx]
+        cb = torch.where(torch.arange(kmax)[None, :] < (1 << cw)[:, None], cb, float("inf"))
+        cb = cb.sort(dim=1).values
+        c = nearest(x.t().contiguous(), cb)  # [in, out]
+        return self.finish(cb.gather(1, c).t().contiguous())
+
+    def rows(self, start: int, stop: int) -> "CodebookWeight":
+        raise NotImplementedError("codebook weights are made per layer; stacked layers are never split")
+
+    # --- packed form, as stored in the artifact ---------------------------------------------
+    def packed_state(self) -> dict[str, torch.Tensor]:
+        out_f, in_f = self.shape
+        state = {
+            "qweight": pack_segments(self.codes, column_widths(self.widths, self.share, in_f)),
+            "widths": self.widths.to(torch.uint8).contiguous(),
+            "codebook": self.codebook.to(torch.float16).contiguous(),
+        }
+        if self.row_scale is not None:
+            state["row_scale"] = self.row_scale.to(torch.float16).contiguous()
+        if self.n_outliers:
+            state["outlier_count"] = self.outlier_count.to(index_dtype(out_f)).contiguous()
+            state["outlier_row"] = self.outlier_row.to(index_dtype(out_f)).contiguous()
+            state["outlier_val"] = self.outlier_val.to(torch.float16).contiguous()
+        return state
+
+    @classmethod
+    def from_packed(cls, state: dict[str, torch.Tensor], shape: tuple[int, int], share: int) -> "CodebookWeight":
+        out_f, in_f = shape
+        widths = state["widths"]
+        n_cb = -(-in_f // share)
+        if widths.numel() != n_cb:
+            raise ValueError(f"widths has {widths.numel()} entries, expected {n_cb}")
+        if widths.numel() and int(widths.max()) > 8:
+            raise ValueError("code widths above 8 bits")
+        n_entries = int((torch.ones_like(widths, dtype=torch.long) << widths.to(torch.long)).sum())
+        if state["codebook"].numel() != n_entries:
+            raise ValueError(f"codebook has {state['codebook'].numel()} entries, widths say {n_entries}")
+        codes = unpack_segments(state["qweight"], column_widths(widths, share, in_f), out_f)
+        cw = column_widths(widths, share, in_f).to(codes.device)
+        if bool((codes.to(torch.long) >= (1 << cw)[None, :]).any()):
+            raise ValueError("codes out of range for their column widths")
+        w = cls(codes, widths, state["codebook"], share, state.get("row_scale"))
+        if "outlier_val" in state and state["outlier_val"].numel():
+            cnt, rows = state["outlier_count"], state["outlier_row"]
+            if cnt.numel() != in_f or int(cnt.to(torch.long).sum()) != rows.numel() or rows.numel() != state["outlier_val"].numel():
+                raise ValueError("outlier tensors disagree in size")
+            if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= out_f):
+                raise ValueError("outlier row index out of range")
+            w.outlier_count, w.outlier_row, w.outlier_val = cnt, rows, state["outlier_val"]
+        return w
