@@ -37,6 +37,7 @@ class CompressConfig:
     claq_outlier_factor: float = 13.0  # |w| > factor * mean|W| counts as an outlier (column ranking)
     claq_outlier_frac: float = 0.0  # share of entries kept in fp16 (outlier reservation), e.g. 0.005
     claq_share: int = 1  # columns per codebook; > 1: shared codebooks fixed up front, H_jj-weighted
+    claq_codebook_bits: int = 8  # 8: uint8 entries + fp16 (lo, step) per codebook; 16: fp16 values
     claq_row_scale: bool = True  # fp16 per-row scale (RMS), codebooks on row-normalised values
     claq_kmeans_iters: int = 20  # Lloyd steps of the batched per-block K-means
     claq_refine_iters: int = 4  # Lloyd steps on each column's up-to-date values when the sweep reaches it
@@ -72,6 +73,8 @@ class CompressConfig:
             raise RdquantError(f"--target-bits is not supported by method {self.method}; use --bits")
         if self.claq_high_bits not in (0, *BITS) or self.claq_share < 1 or not 0 <= self.claq_outlier_frac < 0.5:
             raise RdquantError("claq: need high bits 0 (low + 1) or 2..8, share >= 1 and outlier fraction in [0, 0.5)")
+        if self.claq_codebook_bits not in (8, 16):
+            raise RdquantError("claq: codebook bits must be 8 or 16")
         if self.claq_kmeans_iters < 1 or self.claq_refine_iters < 0 or self.claq_outlier_factor <= 0:
             raise RdquantError("claq: need kmeans iters >= 1, refine iters >= 0 and outlier factor > 0")
         if not 0 <= self.damp_percent < 1:

@@ -114,6 +114,7 @@ def _split_merge(xs, ws, cw, cx, cq, c, valid, total, iters: int, tol: float, ro
         # merging cluster j with its right neighbour: contiguous union
         Wm, Sm, Qm = W[:, :-1] + W[:, 1:], S[:, :-1] + S[:, 1:], Q[:, :-1] + Q[:, 1:]
         merge = sse(Wm, Sm, Qm) - e[:, :-1] - e[:, 1:]  # [B, k-1]
+        merge = torch.where(valid[:, :-1] & valid[:, 1:], merge, INF)  # never "merge" into an unused slot
         inf = torch.full_like(merge[:, :1], INF)
         right, left = torch.cat([merge, inf], 1), torch.cat([inf, merge], 1)
         cost = torch.minimum(right, left)

@@ -4,7 +4,8 @@ A weight W (out x in) is stored as
     W[r, c] = codebook[offset(c) + codes[r, c]] * row_scale[r]      (row_scale optional, else 1)
 except at the reserved outliers, which are stored exactly (fp16) and overwrite the codebook value.
 Columns are taken `share` at a time (share = 1: one codebook per column); codebook group k has width
-widths[k] in 0..8 bits and 2**widths[k] fp16 entries, laid end to end in `codebook`. Codes are
+widths[k] in 0..8 bits and 2**widths[k] entries, laid end to end in `codebook`: fp16 values, or
+uint8 entries e with a per-codebook fp16 (lo, step) in `codebook_range`, value = lo + step * e. Codes are
 bit-packed per width: all columns of width 1 (row-major over [out, those columns]), then width 2, ...
 A width-0 group has one entry and no code bits. Outliers are column-compressed: per-column counts,
 then row indices and fp16 values sorted by (column, row).
@@ -18,7 +19,32 @@ import torch
 
 from . import packing
 
-STORED = ("qweight", "widths", "codebook", "row_scale", "outlier_count", "outlier_row", "outlier_val")
+STORED = ("qweight", "widths", "codebook", "codebook_range", "row_scale", "outlier_count", "outlier_row", "outlier_val")
+
+
+def compact_codebooks(cb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """8-bit codebooks: rows of cb [B, k] (inf = unused slot) -> (values as stored, fp16 lo, fp16 step).
+    Entries are e = round((v - lo) / step) in 0..255 with lo = min, step = (max - lo) / 255."""
+    fin = torch.isfinite(cb)
+    lo = torch.where(fin, cb, float("inf")).min(1).values
+    hi = torch.where(fin, cb, -float("inf")).max(1).values
+    lo = torch.where(torch.isfinite(lo), lo, 0.0).to(torch.float16)
+    hi = torch.where(torch.isfinite(hi), hi, 0.0)
+    step = ((hi - lo.float()) / 255).to(torch.float16)
+    vals = codebook_values(entries_of(cb, lo, step), lo[:, None], step[:, None])
+    return torch.where(fin, vals, cb), lo, step
+
+
+def entries_of(v: torch.Tensor, lo: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """uint8 entries of values v [B, k] on the grid lo + step * e (lo, step: fp16 [B])."""
+    st = step.float()[:, None]
+    e = torch.where(st > 0, (v - lo.float()[:, None]) / torch.where(st > 0, st, 1.0), 0.0)
+    return torch.nan_to_num(e, nan=0.0, posinf=0.0, neginf=0.0).round().clamp(0, 255).to(torch.uint8)
+
+
+def codebook_values(entries: torch.Tensor, lo: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """The one formula for 8-bit codebook values, float32: lo + step * e."""
+    return lo.to(torch.float32) + step.to(torch.float32) * entries.to(torch.float32)
 
 
 def index_dtype(n: int) -> torch.dtype:
@@ -69,16 +95,17 @@ def unpack_segments(qweight: torch.Tensor, col_widths: torch.Tensor, out_feature
 
 @dataclass
 class CodebookWeight:
-    """Codes, per-column (or per column group) fp16 codebooks, optional row scales, fp16 outliers."""
+    """Codes, per-column (or per column group) codebooks, optional row scales, fp16 outliers."""
 
     codes: torch.Tensor  # [out, in] uint8
     widths: torch.Tensor  # [n_codebooks] uint8
-    codebook: torch.Tensor  # [sum 2**widths] float16
+    codebook: torch.Tensor  # [sum 2**widths] float16, or uint8 entries with codebook_range
     share: int = 1
     row_scale: torch.Tensor | None = None  # [out] float16
     outlier_count: torch.Tensor | None = None  # [in] per column
     outlier_row: torch.Tensor | None = None  # [n] sorted by (column, row)
     outlier_val: torch.Tensor | None = None  # [n] float16
+    codebook_range: torch.Tensor | None = None  # [n_codebooks, 2] float16 (lo, step) of 8-bit codebooks
 
     layout = "codebook"
 
@@ -108,6 +135,7 @@ class CodebookWeight:
     def spec(self) -> dict:
         """What the manifest records so the runtime can allocate the layer's buffers."""
         return {"layout": "codebook", "share": self.share, "row_scale": self.row_scale is not None,
+                "codebook_bits": 16 if self.codebook_range is None else 8,
                 "outliers": self.n_outliers, "mean_width": round(self.mean_width(), 4)}
 
     def outlier_cols(self) -> torch.Tensor:
@@ -119,7 +147,15 @@ class CodebookWeight:
     def lookup(self, codes: torch.Tensor) -> torch.Tensor:
         """Codebook values of `codes` [out, in] (before row scales and outliers), float32."""
         off = column_offsets(self.widths, self.share, self.shape[1]).to(codes.device)
-        return self.codebook.to(torch.float32)[codes.to(torch.long) + off[None, :]]
+        return self.values()[codes.to(torch.long) + off[None, :]]
+
+    def values(self) -> torch.Tensor:
+        """The flat codebook as float32 values."""
+        if self.codebook_range is None:
+            return self.codebook.to(torch.float32)
+        sizes = torch.ones_like(self.widths, dtype=torch.long) << self.widths.to(torch.long)
+        r = self.codebook_range.repeat_interleave(sizes.to(self.codebook_range.device), 0)
+        return codebook_values(self.codebook, r[:, 0], r[:, 1])
 
     def finish(self, W: torch.Tensor) -> torch.Tensor:
         """Apply row scales and put the outliers back (in place on W, float32)."""
@@ -145,7 +181,7 @@ class CodebookWeight:
         off = column_offsets(self.widths, self.share, in_f)
         kmax = 1 << int(cw.max())
         idx = (off[:, None] + torch.arange(kmax)[None, :]).clamp(max=self.codebook.numel() - 1)
-        cb = self.codebook.to(torch.float32)[idx]
+        cb = self.values()[idx]
         cb = torch.where(torch.arange(kmax)[None, :] < (1 << cw)[:, None], cb, float("inf"))
         cb = cb.sort(dim=1).values
         c = nearest(x.t().contiguous(), cb)  # [in, out]
@@ -160,8 +196,10 @@ class CodebookWeight:
         state = {
             "qweight": pack_segments(self.codes, column_widths(self.widths, self.share, in_f)),
             "widths": self.widths.to(torch.uint8).contiguous(),
-            "codebook": self.codebook.to(torch.float16).contiguous(),
+            "codebook": (self.codebook.to(torch.float16) if self.codebook_range is None else self.codebook.to(torch.uint8)).contiguous(),
         }
+        if self.codebook_range is not None:
+            state["codebook_range"] = self.codebook_range.to(torch.float16).contiguous()
         if self.row_scale is not None:
             state["row_scale"] = self.row_scale.to(torch.float16).contiguous()
         if self.n_outliers:
@@ -187,6 +225,10 @@ class CodebookWeight:
         if bool((codes.to(torch.long) >= (1 << cw)[None, :]).any()):
             raise ValueError("codes out of range for their column widths")
         w = cls(codes, widths, state["codebook"], share, state.get("row_scale"))
+        if "codebook_range" in state:
+            if tuple(state["codebook_range"].shape) != (n_cb, 2):
+                raise ValueError(f"codebook_range has shape {tuple(state['codebook_range'].shape)}, expected {(n_cb, 2)}")
+            w.codebook_range = state["codebook_range"]
         if "outlier_val" in state and state["outlier_val"].numel():
             cnt, rows = state["outlier_count"], state["outlier_row"]
             if cnt.numel() != in_f or int(cnt.to(torch.long).sum()) != rows.numel() or rows.numel() != state["outlier_val"].numel():

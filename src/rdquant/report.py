@@ -11,7 +11,7 @@ from .artifact import read_manifest
 from .runtime import QUANT_BUFFERS
 
 # where each stored tensor's bytes go in the bits-per-weight split
-PART_OF = {"qweight": "codes", "codebook": "codebooks", "outlier_count": "outliers", "outlier_row": "outliers",
+PART_OF = {"qweight": "codes", "codebook": "codebooks", "codebook_range": "codebooks", "outlier_count": "outliers", "outlier_row": "outliers",
            "outlier_val": "outliers", "scales": "other", "qzeros": "other", "widths": "other",
            "row_scale": "other", "bias": "other"}
 PARTS = ("codes", "codebooks", "outliers", "other")

@@ -53,6 +53,8 @@ class QuantLinear(nn.Module):
             empty = lambda dt: torch.zeros(0, dtype=dt, device=device)
             for name, dt in (("qweight", torch.uint8), ("widths", torch.uint8), ("codebook", torch.float16)):
                 self.register_buffer(name, empty(dt))
+            if self.spec.get("codebook_bits", 16) == 8:
+                self.register_buffer("codebook_range", empty(torch.float16))
             if self.spec.get("row_scale"):
                 self.register_buffer("row_scale", empty(torch.float16))
             if self.spec.get("outliers"):

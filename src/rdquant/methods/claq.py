@@ -23,7 +23,7 @@ from ..config import CompressConfig
 from ..errors import RdquantError
 from ..kmeans import kmeans_1d, nearest
 from ..packing import packed_nbytes
-from ..qcodebook import CodebookWeight, index_dtype
+from ..qcodebook import CodebookWeight, compact_codebooks, entries_of, index_dtype
 from .gptq import ColumnQuantizer, gptq_sweep, prepare_hessian
 
 TOP_SHARE = 0.1  # CLAQ's outlier reservation: the top 10% of columns (by outlier count) ...
@@ -37,22 +37,25 @@ class ColumnPlan:
     widths: torch.Tensor  # [n_groups] long, bits per code
     outliers: torch.Tensor  # [in] long, entries kept in fp16 (largest half + smallest half)
 
-    def bits(self, rows: int, in_features: int, share: int, row_scale: bool) -> float:
+    def bits(self, rows: int, in_features: int, cfg: CompressConfig, bias: bool = False) -> float:
         """All-in bits of the layer under this plan, as the artifact will store it."""
-        return float(layer_bits(rows, in_features, share, self.widths, self.outliers, row_scale))
+        return float(layer_bits(rows, in_features, cfg.claq_share, self.widths, self.outliers, cfg.claq_row_scale,
+                                bias, cfg.claq_codebook_bits))
 
 
 def layer_bits(rows: int, in_f: int, share: int, widths: torch.Tensor, outliers: torch.Tensor, row_scale: bool,
-               bias: bool = False) -> int:
-    """Exact stored bits: packed codes per width, fp16 codebooks, uint8 widths, row scales, outliers,
-    and the layer's 16-bit bias (counted with the layer, as `rdquant inspect` does)."""
+               bias: bool = False, codebook_bits: int = 16) -> int:
+    """Exact stored bits: packed codes per width, codebooks (fp16 values, or uint8 entries + fp16 lo and
+    step each), uint8 widths, row scales, outliers, and the layer's 16-bit bias (counted with the
+    layer, as `rdquant inspect` does)."""
     cols_per = torch.full_like(widths, share)
     cols_per[-1] = in_f - share * (widths.numel() - 1)
     total = 0
     for b in widths.unique().tolist():
         if b:
             total += 8 * packed_nbytes(rows * int(cols_per[widths == b].sum()), int(b))
-    total += 16 * int((torch.ones_like(widths) << widths).sum()) + 8 * widths.numel()
+    total += codebook_bits * int((torch.ones_like(widths) << widths).sum()) + 8 * widths.numel()
+    total += 32 * widths.numel() if codebook_bits == 8 else 0
     total += 16 * rows if row_scale else 0
     total += 16 * rows if bias else 0
     n = int(outliers.sum())
@@ -96,7 +99,7 @@ def plan_columns(W: torch.Tensor, h_diag: torch.Tensor, cfg: CompressConfig, bia
     if cfg.target_bits is None:
         return ColumnPlan(torch.full((n_g,), cfg.bits, dtype=torch.long), outliers)
     budget = cfg.target_bits * rows * in_f
-    size = lambda widths: layer_bits(rows, in_f, share, widths, outliers, cfg.claq_row_scale, bias)
+    size = lambda widths: layer_bits(rows, in_f, share, widths, outliers, cfg.claq_row_scale, bias, cfg.claq_codebook_bits)
     fits = lambda widths: size(widths) <= budget
     lo = next((b for b in range(8, -1, -1) if fits(torch.full((n_g,), b, dtype=torch.long))), None)
     if lo is None:
@@ -152,7 +155,8 @@ class _CodebookColumns(ColumnQuantizer):
         self.n_out = torch.stack([p.outliers for p in plans]).to(dev)  # [P, in]
         self.kmax = int(self.k.max())
         self.codes = torch.zeros(rows, cols, dtype=torch.uint8, device=dev)
-        self.cb = torch.full((cols, P, self.kmax), float("inf"), device=dev)  # fp16-rounded values
+        self.cb = torch.full((cols, P, self.kmax), float("inf"), device=dev)  # values as stored
+        self.cb_range = torch.zeros(cols, P, 2, dtype=torch.float16, device=dev)  # 8-bit codebooks: lo, step
         self.out_mask = torch.zeros(rows, cols, dtype=torch.bool, device=dev)
         self.static = static  # [cols, P, kmax] fixed codebooks (shared codebooks), or None
 
@@ -175,7 +179,8 @@ class _CodebookColumns(ColumnQuantizer):
         x, w, _ = self._prep(W1[:, self.idx], cols)
         P, m = self.idx.shape
         k = self.k[:, cols].t().reshape(-1)
-        cb = kmeans_1d(x.reshape(b * P, m), k, w.reshape(b * P, m), iters=self.cfg.claq_kmeans_iters)
+        # no split-merge rounds here: the per-column refinement follows (rounds cost 3-5x, gain < 1%)
+        cb = kmeans_1d(x.reshape(b * P, m), k, w.reshape(b * P, m), iters=self.cfg.claq_kmeans_iters, rounds=0)
         self.block_cb = cb.view(b, P, -1)
 
     def column(self, i: int, w: torch.Tensor) -> torch.Tensor:
@@ -186,7 +191,11 @@ class _CodebookColumns(ColumnQuantizer):
         cb = self.block_cb[i]
         if self.static is None and self.cfg.claq_refine_iters > 0:
             cb = kmeans_1d(x, self.k[:, j], wt, iters=self.cfg.claq_refine_iters, init=cb)
-        cb = cb.to(torch.float16).to(torch.float32)  # stored values; inf stays inf
+        if self.cfg.claq_codebook_bits == 8:
+            cb, lo, step = compact_codebooks(cb)
+            self.cb_range[j, :, 0], self.cb_range[j, :, 1] = lo, step
+        else:
+            cb = cb.to(torch.float16).to(torch.float32)  # stored values; inf stays inf
         code = nearest(x, cb)
         q = cb.gather(1, code) * self.r
         q = torch.where(mask, X[0].to(torch.float16).to(torch.float32), q)
@@ -206,10 +215,16 @@ class _CodebookColumns(ColumnQuantizer):
             widths = plan.widths
             first = torch.arange(widths.numel()) * share  # each group's codebook = its first column's
             sizes = (1 << widths).tolist()
-            book = torch.cat([self.cb[c, p, :s] for c, s in zip(first.tolist(), sizes)]).to(torch.float16)
+            rng = None
+            if self.cfg.claq_codebook_bits == 8:
+                rng = self.cb_range[first, p]  # [n_groups, 2]
+                book = entries_of(self.cb[first, p], rng[:, 0], rng[:, 1])
+                book = torch.cat([book[g, :s] for g, s in enumerate(sizes)])
+            else:
+                book = torch.cat([self.cb[c, p, :s] for c, s in zip(first.tolist(), sizes)]).to(torch.float16)
             mask = self.out_mask[a:b]
             wt = CodebookWeight(self.codes[a:b].clone(), widths.to(torch.uint8), book, share,
-                                None if scales[p] is None else scales[p].to(torch.float16))
+                                None if scales[p] is None else scales[p].to(torch.float16), codebook_range=rng)
             if bool(mask.any()):
                 cr = torch.nonzero(mask.t())  # (col, row) sorted by column then row
                 wt.outlier_count = mask.sum(0).to(index_dtype(b - a))
