@@ -1,5 +1,6 @@
-"""The pipeline on an NVIDIA GPU: compress a tiny random Llama with GPTQ on CUDA, save, reload on
-CUDA, check bit-exact reload and generate. Run on the device machine:
+"""The pipeline on an NVIDIA GPU: compress a tiny random Llama with GPTQ and CLAQ on CUDA, save,
+reload on CUDA, check bit-exact reload and generate; then CLAQ on one default-model-sized layer on
+CUDA vs CPU. Run on the device machine:
 
     PYTHONPATH=src python3 bench/cuda_smoke.py
 """
@@ -25,13 +26,16 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp())
     src = save_tiny_model_dir(tmp / "tiny", "llama", hidden=256, intermediate=704, layers=4)
     (src / "eval.txt").write_text("\n\n".join(read_documents(None)[100:160]))
-    for bits in (4, 3, 2):
+    jobs = [(f"{b}-bit g64", dict(bits=b, group_size=64)) for b in (4, 3, 2)]
+    jobs += [("claq 3.1 bpw", dict(method="claq", target_bits=3.1)),
+             ("claq 2-bit +0.5% outliers", dict(method="claq", bits=2, claq_outlier_frac=0.005))]
+    for label, kw in jobs:
         model, tok, mid = load_model(str(src))
-        cfg = rdquant.CompressConfig(bits=bits, group_size=64, calib_samples=64, calib_seqlen=256, device="cuda")
+        cfg = rdquant.CompressConfig(calib_samples=64, calib_seqlen=256, device="cuda", **kw)
         t0 = time.perf_counter()
         cm = rdquant.compress(model, cfg, tokenizer=tok, model_id=mid, progress=False)
         t = time.perf_counter() - t0
-        out = cm.save(tmp / f"w{bits}")
+        out = cm.save(tmp / label.replace(" ", "_"))
         loaded = rdquant.load(out, device="cuda")
         exact = all(torch.equal(m.dequantized_weight().cpu(), loaded.get_submodule(n).dequantized_weight().cpu())
                     for n, m in cm.model.named_modules() if isinstance(m, QuantLinear))
@@ -39,11 +43,38 @@ def main() -> None:
         ppl = rdquant.evaluate(str(out), data=str(src / "eval.txt"), seqlen=128, max_windows=4,
                                device="cuda", progress=False).ppl
         rep = rdquant.inspect(out)
-        print(f"{bits}-bit g64 on cuda: compress {t:.1f} s, {rep.bits_per_weight:.3f} bpw, "
-              f"GPTQ/RTN proxy error {gain:.3f}, reload exact={exact}, ppl(eval text)={ppl:.2f}, "
+        print(f"{label} on cuda: compress {t:.1f} s, {rep.bits_per_weight:.3f} bpw, "
+              f"method/plain-rounding proxy error {gain:.3f}, reload exact={exact}, ppl(eval text)={ppl:.2f}, "
               f"model on {next(loaded.parameters()).device}")
     enc = tok("the", return_tensors="pt").to("cuda")
     print("generate:", loaded.generate(**enc, max_new_tokens=8, do_sample=False, pad_token_id=tok.eos_token_id).shape)
+    claq_layer()
+
+
+def claq_layer() -> None:
+    """CLAQ on a 1536 x 576 layer (gate/up-sized) on CUDA and on CPU: time and proxy error."""
+    from rdquant.methods.claq import claq_quantize
+    from rdquant.methods.gptq import gptq_quantize, proxy_error
+
+    g = torch.Generator().manual_seed(0)
+    W = torch.distributions.StudentT(4.0).sample((1536, 576)) * 0.02
+    X = torch.randn(576, 4096, generator=g) * (torch.rand(576, 1, generator=g) * 2)
+    H = 2 * X @ X.t() / X.shape[1]
+    cfg = rdquant.CompressConfig(method="claq", target_bits=3.1)
+    for dev in ("cuda", "cpu"):
+        Wd, Hd = W.to(dev), H.to(dev)
+        claq_quantize(Wd[:64], Hd, cfg)  # warm-up
+        if dev == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        (q,), _ = claq_quantize(Wd, Hd, cfg)
+        if dev == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter() - t0
+        err = proxy_error(W, q.dequantize().cpu(), H)
+        ref, _ = gptq_quantize(Wd, Hd, rdquant.CompressConfig(bits=3, group_size=64))
+        print(f"claq 3.1 bpw, 1536x576 layer on {dev}: {t:.2f} s, proxy error {err:.4g} "
+              f"(gptq 3-bit g64: {proxy_error(W, ref.dequantize().cpu(), H):.4g})")
 
 
 if __name__ == "__main__":

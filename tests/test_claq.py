@@ -9,7 +9,7 @@ import rdquant
 from rdquant.config import CompressConfig
 from rdquant.errors import RdquantError
 from rdquant.kmeans import distortion, kmeans_1d, nearest
-from rdquant.methods.claq import ColumnPlan, claq_quantize, layer_bits, plan_columns
+from rdquant.methods.claq import claq_quantize, layer_bits, plan_columns
 from rdquant.methods.gptq import ColumnQuantizer, gptq_sweep, prepare_hessian, proxy_error
 from rdquant.models import load_model
 from rdquant.qcodebook import CodebookWeight, pack_segments, unpack_segments

@@ -33,6 +33,7 @@ class CompressConfig:
     # None = every column `bits` wide
     target_bits: float | None = None
     # CLAQ (Wang et al. 2024): column K-means codebooks inside GPTQ
+    claq_policy: str = "outlier"  # column widths under --target-bits: outlier (CLAQ) | rd (water-filling)
     claq_high_bits: int = 0  # adaptive precision: promoted columns' width; 0 = low + 1 (CLAQ used 4)
     claq_outlier_factor: float = 13.0  # |w| > factor * mean|W| counts as an outlier (column ranking)
     claq_outlier_frac: float = 0.0  # share of entries kept in fp16 (outlier reservation), e.g. 0.005
@@ -73,6 +74,8 @@ class CompressConfig:
             raise RdquantError(f"--target-bits is not supported by method {self.method}; use --bits")
         if self.claq_high_bits not in (0, *BITS) or self.claq_share < 1 or not 0 <= self.claq_outlier_frac < 0.5:
             raise RdquantError("claq: need high bits 0 (low + 1) or 2..8, share >= 1 and outlier fraction in [0, 0.5)")
+        if self.claq_policy not in ("outlier", "rd"):
+            raise RdquantError("claq: policy must be outlier or rd")
         if self.claq_codebook_bits not in (8, 16):
             raise RdquantError("claq: codebook bits must be 8 or 16")
         if self.claq_kmeans_iters < 1 or self.claq_refine_iters < 0 or self.claq_outlier_factor <= 0:

@@ -173,6 +173,8 @@ class CodebookWeight:
         kept): plain rounding on this grid, the "before" of the method's error compensation."""
         from .kmeans import nearest
 
+        if W.device.type != "cpu":  # a logging aid: computed on the CPU
+            return self.to_cpu().round_to_grid(W.cpu()).to(W.device)
         out_f, in_f = self.shape
         x = W.to(torch.float32)
         if self.row_scale is not None:
@@ -186,6 +188,11 @@ class CodebookWeight:
         cb = cb.sort(dim=1).values
         c = nearest(x.t().contiguous(), cb)  # [in, out]
         return self.finish(cb.gather(1, c).t().contiguous())
+
+    def to_cpu(self) -> "CodebookWeight":
+        return CodebookWeight(**{f: (getattr(self, f).cpu() if isinstance(getattr(self, f), torch.Tensor) else getattr(self, f))
+                                 for f in ("codes", "widths", "codebook", "share", "row_scale", "outlier_count",
+                                           "outlier_row", "outlier_val", "codebook_range")})
 
     def rows(self, start: int, stop: int) -> "CodebookWeight":
         raise NotImplementedError("codebook weights are made per layer; stacked layers are never split")

@@ -21,7 +21,7 @@ from .ecsq import RateControl, ecsq_quantize, plan_rate
 from .gptq import gptq_quantize
 from .rtn import rtn_quantize
 
-Result = tuple["QuantizedWeight | list[Any]", list[str]]
+Result = tuple[QuantizedWeight | list[Any], list[str]]
 
 
 @dataclass(frozen=True)

@@ -107,6 +107,8 @@ def plan_columns(W: torch.Tensor, h_diag: torch.Tensor, cfg: CompressConfig, bia
             f"--target-bits {cfg.target_bits} cannot be met for a {rows}x{in_f} layer even at width 0 "
             f"(side information alone is {size(torch.zeros(n_g, dtype=torch.long)) / (rows * in_f):.3f} bits/weight)"
         )
+    if cfg.claq_policy == "rd":
+        return ColumnPlan(_rd_widths(W, h_diag, cfg, outliers, budget - size(torch.zeros(n_g, dtype=torch.long)), rows), outliers)
     widths = torch.full((n_g,), lo, dtype=torch.long)
     hi = cfg.claq_high_bits if cfg.claq_high_bits > lo else lo + 1
     if lo < 8:
@@ -119,6 +121,33 @@ def plan_columns(W: torch.Tensor, h_diag: torch.Tensor, cfg: CompressConfig, bia
             a, z = (mid, z) if fits(w) else (a, mid - 1)
         widths[g_order[:a]] = hi
     return ColumnPlan(widths, outliers)
+
+
+def _rd_widths(W: torch.Tensor, h_diag: torch.Tensor, cfg: CompressConfig, outliers: torch.Tensor,
+               budget: float, rows: int) -> torch.Tensor:
+    """Column precision by rate-distortion (allocate.waterfill): group g's distortion at width b is
+    modelled as H_jj-weighted variance x kappa(b), its rate as codes + codebook at b; `budget` is what
+    is left above the all-width-0 size."""
+    rows_, in_f = W.shape
+    share = cfg.claq_share
+    n_g = -(-in_f // share)
+    Wc = W.to(torch.float64)
+    var = (Wc - Wc.mean(0, keepdim=True)).square().sum(0)  # per column, summed over rows
+    var = var * (1 - outliers.to(torch.float64) / rows).clamp_min(0)  # reserved entries cost nothing
+    weight = torch.zeros(n_g, dtype=torch.float64).index_add_(0, torch.arange(in_f) // share,
+                                                             var * h_diag.to(torch.float64))
+    cols = torch.full((n_g,), share, dtype=torch.float64)
+    cols[-1] = in_f - share * (n_g - 1)
+    b = torch.arange(9, dtype=torch.float64)
+    cb = (2.0 ** b) * cfg.claq_codebook_bits  # codebook bits at width b, above width 0's
+    rate = rows * cols[:, None] * b[None, :] + (cb - cb[0])[None, :]
+    from ..allocate import waterfill
+
+    widths = waterfill(weight, rate, budget)
+    total = lambda w: layer_bits(rows, in_f, share, w, outliers, cfg.claq_row_scale, False, cfg.claq_codebook_bits)
+    while budget >= 0 and total(widths) - total(torch.zeros_like(widths)) > budget and bool((widths > 0).any()):
+        widths[int(torch.argmax(torch.where(widths > 0, -weight, -float("inf"))))] -= 1  # packing pad
+    return widths
 
 
 def _outlier_mask(X: torch.Tensor, valid: torch.Tensor, n_top: torch.Tensor, n_bot: torch.Tensor) -> torch.Tensor:
@@ -252,8 +281,8 @@ def _static_codebooks(W: torch.Tensor, cq: _CodebookColumns, h_diag: torch.Tenso
     w = w * h_diag[:, None, None].clamp_min(0) if cfg.claq_hessian_weight else w
     pad = n_g * share - cols
     if pad:
-        x = torch.cat([x, torch.zeros(pad, P, m)], 0)
-        w = torch.cat([w, torch.zeros(pad, P, m)], 0)
+        x = torch.cat([x, x.new_zeros(pad, P, m)], 0)
+        w = torch.cat([w, w.new_zeros(pad, P, m)], 0)
     xg = x.view(n_g, share, P, m).permute(0, 2, 1, 3).reshape(n_g * P, share * m)
     wg = w.view(n_g, share, P, m).permute(0, 2, 1, 3).reshape(n_g * P, share * m)
     k = cq.k[:, ::share].t().reshape(-1)
@@ -275,7 +304,7 @@ def claq_quantize(
         a += n
     W, H, dead = prepare_hessian(W, H, notes)
     h_diag = torch.diagonal(H).clone()
-    plans = [plan_columns(W[a:b], h_diag, cfg, bias) for (a, b), (_, bias) in zip(bounds, parts)]
+    plans = [plan_columns(W[a:b].cpu(), h_diag.cpu(), cfg, bias) for (a, b), (_, bias) in zip(bounds, parts)]
     scales = [_row_scales(W[a:b]) if cfg.claq_row_scale else None for a, b in bounds]
     cq = _CodebookColumns(W, bounds, plans, scales, cfg)
     if cfg.claq_share > 1:
