@@ -143,7 +143,7 @@ def test_outlier_reservation_count_and_storage_are_exact():
     big = Q[cw.outlier_row.long(), cols].abs().max()
     assert big >= 0.4  # the planted 0.5s are among them
     nbytes = sum(v.numel() * v.element_size() for v in st.values())
-    assert 8 * nbytes == layer_bits(200, 64, 1, plan.widths, plan.outliers, cfg.claq_row_scale, False, cfg.claq_codebook_bits)
+    assert 8 * nbytes == layer_bits(200, 64, 1, plan.widths, plan.outliers, 1, False, cfg.claq_codebook_bits)
 
 
 @pytest.mark.parametrize("target", [2.2, 3.1, 4.1])
@@ -152,7 +152,7 @@ def test_plan_meets_the_all_in_target_and_promotes_outlier_columns(target):
     W = torch.randn(576, 192, generator=g) * 0.02
     W[:, 7] *= 40  # a column full of outliers
     h = torch.rand(192, generator=g) + 0.5
-    cfg = CompressConfig(method="claq", target_bits=target, claq_outlier_frac=0.002)
+    cfg = CompressConfig(method="claq", target_bits=target, claq_outlier_frac=0.002, claq_policy="outlier")
     plan = plan_columns(W, h, cfg)
     bits = plan.bits(576, 192, cfg)
     assert bits <= target * W.numel()
@@ -176,7 +176,8 @@ def test_config_validation_for_claq():
         CompressConfig(method="claq", claq_share=0)
 
 
-@pytest.mark.parametrize("extra", [dict(target_bits=3.6, claq_outlier_frac=0.01), dict(bits=2, claq_share=4, claq_row_scale=True)])
+@pytest.mark.parametrize("extra", [dict(target_bits=3.6, claq_outlier_frac=0.01),
+                                   dict(bits=2, claq_share=4, claq_scale_group=24, claq_codebook_bits=16)])
 def test_claq_save_load_is_bit_exact(tiny_model_dir, tmp_path, extra):
     model, tok, mid = load_model(str(tiny_model_dir))
     cfg = CompressConfig(method="claq", calib_samples=8, calib_seqlen=64, batch_size=4, **extra)
@@ -201,3 +202,27 @@ def test_claq_save_load_is_bit_exact(tiny_model_dir, tmp_path, extra):
     with torch.no_grad():
         assert torch.equal(rdquant.load(coded)(x).logits, cm.model(x).logits)
     assert rdquant.inspect(coded).quantized_stored_bytes < rep.quantized_bytes
+
+
+def test_rd_policy_meets_the_target_and_favours_sensitive_columns():
+    g = torch.Generator().manual_seed(4)
+    W = torch.randn(576, 192, generator=g) * 0.02
+    h = torch.ones(192)
+    h[:16] = 50.0  # inputs that matter far more
+    cfg = CompressConfig(method="claq", target_bits=3.1, claq_policy="rd")
+    plan = plan_columns(W, h, cfg)
+    bits = plan.bits(576, 192, cfg)
+    assert (3.1 - 0.05) * W.numel() < bits <= 3.1 * W.numel()
+    assert plan.widths[:16].float().mean() >= plan.widths[16:].float().mean() + 1.5  # ~1/2 log2(50) = 2.8 more
+
+
+def test_row_scales_per_column_group_round_trip():
+    g = torch.Generator().manual_seed(5)
+    W = torch.randn(40, 100, generator=g) * torch.rand(40, 1, generator=g)
+    X = torch.randn(100, 256, generator=g)
+    H = 2 * X @ X.t() / 256
+    cfg = CompressConfig(method="claq", bits=3, claq_scale_group=32)
+    (cw,), _ = claq_quantize(W, H, cfg)
+    assert tuple(cw.row_scale.shape) == (40, 4)  # ragged last group of 4 columns
+    back = CodebookWeight.from_packed(cw.packed_state(), (40, 100), 1, 32)
+    assert torch.equal(back.dequantize(), cw.dequantize())

@@ -55,3 +55,19 @@ def test_one_line_errors(tiny_model_dir, tmp_path):
                                               "--out", str(tmp_path / "o")])
     assert "not an rdquant artifact" in _error(["inspect", str(tmp_path)])
     assert "--resume" in _error(["compress", "--model", str(tiny_model_dir), "--resume", "--out", str(tmp_path / "o")])
+
+
+def test_claq_from_the_command_line(tiny_model_dir, text_file, tmp_path):
+    out = tmp_path / "c"
+    r = runner.invoke(app, ["compress", "--model", str(tiny_model_dir), "--method", "claq", "--target-bits", "3.5",
+                            "--outlier-frac", "0.01", "--column-policy", "outlier", "--calib", str(text_file),
+                            "--calib-samples", "4", "--calib-seqlen", "32", "--out", str(out), "--no-progress"])
+    assert r.exit_code == 0, r.output
+    assert "codebooks" in r.output and "outliers" in r.output
+    rep = json.loads(runner.invoke(app, ["inspect", str(out), "--json"]).output)
+    assert rep["bits_per_weight"] <= 3.5 and rep["split_bits_per_weight"]["outliers"] > 0
+    assert "cannot be met" in _error(["compress", "--model", str(tiny_model_dir), "--method", "claq",
+                                      "--target-bits", "0.2", "--calib", str(text_file), "--calib-samples", "4",
+                                      "--calib-seqlen", "32", "--out", str(tmp_path / "o")])
+    assert "not supported" in _error(["compress", "--model", str(tiny_model_dir), "--target-bits", "3",
+                                      "--out", str(tmp_path / "o")])

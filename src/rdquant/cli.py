@@ -55,6 +55,8 @@ def compress(
                                                  help="claq: share of weights kept in fp16, e.g. 0.002  [default: 0]"),
     codebook_share: Optional[int] = typer.Option(None, "--codebook-share",
                                                  help="claq: columns per codebook  [default: 1]"),
+    column_policy: Optional[str] = typer.Option(None, "--column-policy",
+                                                help="claq, with --target-bits: rd (water-filling) | outlier (CLAQ's rule)  [default: rd]"),
     high_bits: Optional[int] = typer.Option(None, "--high-bits", help="claq: width of promoted columns, 0 = the low width + 1  [default: 0]"),
     row_scale: Optional[bool] = typer.Option(None, "--row-scale/--no-row-scale",
                                              help="claq: fp16 row scales, codebooks on row-normalised values  [default: on]"),
@@ -88,6 +90,7 @@ def compress(
 
     given = dict(method=method, bits=bits, target_coded_bits=target_coded_bits, target_bits=target_bits,
                  claq_outlier_frac=outlier_frac, claq_share=codebook_share, claq_high_bits=high_bits,
+                 claq_policy=column_policy,
                  claq_row_scale=row_scale, group_size=group_size, symmetric=symmetric, act_order=act_order,
                  damp_percent=damp_percent, clip_search=clip_search, calib=calib, calib_samples=calib_samples,
                  calib_seqlen=calib_seqlen, seed=seed, batch_size=batch_size, device=device)
@@ -158,7 +161,8 @@ def inspect_cmd(
     if as_json:
         typer.echo(json.dumps({"bits_per_weight": rep.bits_per_weight, "total_bytes": rep.total_bytes,
                                "quantized_params": rep.quantized_params, "quantized_bytes": rep.quantized_bytes,
-                               "dense_bytes": rep.dense_bytes, "compression_ratio": rep.compression_ratio}))
+                               "dense_bytes": rep.dense_bytes, "compression_ratio": rep.compression_ratio,
+                               "split_bits_per_weight": rep.split_bits()}))
     else:
         typer.echo(rep.table(per_layer=layers))
 

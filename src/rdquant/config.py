@@ -33,13 +33,14 @@ class CompressConfig:
     # None = every column `bits` wide
     target_bits: float | None = None
     # CLAQ (Wang et al. 2024): column K-means codebooks inside GPTQ
-    claq_policy: str = "outlier"  # column widths under --target-bits: outlier (CLAQ) | rd (water-filling)
+    claq_policy: str = "rd"  # column widths under --target-bits: rd (water-filling) | outlier (CLAQ's rule)
     claq_high_bits: int = 0  # adaptive precision: promoted columns' width; 0 = low + 1 (CLAQ used 4)
     claq_outlier_factor: float = 13.0  # |w| > factor * mean|W| counts as an outlier (column ranking)
     claq_outlier_frac: float = 0.0  # share of entries kept in fp16 (outlier reservation), e.g. 0.005
     claq_share: int = 1  # columns per codebook; > 1: shared codebooks fixed up front, H_jj-weighted
     claq_codebook_bits: int = 8  # 8: uint8 entries + fp16 (lo, step) per codebook; 16: fp16 values
     claq_row_scale: bool = True  # fp16 per-row scale (RMS), codebooks on row-normalised values
+    claq_scale_group: int = -1  # row scales per group of this many columns (-1: one per row)
     claq_kmeans_iters: int = 20  # Lloyd steps of the batched per-block K-means
     claq_refine_iters: int = 4  # Lloyd steps on each column's up-to-date values when the sweep reaches it
     claq_hessian_weight: bool = True  # shared codebooks: weight each column's values by H_jj
@@ -74,6 +75,8 @@ class CompressConfig:
             raise RdquantError(f"--target-bits is not supported by method {self.method}; use --bits")
         if self.claq_high_bits not in (0, *BITS) or self.claq_share < 1 or not 0 <= self.claq_outlier_frac < 0.5:
             raise RdquantError("claq: need high bits 0 (low + 1) or 2..8, share >= 1 and outlier fraction in [0, 0.5)")
+        if self.claq_scale_group != -1 and (self.claq_scale_group < 8 or self.claq_scale_group % 8):
+            raise RdquantError("claq: scale group must be -1 (per row) or a multiple of 8")
         if self.claq_policy not in ("outlier", "rd"):
             raise RdquantError("claq: policy must be outlier or rd")
         if self.claq_codebook_bits not in (8, 16):

@@ -1,7 +1,7 @@
 """The column-codebook layout (CLAQ and any method with per-column widths; docs/FORMAT.md).
 
 A weight W (out x in) is stored as
-    W[r, c] = codebook[offset(c) + codes[r, c]] * row_scale[r]      (row_scale optional, else 1)
+    W[r, c] = codebook[offset(c) + codes[r, c]] * row_scale[r, c // scale_group]   (optional, else 1)
 except at the reserved outliers, which are stored exactly (fp16) and overwrite the codebook value.
 Columns are taken `share` at a time (share = 1: one codebook per column); codebook group k has width
 widths[k] in 0..8 bits and 2**widths[k] entries, laid end to end in `codebook`: fp16 values, or
@@ -101,11 +101,12 @@ class CodebookWeight:
     widths: torch.Tensor  # [n_codebooks] uint8
     codebook: torch.Tensor  # [sum 2**widths] float16, or uint8 entries with codebook_range
     share: int = 1
-    row_scale: torch.Tensor | None = None  # [out] float16
+    row_scale: torch.Tensor | None = None  # [out, n_scale_groups] float16
     outlier_count: torch.Tensor | None = None  # [in] per column
     outlier_row: torch.Tensor | None = None  # [n] sorted by (column, row)
     outlier_val: torch.Tensor | None = None  # [n] float16
     codebook_range: torch.Tensor | None = None  # [n_codebooks, 2] float16 (lo, step) of 8-bit codebooks
+    scale_group: int = -1  # columns per row scale (-1: one per row)
 
     layout = "codebook"
 
@@ -135,7 +136,7 @@ class CodebookWeight:
     def spec(self) -> dict:
         """What the manifest records so the runtime can allocate the layer's buffers."""
         return {"layout": "codebook", "share": self.share, "row_scale": self.row_scale is not None,
-                "codebook_bits": 16 if self.codebook_range is None else 8,
+                "codebook_bits": 16 if self.codebook_range is None else 8, "scale_group": self.scale_group,
                 "outliers": self.n_outliers, "mean_width": round(self.mean_width(), 4)}
 
     def outlier_cols(self) -> torch.Tensor:
@@ -160,10 +161,16 @@ class CodebookWeight:
     def finish(self, W: torch.Tensor) -> torch.Tensor:
         """Apply row scales and put the outliers back (in place on W, float32)."""
         if self.row_scale is not None:
-            W.mul_(self.row_scale.to(torch.float32)[:, None])
+            W.mul_(self.scales_full())
         if self.n_outliers:
             W[self.outlier_row.to(torch.long), self.outlier_cols()] = self.outlier_val.to(torch.float32)
         return W
+
+    def scales_full(self) -> torch.Tensor:
+        """Row scales broadcast to [out, in], float32."""
+        from .qtensor import expand_groups
+
+        return expand_groups(self.row_scale.to(torch.float32).reshape(self.shape[0], -1), self.shape[1], self.scale_group)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return self.finish(self.lookup(self.codes)).to(dtype)
@@ -178,7 +185,7 @@ class CodebookWeight:
         out_f, in_f = self.shape
         x = W.to(torch.float32)
         if self.row_scale is not None:
-            x = x / self.row_scale.to(torch.float32)[:, None]
+            x = x / self.scales_full()
         cw = column_widths(self.widths, self.share, in_f)
         off = column_offsets(self.widths, self.share, in_f)
         kmax = 1 << int(cw.max())
@@ -192,7 +199,7 @@ class CodebookWeight:
     def to_cpu(self) -> "CodebookWeight":
         return CodebookWeight(**{f: (getattr(self, f).cpu() if isinstance(getattr(self, f), torch.Tensor) else getattr(self, f))
                                  for f in ("codes", "widths", "codebook", "share", "row_scale", "outlier_count",
-                                           "outlier_row", "outlier_val", "codebook_range")})
+                                           "outlier_row", "outlier_val", "codebook_range", "scale_group")})
 
     def rows(self, start: int, stop: int) -> "CodebookWeight":
         raise NotImplementedError("codebook weights are made per layer; stacked layers are never split")
@@ -216,7 +223,8 @@ class CodebookWeight:
         return state
 
     @classmethod
-    def from_packed(cls, state: dict[str, torch.Tensor], shape: tuple[int, int], share: int) -> "CodebookWeight":
+    def from_packed(cls, state: dict[str, torch.Tensor], shape: tuple[int, int], share: int,
+                    scale_group: int = -1) -> "CodebookWeight":
         out_f, in_f = shape
         widths = state["widths"]
         n_cb = -(-in_f // share)
@@ -231,7 +239,12 @@ class CodebookWeight:
         cw = column_widths(widths, share, in_f).to(codes.device)
         if bool((codes.to(torch.long) >= (1 << cw)[None, :]).any()):
             raise ValueError("codes out of range for their column widths")
-        w = cls(codes, widths, state["codebook"], share, state.get("row_scale"))
+        w = cls(codes, widths, state["codebook"], share, state.get("row_scale"), scale_group=scale_group)
+        if w.row_scale is not None:
+            from .qtensor import num_groups
+
+            if w.row_scale.numel() != out_f * num_groups(in_f, scale_group):
+                raise ValueError(f"row_scale has {w.row_scale.numel()} values, expected {out_f * num_groups(in_f, scale_group)}")
         if "codebook_range" in state:
             if tuple(state["codebook_range"].shape) != (n_cb, 2):
                 raise ValueError(f"codebook_range has shape {tuple(state['codebook_range'].shape)}, expected {(n_cb, 2)}")

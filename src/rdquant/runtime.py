@@ -122,7 +122,8 @@ class QuantLinear(nn.Module):
         self.materialize()
         if self.layout == "codebook":
             state = {k: getattr(self, k) for k in self.buffer_names}
-            return CodebookWeight.from_packed(state, (self.out_features, self.in_features), self.group_size)
+            return CodebookWeight.from_packed(state, (self.out_features, self.in_features), self.group_size,
+                                              self.spec.get("scale_group", -1))
         state = {"qweight": self.qweight, "scales": self.scales}
         if self.qzeros is not None:
             state["qzeros"] = self.qzeros

@@ -24,6 +24,7 @@ from ..errors import RdquantError
 from ..kmeans import kmeans_1d, nearest
 from ..packing import packed_nbytes
 from ..qcodebook import CodebookWeight, compact_codebooks, entries_of, index_dtype
+from ..qtensor import num_groups
 from .gptq import ColumnQuantizer, gptq_sweep, prepare_hessian
 
 TOP_SHARE = 0.1  # CLAQ's outlier reservation: the top 10% of columns (by outlier count) ...
@@ -39,11 +40,16 @@ class ColumnPlan:
 
     def bits(self, rows: int, in_features: int, cfg: CompressConfig, bias: bool = False) -> float:
         """All-in bits of the layer under this plan, as the artifact will store it."""
-        return float(layer_bits(rows, in_features, cfg.claq_share, self.widths, self.outliers, cfg.claq_row_scale,
+        return float(layer_bits(rows, in_features, cfg.claq_share, self.widths, self.outliers, n_scales(in_features, cfg),
                                 bias, cfg.claq_codebook_bits))
 
 
-def layer_bits(rows: int, in_f: int, share: int, widths: torch.Tensor, outliers: torch.Tensor, row_scale: bool,
+def n_scales(in_f: int, cfg: CompressConfig) -> int:
+    """fp16 row scales stored per row (0 without row scales)."""
+    return num_groups(in_f, cfg.claq_scale_group) if cfg.claq_row_scale else 0
+
+
+def layer_bits(rows: int, in_f: int, share: int, widths: torch.Tensor, outliers: torch.Tensor, scales_per_row: int,
                bias: bool = False, codebook_bits: int = 16) -> int:
     """Exact stored bits: packed codes per width, codebooks (fp16 values, or uint8 entries + fp16 lo and
     step each), uint8 widths, row scales, outliers, and the layer's 16-bit bias (counted with the
@@ -56,7 +62,7 @@ def layer_bits(rows: int, in_f: int, share: int, widths: torch.Tensor, outliers:
             total += 8 * packed_nbytes(rows * int(cols_per[widths == b].sum()), int(b))
     total += codebook_bits * int((torch.ones_like(widths) << widths).sum()) + 8 * widths.numel()
     total += 32 * widths.numel() if codebook_bits == 8 else 0
-    total += 16 * rows if row_scale else 0
+    total += 16 * rows * scales_per_row
     total += 16 * rows if bias else 0
     n = int(outliers.sum())
     if n:
@@ -99,7 +105,7 @@ def plan_columns(W: torch.Tensor, h_diag: torch.Tensor, cfg: CompressConfig, bia
     if cfg.target_bits is None:
         return ColumnPlan(torch.full((n_g,), cfg.bits, dtype=torch.long), outliers)
     budget = cfg.target_bits * rows * in_f
-    size = lambda widths: layer_bits(rows, in_f, share, widths, outliers, cfg.claq_row_scale, bias, cfg.claq_codebook_bits)
+    size = lambda widths: layer_bits(rows, in_f, share, widths, outliers, n_scales(in_f, cfg), bias, cfg.claq_codebook_bits)
     fits = lambda widths: size(widths) <= budget
     lo = next((b for b in range(8, -1, -1) if fits(torch.full((n_g,), b, dtype=torch.long))), None)
     if lo is None:
@@ -144,7 +150,7 @@ def _rd_widths(W: torch.Tensor, h_diag: torch.Tensor, cfg: CompressConfig, outli
     from ..allocate import waterfill
 
     widths = waterfill(weight, rate, budget)
-    total = lambda w: layer_bits(rows, in_f, share, w, outliers, cfg.claq_row_scale, False, cfg.claq_codebook_bits)
+    total = lambda w: layer_bits(rows, in_f, share, w, outliers, n_scales(in_f, cfg), False, cfg.claq_codebook_bits)
     while budget >= 0 and total(widths) - total(torch.zeros_like(widths)) > budget and bool((widths > 0).any()):
         widths[int(torch.argmax(torch.where(widths > 0, -weight, -float("inf"))))] -= 1  # packing pad
     return widths
@@ -172,13 +178,15 @@ class _CodebookColumns(ColumnQuantizer):
         P, m = len(parts), max(b - a for a, b in parts)
         self.idx = torch.zeros(P, m, dtype=torch.long, device=dev)
         self.valid = torch.zeros(P, m, dtype=torch.bool, device=dev)
-        self.r = torch.ones(P, m, device=dev)
+        n_sg = max([1] + [s_.shape[1] for s_ in scales if s_ is not None])
+        self.R = torch.ones(P, m, n_sg, device=dev)  # row scale of (part, row, scale group)
         for p, (a, b) in enumerate(parts):
             self.idx[p, : b - a] = torch.arange(a, b, device=dev)
             self.valid[p, : b - a] = True
             if scales[p] is not None:
-                self.r[p, : b - a] = scales[p].to(dev, torch.float32)
-        self.w2 = self.r.square() * self.valid
+                self.R[p, : b - a] = scales[p].to(dev, torch.float32)
+        sg = cfg.claq_scale_group if cfg.claq_scale_group > 0 else cols
+        self.sgroup = [j // sg for j in range(cols)]
         share = cfg.claq_share
         self.k = torch.stack([(1 << p.widths.repeat_interleave(share)[:cols]) for p in plans]).to(dev)  # [P, in]
         self.n_out = torch.stack([p.outliers for p in plans]).to(dev)  # [P, in]
@@ -189,15 +197,16 @@ class _CodebookColumns(ColumnQuantizer):
         self.out_mask = torch.zeros(rows, cols, dtype=torch.bool, device=dev)
         self.static = static  # [cols, P, kmax] fixed codebooks (shared codebooks), or None
 
-    def _prep(self, X: torch.Tensor, cols: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """X [N, P, m] raw values -> (normalised values, K-means weights, outlier mask), all [N, P, m]."""
+    def _prep(self, X: torch.Tensor, cols: list[int]):
+        """X [N, P, m] raw values -> (normalised values, K-means weights, outlier mask, scales), all [N, P, m]."""
         N, P, m = X.shape
         n = self.n_out[:, cols].t()  # [N, P]
         n_top, n_bot = ((n + 1) // 2).reshape(-1), (n // 2).reshape(-1)
         mask = _outlier_mask(X.reshape(N * P, m), self.valid.repeat(N, 1), n_top, n_bot).view(N, P, m)
-        x = X / self.r
-        w = self.w2.expand(N, P, m) * ~mask
-        return x, w, mask
+        r = self.R[:, :, [self.sgroup[c] for c in cols]].permute(2, 0, 1)  # [N, P, m]
+        x = X / r
+        w = r.square() * self.valid * ~mask
+        return x, w, mask, r
 
     def begin_block(self, cols: list[int], W1: torch.Tensor) -> None:
         self.cols = cols
@@ -205,7 +214,7 @@ class _CodebookColumns(ColumnQuantizer):
             self.block_cb = self.static[cols]
             return
         b = len(cols)
-        x, w, _ = self._prep(W1[:, self.idx], cols)
+        x, w, _, _ = self._prep(W1[:, self.idx], cols)
         P, m = self.idx.shape
         k = self.k[:, cols].t().reshape(-1)
         # no split-merge rounds here: the per-column refinement follows (rounds cost 3-5x, gain < 1%)
@@ -215,8 +224,8 @@ class _CodebookColumns(ColumnQuantizer):
     def column(self, i: int, w: torch.Tensor) -> torch.Tensor:
         j = self.cols[i]
         X = w[self.idx][None]  # [1, P, m]
-        x, wt, mask = self._prep(X, [j])
-        x, wt, mask = x[0], wt[0], mask[0]
+        x, wt, mask, r = self._prep(X, [j])
+        x, wt, mask, r = x[0], wt[0], mask[0], r[0]
         cb = self.block_cb[i]
         if self.static is None and self.cfg.claq_refine_iters > 0:
             cb = kmeans_1d(x, self.k[:, j], wt, iters=self.cfg.claq_refine_iters, init=cb)
@@ -226,7 +235,7 @@ class _CodebookColumns(ColumnQuantizer):
         else:
             cb = cb.to(torch.float16).to(torch.float32)  # stored values; inf stays inf
         code = nearest(x, cb)
-        q = cb.gather(1, code) * self.r
+        q = cb.gather(1, code) * r
         q = torch.where(mask, X[0].to(torch.float16).to(torch.float32), q)
         out = torch.empty_like(w)
         v = self.valid
@@ -253,7 +262,8 @@ class _CodebookColumns(ColumnQuantizer):
                 book = torch.cat([self.cb[c, p, :s] for c, s in zip(first.tolist(), sizes)]).to(torch.float16)
             mask = self.out_mask[a:b]
             wt = CodebookWeight(self.codes[a:b].clone(), widths.to(torch.uint8), book, share,
-                                None if scales[p] is None else scales[p].to(torch.float16), codebook_range=rng)
+                                None if scales[p] is None else scales[p].to(torch.float16), codebook_range=rng,
+                                scale_group=self.cfg.claq_scale_group)
             if bool(mask.any()):
                 cr = torch.nonzero(mask.t())  # (col, row) sorted by column then row
                 wt.outlier_count = mask.sum(0).to(index_dtype(b - a))
@@ -263,9 +273,16 @@ class _CodebookColumns(ColumnQuantizer):
         return res
 
 
-def _row_scales(W: torch.Tensor) -> torch.Tensor:
-    """fp16 per-row scale (RMS of the row) for row-normalised codebooks; never zero."""
-    r = W.square().mean(1).sqrt()
+def _row_scales(W: torch.Tensor, group: int) -> torch.Tensor:
+    """fp16 row scales [rows, n_groups] (RMS of each row's group of columns); never zero."""
+    rows, cols = W.shape
+    G = cols if group == -1 else group
+    n = num_groups(cols, group)
+    pad = n * G - cols
+    Wp = torch.cat([W, W.new_zeros(rows, pad)], 1) if pad else W
+    cnt = torch.full((n,), float(G), device=W.device)
+    cnt[-1] = G - pad
+    r = (Wp.view(rows, n, G).square().sum(2) / cnt).sqrt()
     r = torch.where(r > 0, r, torch.ones_like(r)).to(torch.float16)
     return torch.where(r > 0, r, torch.ones_like(r))  # underflow to 0 in fp16
 
@@ -277,7 +294,7 @@ def _static_codebooks(W: torch.Tensor, cq: _CodebookColumns, h_diag: torch.Tenso
     share = cfg.claq_share
     n_g = -(-cols // share)
     P, m = cq.idx.shape
-    x, w, _ = cq._prep(W.t()[:, cq.idx], list(range(cols)))  # [cols, P, m]
+    x, w, _, _ = cq._prep(W.t()[:, cq.idx], list(range(cols)))  # [cols, P, m]
     w = w * h_diag[:, None, None].clamp_min(0) if cfg.claq_hessian_weight else w
     pad = n_g * share - cols
     if pad:
@@ -305,7 +322,7 @@ def claq_quantize(
     W, H, dead = prepare_hessian(W, H, notes)
     h_diag = torch.diagonal(H).clone()
     plans = [plan_columns(W[a:b].cpu(), h_diag.cpu(), cfg, bias) for (a, b), (_, bias) in zip(bounds, parts)]
-    scales = [_row_scales(W[a:b]) if cfg.claq_row_scale else None for a, b in bounds]
+    scales = [_row_scales(W[a:b], cfg.claq_scale_group) if cfg.claq_row_scale else None for a, b in bounds]
     cq = _CodebookColumns(W, bounds, plans, scales, cfg)
     if cfg.claq_share > 1:
         cq.static = _static_codebooks(W, cq, h_diag, cfg)
