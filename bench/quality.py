@@ -98,7 +98,8 @@ def run_rdquant(name: str, cfg: rdquant.CompressConfig, args, calib: Path) -> di
            "group_size": cfg.group_size if cfg.method != "claq" else f"col/{cfg.claq_share}",
            "bits_per_weight": rep.bits_per_weight, "coded_bits_per_weight": coded.coded_bits_per_weight, "quantized_bytes": rep.quantized_bytes,
            "disk_bytes": rep.total_bytes, "compress_seconds": seconds, "exact_reload": exact,
-           "threads": torch.get_num_threads(), "split_bits": rep.split_bits(), "name": name}
+           "threads": torch.get_num_threads(), "split_bits": rep.split_bits(), "name": name,
+           **({"policy": cfg.claq_policy} if cfg.method == "claq" and cfg.claq_policy != "rd" else {})}
     row.update(eval_row(loaded, tok, args))
     return row
 
@@ -145,6 +146,10 @@ def run_peer(kind: str, bits: int, args, calib: Path) -> dict:
     return row
 
 
+def _method(r: dict) -> str:
+    return r["method"] + (f" ({r['policy']} policy)" if r.get("policy") else "")
+
+
 def table(rows: list[dict], args) -> str:
     tokens = next((r["tokens"] for r in rows if "tokens" in r), 0)
     head = (f"WikiText-2 test, first {args.windows} windows x {args.seqlen} = {tokens:,} tokens; "
@@ -154,7 +159,7 @@ def table(rows: list[dict], args) -> str:
     for r in rows:
         fmt = lambda v, f: "-" if v is None else format(v, f)
         lines.append(
-            f"| {r['tool']} | {r['method']} | {r.get('bits', '-')} | {r.get('group_size', '-')} | {r['ppl']:.3f} | {fmt(r.get('bits_per_weight'), '.3f')} | "
+            f"| {r['tool']} | {_method(r)} | {r.get('bits', '-')} | {r.get('group_size', '-')} | {r['ppl']:.3f} | {fmt(r.get('bits_per_weight'), '.3f')} | "
             f"{fmt(r.get('coded_bits_per_weight'), '.3f')} | "
             f"{fmt(r.get('quantized_bytes'), ',')} | {fmt(r.get('disk_bytes'), ',')} | {fmt(r.get('compress_seconds'), '.0f')} | "
             f"{r.get('threads', '-')} | {'-' if r.get('exact_reload') is None else ('yes' if r['exact_reload'] else 'NO')} |"
@@ -181,7 +186,7 @@ def main() -> None:
     ap.add_argument("--claq-extra", nargs="*", default=[], metavar="KEY=VALUE",
                     help="more CompressConfig fields for claq rows, e.g. claq_outlier_frac=0.002")
     ap.add_argument("--plot", type=Path, default=ROOT / "bench" / "plots" / "ppl_vs_bits.png",
-                    help="perplexity vs all-in bits/weight of every row (log y)")
+                    help="perplexity vs all-in bits/weight of every row (log y); '' = no plot")
     ap.add_argument("--fresh", action="store_true", help="recompute cached rdquant rows")
     ap.add_argument("--rerun-peers", action="store_true", help="run the peers again instead of their cache")
     ap.add_argument("--cached-only", action="store_true", help="print the table of cached rows; run nothing")
@@ -216,7 +221,7 @@ def main() -> None:
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(rows, indent=1))
     print("\n" + table(rows, args))
-    if args.plot:
+    if str(args.plot) not in ("", "."):
         plot(rows, args.plot)
         print(f"\nplot: {args.plot}")
 
@@ -233,7 +238,7 @@ def plot(rows: list[dict], path: Path) -> None:
     for r in rows:
         if r.get("bits_per_weight") is None:
             continue
-        series.setdefault(f"{r['tool']} {r['method']}", []).append((r["bits_per_weight"], r["ppl"]))
+        series.setdefault(f"{r['tool']} {_method(r)}", []).append((r["bits_per_weight"], r["ppl"]))
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for label, pts in sorted(series.items()):
         pts.sort()
