@@ -238,7 +238,8 @@ def plot(rows: list[dict], path: Path) -> None:
     for r in rows:
         if r.get("bits_per_weight") is None:
             continue
-        series.setdefault(f"{r['tool']} {_method(r)}", []).append((r["bits_per_weight"], r["ppl"]))
+        key = "llama.cpp (Q2_K, Q3_K_M, Q4_K_M)" if r["tool"] == "llama.cpp" else f"{r['tool']} {_method(r)}"
+        series.setdefault(key, []).append((r["bits_per_weight"], r["ppl"]))
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for label, pts in sorted(series.items()):
         pts.sort()
