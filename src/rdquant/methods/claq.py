@@ -114,7 +114,7 @@ def plan_columns(W: torch.Tensor, h_diag: torch.Tensor, cfg: CompressConfig, bia
             f"(side information alone is {size(torch.zeros(n_g, dtype=torch.long)) / (rows * in_f):.3f} bits/weight)"
         )
     if cfg.claq_policy == "rd":
-        return ColumnPlan(_rd_widths(W, h_diag, cfg, outliers, budget - size(torch.zeros(n_g, dtype=torch.long)), rows), outliers)
+        return ColumnPlan(_rd_widths(W, h_diag, cfg, outliers, budget - size(torch.zeros(n_g, dtype=torch.long))), outliers)
     widths = torch.full((n_g,), lo, dtype=torch.long)
     hi = cfg.claq_high_bits if cfg.claq_high_bits > lo else lo + 1
     if lo < 8:
@@ -130,11 +130,11 @@ def plan_columns(W: torch.Tensor, h_diag: torch.Tensor, cfg: CompressConfig, bia
 
 
 def _rd_widths(W: torch.Tensor, h_diag: torch.Tensor, cfg: CompressConfig, outliers: torch.Tensor,
-               budget: float, rows: int) -> torch.Tensor:
+               budget: float) -> torch.Tensor:
     """Column precision by rate-distortion (allocate.waterfill): group g's distortion at width b is
     modelled as H_jj-weighted variance x kappa(b), its rate as codes + codebook at b; `budget` is what
     is left above the all-width-0 size."""
-    rows_, in_f = W.shape
+    rows, in_f = W.shape
     share = cfg.claq_share
     n_g = -(-in_f // share)
     Wc = W.to(torch.float64)
@@ -196,6 +196,7 @@ class _CodebookColumns(ColumnQuantizer):
         self.cb_range = torch.zeros(cols, P, 2, dtype=torch.float16, device=dev)  # 8-bit codebooks: lo, step
         self.out_mask = torch.zeros(rows, cols, dtype=torch.bool, device=dev)
         self.static = static  # [cols, P, kmax] fixed codebooks (shared codebooks), or None
+        self.Q = W.clone()  # every column's dequantized values as returned to the sweep
 
     def _prep(self, X: torch.Tensor, cols: list[int]):
         """X [N, P, m] raw values -> (normalised values, K-means weights, outlier mask, scales), all [N, P, m]."""
@@ -243,6 +244,7 @@ class _CodebookColumns(ColumnQuantizer):
         self.codes[self.idx[v], j] = code[v].to(torch.uint8)
         self.out_mask[self.idx[v], j] = mask[v]
         self.cb[j, :, : cb.shape[1]] = cb
+        self.Q[:, j] = out
         return out
 
     def result(self, Q: torch.Tensor, scales: list[torch.Tensor | None]) -> list[CodebookWeight]:
@@ -327,34 +329,16 @@ def claq_quantize(
     if cfg.claq_share > 1:
         cq.static = _static_codebooks(W, cq, h_diag, cfg)
     perm = torch.argsort(h_diag, descending=True) if cfg.act_order else torch.arange(cols)
-    Q = W.clone()
-    ok = not bool(dead.all()) and gptq_sweep(W.clone(), H, _Recording(cq, Q), perm, cfg.block_size, cfg.damp_percent, notes)
+    ok = not bool(dead.all()) and gptq_sweep(W.clone(), H, cq, perm, cfg.block_size, cfg.damp_percent, notes)
     if not ok:  # no usable Hessian: codebooks and rounding without error feedback
         notes.append("no usable Hessian: column codebooks without error compensation")
-        rec = _Recording(cq, Q)
         for i1 in range(0, cols, cfg.block_size):
             cs = list(range(i1, min(i1 + cfg.block_size, cols)))
             W1 = W[:, cs].t().contiguous()
-            rec.begin_block(cs, W1)
+            cq.begin_block(cs, W1)
             for i in range(len(cs)):
-                rec.column(i, W1[i])
+                cq.column(i, W1[i])
     widths = torch.cat([p.widths.repeat_interleave(cfg.claq_share)[:cols].float() for p in plans])
     notes.append(f"column widths {sorted(set(widths.long().tolist()))}, mean {float(widths.mean()):.3f}; "
                  f"{int(cq.out_mask.sum())} fp16 outliers")
-    return cq.result(Q, scales), notes
-
-
-class _Recording(ColumnQuantizer):
-    """Passes through to the codebook quantizer and keeps every returned column in Q."""
-
-    def __init__(self, inner: _CodebookColumns, Q: torch.Tensor):
-        self.inner, self.Q = inner, Q
-
-    def begin_block(self, cols, W1):
-        self.cols = cols
-        self.inner.begin_block(cols, W1)
-
-    def column(self, i, w):
-        q = self.inner.column(i, w)
-        self.Q[:, self.cols[i]] = q
-        return q
+    return cq.result(cq.Q, scales), notes

@@ -56,6 +56,9 @@ class ColumnQuantizer:
     def column(self, i: int, w: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def end_block(self) -> None:
+        """Called after the block's last column (flush per-block buffers)."""
+
 
 def prepare_hessian(W: torch.Tensor, H: torch.Tensor, notes: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(W, H, dead) in float32 with dead inputs (H_jj = 0) zeroed in W and set to 1 on H's diagonal."""
@@ -98,6 +101,7 @@ def gptq_sweep(
             err = (w - quantizer.column(i, w)) / d[i]
             W1[i + 1 :].addr_(Hinv1[i, i + 1 :], err, alpha=-1)
             Err1[i] = err
+        quantizer.end_block()
         W[:, i2:] -= Err1.t() @ Hinv[i1:i2, i2:]
     return True
 
@@ -114,6 +118,7 @@ class _UniformColumns(ColumnQuantizer):
 
     def begin_block(self, cols: list[int], W1: torch.Tensor) -> None:
         self.cols, self.W1 = cols, W1
+        self.C1 = torch.empty_like(W1, dtype=torch.uint8)  # the block's codes, one contiguous row per column
         self.group_of = [c // self.G for c in cols]
         if self.static:  # per-column grid of this block, gathered once
             self.S1 = self.scales[:, self.group_of].t().contiguous()
@@ -133,8 +138,11 @@ class _UniformColumns(ColumnQuantizer):
             self.Z1[i : i + G] = self.zeros[:, k]
         s, z = self.S1[i], self.Z1[i]
         c = quantize(w, s, z, cfg.bits)
-        self.codes[:, self.cols[i]] = c.to(torch.uint8)
+        self.C1[i] = c
         return dequantize_codes(c, s, z)
+
+    def end_block(self) -> None:
+        self.codes[:, self.cols] = self.C1.t()
 
 
 def gptq_quantize(
