@@ -18,8 +18,8 @@ from safetensors.torch import save_file
 from .errors import ArtifactError, RdquantError
 
 FORMAT_NAME = "rdquant"
-FORMAT_VERSION = 3  # 2: optional per-tensor codecs; 3: codebook layers
-READABLE_VERSIONS = (1, 2, 3)
+FORMAT_VERSION = 4  # 2: optional per-tensor codecs; 3: codebook layers; 4: mixed-width layers
+READABLE_VERSIONS = (1, 2, 3, 4)
 MANIFEST = "manifest.json"
 SHARD_BYTES = 2 * 1024**3
 

@@ -22,6 +22,7 @@ from . import codecs, packing
 from .codecs import CodecSpec
 from .errors import RdquantError
 from .qcodebook import column_widths, pack_segments, unpack_segments
+from .qmixed import pack_by_width, unpack_by_width
 from .qtensor import expand_groups, num_groups
 
 DEFAULT_SPEED_FLOOR_MBPS = 200.0
@@ -138,6 +139,10 @@ def encode_tensors(
             sym = _codebook_symbols(t, tensors[f"{owner}.widths"], layer)
             spec, payload = choose_codec(sym, codec, speed_floor_mbps)
             fields = {"kind": "symbols", "mapping": "codebook", "entropy_bits": round(codecs.entropy_bits(sym), 4)}
+        elif layer is not None and leaf == "qweight" and layer.get("layout") == "mixed":
+            sym = unpack_by_width(t, _mixed_width_map(tensors[f"{owner}.qwidths"], layer)).reshape(-1).numpy()
+            spec, payload = choose_codec(sym, codec, speed_floor_mbps)
+            fields = {"kind": "symbols", "mapping": "mixed", "entropy_bits": round(codecs.entropy_bits(sym), 4)}
         elif layer is not None and leaf == "qweight":
             info = LayerInfo.from_manifest(layer)
             mapping, sym, h = best_mapping(t, tensors.get(f"{owner}.qzeros"), info)
@@ -180,8 +185,28 @@ def decode_tensor(
         if bool((codes.to(torch.long) >= (1 << cw)[None, :]).any()):
             raise codecs.CodecError("decoded codes fall outside their column widths")
         return pack_segments(codes, cw)
+    if codec["mapping"] == "mixed":
+        layer = quantized[owner]
+        wmap = _mixed_width_map(decoded[f"{owner}.qwidths"], layer)
+        if sym.size != wmap.numel():
+            raise codecs.CodecError("decoded symbol count does not match the layer shape")
+        codes = torch.from_numpy(np.ascontiguousarray(sym).reshape(wmap.shape).copy())
+        if bool((codes.to(torch.long) >= (1 << wmap.to(torch.long))).any()):
+            raise codecs.CodecError("decoded codes fall outside their cell widths")
+        return pack_by_width(codes, wmap)
     info = LayerInfo.from_manifest(quantized[owner])
     return weight_from_symbols(sym, decoded.get(f"{owner}.qzeros"), info, codec["mapping"])
+
+
+def _mixed_width_map(qwidths: torch.Tensor, layer: dict[str, Any]) -> torch.Tensor:
+    """A mixed layer's cell widths broadcast to one per weight [out, in]."""
+    from . import packing
+    from .qtensor import expand_groups, num_groups
+
+    out_f, in_f = layer["shape"]
+    n_g = num_groups(in_f, layer["group_size"])
+    widths = packing.unpack(qwidths, layer["width_bits"], out_f * n_g).view(out_f, n_g)
+    return expand_groups(widths, in_f, layer["group_size"])
 
 
 def _codebook_symbols(qweight: torch.Tensor, widths: torch.Tensor, layer: dict[str, Any]) -> np.ndarray:

@@ -9,10 +9,16 @@ from .qtensor import dequantize_codes
 
 _MIN_SCALE = 1e-7  # keeps fp16 scales non-zero for all-tiny groups
 
+def max_code(bits: "int | torch.Tensor") -> "int | torch.Tensor":
+    """2**bits - 1: the largest code of a width (elementwise for a tensor of widths)."""
+    if isinstance(bits, torch.Tensor):
+        return torch.exp2(bits.to(torch.float32)) - 1
+    return (1 << bits) - 1
+
 
 def grid_params(
     w: torch.Tensor,
-    bits: int,
+    bits: "int | torch.Tensor",
     symmetric: bool,
     clip_search: int = 0,
     max_shrink: float = 0.3,
@@ -23,7 +29,8 @@ def grid_params(
     Min-max grid (GPTQ's `find_params`: the range always contains 0), optionally shrunk by the factor
     in {1, 1 - max_shrink/clip_search, ...} that minimises the (col_weight-weighted) squared rounding
     error of each row. The scale is rounded to fp16 here, so every later use sees the stored value.
-    Returns (scale, zero) as float32 [rows, 1]; zero holds integers.
+    Returns (scale, zero) as float32 [rows, 1]; zero holds integers. `bits` may be a tensor [rows, 1]
+    of widths >= 1 (width-0 cells are the caller's: see mixed_group_grid).
     """
     w = w.to(torch.float32)
     xmin = w.min(dim=1, keepdim=True).values.clamp(max=0)
@@ -46,7 +53,7 @@ def grid_params(
 
 def group_grid(
     W: torch.Tensor,
-    bits: int,
+    bits: "int | torch.Tensor",
     symmetric: bool,
     group_size: int,
     clip_search: int = 0,
@@ -54,7 +61,7 @@ def group_grid(
     col_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """grid_params for every group of W [out, in] at once (ragged last group handled):
-    (scales, zeros) as float32 [out, n_groups]."""
+    (scales, zeros) as float32 [out, n_groups]. `bits` may be a tensor [out, n_groups] (>= 1)."""
     out_f, in_f = W.shape
     g = in_f if group_size == -1 else group_size
     n_full = in_f // g
@@ -65,20 +72,23 @@ def group_grid(
     for c0, c1, n in parts:  # all groups of one width as rows of one [out * n, width] matrix
         Wg = W[:, c0:c1].reshape(out_f * n, (c1 - c0) // n)
         cw = None if col_weight is None else col_weight[c0:c1].reshape(n, -1).repeat(out_f, 1)
-        scale, zero = grid_params(Wg, bits, symmetric, clip_search, max_shrink, cw)
+        g0 = c0 // g
+        b = bits[:, g0 : g0 + n].reshape(-1, 1) if isinstance(bits, torch.Tensor) else bits
+        scale, zero = grid_params(Wg, b, symmetric, clip_search, max_shrink, cw)
         scales.append(scale.reshape(out_f, n))
         zeros.append(zero.reshape(out_f, n))
     return torch.cat(scales, 1), torch.cat(zeros, 1)
 
 
-def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: "int | torch.Tensor") -> torch.Tensor:
     """Integer codes of `w` on the grid (scale, zero), clamped to [0, 2**bits - 1], as float32."""
-    maxq = (1 << bits) - 1
-    return torch.clamp(torch.round(w.to(torch.float32) / scale) + zero, 0, maxq)
+    q = torch.round(w.to(torch.float32) / scale) + zero
+    maxq = max_code(bits)
+    return q.clamp(0, maxq) if isinstance(maxq, int) else torch.minimum(q.clamp_min(0), maxq)
 
 
 def quantize_dequantize(
-    w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int
+    w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: "int | torch.Tensor"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(codes, dequantized values) of `w` on the grid."""
     codes = quantize(w, scale, zero, bits)
@@ -86,9 +96,9 @@ def quantize_dequantize(
 
 
 def _minmax_grid(
-    xmin: torch.Tensor, xmax: torch.Tensor, bits: int, symmetric: bool
+    xmin: torch.Tensor, xmax: torch.Tensor, bits: "int | torch.Tensor", symmetric: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    maxq = (1 << bits) - 1
+    maxq = max_code(bits)
     if symmetric:
         xmax = torch.maximum(xmin.abs(), xmax)
         xmin = -xmax
@@ -97,14 +107,41 @@ def _minmax_grid(
     xmax = torch.where(empty, torch.ones_like(xmax), xmax)
     scale = ((xmax - xmin) / maxq).clamp(min=_MIN_SCALE).to(torch.float16).to(torch.float32)
     if symmetric:
-        zero = torch.full_like(scale, float((maxq + 1) // 2))
+        zero = torch.floor((torch.zeros_like(scale) + maxq + 1) / 2)
     else:
-        zero = torch.clamp(torch.round(-xmin / scale), 0, maxq)
+        zero = torch.round(-xmin / scale).clamp_min(0)
+        zero = zero.clamp(max=maxq) if isinstance(maxq, int) else torch.minimum(zero, maxq)
     return scale, zero
 
 
 def _grid_error(
-    w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, col_weight: torch.Tensor
+    w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: "int | torch.Tensor", col_weight: torch.Tensor
 ) -> torch.Tensor:
     _, deq = quantize_dequantize(w, scale, zero, bits)
     return ((deq - w).square() * col_weight).sum(dim=1, keepdim=True)
+
+
+def mixed_group_grid(
+    W: torch.Tensor,
+    widths: torch.Tensor,
+    group_size: int,
+    clip_search: int = 0,
+    max_shrink: float = 0.3,
+    col_weight: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Asymmetric grids for groups of mixed widths [out, n_groups] (0..8): group_grid where the width is
+    >= 1; a width-0 group is replaced by its (col_weight-weighted) mean, stored as the scale with
+    zero = -1, so (0 - zero) * scale reproduces it through the one dequantization formula."""
+    widths = widths.to(W.device)
+    scales, zeros = group_grid(W, widths.clamp_min(1), False, group_size, clip_search, max_shrink, col_weight)
+    out_f, in_f = W.shape
+    g = in_f if group_size == -1 else group_size
+    cw = torch.ones(in_f, device=W.device) if col_weight is None else col_weight.to(W.device, torch.float32).clamp_min(0)
+    cw = torch.where(cw.sum() > 0, cw, torch.ones_like(cw))
+    idx = torch.arange(in_f, device=W.device) // g
+    n_g = scales.shape[1]
+    num = torch.zeros(out_f, n_g, device=W.device).index_add_(1, idx, W.to(torch.float32) * cw)
+    den = torch.zeros(n_g, device=W.device).index_add_(0, idx, cw).clamp_min(1e-30)
+    centre = (num / den).to(torch.float16).to(torch.float32)
+    zero_w = widths == 0
+    return torch.where(zero_w, centre, scales), torch.where(zero_w, -1.0, zeros)

@@ -10,18 +10,20 @@ from torch import nn
 
 from . import packing
 from .qcodebook import STORED as CODEBOOK_BUFFERS, CodebookWeight
+from .qmixed import STORED as MIXED_BUFFERS, MixedWeight
 from .qtensor import QuantizedWeight, num_groups
 
 AFFINE_BUFFERS = ("qweight", "scales", "qzeros")
-QUANT_BUFFERS = tuple(dict.fromkeys(AFFINE_BUFFERS + CODEBOOK_BUFFERS))  # every stored tensor name
+QUANT_BUFFERS = tuple(dict.fromkeys(AFFINE_BUFFERS + CODEBOOK_BUFFERS + MIXED_BUFFERS))  # every stored tensor name
+RESIZABLE = ("codebook", "mixed")  # layouts whose buffer sizes come from the data
 
 
 class QuantLinear(nn.Module):
     """A Linear whose weight lives packed, as stored in the artifact, and is dequantized on the fly.
 
-    Two layouts: `affine` (qtensor.py: packed codes + fp16 scales + packed zero points) and `codebook`
+    Three layouts: `affine` (qtensor.py: packed codes + fp16 scales + packed zero points), `codebook`
     (qcodebook.py: codes packed per column width + fp16 column codebooks + optional row scales + fp16
-    outliers; `spec` says which of those exist). Buffers are named as in the artifact, so the module's
+    outliers; `spec` says which of those exist) and `mixed` (qmixed.py: a width per row-group cell). Buffers are named as in the artifact, so the module's
     state_dict is exactly what is stored; codebook buffers take their sizes from what is loaded.
     With `cache_dequantized` the dequantized weight is kept after first use (faster, but costs the
     dense weight's memory).
@@ -61,6 +63,11 @@ class QuantLinear(nn.Module):
                 for name, dt in (("outlier_count", torch.int16), ("outlier_row", torch.int16), ("outlier_val", torch.float16)):
                     self.register_buffer(name, empty(dt))
             return
+        if self.layout == "mixed":
+            for name, dt in (("qweight", torch.uint8), ("qwidths", torch.uint8), ("scales", torch.float16),
+                             ("qzeros", torch.uint8)):
+                self.register_buffer(name, torch.zeros(0, dtype=dt, device=device))
+            return
         n_g = num_groups(in_features, group_size)
         nbytes = packing.packed_nbytes(in_features * out_features, bits)
         self.register_buffer("qweight", torch.zeros(nbytes, dtype=torch.uint8, device=device))
@@ -73,10 +80,10 @@ class QuantLinear(nn.Module):
 
     @classmethod
     def from_quantized(
-        cls, qw: "QuantizedWeight | CodebookWeight", bias: torch.Tensor | None, dtype: torch.dtype = torch.float32
+        cls, qw: "QuantizedWeight | CodebookWeight | MixedWeight", bias: torch.Tensor | None, dtype: torch.dtype = torch.float32
     ) -> "QuantLinear":
         out_f, in_f = qw.shape
-        spec = qw.spec() if isinstance(qw, CodebookWeight) else None
+        spec = qw.spec() if isinstance(qw, (CodebookWeight, MixedWeight)) else None
         m = cls(in_f, out_f, qw.bits, qw.group_size, qw.symmetric, bias is not None, dtype, qw.codes.device, spec)
         m.set_tensors(qw.packed_state())
         if bias is not None:
@@ -86,7 +93,7 @@ class QuantLinear(nn.Module):
     @property
     def buffer_names(self) -> tuple[str, ...]:
         """The stored tensors of this layer's layout that it has."""
-        names = CODEBOOK_BUFFERS if self.layout == "codebook" else AFFINE_BUFFERS
+        names = {"codebook": CODEBOOK_BUFFERS, "mixed": MIXED_BUFFERS}.get(self.layout, AFFINE_BUFFERS)
         return tuple(n for n in names if getattr(self, n, None) is not None)
 
     def set_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
@@ -95,14 +102,14 @@ class QuantLinear(nn.Module):
             if k not in self._buffers or self._buffers[k] is None:
                 raise KeyError(f"{k} is not a stored tensor of this {self.layout} layer")
             cur = self._buffers[k]
-            if self.layout == "codebook":
+            if self.layout in RESIZABLE:
                 self._buffers[k] = v.to(cur.device).clone()
             else:
                 cur.copy_(v)
         self._cache = None
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
-        if self.layout == "codebook":  # sizes come from the data
+        if self.layout in RESIZABLE:  # sizes come from the data
             for k in self.buffer_names:
                 t = state_dict.get(prefix + k)
                 if t is not None:
@@ -118,8 +125,12 @@ class QuantLinear(nn.Module):
             loader, self._loader = self._loader, None
             loader(self)
 
-    def quantized_weight(self) -> "QuantizedWeight | CodebookWeight":
+    def quantized_weight(self) -> "QuantizedWeight | CodebookWeight | MixedWeight":
         self.materialize()
+        if self.layout == "mixed":
+            state = {k: getattr(self, k) for k in self.buffer_names}
+            return MixedWeight.from_packed(state, (self.out_features, self.in_features), self.group_size,
+                                           self.spec["width_bits"])
         if self.layout == "codebook":
             state = {k: getattr(self, k) for k in self.buffer_names}
             return CodebookWeight.from_packed(state, (self.out_features, self.in_features), self.group_size,
@@ -152,6 +163,9 @@ class QuantLinear(nn.Module):
         return F.linear(x, w.to(x.dtype), bias)
 
     def extra_repr(self) -> str:
+        if self.layout == "mixed":
+            return (f"in_features={self.in_features}, out_features={self.out_features}, layout=mixed, "
+                    f"max_bits={self.bits}, group_size={self.group_size}, bias={self.bias is not None}")
         if self.layout == "codebook":
             return (f"in_features={self.in_features}, out_features={self.out_features}, layout=codebook, "
                     f"max_bits={self.bits}, share={self.group_size}, bias={self.bias is not None}")

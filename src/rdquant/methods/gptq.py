@@ -10,8 +10,9 @@ from __future__ import annotations
 import torch
 
 from ..config import CompressConfig
-from ..grid import grid_params, group_grid, quantize
-from ..qtensor import QuantizedWeight, dequantize_codes, num_groups
+from ..grid import grid_params, group_grid, mixed_group_grid, quantize
+from ..qmixed import MixedWeight, width_bits
+from ..qtensor import QuantizedWeight, dequantize_codes, expand_groups, num_groups
 from .rtn import rtn_quantize
 
 
@@ -108,10 +109,13 @@ def gptq_sweep(
 
 class _UniformColumns(ColumnQuantizer):
     """GPTQ's own quantizer: per-group affine grids, static (given up front) or set when the sweep
-    reaches a group's first column."""
+    reaches a group's first column. `bits`: one width, or a width per cell [rows, n_groups] (static)."""
 
-    def __init__(self, cfg: CompressConfig, scales, zeros, static: bool, h_diag: torch.Tensor, rows: int, cols: int):
+    def __init__(self, cfg: CompressConfig, scales, zeros, static: bool, h_diag: torch.Tensor, rows: int, cols: int,
+                 bits: "int | torch.Tensor | None" = None):
         self.cfg, self.static, self.h_diag = cfg, static, h_diag
+        self.bits = cfg.bits if bits is None else bits
+        assert static or not isinstance(self.bits, torch.Tensor), "mixed widths need static grids"
         self.G = cols if cfg.group_size == -1 else cfg.group_size
         self.scales, self.zeros = scales, zeros
         self.codes = torch.empty(rows, cols, dtype=torch.uint8, device=scales.device)
@@ -123,6 +127,8 @@ class _UniformColumns(ColumnQuantizer):
         if self.static:  # per-column grid of this block, gathered once
             self.S1 = self.scales[:, self.group_of].t().contiguous()
             self.Z1 = self.zeros[:, self.group_of].t().contiguous()
+            if isinstance(self.bits, torch.Tensor):
+                self.B1 = self.bits[:, self.group_of].t().contiguous()
         else:
             self.S1, self.Z1 = torch.empty_like(W1), torch.empty_like(W1)
 
@@ -137,7 +143,7 @@ class _UniformColumns(ColumnQuantizer):
             self.S1[i : i + G] = self.scales[:, k]
             self.Z1[i : i + G] = self.zeros[:, k]
         s, z = self.S1[i], self.Z1[i]
-        c = quantize(w, s, z, cfg.bits)
+        c = quantize(w, s, z, self.B1[i] if isinstance(self.bits, torch.Tensor) else self.bits)
         self.C1[i] = c
         return dequantize_codes(c, s, z)
 
@@ -145,12 +151,28 @@ class _UniformColumns(ColumnQuantizer):
         self.codes[:, self.cols] = self.C1.t()
 
 
+def mixed_rtn(W: torch.Tensor, widths: torch.Tensor, cfg: CompressConfig, max_width: int = 8,
+              col_weight: torch.Tensor | None = None) -> MixedWeight:
+    """Plain rounding of W [out, in] onto mixed-width cells (widths [out, n_groups]), each with its own
+    searched grid (col_weight-weighted error, e.g. H_jj)."""
+    W = W.to(torch.float32)
+    widths = widths.to(W.device)
+    scales, zeros = mixed_group_grid(W, widths, cfg.group_size, cfg.clip_search, cfg.max_shrink, col_weight)
+    cols = W.shape[1]
+    cell = lambda t: expand_groups(t, cols, cfg.group_size)
+    codes = quantize(W, cell(scales), cell(zeros), cell(widths.to(torch.float32)))
+    return MixedWeight(codes.to(torch.uint8), widths.to(torch.uint8), scales.to(torch.float16), zeros,
+                       cfg.group_size, width_bits(max_width))
+
+
 def gptq_quantize(
     W: torch.Tensor,
     H: torch.Tensor,
     cfg: CompressConfig,
     grid: tuple[torch.Tensor, torch.Tensor] | None = None,
-) -> tuple[QuantizedWeight, list[str]]:
+    widths: torch.Tensor | None = None,
+    max_width: int = 8,
+) -> tuple["QuantizedWeight | MixedWeight", list[str]]:
     """Quantize W [out, in] against Hessian H [in, in]; returns the weight and log notes.
 
     Dead inputs (H_jj = 0) get weight 0. With act_order, columns go by decreasing H_jj and the
@@ -158,19 +180,26 @@ def gptq_quantize(
     stays in natural column order. Otherwise a group's grid is set when the sweep reaches its
     first column, from the error-updated weights (the block width is a multiple of the group size,
     so the whole group is up to date then). A given `grid` (scales, zeros [out, n_groups]) is used
-    as a static grid instead (other methods' grids, e.g. ECSQ).
+    as a static grid instead (other methods' grids, e.g. ECSQ). Given `widths` [out, n_groups] (CVXQ's
+    allocation, 0..max_width), every cell gets its own width on a static grid and the result is a
+    MixedWeight.
     """
     notes: list[str] = []
     W, H, dead = prepare_hessian(W, H, notes)
     rows, cols = W.shape
-    if bool(dead.all()):
-        notes.append("all inputs are zero: fell back to RTN")
-        return rtn_quantize(W, cfg), notes
     h_diag = torch.diagonal(H).clone()
+    if bool(dead.all()):
+        notes.append("all inputs are zero: fell back to RTN (plain rounding)")
+        return (rtn_quantize(W, cfg) if widths is None else mixed_rtn(W, widths, cfg, max_width)), notes
     G = cols if cfg.group_size == -1 else cfg.group_size
     n_g = num_groups(cols, cfg.group_size)
-    static = cfg.act_order or G >= cols or grid is not None
-    if grid is not None:
+    static = cfg.act_order or G >= cols or grid is not None or widths is not None
+    bits: "int | torch.Tensor" = cfg.bits
+    if widths is not None:
+        widths = widths.to(W.device)
+        scales, zeros = mixed_group_grid(W, widths, cfg.group_size, cfg.clip_search, cfg.max_shrink, h_diag)
+        bits = widths.to(torch.float32)
+    elif grid is not None:
         scales, zeros = grid[0].to(W.device, torch.float32), grid[1].to(W.device, torch.float32)
     elif static:
         scales, zeros = group_grid(
@@ -180,11 +209,14 @@ def gptq_quantize(
         scales = torch.zeros(rows, n_g, device=W.device)
         zeros = torch.zeros(rows, n_g, device=W.device)
     perm = torch.argsort(h_diag, descending=True) if cfg.act_order else torch.arange(cols, device=W.device)
-    cq = _UniformColumns(cfg, scales, zeros, static, h_diag, rows, cols)
+    cq = _UniformColumns(cfg, scales, zeros, static, h_diag, rows, cols, bits)
     B = cfg.block_size if static else max(1, -(-cfg.block_size // G)) * G
     if not gptq_sweep(W, H, cq, perm, B, cfg.damp_percent, notes):
-        notes.append("Hessian could not be factored even with heavy damping: fell back to RTN")
-        return rtn_quantize(W, cfg), notes
+        notes.append("Hessian could not be factored even with heavy damping: fell back to RTN (plain rounding)")
+        return (rtn_quantize(W, cfg) if widths is None else mixed_rtn(W, widths, cfg, max_width, h_diag)), notes
+    if widths is not None:
+        return MixedWeight(cq.codes, widths.to(torch.uint8), scales.to(torch.float16), zeros, cfg.group_size,
+                           width_bits(max_width)), notes
     qw = QuantizedWeight(
         codes=cq.codes,
         scales=scales.to(torch.float16),
