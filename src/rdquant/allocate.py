@@ -68,19 +68,27 @@ def waterfill(weight: torch.Tensor, rate: torch.Tensor, budget: float, kap: torc
     return _fill(w, D, R, budget - total(w))
 
 
-def _fill(w: torch.Tensor, D: torch.Tensor, R: torch.Tensor, slack: float) -> torch.Tensor:
-    """Spend leftover budget greedily: widen the cell with the best distortion drop per bit that fits."""
+def _fill(w: torch.Tensor, D: torch.Tensor, R: torch.Tensor, slack: float, rounds: int = 64) -> torch.Tensor:
+    """Spend leftover budget greedily: widen cells by one step in order of distortion drop per bit,
+    as many per round as fit (a cell at most once per round), until nothing more fits."""
     n, nb = D.shape
     w = w.clone()
-    while slack > 0:
+    for _ in range(rounds):
+        if slack <= 0:
+            break
         nxt = (w + 1).clamp(max=nb - 1)
         dr = R.gather(1, nxt[:, None])[:, 0] - R.gather(1, w[:, None])[:, 0]
         dd = D.gather(1, w[:, None])[:, 0] - D.gather(1, nxt[:, None])[:, 0]
         ok = (nxt > w) & (dr <= slack) & (dr > 0)
         if not bool(ok.any()):
             break
-        score = torch.where(ok, dd / dr.clamp_min(1e-300), -1.0)
-        i = int(score.argmax())
-        w[i] += 1
-        slack -= float(dr[i])
+        cand = torch.nonzero(ok).flatten()
+        cand = cand[torch.argsort(dd[cand] / dr[cand], descending=True)]
+        take = cand[torch.cumsum(dr[cand], 0) <= slack]
+        if take.numel() == 0:  # the best one does not fit after all: try the rest one by one next round
+            take = cand[:1] if float(dr[cand[0]]) <= slack else cand[:0]
+            if take.numel() == 0:
+                break
+        w[take] += 1
+        slack -= float(dr[take].sum())
     return w

@@ -40,17 +40,43 @@ def friendly(fn):
     return wrapper
 
 
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_size(text: str | None) -> int | None:
+    """'40MB' (SI), '38.5MiB' (binary) or a plain byte count -> bytes."""
+    if text is None:
+        return None
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", text)
+    if not m or m.group(2).upper() not in _UNITS:
+        raise RdquantError(f"cannot read the size {text!r}: use e.g. 40MB, 38.5MiB, 1.2GB or a byte count")
+    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+
+
 @app.command()
 @friendly
 def compress(
     model: str = typer.Option("smollm2-135m", "--model", "-m", help="HF directory, .gguf file or alias"),
     out: Path = typer.Option(..., "--out", "-o", help="artifact directory to write"),
-    method: Optional[str] = typer.Option(None, help="gptq | rtn | ecsq | claq  [default: gptq]"),
+    method: Optional[str] = typer.Option(None, help="gptq | rtn | ecsq | claq | cvxq  [default: gptq]"),
     bits: Optional[int] = typer.Option(None, help="2..8  [default: 4]; ecsq: alphabet width (auto)"),
     target_coded_bits: Optional[float] = typer.Option(None, "--target-coded-bits",
                                                       help="ecsq: coded bits per weight, all-in"),
     target_bits: Optional[float] = typer.Option(None, "--target-bits",
-                                                help="claq: all-in bits per weight of every layer, e.g. 3.1"),
+                                                help="claq: all-in bits per weight of every layer, e.g. 3.1; "
+                                                     "cvxq: of all quantized layers together"),
+    target_size: Optional[str] = typer.Option(None, "--target-size",
+                                              help="cvxq: bytes of the quantized layers, all-in, e.g. 40MB, 38.5MiB"),
+    target_size_total: Optional[str] = typer.Option(None, "--target-size-total",
+                                                    help="cvxq: bytes of the whole tensor file, 16-bit rest included"),
+    solver: Optional[str] = typer.Option(None, "--solver", help="cvxq: gptq | rtn | claq  [default: gptq]"),
+    sensitivity: Optional[str] = typer.Option(None, "--sensitivity",
+                                              help="cvxq: gradient (CVXQ, PCA-projected output) | fisher | hessian (E[x^2] proxy)  [default: gradient]"),
+    max_bits: Optional[int] = typer.Option(None, "--max-bits", help="cvxq: widest cell, 1..8  [default: 7]"),
+    bias_correction: Optional[bool] = typer.Option(None, "--bias-correction/--no-bias-correction",
+                                                   help="store (W - Q) E[x] as a bias per layer  [default: off]"),
     outlier_frac: Optional[float] = typer.Option(None, "--outlier-frac",
                                                  help="claq: share of weights kept in fp16, e.g. 0.002  [default: 0]"),
     codebook_share: Optional[int] = typer.Option(None, "--codebook-share",
@@ -89,6 +115,9 @@ def compress(
     from .report import inspect as api_inspect
 
     given = dict(method=method, bits=bits, target_coded_bits=target_coded_bits, target_bits=target_bits,
+                 target_size=parse_size(target_size), target_size_total=parse_size(target_size_total),
+                 cvxq_solver=solver, cvxq_sensitivity=sensitivity, cvxq_max_bits=max_bits,
+                 bias_correction=bias_correction,
                  claq_outlier_frac=outlier_frac, claq_share=codebook_share, claq_high_bits=high_bits,
                  claq_policy=column_policy,
                  claq_row_scale=row_scale, group_size=group_size, symmetric=symmetric, act_order=act_order,

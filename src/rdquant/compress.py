@@ -40,6 +40,7 @@ class CompressedModel:
     logs: list[LayerLog] = field(default_factory=list)
     seconds: float = 0.0
     dense_dtype: torch.dtype = torch.float16  # storage of everything left unquantized
+    method_state: Any = None  # run-wide state of the method (cvxq: the allocation, with its time)
 
     def state_for_artifact(self) -> tuple[dict[str, torch.Tensor], dict[str, str], dict[str, Any]]:
         """(tensors, tied aliases, quantized-module table): packed buffers as they are, every other
@@ -143,4 +144,5 @@ def compress(
     with torch.no_grad():
         for p in model.parameters():
             p.data = p.data.to(dense).to(p.dtype)
-    return CompressedModel(model, tokenizer, cfg, model_id, state.logs, time.perf_counter() - t0, dense)
+    return CompressedModel(model, tokenizer, cfg, model_id, state.logs, time.perf_counter() - t0, dense,
+                           state.method_state)

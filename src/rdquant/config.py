@@ -11,7 +11,7 @@ import yaml
 
 from .errors import RdquantError
 
-METHODS = ("gptq", "rtn", "ecsq", "claq")
+METHODS = ("gptq", "rtn", "ecsq", "claq", "cvxq")
 BITS = (2, 3, 4, 5, 6, 7, 8)
 
 
@@ -30,8 +30,21 @@ class CompressConfig:
     # ecsq: entropy-constrained grid whose coded size meets this many bits per weight (all-in)
     target_coded_bits: float | None = None
     # all-in bits per weight of every quantized layer (claq: codes + codebooks + widths + outliers);
-    # None = every column `bits` wide
+    # None = every column `bits` wide. cvxq: of the quantized layers together (bits move between them)
     target_bits: float | None = None
+    target_size: int | None = None  # cvxq: bytes of the quantized layers (all-in), instead of target_bits
+    target_size_total: int | None = None  # cvxq: bytes of the whole tensor file (16-bit rest included)
+    # CVXQ (Young 2024): one global rate-distortion allocation of widths to cells, then a solver per layer
+    cvxq_solver: str = "gptq"  # gptq | rtn (per-cell grid search) | claq (column codebooks, column cells)
+    cvxq_sensitivity: str = "gradient"  # gradient (CVXQ: PCA-projected output) | fisher (sampled-token log-lik.) | hessian (E[x_j^2]/E[y^2])
+    cvxq_max_bits: int = 7  # widest cell (7: 3-bit width field)
+    cvxq_kappa: str = "grid"  # distortion vs width of a cell: grid (measured for the uniform grid) | gauss (Lloyd-Max)
+    cvxq_cell_group: int = 0  # columns sharing a width (a multiple of group_size; -1: the whole row; 0: group_size)
+    cvxq_samples: int = 32  # calibration windows used for the sensitivities
+    cvxq_components: int = 64  # principal directions of the final hidden state
+    cvxq_stride: int = 8  # token positions at this stride
+    cvxq_batch: int = 4  # windows per forward/backward
+    bias_correction: bool = False  # add (W - Q) E[x] to the layer's bias (a bias is added and stored if none)
     # CLAQ (Wang et al. 2024): column K-means codebooks inside GPTQ
     claq_policy: str = "rd"  # column widths under --target-bits: rd (water-filling) | outlier (CLAQ's rule)
     claq_high_bits: int = 0  # adaptive precision: promoted columns' width; 0 = low + 1 (CLAQ used 4)
@@ -63,16 +76,35 @@ class CompressConfig:
             raise RdquantError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.bits not in BITS:
             raise RdquantError(f"unsupported bit width {self.bits}; choose one of {BITS}")
-        if self.group_size != -1 and (self.group_size < 8 or self.group_size % 8):
+        if self.group_size != -1 and (self.group_size < 8 or self.group_size % 2):
             raise RdquantError(
-                f"unsupported group size {self.group_size}; use -1 (per row) or a multiple of 8 >= 8"
+                f"unsupported group size {self.group_size}; use -1 (per row) or an even number >= 8"
             )
         if self.method == "ecsq" and not (self.target_coded_bits and 0.5 <= self.target_coded_bits <= 7):
             raise RdquantError("method ecsq needs --target-coded-bits between 0.5 and 7")
         if self.target_bits is not None and not 0.1 <= self.target_bits <= 16:
             raise RdquantError("--target-bits must be between 0.1 and 16 bits per weight")
-        if self.target_bits is not None and self.method not in ("claq",):
+        targets = [t for t in (self.target_bits, self.target_size, self.target_size_total) if t is not None]
+        if len(targets) > 1:
+            raise RdquantError("give one of --target-bits, --target-size and --target-size-total")
+        if self.target_bits is not None and self.method not in ("claq", "cvxq"):
             raise RdquantError(f"--target-bits is not supported by method {self.method}; use --bits")
+        if (self.target_size is not None or self.target_size_total is not None) and self.method != "cvxq":
+            raise RdquantError("--target-size / --target-size-total need --method cvxq")
+        if any(t is not None and t <= 0 for t in (self.target_size, self.target_size_total)):
+            raise RdquantError("target sizes must be positive byte counts")
+        if self.method == "cvxq" and not targets:
+            raise RdquantError("method cvxq needs --target-bits, --target-size or --target-size-total")
+        if self.cvxq_solver not in ("gptq", "rtn", "claq") or self.cvxq_sensitivity not in ("gradient", "fisher", "hessian"):
+            raise RdquantError("cvxq: solver must be gptq, rtn or claq; sensitivity gradient, fisher or hessian")
+        if not 1 <= self.cvxq_max_bits <= 8 or min(self.cvxq_samples, self.cvxq_components, self.cvxq_stride, self.cvxq_batch) < 1:
+            raise RdquantError("cvxq: max bits in 1..8; samples, components, stride and batch >= 1")
+        if self.cvxq_kappa not in ("grid", "gauss"):
+            raise RdquantError("cvxq: kappa must be grid or gauss")
+        if self.cvxq_cell_group not in (0, -1) and (self.group_size == -1 or self.cvxq_cell_group % self.group_size):
+            raise RdquantError("cvxq: the width cell (cvxq_cell_group) must be 0, -1 or a multiple of the group size")
+        if self.method == "cvxq" and self.cvxq_solver == "claq" and self.claq_share != 1:
+            raise RdquantError("cvxq with the claq solver allocates per column: use claq_share 1")
         if self.claq_high_bits not in (0, *BITS) or self.claq_share < 1 or not 0 <= self.claq_outlier_frac < 0.5:
             raise RdquantError("claq: need high bits 0 (low + 1) or 2..8, share >= 1 and outlier fraction in [0, 0.5)")
         if self.claq_scale_group != -1 and (self.claq_scale_group < 8 or self.claq_scale_group % 8):

@@ -16,6 +16,7 @@ class HessianAccumulator:
 
     def __init__(self, n_features: int, device: torch.device | str = "cpu", panels: int | None = None) -> None:
         self._upper = torch.zeros(n_features, n_features, dtype=torch.float32, device=device)
+        self._sum = torch.zeros(n_features, dtype=torch.float64, device=device)
         self.n = 0
         k = panels if panels is not None else (4 if n_features >= 256 else 1)
         self._edges = [round(i * n_features / k) for i in range(k + 1)]
@@ -23,11 +24,17 @@ class HessianAccumulator:
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).to(torch.float32)
         m = x.shape[0]
+        self._sum += x.sum(0, dtype=torch.float64)
         self._upper.mul_(self.n / (self.n + m))
         self.n += m
         e = self._edges
         for a, b in zip(e[:-1], e[1:]):
             self._upper[a:b, a:].addmm_(x[:, a:b].t(), x[:, a:], alpha=2.0 / self.n)
+
+    @property
+    def mean(self) -> torch.Tensor:
+        """E[x] over the rows seen (float32): what bias correction multiplies the weight error by."""
+        return (self._sum / max(self.n, 1)).to(torch.float32)
 
     @property
     def H(self) -> torch.Tensor:

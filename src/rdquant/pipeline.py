@@ -33,6 +33,7 @@ from .grid import quantize
 from .qtensor import dequantize_codes, expand_groups
 from .models import block_linears, find_blocks, set_submodule
 from .qcodebook import CodebookWeight
+from .qmixed import MixedWeight
 from .runtime import QuantLinear
 
 
@@ -54,6 +55,7 @@ class PipelineState:
 
     blocks_done: int = 0
     logs: list[LayerLog] = field(default_factory=list)
+    method_state: Any = None
 
 
 def _move_outside_blocks(model: nn.Module, blocks: nn.ModuleList, device: torch.device) -> None:
@@ -311,9 +313,9 @@ def stage_hessian(
     label: str,
     reuse: ActivationReuse | None = None,
     changed: str | None = None,
-) -> torch.Tensor:
-    """H of the stage's shared input, from forwards that stop where the stage's first linear starts
-    (the stage's linears all take that same input)."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(H, E[x]) of the stage's shared input, from forwards that stop where the stage's first linear
+    starts (the stage's linears all take that same input)."""
     first = linears[stage[0]]
     acc = HessianAccumulator(first.in_features, device=first.weight.device)
 
@@ -330,7 +332,7 @@ def stage_hessian(
     finally:
         handle.remove()
     acc.check_finite(label)
-    return acc.H
+    return acc.H, acc.mean
 
 
 def quantize_stage(
@@ -342,9 +344,11 @@ def quantize_stage(
     prefix: str,
     dtype: torch.dtype,
     method_state: Any = None,
+    x_mean: torch.Tensor | None = None,
 ) -> list[LayerLog]:
     """Quantize the stage's linears jointly (they share H, so rows can be stacked) and swap in
-    QuantLinear modules; returns one log line per linear."""
+    QuantLinear modules; returns one log line per linear. With cfg.bias_correction and the input
+    mean, each layer's bias absorbs the mean output error (W - Q) E[x] (a bias is added if none)."""
     method = METHODS[cfg.method]
     t0 = time.perf_counter()
     weights = [linears[n].weight.data.to(torch.float32) for n in stage]
@@ -353,7 +357,7 @@ def quantize_stage(
             raise RdquantError(f"{prefix}{n}.weight has NaN/Inf values; the checkpoint is broken")
     W = torch.cat(weights, dim=0)
     parts = tuple((w.shape[0], linears[n].bias is not None) for n, w in zip(stage, weights))
-    qw, notes = method.quantize(W, H, cfg, method_state, parts)
+    qw, notes = method.quantize(W, H, cfg, method_state, parts, [prefix + n for n in stage])
     seconds = (time.perf_counter() - t0) / len(stage)
     if isinstance(qw, list):
         results = qw
@@ -363,7 +367,11 @@ def quantize_stage(
     logs = []
     for n, w, part in zip(stage, weights, results):
         lin = linears[n]
-        q = QuantLinear.from_quantized(part, lin.bias.data if lin.bias is not None else None, dtype)
+        bias = lin.bias.data.to(torch.float32) if lin.bias is not None else None
+        if cfg.bias_correction and x_mean is not None:
+            correction = (w - part.dequantize().to(w.device)) @ x_mean.to(w.device)
+            bias = correction if bias is None else bias + correction
+        q = QuantLinear.from_quantized(part, bias, dtype)
         q.cache_dequantized = True  # the pipeline's later stages reuse it; cleared per block
         Q = q.dequantized_weight().to(torch.float32)
         log = LayerLog(prefix + n, cfg.method, part.bits, part.group_size, tuple(w.shape), part.symmetric,
@@ -373,7 +381,7 @@ def quantize_stage(
         if H is not None:
             log.proxy_error = proxy_error(w, Q, H)
             # "before": plain rounding onto the same grid, without the method's error compensation
-            if isinstance(part, CodebookWeight):
+            if isinstance(part, (CodebookWeight, MixedWeight)):
                 log.proxy_error_rtn = proxy_error(w, part.round_to_grid(w), H)
             else:
                 S = expand_groups(part.scales.float(), w.shape[1], part.group_size)
@@ -443,7 +451,7 @@ class Checkpoint:
             log = by_name[prefix + n]
             q = QuantLinear(
                 lin.in_features, lin.out_features, log.bits, log.group_size, log.symmetric,
-                lin.bias is not None, dtype, spec=log.spec,
+                lin.bias is not None or cfg.bias_correction, dtype, spec=log.spec,
             )
             q.load_state_dict({k.split(".")[-1]: v for k, v in tensors.items() if k.rpartition(".")[0] == n})
             set_submodule(block, n, q)
@@ -494,8 +502,8 @@ def _run_pipeline(
         if saved is not None and method.from_dict is not None:
             method_state = method.from_dict(saved)
         else:
-            weights = [lin.weight.data for b in blocks for lin in block_linears(b, cfg.skip).values()]
-            method_state = method.prepare(weights, cfg)
+            method_state = method.prepare(model, calib_ids, cfg, progress)
+    state.method_state = method_state
 
     chunks: list[Chunk] = []
     if method.needs_hessian:
@@ -511,6 +519,7 @@ def _run_pipeline(
     stages: list[list[str]] | None = None
     tails: dict[str, tuple[str, int]] = {}
     what = (f"{cfg.target_coded_bits} coded bits" if cfg.method == "ecsq"
+            else f"{method_state.planned_bits:.3f} bits/weight" if cfg.method == "cvxq"
             else f"{cfg.target_bits} bits/weight" if cfg.target_bits is not None else f"{cfg.bits}-bit")
     bar = tqdm(range(start, len(blocks)), desc=f"{cfg.method} {what}", unit="block", disable=not progress,
                initial=start, total=len(blocks))
@@ -526,9 +535,9 @@ def _run_pipeline(
             try:
                 changed = None
                 for stage in stages:
-                    H = stage_hessian(block, linears, stage, chunks, prefix + stage[0], reuse, changed)
+                    H, x_mean = stage_hessian(block, linears, stage, chunks, prefix + stage[0], reuse, changed)
                     changed = stage[0]
-                    logs += quantize_stage(block, linears, stage, H, cfg, prefix, dtype, method_state)
+                    logs += quantize_stage(block, linears, stage, H, cfg, prefix, dtype, method_state, x_mean)
                 if reuse and i == start:  # check once that reuse is exact for this architecture
                     reuse.bypass = True
                     reference = _block_output(block, chunks[0])

@@ -1,10 +1,12 @@
 """Per-matrix quantization methods, one module each, behind one signature:
-`quantize(W [out, in], H [in, in] | None, cfg, state, parts) -> (weight, notes)`,
-where W stacks layers that share the input (and so H); `parts` gives (rows, has_bias) of each. The weight is one
-QuantizedWeight for the stack (split by rows afterwards) or a list with one weight per part.
+`quantize(W [out, in], H [in, in] | None, cfg, state, parts, names) -> (weight, notes)`,
+where W stacks layers that share the input (and so H); `parts` gives (rows, has_bias) of each and
+`names` their full module names. The weight is one weight for the stack (split by rows afterwards)
+or a list with one weight per part.
 
-A method may keep run-wide state (ECSQ's rate controller): `prepare(weights, cfg)` makes it from all
-the weights to be quantized, and `to_dict` / `from_dict` let checkpoints carry it across a resume.
+A method may keep run-wide state (ECSQ's rate controller, CVXQ's allocation): `prepare(model,
+calib_ids, cfg, progress)` makes it before the first block, and `to_dict` / `from_dict` let
+checkpoints carry it across a resume.
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ import torch
 
 from ..config import CompressConfig
 from ..qtensor import QuantizedWeight
+from ..models import block_linears, find_blocks
 from .claq import claq_quantize
+from .cvxq import CvxqPlan, cvxq_quantize, plan as cvxq_plan
 from .ecsq import RateControl, ecsq_quantize, plan_rate
 from .gptq import gptq_quantize
 from .rtn import rtn_quantize
@@ -29,31 +33,43 @@ class Method:
     name: str
     quantize: Callable[[torch.Tensor, "torch.Tensor | None", CompressConfig, Any], Result]
     needs_hessian: bool
-    prepare: Callable[[list[torch.Tensor], CompressConfig], Any] | None = None
+    prepare: Callable[..., Any] | None = None
     from_dict: Callable[[dict[str, Any]], Any] | None = None
 
 
 def state_to_dict(state: Any) -> dict[str, Any] | None:
-    return None if state is None else asdict(state)
+    if state is None:
+        return None
+    return state.to_dict() if hasattr(state, "to_dict") else asdict(state)
 
 
-def _rtn(W, H, cfg, state, parts=None) -> Result:
+def _rtn(W, H, cfg, state, parts=None, names=None) -> Result:
     return rtn_quantize(W, cfg), []
 
 
-def _gptq(W, H, cfg, state, parts=None) -> Result:
+def _gptq(W, H, cfg, state, parts=None, names=None) -> Result:
     assert H is not None, "GPTQ needs the layer Hessian"
     return gptq_quantize(W, H, cfg)
 
 
-def _ecsq(W, H, cfg, state, parts=None) -> Result:
+def _ecsq(W, H, cfg, state, parts=None, names=None) -> Result:
     assert H is not None and state is not None
     return ecsq_quantize(W, H, cfg, state, len(parts) if parts else 1)
 
 
-def _claq(W, H, cfg, state, parts=None) -> Result:
+def _ecsq_prepare(model, calib_ids, cfg, progress=True) -> RateControl:
+    _, blocks = find_blocks(model)
+    return plan_rate([lin.weight.data for b in blocks for lin in block_linears(b, cfg.skip).values()], cfg)
+
+
+def _claq(W, H, cfg, state, parts=None, names=None) -> Result:
     assert H is not None, "CLAQ needs the layer Hessian"
     return claq_quantize(W, H, cfg, parts)
+
+
+def _cvxq(W, H, cfg, state, parts=None, names=None) -> Result:
+    assert state is not None and names is not None
+    return cvxq_quantize(W, H, cfg, state, parts, names)
 
 
 def _rate_from_dict(d: dict[str, Any]) -> RateControl:
@@ -63,6 +79,7 @@ def _rate_from_dict(d: dict[str, Any]) -> RateControl:
 METHODS: dict[str, Method] = {
     "rtn": Method("rtn", _rtn, needs_hessian=False),
     "gptq": Method("gptq", _gptq, needs_hessian=True),
-    "ecsq": Method("ecsq", _ecsq, needs_hessian=True, prepare=plan_rate, from_dict=_rate_from_dict),
+    "ecsq": Method("ecsq", _ecsq, needs_hessian=True, prepare=_ecsq_prepare, from_dict=_rate_from_dict),
     "claq": Method("claq", _claq, needs_hessian=True),
+    "cvxq": Method("cvxq", _cvxq, needs_hessian=True, prepare=cvxq_plan, from_dict=CvxqPlan.from_dict),
 }

@@ -310,9 +310,11 @@ def _static_codebooks(W: torch.Tensor, cq: _CodebookColumns, h_diag: torch.Tenso
 
 
 def claq_quantize(
-    W: torch.Tensor, H: torch.Tensor, cfg: CompressConfig, parts: tuple[tuple[int, bool], ...] | None = None
+    W: torch.Tensor, H: torch.Tensor, cfg: CompressConfig, parts: tuple[tuple[int, bool], ...] | None = None,
+    column_widths: list[torch.Tensor] | None = None,
 ) -> tuple[list[CodebookWeight], list[str]]:
-    """CLAQ on W [out, in] stacking layers of parts (rows, has_bias) (one result per part)."""
+    """CLAQ on W [out, in] stacking layers of parts (rows, has_bias) (one result per part). Given
+    `column_widths` (one [in] tensor per part, from a global allocator), they replace the column policy."""
     notes: list[str] = []
     rows, cols = W.shape
     parts = parts or ((rows, False),)
@@ -323,7 +325,12 @@ def claq_quantize(
         a += n
     W, H, dead = prepare_hessian(W, H, notes)
     h_diag = torch.diagonal(H).clone()
-    plans = [plan_columns(W[a:b].cpu(), h_diag.cpu(), cfg, bias) for (a, b), (_, bias) in zip(bounds, parts)]
+    if column_widths is not None:
+        if cfg.claq_share != 1 or len(column_widths) != len(parts):
+            raise RdquantError("claq: given column widths need one tensor per part and share 1")
+        plans = [ColumnPlan(w.to(torch.long).cpu(), torch.zeros(cols, dtype=torch.long)) for w in column_widths]
+    else:
+        plans = [plan_columns(W[a:b].cpu(), h_diag.cpu(), cfg, bias) for (a, b), (_, bias) in zip(bounds, parts)]
     scales = [_row_scales(W[a:b], cfg.claq_scale_group) if cfg.claq_row_scale else None for a, b in bounds]
     cq = _CodebookColumns(W, bounds, plans, scales, cfg)
     if cfg.claq_share > 1:

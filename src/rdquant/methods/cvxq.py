@@ -1,0 +1,337 @@
+"""CVXQ (Young 2024, arXiv 2409.02026): rate-distortion bit allocation across the whole model.
+
+Before the sequential pass, every quantized linear is cut into cells that share a width and a grid:
+  - `group` cells (solvers rtn and gptq): one output row x one group of group_size input columns;
+  - `column` cells (solver claq): one input column, all rows (CLAQ's column codebooks).
+Cell i gets a variance S_i^2 (of its weights about their mean), a sensitivity G_i^2 (mean over its
+weights, sensitivity.py) and a rate R_i(b) = the exact bits the artifact stores for it at width b
+(codes + its share of scales / zero points / codebooks / width fields). One multiplier lambda for
+the whole model sets every width, b_i = argmin_b n_i S_i^2 G_i^2 kappa(b) + lambda R_i(b) (the
+rounded, clamped reverse water-filling B = 1/2 log2(S^2 G^2 / lambda) of the paper), and lambda is
+found by bisection so the model's all-in size meets the target (allocate.waterfill). Then each layer
+is quantized at its widths by plain rounding with a per-cell grid search, by GPTQ, or by CLAQ.
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..allocate import kappa, waterfill
+from ..config import CompressConfig
+from ..errors import RdquantError
+from ..models import block_linears, find_blocks
+from ..qmixed import stored_bits, width_bits
+from ..qtensor import num_groups
+
+CLAQ_COLUMN_SIDE = 8 + 32  # uint8 width + fp16 (lo, step) of the 8-bit codebook, per column
+
+
+@dataclass
+class CvxqPlan:
+    """The allocation: widths per layer ([out, n_groups] group cells or [in] column cells)."""
+
+    widths: dict[str, torch.Tensor]
+    target_bits: float  # all-in bits per quantized weight the plan was made for
+    planned_bits: float  # what the plan stores (exact, padding included)
+    sensitivity: str
+    cells: str
+    seconds: float = 0.0
+    summary: dict[str, float] = field(default_factory=dict)  # layer -> mean code width
+
+    def to_dict(self) -> dict[str, Any]:
+        enc = {n: [list(w.shape), base64.b64encode(w.to(torch.uint8).numpy().tobytes()).decode()] for n, w in self.widths.items()}
+        return {"widths": enc, "target_bits": self.target_bits, "planned_bits": self.planned_bits,
+                "sensitivity": self.sensitivity, "cells": self.cells, "seconds": self.seconds, "summary": self.summary}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "CvxqPlan":
+        widths = {}
+        for n, (shape, b64) in d["widths"].items():
+            widths[n] = torch.frombuffer(bytearray(base64.b64decode(b64)), dtype=torch.uint8).view(*shape).clone()
+        return cls(widths, d["target_bits"], d["planned_bits"], d["sensitivity"], d["cells"], d["seconds"], d["summary"])
+
+
+def cell_kind(cfg: CompressConfig) -> str:
+    return "column" if cfg.cvxq_solver == "claq" else "group"
+
+
+def _group_sizes(in_f: int, group: int) -> torch.Tensor:
+    g = in_f if group == -1 else group
+    n_g = num_groups(in_f, group)
+    sizes = torch.full((n_g,), g, dtype=torch.float64)
+    sizes[-1] = in_f - g * (n_g - 1)
+    return sizes
+
+
+def group_cells(W: torch.Tensor, sens: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(distortion weight n S^2 G^2, size n) of every row x group cell of W [out, in], flattened row-major.
+    `sens` is [out, in] (gradient) or [in] (proxy)."""
+    out_f, in_f = W.shape
+    W = W.to(torch.float64)
+    sens = sens.to(torch.float64).expand(out_f, in_f)
+    sizes = _group_sizes(in_f, group)
+    n_g = sizes.numel()
+    idx = torch.arange(in_f) // (in_f if group == -1 else group)
+    s1 = torch.zeros(out_f, n_g, dtype=torch.float64).index_add_(1, idx, W)
+    s2 = torch.zeros(out_f, n_g, dtype=torch.float64).index_add_(1, idx, W.square())
+    g2 = torch.zeros(out_f, n_g, dtype=torch.float64).index_add_(1, idx, sens) / sizes
+    var_sum = (s2 - s1.square() / sizes).clamp_min(0)  # n * S^2
+    return (var_sum * g2).reshape(-1), sizes.expand(out_f, n_g).reshape(-1)
+
+
+def group_rates(sizes: torch.Tensor, max_bits: int, wbits: int, grids: torch.Tensor | None = None) -> torch.Tensor:
+    """[cells, max_bits + 1] bits of a group cell at each width: codes, and per grid group in it an fp16
+    scale (or centre), a zero point of the cell's width and the width field (packing padding is
+    budgeted per layer). `grids`: grid groups per cell (default 1)."""
+    b = torch.arange(max_bits + 1, dtype=torch.float64)
+    grids = torch.ones_like(sizes) if grids is None else grids
+    return sizes[:, None] * b[None, :] + grids[:, None] * (16 + wbits + b)[None, :]
+
+
+def width_cells(W: torch.Tensor, sens: torch.Tensor, cfg: CompressConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Cells that share a width: row x `cvxq_cell_group` columns, each made of whole grid groups
+    (group_size columns, own scale/zero). (distortion weight, size, grid groups) per cell, row-major."""
+    out_f, in_f = W.shape
+    w, sizes = group_cells(W, sens, cfg.group_size)
+    n_g = num_groups(in_f, cfg.group_size)
+    per = cells_per_width(in_f, cfg)
+    if per == 1:
+        return w, sizes, torch.ones_like(sizes)
+    idx = torch.arange(n_g) // per
+    n_c = int(idx[-1]) + 1
+    agg = lambda t: torch.zeros(out_f, n_c, dtype=torch.float64).index_add_(1, idx, t.view(out_f, n_g)).reshape(-1)
+    return agg(w), agg(sizes), agg(torch.ones_like(sizes))
+
+
+def cells_per_width(in_f: int, cfg: CompressConfig) -> int:
+    """Grid groups per width cell."""
+    n_g = num_groups(in_f, cfg.group_size)
+    if cfg.cvxq_cell_group == 0 or cfg.group_size == -1:
+        return 1
+    if cfg.cvxq_cell_group == -1:
+        return n_g
+    return cfg.cvxq_cell_group // cfg.group_size
+
+
+def column_cells(W: torch.Tensor, sens: torch.Tensor) -> torch.Tensor:
+    """Distortion weight sum_r G_rj^2 (W_rj - mean_j)^2 of every column of W [out, in]."""
+    W = W.to(torch.float64)
+    sens = sens.to(torch.float64).expand(W.shape)
+    return ((W - W.mean(0, keepdim=True)).square() * sens).sum(0)
+
+
+def column_rates(rows: int, cols: int, max_bits: int, codebook_bits: int) -> torch.Tensor:
+    """[cols, max_bits + 1] bits of a CLAQ column at each width: codes, its codebook and side fields."""
+    b = torch.arange(max_bits + 1, dtype=torch.float64)
+    side = codebook_bits * 2.0 ** b + (CLAQ_COLUMN_SIDE if codebook_bits == 8 else 8)
+    return (rows * b + side)[None, :].expand(cols, max_bits + 1).clone()
+
+
+def _layer_fixed_bits(rows: int, in_f: int, cfg: CompressConfig, bias: bool) -> float:
+    """Bits a layer stores whatever its widths: bias, CLAQ row scales (packing padding not included)."""
+    fixed = 16 * rows if bias else 0
+    if cell_kind(cfg) == "column":
+        from .claq import n_scales
+
+        fixed += 16 * rows * n_scales(in_f, cfg)
+    return fixed
+
+
+def layer_stored_bits(widths: torch.Tensor, rows: int, in_f: int, cfg: CompressConfig, bias: bool) -> int:
+    """Exact bits the artifact stores for a layer with these widths (as `rdquant inspect` counts)."""
+    if cell_kind(cfg) == "column":
+        from .claq import layer_bits, n_scales
+
+        return layer_bits(rows, in_f, 1, widths.to(torch.long), torch.zeros(in_f, dtype=torch.long),
+                          n_scales(in_f, cfg), bias, cfg.claq_codebook_bits)
+    return stored_bits(widths, in_f, cfg.group_size, width_bits(cfg.cvxq_max_bits)) + (16 * rows if bias else 0)
+
+
+@dataclass
+class LayerInfo:
+    name: str
+    rows: int
+    cols: int
+    bias: bool  # stored with a bias (its own, or one added by bias correction)
+
+
+def model_layers(model: nn.Module, cfg: CompressConfig) -> list[LayerInfo]:
+    """The linears the pipeline will quantize, in order."""
+    blocks_name, blocks = find_blocks(model)
+    out = []
+    for i, b in enumerate(blocks):
+        for n, lin in block_linears(b, cfg.skip).items():
+            out.append(LayerInfo(f"{blocks_name}.{i}.{n}", lin.out_features, lin.in_features,
+                                 lin.bias is not None or cfg.bias_correction))
+    return out
+
+
+def dense_bytes(model: nn.Module, layers: list[LayerInfo]) -> int:
+    """Bytes of everything the artifact stores in 16 bit (tied tensors once) plus a bound on the
+    safetensors header: what --target-size-total leaves out of the quantized layers' budget."""
+    q = {l.name for l in layers}
+    seen: set[int] = set()
+    total, count = 0, 0
+    for name, t in model.state_dict().items():
+        owner, _, leaf = name.rpartition(".")
+        if owner in q and leaf in ("weight", "bias"):
+            continue
+        if t.data_ptr() in seen and t.numel():
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * (2 if t.is_floating_point() else t.element_size())
+        count += 1
+    n_tensors = count + 6 * len(layers)
+    return total + 256 * n_tensors + 4096
+
+
+def budget_bits(model: nn.Module, layers: list[LayerInfo], cfg: CompressConfig) -> float:
+    """The quantized layers' all-in bits allowed by the target (--target-bits / -size / -size-total)."""
+    n = sum(l.rows * l.cols for l in layers)
+    if cfg.target_bits is not None:
+        return cfg.target_bits * n
+    if cfg.target_size is not None:
+        return 8.0 * cfg.target_size
+    if cfg.target_size_total is not None:
+        rest = dense_bytes(model, layers)
+        if cfg.target_size_total <= rest:
+            raise RdquantError(f"--target-size-total {cfg.target_size_total:,} bytes is below what stays in 16 bit "
+                               f"({rest:,} bytes: embeddings, norms, ...)")
+        return 8.0 * (cfg.target_size_total - rest)
+    return cfg.bits * n
+
+
+def grid_kappa(n: int, max_bits: int, clip_search: int, max_shrink: float, samples: int = 4000) -> torch.Tensor:
+    """Distortion per unit variance of the asymmetric uniform grid (min-max with clip search, zero point an
+    integer code, as `grid.group_grid` makes it) at widths 0..max_bits, measured on cells of n standardised
+    Laplace samples (weights are heavier-tailed than Gaussian). Unlike Lloyd-Max, 1 bit is nearly useless
+    here (one of the two levels is always 0), which the allocation must know."""
+    from ..grid import group_grid, quantize_dequantize
+
+    g = torch.Generator().manual_seed(0)
+    u = torch.rand(samples, n, generator=g, dtype=torch.float64).clamp(1e-12, 1 - 1e-12) - 0.5
+    X = -torch.sign(u) * torch.log1p(-2 * u.abs())  # Laplace(0, 1)
+    X = ((X - X.mean(1, keepdim=True)) / X.std(1, keepdim=True)).to(torch.float32)
+    k = [1.0]
+    for b in range(1, max_bits + 1):
+        s, z = group_grid(X, b, False, -1, clip_search, max_shrink)
+        k.append(float((quantize_dequantize(X, s, z, b)[1] - X).square().mean()))
+    return torch.tensor(k, dtype=torch.float64)
+
+
+def allocate(model: nn.Module, layers: list[LayerInfo], sens: dict[str, torch.Tensor], cfg: CompressConfig,
+             budget: float) -> dict[str, torch.Tensor]:
+    """Global reverse water-filling: widths per layer meeting `budget` bits (exact stored size)."""
+    mb = cfg.cvxq_max_bits
+    kap = kappa(mb)
+    if cell_kind(cfg) == "group" and cfg.cvxq_kappa == "grid":
+        cell = min(l.cols for l in layers) if cfg.group_size == -1 else cfg.group_size
+        kap = grid_kappa(cell, mb, cfg.clip_search, cfg.max_shrink)
+    weights, rates, spans = [], [], []
+    fixed = 0.0
+    for l in layers:
+        W = model.get_submodule(l.name).weight.data
+        if cell_kind(cfg) == "column":
+            w = column_cells(W, sens[l.name])
+            r = column_rates(l.rows, l.cols, mb, cfg.claq_codebook_bits)
+        else:
+            w, sizes, grids = width_cells(W, sens[l.name], cfg)
+            r = group_rates(sizes, mb, width_bits(mb), grids)
+        fixed += _layer_fixed_bits(l.rows, l.cols, cfg, l.bias)
+        spans.append(w.numel())
+        weights.append(w)
+        rates.append(r)
+    weight, rate = torch.cat(weights), torch.cat(rates)
+    avail = budget - fixed
+    if avail < float(rate[:, 0].sum()):
+        n = sum(l.rows * l.cols for l in layers)
+        raise RdquantError(
+            f"the target ({budget / n:.3f} bits/weight for the quantized layers) is below the smallest "
+            f"possible size ({(float(rate[:, 0].sum()) + fixed) / n:.3f} bits/weight: every cell at width 0)")
+    flat = waterfill(weight, rate, avail, kap)
+
+    def unflatten(flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for l, piece in zip(layers, torch.split(flat, spans)):
+            if cell_kind(cfg) == "column":
+                out[l.name] = piece.to(torch.uint8)
+            else:
+                n_g = num_groups(l.cols, cfg.group_size)
+                w = piece.to(torch.uint8).view(l.rows, -1)
+                out[l.name] = w.repeat_interleave(cells_per_width(l.cols, cfg), 1)[:, :n_g].contiguous()
+        return out
+
+    # the rate model leaves out packing padding (a few bytes per layer): measure the exact size and,
+    # if it is over, narrow the cells that lose least per bit saved until it fits
+    for _ in range(50):
+        out = unflatten(flat)
+        excess = sum(layer_stored_bits(out[l.name], l.rows, l.cols, cfg, l.bias) for l in layers) - budget
+        if excess <= 0:
+            return out
+        prv = (flat - 1).clamp_min(0)
+        dr = rate.gather(1, flat[:, None])[:, 0] - rate.gather(1, prv[:, None])[:, 0]
+        dd = (weight * (kap[prv] - kap[flat])).to(torch.float64)
+        cand = torch.nonzero(flat > 0).flatten()
+        cand = cand[torch.argsort(dd[cand] / dr[cand].clamp_min(1e-9))]
+        k = int(torch.searchsorted(torch.cumsum(dr[cand], 0), torch.tensor([float(excess)], dtype=torch.float64))) + 1
+        flat = flat.clone()
+        flat[cand[:k]] -= 1
+    raise RdquantError("cvxq: could not fit the allocation into the budget")  # pragma: no cover
+
+
+def plan(model: nn.Module, calib_ids: torch.Tensor | None, cfg: CompressConfig, progress: bool = True) -> CvxqPlan:
+    """Sensitivities + one global lambda: the widths of every quantized layer (before quantizing)."""
+    import time
+
+    from ..sensitivity import gradient_sensitivity, hessian_sensitivity
+
+    t0 = time.perf_counter()
+    if calib_ids is None:
+        raise RdquantError("cvxq needs calibration data for its sensitivities")
+    layers = model_layers(model, cfg)
+    names = [l.name for l in layers]
+    ids = calib_ids[: cfg.cvxq_samples]
+    if cfg.cvxq_sensitivity in ("gradient", "fisher"):
+        sens = gradient_sensitivity(model, ids, names, cfg.cvxq_components, cfg.cvxq_stride, cfg.cvxq_batch,
+                                    cfg.device, cfg.seed, progress, "pca" if cfg.cvxq_sensitivity == "gradient" else "fisher")
+    else:
+        sens = hessian_sensitivity(model, ids, names, cfg.cvxq_batch, cfg.device, progress)
+    budget = budget_bits(model, layers, cfg)
+    widths = allocate(model, layers, sens, cfg, budget)
+    n = sum(l.rows * l.cols for l in layers)
+    total = sum(layer_stored_bits(widths[l.name], l.rows, l.cols, cfg, l.bias) for l in layers)
+    summary = {}
+    for l in layers:
+        w = widths[l.name].to(torch.float64)
+        if cell_kind(cfg) == "group":
+            w = (w * _group_sizes(l.cols, cfg.group_size)[None, :]).sum(1) / l.cols
+        summary[l.name] = round(float(w.mean()), 4)
+    return CvxqPlan(widths, budget / n, total / n, cfg.cvxq_sensitivity, cell_kind(cfg),
+                    time.perf_counter() - t0, summary)
+
+
+def cvxq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: CompressConfig, state: CvxqPlan,
+                  parts: tuple[tuple[int, bool], ...], names: list[str]) -> tuple[Any, list[str]]:
+    """Quantize the stacked layers `names` at their planned widths with the configured solver."""
+    from .claq import claq_quantize
+    from .gptq import gptq_quantize, mixed_rtn
+
+    missing = [n for n in names if n not in state.widths]
+    if missing:
+        raise RdquantError(f"cvxq: no allocation for {missing[0]} (the plan was made for another model?)")
+    note = "cvxq widths: " + ", ".join(f"{n.rpartition('.')[2]} {state.summary.get(n, math.nan):.3f}" for n in names)
+    if cfg.cvxq_solver == "claq":
+        q, notes = claq_quantize(W, H, cfg, parts, column_widths=[state.widths[n].to(torch.long) for n in names])
+        return q, [note, *notes]
+    widths = torch.cat([state.widths[n] for n in names]).to(torch.long)
+    if cfg.cvxq_solver == "gptq":
+        q, notes = gptq_quantize(W, H, cfg, widths=widths, max_width=cfg.cvxq_max_bits)
+        return q, [note, *notes]
+    h_diag = torch.diagonal(H).clone() if H is not None else None
+    return mixed_rtn(W, widths, cfg, cfg.cvxq_max_bits, h_diag), [note]

@@ -1,0 +1,137 @@
+"""Sensitivity of the model's output to noise in each weight, for rate-distortion allocation (CVXQ).
+
+`gradient_sensitivity` is CVXQ's estimate: the output is the final hidden state z_t (after the last
+norm), reduced to its top principal directions u_1..u_k (eigh of the calibration covariance, sorted
+descending); the sensitivity of weight w is E[sum_{t,i} (d(u_i . z_t)/dw)^2] over calibration
+sequences and token positions t at a stride. Instead of one backward pass per (t, i), each sequence
+does one backward of sum_{t,i} s_ti u_i . z_t with random signs s_ti = +-1: the square of that gradient
+has the same expectation (cross terms vanish), so the cost is one forward + backward per sequence.
+
+With objective `fisher` the same pass backpropagates the log-likelihood of tokens sampled from the
+model's own prediction instead, so the squared gradient estimates the diagonal Fisher information:
+noise is weighted by what it does to the output distribution (KL), not to the hidden state.
+
+`hessian_sensitivity` is the cheap proxy: every weight of input column j gets E[x_j^2] of the
+layer's input (diag of the GPTQ Hessian / 2) divided by the layer's mean output power E[y_r^2], from
+forward passes only. Without the division layers are not comparable (a layer whose inputs are small
+would get almost no bits); with it every layer's noise counts relative to its own signal.
+Both return a dict: module name -> float32 [out, in] (the gradient) or [in] (the proxy).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+
+def _base(model: nn.Module) -> nn.Module:
+    """The model without its LM head (its output's last_hidden_state is the final-norm output)."""
+    return getattr(model, "base_model", model)
+
+
+def _batches(ids: torch.Tensor, batch_size: int):
+    for i in range(0, ids.shape[0], batch_size):
+        yield ids[i : i + batch_size]
+
+
+@torch.no_grad()
+def principal_directions(model: nn.Module, ids: torch.Tensor, k: int, stride: int, batch_size: int,
+                         device: torch.device) -> torch.Tensor:
+    """Top-k principal directions [d, k] of the final hidden state over `ids` (descending variance)."""
+    cov = None
+    n = 0
+    for x in _batches(ids, batch_size):
+        z = _base(model)(x.to(device), use_cache=False).last_hidden_state[:, ::stride].reshape(-1, _hidden(model))
+        z = z.to(torch.float64)
+        cov = z.t() @ z if cov is None else cov + z.t() @ z
+        n += z.shape[0]
+    cov = cov / max(n, 1)
+    evals, evecs = torch.linalg.eigh(cov)  # ascending
+    order = torch.argsort(evals, descending=True)[:k]
+    return evecs[:, order].to(torch.float32)
+
+
+def _hidden(model: nn.Module) -> int:
+    return int(model.config.hidden_size)
+
+
+def gradient_sensitivity(model: nn.Module, ids: torch.Tensor, names: list[str], components: int = 64,
+                         stride: int = 8, batch_size: int = 4, device: str | torch.device = "cpu",
+                         seed: int = 0, progress: bool = True, objective: str = "pca") -> dict[str, torch.Tensor]:
+    """Mean squared gradient of a random-sign objective w.r.t. each named linear's weight.
+
+    objective `pca` (CVXQ): sum_{t,i} s_ti u_i . z_t over the top principal directions u_i of the final
+    hidden state. `fisher`: the log-likelihood of tokens sampled from the model's own prediction at
+    each strided position (the squared gradient estimates the diagonal Fisher information, i.e. how
+    much the output distribution's KL divergence grows per unit of weight noise)."""
+    device = torch.device(device)
+    was = {n: p.requires_grad for n, p in model.named_parameters()}
+    orig_device = next(model.parameters()).device
+    model.to(device).eval()
+    try:
+        if objective == "pca":
+            U = principal_directions(model, ids, min(components, _hidden(model)), stride, batch_size, device)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        params = {n: model.get_submodule(n).weight for n in names}
+        for p in params.values():
+            p.requires_grad_(True)
+        acc = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        steps = 0
+        bar = tqdm(list(_batches(ids, batch_size)), desc=f"cvxq sensitivity ({objective} gradients)", unit="batch",
+                   disable=not progress)
+        for x in bar:
+            z = _base(model)(x.to(device), use_cache=False).last_hidden_state[:, ::stride]
+            if objective == "pca":
+                proj = z.to(torch.float32) @ U
+                signs = torch.randint(0, 2, proj.shape, generator=g).to(device, torch.float32) * 2 - 1
+                loss = (proj * signs).sum()
+            else:
+                logits = model.get_output_embeddings()(z).to(torch.float32).reshape(-1, model.config.vocab_size)
+                with torch.no_grad():
+                    u = torch.rand(logits.shape[0], 1, generator=g).to(device)
+                    cdf = torch.softmax(logits, -1).cumsum(-1)
+                    y = torch.searchsorted(cdf, u.contiguous()).clamp(max=logits.shape[1] - 1).flatten()
+                loss = torch.nn.functional.cross_entropy(logits, y, reduction="sum")
+            grads = torch.autograd.grad(loss, list(params.values()))
+            for n, gr in zip(params, grads):
+                acc[n].add_(gr.to(torch.float32).square())
+            steps += 1
+        return {n: (a / max(steps, 1)).cpu() for n, a in acc.items()}
+    finally:
+        for n, p in model.named_parameters():
+            p.requires_grad_(was[n])
+        model.to(orig_device)
+
+
+@torch.no_grad()
+def hessian_sensitivity(model: nn.Module, ids: torch.Tensor, names: list[str], batch_size: int = 4,
+                        device: str | torch.device = "cpu", progress: bool = True) -> dict[str, torch.Tensor]:
+    """E[x_j^2] / E[y^2] of each named linear ([in]; the Hessian-diagonal proxy), float model."""
+    device = torch.device(device)
+    orig_device = next(model.parameters()).device
+    model.to(device).eval()
+    sums = {n: torch.zeros(model.get_submodule(n).in_features, dtype=torch.float64, device=device) for n in names}
+    count = {n: 0 for n in names}
+    power = {n: 0.0 for n in names}
+
+    def hook(name):
+        def f(module, args, out):
+            x = args[0].reshape(-1, args[0].shape[-1])
+            sums[name] += x.to(torch.float64).square().sum(0)
+            count[name] += x.shape[0]
+            power[name] += float(out.to(torch.float64).square().mean(-1).sum())
+        return f
+
+    handles = [model.get_submodule(n).register_forward_hook(hook(n)) for n in names]
+    try:
+        for x in tqdm(list(_batches(ids, batch_size)), desc="cvxq sensitivity (H diag)", unit="batch",
+                      disable=not progress):
+            _base(model)(x.to(device), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+        model.to(orig_device)
+    return {n: (sums[n] / max(power[n], 1e-30)).to(torch.float32).cpu() for n in names}
