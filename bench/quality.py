@@ -55,24 +55,42 @@ def cached_row(name: str, fresh: bool, compute, cached_only: bool = False):
 
 
 def eval_row(model, tok, args) -> dict:
-    r = rdquant.evaluate(model, tok, seqlen=args.seqlen, max_windows=args.windows)
+    r = rdquant.evaluate(model, tok, seqlen=args.seqlen, max_windows=args.windows, device=args.device)
     return {"ppl": r.ppl, "tokens": r.tokens, "eval_seconds": r.seconds}
 
 
-def rdquant_job(method: str, setting: float, args) -> tuple[str, rdquant.CompressConfig]:
+def _typed(pairs: list[str]) -> dict:
+    """KEY=VALUE strings -> CompressConfig fields of the right type."""
+    out = {}
+    for k, v in (kv.split("=", 1) for kv in pairs):
+        default = getattr(rdquant.CompressConfig, k)
+        out[k] = v.lower() in ("1", "true", "yes") if isinstance(default, bool) else type(default)(v) if default is not None else v
+    return out
+
+
+def rdquant_job(method: str, setting, args) -> tuple[str, rdquant.CompressConfig]:
     """(artifact name, config) of one rdquant row. setting: the bit width; ecsq: target coded bits;
-    claq: target all-in bits per weight."""
+    claq: target all-in bits per weight; cvxq: (target bits, solver); uniform: (bits, group) of GPTQ."""
+    dev = dict(device=args.device)
     if method == "ecsq":
         return (f"ecsq_c{setting}g{args.ecsq_group_size}",
-                rdquant.CompressConfig(method=method, target_coded_bits=setting, group_size=args.ecsq_group_size))
+                rdquant.CompressConfig(method=method, target_coded_bits=setting, group_size=args.ecsq_group_size, **dev))
     if method == "claq":
-        extra = dict(kv.split("=", 1) for kv in args.claq_extra)
-        typed = {k: type(getattr(rdquant.CompressConfig, k))(v) if not isinstance(getattr(rdquant.CompressConfig, k), bool)
-                 else v.lower() in ("1", "true", "yes") for k, v in extra.items()}
-        tag = "".join(f"_{k.removeprefix('claq_')}{v}" for k, v in sorted(extra.items()))
-        return f"claq_t{setting}{tag}", rdquant.CompressConfig(method="claq", target_bits=setting, **typed)
+        typed = _typed(args.claq_extra)
+        tag = "".join(f"_{k.removeprefix('claq_')}{v}" for k, v in sorted(typed.items()))
+        return f"claq_t{setting}{tag}", rdquant.CompressConfig(method="claq", target_bits=setting, **typed, **dev)
+    if method == "cvxq":
+        target, solver = setting
+        typed = _typed(args.cvxq_extra)
+        tag = "".join(f"_{k.removeprefix('cvxq_')}{v}" for k, v in sorted(typed.items()))
+        return (f"cvxq_{solver}_t{target}g{args.group_size}{tag}",
+                rdquant.CompressConfig(method="cvxq", target_bits=target, cvxq_solver=solver, group_size=args.group_size,
+                                       **typed, **dev))
+    if method == "uniform":
+        bits, group = setting
+        return f"gptq_w{bits}g{group}", rdquant.CompressConfig(method="gptq", bits=bits, group_size=group, **dev)
     return (f"{method}_w{int(setting)}g{args.group_size}",
-            rdquant.CompressConfig(method=method, bits=int(setting), group_size=args.group_size))
+            rdquant.CompressConfig(method=method, bits=int(setting), group_size=args.group_size, **dev))
 
 
 def run_rdquant(name: str, cfg: rdquant.CompressConfig, args, calib: Path) -> dict:
@@ -81,6 +99,8 @@ def run_rdquant(name: str, cfg: rdquant.CompressConfig, args, calib: Path) -> di
     t0 = time.perf_counter()
     cm = rdquant.compress(model, cfg, tokenizer=tok, calib_ids=ids, model_id=mid)
     seconds = time.perf_counter() - t0
+    plan_seconds = getattr(cm.method_state, "seconds", None) if cfg.method == "cvxq" else None
+    cm.model.to("cpu")
     out = cm.save(CACHE / "artifacts" / name, overwrite=True)
     loaded = rdquant.load(out, cache_dequantized=True)
     exact = all(
@@ -94,10 +114,16 @@ def run_rdquant(name: str, cfg: rdquant.CompressConfig, args, calib: Path) -> di
     del cm, model
     rep = rdquant.inspect(out)
     coded = rdquant.inspect(recode(out, CACHE / "coded" / f"{name}-ans", codec="ans", overwrite=True))
-    row = {"tool": "rdquant", "method": cfg.method, "bits": cfg.target_bits or cfg.target_coded_bits or cfg.bits,
-           "group_size": cfg.group_size if cfg.method != "claq" else f"col/{cfg.claq_share}",
+    method = cfg.method
+    if method == "cvxq":
+        method = f"cvxq+{cfg.cvxq_solver}" + ("" if cfg.cvxq_sensitivity == "gradient" else f" ({cfg.cvxq_sensitivity} sensitivity)")
+        method += " +bias corr." if cfg.bias_correction else ""
+    row = {"tool": "rdquant", "method": method, "bits": cfg.target_bits or cfg.target_coded_bits or cfg.bits,
+           "group_size": f"col/{cfg.claq_share}" if "claq" in (cfg.method, method.removeprefix("cvxq+")[:4]) else cfg.group_size,
+           "device": args.device,
            "bits_per_weight": rep.bits_per_weight, "coded_bits_per_weight": coded.coded_bits_per_weight, "quantized_bytes": rep.quantized_bytes,
            "disk_bytes": rep.total_bytes, "compress_seconds": seconds, "exact_reload": exact,
+           **({"allocation_seconds": plan_seconds} if plan_seconds is not None else {}),
            "threads": torch.get_num_threads(), "split_bits": rep.split_bits(), "name": name,
            **({"policy": cfg.claq_policy} if cfg.method == "claq" and cfg.claq_policy != "rd" else {})}
     row.update(eval_row(loaded, tok, args))
@@ -147,7 +173,8 @@ def run_peer(kind: str, bits: int, args, calib: Path) -> dict:
 
 
 def _method(r: dict) -> str:
-    return r["method"] + (f" ({r['policy']} policy)" if r.get("policy") else "")
+    return (r["method"] + (f" ({r['policy']} policy)" if r.get("policy") else "")
+            + (f" [{r['device']}]" if r.get("device", "cpu") != "cpu" else ""))
 
 
 def table(rows: list[dict], args) -> str:
@@ -161,7 +188,7 @@ def table(rows: list[dict], args) -> str:
         lines.append(
             f"| {r['tool']} | {_method(r)} | {r.get('bits', '-')} | {r.get('group_size', '-')} | {r['ppl']:.3f} | {fmt(r.get('bits_per_weight'), '.3f')} | "
             f"{fmt(r.get('coded_bits_per_weight'), '.3f')} | "
-            f"{fmt(r.get('quantized_bytes'), ',')} | {fmt(r.get('disk_bytes'), ',')} | {fmt(r.get('compress_seconds'), '.0f')} | "
+            f"{fmt(r.get('quantized_bytes'), ',')} | {fmt(r.get('disk_bytes'), ',')} | {fmt(r.get('compress_seconds'), '.0f')}{'' if r.get('allocation_seconds') is None else ' (alloc ' + format(r['allocation_seconds'], '.0f') + ')'} | "
             f"{r.get('threads', '-')} | {'-' if r.get('exact_reload') is None else ('yes' if r['exact_reload'] else 'NO')} |"
         )
     return head + "\n".join(lines)
@@ -172,7 +199,7 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--bits", type=int, nargs="+", default=[4, 3, 2])
     ap.add_argument("--methods", nargs="+", default=["rtn", "gptq", "llmcompressor"],
-                    help="rdquant: rtn gptq ecsq claq; peers: llmcompressor hqq llamacpp")
+                    help="rdquant: rtn gptq ecsq claq cvxq uniform; peers: llmcompressor hqq llamacpp")
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--windows", type=int, default=32)
     ap.add_argument("--seqlen", type=int, default=2048)
@@ -185,6 +212,16 @@ def main() -> None:
                     help="all-in bits/weight targets for --methods claq")
     ap.add_argument("--claq-extra", nargs="*", default=[], metavar="KEY=VALUE",
                     help="more CompressConfig fields for claq rows, e.g. claq_outlier_frac=0.002")
+    ap.add_argument("--cvxq-targets", type=float, nargs="+", default=[4.0, 3.5, 3.0, 2.5],
+                    help="all-in bits/weight targets for --methods cvxq")
+    ap.add_argument("--cvxq-solvers", nargs="+", default=["gptq", "rtn"], help="cvxq rows: gptq rtn claq")
+    ap.add_argument("--cvxq-extra", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="more CompressConfig fields for cvxq rows, e.g. cvxq_sensitivity=hessian")
+    ap.add_argument("--uniform", nargs="+", default=["4:-1", "3:38", "3:-1", "2:36"], metavar="BITS:GROUP",
+                    help="uniform GPTQ rows at these widths and group sizes (--methods uniform), to match sizes")
+    ap.add_argument("--device", default="cpu", help="compress and evaluate on this device")
+    ap.add_argument("--with-device-rows", nargs="*", default=[], metavar="DEVICE",
+                    help="with --cached-only: rows missing on this device are taken from these (e.g. cuda)")
     ap.add_argument("--plot", type=Path, default=ROOT / "bench" / "plots" / "ppl_vs_bits.png",
                     help="perplexity vs all-in bits/weight of every row (log y); '' = no plot")
     ap.add_argument("--fresh", action="store_true", help="recompute cached rdquant rows")
@@ -203,18 +240,26 @@ def main() -> None:
     rows = [cached_row(f"original_{args.model}_{tag}", False,
                        lambda: {"tool": "original", "method": "fp32 (16-bit on disk)",
                                 **eval_row(*load_model(args.model)[:2], args)})]
-    jobs = [(m, b) for b in args.bits for m in args.methods if m not in ("ecsq", "claq")]
+    jobs = [(m, b) for b in args.bits for m in args.methods if m not in ("ecsq", "claq", "cvxq", "uniform")]
     jobs += [("ecsq", t) for t in args.ecsq_targets if "ecsq" in args.methods]
     jobs += [("claq", t) for t in args.claq_targets if "claq" in args.methods]
+    jobs += [("uniform", tuple(int(x) for x in u.split(":"))) for u in args.uniform if "uniform" in args.methods]
+    jobs += [("cvxq", (t, s)) for t in args.cvxq_targets for s in args.cvxq_solvers if "cvxq" in args.methods]
     for method, bits in jobs:
         if method in PEERS:
             row = cached_row(f"{method}_w{bits}_{tag}", args.rerun_peers, lambda: run_peer(method, bits, args, calib),
                              args.cached_only)
         else:
             name, cfg = rdquant_job(method, bits, args)
-            row_name = f"{method}_w{bits}_{tag}" if method not in ("ecsq", "claq") else f"{name}_{tag}"
+            row_name = f"{method}_w{bits}_{tag}" if method not in ("ecsq", "claq", "cvxq", "uniform") else f"{name}_{tag}"
+            row_name += "" if args.device == "cpu" else f"_{args.device.replace(':', '')}"
             row = cached_row(f"{row_name}_v{rdquant.__version__}", args.fresh,
                              lambda: run_rdquant(name, cfg, args, calib), args.cached_only)
+            for dev in args.with_device_rows if row is None else ():  # rows measured on a GPU machine
+                row = cached_row(f"{row_name}_{dev}_v{rdquant.__version__}", False, None, True)
+                if row is not None:
+                    row["device"] = dev
+                    break
         if row is not None:
             rows.append(row)
         print(table(rows, args), flush=True)

