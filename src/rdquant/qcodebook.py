@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from . import packing
+from .qtensor import VariableWidth
 
 STORED = ("qweight", "widths", "codebook", "codebook_range", "row_scale", "outlier_count", "outlier_row", "outlier_val")
 
@@ -94,7 +95,7 @@ def unpack_segments(qweight: torch.Tensor, col_widths: torch.Tensor, out_feature
 
 
 @dataclass
-class CodebookWeight:
+class CodebookWeight(VariableWidth):
     """Codes, per-column (or per column group) codebooks, optional row scales, fp16 outliers."""
 
     codes: torch.Tensor  # [out, in] uint8
@@ -111,20 +112,8 @@ class CodebookWeight:
     layout = "codebook"
 
     @property
-    def shape(self) -> tuple[int, int]:
-        return tuple(self.codes.shape)  # type: ignore[return-value]
-
-    @property
-    def bits(self) -> int:
-        return int(self.widths.max()) if self.widths.numel() else 0
-
-    @property
     def group_size(self) -> int:
         return self.share
-
-    @property
-    def symmetric(self) -> bool:
-        return False
 
     @property
     def n_outliers(self) -> int:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from . import packing
-from .qtensor import dequantize_codes, expand_groups, num_groups
+from .qtensor import VariableWidth, dequantize_codes, expand_groups, num_groups
 
 STORED = ("qweight", "qwidths", "scales", "qzeros")
 
@@ -72,7 +72,7 @@ def stored_bits(widths: torch.Tensor, in_features: int, group_size: int, wbits: 
 
 
 @dataclass
-class MixedWeight:
+class MixedWeight(VariableWidth):
     """Codes, per-cell widths, fp16 scales and integer zero points (-1 at width-0 cells)."""
 
     codes: torch.Tensor  # [out, in] uint8
@@ -83,18 +83,6 @@ class MixedWeight:
     wbits: int = 4  # stored width field
 
     layout = "mixed"
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return tuple(self.codes.shape)  # type: ignore[return-value]
-
-    @property
-    def bits(self) -> int:
-        return int(self.widths.max()) if self.widths.numel() else 0
-
-    @property
-    def symmetric(self) -> bool:
-        return False
 
     def mean_width(self) -> float:
         """Code bits per weight (cell widths weighted by cell size)."""

@@ -33,6 +33,26 @@ def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tenso
     return (codes.to(torch.float32) - zero.to(torch.float32)) * scale.to(torch.float32)
 
 
+class VariableWidth:
+    """What the layouts with a width per column or cell share: `codes` [out, in] and `widths`."""
+
+    codes: torch.Tensor
+    widths: torch.Tensor
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.codes.shape)  # type: ignore[return-value]
+
+    @property
+    def bits(self) -> int:
+        """The widest code."""
+        return int(self.widths.max()) if self.widths.numel() else 0
+
+    @property
+    def symmetric(self) -> bool:
+        return False
+
+
 @dataclass
 class QuantizedWeight:
     """Codes, fp16 scales and integer zero points of one linear layer's weight."""
