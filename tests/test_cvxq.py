@@ -261,3 +261,12 @@ def test_grid_kappa_is_decreasing_and_knows_one_bit_grids_are_poor():
     assert k[0] == 1 and torch.all(k[1:] < k[:-1])
     assert k[1] > 2 * kappa(1)[1]  # an integer zero point puts one of the two levels at 0
     assert k[4] == pytest.approx(float(kappa(4)[4]), rel=0.5)  # close to Lloyd-Max at higher widths
+
+
+def test_min_bits_keeps_every_cell_at_least_that_wide(tiny_dir):
+    cfg = CompressConfig(method="cvxq", target_bits=3.0, cvxq_min_bits=2, cvxq_solver="rtn", cvxq_sensitivity="hessian",
+                         calib_samples=4, calib_seqlen=32, cvxq_samples=4)
+    plan = rdquant.compress(str(tiny_dir), cfg, progress=False).method_state
+    assert min(int(w.min()) for w in plan.widths.values()) >= 2 and 0.995 * 3 <= plan.planned_bits <= 3
+    with pytest.raises(RdquantError, match="min bits"):
+        CompressConfig(method="cvxq", target_bits=3, cvxq_min_bits=5, cvxq_max_bits=4)

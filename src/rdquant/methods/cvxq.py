@@ -247,18 +247,20 @@ def allocate(model: nn.Module, layers: list[LayerInfo], sens: dict[str, torch.Te
         spans.append(w.numel())
         weights.append(w)
         rates.append(r)
-    weight, rate = torch.cat(weights), torch.cat(rates)
+    lo = cfg.cvxq_min_bits  # widths below it are not offered
+    weight, rate = torch.cat(weights), torch.cat(rates)[:, lo:].contiguous()
+    kap = kap[lo:]
     avail = budget - fixed
     if avail < float(rate[:, 0].sum()):
         n = sum(l.rows * l.cols for l in layers)
         raise RdquantError(
             f"the target ({budget / n:.3f} bits/weight for the quantized layers) is below the smallest "
-            f"possible size ({(float(rate[:, 0].sum()) + fixed) / n:.3f} bits/weight: every cell at width 0)")
+            f"possible size ({(float(rate[:, 0].sum()) + fixed) / n:.3f} bits/weight: every cell at width {lo})")
     flat = waterfill(weight, rate, avail, kap)
 
     def unflatten(flat: torch.Tensor) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
-        for l, piece in zip(layers, torch.split(flat, spans)):
+        for l, piece in zip(layers, torch.split(flat + lo, spans)):
             if cell_kind(cfg) == "column":
                 out[l.name] = piece.to(torch.uint8)
             else:
