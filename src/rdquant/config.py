@@ -39,7 +39,7 @@ class CompressConfig:
     cvxq_sensitivity: str = "gradient"  # gradient (CVXQ: PCA-projected output) | fisher (sampled-token log-lik.) | hessian (E[x_j^2]/E[y^2])
     cvxq_max_bits: int = 7  # widest cell (7: 3-bit width field)
     cvxq_kappa: str = "gauss"  # distortion vs width of a cell: gauss (Lloyd-Max) | grid (measured for the uniform grid)
-    cvxq_min_bits: int = 0  # narrowest cell (0: a cell may be replaced by its centre)
+    cvxq_min_bits: int = -1  # narrowest cell; -1: 2 with uniform grids (gptq, rtn), 0 (a cell may be its centre) with claq
     cvxq_cell_group: int = 0  # columns sharing a width (a multiple of group_size; -1: the whole row; 0: group_size)
     cvxq_samples: int = 32  # calibration windows used for the sensitivities
     cvxq_components: int = 64  # principal directions of the final hidden state
@@ -98,8 +98,8 @@ class CompressConfig:
             raise RdquantError("method cvxq needs --target-bits, --target-size or --target-size-total")
         if self.cvxq_solver not in ("gptq", "rtn", "claq") or self.cvxq_sensitivity not in ("gradient", "fisher", "hessian"):
             raise RdquantError("cvxq: solver must be gptq, rtn or claq; sensitivity gradient, fisher or hessian")
-        if not 0 <= self.cvxq_min_bits <= self.cvxq_max_bits:
-            raise RdquantError("cvxq: need 0 <= min bits <= max bits")
+        if not (self.cvxq_min_bits == -1 or 0 <= self.cvxq_min_bits <= self.cvxq_max_bits):
+            raise RdquantError("cvxq: need 0 <= min bits <= max bits (or -1: automatic)")
         if not 1 <= self.cvxq_max_bits <= 8 or min(self.cvxq_samples, self.cvxq_components, self.cvxq_stride, self.cvxq_batch) < 1:
             raise RdquantError("cvxq: max bits in 1..8; samples, components, stride and batch >= 1")
         if self.cvxq_kappa not in ("grid", "gauss"):

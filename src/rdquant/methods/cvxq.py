@@ -61,6 +61,15 @@ def cell_kind(cfg: CompressConfig) -> str:
     return "column" if cfg.cvxq_solver == "claq" else "group"
 
 
+def min_bits(cfg: CompressConfig) -> int:
+    """The narrowest width offered. Automatic (-1): 2 for uniform grids, whose 1-bit grid has a level
+    fixed at 0 and whose width-0 cells cannot take GPTQ's error feedback (measured: BENCHMARKS §6),
+    0 for CLAQ's column codebooks."""
+    if cfg.cvxq_min_bits >= 0:
+        return cfg.cvxq_min_bits
+    return 0 if cell_kind(cfg) == "column" else min(2, cfg.cvxq_max_bits)
+
+
 def _group_sizes(in_f: int, group: int) -> torch.Tensor:
     g = in_f if group == -1 else group
     n_g = num_groups(in_f, group)
@@ -247,7 +256,7 @@ def allocate(model: nn.Module, layers: list[LayerInfo], sens: dict[str, torch.Te
         spans.append(w.numel())
         weights.append(w)
         rates.append(r)
-    lo = cfg.cvxq_min_bits  # widths below it are not offered
+    lo = min_bits(cfg)  # widths below it are not offered
     weight, rate = torch.cat(weights), torch.cat(rates)[:, lo:].contiguous()
     kap = kap[lo:]
     avail = budget - fixed
