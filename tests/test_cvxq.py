@@ -197,7 +197,7 @@ def test_bias_correction_removes_the_mean_output_error(tiny_dir):
     h.remove()
     X = torch.cat(xs)
     W = model.get_submodule(name).weight.data.clone()
-    cfg = CompressConfig(method="cvxq", target_bits=2.5, cvxq_solver="rtn", cvxq_sensitivity="hessian",
+    cfg = CompressConfig(method="cvxq", target_bits=3.0, cvxq_solver="rtn", cvxq_sensitivity="hessian",
                          cvxq_samples=8, bias_correction=True)
     cm = rdquant.compress(model, cfg, calib_ids=ids, progress=False)
     q = cm.model.get_submodule(name)
