@@ -98,8 +98,9 @@ def test_inf_activations_are_reported(tiny_model_dir):
 def test_config_validation():
     with pytest.raises(rdquant.RdquantError, match="bit width"):
         rdquant.CompressConfig(bits=9)
-    with pytest.raises(rdquant.RdquantError, match="group size"):
-        rdquant.CompressConfig(group_size=30)
+    for bad in (31, 6):
+        with pytest.raises(rdquant.RdquantError, match="group size"):
+            rdquant.CompressConfig(group_size=bad)
     with pytest.raises(rdquant.RdquantError, match="unknown method"):
         rdquant.CompressConfig(method="awq")
 
