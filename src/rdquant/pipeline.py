@@ -367,13 +367,13 @@ def quantize_stage(
     logs = []
     for n, w, part in zip(stage, weights, results):
         lin = linears[n]
-        bias = lin.bias.data.to(torch.float32) if lin.bias is not None else None
-        if cfg.bias_correction and x_mean is not None:
-            correction = (w - part.dequantize().to(w.device)) @ x_mean.to(w.device)
-            bias = correction if bias is None else bias + correction
+        correct = cfg.bias_correction and x_mean is not None
+        bias = lin.bias.data if lin.bias is not None else torch.zeros(w.shape[0]) if correct else None
         q = QuantLinear.from_quantized(part, bias, dtype)
         q.cache_dequantized = True  # the pipeline's later stages reuse it; cleared per block
         Q = q.dequantized_weight().to(torch.float32)
+        if correct:  # the mean output error, moved into the bias
+            q.bias.data += ((w - Q) @ x_mean.to(w.device)).to(q.bias.dtype)
         log = LayerLog(prefix + n, cfg.method, part.bits, part.group_size, tuple(w.shape), part.symmetric,
                        spec=q.spec, notes=list(notes))
         log.weight_mse = float((w - Q).square().mean())

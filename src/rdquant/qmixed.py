@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from . import packing
-from .qtensor import VariableWidth, dequantize_codes, expand_groups, num_groups
+from .qtensor import VariableWidth, dequantize_codes, expand_groups, group_sizes, num_groups
 
 STORED = ("qweight", "qwidths", "scales", "qzeros")
 
@@ -57,9 +57,7 @@ def unpack_by_width(stream: torch.Tensor, widths: torch.Tensor) -> torch.Tensor:
 def stored_bits(widths: torch.Tensor, in_features: int, group_size: int, wbits: int) -> int:
     """Exact bits the layout stores for cells of these widths [out, n_groups] (bias not included)."""
     out_f, n_g = widths.shape
-    g = in_features if group_size == -1 else group_size
-    sizes = torch.full((n_g,), g, dtype=torch.long, device=widths.device)
-    sizes[-1] = in_features - g * (n_g - 1)
+    sizes = group_sizes(in_features, group_size).to(widths.device)
     w = widths.to(torch.long)
     total = 16 * out_f * n_g + 8 * packing.packed_nbytes(out_f * n_g, wbits)
     for b in range(1, 9):

@@ -21,6 +21,15 @@ def num_groups(in_features: int, group_size: int) -> int:
     return 1 if group_size == -1 else -(-in_features // group_size)
 
 
+def group_sizes(in_features: int, group_size: int) -> torch.Tensor:
+    """Columns in each group [n_groups] (long); the last group may be shorter (ragged)."""
+    g = in_features if group_size == -1 else group_size
+    n_g = num_groups(in_features, group_size)
+    sizes = torch.full((n_g,), g, dtype=torch.long)
+    sizes[-1] = in_features - g * (n_g - 1)
+    return sizes
+
+
 def expand_groups(t: torch.Tensor, in_features: int, group_size: int) -> torch.Tensor:
     """Broadcast per-group values [out, n_groups] to per-column [out, in] (ragged last group)."""
     if group_size == -1:

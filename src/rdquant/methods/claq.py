@@ -24,7 +24,7 @@ from ..errors import RdquantError
 from ..kmeans import kmeans_1d, nearest
 from ..packing import packed_nbytes
 from ..qcodebook import CodebookWeight, compact_codebooks, entries_of, index_dtype
-from ..qtensor import num_groups
+from ..qtensor import group_sizes, num_groups
 from .gptq import ColumnQuantizer, gptq_sweep, prepare_hessian
 
 TOP_SHARE = 0.1  # CLAQ's outlier reservation: the top 10% of columns (by outlier count) ...
@@ -69,6 +69,14 @@ def layer_bits(rows: int, in_f: int, share: int, widths: torch.Tensor, outliers:
         isz = 16 if index_dtype(rows) == torch.int16 else 32
         total += isz * in_f + (isz + 16) * n
     return total
+
+
+def codebook_rates(rows: int, cols: torch.Tensor, max_bits: int, codebook_bits: int) -> torch.Tensor:
+    """[n_groups, max_bits + 1] bits of a codebook group of `cols` columns at each width, as `layer_bits`
+    counts them: codes, the codebook, its uint8 width and (8-bit codebooks) its fp16 (lo, step)."""
+    b = torch.arange(max_bits + 1, dtype=torch.float64)
+    side = codebook_bits * 2.0 ** b + 8 + (32 if codebook_bits == 8 else 0)
+    return rows * cols.to(torch.float64)[:, None] * b[None, :] + side[None, :]
 
 
 def outlier_counts(W: torch.Tensor, factor: float) -> torch.Tensor:
@@ -142,11 +150,8 @@ def _rd_widths(W: torch.Tensor, h_diag: torch.Tensor, cfg: CompressConfig, outli
     var = var * (1 - outliers.to(torch.float64) / rows).clamp_min(0)  # reserved entries cost nothing
     weight = torch.zeros(n_g, dtype=torch.float64).index_add_(0, torch.arange(in_f) // share,
                                                              var * h_diag.to(torch.float64))
-    cols = torch.full((n_g,), share, dtype=torch.float64)
-    cols[-1] = in_f - share * (n_g - 1)
-    b = torch.arange(9, dtype=torch.float64)
-    cb = (2.0 ** b) * cfg.claq_codebook_bits  # codebook bits at width b, above width 0's
-    rate = rows * cols[:, None] * b[None, :] + (cb - cb[0])[None, :]
+    rate = codebook_rates(rows, group_sizes(in_f, share), 8, cfg.claq_codebook_bits)
+    rate = rate - rate[:, :1]  # above the width-0 size
     from ..allocate import waterfill
 
     widths = waterfill(weight, rate, budget)

@@ -27,10 +27,9 @@ from ..config import CompressConfig
 from ..errors import RdquantError
 from ..models import block_linears, find_blocks
 from ..qmixed import stored_bits, width_bits
-from ..qtensor import num_groups
-
-CLAQ_COLUMN_SIDE = 8 + 32  # uint8 width + fp16 (lo, step) of the 8-bit codebook, per column
-
+from ..qtensor import group_sizes, num_groups
+from .claq import claq_quantize, codebook_rates, layer_bits, n_scales
+from .gptq import gptq_quantize, mixed_rtn
 
 @dataclass
 class CvxqPlan:
@@ -70,21 +69,13 @@ def min_bits(cfg: CompressConfig) -> int:
     return 0 if cell_kind(cfg) == "column" else min(2, cfg.cvxq_max_bits)
 
 
-def _group_sizes(in_f: int, group: int) -> torch.Tensor:
-    g = in_f if group == -1 else group
-    n_g = num_groups(in_f, group)
-    sizes = torch.full((n_g,), g, dtype=torch.float64)
-    sizes[-1] = in_f - g * (n_g - 1)
-    return sizes
-
-
 def group_cells(W: torch.Tensor, sens: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(distortion weight n S^2 G^2, size n) of every row x group cell of W [out, in], flattened row-major.
     `sens` is [out, in] (gradient) or [in] (proxy)."""
     out_f, in_f = W.shape
     W = W.to(torch.float64)
     sens = sens.to(torch.float64).expand(out_f, in_f)
-    sizes = _group_sizes(in_f, group)
+    sizes = group_sizes(in_f, group).to(torch.float64)
     n_g = sizes.numel()
     idx = torch.arange(in_f) // (in_f if group == -1 else group)
     s1 = torch.zeros(out_f, n_g, dtype=torch.float64).index_add_(1, idx, W)
@@ -135,19 +126,10 @@ def column_cells(W: torch.Tensor, sens: torch.Tensor) -> torch.Tensor:
     return ((W - W.mean(0, keepdim=True)).square() * sens).sum(0)
 
 
-def column_rates(rows: int, cols: int, max_bits: int, codebook_bits: int) -> torch.Tensor:
-    """[cols, max_bits + 1] bits of a CLAQ column at each width: codes, its codebook and side fields."""
-    b = torch.arange(max_bits + 1, dtype=torch.float64)
-    side = codebook_bits * 2.0 ** b + (CLAQ_COLUMN_SIDE if codebook_bits == 8 else 8)
-    return (rows * b + side)[None, :].expand(cols, max_bits + 1).clone()
-
-
 def _layer_fixed_bits(rows: int, in_f: int, cfg: CompressConfig, bias: bool) -> float:
     """Bits a layer stores whatever its widths: bias, CLAQ row scales (packing padding not included)."""
     fixed = 16 * rows if bias else 0
     if cell_kind(cfg) == "column":
-        from .claq import n_scales
-
         fixed += 16 * rows * n_scales(in_f, cfg)
     return fixed
 
@@ -155,8 +137,6 @@ def _layer_fixed_bits(rows: int, in_f: int, cfg: CompressConfig, bias: bool) -> 
 def layer_stored_bits(widths: torch.Tensor, rows: int, in_f: int, cfg: CompressConfig, bias: bool) -> int:
     """Exact bits the artifact stores for a layer with these widths (as `rdquant inspect` counts)."""
     if cell_kind(cfg) == "column":
-        from .claq import layer_bits, n_scales
-
         return layer_bits(rows, in_f, 1, widths.to(torch.long), torch.zeros(in_f, dtype=torch.long),
                           n_scales(in_f, cfg), bias, cfg.claq_codebook_bits)
     return stored_bits(widths, in_f, cfg.group_size, width_bits(cfg.cvxq_max_bits)) + (16 * rows if bias else 0)
@@ -235,8 +215,8 @@ def grid_kappa(n: int, max_bits: int, clip_search: int, max_shrink: float, sampl
 
 
 def allocate(model: nn.Module, layers: list[LayerInfo], sens: dict[str, torch.Tensor], cfg: CompressConfig,
-             budget: float) -> dict[str, torch.Tensor]:
-    """Global reverse water-filling: widths per layer meeting `budget` bits (exact stored size)."""
+             budget: float) -> tuple[dict[str, torch.Tensor], int]:
+    """Global reverse water-filling: (widths per layer, their exact stored bits <= `budget`)."""
     mb = cfg.cvxq_max_bits
     kap = kappa(mb)
     if cell_kind(cfg) == "group" and cfg.cvxq_kappa == "grid":
@@ -248,7 +228,7 @@ def allocate(model: nn.Module, layers: list[LayerInfo], sens: dict[str, torch.Te
         W = model.get_submodule(l.name).weight.data
         if cell_kind(cfg) == "column":
             w = column_cells(W, sens[l.name])
-            r = column_rates(l.rows, l.cols, mb, cfg.claq_codebook_bits)
+            r = codebook_rates(l.rows, torch.ones(l.cols), mb, cfg.claq_codebook_bits)
         else:
             w, sizes, grids = width_cells(W, sens[l.name], cfg)
             r = group_rates(sizes, mb, width_bits(mb), grids)
@@ -282,9 +262,10 @@ def allocate(model: nn.Module, layers: list[LayerInfo], sens: dict[str, torch.Te
     # if it is over, narrow the cells that lose least per bit saved until it fits
     for _ in range(50):
         out = unflatten(flat)
-        excess = sum(layer_stored_bits(out[l.name], l.rows, l.cols, cfg, l.bias) for l in layers) - budget
+        total = sum(layer_stored_bits(out[l.name], l.rows, l.cols, cfg, l.bias) for l in layers)
+        excess = total - budget
         if excess <= 0:
-            return out
+            return out, total
         prv = (flat - 1).clamp_min(0)
         dr = rate.gather(1, flat[:, None])[:, 0] - rate.gather(1, prv[:, None])[:, 0]
         dd = (weight * (kap[prv] - kap[flat])).to(torch.float64)
@@ -314,14 +295,13 @@ def plan(model: nn.Module, calib_ids: torch.Tensor | None, cfg: CompressConfig, 
     else:
         sens = hessian_sensitivity(model, ids, names, cfg.cvxq_batch, cfg.device, progress)
     budget = budget_bits(model, layers, cfg)
-    widths = allocate(model, layers, sens, cfg, budget)
+    widths, total = allocate(model, layers, sens, cfg, budget)
     n = sum(l.rows * l.cols for l in layers)
-    total = sum(layer_stored_bits(widths[l.name], l.rows, l.cols, cfg, l.bias) for l in layers)
     summary = {}
     for l in layers:
         w = widths[l.name].to(torch.float64)
         if cell_kind(cfg) == "group":
-            w = (w * _group_sizes(l.cols, cfg.group_size)[None, :]).sum(1) / l.cols
+            w = (w * group_sizes(l.cols, cfg.group_size)[None, :]).sum(1) / l.cols
         summary[l.name] = round(float(w.mean()), 4)
     return CvxqPlan(widths, budget / n, total / n, cfg.cvxq_sensitivity, cell_kind(cfg),
                     time.perf_counter() - t0, summary)
@@ -330,9 +310,6 @@ def plan(model: nn.Module, calib_ids: torch.Tensor | None, cfg: CompressConfig, 
 def cvxq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: CompressConfig, state: CvxqPlan,
                   parts: tuple[tuple[int, bool], ...], names: list[str]) -> tuple[Any, list[str]]:
     """Quantize the stacked layers `names` at their planned widths with the configured solver."""
-    from .claq import claq_quantize
-    from .gptq import gptq_quantize, mixed_rtn
-
     missing = [n for n in names if n not in state.widths]
     if missing:
         raise RdquantError(f"cvxq: no allocation for {missing[0]} (the plan was made for another model?)")
