@@ -14,9 +14,10 @@ from rdquant.cli import app
 from rdquant.coding import recode
 from rdquant.config import CompressConfig
 from rdquant.errors import RdquantError
-from rdquant.methods.cvxq import allocate, group_cells, group_rates, layer_stored_bits, model_layers
+from rdquant.methods.cvxq import (allocate, cluster_cells, group_cells, group_rates, layer_stored_bits, model_layers,
+                                  row_clusters)
 from rdquant.methods.gptq import gptq_quantize, mixed_rtn, proxy_error
-from rdquant.qmixed import MixedWeight, stored_bits, width_bits
+from rdquant.qmixed import MixedWeight, cluster_stored_bits, stored_bits, width_bits
 from rdquant.runtime import QuantLinear
 from rdquant.sensitivity import gradient_sensitivity, principal_directions
 from rdquant.testing import tiny_model
@@ -65,17 +66,21 @@ def test_water_filling_matches_brute_force_optimum():
             assert got == pytest.approx(best, rel=1e-12)
 
 
-def test_equal_sensitivity_and_variance_give_uniform_widths():
+@pytest.mark.parametrize("cells", ["group", "cluster"])
+def test_equal_sensitivity_and_variance_give_uniform_widths(cells):
     model = tiny_model("llama", 50, hidden=64, intermediate=128, layers=2)
     for lin in (m for m in model.modules() if isinstance(m, torch.nn.Linear)):
         r, c = lin.weight.shape
         lin.weight.data = (torch.arange(r)[:, None] + torch.arange(c)[None, :]) % 2 * 2.0 - 1  # every cell: variance 1
-    cfg = CompressConfig(method="cvxq", target_bits=3.0, cvxq_solver="rtn", group_size=32)
+    cfg = CompressConfig(method="cvxq", target_bits=3.0, cvxq_solver="rtn", group_size=32, cvxq_cells=cells)
     layers = model_layers(model, cfg)
     sens = {l.name: torch.ones(l.cols) for l in layers}
-    three = sum(layer_stored_bits(torch.full((l.rows, l.cols // 32), 3, dtype=torch.uint8), l.rows, l.cols, cfg, l.bias)
-                for l in layers)
-    widths, _ = allocate(model, layers, sens, cfg, three + 16)  # room for 3 bits everywhere, not one cell more
+    three = 0
+    for l in layers:
+        cl = row_clusters(model.get_submodule(l.name).weight, sens[l.name], 32)
+        shape = (l.rows, l.cols // 32) if cells == "group" else (int(cl.max()) + 1, l.cols)
+        three += layer_stored_bits(torch.full(shape, 3, dtype=torch.uint8), l.rows, l.cols, cfg, l.bias, cl)
+    widths, _, _ = allocate(model, layers, sens, cfg, three + 16)  # room for 3 bits everywhere, not one cell more
     assert all(bool((w == 3).all()) for w in widths.values())
 
 
@@ -123,6 +128,44 @@ def test_mixed_layout_packs_exactly_and_round_trips_through_the_runtime_and_code
         MixedWeight.from_packed({**state, "qweight": state["qweight"][:-1]}, (40, 100), 64, 3)
 
 
+def test_row_clusters_follow_sensitivity_and_cluster_cells_are_their_statistics():
+    W = torch.randn(150, 40)
+    sens = torch.rand(150, 40) * torch.linspace(0.1, 3, 150)[:, None]  # later rows more sensitive
+    cl = row_clusters(W, sens, 64).long()
+    assert torch.bincount(cl).tolist() == [64, 64, 22]  # ragged last cluster
+    mean = sens.mean(1)
+    assert float(mean[cl == 0].min()) >= float(mean[cl == 1].max()) >= float(mean[cl == 2].min())
+    w, n = cluster_cells(W, sens, cl.to(torch.int16))
+    rows = cl == 1
+    col = W[rows, 7]
+    ref = (col - col.mean()).square().sum() * sens[rows, 7].mean()
+    assert float(w[1 * 40 + 7]) == pytest.approx(float(ref), rel=1e-6) and float(n[2 * 40]) == 22
+
+
+def test_cluster_cells_through_gptq_pack_exactly_split_by_layer_and_reload(tmp_path):
+    W = torch.randn(100, 96)
+    H = _hessian(96, 3)
+    cfg = CompressConfig(group_size=32)
+    # two stacked layers (60 + 40 rows), each with its own clusters, numbered on
+    cl = torch.cat([row_clusters(W[:60], torch.ones(60, 96), 32).long(), row_clusters(W[60:], torch.ones(40, 96), 32).long() + 2])
+    widths = torch.randint(0, 6, (4, 96), generator=torch.Generator().manual_seed(4))
+    q, _ = gptq_quantize(W, H, cfg, widths=widths, max_width=7, clusters=cl)
+    r = mixed_rtn(W, widths, cfg, 7, None, cl)
+    assert proxy_error(W, q.dequantize(), H) < proxy_error(W, r.dequantize(), H)
+    D = q.dequantize()
+    for k, c in torch.nonzero(widths == 0).tolist()[:20]:  # a width-0 cell holds one value
+        assert D[cl == k, c].unique().numel() == 1
+    codes_w = widths[cl]
+    assert bool((q.codes.long() < (1 << codes_w)).all())
+    for part, (a, b) in ((q.rows(0, 60), (0, 60)), (q.rows(60, 100), (60, 100))):
+        state = part.packed_state()
+        assert 8 * sum(t.numel() * t.element_size() for t in state.values()) == cluster_stored_bits(part.widths, part.clusters, 3)
+        assert torch.equal(MixedWeight.from_packed(state, (b - a, 96), 32, 3).dequantize(), D[a:b])
+        assert torch.equal(QuantLinear.from_quantized(part, None).dequantized_weight(), D[a:b])
+    with pytest.raises(ValueError, match="spans"):
+        q.rows(0, 50)
+
+
 def test_principal_directions_are_sorted_by_variance():
     model = tiny_model("llama", 60, hidden=32, intermediate=64, layers=1)
     ids = torch.randint(0, 60, (6, 24), generator=torch.Generator().manual_seed(0))
@@ -162,9 +205,11 @@ def tiny_dir(tmp_path_factory):
     return save_tiny_model_dir(tmp_path_factory.mktemp("cvxq-tiny"), "llama", hidden=64, intermediate=160, layers=2)
 
 
-@pytest.mark.parametrize("solver,sens", [("gptq", "gradient"), ("rtn", "hessian"), ("claq", "gradient")])
-def test_planned_size_is_the_artifacts_byte_count_and_reload_is_exact(tiny_dir, tmp_path, solver, sens):
-    cfg = CompressConfig(method="cvxq", target_bits=3.3, cvxq_solver=solver, cvxq_sensitivity=sens,
+@pytest.mark.parametrize("solver,sens,cells", [("gptq", "gradient", "group"), ("rtn", "hessian", "group"),
+                                              ("claq", "gradient", "group"), ("gptq", "fisher", "cluster"),
+                                              ("rtn", "hessian", "cluster")])
+def test_planned_size_is_the_artifacts_byte_count_and_reload_is_exact(tiny_dir, tmp_path, solver, sens, cells):
+    cfg = CompressConfig(method="cvxq", target_bits=3.3, cvxq_solver=solver, cvxq_sensitivity=sens, cvxq_cells=cells,
                          calib_samples=8, calib_seqlen=64, cvxq_samples=8, bias_correction=solver == "rtn")
     cm = rdquant.compress(str(tiny_dir), cfg, progress=False)
     plan = cm.method_state
@@ -246,6 +291,11 @@ def test_config_and_command_line(tiny_dir, tmp_path):
     assert r.exit_code == 0, r.output
     rep = json.loads(runner.invoke(app, ["inspect", str(out), "--json"]).output)
     assert 0.995 * 50_000 <= rep["quantized_bytes"] <= 50_000
+    from rdquant.artifact import read_manifest
+
+    manifest = read_manifest(out)
+    assert manifest["recipe"]["group_size"] == 128 and manifest["recipe"]["cvxq_cells"] == "cluster"  # cvxq defaults
+    assert all(l.get("clusters") for l in manifest["quantized"].values())
     r = runner.invoke(app, ["compress", "--model", str(tiny_dir), "--method", "cvxq", "--target-size", "5 parsecs",
                             "--out", str(tmp_path / "x")])
     assert r.exit_code != 0 and "cannot read the size" in r.output

@@ -9,8 +9,11 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+import yaml
 
 from .errors import RdquantError
+
+CVXQ_GROUP = 128  # --group-size of cvxq when not given
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True, help="Compress, inspect, evaluate and run LLMs.")
 
@@ -75,6 +78,9 @@ def compress(
     sensitivity: Optional[str] = typer.Option(None, "--sensitivity",
                                               help="cvxq: gradient (CVXQ, PCA-projected output) | fisher | hessian (E[x^2] proxy)  [default: gradient]"),
     max_bits: Optional[int] = typer.Option(None, "--max-bits", help="cvxq: widest cell, 1..8  [default: 7]"),
+    cells: Optional[str] = typer.Option(None, "--cells",
+                                        help="cvxq with gptq/rtn: cluster (--group-size rows clustered by sensitivity x one "
+                                             "column, CVXQ's cells) | group (one row x --group-size columns)  [default: cluster]"),
     bias_correction: Optional[bool] = typer.Option(None, "--bias-correction/--no-bias-correction",
                                                    help="store (W - Q) E[x] as a bias per layer  [default: off]"),
     outlier_frac: Optional[float] = typer.Option(None, "--outlier-frac",
@@ -86,7 +92,8 @@ def compress(
     high_bits: Optional[int] = typer.Option(None, "--high-bits", help="claq: width of promoted columns, 0 = the low width + 1  [default: 0]"),
     row_scale: Optional[bool] = typer.Option(None, "--row-scale/--no-row-scale",
                                              help="claq: fp16 row scales, codebooks on row-normalised values  [default: on]"),
-    group_size: Optional[int] = typer.Option(None, "--group-size", "-g", help="-1 = per row  [default: 64]"),
+    group_size: Optional[int] = typer.Option(None, "--group-size", "-g",
+                                             help="-1 = per row; cvxq cluster cells: rows per cluster  [default: 64; cvxq: 128]"),
     symmetric: Optional[bool] = typer.Option(None, "--symmetric/--asymmetric", help="[default: asymmetric]"),
     act_order: Optional[bool] = typer.Option(None, "--act-order/--no-act-order", help="[default: on]"),
     damp_percent: Optional[float] = typer.Option(None, "--damp", help="GPTQ damping  [default: 0.01]"),
@@ -116,7 +123,7 @@ def compress(
 
     given = dict(method=method, bits=bits, target_coded_bits=target_coded_bits, target_bits=target_bits,
                  target_size=parse_size(target_size), target_size_total=parse_size(target_size_total),
-                 cvxq_solver=solver, cvxq_sensitivity=sensitivity, cvxq_max_bits=max_bits,
+                 cvxq_solver=solver, cvxq_sensitivity=sensitivity, cvxq_max_bits=max_bits, cvxq_cells=cells,
                  bias_correction=bias_correction,
                  claq_outlier_frac=outlier_frac, claq_share=codebook_share, claq_high_bits=high_bits,
                  claq_policy=column_policy,
@@ -125,6 +132,8 @@ def compress(
                  calib_seqlen=calib_seqlen, seed=seed, batch_size=batch_size, device=device)
     base = CompressConfig.from_yaml(recipe) if recipe else CompressConfig()
     cfg = base.replace(**{k: v for k, v in given.items() if v is not None})
+    if cfg.method == "cvxq" and group_size is None and not (recipe and "group_size" in (yaml.safe_load(recipe.read_text()) or {})):
+        cfg = cfg.replace(group_size=CVXQ_GROUP)  # measured best for CVXQ's cells (BENCHMARKS.md section 6)
     if out.exists() and not overwrite:
         raise RdquantError(f"{out} already exists; pass --overwrite to replace it")
     ckpt = out.with_name(out.name + ".partial")

@@ -140,7 +140,7 @@ def encode_tensors(
             spec, payload = choose_codec(sym, codec, speed_floor_mbps)
             fields = {"kind": "symbols", "mapping": "codebook", "entropy_bits": round(codecs.entropy_bits(sym), 4)}
         elif layer is not None and leaf == "qweight" and layer.get("layout") == "mixed":
-            sym = unpack_by_width(t, _mixed_width_map(tensors[f"{owner}.qwidths"], layer)).reshape(-1).numpy()
+            sym = unpack_by_width(t, _mixed_width_map(tensors, owner, layer)).reshape(-1).numpy()
             spec, payload = choose_codec(sym, codec, speed_floor_mbps)
             fields = {"kind": "symbols", "mapping": "mixed", "entropy_bits": round(codecs.entropy_bits(sym), 4)}
         elif layer is not None and leaf == "qweight":
@@ -187,7 +187,7 @@ def decode_tensor(
         return pack_segments(codes, cw)
     if codec["mapping"] == "mixed":
         layer = quantized[owner]
-        wmap = _mixed_width_map(decoded[f"{owner}.qwidths"], layer)
+        wmap = _mixed_width_map(decoded, owner, layer)
         if sym.size != wmap.numel():
             raise codecs.CodecError("decoded symbol count does not match the layer shape")
         codes = torch.from_numpy(np.ascontiguousarray(sym).reshape(wmap.shape).copy())
@@ -198,15 +198,20 @@ def decode_tensor(
     return weight_from_symbols(sym, decoded.get(f"{owner}.qzeros"), info, codec["mapping"])
 
 
-def _mixed_width_map(qwidths: torch.Tensor, layer: dict[str, Any]) -> torch.Tensor:
-    """A mixed layer's cell widths broadcast to one per weight [out, in]."""
+def _mixed_width_map(tensors: dict[str, torch.Tensor], owner: str, layer: dict[str, Any]) -> torch.Tensor:
+    """A mixed layer's cell widths broadcast to one per weight [out, in] (from its qwidths, qclusters)."""
     from . import packing
-    from .qtensor import expand_groups, num_groups
+    from .qmixed import width_map
+    from .qtensor import num_groups
 
     out_f, in_f = layer["shape"]
-    n_g = num_groups(in_f, layer["group_size"])
-    widths = packing.unpack(qwidths, layer["width_bits"], out_f * n_g).view(out_f, n_g)
-    return expand_groups(widths, in_f, layer["group_size"])
+    clusters = tensors.get(f"{owner}.qclusters")
+    cells = (int(layer["clusters"]), in_f) if layer.get("clusters") else (out_f, num_groups(in_f, layer["group_size"]))
+    if (clusters is None) != (not layer.get("clusters")) or (clusters is not None and (
+            clusters.numel() != out_f or int(clusters.min()) < 0 or int(clusters.max()) >= cells[0])):
+        raise codecs.CodecError(f"{owner}: row clusters do not match the manifest")
+    widths = packing.unpack(tensors[f"{owner}.qwidths"], layer["width_bits"], cells[0] * cells[1]).view(*cells)
+    return width_map(widths, (out_f, in_f), layer["group_size"], clusters)
 
 
 def _codebook_symbols(qweight: torch.Tensor, widths: torch.Tensor, layer: dict[str, Any]) -> np.ndarray:

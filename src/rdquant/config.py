@@ -40,6 +40,7 @@ class CompressConfig:
     cvxq_max_bits: int = 7  # widest cell (7: 3-bit width field)
     cvxq_kappa: str = "gauss"  # distortion vs width of a cell: gauss (Lloyd-Max) | grid (measured for the uniform grid)
     cvxq_min_bits: int = -1  # narrowest cell; -1: 2 with uniform grids (gptq, rtn), 0 (a cell may be its centre) with claq
+    cvxq_cells: str = "cluster"  # gptq/rtn cells: group (row x group_size columns) | cluster (group_size rows clustered by sensitivity x one column)
     cvxq_cell_group: int = 0  # columns sharing a width (a multiple of group_size; -1: the whole row; 0: group_size)
     cvxq_samples: int = 32  # calibration windows used for the sensitivities
     cvxq_components: int = 64  # principal directions of the final hidden state
@@ -102,6 +103,10 @@ class CompressConfig:
             raise RdquantError("cvxq: need 0 <= min bits <= max bits (or -1: automatic)")
         if not 1 <= self.cvxq_max_bits <= 8 or min(self.cvxq_samples, self.cvxq_components, self.cvxq_stride, self.cvxq_batch) < 1:
             raise RdquantError("cvxq: max bits in 1..8; samples, components, stride and batch >= 1")
+        if self.cvxq_cells not in ("group", "cluster"):
+            raise RdquantError("cvxq: cells must be group or cluster")
+        if self.cvxq_cells == "cluster" and self.cvxq_cell_group not in (0,):
+            raise RdquantError("cvxq: cvxq_cell_group applies to group cells only")
         if self.cvxq_kappa not in ("grid", "gauss"):
             raise RdquantError("cvxq: kappa must be grid or gauss")
         if self.cvxq_cell_group not in (0, -1) and (self.group_size == -1 or self.cvxq_cell_group % self.group_size):

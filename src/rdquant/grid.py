@@ -145,3 +145,35 @@ def mixed_group_grid(
     centre = (num / den).to(torch.float16).to(torch.float32)
     zero_w = widths == 0
     return torch.where(zero_w, centre, scales), torch.where(zero_w, -1.0, zeros)
+
+
+def cluster_grid(
+    W: torch.Tensor,
+    widths: torch.Tensor,
+    clusters: torch.Tensor,
+    clip_search: int = 0,
+    max_shrink: float = 0.3,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Asymmetric grids of row-cluster x column cells: W [out, k] (k columns), widths [n_clusters, k]
+    (0..8), clusters [out] each row's cluster -> (scales, zeros) [n_clusters, k], width-0 cells as in
+    mixed_group_grid (centre as the scale, zero -1). Clusters are padded to one length with a repeat of
+    their first row, weighted 0 in the clip search."""
+    out_f, k = W.shape
+    n_c = widths.shape[0]
+    dev = W.device
+    clusters = clusters.to(dev, torch.long)
+    order = torch.argsort(clusters, stable=True)
+    sizes = torch.bincount(clusters, minlength=n_c)
+    m = max(int(sizes.max()), 1)
+    start = torch.cumsum(sizes, 0) - sizes
+    pos = torch.arange(m, device=dev)[None, :]
+    valid = pos < sizes[:, None]  # [n_c, m]
+    idx = order[(start[:, None] + torch.where(valid, pos, 0)).clamp(max=max(out_f - 1, 0))]  # [n_c, m] rows
+    Wc = W.to(torch.float32)[idx].permute(0, 2, 1).reshape(n_c * k, m)  # one cell per row
+    cw = valid[:, None, :].expand(n_c, k, m).reshape(n_c * k, m).to(torch.float32)
+    b = widths.to(dev).reshape(-1, 1).clamp_min(1)
+    scale, zero = grid_params(Wc, b, False, clip_search, max_shrink, cw)
+    centre = ((Wc * cw).sum(1, keepdim=True) / cw.sum(1, keepdim=True).clamp_min(1)).to(torch.float16).to(torch.float32)
+    w0 = widths.to(dev).reshape(-1, 1) == 0
+    scale, zero = torch.where(w0, centre, scale), torch.where(w0, -1.0, zero)
+    return scale.view(n_c, k), zero.view(n_c, k)

@@ -1,13 +1,18 @@
-"""The mixed-width group layout (CVXQ cells; docs/FORMAT.md "Mixed-width layers").
+"""The mixed-width layout (CVXQ cells; docs/FORMAT.md "Mixed-width layers").
 
-A weight W (out x in) is cut into cells: one output row x one group of `group_size` input columns
-(the last group may be shorter). Cell (r, g) has its own width widths[r, g] in 0..8 and affine grid:
-    W[r, c] = (codes[r, c] - zeros[r, g]) * scales[r, g],   g = c // group_size
+A weight W (out x in) is cut into cells, each with its own width in 0..8 and affine grid. Two cell shapes:
+  - row groups (default): one output row x one group of `group_size` input columns (the last group may
+    be shorter); per-cell tensors are [out, n_groups] and cell (r, g) covers W[r, g*group_size ...];
+  - row clusters (`clusters` given, CVXQ's own cells): a cluster of output rows x one input column;
+    clusters[r] is row r's cluster, per-cell tensors are [n_clusters, in] and cell (k, c) covers the
+    rows of cluster k in column c.
+    W[r, c] = (codes[r, c] - zeros[cell]) * scales[cell]
 A width-0 cell has no codes and no zero point: its one value, the cell's centre, is stored as its
 scale (held in memory with zero = -1, so the formula above still gives it). Stored tensors:
 `qweight` - codes bit-packed per width (all weights of width-1 cells in row-major order, then width
-2, ...), `qwidths` - the widths bit-packed at `width_bits`, `scales` - fp16 [out, n_groups], `qzeros` -
-zero points packed per width like the codes (cells in row-major order).
+2, ...), `qwidths` - the widths bit-packed at `width_bits`, `scales` - fp16 per cell, `qzeros` -
+zero points packed per width like the codes (cells in row-major order), and with row clusters
+`qclusters` - int16 [out], each row's cluster.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import torch
 from . import packing
 from .qtensor import VariableWidth, dequantize_codes, expand_groups, group_sizes, num_groups
 
-STORED = ("qweight", "qwidths", "scales", "qzeros")
+STORED = ("qweight", "qwidths", "scales", "qzeros", "qclusters")
 
 
 def width_bits(max_width: int) -> int:
@@ -55,18 +60,43 @@ def unpack_by_width(stream: torch.Tensor, widths: torch.Tensor) -> torch.Tensor:
 
 
 def stored_bits(widths: torch.Tensor, in_features: int, group_size: int, wbits: int) -> int:
-    """Exact bits the layout stores for cells of these widths [out, n_groups] (bias not included)."""
-    out_f, n_g = widths.shape
+    """Exact bits the layout stores for row-group cells of these widths [out, n_groups] (bias not included)."""
     sizes = group_sizes(in_features, group_size).to(widths.device)
+    return cells_stored_bits(widths, sizes[None, :], wbits)
+
+
+def cluster_sizes(clusters: torch.Tensor, n_clusters: int | None = None) -> torch.Tensor:
+    """Rows per cluster [n_clusters] of a row -> cluster map."""
+    return torch.bincount(clusters.to(torch.long), minlength=n_clusters or 0)
+
+
+def cluster_stored_bits(widths: torch.Tensor, clusters: torch.Tensor, wbits: int) -> int:
+    """Exact bits the layout stores for row-cluster cells (widths [n_clusters, in]), qclusters included."""
+    sizes = cluster_sizes(clusters, widths.shape[0]).to(widths.device)
+    return cells_stored_bits(widths, sizes[:, None], wbits) + 16 * clusters.numel()
+
+
+def cells_stored_bits(widths: torch.Tensor, sizes: torch.Tensor, wbits: int) -> int:
+    """Bits of cells of these widths and sizes (broadcast to widths): per cell an fp16 scale, a width field
+    and a zero point of its width, and its codes; each width's codes and zeros packed apart."""
     w = widths.to(torch.long)
-    total = 16 * out_f * n_g + 8 * packing.packed_nbytes(out_f * n_g, wbits)
+    n = w.numel()
+    total = 16 * n + 8 * packing.packed_nbytes(n, wbits)
     for b in range(1, 9):
         mask = w == b
         n_cells = int(mask.sum())
         if n_cells:
-            n_weights = int((mask * sizes[None, :]).sum())
+            n_weights = int((mask * sizes).sum())
             total += 8 * (packing.packed_nbytes(n_weights, b) + packing.packed_nbytes(n_cells, b))
     return total
+
+
+def width_map(widths: torch.Tensor, shape: tuple[int, int], group_size: int,
+              clusters: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-cell values (widths, scales, ...) broadcast to one per weight [out, in]."""
+    if clusters is None:
+        return expand_groups(widths, shape[1], group_size)
+    return widths[clusters.to(widths.device, torch.long)]
 
 
 @dataclass
@@ -74,65 +104,84 @@ class MixedWeight(VariableWidth):
     """Codes, per-cell widths, fp16 scales and integer zero points (-1 at width-0 cells)."""
 
     codes: torch.Tensor  # [out, in] uint8
-    widths: torch.Tensor  # [out, n_groups] uint8
-    scales: torch.Tensor  # [out, n_groups] float16
-    zeros: torch.Tensor  # [out, n_groups] float32 integers, -1 at width 0
-    group_size: int
+    widths: torch.Tensor  # per cell uint8: [out, n_groups], or [n_clusters, in] with clusters
+    scales: torch.Tensor  # per cell float16
+    zeros: torch.Tensor  # per cell float32 integers, -1 at width 0
+    group_size: int  # columns per row group; with clusters, the nominal rows per cluster
     wbits: int = 4  # stored width field
+    clusters: torch.Tensor | None = None  # [out] each row's cluster: row-cluster x column cells
 
     layout = "mixed"
 
+    def cell_map(self, t: torch.Tensor) -> torch.Tensor:
+        """A per-cell tensor broadcast to one value per weight [out, in]."""
+        return width_map(t, self.shape, self.group_size, self.clusters)
+
     def mean_width(self) -> float:
         """Code bits per weight (cell widths weighted by cell size)."""
-        out_f, in_f = self.shape
-        w = expand_groups(self.widths.to(torch.float32), in_f, self.group_size)
-        return float(w.mean())
+        return float(self.cell_map(self.widths.to(torch.float32)).mean())
 
     def spec(self) -> dict:
-        return {"layout": "mixed", "width_bits": self.wbits, "mean_width": round(self.mean_width(), 4)}
+        spec = {"layout": "mixed", "width_bits": self.wbits, "mean_width": round(self.mean_width(), 4)}
+        if self.clusters is not None:
+            spec["clusters"] = int(self.widths.shape[0])
+        return spec
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        in_f = self.shape[1]
-        scale = expand_groups(self.scales.to(torch.float32), in_f, self.group_size)
-        zero = expand_groups(self.zeros.to(torch.float32), in_f, self.group_size)
+        scale = self.cell_map(self.scales.to(torch.float32))
+        zero = self.cell_map(self.zeros.to(torch.float32))
         return dequantize_codes(self.codes, scale, zero).to(dtype)
 
     def round_to_grid(self, W: torch.Tensor) -> torch.Tensor:
         """W rounded onto this weight's cell grids (the "before" of error compensation), float32."""
         from .grid import quantize_dequantize
 
-        in_f = self.shape[1]
-        cell = lambda t: expand_groups(t.to(W.device, torch.float32), in_f, self.group_size)
+        cell = lambda t: self.cell_map(t.to(W.device, torch.float32))
         return quantize_dequantize(W, cell(self.scales), cell(self.zeros), cell(self.widths))[1]
 
     def rows(self, start: int, stop: int) -> "MixedWeight":
-        return MixedWeight(self.codes[start:stop], self.widths[start:stop], self.scales[start:stop],
-                           self.zeros[start:stop], self.group_size, self.wbits)
+        if self.clusters is None:
+            return MixedWeight(self.codes[start:stop], self.widths[start:stop], self.scales[start:stop],
+                               self.zeros[start:stop], self.group_size, self.wbits)
+        part = self.clusters[start:stop].to(torch.long)
+        c0, c1 = int(part.min()), int(part.max()) + 1
+        rest = torch.cat([self.clusters[:start], self.clusters[stop:]]).to(torch.long)
+        if bool(((rest >= c0) & (rest < c1)).any()):
+            raise ValueError("a row cluster spans the rows asked for and others")
+        return MixedWeight(self.codes[start:stop], self.widths[c0:c1], self.scales[c0:c1], self.zeros[c0:c1],
+                           self.group_size, self.wbits, (part - c0).to(torch.int16))
 
     def packed_state(self) -> dict[str, torch.Tensor]:
-        in_f = self.shape[1]
-        wmap = expand_groups(self.widths, in_f, self.group_size)
-        return {
-            "qweight": pack_by_width(self.codes, wmap),
+        state = {
+            "qweight": pack_by_width(self.codes, self.cell_map(self.widths)),
             "qwidths": packing.pack(self.widths, self.wbits),
             "scales": self.scales.to(torch.float16).contiguous(),
             "qzeros": pack_by_width(self.zeros.clamp_min(0).to(torch.uint8), self.widths),
         }
+        if self.clusters is not None:
+            state["qclusters"] = self.clusters.to(torch.int16).contiguous()
+        return state
 
     @classmethod
     def from_packed(cls, state: dict[str, torch.Tensor], shape: tuple[int, int], group_size: int,
                     wbits: int) -> "MixedWeight":
         out_f, in_f = shape
-        n_g = num_groups(in_f, group_size)
+        clusters = state.get("qclusters")
+        if clusters is not None:
+            if clusters.numel() != out_f or (out_f and int(clusters.min()) < 0):
+                raise ValueError("qclusters must give each row a cluster index >= 0")
+            cells = (int(clusters.max()) + 1 if out_f else 0, in_f)
+        else:
+            cells = (out_f, num_groups(in_f, group_size))
         scales = state["scales"]
-        if tuple(scales.shape) != (out_f, n_g):
-            raise ValueError(f"scales have shape {tuple(scales.shape)}, expected {(out_f, n_g)}")
-        if state["qwidths"].numel() != packing.packed_nbytes(out_f * n_g, wbits):
+        if tuple(scales.shape) != cells:
+            raise ValueError(f"scales have shape {tuple(scales.shape)}, expected {cells}")
+        if state["qwidths"].numel() != packing.packed_nbytes(cells[0] * cells[1], wbits):
             raise ValueError("qwidths has the wrong size for this layer")
-        widths = packing.unpack(state["qwidths"], wbits, out_f * n_g).view(out_f, n_g)
-        if int(widths.max()) > 8:
+        widths = packing.unpack(state["qwidths"], wbits, cells[0] * cells[1]).view(*cells)
+        if widths.numel() and int(widths.max()) > 8:
             raise ValueError("cell widths above 8 bits")
-        codes = unpack_by_width(state["qweight"], expand_groups(widths, in_f, group_size))
+        codes = unpack_by_width(state["qweight"], width_map(widths, shape, group_size, clusters))
         zeros = unpack_by_width(state["qzeros"], widths).to(torch.float32)
         zeros = torch.where(widths == 0, -1.0, zeros)
-        return cls(codes, widths, scales, zeros, group_size, wbits)
+        return cls(codes, widths, scales, zeros, group_size, wbits, clusters)

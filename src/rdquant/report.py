@@ -12,7 +12,7 @@ from .runtime import QUANT_BUFFERS
 
 # where each stored tensor's bytes go in the bits-per-weight split
 PART_OF = {"qweight": "codes", "codebook": "codebooks", "codebook_range": "codebooks", "outlier_count": "outliers", "outlier_row": "outliers",
-           "outlier_val": "outliers", "scales": "other", "qzeros": "other", "widths": "other", "qwidths": "other",
+           "outlier_val": "outliers", "scales": "other", "qzeros": "other", "widths": "other", "qwidths": "other", "qclusters": "other",
            "row_scale": "other", "bias": "other"}
 PARTS = ("codes", "codebooks", "outliers", "other")
 

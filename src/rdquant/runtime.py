@@ -23,7 +23,7 @@ class QuantLinear(nn.Module):
 
     Three layouts: `affine` (qtensor.py: packed codes + fp16 scales + packed zero points), `codebook`
     (qcodebook.py: codes packed per column width + fp16 column codebooks + optional row scales + fp16
-    outliers; `spec` says which of those exist) and `mixed` (qmixed.py: a width per row-group cell). Buffers are named as in the artifact, so the module's
+    outliers; `spec` says which of those exist) and `mixed` (qmixed.py: a width per row-group or row-cluster cell). Buffers are named as in the artifact, so the module's
     state_dict is exactly what is stored; codebook buffers take their sizes from what is loaded.
     With `cache_dequantized` the dequantized weight is kept after first use (faster, but costs the
     dense weight's memory).
@@ -67,6 +67,8 @@ class QuantLinear(nn.Module):
             for name, dt in (("qweight", torch.uint8), ("qwidths", torch.uint8), ("scales", torch.float16),
                              ("qzeros", torch.uint8)):
                 self.register_buffer(name, torch.zeros(0, dtype=dt, device=device))
+            if self.spec.get("clusters"):  # row-cluster x column cells
+                self.register_buffer("qclusters", torch.zeros(0, dtype=torch.int16, device=device))
             return
         n_g = num_groups(in_features, group_size)
         nbytes = packing.packed_nbytes(in_features * out_features, bits)

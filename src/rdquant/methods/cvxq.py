@@ -2,6 +2,8 @@
 
 Before the sequential pass, every quantized linear is cut into cells that share a width and a grid:
   - `group` cells (solvers rtn and gptq): one output row x one group of group_size input columns;
+  - `cluster` cells (solvers rtn and gptq, CVXQ's own): output rows sorted by sensitivity and cut into
+    clusters of group_size rows, x one input column;
   - `column` cells (solver claq): one input column, all rows (CLAQ's column codebooks).
 Cell i gets a variance S_i^2 (of its weights about their mean), a sensitivity G_i^2 (mean over its
 weights, sensitivity.py) and a rate R_i(b) = the exact bits the artifact stores for it at width b
@@ -26,14 +28,15 @@ from ..allocate import kappa, waterfill
 from ..config import CompressConfig
 from ..errors import RdquantError
 from ..models import block_linears, find_blocks
-from ..qmixed import stored_bits, width_bits
+from ..qmixed import cluster_stored_bits, stored_bits, width_bits
 from ..qtensor import group_sizes, num_groups
 from .claq import claq_quantize, codebook_rates, layer_bits, n_scales
 from .gptq import gptq_quantize, mixed_rtn
 
 @dataclass
 class CvxqPlan:
-    """The allocation: widths per layer ([out, n_groups] group cells or [in] column cells)."""
+    """The allocation: widths per layer ([out, n_groups] group cells, [n_clusters, in] cluster cells or
+    [in] column cells), and each layer's row clusters ([out] cluster of every row) with cluster cells."""
 
     widths: dict[str, torch.Tensor]
     target_bits: float  # all-in bits per quantized weight the plan was made for
@@ -42,22 +45,24 @@ class CvxqPlan:
     cells: str
     seconds: float = 0.0
     summary: dict[str, float] = field(default_factory=dict)  # layer -> mean code width
+    clusters: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        enc = {n: [list(w.shape), base64.b64encode(w.to(torch.uint8).numpy().tobytes()).decode()] for n, w in self.widths.items()}
-        return {"widths": enc, "target_bits": self.target_bits, "planned_bits": self.planned_bits,
-                "sensitivity": self.sensitivity, "cells": self.cells, "seconds": self.seconds, "summary": self.summary}
+        enc = lambda ts, dt: {n: [list(t.shape), base64.b64encode(t.to(dt).numpy().tobytes()).decode()] for n, t in ts.items()}
+        return {"widths": enc(self.widths, torch.uint8), "target_bits": self.target_bits, "planned_bits": self.planned_bits,
+                "sensitivity": self.sensitivity, "cells": self.cells, "seconds": self.seconds, "summary": self.summary,
+                "clusters": enc(self.clusters, torch.int16)}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "CvxqPlan":
-        widths = {}
-        for n, (shape, b64) in d["widths"].items():
-            widths[n] = torch.frombuffer(bytearray(base64.b64decode(b64)), dtype=torch.uint8).view(*shape).clone()
-        return cls(widths, d["target_bits"], d["planned_bits"], d["sensitivity"], d["cells"], d["seconds"], d["summary"])
+        dec = lambda ts, dt: {n: torch.frombuffer(bytearray(base64.b64decode(b64)), dtype=dt).view(*shape).clone()
+                              for n, (shape, b64) in ts.items()}
+        return cls(dec(d["widths"], torch.uint8), d["target_bits"], d["planned_bits"], d["sensitivity"], d["cells"],
+                   d["seconds"], d["summary"], dec(d.get("clusters", {}), torch.int16))
 
 
 def cell_kind(cfg: CompressConfig) -> str:
-    return "column" if cfg.cvxq_solver == "claq" else "group"
+    return "column" if cfg.cvxq_solver == "claq" else cfg.cvxq_cells
 
 
 def min_bits(cfg: CompressConfig) -> int:
@@ -119,6 +124,32 @@ def cells_per_width(in_f: int, cfg: CompressConfig) -> int:
     return cfg.cvxq_cell_group // cfg.group_size
 
 
+def row_clusters(W: torch.Tensor, sens: torch.Tensor, size: int) -> torch.Tensor:
+    """[out] cluster of every row (int16): rows sorted by decreasing sensitivity (mean G^2 of the row;
+    with a per-input proxy, its G^2-weighted energy), cut into clusters of `size` rows (-1: one cluster)."""
+    W = W.to(torch.float64)
+    sens = sens.to(torch.float64)
+    score = sens.mean(1) if sens.dim() == 2 else (W.square() * sens[None, :]).mean(1)
+    order = torch.argsort(score, descending=True, stable=True)
+    size = W.shape[0] if size == -1 else size
+    clusters = torch.empty(W.shape[0], dtype=torch.int16)
+    clusters[order] = (torch.arange(W.shape[0]) // size).to(torch.int16)
+    return clusters
+
+
+def cluster_cells(W: torch.Tensor, sens: torch.Tensor, clusters: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(distortion weight n S^2 G^2, size n) of every row-cluster x column cell, [n_clusters, in] flattened."""
+    W = W.to(torch.float64)
+    sens = sens.to(torch.float64).expand(W.shape)
+    idx = clusters.to(torch.long)
+    n_c = int(idx.max()) + 1
+    sizes = torch.bincount(idx, minlength=n_c).to(torch.float64)[:, None]
+    acc = lambda t: torch.zeros(n_c, W.shape[1], dtype=torch.float64).index_add_(0, idx, t)
+    var_sum = (acc(W.square()) - acc(W).square() / sizes).clamp_min(0)
+    g2 = acc(sens) / sizes
+    return (var_sum * g2).reshape(-1), sizes.expand(n_c, W.shape[1]).reshape(-1)
+
+
 def column_cells(W: torch.Tensor, sens: torch.Tensor) -> torch.Tensor:
     """Distortion weight sum_r G_rj^2 (W_rj - mean_j)^2 of every column of W [out, in]."""
     W = W.to(torch.float64)
@@ -129,13 +160,18 @@ def column_cells(W: torch.Tensor, sens: torch.Tensor) -> torch.Tensor:
 def _layer_fixed_bits(rows: int, in_f: int, cfg: CompressConfig, bias: bool) -> float:
     """Bits a layer stores whatever its widths: bias, CLAQ row scales (packing padding not included)."""
     fixed = 16 * rows if bias else 0
+    if cell_kind(cfg) == "cluster":
+        fixed += 16 * rows  # qclusters
     if cell_kind(cfg) == "column":
         fixed += 16 * rows * n_scales(in_f, cfg)
     return fixed
 
 
-def layer_stored_bits(widths: torch.Tensor, rows: int, in_f: int, cfg: CompressConfig, bias: bool) -> int:
+def layer_stored_bits(widths: torch.Tensor, rows: int, in_f: int, cfg: CompressConfig, bias: bool,
+                      clusters: torch.Tensor | None = None) -> int:
     """Exact bits the artifact stores for a layer with these widths (as `rdquant inspect` counts)."""
+    if cell_kind(cfg) == "cluster":
+        return cluster_stored_bits(widths, clusters, width_bits(cfg.cvxq_max_bits)) + (16 * rows if bias else 0)
     if cell_kind(cfg) == "column":
         return layer_bits(rows, in_f, 1, widths.to(torch.long), torch.zeros(in_f, dtype=torch.long),
                           n_scales(in_f, cfg), bias, cfg.claq_codebook_bits)
@@ -215,18 +251,24 @@ def grid_kappa(n: int, max_bits: int, clip_search: int, max_shrink: float, sampl
 
 
 def allocate(model: nn.Module, layers: list[LayerInfo], sens: dict[str, torch.Tensor], cfg: CompressConfig,
-             budget: float) -> tuple[dict[str, torch.Tensor], int]:
-    """Global reverse water-filling: (widths per layer, their exact stored bits <= `budget`)."""
+             budget: float) -> tuple[dict[str, torch.Tensor], int, dict[str, torch.Tensor]]:
+    """Global reverse water-filling: (widths per layer, their exact stored bits <= `budget`, row clusters
+    per layer with cluster cells)."""
     mb = cfg.cvxq_max_bits
     kap = kappa(mb)
     if cell_kind(cfg) == "group" and cfg.cvxq_kappa == "grid":
         cell = min(l.cols for l in layers) if cfg.group_size == -1 else cfg.group_size
         kap = grid_kappa(cell, mb, cfg.clip_search, cfg.max_shrink)
     weights, rates, spans = [], [], []
+    clusters: dict[str, torch.Tensor] = {}
     fixed = 0.0
     for l in layers:
         W = model.get_submodule(l.name).weight.data
-        if cell_kind(cfg) == "column":
+        if cell_kind(cfg) == "cluster":
+            clusters[l.name] = row_clusters(W, sens[l.name], cfg.group_size)
+            w, sizes = cluster_cells(W, sens[l.name], clusters[l.name])
+            r = group_rates(sizes, mb, width_bits(mb))
+        elif cell_kind(cfg) == "column":
             w = column_cells(W, sens[l.name])
             r = codebook_rates(l.rows, torch.ones(l.cols), mb, cfg.claq_codebook_bits)
         else:
@@ -252,6 +294,8 @@ def allocate(model: nn.Module, layers: list[LayerInfo], sens: dict[str, torch.Te
         for l, piece in zip(layers, torch.split(flat + lo, spans)):
             if cell_kind(cfg) == "column":
                 out[l.name] = piece.to(torch.uint8)
+            elif cell_kind(cfg) == "cluster":
+                out[l.name] = piece.to(torch.uint8).view(-1, l.cols)
             else:
                 n_g = num_groups(l.cols, cfg.group_size)
                 w = piece.to(torch.uint8).view(l.rows, -1)
@@ -262,10 +306,10 @@ def allocate(model: nn.Module, layers: list[LayerInfo], sens: dict[str, torch.Te
     # if it is over, narrow the cells that lose least per bit saved until it fits
     for _ in range(50):
         out = unflatten(flat)
-        total = sum(layer_stored_bits(out[l.name], l.rows, l.cols, cfg, l.bias) for l in layers)
+        total = sum(layer_stored_bits(out[l.name], l.rows, l.cols, cfg, l.bias, clusters.get(l.name)) for l in layers)
         excess = total - budget
         if excess <= 0:
-            return out, total
+            return out, total, clusters
         prv = (flat - 1).clamp_min(0)
         dr = rate.gather(1, flat[:, None])[:, 0] - rate.gather(1, prv[:, None])[:, 0]
         dd = (weight * (kap[prv] - kap[flat])).to(torch.float64)
@@ -295,16 +339,18 @@ def plan(model: nn.Module, calib_ids: torch.Tensor | None, cfg: CompressConfig, 
     else:
         sens = hessian_sensitivity(model, ids, names, cfg.cvxq_batch, cfg.device, progress)
     budget = budget_bits(model, layers, cfg)
-    widths, total = allocate(model, layers, sens, cfg, budget)
+    widths, total, clusters = allocate(model, layers, sens, cfg, budget)
     n = sum(l.rows * l.cols for l in layers)
     summary = {}
     for l in layers:
         w = widths[l.name].to(torch.float64)
         if cell_kind(cfg) == "group":
             w = (w * group_sizes(l.cols, cfg.group_size)[None, :]).sum(1) / l.cols
+        elif cell_kind(cfg) == "cluster":
+            w = w[clusters[l.name].to(torch.long)]
         summary[l.name] = round(float(w.mean()), 4)
     return CvxqPlan(widths, budget / n, total / n, cfg.cvxq_sensitivity, cell_kind(cfg),
-                    time.perf_counter() - t0, summary)
+                    time.perf_counter() - t0, summary, clusters)
 
 
 def cvxq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: CompressConfig, state: CvxqPlan,
@@ -318,8 +364,12 @@ def cvxq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: CompressConfig, state: 
         q, notes = claq_quantize(W, H, cfg, parts, column_widths=[state.widths[n].to(torch.long) for n in names])
         return q, [note, *notes]
     widths = torch.cat([state.widths[n] for n in names]).to(torch.long)
+    clusters = None
+    if state.cells == "cluster":  # stacked layers: each keeps its own clusters, numbered on
+        offsets = torch.cumsum(torch.tensor([0] + [state.widths[n].shape[0] for n in names[:-1]]), 0)
+        clusters = torch.cat([state.clusters[n].to(torch.long) + int(o) for n, o in zip(names, offsets)])
     if cfg.cvxq_solver == "gptq":
-        q, notes = gptq_quantize(W, H, cfg, widths=widths, max_width=cfg.cvxq_max_bits)
+        q, notes = gptq_quantize(W, H, cfg, widths=widths, max_width=cfg.cvxq_max_bits, clusters=clusters)
         return q, [note, *notes]
     h_diag = torch.diagonal(H).clone() if H is not None else None
-    return mixed_rtn(W, widths, cfg, cfg.cvxq_max_bits, h_diag), [note]
+    return mixed_rtn(W, widths, cfg, cfg.cvxq_max_bits, h_diag, clusters), [note]

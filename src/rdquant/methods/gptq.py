@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..config import CompressConfig
-from ..grid import grid_params, group_grid, mixed_group_grid, quantize
+from ..grid import cluster_grid, grid_params, group_grid, mixed_group_grid, quantize
 from ..qmixed import MixedWeight, width_bits
 from ..qtensor import QuantizedWeight, dequantize_codes, expand_groups, num_groups
 from .rtn import rtn_quantize
@@ -151,18 +151,56 @@ class _UniformColumns(ColumnQuantizer):
         self.codes[:, self.cols] = self.C1.t()
 
 
+class _ClusterColumns(ColumnQuantizer):
+    """Row-cluster x column cells (CVXQ's): every column has a grid per row cluster at that cell's width,
+    fitted when the sweep's lazy block starts, to the block's error-updated columns."""
+
+    def __init__(self, cfg: CompressConfig, widths: torch.Tensor, clusters: torch.Tensor, rows: int, cols: int):
+        self.cfg, self.widths = cfg, widths
+        self.clusters = clusters.to(widths.device, torch.long)
+        self.scales = torch.zeros(widths.shape, device=widths.device)
+        self.zeros = torch.zeros(widths.shape, device=widths.device)
+        self.codes = torch.empty(rows, cols, dtype=torch.uint8, device=widths.device)
+
+    def begin_block(self, cols: list[int], W1: torch.Tensor) -> None:
+        self.cols = cols
+        wd = self.widths[:, cols]
+        s, z = cluster_grid(W1.t(), wd, self.clusters, self.cfg.clip_search, self.cfg.max_shrink)
+        self.scales[:, cols], self.zeros[:, cols] = s, z
+        per_row = lambda t: t[self.clusters].t().contiguous()  # [block, rows]
+        self.S1, self.Z1, self.B1 = per_row(s), per_row(z), per_row(wd.to(torch.float32))
+        self.C1 = torch.empty_like(W1, dtype=torch.uint8)
+
+    def column(self, i: int, w: torch.Tensor) -> torch.Tensor:
+        c = quantize(w, self.S1[i], self.Z1[i], self.B1[i])
+        self.C1[i] = c
+        return dequantize_codes(c, self.S1[i], self.Z1[i])
+
+    def end_block(self) -> None:
+        self.codes[:, self.cols] = self.C1.t()
+
+    def result(self, max_width: int) -> MixedWeight:
+        return MixedWeight(self.codes, self.widths.to(torch.uint8), self.scales.to(torch.float16), self.zeros,
+                           self.cfg.group_size, width_bits(max_width), self.clusters.to(torch.int16))
+
+
 def mixed_rtn(W: torch.Tensor, widths: torch.Tensor, cfg: CompressConfig, max_width: int = 8,
-              col_weight: torch.Tensor | None = None) -> MixedWeight:
-    """Plain rounding of W [out, in] onto mixed-width cells (widths [out, n_groups]), each with its own
-    searched grid (col_weight-weighted error, e.g. H_jj)."""
+              col_weight: torch.Tensor | None = None, clusters: torch.Tensor | None = None) -> MixedWeight:
+    """Plain rounding of W [out, in] onto mixed-width cells, each with its own searched grid: row-group
+    cells (widths [out, n_groups], col_weight-weighted error, e.g. H_jj) or, given `clusters`,
+    row-cluster x column cells (widths [n_clusters, in])."""
     W = W.to(torch.float32)
     widths = widths.to(W.device)
-    scales, zeros = mixed_group_grid(W, widths, cfg.group_size, cfg.clip_search, cfg.max_shrink, col_weight)
-    cols = W.shape[1]
-    cell = lambda t: expand_groups(t, cols, cfg.group_size)
+    if clusters is not None:
+        clusters = clusters.to(W.device, torch.long)
+        scales, zeros = cluster_grid(W, widths, clusters, cfg.clip_search, cfg.max_shrink)
+        cell = lambda t: t[clusters]
+    else:
+        scales, zeros = mixed_group_grid(W, widths, cfg.group_size, cfg.clip_search, cfg.max_shrink, col_weight)
+        cell = lambda t: expand_groups(t, W.shape[1], cfg.group_size)
     codes = quantize(W, cell(scales), cell(zeros), cell(widths.to(torch.float32)))
     return MixedWeight(codes.to(torch.uint8), widths.to(torch.uint8), scales.to(torch.float16), zeros,
-                       cfg.group_size, width_bits(max_width))
+                       cfg.group_size, width_bits(max_width), None if clusters is None else clusters.to(torch.int16))
 
 
 def gptq_quantize(
@@ -172,6 +210,7 @@ def gptq_quantize(
     grid: tuple[torch.Tensor, torch.Tensor] | None = None,
     widths: torch.Tensor | None = None,
     max_width: int = 8,
+    clusters: torch.Tensor | None = None,
 ) -> tuple["QuantizedWeight | MixedWeight", list[str]]:
     """Quantize W [out, in] against Hessian H [in, in]; returns the weight and log notes.
 
@@ -182,7 +221,8 @@ def gptq_quantize(
     so the whole group is up to date then). A given `grid` (scales, zeros [out, n_groups]) is used
     as a static grid instead (other methods' grids, e.g. ECSQ). Given `widths` [out, n_groups] (CVXQ's
     allocation, 0..max_width), every cell gets its own width on a static grid and the result is a
-    MixedWeight.
+    MixedWeight; with `clusters` [out] too, the cells are row clusters x columns (widths [n_clusters, in])
+    and each block's grids are fitted to its error-updated columns.
     """
     notes: list[str] = []
     W, H, dead = prepare_hessian(W, H, notes)
@@ -190,7 +230,14 @@ def gptq_quantize(
     h_diag = torch.diagonal(H).clone()
     if bool(dead.all()):
         notes.append("all inputs are zero: fell back to RTN (plain rounding)")
-        return (rtn_quantize(W, cfg) if widths is None else mixed_rtn(W, widths, cfg, max_width)), notes
+        return (rtn_quantize(W, cfg) if widths is None else mixed_rtn(W, widths, cfg, max_width, None, clusters)), notes
+    if clusters is not None and widths is not None:
+        perm = torch.argsort(h_diag, descending=True) if cfg.act_order else torch.arange(cols, device=W.device)
+        cc = _ClusterColumns(cfg, widths.to(W.device), clusters, rows, cols)
+        if not gptq_sweep(W, H, cc, perm, cfg.block_size, cfg.damp_percent, notes):
+            notes.append("Hessian could not be factored even with heavy damping: fell back to RTN (plain rounding)")
+            return mixed_rtn(W, widths, cfg, max_width, None, clusters), notes
+        return cc.result(max_width), notes
     G = cols if cfg.group_size == -1 else cfg.group_size
     n_g = num_groups(cols, cfg.group_size)
     static = cfg.act_order or G >= cols or grid is not None or widths is not None
