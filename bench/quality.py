@@ -119,6 +119,8 @@ def run_rdquant(name: str, cfg: rdquant.CompressConfig, args, calib: Path) -> di
         method = f"cvxq+{cfg.cvxq_solver}" + ("" if cfg.cvxq_sensitivity == "gradient" else f" ({cfg.cvxq_sensitivity} sensitivity)")
         method += " +bias corr." if cfg.bias_correction else ""
         method += " (grid κ)" if cfg.cvxq_kappa == "grid" else ""
+        method += " (row-group cells)" if cfg.cvxq_cells == "group" and cfg.cvxq_solver != "claq" else ""
+        method += " (companded grid)" if cfg.cvxq_grid == "laplace" else ""
         method += f" (min width {cfg.cvxq_min_bits})" if cfg.cvxq_min_bits >= 0 and cfg.cvxq_min_bits != (0 if cfg.cvxq_solver == "claq" else 2) else ""
     row = {"tool": "rdquant", "method": method, "bits": cfg.target_bits or cfg.target_coded_bits or cfg.bits,
            "group_size": f"col/{cfg.claq_share}" if "claq" in (cfg.method, method.removeprefix("cvxq+")[:4]) else cfg.group_size,

@@ -3,6 +3,7 @@ GPTQ / plain rounding / CLAQ, sensitivities, and the artifact round trip."""
 
 import itertools
 import json
+import math
 
 import pytest
 import torch
@@ -142,15 +143,35 @@ def test_row_clusters_follow_sensitivity_and_cluster_cells_are_their_statistics(
     assert float(w[1 * 40 + 7]) == pytest.approx(float(ref), rel=1e-6) and float(n[2 * 40]) == 22
 
 
-def test_cluster_cells_through_gptq_pack_exactly_split_by_layer_and_reload(tmp_path):
+def test_companded_grid_levels_are_laplace_quantiles_and_rounding_picks_the_nearest():
+    from rdquant.grid import companded_quantize
+    from rdquant.qtensor import laplace_levels
+
+    lv = laplace_levels(2)
+    assert torch.allclose(lv, torch.tensor([-math.log(4), -math.log(4 / 3), math.log(4 / 3), math.log(4)]))
+    assert torch.equal(laplace_levels(5), -laplace_levels(5).flip(0)) and torch.all(laplace_levels(5).diff() > 0)
+    w = torch.randn(50, 40) * 3
+    scale = torch.rand(50, 1) + 0.5
+    bits = torch.randint(0, 5, (50, 1))
+    codes, values = companded_quantize(w, scale, bits)
+    for r in range(50):
+        b = int(bits[r])
+        cand = scale[r] * laplace_levels(b)
+        best = (w[r][:, None] - cand[None, :]).abs().argmin(1)
+        assert torch.allclose(values[r], cand[best]) and (b == 0 or torch.equal(codes[r].long(), best))
+
+
+@pytest.mark.parametrize("grid", ["affine", "laplace"])
+def test_cluster_cells_through_gptq_pack_exactly_split_by_layer_and_reload(tmp_path, grid):
     W = torch.randn(100, 96)
     H = _hessian(96, 3)
     cfg = CompressConfig(group_size=32)
     # two stacked layers (60 + 40 rows), each with its own clusters, numbered on
     cl = torch.cat([row_clusters(W[:60], torch.ones(60, 96), 32).long(), row_clusters(W[60:], torch.ones(40, 96), 32).long() + 2])
     widths = torch.randint(0, 6, (4, 96), generator=torch.Generator().manual_seed(4))
-    q, _ = gptq_quantize(W, H, cfg, widths=widths, max_width=7, clusters=cl)
-    r = mixed_rtn(W, widths, cfg, 7, None, cl)
+    q, _ = gptq_quantize(W, H, cfg, widths=widths, max_width=7, clusters=cl, companded=grid == "laplace")
+    r = mixed_rtn(W, widths, cfg, 7, None, cl, grid)
+    assert q.grid == r.grid == grid
     assert proxy_error(W, q.dequantize(), H) < proxy_error(W, r.dequantize(), H)
     D = q.dequantize()
     for k, c in torch.nonzero(widths == 0).tolist()[:20]:  # a width-0 cell holds one value
@@ -159,8 +180,10 @@ def test_cluster_cells_through_gptq_pack_exactly_split_by_layer_and_reload(tmp_p
     assert bool((q.codes.long() < (1 << codes_w)).all())
     for part, (a, b) in ((q.rows(0, 60), (0, 60)), (q.rows(60, 100), (60, 100))):
         state = part.packed_state()
-        assert 8 * sum(t.numel() * t.element_size() for t in state.values()) == cluster_stored_bits(part.widths, part.clusters, 3)
-        assert torch.equal(MixedWeight.from_packed(state, (b - a, 96), 32, 3).dequantize(), D[a:b])
+        assert ("qzeros" in state) == (grid == "affine")
+        assert (8 * sum(t.numel() * t.element_size() for t in state.values())
+                == cluster_stored_bits(part.widths, part.clusters, 3, grid == "affine"))
+        assert torch.equal(MixedWeight.from_packed(state, (b - a, 96), 32, 3, grid).dequantize(), D[a:b])
         assert torch.equal(QuantLinear.from_quantized(part, None).dequantized_weight(), D[a:b])
     with pytest.raises(ValueError, match="spans"):
         q.rows(0, 50)
@@ -205,11 +228,14 @@ def tiny_dir(tmp_path_factory):
     return save_tiny_model_dir(tmp_path_factory.mktemp("cvxq-tiny"), "llama", hidden=64, intermediate=160, layers=2)
 
 
-@pytest.mark.parametrize("solver,sens,cells", [("gptq", "gradient", "group"), ("rtn", "hessian", "group"),
-                                              ("claq", "gradient", "group"), ("gptq", "fisher", "cluster"),
-                                              ("rtn", "hessian", "cluster")])
-def test_planned_size_is_the_artifacts_byte_count_and_reload_is_exact(tiny_dir, tmp_path, solver, sens, cells):
+@pytest.mark.parametrize("solver,sens,cells,grid", [("gptq", "gradient", "group", "uniform"),
+                                                   ("rtn", "hessian", "group", "uniform"),
+                                                   ("claq", "gradient", "group", "uniform"),
+                                                   ("gptq", "fisher", "cluster", "uniform"),
+                                                   ("rtn", "hessian", "cluster", "laplace")])
+def test_planned_size_is_the_artifacts_byte_count_and_reload_is_exact(tiny_dir, tmp_path, solver, sens, cells, grid):
     cfg = CompressConfig(method="cvxq", target_bits=3.3, cvxq_solver=solver, cvxq_sensitivity=sens, cvxq_cells=cells,
+                         cvxq_grid=grid,
                          calib_samples=8, calib_seqlen=64, cvxq_samples=8, bias_correction=solver == "rtn")
     cm = rdquant.compress(str(tiny_dir), cfg, progress=False)
     plan = cm.method_state

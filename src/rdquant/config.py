@@ -41,6 +41,7 @@ class CompressConfig:
     cvxq_kappa: str = "gauss"  # distortion vs width of a cell: gauss (Lloyd-Max) | grid (measured for the uniform grid)
     cvxq_min_bits: int = -1  # narrowest cell; -1: 2 with uniform grids (gptq, rtn), 0 (a cell may be its centre) with claq
     cvxq_cells: str = "cluster"  # gptq/rtn cells: group (row x group_size columns) | cluster (group_size rows clustered by sensitivity x one column)
+    cvxq_grid: str = "uniform"  # cluster cells: uniform (scale + zero point per cell) | laplace (CVXQ's companded grid, scale only)
     cvxq_cell_group: int = 0  # columns sharing a width (a multiple of group_size; -1: the whole row; 0: group_size)
     cvxq_samples: int = 32  # calibration windows used for the sensitivities
     cvxq_components: int = 64  # principal directions of the final hidden state
@@ -105,6 +106,10 @@ class CompressConfig:
             raise RdquantError("cvxq: max bits in 1..8; samples, components, stride and batch >= 1")
         if self.cvxq_cells not in ("group", "cluster"):
             raise RdquantError("cvxq: cells must be group or cluster")
+        if self.cvxq_grid not in ("uniform", "laplace"):
+            raise RdquantError("cvxq: grid must be uniform or laplace")
+        if self.cvxq_grid == "laplace" and (self.cvxq_cells != "cluster" or self.cvxq_solver == "claq"):
+            raise RdquantError("cvxq: the laplace (companded) grid needs cluster cells and the gptq or rtn solver")
         if self.cvxq_cells == "cluster" and self.cvxq_cell_group not in (0,):
             raise RdquantError("cvxq: cvxq_cell_group applies to group cells only")
         if self.cvxq_kappa not in ("grid", "gauss"):

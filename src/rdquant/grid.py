@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from .qtensor import dequantize_codes
+from .qtensor import dequantize_codes, laplace_levels, level_table
 
 _MIN_SCALE = 1e-7  # keeps fp16 scales non-zero for all-tiny groups
 
@@ -147,17 +147,57 @@ def mixed_group_grid(
     return torch.where(zero_w, centre, scales), torch.where(zero_w, -1.0, zeros)
 
 
+def companded_quantize(w: torch.Tensor, scale: torch.Tensor, bits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes, values) of `w` on the companded grid: the nearest of scale * laplace_levels(bits); inputs
+    broadcast, `bits` a tensor of widths 0..8 (width 0: the one value `scale`). The Laplace CDF puts x in
+    the quantile cell of level k, so the nearest level is k - 1, k or k + 1: three lookups, no loop over widths."""
+    w, scale, bits = torch.broadcast_tensors(w.to(torch.float32), scale.to(w.device, torch.float32), bits.to(w.device))
+    x = w / scale
+    table = level_table(w.device)
+    bl = bits.to(torch.long)
+    top = (1 << bl) - 1
+    u = torch.where(x < 0, 0.5 * torch.exp(x.clamp(max=0)), 1 - 0.5 * torch.exp(-x.clamp(min=0)))
+    k = torch.minimum(torch.floor(u * (top + 1)).to(torch.long).clamp_min(0), top)
+    best, best_d = k, torch.full_like(x, float("inf"))
+    for d in (-1, 0, 1):
+        kk = torch.minimum((k + d).clamp_min(0), top)
+        dist = (x - table[bl, kk]).abs()
+        closer = dist < best_d
+        best, best_d = torch.where(closer, kk, best), torch.where(closer, dist, best_d)
+    return best.to(torch.float32), table[bl, best] * scale
+
+
+def companded_params(w: torch.Tensor, bits: torch.Tensor, col_weight: torch.Tensor, clip_search: int = 20,
+                     max_shrink: float = 0.3) -> torch.Tensor:
+    """Scale per row of `w` [cells, n] for the companded grid at widths `bits` [cells, 1] (>= 1): like the
+    uniform grid's clip search, the outermost level is put at p * max|w|, p in {1, ..., 1 - max_shrink}
+    (`clip_search` steps), and the p with the least col_weight-weighted squared error wins (fp16 scale).
+    Anchoring to the range keeps large weights, which an MSE-only scale would clip."""
+    top = torch.stack([laplace_levels(b)[-1] for b in range(9)]).to(w.device)[bits.to(torch.long)]
+    wmax = (w.abs() * (col_weight > 0)).amax(1, keepdim=True).clamp_min(_MIN_SCALE)
+    best_err = torch.full_like(wmax, float("inf"))
+    best = wmax
+    for i in range(max(clip_search, 0) + 1):
+        frac = 1.0 - max_shrink * i / clip_search if clip_search > 0 else 1.0
+        s = (wmax * frac / top).clamp_min(_MIN_SCALE).to(torch.float16).to(torch.float32)
+        err = ((companded_quantize(w, s, bits)[1] - w).square() * col_weight).sum(1, keepdim=True)
+        better = err < best_err
+        best_err, best = torch.where(better, err, best_err), torch.where(better, s, best)
+    return best
+
+
 def cluster_grid(
     W: torch.Tensor,
     widths: torch.Tensor,
     clusters: torch.Tensor,
     clip_search: int = 0,
     max_shrink: float = 0.3,
+    companded: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Asymmetric grids of row-cluster x column cells: W [out, k] (k columns), widths [n_clusters, k]
-    (0..8), clusters [out] each row's cluster -> (scales, zeros) [n_clusters, k], width-0 cells as in
-    mixed_group_grid (centre as the scale, zero -1). Clusters are padded to one length with a repeat of
-    their first row, weighted 0 in the clip search."""
+    """Grids of row-cluster x column cells: W [out, k] (k columns), widths [n_clusters, k] (0..8), clusters
+    [out] each row's cluster -> (scales, zeros) [n_clusters, k], width-0 cells as in mixed_group_grid
+    (centre as the scale, zero -1). Asymmetric uniform grids, or the companded grid (scales only, zeros
+    0). Clusters are padded to one length with a repeat of their first row, weighted 0 in the search."""
     out_f, k = W.shape
     n_c = widths.shape[0]
     dev = W.device
@@ -172,7 +212,11 @@ def cluster_grid(
     Wc = W.to(torch.float32)[idx].permute(0, 2, 1).reshape(n_c * k, m)  # one cell per row
     cw = valid[:, None, :].expand(n_c, k, m).reshape(n_c * k, m).to(torch.float32)
     b = widths.to(dev).reshape(-1, 1).clamp_min(1)
-    scale, zero = grid_params(Wc, b, False, clip_search, max_shrink, cw)
+    if companded:
+        scale = companded_params(Wc, b, cw, clip_search, max_shrink)
+        zero = torch.zeros_like(scale)
+    else:
+        scale, zero = grid_params(Wc, b, False, clip_search, max_shrink, cw)
     centre = ((Wc * cw).sum(1, keepdim=True) / cw.sum(1, keepdim=True).clamp_min(1)).to(torch.float16).to(torch.float32)
     w0 = widths.to(dev).reshape(-1, 1) == 0
     scale, zero = torch.where(w0, centre, scale), torch.where(w0, -1.0, zero)

@@ -12,7 +12,8 @@ scale (held in memory with zero = -1, so the formula above still gives it). Stor
 `qweight` - codes bit-packed per width (all weights of width-1 cells in row-major order, then width
 2, ...), `qwidths` - the widths bit-packed at `width_bits`, `scales` - fp16 per cell, `qzeros` -
 zero points packed per width like the codes (cells in row-major order), and with row clusters
-`qclusters` - int16 [out], each row's cluster.
+`qclusters` - int16 [out], each row's cluster. The companded grid (`grid` "laplace", CVXQ's
+Laplace-shaped option) has no zero points: W[r, c] = scales[cell] * laplace_levels(width)[codes[r, c]].
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from . import packing
-from .qtensor import VariableWidth, dequantize_codes, expand_groups, group_sizes, num_groups
+from .qtensor import VariableWidth, dequantize_codes, dequantize_levels, expand_groups, group_sizes, num_groups
 
 STORED = ("qweight", "qwidths", "scales", "qzeros", "qclusters")
 
@@ -70,15 +71,16 @@ def cluster_sizes(clusters: torch.Tensor, n_clusters: int | None = None) -> torc
     return torch.bincount(clusters.to(torch.long), minlength=n_clusters or 0)
 
 
-def cluster_stored_bits(widths: torch.Tensor, clusters: torch.Tensor, wbits: int) -> int:
-    """Exact bits the layout stores for row-cluster cells (widths [n_clusters, in]), qclusters included."""
+def cluster_stored_bits(widths: torch.Tensor, clusters: torch.Tensor, wbits: int, zero_points: bool = True) -> int:
+    """Exact bits the layout stores for row-cluster cells (widths [n_clusters, in]), qclusters included;
+    zero_points False: the companded grid, which stores none."""
     sizes = cluster_sizes(clusters, widths.shape[0]).to(widths.device)
-    return cells_stored_bits(widths, sizes[:, None], wbits) + 16 * clusters.numel()
+    return cells_stored_bits(widths, sizes[:, None], wbits, zero_points) + 16 * clusters.numel()
 
 
-def cells_stored_bits(widths: torch.Tensor, sizes: torch.Tensor, wbits: int) -> int:
+def cells_stored_bits(widths: torch.Tensor, sizes: torch.Tensor, wbits: int, zero_points: bool = True) -> int:
     """Bits of cells of these widths and sizes (broadcast to widths): per cell an fp16 scale, a width field
-    and a zero point of its width, and its codes; each width's codes and zeros packed apart."""
+    and (zero_points) a zero point of its width, and its codes; each width's codes and zeros packed apart."""
     w = widths.to(torch.long)
     n = w.numel()
     total = 16 * n + 8 * packing.packed_nbytes(n, wbits)
@@ -87,7 +89,7 @@ def cells_stored_bits(widths: torch.Tensor, sizes: torch.Tensor, wbits: int) -> 
         n_cells = int(mask.sum())
         if n_cells:
             n_weights = int((mask * sizes).sum())
-            total += 8 * (packing.packed_nbytes(n_weights, b) + packing.packed_nbytes(n_cells, b))
+            total += 8 * (packing.packed_nbytes(n_weights, b) + (packing.packed_nbytes(n_cells, b) if zero_points else 0))
     return total
 
 
@@ -110,6 +112,7 @@ class MixedWeight(VariableWidth):
     group_size: int  # columns per row group; with clusters, the nominal rows per cluster
     wbits: int = 4  # stored width field
     clusters: torch.Tensor | None = None  # [out] each row's cluster: row-cluster x column cells
+    grid: str = "affine"  # or "laplace": the companded grid scale * laplace_levels(width)[code], no zero points
 
     layout = "mixed"
 
@@ -125,46 +128,53 @@ class MixedWeight(VariableWidth):
         spec = {"layout": "mixed", "width_bits": self.wbits, "mean_width": round(self.mean_width(), 4)}
         if self.clusters is not None:
             spec["clusters"] = int(self.widths.shape[0])
+        if self.grid != "affine":
+            spec["grid"] = self.grid
         return spec
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         scale = self.cell_map(self.scales.to(torch.float32))
+        if self.grid == "laplace":
+            return dequantize_levels(self.codes, self.cell_map(self.widths), scale).to(dtype)
         zero = self.cell_map(self.zeros.to(torch.float32))
         return dequantize_codes(self.codes, scale, zero).to(dtype)
 
     def round_to_grid(self, W: torch.Tensor) -> torch.Tensor:
         """W rounded onto this weight's cell grids (the "before" of error compensation), float32."""
-        from .grid import quantize_dequantize
+        from .grid import companded_quantize, quantize_dequantize
 
         cell = lambda t: self.cell_map(t.to(W.device, torch.float32))
+        if self.grid == "laplace":
+            return companded_quantize(W, cell(self.scales), cell(self.widths))[1]
         return quantize_dequantize(W, cell(self.scales), cell(self.zeros), cell(self.widths))[1]
 
     def rows(self, start: int, stop: int) -> "MixedWeight":
         if self.clusters is None:
             return MixedWeight(self.codes[start:stop], self.widths[start:stop], self.scales[start:stop],
-                               self.zeros[start:stop], self.group_size, self.wbits)
+                               self.zeros[start:stop], self.group_size, self.wbits, None, self.grid)
         part = self.clusters[start:stop].to(torch.long)
         c0, c1 = int(part.min()), int(part.max()) + 1
         rest = torch.cat([self.clusters[:start], self.clusters[stop:]]).to(torch.long)
         if bool(((rest >= c0) & (rest < c1)).any()):
             raise ValueError("a row cluster spans the rows asked for and others")
         return MixedWeight(self.codes[start:stop], self.widths[c0:c1], self.scales[c0:c1], self.zeros[c0:c1],
-                           self.group_size, self.wbits, (part - c0).to(torch.int16))
+                           self.group_size, self.wbits, (part - c0).to(torch.int16), self.grid)
 
     def packed_state(self) -> dict[str, torch.Tensor]:
         state = {
             "qweight": pack_by_width(self.codes, self.cell_map(self.widths)),
             "qwidths": packing.pack(self.widths, self.wbits),
             "scales": self.scales.to(torch.float16).contiguous(),
-            "qzeros": pack_by_width(self.zeros.clamp_min(0).to(torch.uint8), self.widths),
         }
+        if self.grid == "affine":
+            state["qzeros"] = pack_by_width(self.zeros.clamp_min(0).to(torch.uint8), self.widths)
         if self.clusters is not None:
             state["qclusters"] = self.clusters.to(torch.int16).contiguous()
         return state
 
     @classmethod
     def from_packed(cls, state: dict[str, torch.Tensor], shape: tuple[int, int], group_size: int,
-                    wbits: int) -> "MixedWeight":
+                    wbits: int, grid: str = "affine") -> "MixedWeight":
         out_f, in_f = shape
         clusters = state.get("qclusters")
         if clusters is not None:
@@ -182,6 +192,11 @@ class MixedWeight(VariableWidth):
         if widths.numel() and int(widths.max()) > 8:
             raise ValueError("cell widths above 8 bits")
         codes = unpack_by_width(state["qweight"], width_map(widths, shape, group_size, clusters))
-        zeros = unpack_by_width(state["qzeros"], widths).to(torch.float32)
+        if grid == "laplace":
+            zeros = torch.zeros(widths.shape, device=widths.device)
+        elif grid == "affine":
+            zeros = unpack_by_width(state["qzeros"], widths).to(torch.float32)
+        else:
+            raise ValueError(f"unknown grid {grid!r}")
         zeros = torch.where(widths == 0, -1.0, zeros)
-        return cls(codes, widths, scales, zeros, group_size, wbits, clusters)
+        return cls(codes, widths, scales, zeros, group_size, wbits, clusters, grid)

@@ -9,6 +9,7 @@ points are integers in [0, 2**bits) (bit-packed like the codes); symmetric grids
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -40,6 +41,36 @@ def expand_groups(t: torch.Tensor, in_features: int, group_size: int) -> torch.T
 def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
     """The one dequantization formula, (code - zero) * scale in float32; inputs broadcast."""
     return (codes.to(torch.float32) - zero.to(torch.float32)) * scale.to(torch.float32)
+
+
+def laplace_levels(bits: int) -> torch.Tensor:
+    """The companded grid's 2**bits levels at a width (CVXQ's Laplace-shaped grid, before the cell's
+    scale): the quantiles (k + 1/2) / 2**bits of the unit Laplace distribution, float32, ascending.
+    Width 0 has the one level 1 (the cell's centre is held as its scale)."""
+    if bits == 0:
+        return torch.ones(1)
+    u = (torch.arange(1 << bits, dtype=torch.float64) + 0.5) / (1 << bits)
+    return torch.where(u < 0.5, torch.log(2 * u), -torch.log(2 * (1 - u))).to(torch.float32)
+
+
+def level_table(device: torch.device | str | None = None) -> torch.Tensor:
+    """[9, 256] levels of the companded grid at widths 0..8 (row b holds laplace_levels(b), then 0)."""
+    return _level_table(str(torch.device(device or "cpu")))
+
+
+@functools.lru_cache(maxsize=None)
+def _level_table(device: str) -> torch.Tensor:
+    table = torch.zeros(9, 256)
+    for b in range(9):
+        table[b, : 1 << b] = laplace_levels(b)
+    return table.to(device)
+
+
+def dequantize_levels(codes: torch.Tensor, widths: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Companded-grid values scale * level[width][code] in float32 (codes, widths, scale broadcast)."""
+    table = level_table(codes.device)
+    codes, widths = torch.broadcast_tensors(codes.to(torch.long), widths.to(codes.device, torch.long))
+    return table[widths, codes] * scale.to(torch.float32)
 
 
 class VariableWidth:

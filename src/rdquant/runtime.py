@@ -64,9 +64,10 @@ class QuantLinear(nn.Module):
                     self.register_buffer(name, empty(dt))
             return
         if self.layout == "mixed":
-            for name, dt in (("qweight", torch.uint8), ("qwidths", torch.uint8), ("scales", torch.float16),
-                             ("qzeros", torch.uint8)):
+            for name, dt in (("qweight", torch.uint8), ("qwidths", torch.uint8), ("scales", torch.float16)):
                 self.register_buffer(name, torch.zeros(0, dtype=dt, device=device))
+            if self.spec.get("grid", "affine") == "affine":  # the companded grid stores no zero points
+                self.register_buffer("qzeros", torch.zeros(0, dtype=torch.uint8, device=device))
             if self.spec.get("clusters"):  # row-cluster x column cells
                 self.register_buffer("qclusters", torch.zeros(0, dtype=torch.int16, device=device))
             return
@@ -132,7 +133,7 @@ class QuantLinear(nn.Module):
         if self.layout == "mixed":
             state = {k: getattr(self, k) for k in self.buffer_names}
             return MixedWeight.from_packed(state, (self.out_features, self.in_features), self.group_size,
-                                           self.spec["width_bits"])
+                                           self.spec["width_bits"], self.spec.get("grid", "affine"))
         if self.layout == "codebook":
             state = {k: getattr(self, k) for k in self.buffer_names}
             return CodebookWeight.from_packed(state, (self.out_features, self.in_features), self.group_size,

@@ -90,13 +90,14 @@ def group_cells(W: torch.Tensor, sens: torch.Tensor, group: int) -> tuple[torch.
     return (var_sum * g2).reshape(-1), sizes.expand(out_f, n_g).reshape(-1)
 
 
-def group_rates(sizes: torch.Tensor, max_bits: int, wbits: int, grids: torch.Tensor | None = None) -> torch.Tensor:
-    """[cells, max_bits + 1] bits of a group cell at each width: codes, and per grid group in it an fp16
-    scale (or centre), a zero point of the cell's width and the width field (packing padding is
-    budgeted per layer). `grids`: grid groups per cell (default 1)."""
+def group_rates(sizes: torch.Tensor, max_bits: int, wbits: int, grids: torch.Tensor | None = None,
+                zero_points: bool = True) -> torch.Tensor:
+    """[cells, max_bits + 1] bits of a cell at each width: codes, and per grid group in it an fp16
+    scale (or centre), a zero point of the cell's width (not on the companded grid) and the width
+    field (packing padding is budgeted per layer). `grids`: grid groups per cell (default 1)."""
     b = torch.arange(max_bits + 1, dtype=torch.float64)
     grids = torch.ones_like(sizes) if grids is None else grids
-    return sizes[:, None] * b[None, :] + grids[:, None] * (16 + wbits + b)[None, :]
+    return sizes[:, None] * b[None, :] + grids[:, None] * (16 + wbits + (b if zero_points else 0 * b))[None, :]
 
 
 def width_cells(W: torch.Tensor, sens: torch.Tensor, cfg: CompressConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -171,7 +172,8 @@ def layer_stored_bits(widths: torch.Tensor, rows: int, in_f: int, cfg: CompressC
                       clusters: torch.Tensor | None = None) -> int:
     """Exact bits the artifact stores for a layer with these widths (as `rdquant inspect` counts)."""
     if cell_kind(cfg) == "cluster":
-        return cluster_stored_bits(widths, clusters, width_bits(cfg.cvxq_max_bits)) + (16 * rows if bias else 0)
+        return (cluster_stored_bits(widths, clusters, width_bits(cfg.cvxq_max_bits), cfg.cvxq_grid == "uniform")
+                + (16 * rows if bias else 0))
     if cell_kind(cfg) == "column":
         return layer_bits(rows, in_f, 1, widths.to(torch.long), torch.zeros(in_f, dtype=torch.long),
                           n_scales(in_f, cfg), bias, cfg.claq_codebook_bits)
@@ -267,7 +269,7 @@ def allocate(model: nn.Module, layers: list[LayerInfo], sens: dict[str, torch.Te
         if cell_kind(cfg) == "cluster":
             clusters[l.name] = row_clusters(W, sens[l.name], cfg.group_size)
             w, sizes = cluster_cells(W, sens[l.name], clusters[l.name])
-            r = group_rates(sizes, mb, width_bits(mb))
+            r = group_rates(sizes, mb, width_bits(mb), None, cfg.cvxq_grid == "uniform")
         elif cell_kind(cfg) == "column":
             w = column_cells(W, sens[l.name])
             r = codebook_rates(l.rows, torch.ones(l.cols), mb, cfg.claq_codebook_bits)
@@ -365,11 +367,13 @@ def cvxq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: CompressConfig, state: 
         return q, [note, *notes]
     widths = torch.cat([state.widths[n] for n in names]).to(torch.long)
     clusters = None
+    grid = "laplace" if cfg.cvxq_grid == "laplace" else "affine"
     if state.cells == "cluster":  # stacked layers: each keeps its own clusters, numbered on
         offsets = torch.cumsum(torch.tensor([0] + [state.widths[n].shape[0] for n in names[:-1]]), 0)
         clusters = torch.cat([state.clusters[n].to(torch.long) + int(o) for n, o in zip(names, offsets)])
     if cfg.cvxq_solver == "gptq":
-        q, notes = gptq_quantize(W, H, cfg, widths=widths, max_width=cfg.cvxq_max_bits, clusters=clusters)
+        q, notes = gptq_quantize(W, H, cfg, widths=widths, max_width=cfg.cvxq_max_bits, clusters=clusters,
+                                 companded=grid == "laplace")
         return q, [note, *notes]
     h_diag = torch.diagonal(H).clone() if H is not None else None
-    return mixed_rtn(W, widths, cfg, cfg.cvxq_max_bits, h_diag, clusters), [note]
+    return mixed_rtn(W, widths, cfg, cfg.cvxq_max_bits, h_diag, clusters, grid), [note]

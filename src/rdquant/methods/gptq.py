@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..config import CompressConfig
-from ..grid import cluster_grid, grid_params, group_grid, mixed_group_grid, quantize
+from ..grid import cluster_grid, companded_quantize, grid_params, group_grid, mixed_group_grid, quantize
 from ..qmixed import MixedWeight, width_bits
 from ..qtensor import QuantizedWeight, dequantize_codes, expand_groups, num_groups
 from .rtn import rtn_quantize
@@ -153,10 +153,12 @@ class _UniformColumns(ColumnQuantizer):
 
 class _ClusterColumns(ColumnQuantizer):
     """Row-cluster x column cells (CVXQ's): every column has a grid per row cluster at that cell's width,
-    fitted when the sweep's lazy block starts, to the block's error-updated columns."""
+    fitted when the sweep's lazy block starts, to the block's error-updated columns. `grid`: affine
+    (uniform, with a zero point) or laplace (companded)."""
 
-    def __init__(self, cfg: CompressConfig, widths: torch.Tensor, clusters: torch.Tensor, rows: int, cols: int):
-        self.cfg, self.widths = cfg, widths
+    def __init__(self, cfg: CompressConfig, widths: torch.Tensor, clusters: torch.Tensor, rows: int, cols: int,
+                 grid: str = "affine"):
+        self.cfg, self.widths, self.grid = cfg, widths, grid
         self.clusters = clusters.to(widths.device, torch.long)
         self.scales = torch.zeros(widths.shape, device=widths.device)
         self.zeros = torch.zeros(widths.shape, device=widths.device)
@@ -165,13 +167,17 @@ class _ClusterColumns(ColumnQuantizer):
     def begin_block(self, cols: list[int], W1: torch.Tensor) -> None:
         self.cols = cols
         wd = self.widths[:, cols]
-        s, z = cluster_grid(W1.t(), wd, self.clusters, self.cfg.clip_search, self.cfg.max_shrink)
+        s, z = cluster_grid(W1.t(), wd, self.clusters, self.cfg.clip_search, self.cfg.max_shrink, self.grid == "laplace")
         self.scales[:, cols], self.zeros[:, cols] = s, z
         per_row = lambda t: t[self.clusters].t().contiguous()  # [block, rows]
         self.S1, self.Z1, self.B1 = per_row(s), per_row(z), per_row(wd.to(torch.float32))
         self.C1 = torch.empty_like(W1, dtype=torch.uint8)
 
     def column(self, i: int, w: torch.Tensor) -> torch.Tensor:
+        if self.grid == "laplace":
+            c, q = companded_quantize(w, self.S1[i], self.B1[i])
+            self.C1[i] = c
+            return q
         c = quantize(w, self.S1[i], self.Z1[i], self.B1[i])
         self.C1[i] = c
         return dequantize_codes(c, self.S1[i], self.Z1[i])
@@ -181,16 +187,27 @@ class _ClusterColumns(ColumnQuantizer):
 
     def result(self, max_width: int) -> MixedWeight:
         return MixedWeight(self.codes, self.widths.to(torch.uint8), self.scales.to(torch.float16), self.zeros,
-                           self.cfg.group_size, width_bits(max_width), self.clusters.to(torch.int16))
+                           self.cfg.group_size, width_bits(max_width), self.clusters.to(torch.int16), self.grid)
 
 
 def mixed_rtn(W: torch.Tensor, widths: torch.Tensor, cfg: CompressConfig, max_width: int = 8,
-              col_weight: torch.Tensor | None = None, clusters: torch.Tensor | None = None) -> MixedWeight:
+              col_weight: torch.Tensor | None = None, clusters: torch.Tensor | None = None,
+              grid: str = "affine") -> MixedWeight:
     """Plain rounding of W [out, in] onto mixed-width cells, each with its own searched grid: row-group
     cells (widths [out, n_groups], col_weight-weighted error, e.g. H_jj) or, given `clusters`,
-    row-cluster x column cells (widths [n_clusters, in])."""
+    row-cluster x column cells (widths [n_clusters, in]), on the uniform or (grid "laplace", cluster
+    cells) the companded grid."""
     W = W.to(torch.float32)
     widths = widths.to(W.device)
+    if grid == "laplace":
+        if clusters is None:
+            raise ValueError("the companded grid needs row-cluster cells")
+        cq = _ClusterColumns(cfg, widths, clusters, *W.shape, grid=grid)
+        cq.begin_block(list(range(W.shape[1])), W.t())
+        codes, _ = companded_quantize(W.t(), cq.S1, cq.B1)
+        cq.C1 = codes.to(torch.uint8)
+        cq.end_block()
+        return cq.result(max_width)
     if clusters is not None:
         clusters = clusters.to(W.device, torch.long)
         scales, zeros = cluster_grid(W, widths, clusters, cfg.clip_search, cfg.max_shrink)
@@ -211,6 +228,7 @@ def gptq_quantize(
     widths: torch.Tensor | None = None,
     max_width: int = 8,
     clusters: torch.Tensor | None = None,
+    companded: bool = False,
 ) -> tuple["QuantizedWeight | MixedWeight", list[str]]:
     """Quantize W [out, in] against Hessian H [in, in]; returns the weight and log notes.
 
@@ -222,21 +240,23 @@ def gptq_quantize(
     as a static grid instead (other methods' grids, e.g. ECSQ). Given `widths` [out, n_groups] (CVXQ's
     allocation, 0..max_width), every cell gets its own width on a static grid and the result is a
     MixedWeight; with `clusters` [out] too, the cells are row clusters x columns (widths [n_clusters, in])
-    and each block's grids are fitted to its error-updated columns.
+    and each block's grids are fitted to its error-updated columns, uniform or (`companded`) CVXQ's
+    Laplace-shaped grid.
     """
+    cell_grid = "laplace" if companded else "affine"
     notes: list[str] = []
     W, H, dead = prepare_hessian(W, H, notes)
     rows, cols = W.shape
     h_diag = torch.diagonal(H).clone()
     if bool(dead.all()):
         notes.append("all inputs are zero: fell back to RTN (plain rounding)")
-        return (rtn_quantize(W, cfg) if widths is None else mixed_rtn(W, widths, cfg, max_width, None, clusters)), notes
+        return (rtn_quantize(W, cfg) if widths is None else mixed_rtn(W, widths, cfg, max_width, None, clusters, cell_grid)), notes
     if clusters is not None and widths is not None:
         perm = torch.argsort(h_diag, descending=True) if cfg.act_order else torch.arange(cols, device=W.device)
-        cc = _ClusterColumns(cfg, widths.to(W.device), clusters, rows, cols)
+        cc = _ClusterColumns(cfg, widths.to(W.device), clusters, rows, cols, cell_grid)
         if not gptq_sweep(W, H, cc, perm, cfg.block_size, cfg.damp_percent, notes):
             notes.append("Hessian could not be factored even with heavy damping: fell back to RTN (plain rounding)")
-            return mixed_rtn(W, widths, cfg, max_width, None, clusters), notes
+            return mixed_rtn(W, widths, cfg, max_width, None, clusters, cell_grid), notes
         return cc.result(max_width), notes
     G = cols if cfg.group_size == -1 else cfg.group_size
     n_g = num_groups(cols, cfg.group_size)
