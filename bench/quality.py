@@ -83,8 +83,9 @@ def rdquant_job(method: str, setting, args) -> tuple[str, rdquant.CompressConfig
         target, solver = setting
         typed = _typed(args.cvxq_extra)
         tag = "".join(f"_{k.removeprefix('cvxq_')}{v}" for k, v in sorted(typed.items()))
-        return (f"cvxq_{solver}_t{target}g{args.group_size}{tag}",
-                rdquant.CompressConfig(method="cvxq", target_bits=target, cvxq_solver=solver, group_size=args.group_size,
+        group = args.group_size if solver == "claq" else args.cvxq_group_size or args.group_size  # claq: column cells
+        return (f"cvxq_{solver}_t{target}g{group}{tag}",
+                rdquant.CompressConfig(method="cvxq", target_bits=target, cvxq_solver=solver, group_size=group,
                                        **typed, **dev))
     if method == "uniform":
         bits, group = setting
@@ -219,6 +220,8 @@ def main() -> None:
     ap.add_argument("--cvxq-targets", type=float, nargs="+", default=[4.0, 3.5, 3.0, 2.5],
                     help="all-in bits/weight targets for --methods cvxq")
     ap.add_argument("--cvxq-solvers", nargs="+", default=["gptq", "rtn"], help="cvxq rows: gptq rtn claq")
+    ap.add_argument("--cvxq-group-size", type=int, default=None,
+                    help="group size of the gptq/rtn cvxq rows (cluster cells: rows per cluster); default --group-size")
     ap.add_argument("--cvxq-extra", nargs="*", default=[], metavar="KEY=VALUE",
                     help="more CompressConfig fields for cvxq rows, e.g. cvxq_sensitivity=hessian")
     ap.add_argument("--uniform", nargs="+", default=["4:-1", "3:38", "3:-1", "2:36"], metavar="BITS:GROUP",
