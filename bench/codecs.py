@@ -58,13 +58,17 @@ def timed_load(fn, path: Path, repeats: int = 2) -> tuple[float, float]:
 
 
 def entropy_floor_bytes(packed: Path) -> float:
-    """Bytes if every qweight were coded at its empirical entropy, other quantized tensors as packed."""
+    """Bytes if every qweight were coded at its empirical entropy (order 0, or per zero-point context when
+    lower), other quantized tensors as packed."""
     manifest, tensors = read_tensors(packed, verify=False)
-    from rdquant.coding import LayerInfo, best_mapping
+    from rdquant.coding import LayerInfo, best_mapping, context_entropy_bits, weight_symbols
 
     total = 0.0
     for name, info in manifest["quantized"].items():
-        _, _, h = best_mapping(tensors[f"{name}.qweight"], tensors.get(f"{name}.qzeros"), LayerInfo.from_manifest(info))
+        li, qz = LayerInfo.from_manifest(info), tensors.get(f"{name}.qzeros")
+        _, _, h = best_mapping(tensors[f"{name}.qweight"], qz, li)
+        if qz is not None:  # the zero point as context (mapping zero-context)
+            h = min(h, context_entropy_bits(weight_symbols(tensors[f"{name}.qweight"], qz, li, "raw"), li, qz))
         total += h * info["shape"][0] * info["shape"][1] / 8
         total += sum(tensors[k].numel() * tensors[k].element_size() for k in (f"{name}.scales", f"{name}.qzeros", f"{name}.bias") if k in tensors)
     return total
@@ -81,7 +85,7 @@ def decode_speed(coded: Path) -> float | None:
     if not payloads:
         return None
     t0 = time.perf_counter()
-    n = sum(codecs.decode(p).size for p in payloads)
+    n = sum(codecs.decode_any(p).size for p in payloads)
     return n / (time.perf_counter() - t0) / 1e6
 
 

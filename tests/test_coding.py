@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 import rdquant
 from rdquant import codecs, packing
 from rdquant.artifact import MANIFEST
-from rdquant.coding import LayerInfo, best_mapping, mappings_for, recode, weight_from_symbols, weight_symbols
+from rdquant.coding import (LayerInfo, best_mapping, context_entropy_bits, context_order, context_streams, decode_context,
+                            encode_context, mappings_for, recode, weight_from_symbols, weight_symbols)
 from rdquant.models import load_model
 
 
@@ -40,6 +41,40 @@ def test_zero_relative_mapping_lowers_entropy_of_shifted_groups():
     mapping, _, h = best_mapping(qweight, qzeros, LayerInfo((rows, cols), bits, g, False))
     assert mapping == "zero-relative"
     assert h < codecs.entropy_bits(codes.astype(np.uint8)) - 0.3
+
+
+@settings(max_examples=30, deadline=None)
+@given(bits=st.sampled_from([2, 3, 4]), rows=st.integers(1, 9), cols=st.integers(1, 70),
+       group=st.sampled_from([-1, 8, 24]), seed=st.integers(0, 9999), codec=st.sampled_from(["ans", "auto", "zstd-3"]))
+def test_zero_context_streams_round_trip(bits, rows, cols, group, seed, codec):
+    g = torch.Generator().manual_seed(seed)
+    n_g = 1 if group == -1 else -(-cols // group)
+    codes = torch.randint(0, 1 << bits, (rows, cols), generator=g, dtype=torch.uint8).numpy().reshape(-1)
+    zeros = torch.randint(0, 1 << bits, (rows, n_g), generator=g)
+    info = LayerInfo((rows, cols), bits, group, False)
+    qz = packing.pack(zeros, bits)
+    order, counts = context_order(info, qz)
+    assert sorted(order.tolist()) == list(range(rows * cols)) and int(counts.sum()) == rows * cols
+    z_of = np.repeat(zeros.numpy(), cols if group == -1 else group, 1)[:, :cols].reshape(-1)
+    assert np.all(np.diff(z_of[order]) >= 0)  # grouped by zero point
+    streams = context_streams(codes, info, qz)
+    assert np.array_equal(np.concatenate(streams), codes[order])  # the fast path (whole groups) agrees
+    blob = encode_context(codes, info, qz, codec, 0.0)
+    assert np.array_equal(decode_context(np.frombuffer(blob, dtype=np.uint8), info, qz), codes)
+    with pytest.raises(codecs.CodecError):
+        decode_context(np.frombuffer(blob[:-1], dtype=np.uint8), info, qz)
+
+
+def test_zero_context_lowers_entropy_when_the_zero_point_predicts_the_codes():
+    rng = np.random.default_rng(1)
+    rows, cols, g, bits = 64, 256, 32, 2
+    zeros = rng.integers(0, 4, (rows, cols // g))
+    # the peak moves with the zero point, but not by a shift (zero-relative symbols cannot line it up)
+    codes = np.where(rng.random((rows, cols)) < 0.8, 3 - np.repeat(zeros, g, 1), rng.integers(0, 4, (rows, cols))).astype(np.uint8)
+    info = LayerInfo((rows, cols), bits, g, False)
+    qz = packing.pack(torch.from_numpy(zeros.astype(np.uint8)), bits)
+    h = context_entropy_bits(codes.reshape(-1), info, qz)
+    assert h < best_mapping(packing.pack(torch.from_numpy(codes), bits), qz, info)[2] - 0.5
 
 
 @pytest.fixture(scope="module")

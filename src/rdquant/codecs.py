@@ -152,3 +152,42 @@ def _ans_decode(body: memoryview, alphabet: int, n: int) -> np.ndarray:
     if not coder.is_empty():  # an intact stream is consumed exactly
         raise CodecError("ANS payload is damaged (bits left over after decoding)")
     return out
+
+
+# --- several streams in one payload (context modelling: one stream, one frequency table per context) --
+_STREAMS = struct.Struct("<4sI")  # magic, number of streams; then uint64 payload lengths, then the payloads
+_STREAMS_MAGIC = b"RDQS"
+
+
+def pack_streams(payloads: list[bytes]) -> bytes:
+    """One blob holding several self-describing payloads (each from `encode`)."""
+    lengths = np.array([len(b) for b in payloads], dtype="<u8").tobytes()
+    return _STREAMS.pack(_STREAMS_MAGIC, len(payloads)) + lengths + b"".join(payloads)
+
+
+def unpack_streams(payload: bytes | np.ndarray) -> list[np.ndarray]:
+    """The decoded symbol streams of a `pack_streams` blob, in order."""
+    buf = memoryview(payload).cast("B") if not isinstance(payload, np.ndarray) else memoryview(payload.reshape(-1))
+    if len(buf) < _STREAMS.size:
+        raise CodecError("multi-stream payload shorter than its header")
+    magic, n = _STREAMS.unpack(buf[: _STREAMS.size])
+    pos = _STREAMS.size + 8 * n
+    if magic != _STREAMS_MAGIC or len(buf) < pos:
+        raise CodecError("not a multi-stream payload")
+    lengths = np.frombuffer(buf[_STREAMS.size : pos], dtype="<u8").astype(np.int64)
+    if pos + int(lengths.sum()) != len(buf):
+        raise CodecError("multi-stream payload has the wrong length")
+    out = []
+    for length in lengths.tolist():
+        out.append(decode(np.frombuffer(buf[pos : pos + length], dtype=np.uint8)))
+        pos += length
+    return out
+
+
+def decode_any(payload: bytes | np.ndarray) -> np.ndarray:
+    """All symbols of a payload, single- or multi-stream (streams concatenated): for benchmarks."""
+    head = bytes(memoryview(payload).cast("B")[:4]) if not isinstance(payload, np.ndarray) else payload.reshape(-1)[:4].tobytes()
+    if head == _STREAMS_MAGIC:
+        streams = unpack_streams(payload)
+        return np.concatenate(streams) if streams else np.zeros(0, dtype=np.uint8)
+    return decode(payload)

@@ -1,10 +1,14 @@
 """Entropy coding of a quantized layer's tensors (issue: lossless coding of quantized weights).
 
 The packed codes `qweight` become a stream of one symbol per weight, coded by a codec from
-`codecs.py`. Two symbol mappings, chosen per layer by lower empirical entropy:
+`codecs.py`. Three symbol mappings per layer (raw or zero-relative by lower entropy; zero-context
+when its payload is smaller):
   - `raw`: the code itself;
   - `zero-relative`: code - zero_point + 2**bits - 1, which lines up the groups' differently shifted
-    code distributions (asymmetric grids put weight 0 at a different code in every group).
+    code distributions (asymmetric grids put weight 0 at a different code in every group);
+  - `zero-context`: the codes split into one stream per zero-point value (a context the decoder
+    already has), each coded with its own frequency table: a group's zero point says where its
+    weights' zero, and so the peak of its code distribution, lies.
 Other tensors (scales, packed zero points) are coded as raw bytes. Decoding restores the exact packed
 bytes, so the artifact's per-tensor sha256 is the same as for the uncoded artifact.
 """
@@ -77,6 +81,69 @@ def weight_from_symbols(sym: np.ndarray, qzeros: torch.Tensor | None, info: Laye
     return packing.pack(torch.from_numpy(codes), info.bits)
 
 
+def context_order(info: LayerInfo, qzeros: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """(order, counts) of mapping `zero-context`: the row-major weight indices grouped by their group's
+    zero point (ascending, each group's weights in order), and how many weights have each zero point."""
+    cells, counts, G, full = _context_cells(info, qzeros)
+    out_f, in_f = info.shape
+    n_g = num_groups(in_f, info.group_size)
+    r, g = np.divmod(cells, n_g)
+    size = np.minimum(G, in_f - g * G)
+    idx = (r * in_f + g * G)[:, None] + np.arange(G)[None, :]
+    return (idx.reshape(-1) if full else idx[np.arange(G)[None, :] < size[:, None]]), counts
+
+
+def _context_cells(info: LayerInfo, qzeros: torch.Tensor) -> tuple[np.ndarray, np.ndarray, int, bool]:
+    """(groups sorted by zero point, stable; weights per zero point; group width; all groups full?)."""
+    out_f, in_f = info.shape
+    n_g = num_groups(in_f, info.group_size)
+    G = in_f if info.group_size == -1 else info.group_size
+    z = packing.unpack(qzeros, info.bits, out_f * n_g).numpy()
+    cells = np.argsort(z, kind="stable")
+    group_size = np.minimum(G, in_f - np.arange(n_g) * G)
+    counts = np.bincount(z, weights=np.tile(group_size, out_f), minlength=1 << info.bits).astype(np.int64)
+    return cells, counts, G, in_f % G == 0
+
+
+def context_streams(codes: np.ndarray, info: LayerInfo, qzeros: torch.Tensor) -> list[np.ndarray]:
+    """The codes (row-major) cut into mapping `zero-context`'s streams, one per zero point that occurs."""
+    cells, counts, G, full = _context_cells(info, qzeros)
+    if full:  # whole groups are rows of a [groups, G] view: move rows, not single weights
+        grouped = codes.reshape(-1, G)[cells].reshape(-1)
+    else:
+        grouped = codes[context_order(info, qzeros)[0]]
+    return [s for s in np.split(grouped, np.cumsum(counts)[:-1]) if s.size]
+
+
+def merge_context_streams(segs: list[np.ndarray], info: LayerInfo, qzeros: torch.Tensor) -> np.ndarray:
+    """Inverse of context_streams (checks every stream's length against the zero points)."""
+    cells, counts, G, full = _context_cells(info, qzeros)
+    if [s.size for s in segs] != counts[counts > 0].tolist():
+        raise codecs.CodecError("context streams do not match the layer's zero points")
+    flat = np.concatenate(segs) if segs else np.zeros(0, dtype=np.uint8)
+    codes = np.empty(info.shape[0] * info.shape[1], dtype=np.uint8)
+    if full:
+        codes.reshape(-1, G)[cells] = flat.reshape(-1, G)
+    else:
+        codes[context_order(info, qzeros)[0]] = flat
+    return codes
+
+
+def encode_context(codes: np.ndarray, info: LayerInfo, qzeros: torch.Tensor, codec: str, speed_floor_mbps: float) -> bytes:
+    """One payload per context stream (codec chosen per stream), packed into one blob."""
+    return codecs.pack_streams([choose_codec(seg, codec, speed_floor_mbps)[1] for seg in context_streams(codes, info, qzeros)])
+
+
+def decode_context(payload: np.ndarray, info: LayerInfo, qzeros: torch.Tensor) -> np.ndarray:
+    """Codes (row-major, uint8) from an `encode_context` payload."""
+    return merge_context_streams(codecs.unpack_streams(payload), info, qzeros)
+
+
+def context_entropy_bits(codes: np.ndarray, info: LayerInfo, qzeros: torch.Tensor) -> float:
+    """Bits per symbol of ideal coding per context stream (their order-0 entropies, weighted)."""
+    return sum(codecs.entropy_bits(s) * s.size for s in context_streams(codes, info, qzeros)) / max(codes.size, 1)
+
+
 def mappings_for(bits: int) -> tuple[str, ...]:
     """zero-relative symbols span 2**(bits+1) - 1 values, so they fit a byte only up to 7 bits."""
     return ("raw", "zero-relative") if bits <= 7 else ("raw",)
@@ -145,8 +212,15 @@ def encode_tensors(
             fields = {"kind": "symbols", "mapping": "mixed", "entropy_bits": round(codecs.entropy_bits(sym), 4)}
         elif layer is not None and leaf == "qweight":
             info = LayerInfo.from_manifest(layer)
-            mapping, sym, h = best_mapping(t, tensors.get(f"{owner}.qzeros"), info)
+            qzeros = tensors.get(f"{owner}.qzeros")
+            mapping, sym, h = best_mapping(t, qzeros, info)
             spec, payload = choose_codec(sym, codec, speed_floor_mbps)
+            if qzeros is not None and codec not in ("lz4",) and not codec.startswith("zstd"):
+                # the zero point as context: kept when its payload is smaller
+                codes = weight_symbols(t, qzeros, info, "raw")
+                ctx = encode_context(codes, info, qzeros, codec, speed_floor_mbps)
+                if len(ctx) < len(payload):
+                    mapping, payload, h = "zero-context", ctx, context_entropy_bits(codes, info, qzeros)
             fields = {"kind": "symbols", "mapping": mapping, "entropy_bits": round(h, 4)}
         elif layer is not None or dense:
             data = t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
@@ -156,7 +230,8 @@ def encode_tensors(
             continue
         if spec.name == "none" or len(payload) >= raw_bytes:
             continue
-        stored[name] = (torch.frombuffer(bytearray(payload), dtype=torch.uint8), {"codec": str(spec), **fields})
+        name_of = codec if fields.get("mapping") == "zero-context" else str(spec)  # streams choose their own
+        stored[name] = (torch.frombuffer(bytearray(payload), dtype=torch.uint8), {"codec": name_of, **fields})
     return stored
 
 
@@ -169,8 +244,18 @@ def decode_tensor(
 ) -> torch.Tensor:
     """Decode one stored tensor to its manifest dtype/shape; a qweight needs its layer's qzeros
     (decoded, or uncoded) in `decoded` when the layer is asymmetric."""
-    sym = codecs.decode(payload.numpy())
     codec = entry["codec"]
+    if codec.get("mapping") == "zero-context":
+        owner = name.rpartition(".")[0]
+        info = LayerInfo.from_manifest(quantized[owner])
+        qzeros = decoded.get(f"{owner}.qzeros")
+        if qzeros is None:
+            raise codecs.CodecError("mapping zero-context needs the layer's zero points")
+        codes = decode_context(payload.numpy(), info, qzeros)
+        if codes.size and int(codes.max()) >= (1 << info.bits):
+            raise codecs.CodecError("decoded codes fall outside the code range")
+        return packing.pack(torch.from_numpy(codes), info.bits)
+    sym = codecs.decode(payload.numpy())
     if codec["kind"] == "bytes":
         dtype = getattr(torch, entry["dtype"])
         return torch.from_numpy(sym.copy()).view(dtype).reshape(entry["shape"])
