@@ -85,12 +85,15 @@ def context_order(info: LayerInfo, qzeros: torch.Tensor) -> tuple[np.ndarray, np
     """(order, counts) of mapping `zero-context`: the row-major weight indices grouped by their group's
     zero point (ascending, each group's weights in order), and how many weights have each zero point."""
     cells, counts, G, full = _context_cells(info, qzeros)
-    out_f, in_f = info.shape
-    n_g = num_groups(in_f, info.group_size)
-    r, g = np.divmod(cells, n_g)
-    size = np.minimum(G, in_f - g * G)
+    return _weight_order(cells, info, G, full), counts
+
+
+def _weight_order(cells: np.ndarray, info: LayerInfo, G: int, full: bool) -> np.ndarray:
+    """Row-major weight indices of the groups `cells`, in that order (ragged last groups handled)."""
+    in_f = info.shape[1]
+    r, g = np.divmod(cells, num_groups(in_f, info.group_size))
     idx = (r * in_f + g * G)[:, None] + np.arange(G)[None, :]
-    return (idx.reshape(-1) if full else idx[np.arange(G)[None, :] < size[:, None]]), counts
+    return idx.reshape(-1) if full else idx[np.arange(G)[None, :] < np.minimum(G, in_f - g * G)[:, None]]
 
 
 def _context_cells(info: LayerInfo, qzeros: torch.Tensor) -> tuple[np.ndarray, np.ndarray, int, bool]:
@@ -111,7 +114,7 @@ def context_streams(codes: np.ndarray, info: LayerInfo, qzeros: torch.Tensor) ->
     if full:  # whole groups are rows of a [groups, G] view: move rows, not single weights
         grouped = codes.reshape(-1, G)[cells].reshape(-1)
     else:
-        grouped = codes[context_order(info, qzeros)[0]]
+        grouped = codes[_weight_order(cells, info, G, full)]
     return [s for s in np.split(grouped, np.cumsum(counts)[:-1]) if s.size]
 
 
@@ -125,7 +128,7 @@ def merge_context_streams(segs: list[np.ndarray], info: LayerInfo, qzeros: torch
     if full:
         codes.reshape(-1, G)[cells] = flat.reshape(-1, G)
     else:
-        codes[context_order(info, qzeros)[0]] = flat
+        codes[_weight_order(cells, info, G, full)] = flat
     return codes
 
 

@@ -173,14 +173,17 @@ class _ClusterColumns(ColumnQuantizer):
         self.S1, self.Z1, self.B1 = per_row(s), per_row(z), per_row(wd.to(torch.float32))
         self.C1 = torch.empty_like(W1, dtype=torch.uint8)
 
-    def column(self, i: int, w: torch.Tensor) -> torch.Tensor:
+    def round(self, w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(codes, values) of w on this quantizer's grid kind."""
         if self.grid == "laplace":
-            c, q = companded_quantize(w, self.S1[i], self.B1[i])
-            self.C1[i] = c
-            return q
-        c = quantize(w, self.S1[i], self.Z1[i], self.B1[i])
+            return companded_quantize(w, s, b)
+        c = quantize(w, s, z, b)
+        return c, dequantize_codes(c, s, z)
+
+    def column(self, i: int, w: torch.Tensor) -> torch.Tensor:
+        c, q = self.round(w, self.S1[i], self.Z1[i], self.B1[i])
         self.C1[i] = c
-        return dequantize_codes(c, self.S1[i], self.Z1[i])
+        return q
 
     def end_block(self) -> None:
         self.codes[:, self.cols] = self.C1.t()
@@ -199,25 +202,19 @@ def mixed_rtn(W: torch.Tensor, widths: torch.Tensor, cfg: CompressConfig, max_wi
     cells) the companded grid."""
     W = W.to(torch.float32)
     widths = widths.to(W.device)
-    if grid == "laplace":
-        if clusters is None:
-            raise ValueError("the companded grid needs row-cluster cells")
+    if clusters is not None:  # the whole matrix as one block of the cluster quantizer, no error feedback
         cq = _ClusterColumns(cfg, widths, clusters, *W.shape, grid=grid)
         cq.begin_block(list(range(W.shape[1])), W.t())
-        codes, _ = companded_quantize(W.t(), cq.S1, cq.B1)
-        cq.C1 = codes.to(torch.uint8)
+        cq.C1 = cq.round(W.t(), cq.S1, cq.Z1, cq.B1)[0].to(torch.uint8)
         cq.end_block()
         return cq.result(max_width)
-    if clusters is not None:
-        clusters = clusters.to(W.device, torch.long)
-        scales, zeros = cluster_grid(W, widths, clusters, cfg.clip_search, cfg.max_shrink)
-        cell = lambda t: t[clusters]
-    else:
-        scales, zeros = mixed_group_grid(W, widths, cfg.group_size, cfg.clip_search, cfg.max_shrink, col_weight)
-        cell = lambda t: expand_groups(t, W.shape[1], cfg.group_size)
+    if grid == "laplace":
+        raise ValueError("the companded grid needs row-cluster cells")
+    scales, zeros = mixed_group_grid(W, widths, cfg.group_size, cfg.clip_search, cfg.max_shrink, col_weight)
+    cell = lambda t: expand_groups(t, W.shape[1], cfg.group_size)
     codes = quantize(W, cell(scales), cell(zeros), cell(widths.to(torch.float32)))
     return MixedWeight(codes.to(torch.uint8), widths.to(torch.uint8), scales.to(torch.float16), zeros,
-                       cfg.group_size, width_bits(max_width), None if clusters is None else clusters.to(torch.int16))
+                       cfg.group_size, width_bits(max_width))
 
 
 def gptq_quantize(
@@ -251,8 +248,8 @@ def gptq_quantize(
     if bool(dead.all()):
         notes.append("all inputs are zero: fell back to RTN (plain rounding)")
         return (rtn_quantize(W, cfg) if widths is None else mixed_rtn(W, widths, cfg, max_width, None, clusters, cell_grid)), notes
+    perm = torch.argsort(h_diag, descending=True) if cfg.act_order else torch.arange(cols, device=W.device)
     if clusters is not None and widths is not None:
-        perm = torch.argsort(h_diag, descending=True) if cfg.act_order else torch.arange(cols, device=W.device)
         cc = _ClusterColumns(cfg, widths.to(W.device), clusters, rows, cols, cell_grid)
         if not gptq_sweep(W, H, cc, perm, cfg.block_size, cfg.damp_percent, notes):
             notes.append("Hessian could not be factored even with heavy damping: fell back to RTN (plain rounding)")
@@ -275,7 +272,6 @@ def gptq_quantize(
     else:
         scales = torch.zeros(rows, n_g, device=W.device)
         zeros = torch.zeros(rows, n_g, device=W.device)
-    perm = torch.argsort(h_diag, descending=True) if cfg.act_order else torch.arange(cols, device=W.device)
     cq = _UniformColumns(cfg, scales, zeros, static, h_diag, rows, cols, bits)
     B = cfg.block_size if static else max(1, -(-cfg.block_size // G)) * G
     if not gptq_sweep(W, H, cq, perm, B, cfg.damp_percent, notes):
