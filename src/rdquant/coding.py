@@ -9,8 +9,14 @@ when its payload is smaller):
   - `zero-context`: the codes split into one stream per zero-point value (a context the decoder
     already has), each coded with its own frequency table: a group's zero point says where its
     weights' zero, and so the peak of its code distribution, lies.
-Other tensors (scales, packed zero points) are coded as raw bytes. Decoding restores the exact packed
-bytes, so the artifact's per-tensor sha256 is the same as for the uncoded artifact.
+  - `zero-context-packed`: the same streams cut from the packed bytes themselves (whole groups of a
+    multiple of 8 weights are whole bytes), so a byte coder sees several codes per byte (zstd's Huffman
+    stage then comes within ~1% of the entropy) and decoding needs no re-packing: groups are moved
+    back as byte rows.
+Other tensors (scales, packed zero points) are coded as raw bytes, 2-byte dtypes optionally as two
+byte planes (`planes`: low bytes, then high bytes, each its own stream: a float's exponent byte is far
+more predictable than its mantissa byte). Decoding restores the exact stored bytes, so the
+artifact's per-tensor sha256 is the same as for the uncoded artifact.
 """
 
 from __future__ import annotations
@@ -137,6 +143,44 @@ def encode_context(codes: np.ndarray, info: LayerInfo, qzeros: torch.Tensor, cod
     return codecs.pack_streams([choose_codec(seg, codec, speed_floor_mbps)[1] for seg in context_streams(codes, info, qzeros)])
 
 
+def packed_context_ok(info: LayerInfo) -> bool:
+    """Mapping `zero-context-packed` needs every group to be the same whole number of packed bytes."""
+    G = info.shape[1] if info.group_size == -1 else info.group_size
+    return info.shape[1] % G == 0 and (G * info.bits) % 8 == 0
+
+
+def packed_context_streams(qweight: torch.Tensor, info: LayerInfo, qzeros: torch.Tensor) -> list[np.ndarray]:
+    """The packed code bytes cut into mapping `zero-context-packed`'s streams (groups by zero point)."""
+    cells, counts, G, _ = _context_cells(info, qzeros)
+    rows = qweight.numpy().reshape(-1, G * info.bits // 8)[cells].reshape(-1)
+    return [s for s in np.split(rows, np.cumsum(counts * info.bits // 8)[:-1]) if s.size]
+
+
+def merge_packed_context_streams(segs: list[np.ndarray], info: LayerInfo, qzeros: torch.Tensor) -> torch.Tensor:
+    """Inverse of packed_context_streams: the layer's packed qweight (checks the stream lengths)."""
+    cells, counts, G, _ = _context_cells(info, qzeros)
+    nb = counts * info.bits // 8
+    if [s.size for s in segs] != nb[nb > 0].tolist():
+        raise codecs.CodecError("context streams do not match the layer's zero points")
+    gb = G * info.bits // 8
+    out = np.empty(packing.packed_nbytes(info.shape[0] * info.shape[1], info.bits), dtype=np.uint8)
+    if segs:
+        out.reshape(-1, gb)[cells] = np.concatenate(segs).reshape(-1, gb)
+    return torch.from_numpy(out)
+
+
+def plane_streams(data: np.ndarray, width: int) -> list[np.ndarray]:
+    """Mapping `planes`: the bytes of `width`-byte elements as `width` streams (byte 0 of every
+    element, then byte 1, ...)."""
+    return [np.ascontiguousarray(p) for p in data.reshape(-1, width).T]
+
+
+def merge_planes(segs: list[np.ndarray], width: int, nbytes: int) -> np.ndarray:
+    if len(segs) != width or any(s.size * width != nbytes for s in segs):
+        raise codecs.CodecError("byte planes do not match the tensor's size")
+    return np.stack(segs, 1).reshape(-1)
+
+
 def decode_context(payload: np.ndarray, info: LayerInfo, qzeros: torch.Tensor) -> np.ndarray:
     """Codes (row-major, uint8) from an `encode_context` payload."""
     return merge_context_streams(codecs.unpack_streams(payload), info, qzeros)
@@ -218,22 +262,34 @@ def encode_tensors(
             qzeros = tensors.get(f"{owner}.qzeros")
             mapping, sym, h = best_mapping(t, qzeros, info)
             spec, payload = choose_codec(sym, codec, speed_floor_mbps)
-            if qzeros is not None and codec not in ("lz4",) and not codec.startswith("zstd"):
-                # the zero point as context: kept when its payload is smaller
+            if qzeros is not None:  # the zero point as context: kept when its payload is smaller
                 codes = weight_symbols(t, qzeros, info, "raw")
-                ctx = encode_context(codes, info, qzeros, codec, speed_floor_mbps)
-                if len(ctx) < len(payload):
-                    mapping, payload, h = "zero-context", ctx, context_entropy_bits(codes, info, qzeros)
+                h_ctx = context_entropy_bits(codes, info, qzeros)
+                candidates = []
+                ans_possible = codec == "ans" or (codec == "auto" and codecs.NOMINAL_DECODE_MBPS["ans"] >= speed_floor_mbps)
+                if ans_possible or (codec == "auto" and not packed_context_ok(info)):  # byte coders do better on packed bytes
+                    candidates.append(("zero-context", encode_context(codes, info, qzeros, codec, speed_floor_mbps)))
+                if packed_context_ok(info):
+                    candidates.append(("zero-context-packed", codecs.pack_streams(
+                        [choose_codec(seg, codec, speed_floor_mbps)[1] for seg in packed_context_streams(t, info, qzeros)])))
+                for name_c, ctx in candidates:
+                    if len(ctx) < len(payload):
+                        mapping, payload, h = name_c, ctx, h_ctx
             fields = {"kind": "symbols", "mapping": mapping, "entropy_bits": round(h, 4)}
         elif layer is not None or dense:
             data = t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
             spec, payload = choose_codec(data, codec, speed_floor_mbps)
             fields = {"kind": "bytes"}
+            if t.element_size() == 2 and t.is_floating_point():  # byte planes, kept when smaller
+                planes = codecs.pack_streams([choose_codec(p, codec, speed_floor_mbps)[1] for p in plane_streams(data, 2)])
+                if len(planes) < len(payload):
+                    payload, fields = planes, {"kind": "bytes", "mapping": "planes"}
         else:
             continue
         if spec.name == "none" or len(payload) >= raw_bytes:
             continue
-        name_of = codec if fields.get("mapping") == "zero-context" else str(spec)  # streams choose their own
+        multi = fields.get("mapping") in ("zero-context", "zero-context-packed", "planes")
+        name_of = codec if multi else str(spec)  # streams choose their own
         stored[name] = (torch.frombuffer(bytearray(payload), dtype=torch.uint8), {"codec": name_of, **fields})
     return stored
 
@@ -258,6 +314,18 @@ def decode_tensor(
         if codes.size and int(codes.max()) >= (1 << info.bits):
             raise codecs.CodecError("decoded codes fall outside the code range")
         return packing.pack(torch.from_numpy(codes), info.bits)
+    if codec.get("mapping") == "zero-context-packed":
+        owner = name.rpartition(".")[0]
+        info = LayerInfo.from_manifest(quantized[owner])
+        qzeros = decoded.get(f"{owner}.qzeros")
+        if qzeros is None or not packed_context_ok(info):
+            raise codecs.CodecError("mapping zero-context-packed needs the layer's zero points and whole-byte groups")
+        return merge_packed_context_streams(codecs.unpack_streams(payload.numpy()), info, qzeros)
+    if codec.get("mapping") == "planes":
+        dtype = getattr(torch, entry["dtype"])
+        nbytes = int(np.prod(entry["shape"], dtype=np.int64)) * torch.empty(0, dtype=dtype).element_size()
+        data = merge_planes(codecs.unpack_streams(payload.numpy()), 2, nbytes)
+        return torch.from_numpy(data).view(dtype).reshape(entry["shape"])
     sym = codecs.decode(payload.numpy())
     if codec["kind"] == "bytes":
         dtype = getattr(torch, entry["dtype"])
