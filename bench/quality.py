@@ -135,6 +135,26 @@ def run_rdquant(name: str, cfg: rdquant.CompressConfig, args, calib: Path) -> di
     return row
 
 
+def run_artifact(path: Path, args) -> dict:
+    """A row for a saved artifact (e.g. one tuned on another machine by bench/tune_remote.py)."""
+    from rdquant.artifact import read_manifest
+    from rdquant.loading import load_tokenizer
+
+    man = read_manifest(path)
+    rec, tun = man["recipe"], man.get("tuning")
+    rep = rdquant.inspect(path)
+    coded = rdquant.inspect(recode(path, CACHE / "coded" / f"{path.name}-ans", codec="ans", overwrite=True))
+    method = rec["method"] + (f" + tuning ({tun['steps']} steps, lr {tun['lr']:g})" if tun else "")
+    row = {"tool": "rdquant", "method": method, "bits": rec.get("target_bits") or rec["bits"],
+           "group_size": f"col/{rec['claq_share']}" if rec["method"] == "claq" else rec["group_size"],
+           "bits_per_weight": rep.bits_per_weight, "coded_bits_per_weight": coded.coded_bits_per_weight,
+           "quantized_bytes": rep.quantized_bytes, "disk_bytes": rep.total_bytes,
+           "compress_seconds": man.get("compress_seconds"), "exact_reload": None, "name": path.name,
+           **({"tuning": tun} if tun else {})}
+    row.update(eval_row(rdquant.load(path, cache_dequantized=True), load_tokenizer(path), args))
+    return row
+
+
 PEERS = {
     # kind: (runner, cache dir of a setting, runner arguments of a setting, label of a setting)
     "llmcompressor": ("llmcompressor_gptq.py", lambda b, a: f"llmcompressor_w{b}g{a.group_size}",
@@ -226,6 +246,8 @@ def main() -> None:
                     help="more CompressConfig fields for cvxq rows, e.g. cvxq_sensitivity=hessian")
     ap.add_argument("--uniform", nargs="+", default=["4:-1", "3:38", "3:-1", "2:36"], metavar="BITS:GROUP",
                     help="uniform GPTQ rows at these widths and group sizes (--methods uniform), to match sizes")
+    ap.add_argument("--artifacts", type=Path, nargs="*", default=[],
+                    help="also rows for these saved artifacts (evaluated as they are, e.g. tuned by bench/tune_remote.py)")
     ap.add_argument("--device", default="cpu", help="compress and evaluate on this device")
     ap.add_argument("--with-device-rows", nargs="*", default=[], metavar="DEVICE",
                     help="with --cached-only: rows missing on this device are taken from these (e.g. cuda)")
@@ -252,7 +274,13 @@ def main() -> None:
     jobs += [("claq", t) for t in args.claq_targets if "claq" in args.methods]
     jobs += [("uniform", tuple(int(x) for x in u.split(":"))) for u in args.uniform if "uniform" in args.methods]
     jobs += [("cvxq", (t, s)) for t in args.cvxq_targets for s in args.cvxq_solvers if "cvxq" in args.methods]
+    jobs += [("artifact", p) for p in args.artifacts]
     for method, bits in jobs:
+        if method == "artifact":
+            row = cached_row(f"artifact_{bits.name}_{tag}", args.fresh, lambda: run_artifact(bits, args), args.cached_only)
+            rows += [row] if row is not None else []
+            print(table(rows, args), flush=True)
+            continue
         if method in PEERS:
             row = cached_row(f"{method}_w{bits}_{tag}", args.rerun_peers, lambda: run_peer(method, bits, args, calib),
                              args.cached_only)

@@ -94,6 +94,9 @@ def compress(
     high_bits: Optional[int] = typer.Option(None, "--high-bits", help="claq: width of promoted columns, 0 = the low width + 1  [default: 0]"),
     row_scale: Optional[bool] = typer.Option(None, "--row-scale/--no-row-scale",
                                              help="claq: fp16 row scales, codebooks on row-normalised values  [default: on]"),
+    tune_steps: Optional[int] = typer.Option(None, "--tune-steps",
+                                             help="distillation tuning of codebook values / scales after the solver (codes and size unchanged), Adam steps  [default: 0 = off]"),
+    tune_lr: Optional[float] = typer.Option(None, "--tune-lr", help="tuning step, relative to each tensor's magnitude  [default: 1e-3]"),
     group_size: Optional[int] = typer.Option(None, "--group-size", "-g",
                                              help="-1 = per row; cvxq cluster cells: rows per cluster  [default: 64; cvxq: 128]"),
     symmetric: Optional[bool] = typer.Option(None, "--symmetric/--asymmetric", help="[default: asymmetric]"),
@@ -128,7 +131,7 @@ def compress(
                  cvxq_solver=solver, cvxq_sensitivity=sensitivity, cvxq_max_bits=max_bits, cvxq_cells=cells, cvxq_grid=grid,
                  bias_correction=bias_correction,
                  claq_outlier_frac=outlier_frac, claq_share=codebook_share, claq_high_bits=high_bits,
-                 claq_policy=column_policy,
+                 claq_policy=column_policy, tune_steps=tune_steps, tune_lr=tune_lr,
                  claq_row_scale=row_scale, group_size=group_size, symmetric=symmetric, act_order=act_order,
                  damp_percent=damp_percent, clip_search=clip_search, calib=calib, calib_samples=calib_samples,
                  calib_seqlen=calib_seqlen, seed=seed, batch_size=batch_size, device=device)

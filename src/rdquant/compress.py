@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -41,6 +42,7 @@ class CompressedModel:
     seconds: float = 0.0
     dense_dtype: torch.dtype = torch.float16  # storage of everything left unquantized
     method_state: Any = None  # run-wide state of the method (cvxq: the allocation, with its time)
+    tuning: dict | None = None  # what distillation tuning did (tune.TuneLog), when it ran
 
     def state_for_artifact(self) -> tuple[dict[str, torch.Tensor], dict[str, str], dict[str, Any]]:
         """(tensors, tied aliases, quantized-module table): packed buffers as they are, every other
@@ -98,6 +100,8 @@ class CompressedModel:
             "tied": tied,
             "codec": {"requested": codec, "speed_floor_mbps": speed_floor_mbps, "dense": False},
         }
+        if self.tuning is not None:
+            manifest["tuning"] = self.tuning
         log = [asdict(entry) for entry in self.logs]
         extra = {
             "config": lambda d: self.model.config.save_pretrained(d),
@@ -132,17 +136,30 @@ def compress(
     dense = dense_dtype_for(model)
     if next(model.parameters()).dtype != torch.float32 and cfg.device == "cpu":
         model = model.float()
-    if calib_ids is None and METHODS[cfg.method].needs_hessian:
+    if calib_ids is None and (METHODS[cfg.method].needs_hessian or cfg.tune_steps):
         if tokenizer is None:
             raise RdquantError("calibration needs a tokenizer (or pass calib_ids)")
         calib_ids = calibration_windows(tokenizer, cfg.calib, cfg.calib_samples, cfg.calib_seqlen, cfg.seed)
     model_id = model_id or getattr(model.config, "_name_or_path", "") or type(model).__name__
     ckpt = Checkpoint(Path(checkpoint_dir), cfg, model_id) if checkpoint_dir else None
     model.eval()
+    teacher = copy.deepcopy(model) if cfg.tune_steps else None  # the original, for distillation tuning
     state = run_pipeline(model, cfg, calib_ids, ckpt, resume, progress, after_block)
     # Round what stays dense to its 16-bit storage dtype, so this model equals the saved one exactly.
     with torch.no_grad():
         for p in model.parameters():
             p.data = p.data.to(dense).to(p.dtype)
-    return CompressedModel(model, tokenizer, cfg, model_id, state.logs, time.perf_counter() - t0, dense,
-                           state.method_state)
+    tuning = None
+    if teacher is not None:
+        from .tune import tune
+
+        home, dev = next(model.parameters()).device, torch.device(cfg.device)
+        model.to(dev)
+        tuning = tune(model, teacher.to(dev), calib_ids, cfg.tune_steps, cfg.tune_lr, cfg.tune_batch,
+                      seed=cfg.seed, progress=progress).to_dict()
+        model.to(home)
+        del teacher
+    cm = CompressedModel(model, tokenizer, cfg, model_id, state.logs, time.perf_counter() - t0, dense,
+                         state.method_state)
+    cm.tuning = tuning
+    return cm

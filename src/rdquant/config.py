@@ -60,6 +60,11 @@ class CompressConfig:
     claq_kmeans_iters: int = 20  # Lloyd steps of the batched per-block K-means
     claq_refine_iters: int = 4  # Lloyd steps on each column's up-to-date values when the sweep reaches it
     claq_hessian_weight: bool = True  # shared codebooks: weight each column's values by H_jj
+    # distillation tuning (tune.py): after the solver, move codebook values / row scales / group scales
+    # (codes fixed, size unchanged) so the model's next-token distribution matches the original's
+    tune_steps: int = 0  # Adam steps on the calibration windows; 0 = off
+    tune_lr: float = 1e-3  # per step, relative to each tensor's mean magnitude
+    tune_batch: int = 4  # calibration windows per step
     # grid: shrink the min-max range by up to max_shrink in clip_search steps (0 = plain min-max)
     clip_search: int = 20
     max_shrink: float = 0.3
@@ -128,6 +133,8 @@ class CompressConfig:
             raise RdquantError("claq: codebook bits must be 8 or 16")
         if self.claq_kmeans_iters < 1 or self.claq_refine_iters < 0 or self.claq_outlier_factor <= 0:
             raise RdquantError("claq: need kmeans iters >= 1, refine iters >= 0 and outlier factor > 0")
+        if self.tune_steps < 0 or not self.tune_lr > 0 or self.tune_batch < 1:
+            raise RdquantError("tune: need steps >= 0, lr > 0 and batch >= 1")
         if not 0 <= self.damp_percent < 1:
             raise RdquantError("damp_percent must be in [0, 1)")
         if self.calib_samples < 1 or self.calib_seqlen < 8:
