@@ -162,8 +162,9 @@ def read_tensors(
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """(manifest, tensors) of an artifact, or of the named tensors only.
 
-    Tensors are read, checked (sha256 of the stored bytes, then of the decoded tensor) and decoded a
-    layer at a time in worker threads, so the file is never held twice in memory.
+    Tensors are read, decoded and checked (sha256 of the decoded tensor; a coded payload's own sha256
+    when that fails, to name the damage) a layer at a time in worker threads, so the file is never held
+    twice in memory.
     """
     p = Path(path)
     manifest = read_manifest(p)
@@ -175,9 +176,20 @@ def read_tensors(
         if name not in entries:
             raise ArtifactError(f"tensor {name} is not in {p}")
     groups: dict[tuple[str, str], list[str]] = {}
-    for name in wanted:  # one task per layer and file; a layer's qweight after its qzeros
+    for name in wanted:  # per layer and file; a layer's qweight after its qzeros
         groups.setdefault((entries[name]["file"], name.rpartition(".")[0]), []).append(name)
-    tasks = [(f, sorted(g, key=lambda n: n.endswith(".qweight"))) for (f, _), g in groups.items()]
+    # one task per worker and file, holding every worker-th layer: each task opens its file once
+    workers = max(1, min(os.cpu_count() or 1, len(groups)))
+    by_file: dict[str, list[str]] = {}
+    for (f, _), g in groups.items():
+        by_file.setdefault(f, []).extend(sorted(g, key=lambda n: n.endswith(".qweight")))
+    tasks = []
+    for f, names_f in by_file.items():
+        layers: dict[str, list[str]] = {}
+        for n in names_f:
+            layers.setdefault(n.rpartition(".")[0], []).append(n)
+        order = list(layers.values())
+        tasks += [(f, [n for g in order[k::workers] for n in g]) for k in range(workers) if order[k::workers]]
     quantized = manifest.get("quantized", {})
 
     def run(task: tuple[str, list[str]]) -> dict[str, torch.Tensor]:
@@ -190,10 +202,15 @@ def read_tensors(
     else:
         from concurrent.futures import ThreadPoolExecutor
 
-        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
             for part in pool.map(run, tasks):
                 tensors.update(part)
     return manifest, tensors
+
+
+def _check_payload(payload: torch.Tensor, e: dict[str, Any], name: str, path: Path, verify: bool) -> None:
+    if verify and tensor_sha256(payload) != e["stored_sha256"]:
+        raise ArtifactError(f"tensor {name} in {path}: its coded payload fails its sha256 check: the artifact is corrupted")
 
 
 def _read_group(
@@ -211,18 +228,23 @@ def _read_group(
                     raise ArtifactError(f"tensor {name} is missing from {p / fname}")
                 e = entries[name]
                 t = fh.get_tensor(name)
-                if "codec" in e:
-                    if verify and tensor_sha256(t) != e["stored_sha256"]:
-                        raise ArtifactError(f"tensor {name} in {p / fname} fails its sha256 check: the artifact is corrupted")
+                payload = None
+                if "codec" in e:  # the decoded tensor's sha256 covers the payload too; the payload's own
+                    payload = t  # is checked only to say which one is damaged when something fails
                     try:
                         t = decode_tensor(name, t, e, quantized, out)
                     except CodecError as err:
+                        _check_payload(payload, e, name, p / fname, verify)
                         raise ArtifactError(f"tensor {name} in {p / fname} does not decode: {err}") from err
                 if list(t.shape) != e["shape"] or _dtype_name(t) != e["dtype"]:
+                    if payload is not None:
+                        _check_payload(payload, e, name, p / fname, verify)
                     raise ArtifactError(
                         f"tensor {name} has shape/dtype {list(t.shape)}/{_dtype_name(t)}, manifest says {e['shape']}/{e['dtype']}"
                     )
                 if verify and tensor_sha256(t) != e["sha256"]:
+                    if payload is not None:
+                        _check_payload(payload, e, name, p / fname, verify)
                     raise ArtifactError(f"tensor {name} in {p / fname} fails its sha256 check: the artifact is corrupted")
                 out[name] = t
     except ArtifactError:

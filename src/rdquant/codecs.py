@@ -11,6 +11,7 @@ Payloads are self-describing (a small header precedes the body), so a coded tens
 from __future__ import annotations
 
 import struct
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -91,9 +92,7 @@ def decode(payload: bytes | np.ndarray) -> np.ndarray:
         if cid == CODEC_IDS["none"]:
             out = np.frombuffer(body, dtype=np.uint8).copy()
         elif cid == CODEC_IDS["zstd"]:
-            import zstandard
-
-            out = np.frombuffer(zstandard.ZstdDecompressor().decompress(body, max_output_size=n), dtype=np.uint8)
+            out = np.frombuffer(_zstd_decompressor().decompress(body, max_output_size=n), dtype=np.uint8)
         elif cid == CODEC_IDS["lz4"]:
             import lz4.frame
 
@@ -109,6 +108,20 @@ def decode(payload: bytes | np.ndarray) -> np.ndarray:
     if out.size != n:
         raise CodecError(f"payload decodes to {out.size} symbols, header says {n}")
     return out
+
+
+_LOCAL = threading.local()
+
+
+def _zstd_decompressor():
+    """One zstd decompression context per thread (making one per payload costs more than decoding a
+    small stream)."""
+    d = getattr(_LOCAL, "zstd", None)
+    if d is None:
+        import zstandard
+
+        d = _LOCAL.zstd = zstandard.ZstdDecompressor()
+    return d
 
 
 # --- ANS via constriction ------------------------------------------------------------------------

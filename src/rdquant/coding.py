@@ -109,9 +109,13 @@ def _context_cells(info: LayerInfo, qzeros: torch.Tensor) -> tuple[np.ndarray, n
     G = in_f if info.group_size == -1 else info.group_size
     z = packing.unpack(qzeros, info.bits, out_f * n_g).numpy()
     cells = np.argsort(z, kind="stable")
-    group_size = np.minimum(G, in_f - np.arange(n_g) * G)
-    counts = np.bincount(z, weights=np.tile(group_size, out_f), minlength=1 << info.bits).astype(np.int64)
-    return cells, counts, G, in_f % G == 0
+    full = in_f % G == 0
+    if full:
+        counts = np.bincount(z, minlength=1 << info.bits).astype(np.int64) * G
+    else:
+        group_size = np.minimum(G, in_f - np.arange(n_g) * G)
+        counts = np.bincount(z, weights=np.tile(group_size, out_f), minlength=1 << info.bits).astype(np.int64)
+    return cells, counts, G, full
 
 
 def context_streams(codes: np.ndarray, info: LayerInfo, qzeros: torch.Tensor) -> list[np.ndarray]:
@@ -164,8 +168,11 @@ def merge_packed_context_streams(segs: list[np.ndarray], info: LayerInfo, qzeros
         raise codecs.CodecError("context streams do not match the layer's zero points")
     gb = G * info.bits // 8
     out = np.empty(packing.packed_nbytes(info.shape[0] * info.shape[1], info.bits), dtype=np.uint8)
-    if segs:
-        out.reshape(-1, gb)[cells] = np.concatenate(segs).reshape(-1, gb)
+    rows, start = out.reshape(-1, gb), 0
+    for seg in segs:  # each stream's groups straight to their rows (no joined copy)
+        stop = start + seg.size // gb
+        rows[cells[start:stop]] = seg.reshape(-1, gb)
+        start = stop
     return torch.from_numpy(out)
 
 
