@@ -274,9 +274,11 @@ def encode_tensors(
                 h_ctx = context_entropy_bits(codes, info, qzeros)
                 candidates = []
                 ans_possible = codec == "ans" or (codec == "auto" and codecs.NOMINAL_DECODE_MBPS["ans"] >= speed_floor_mbps)
-                if ans_possible or (codec == "auto" and not packed_context_ok(info)):  # byte coders do better on packed bytes
+                # packed bytes suit a byte coder only when codes do not straddle bytes (1, 2, 4, 8 bits)
+                aligned = packed_context_ok(info) and 8 % info.bits == 0
+                if ans_possible or (not aligned and codec != "lz4"):
                     candidates.append(("zero-context", encode_context(codes, info, qzeros, codec, speed_floor_mbps)))
-                if packed_context_ok(info):
+                if aligned:
                     candidates.append(("zero-context-packed", codecs.pack_streams(
                         [choose_codec(seg, codec, speed_floor_mbps)[1] for seg in packed_context_streams(t, info, qzeros)])))
                 for name_c, ctx in candidates:
