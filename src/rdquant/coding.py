@@ -107,7 +107,7 @@ def _context_cells(info: LayerInfo, qzeros: torch.Tensor) -> tuple[np.ndarray, n
     out_f, in_f = info.shape
     n_g = num_groups(in_f, info.group_size)
     G = in_f if info.group_size == -1 else info.group_size
-    z = packing.unpack(qzeros, info.bits, out_f * n_g).numpy()
+    z = _unpack_np(qzeros.numpy(), info.bits, out_f * n_g)
     cells = np.argsort(z, kind="stable")
     full = in_f % G == 0
     if full:
@@ -116,6 +116,17 @@ def _context_cells(info: LayerInfo, qzeros: torch.Tensor) -> tuple[np.ndarray, n
         group_size = np.minimum(G, in_f - np.arange(n_g) * G)
         counts = np.bincount(z, weights=np.tile(group_size, out_f), minlength=1 << info.bits).astype(np.int64)
     return cells, counts, G, full
+
+
+def _unpack_np(packed: np.ndarray, bits: int, n: int) -> np.ndarray:
+    """packing.unpack for whole codes per byte (1, 2, 4, 8 bits) in numpy: the zero points of every
+    layer are unpacked on each load, where torch's per-call overhead dominates these small tensors."""
+    if 8 % bits:
+        return packing.unpack(torch.from_numpy(packed), bits, n).numpy()
+    if bits == 8:
+        return packed[:n]
+    shifts = np.arange(0, 8, bits, dtype=np.uint8)
+    return ((packed[:, None] >> shifts) & ((1 << bits) - 1)).reshape(-1)[:n]
 
 
 def context_streams(codes: np.ndarray, info: LayerInfo, qzeros: torch.Tensor) -> list[np.ndarray]:
