@@ -6,7 +6,8 @@
 For each artifact: the packed size of the quantized linears, the same after zstd-19 / lz4 / ANS /
 auto coding, and the empirical-entropy floor (sum over layers of H(symbols) * n + side information).
 Decode throughput is millions of decoded codes (weights) per second over the `qweight` payloads,
-one thread, the whole decode path (= MB/s at one byte per code), then all tensors with the loader's thread pool. Load time is files -> ready model via
+one thread, the whole decode path (= MB/s at one byte per code), then all tensors with the loader's
+thread pool. Load time is files -> ready model via
 rdquant.load, warm (page cache) and cold (pages dropped with posix_fadvise), against the 16-bit
 safetensors original loaded with transformers. Coded artifacts decode to the same bytes (checked by
 sha256 on load), so their perplexity is the packed artifact's (bench/quality.py).
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -93,7 +95,7 @@ def decode_speed(coded: Path) -> float | None:
         decode_tensor(n, payloads[n], entries[n], quantized, decoded)
     dt = time.perf_counter() - t0
     torch.set_num_threads(os.cpu_count() or 1)
-    weights = sum(quantized[n.rpartition(".")[0]]["shape"][0] * quantized[n.rpartition(".")[0]]["shape"][1] for n in names)
+    weights = sum(math.prod(quantized[n.rpartition(".")[0]]["shape"]) for n in names)
     return weights / dt / 1e6
 
 

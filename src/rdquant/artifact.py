@@ -175,20 +175,15 @@ def read_tensors(
     for name in wanted:
         if name not in entries:
             raise ArtifactError(f"tensor {name} is not in {p}")
-    groups: dict[tuple[str, str], list[str]] = {}
-    for name in wanted:  # per layer and file; a layer's qweight after its qzeros
-        groups.setdefault((entries[name]["file"], name.rpartition(".")[0]), []).append(name)
-    # one task per worker and file, holding every worker-th layer: each task opens its file once
-    workers = max(1, min(os.cpu_count() or 1, len(groups)))
-    by_file: dict[str, list[str]] = {}
-    for (f, _), g in groups.items():
-        by_file.setdefault(f, []).extend(sorted(g, key=lambda n: n.endswith(".qweight")))
+    layers: dict[str, dict[str, list[str]]] = {}  # file -> layer -> its tensors
+    for name in wanted:
+        layers.setdefault(entries[name]["file"], {}).setdefault(name.rpartition(".")[0], []).append(name)
+    # one task per worker and file, holding every worker-th layer (each task opens its file once);
+    # a layer's qweight comes after its qzeros
+    workers = max(1, min(os.cpu_count() or 1, sum(len(v) for v in layers.values())))
     tasks = []
-    for f, names_f in by_file.items():
-        layers: dict[str, list[str]] = {}
-        for n in names_f:
-            layers.setdefault(n.rpartition(".")[0], []).append(n)
-        order = list(layers.values())
+    for f, by_layer in layers.items():
+        order = [sorted(g, key=lambda n: n.endswith(".qweight")) for g in by_layer.values()]
         tasks += [(f, [n for g in order[k::workers] for n in g]) for k in range(workers) if order[k::workers]]
     quantized = manifest.get("quantized", {})
 
@@ -208,11 +203,6 @@ def read_tensors(
     return manifest, tensors
 
 
-def _check_payload(payload: torch.Tensor, e: dict[str, Any], name: str, path: Path, verify: bool) -> None:
-    if verify and tensor_sha256(payload) != e["stored_sha256"]:
-        raise ArtifactError(f"tensor {name} in {path}: its coded payload fails its sha256 check: the artifact is corrupted")
-
-
 def _read_group(
     p: Path, fname: str, names: list[str], entries: dict[str, Any], quantized: dict[str, Any], verify: bool
 ) -> dict[str, torch.Tensor]:
@@ -228,24 +218,25 @@ def _read_group(
                     raise ArtifactError(f"tensor {name} is missing from {p / fname}")
                 e = entries[name]
                 t = fh.get_tensor(name)
-                payload = None
-                if "codec" in e:  # the decoded tensor's sha256 covers the payload too; the payload's own
-                    payload = t  # is checked only to say which one is damaged when something fails
+                payload = t if "codec" in e else None
+
+                def fail(message: str, cause: Exception | None = None) -> None:
+                    # the decoded tensor's sha256 covers the payload too; the payload's own is checked
+                    # only now, to say that it is the payload that is damaged
+                    if verify and payload is not None and tensor_sha256(payload) != e["stored_sha256"]:
+                        raise ArtifactError(f"tensor {name} in {p / fname}: its coded payload fails its sha256 check: "
+                                            "the artifact is corrupted") from cause
+                    raise ArtifactError(message) from cause
+
+                if payload is not None:
                     try:
                         t = decode_tensor(name, t, e, quantized, out)
                     except CodecError as err:
-                        _check_payload(payload, e, name, p / fname, verify)
-                        raise ArtifactError(f"tensor {name} in {p / fname} does not decode: {err}") from err
+                        fail(f"tensor {name} in {p / fname} does not decode: {err}", err)
                 if list(t.shape) != e["shape"] or _dtype_name(t) != e["dtype"]:
-                    if payload is not None:
-                        _check_payload(payload, e, name, p / fname, verify)
-                    raise ArtifactError(
-                        f"tensor {name} has shape/dtype {list(t.shape)}/{_dtype_name(t)}, manifest says {e['shape']}/{e['dtype']}"
-                    )
+                    fail(f"tensor {name} has shape/dtype {list(t.shape)}/{_dtype_name(t)}, manifest says {e['shape']}/{e['dtype']}")
                 if verify and tensor_sha256(t) != e["sha256"]:
-                    if payload is not None:
-                        _check_payload(payload, e, name, p / fname, verify)
-                    raise ArtifactError(f"tensor {name} in {p / fname} fails its sha256 check: the artifact is corrupted")
+                    fail(f"tensor {name} in {p / fname} fails its sha256 check: the artifact is corrupted")
                 out[name] = t
     except ArtifactError:
         raise

@@ -107,7 +107,7 @@ def _context_cells(info: LayerInfo, qzeros: torch.Tensor) -> tuple[np.ndarray, n
     out_f, in_f = info.shape
     n_g = num_groups(in_f, info.group_size)
     G = in_f if info.group_size == -1 else info.group_size
-    z = _unpack_np(qzeros.numpy(), info.bits, out_f * n_g)
+    z = packing.unpack(qzeros, info.bits, out_f * n_g).numpy()
     cells = np.argsort(z, kind="stable")
     full = in_f % G == 0
     if full:
@@ -116,17 +116,6 @@ def _context_cells(info: LayerInfo, qzeros: torch.Tensor) -> tuple[np.ndarray, n
         group_size = np.minimum(G, in_f - np.arange(n_g) * G)
         counts = np.bincount(z, weights=np.tile(group_size, out_f), minlength=1 << info.bits).astype(np.int64)
     return cells, counts, G, full
-
-
-def _unpack_np(packed: np.ndarray, bits: int, n: int) -> np.ndarray:
-    """packing.unpack for whole codes per byte (1, 2, 4, 8 bits) in numpy: the zero points of every
-    layer are unpacked on each load, where torch's per-call overhead dominates these small tensors."""
-    if 8 % bits:
-        return packing.unpack(torch.from_numpy(packed), bits, n).numpy()
-    if bits == 8:
-        return packed[:n]
-    shifts = np.arange(0, 8, bits, dtype=np.uint8)
-    return ((packed[:, None] >> shifts) & ((1 << bits) - 1)).reshape(-1)[:n]
 
 
 def context_streams(codes: np.ndarray, info: LayerInfo, qzeros: torch.Tensor) -> list[np.ndarray]:
@@ -282,7 +271,6 @@ def encode_tensors(
             spec, payload = choose_codec(sym, codec, speed_floor_mbps)
             if qzeros is not None:  # the zero point as context: kept when its payload is smaller
                 codes = weight_symbols(t, qzeros, info, "raw")
-                h_ctx = context_entropy_bits(codes, info, qzeros)
                 candidates = []
                 ans_possible = codec == "ans" or (codec == "auto" and codecs.NOMINAL_DECODE_MBPS["ans"] >= speed_floor_mbps)
                 # packed bytes suit a byte coder only when codes do not straddle bytes (1, 2, 4, 8 bits)
@@ -294,7 +282,9 @@ def encode_tensors(
                         [choose_codec(seg, codec, speed_floor_mbps)[1] for seg in packed_context_streams(t, info, qzeros)])))
                 for name_c, ctx in candidates:
                     if len(ctx) < len(payload):
-                        mapping, payload, h = name_c, ctx, h_ctx
+                        mapping, payload = name_c, ctx
+                if mapping.startswith("zero-context"):
+                    h = context_entropy_bits(codes, info, qzeros)
             fields = {"kind": "symbols", "mapping": mapping, "entropy_bits": round(h, 4)}
         elif layer is not None or dense:
             data = t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
@@ -324,23 +314,20 @@ def decode_tensor(
     """Decode one stored tensor to its manifest dtype/shape; a qweight needs its layer's qzeros
     (decoded, or uncoded) in `decoded` when the layer is asymmetric."""
     codec = entry["codec"]
-    if codec.get("mapping") == "zero-context":
+    if codec.get("mapping") in ("zero-context", "zero-context-packed"):
         owner = name.rpartition(".")[0]
         info = LayerInfo.from_manifest(quantized[owner])
         qzeros = decoded.get(f"{owner}.qzeros")
         if qzeros is None:
-            raise codecs.CodecError("mapping zero-context needs the layer's zero points")
+            raise codecs.CodecError(f"mapping {codec['mapping']} needs the layer's zero points")
+        if codec["mapping"] == "zero-context-packed":
+            if not packed_context_ok(info):
+                raise codecs.CodecError("mapping zero-context-packed needs whole-byte groups")
+            return merge_packed_context_streams(codecs.unpack_streams(payload.numpy()), info, qzeros)
         codes = decode_context(payload.numpy(), info, qzeros)
         if codes.size and int(codes.max()) >= (1 << info.bits):
             raise codecs.CodecError("decoded codes fall outside the code range")
         return packing.pack(torch.from_numpy(codes), info.bits)
-    if codec.get("mapping") == "zero-context-packed":
-        owner = name.rpartition(".")[0]
-        info = LayerInfo.from_manifest(quantized[owner])
-        qzeros = decoded.get(f"{owner}.qzeros")
-        if qzeros is None or not packed_context_ok(info):
-            raise codecs.CodecError("mapping zero-context-packed needs the layer's zero points and whole-byte groups")
-        return merge_packed_context_streams(codecs.unpack_streams(payload.numpy()), info, qzeros)
     if codec.get("mapping") == "planes":
         dtype = getattr(torch, entry["dtype"])
         nbytes = int(np.prod(entry["shape"], dtype=np.int64)) * torch.empty(0, dtype=dtype).element_size()

@@ -30,6 +30,13 @@ def dense_dtype_for(model: nn.Module) -> torch.dtype:
     return torch.bfloat16 if next(model.parameters()).dtype == torch.bfloat16 else torch.float16
 
 
+def round_to_storage(model: nn.Module, dense: torch.dtype) -> None:
+    """Round what stays dense to its 16-bit storage dtype, so the model equals the saved one exactly."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.data = p.data.to(dense).to(p.dtype)
+
+
 @dataclass
 class CompressedModel:
     """A quantized transformers model (QuantLinear modules) plus what is needed to save it."""
@@ -145,10 +152,7 @@ def compress(
     model.eval()
     teacher = copy.deepcopy(model) if cfg.tune_steps else None  # the original, for distillation tuning
     state = run_pipeline(model, cfg, calib_ids, ckpt, resume, progress, after_block)
-    # Round what stays dense to its 16-bit storage dtype, so this model equals the saved one exactly.
-    with torch.no_grad():
-        for p in model.parameters():
-            p.data = p.data.to(dense).to(p.dtype)
+    round_to_storage(model, dense)
     tuning = None
     if teacher is not None:
         from .tune import tune
@@ -159,7 +163,5 @@ def compress(
                       seed=cfg.seed, progress=progress).to_dict()
         model.to(home)
         del teacher
-    cm = CompressedModel(model, tokenizer, cfg, model_id, state.logs, time.perf_counter() - t0, dense,
-                         state.method_state)
-    cm.tuning = tuning
-    return cm
+    return CompressedModel(model, tokenizer, cfg, model_id, state.logs, time.perf_counter() - t0, dense,
+                           state.method_state, tuning)

@@ -53,9 +53,7 @@ def load(
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     quant_keys = set()
     for name, info in manifest["quantized"].items():
-        out_f, in_f = info["shape"]
-        spec = info if info.get("layout", "affine") != "affine" else None
-        q = QuantLinear(in_f, out_f, info["bits"], info["group_size"], info["symmetric"], info["bias"], dtype, spec=spec)
+        q = QuantLinear.from_manifest(info, dtype)
         set_submodule(model, name, q)
         if lazy:
             q.set_loader(functools.partial(_materialize, path, layer_keys[name], verify))

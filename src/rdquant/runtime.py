@@ -93,6 +93,13 @@ class QuantLinear(nn.Module):
             m.bias.data.copy_(bias.to(dtype))
         return m
 
+    @classmethod
+    def from_manifest(cls, info: dict, dtype: torch.dtype = torch.float32) -> "QuantLinear":
+        """An empty layer shaped by its manifest entry (`quantized[name]`), ready for set_tensors."""
+        out_f, in_f = info["shape"]
+        spec = info if info.get("layout", "affine") != "affine" else None
+        return cls(in_f, out_f, info["bits"], info["group_size"], info["symmetric"], info["bias"], dtype, spec=spec)
+
     @property
     def buffer_names(self) -> tuple[str, ...]:
         """The stored tensors of this layer's layout that it has."""

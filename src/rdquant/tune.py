@@ -14,7 +14,6 @@ import math
 import time
 import types
 from dataclasses import asdict, dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -50,7 +49,7 @@ class _Tunable:
         self.qw = qw
         dev = m.qweight.device
         if isinstance(qw, CodebookWeight):
-            out_f, in_f = qw.shape
+            in_f = qw.shape[1]
             self.idx = qw.codes.to(torch.long) + column_offsets(qw.widths, qw.share, in_f).to(dev)[None, :]
             self.base = {"values": qw.values().to(dev)}
             if qw.row_scale is not None:
@@ -59,7 +58,7 @@ class _Tunable:
             if qw.n_outliers:
                 self.outliers = (qw.outlier_row.to(torch.long), qw.outlier_cols().to(dev), qw.outlier_val.to(torch.float32))
         elif isinstance(qw, QuantizedWeight):
-            out_f, in_f = qw.shape
+            in_f = qw.shape[1]
             self.q = qw.codes.to(torch.float32) - expand_groups(qw.zero_points().to(torch.float32), in_f, qw.group_size)
             self.base = {"scales": qw.scales.to(torch.float32)}
         else:
@@ -135,7 +134,6 @@ def tune(
     holdout: int = 8,
     seed: int = 0,
     progress: bool = True,
-    on_step: Callable[[int, float], None] | None = None,
 ) -> TuneLog:
     """Distil `teacher` (the original model) into `student` (QuantLinear layers) by moving only the
     stored continuous values; `holdout` calibration windows are kept out to report the KL before/after."""
@@ -164,7 +162,7 @@ def tune(
             gen = torch.Generator().manual_seed(seed)
             order = torch.empty(0, dtype=torch.long)
             bar = _progress(steps, progress)
-            for k in range(steps):
+            for _ in range(steps):
                 if order.numel() < batch:
                     order = torch.cat([order, torch.randperm(train.shape[0], generator=gen)])
                 pick, order = order[:batch], order[batch:]
@@ -179,8 +177,6 @@ def tune(
                 if bar is not None:
                     bar.set_postfix(kl=f"{float(loss):.4f}")
                     bar.update(1)
-                if on_step is not None:
-                    on_step(k, float(loss))
             if bar is not None:
                 bar.close()
     finally:
