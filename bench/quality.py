@@ -90,8 +90,10 @@ def rdquant_job(method: str, setting, args) -> tuple[str, rdquant.CompressConfig
     if method == "uniform":
         bits, group = setting
         return f"gptq_w{bits}g{group}", rdquant.CompressConfig(method="gptq", bits=bits, group_size=group, **dev)
-    return (f"{method}_w{int(setting)}g{args.group_size}",
-            rdquant.CompressConfig(method=method, bits=int(setting), group_size=args.group_size, **dev))
+    typed = _typed(args.gptq_extra) if method in ("gptq", "rtn") else {}
+    tag = "".join(f"_{k}{v}" for k, v in sorted(typed.items()))
+    return (f"{method}_w{int(setting)}g{args.group_size}{tag}",
+            rdquant.CompressConfig(method=method, bits=int(setting), group_size=args.group_size, **typed, **dev))
 
 
 def run_rdquant(name: str, cfg: rdquant.CompressConfig, args, calib: Path) -> dict:
@@ -121,6 +123,7 @@ def run_rdquant(name: str, cfg: rdquant.CompressConfig, args, calib: Path) -> di
         method += " (row-group cells)" if cfg.cvxq_cells == "group" and cfg.cvxq_solver != "claq" else ""
         method += " (companded grid)" if cfg.cvxq_grid == "laplace" else ""
         method += f" (min width {cfg.cvxq_min_bits})" if cfg.cvxq_min_bits >= 0 and cfg.cvxq_min_bits != (0 if cfg.cvxq_solver == "claq" else 2) else ""
+    method += f" (scales: {cfg.scale_bits} mantissa bits)" if cfg.scale_bits != 10 else ""
     row = {"tool": "rdquant", "method": method, "bits": cfg.target_bits or cfg.target_coded_bits or cfg.bits,
            "group_size": f"col/{cfg.claq_share}" if "claq" in (cfg.method, method.removeprefix("cvxq+")[:4]) else cfg.group_size,
            "device": args.device, **size_fields(out), "compress_seconds": seconds, "exact_reload": exact,
@@ -237,6 +240,8 @@ def main() -> None:
                     help="all-in bits/weight targets for --methods claq")
     ap.add_argument("--claq-extra", nargs="*", default=[], metavar="KEY=VALUE",
                     help="more CompressConfig fields for claq rows, e.g. claq_outlier_frac=0.002")
+    ap.add_argument("--gptq-extra", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="CompressConfig fields for the gptq / rtn rows, e.g. scale_bits=7")
     ap.add_argument("--cvxq-targets", type=float, nargs="+", default=[4.0, 3.5, 3.0, 2.5],
                     help="all-in bits/weight targets for --methods cvxq")
     ap.add_argument("--cvxq-solvers", nargs="+", default=["gptq", "rtn"], help="cvxq rows: gptq rtn claq")
@@ -283,7 +288,9 @@ def main() -> None:
                              args.cached_only)
         else:
             name, cfg = rdquant_job(method, bits, args)
-            row_name = f"{method}_w{bits}_{tag}" if method not in ("ecsq", "claq", "cvxq", "uniform") else f"{name}_{tag}"
+            extra = name.partition(f"g{args.group_size}_")[2] if method in ("gptq", "rtn") else ""  # --gptq-extra
+            row_name = (f"{method}_w{bits}{'_' + extra if extra else ''}_{tag}" if method not in ("ecsq", "claq", "cvxq", "uniform")
+                        else f"{name}_{tag}")
             row_name += "" if args.device == "cpu" else f"_{args.device.replace(':', '')}"
             row = cached_row(f"{row_name}_v{rdquant.__version__}", args.fresh,
                              lambda: run_rdquant(name, cfg, args, calib), args.cached_only)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from rdquant.config import CompressConfig
-from rdquant.grid import grid_params, group_grid, quantize
+from rdquant.grid import grid_params, group_grid, quantize, store_scale
 from rdquant.methods.gptq import gptq_quantize, proxy_error
 from rdquant.methods.rtn import rtn_quantize
 from rdquant.qtensor import dequantize_codes, expand_groups
@@ -127,3 +127,32 @@ def test_group_grid_matches_per_group_grid():
         assert torch.equal(s[:, k : k + 1], s1) and torch.equal(z[:, k : k + 1], z1)
     S = expand_groups(s, 100, 32)
     assert S.shape == (6, 100) and torch.equal(S[:, 99], s[:, 3])
+
+
+@pytest.mark.parametrize("mantissa", [10, 7, 4])
+def test_store_scale_keeps_the_asked_mantissa_bits(mantissa):
+    x = torch.rand(5000, generator=torch.Generator().manual_seed(0)) * 3 + 1e-3
+    s = store_scale(x, mantissa)
+    assert torch.equal(s, s.to(torch.float16).float())  # an fp16 value
+    assert float(((s - x) / x).abs().max()) <= 2.0 ** -(mantissa + 1)
+    low = s.to(torch.float16).view(torch.int16) & ((1 << (10 - mantissa)) - 1)
+    assert not low.any()
+    assert torch.equal(store_scale(x), x.to(torch.float16).float())  # the default is plain fp16
+    with pytest.raises(ValueError):
+        store_scale(x, 0)
+
+
+def test_gptq_scale_bits_zero_the_low_mantissa_bits_and_cost_little():
+    g = torch.Generator().manual_seed(1)
+    X = correlated_inputs(512, 96)
+    W = torch.randn(48, 96, generator=g)
+    H = hessian(X)
+    err = {}
+    for m in (10, 5):
+        qw, _ = gptq_quantize(W, H, CompressConfig(bits=3, group_size=32, scale_bits=m))
+        bits = qw.scales.view(torch.int16) & 31
+        assert bool(bits.any()) == (m == 10)
+        err[m] = proxy_error(W, qw.dequantize(), H)
+    assert err[5] < 1.1 * err[10]
+    with pytest.raises(Exception, match="scale-bits"):
+        CompressConfig(scale_bits=11)

@@ -103,6 +103,8 @@ def compress(
     act_order: Optional[bool] = typer.Option(None, "--act-order/--no-act-order", help="[default: on]"),
     damp_percent: Optional[float] = typer.Option(None, "--damp", help="GPTQ damping  [default: 0.01]"),
     clip_search: Optional[int] = typer.Option(None, "--clip-search", help="grid shrink steps, 0 = min-max  [default: 20]"),
+    scale_bits: Optional[int] = typer.Option(None, "--scale-bits",
+                                             help="mantissa bits kept in the fp16 group scales (1-10); fewer compress under --codec, error <= 2^-(bits+1)  [default: 10]"),
     calib: Optional[str] = typer.Option(None, help="text or JSONL file  [default: bundled C4 sample]"),
     calib_samples: Optional[int] = typer.Option(None, "--calib-samples", help="[default: 128]"),
     calib_seqlen: Optional[int] = typer.Option(None, "--calib-seqlen", help="[default: 512]"),
@@ -133,7 +135,7 @@ def compress(
                  claq_outlier_frac=outlier_frac, claq_share=codebook_share, claq_high_bits=high_bits,
                  claq_policy=column_policy, tune_steps=tune_steps, tune_lr=tune_lr,
                  claq_row_scale=row_scale, group_size=group_size, symmetric=symmetric, act_order=act_order,
-                 damp_percent=damp_percent, clip_search=clip_search, calib=calib, calib_samples=calib_samples,
+                 damp_percent=damp_percent, clip_search=clip_search, scale_bits=scale_bits, calib=calib, calib_samples=calib_samples,
                  calib_seqlen=calib_seqlen, seed=seed, batch_size=batch_size, device=device)
     base = CompressConfig.from_yaml(recipe) if recipe else CompressConfig()
     cfg = base.replace(**{k: v for k, v in given.items() if v is not None})

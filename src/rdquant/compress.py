@@ -160,7 +160,7 @@ def compress(
         home, dev = next(model.parameters()).device, torch.device(cfg.device)
         model.to(dev)
         tuning = tune(model, teacher.to(dev), calib_ids, cfg.tune_steps, cfg.tune_lr, cfg.tune_batch,
-                      seed=cfg.seed, progress=progress).to_dict()
+                      seed=cfg.seed, progress=progress, scale_bits=cfg.scale_bits).to_dict()
         model.to(home)
         del teacher
     return CompressedModel(model, tokenizer, cfg, model_id, state.logs, time.perf_counter() - t0, dense,

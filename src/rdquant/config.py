@@ -68,6 +68,9 @@ class CompressConfig:
     # grid: shrink the min-max range by up to max_shrink in clip_search steps (0 = plain min-max)
     clip_search: int = 20
     max_shrink: float = 0.3
+    # affine grids' fp16 scales keep this many of fp16's 10 mantissa bits (the rest zero): fewer bits
+    # compress under a codec (relative scale error <= 2**-(bits + 1)); the packed file stays fp16
+    scale_bits: int = 10
     # calibration
     calib: str | None = None  # text / JSONL path; None = the C4 sample shipped in the package
     calib_samples: int = 128
@@ -88,6 +91,8 @@ class CompressConfig:
             raise RdquantError(
                 f"unsupported group size {self.group_size}; use -1 (per row) or an even number >= 8"
             )
+        if not 1 <= self.scale_bits <= 10:
+            raise RdquantError("--scale-bits must be in 1..10 (mantissa bits of the fp16 scales)")
         if self.method == "ecsq" and not (self.target_coded_bits and 0.5 <= self.target_coded_bits <= 7):
             raise RdquantError("method ecsq needs --target-coded-bits between 0.5 and 7")
         if self.target_bits is not None and not 0.1 <= self.target_bits <= 16:

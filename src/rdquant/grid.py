@@ -8,6 +8,23 @@ import torch
 from .qtensor import dequantize_codes, laplace_levels, level_table
 
 _MIN_SCALE = 1e-7  # keeps fp16 scales non-zero for all-tiny groups
+FP16_MANTISSA = 10
+
+
+def store_scale(x: torch.Tensor, mantissa_bits: int = FP16_MANTISSA) -> torch.Tensor:
+    """`x` rounded to the stored fp16 scale, keeping `mantissa_bits` of fp16's 10 mantissa
+    bits (round to nearest even); as float32. Fewer bits cost a relative error of at most
+    2**-(mantissa_bits + 1) and leave the low mantissa bits zero, which a codec then removes
+    (issue: lossless coding; the packed file stays plain fp16)."""
+    if not 1 <= mantissa_bits <= FP16_MANTISSA:
+        raise ValueError(f"scale mantissa bits must be in 1..{FP16_MANTISSA}")
+    x = x.to(torch.float32)
+    if mantissa_bits < FP16_MANTISSA:  # round the fp32 pattern to mantissa_bits, then fp16 holds it exactly
+        shift = 23 - mantissa_bits
+        b = x.contiguous().view(torch.int32)
+        b = ((b + ((1 << (shift - 1)) - 1) + ((b >> shift) & 1)) >> shift) << shift
+        x = b.view(torch.float32).view(x.shape)
+    return x.to(torch.float16).to(torch.float32)
 
 def max_code(bits: "int | torch.Tensor") -> "int | torch.Tensor":
     """2**bits - 1: the largest code of a width (elementwise for a tensor of widths)."""
@@ -23,26 +40,28 @@ def grid_params(
     clip_search: int = 0,
     max_shrink: float = 0.3,
     col_weight: torch.Tensor | None = None,
+    scale_bits: int = FP16_MANTISSA,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero point per row of the group `w` [rows, cols].
 
     Min-max grid (GPTQ's `find_params`: the range always contains 0), optionally shrunk by the factor
     in {1, 1 - max_shrink/clip_search, ...} that minimises the (col_weight-weighted) squared rounding
-    error of each row. The scale is rounded to fp16 here, so every later use sees the stored value.
+    error of each row. The scale is rounded to its stored form here (fp16 with `scale_bits` mantissa
+    bits, `store_scale`), so every later use sees the stored value.
     Returns (scale, zero) as float32 [rows, 1]; zero holds integers. `bits` may be a tensor [rows, 1]
     of widths >= 1 (width-0 cells are the caller's: see mixed_group_grid).
     """
     w = w.to(torch.float32)
     xmin = w.min(dim=1, keepdim=True).values.clamp(max=0)
     xmax = w.max(dim=1, keepdim=True).values.clamp(min=0)
-    scale, zero = _minmax_grid(xmin, xmax, bits, symmetric)
+    scale, zero = _minmax_grid(xmin, xmax, bits, symmetric, scale_bits)
     if clip_search <= 0:
         return scale, zero
     cw = torch.ones(1, w.shape[1], device=w.device) if col_weight is None else col_weight.reshape(-1, w.shape[1])
     best = _grid_error(w, scale, zero, bits, cw)
     for i in range(1, clip_search + 1):
         p = 1.0 - max_shrink * i / clip_search
-        s, z = _minmax_grid(xmin * p, xmax * p, bits, symmetric)
+        s, z = _minmax_grid(xmin * p, xmax * p, bits, symmetric, scale_bits)
         err = _grid_error(w, s, z, bits, cw)
         better = err < best
         best = torch.where(better, err, best)
@@ -59,6 +78,7 @@ def group_grid(
     clip_search: int = 0,
     max_shrink: float = 0.3,
     col_weight: torch.Tensor | None = None,
+    scale_bits: int = FP16_MANTISSA,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """grid_params for every group of W [out, in] at once (ragged last group handled):
     (scales, zeros) as float32 [out, n_groups]. `bits` may be a tensor [out, n_groups] (>= 1)."""
@@ -74,7 +94,7 @@ def group_grid(
         cw = None if col_weight is None else col_weight[c0:c1].reshape(n, -1).repeat(out_f, 1)
         g0 = c0 // g
         b = bits[:, g0 : g0 + n].reshape(-1, 1) if isinstance(bits, torch.Tensor) else bits
-        scale, zero = grid_params(Wg, b, symmetric, clip_search, max_shrink, cw)
+        scale, zero = grid_params(Wg, b, symmetric, clip_search, max_shrink, cw, scale_bits)
         scales.append(scale.reshape(out_f, n))
         zeros.append(zero.reshape(out_f, n))
     return torch.cat(scales, 1), torch.cat(zeros, 1)
@@ -96,7 +116,7 @@ def quantize_dequantize(
 
 
 def _minmax_grid(
-    xmin: torch.Tensor, xmax: torch.Tensor, bits: "int | torch.Tensor", symmetric: bool
+    xmin: torch.Tensor, xmax: torch.Tensor, bits: "int | torch.Tensor", symmetric: bool, scale_bits: int = FP16_MANTISSA
 ) -> tuple[torch.Tensor, torch.Tensor]:
     maxq = max_code(bits)
     if symmetric:
@@ -105,7 +125,7 @@ def _minmax_grid(
     empty = (xmin == 0) & (xmax == 0)
     xmin = torch.where(empty, -torch.ones_like(xmin), xmin)
     xmax = torch.where(empty, torch.ones_like(xmax), xmax)
-    scale = ((xmax - xmin) / maxq).clamp(min=_MIN_SCALE).to(torch.float16).to(torch.float32)
+    scale = store_scale(((xmax - xmin) / maxq).clamp(min=_MIN_SCALE), scale_bits)
     if symmetric:
         zero = torch.floor((torch.zeros_like(scale) + maxq + 1) / 2)
     else:
@@ -128,12 +148,13 @@ def mixed_group_grid(
     clip_search: int = 0,
     max_shrink: float = 0.3,
     col_weight: torch.Tensor | None = None,
+    scale_bits: int = FP16_MANTISSA,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Asymmetric grids for groups of mixed widths [out, n_groups] (0..8): group_grid where the width is
     >= 1; a width-0 group is replaced by its (col_weight-weighted) mean, stored as the scale with
     zero = -1, so (0 - zero) * scale reproduces it through the one dequantization formula."""
     widths = widths.to(W.device)
-    scales, zeros = group_grid(W, widths.clamp_min(1), False, group_size, clip_search, max_shrink, col_weight)
+    scales, zeros = group_grid(W, widths.clamp_min(1), False, group_size, clip_search, max_shrink, col_weight, scale_bits)
     out_f, in_f = W.shape
     g = in_f if group_size == -1 else group_size
     cw = torch.ones(in_f, device=W.device) if col_weight is None else col_weight.to(W.device, torch.float32).clamp_min(0)
@@ -168,7 +189,7 @@ def companded_quantize(w: torch.Tensor, scale: torch.Tensor, bits: torch.Tensor)
 
 
 def companded_params(w: torch.Tensor, bits: torch.Tensor, col_weight: torch.Tensor, clip_search: int = 20,
-                     max_shrink: float = 0.3) -> torch.Tensor:
+                     max_shrink: float = 0.3, scale_bits: int = FP16_MANTISSA) -> torch.Tensor:
     """Scale per row of `w` [cells, n] for the companded grid at widths `bits` [cells, 1] (>= 1): like the
     uniform grid's clip search, the outermost level is put at p * max|w|, p in {1, ..., 1 - max_shrink}
     (`clip_search` steps), and the p with the least col_weight-weighted squared error wins (fp16 scale).
@@ -179,7 +200,7 @@ def companded_params(w: torch.Tensor, bits: torch.Tensor, col_weight: torch.Tens
     best = wmax
     for i in range(max(clip_search, 0) + 1):
         frac = 1.0 - max_shrink * i / clip_search if clip_search > 0 else 1.0
-        s = (wmax * frac / top).clamp_min(_MIN_SCALE).to(torch.float16).to(torch.float32)
+        s = store_scale((wmax * frac / top).clamp_min(_MIN_SCALE), scale_bits)
         err = ((companded_quantize(w, s, bits)[1] - w).square() * col_weight).sum(1, keepdim=True)
         better = err < best_err
         best_err, best = torch.where(better, err, best_err), torch.where(better, s, best)
@@ -193,6 +214,7 @@ def cluster_grid(
     clip_search: int = 0,
     max_shrink: float = 0.3,
     companded: bool = False,
+    scale_bits: int = FP16_MANTISSA,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Grids of row-cluster x column cells: W [out, k] (k columns), widths [n_clusters, k] (0..8), clusters
     [out] each row's cluster -> (scales, zeros) [n_clusters, k], width-0 cells as in mixed_group_grid
@@ -213,10 +235,10 @@ def cluster_grid(
     cw = valid[:, None, :].expand(n_c, k, m).reshape(n_c * k, m).to(torch.float32)
     b = widths.to(dev).reshape(-1, 1).clamp_min(1)
     if companded:
-        scale = companded_params(Wc, b, cw, clip_search, max_shrink)
+        scale = companded_params(Wc, b, cw, clip_search, max_shrink, scale_bits)
         zero = torch.zeros_like(scale)
     else:
-        scale, zero = grid_params(Wc, b, False, clip_search, max_shrink, cw)
+        scale, zero = grid_params(Wc, b, False, clip_search, max_shrink, cw, scale_bits)
     centre = ((Wc * cw).sum(1, keepdim=True) / cw.sum(1, keepdim=True).clamp_min(1)).to(torch.float16).to(torch.float32)
     w0 = widths.to(dev).reshape(-1, 1) == 0
     scale, zero = torch.where(w0, centre, scale), torch.where(w0, -1.0, zero)

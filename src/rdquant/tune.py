@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .grid import FP16_MANTISSA, store_scale
 from .qcodebook import CodebookWeight, column_offsets, compact_codebooks, entries_of
 from .qtensor import QuantizedWeight, expand_groups
 from .runtime import QuantLinear
@@ -83,8 +84,9 @@ class _Tunable:
         return self.q * expand_groups(self.current("scales"), qw.shape[1], qw.group_size)
 
     @torch.no_grad()
-    def commit(self) -> None:
-        """Round the tuned values to their stored form and put them in the layer."""
+    def commit(self, scale_bits: int = FP16_MANTISSA) -> None:
+        """Round the tuned values to their stored form (group scales to `scale_bits` mantissa bits, as the
+        grid made them) and put them in the layer."""
         qw, new = self.qw, {}
         if isinstance(qw, CodebookWeight):
             v = self.current("values")
@@ -104,7 +106,7 @@ class _Tunable:
             if "row_scale" in self.base:
                 new["row_scale"] = self.current("row_scale").to(torch.float16).reshape(qw.row_scale.shape)
         else:
-            new["scales"] = self.current("scales").to(torch.float16)
+            new["scales"] = store_scale(self.current("scales"), scale_bits).to(torch.float16)
         self.m.set_tensors(new)
 
 
@@ -134,6 +136,7 @@ def tune(
     holdout: int = 8,
     seed: int = 0,
     progress: bool = True,
+    scale_bits: int = FP16_MANTISSA,
 ) -> TuneLog:
     """Distil `teacher` (the original model) into `student` (QuantLinear layers) by moving only the
     stored continuous values; `holdout` calibration windows are kept out to report the KL before/after."""
@@ -185,7 +188,7 @@ def tune(
         for p in frozen:
             p.requires_grad_(True)
     for t in tunables:
-        t.commit()
+        t.commit(scale_bits)
     kl_after = _mean_kl(student, teacher, held, batch) if holdout else float("nan")  # as stored
     return TuneLog(steps, len(tunables), n_params, kl_before, kl_after, time.perf_counter() - t0)
 

@@ -138,7 +138,7 @@ class _UniformColumns(ColumnQuantizer):
             k = self.group_of[i]
             wg = self.W1[i : i + G].t()
             cw = self.h_diag[k * G : k * G + wg.shape[1]]
-            s, z = grid_params(wg, cfg.bits, cfg.symmetric, cfg.clip_search, cfg.max_shrink, cw)
+            s, z = grid_params(wg, cfg.bits, cfg.symmetric, cfg.clip_search, cfg.max_shrink, cw, cfg.scale_bits)
             self.scales[:, k : k + 1], self.zeros[:, k : k + 1] = s, z
             self.S1[i : i + G] = self.scales[:, k]
             self.Z1[i : i + G] = self.zeros[:, k]
@@ -167,7 +167,8 @@ class _ClusterColumns(ColumnQuantizer):
     def begin_block(self, cols: list[int], W1: torch.Tensor) -> None:
         self.cols = cols
         wd = self.widths[:, cols]
-        s, z = cluster_grid(W1.t(), wd, self.clusters, self.cfg.clip_search, self.cfg.max_shrink, self.grid == "laplace")
+        s, z = cluster_grid(W1.t(), wd, self.clusters, self.cfg.clip_search, self.cfg.max_shrink, self.grid == "laplace",
+                            self.cfg.scale_bits)
         self.scales[:, cols], self.zeros[:, cols] = s, z
         per_row = lambda t: t[self.clusters].t().contiguous()  # [block, rows]
         self.S1, self.Z1, self.B1 = per_row(s), per_row(z), per_row(wd.to(torch.float32))
@@ -210,7 +211,7 @@ def mixed_rtn(W: torch.Tensor, widths: torch.Tensor, cfg: CompressConfig, max_wi
         return cq.result(max_width)
     if grid == "laplace":
         raise ValueError("the companded grid needs row-cluster cells")
-    scales, zeros = mixed_group_grid(W, widths, cfg.group_size, cfg.clip_search, cfg.max_shrink, col_weight)
+    scales, zeros = mixed_group_grid(W, widths, cfg.group_size, cfg.clip_search, cfg.max_shrink, col_weight, cfg.scale_bits)
     cell = lambda t: expand_groups(t, W.shape[1], cfg.group_size)
     codes = quantize(W, cell(scales), cell(zeros), cell(widths.to(torch.float32)))
     return MixedWeight(codes.to(torch.uint8), widths.to(torch.uint8), scales.to(torch.float16), zeros,
@@ -261,13 +262,13 @@ def gptq_quantize(
     bits: "int | torch.Tensor" = cfg.bits
     if widths is not None:
         widths = widths.to(W.device)
-        scales, zeros = mixed_group_grid(W, widths, cfg.group_size, cfg.clip_search, cfg.max_shrink, h_diag)
+        scales, zeros = mixed_group_grid(W, widths, cfg.group_size, cfg.clip_search, cfg.max_shrink, h_diag, cfg.scale_bits)
         bits = widths.to(torch.float32)
     elif grid is not None:
         scales, zeros = grid[0].to(W.device, torch.float32), grid[1].to(W.device, torch.float32)
     elif static:
         scales, zeros = group_grid(
-            W, cfg.bits, cfg.symmetric, cfg.group_size, cfg.clip_search, cfg.max_shrink, h_diag
+            W, cfg.bits, cfg.symmetric, cfg.group_size, cfg.clip_search, cfg.max_shrink, h_diag, cfg.scale_bits
         )
     else:
         scales = torch.zeros(rows, n_g, device=W.device)

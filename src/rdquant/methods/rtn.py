@@ -15,7 +15,7 @@ def rtn_quantize(
     """Quantize W [out, in] group by group (ragged last group allowed)."""
     W = W.to(torch.float32)
     scales, zeros = group_grid(
-        W, cfg.bits, cfg.symmetric, cfg.group_size, cfg.clip_search, cfg.max_shrink, col_weight
+        W, cfg.bits, cfg.symmetric, cfg.group_size, cfg.clip_search, cfg.max_shrink, col_weight, cfg.scale_bits
     )
     in_f = W.shape[1]
     S = expand_groups(scales, in_f, cfg.group_size)
