@@ -54,3 +54,20 @@ def test_codec_names():
         codecs.CodecSpec.parse("brotli")
     with pytest.raises(ValueError):
         codecs.CodecSpec.parse("zstd-99")
+
+
+@pytest.mark.parametrize("codec", ["zstd-3", "zstd-19", "auto", "lz4", "ans"])
+@settings(max_examples=20, deadline=None)
+@given(streams=st.lists(st.binary(max_size=400), max_size=5))
+def test_multi_stream_payloads_round_trip_and_reject_truncation(codec, streams):
+    """zstd / auto: frames back to back, decoded in one pass; other codecs: self-describing payloads."""
+    from rdquant.coding import choose_codec
+
+    segs = [np.frombuffer(b, dtype=np.uint8) for b in streams]
+    blob = codecs.encode_streams(segs, codec, 200.0, choose_codec)
+    assert blob[:4] == (b"RDQZ" if codec != "lz4" and codec != "ans" else b"RDQS")
+    flat, lengths = codecs.read_streams(blob)
+    assert lengths == [s.size for s in segs] and flat.tobytes() == b"".join(streams)
+    assert codecs.decode_any(blob).tobytes() == b"".join(streams)
+    with pytest.raises(codecs.CodecError):
+        codecs.read_streams(blob[:-1])

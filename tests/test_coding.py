@@ -13,6 +13,7 @@ from rdquant import codecs, packing
 from rdquant.artifact import MANIFEST
 from rdquant.coding import (LayerInfo, best_mapping, context_entropy_bits, context_order, context_streams, decode_context,
                             encode_context, mappings_for, merge_packed_context_streams, merge_planes, packed_context_ok,
+                            byte_period,
                             packed_context_streams, plane_streams, recode, weight_from_symbols, weight_symbols)
 from rdquant.models import load_model
 
@@ -67,7 +68,7 @@ def test_zero_context_streams_round_trip(bits, rows, cols, group, seed, codec):
 
 
 @settings(max_examples=30, deadline=None)
-@given(bits=st.sampled_from([2, 3, 4, 8]), rows=st.integers(1, 9), n_g=st.integers(1, 5),
+@given(bits=st.sampled_from([2, 3, 4, 6, 8]), rows=st.integers(1, 9), n_g=st.integers(1, 5),
        group=st.sampled_from([-1, 8, 16, 24]), seed=st.integers(0, 9999))
 def test_packed_context_streams_round_trip_and_match_the_symbol_streams(bits, rows, n_g, group, seed):
     g = torch.Generator().manual_seed(seed)
@@ -79,12 +80,17 @@ def test_packed_context_streams_round_trip_and_match_the_symbol_streams(bits, ro
     assert packed_context_ok(info)
     qweight = packing.pack(codes, bits)
     segs = packed_context_streams(qweight, info, qz)
+    per = byte_period(bits)  # straddling widths: each stream as byte planes, plane-major
+    assert per == (3 if bits in (3, 6) else 1) and len(segs) % per == 0
+    n_ctx = len(segs) // per
+    joined = [np.stack([segs[k * n_ctx + c] for k in range(per)], 1).reshape(-1) for c in range(n_ctx)]
     sym = context_streams(codes.numpy().reshape(-1), info, qz)  # the same streams, one code per byte
-    assert [packing.unpack(torch.from_numpy(s.copy()), bits, t.size).numpy().tolist() for s, t in zip(segs, sym)] == \
+    assert [packing.unpack(torch.from_numpy(s.copy()), bits, t.size).numpy().tolist() for s, t in zip(joined, sym)] == \
         [t.tolist() for t in sym]
-    assert torch.equal(merge_packed_context_streams(segs, info, qz), qweight)
+    flat, lengths = np.concatenate(segs), [s.size for s in segs]
+    assert torch.equal(merge_packed_context_streams(flat, lengths, info, qz), qweight)
     with pytest.raises(codecs.CodecError):
-        merge_packed_context_streams(segs[:-1] + [segs[-1][:-1]], info, qz)
+        merge_packed_context_streams(flat[:-1], lengths[:-1] + [lengths[-1] - 1], info, qz)
 
 
 def test_packed_context_needs_whole_byte_groups():
@@ -100,9 +106,9 @@ def test_byte_planes_round_trip(n, seed, dtype):
     data = t.view(torch.uint8).numpy()
     planes = plane_streams(data, 2)
     assert np.array_equal(planes[1], data[1::2])  # the high bytes (sign, exponent) form one plane
-    assert np.array_equal(merge_planes(planes, 2, data.size), data)
+    assert np.array_equal(merge_planes(np.concatenate(planes), [p.size for p in planes], 2, data.size), data)
     with pytest.raises(codecs.CodecError):
-        merge_planes([planes[0], planes[1][:-1]] if n else [planes[0]], 2, data.size)
+        merge_planes(np.concatenate(planes)[:-1], [n, n - 1] if n else [0], 2, data.size)
 
 
 def test_zero_context_lowers_entropy_when_the_zero_point_predicts_the_codes():

@@ -197,10 +197,73 @@ def unpack_streams(payload: bytes | np.ndarray) -> list[np.ndarray]:
     return out
 
 
+# --- zstd streams back to back: one C call decodes them all into one buffer ---------------------------
+_ZSTREAMS_MAGIC = b"RDQZ"  # then uint32 stream count n, n uint64 decoded lengths, n uint64 frame lengths, the frames
+
+
+def pack_zstd_streams(frames: list[bytes], sizes: list[int]) -> bytes:
+    """Several zstd frames (each its own Huffman tables: one stream per context) in one blob whose
+    decoder reads across the frames into one buffer (no per-stream Python work)."""
+    lengths = np.array([*sizes, *(len(f) for f in frames)], dtype="<u8").tobytes()
+    return _STREAMS.pack(_ZSTREAMS_MAGIC, len(frames)) + lengths + b"".join(frames)
+
+
+def encode_streams(streams: list[np.ndarray], codec: str, speed_floor_mbps: float, choose) -> bytes:
+    """One payload for several streams: back-to-back zstd frames when the codec is zstd or `auto` (each
+    stream at its smaller zstd level; zstd stores an incompressible stream raw), else `pack_streams`.
+    `choose(data, codec, floor) -> (spec, payload)` is coding.choose_codec."""
+    if codec == "auto" or codec.startswith("zstd"):
+        frames = []
+        for seg in streams:
+            if codec == "auto":
+                best = min((encode(seg, c) for c in AUTO_CANDIDATES if c.startswith("zstd")
+                            and NOMINAL_DECODE_MBPS["zstd"] >= speed_floor_mbps), key=len, default=None)
+                if best is None:  # the floor excludes zstd: plain payloads instead
+                    return pack_streams([choose(s, codec, speed_floor_mbps)[1] for s in streams])
+            else:
+                best = encode(seg, codec)
+            frames.append(best[_HEADER.size:])
+        return pack_zstd_streams(frames, [s.size for s in streams])
+    return pack_streams([choose(seg, codec, speed_floor_mbps)[1] for seg in streams])
+
+
+def read_streams(payload: bytes | np.ndarray) -> tuple[np.ndarray, list[int]]:
+    """(all decoded streams concatenated, each stream's length) of a multi-stream payload of either
+    form (`pack_zstd_streams` or `pack_streams`)."""
+    buf = memoryview(payload).cast("B") if not isinstance(payload, np.ndarray) else memoryview(payload.reshape(-1))
+    if len(buf) < _STREAMS.size:
+        raise CodecError("multi-stream payload shorter than its header")
+    magic, n = _STREAMS.unpack(buf[: _STREAMS.size])
+    if magic != _ZSTREAMS_MAGIC:
+        streams = unpack_streams(payload)
+        return (np.concatenate(streams) if streams else np.zeros(0, dtype=np.uint8)), [s.size for s in streams]
+    pos = _STREAMS.size + 16 * n
+    if len(buf) < pos:
+        raise CodecError("multi-stream payload shorter than its header")
+    sizes, frames = np.frombuffer(buf[_STREAMS.size : pos], dtype="<u8").astype(np.int64).reshape(2, n)
+    if pos + int(frames.sum()) != len(buf):
+        raise CodecError("multi-stream payload has the wrong length")
+    total = int(sizes.sum())
+    out = np.empty(total, dtype=np.uint8)
+    try:
+        reader = _zstd_decompressor().stream_reader(buf[pos:], read_across_frames=True, closefd=False)
+        got = 0
+        while got < total:
+            k = reader.readinto(memoryview(out)[got:])
+            if not k:
+                break
+            got += k
+        extra = reader.read(1)
+    except Exception as e:  # zstd's own errors on damaged input
+        raise CodecError(f"payload does not decode ({e})") from e
+    if got != total or extra:
+        raise CodecError(f"zstd streams decode to {got}{'+' if extra else ''} bytes, header says {total}")
+    return out, sizes.tolist()
+
+
 def decode_any(payload: bytes | np.ndarray) -> np.ndarray:
     """All symbols of a payload, single- or multi-stream (streams concatenated): for benchmarks."""
     head = bytes(memoryview(payload).cast("B")[:4]) if not isinstance(payload, np.ndarray) else payload.reshape(-1)[:4].tobytes()
-    if head == _STREAMS_MAGIC:
-        streams = unpack_streams(payload)
-        return np.concatenate(streams) if streams else np.zeros(0, dtype=np.uint8)
+    if head in (_STREAMS_MAGIC, _ZSTREAMS_MAGIC):
+        return read_streams(payload)[0]
     return decode(payload)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 SUPPORTED_BITS = (1, 2, 3, 4, 5, 6, 7, 8)
+_SMALL_RUNS = 16384  # unpack: below this many 8-code runs, the one-integer-per-run path is faster
 
 
 def packed_nbytes(numel: int, bits: int) -> int:
@@ -67,6 +68,13 @@ def unpack(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
         codes = torch.stack([(packed >> (bits * i)) & mask for i in range(per)], dim=1)
         return codes.reshape(-1)[:numel]
     lanes = packed.view(-1, bits)
+    if lanes.shape[0] <= _SMALL_RUNS:  # few runs: each run as one integer, all 8 codes shifted out at once
+        # (fewer tensor calls; at large sizes the int64 temporaries cost more than the byte lanes below)
+        run = lanes[:, 0].to(torch.int64)
+        for j in range(1, bits):
+            run |= lanes[:, j].to(torch.int64) << (8 * j)
+        shifts = torch.arange(0, 8 * bits, bits, device=packed.device)
+        return ((run[:, None] >> shifts) & mask).to(torch.uint8).reshape(-1)[:numel]
     codes = torch.empty(lanes.shape[0], 8, dtype=torch.uint8, device=packed.device)
     for i in range(8):
         j, shift = divmod(bits * i, 8)
