@@ -37,6 +37,20 @@ def test_save_load_identical_outputs(tiny_model_dir, tmp_path, method, bits, gro
             assert torch.equal(m.dequantized_weight(), loaded.get_submodule(name).dequantized_weight())
 
 
+def test_tied_embeddings_are_stored_once_and_tied_again_on_load(tmp_path):
+    from rdquant.testing import save_tiny_model_dir
+
+    d = save_tiny_model_dir(tmp_path / "tied", "llama", tie_word_embeddings=True)
+    cm, out, tok = _compress(d, tmp_path, method="rtn", bits=4, group_size=32)
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert manifest["tied"] == {"lm_head.weight": "model.embed_tokens.weight"}
+    loaded = rdquant.load(out)
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight  # one tensor, as in the original
+    x = tok("tied weights", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert torch.equal(cm.model(x).logits, loaded(x).logits)
+
+
 def test_generate_from_artifact(tiny_model_dir, tmp_path):
     _, out, tok = _compress(tiny_model_dir, tmp_path)
     model = rdquant.load(out, cache_dequantized=True)

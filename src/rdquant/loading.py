@@ -44,33 +44,40 @@ def load(
         for name in manifest["quantized"]
     }
     deferred = {k for keys in layer_keys.values() for k in keys} if lazy else set()
-    _, tensors = read_tensors(path, verify=verify, names=[k for k in manifest["tensors"] if k not in deferred])
-    try:
-        config = AutoConfig.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise ArtifactError(f"{path}/config.json is missing or invalid: {e}") from e
-    with no_init_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    quant_keys = set()
-    for name, info in manifest["quantized"].items():
-        q = QuantLinear.from_manifest(info, dtype)
-        set_submodule(model, name, q)
-        if lazy:
-            q.set_loader(functools.partial(_materialize, path, layer_keys[name], verify))
-        quant_keys.update(f"{name}.{k}" for k in QUANT_BUFFERS)
-    state = {
-        k: v if k in quant_keys or not v.is_floating_point() else v.to(dtype) for k, v in tensors.items()
-    }
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    names = [k for k in manifest["tensors"] if k not in deferred]
+    quant_keys = {f"{name}.{k}" for name in manifest["quantized"] for k in QUANT_BUFFERS}
+
+    def read() -> dict[str, torch.Tensor]:  # in a worker thread, so that it overlaps building the skeleton
+        _, t = read_tensors(path, verify=verify, names=names)
+        return {k: v if k in quant_keys or not v.is_floating_point() else v.to(dtype) for k, v in t.items()}
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        reading = pool.submit(read)
+        try:
+            config = AutoConfig.from_pretrained(path, local_files_only=True)
+        except (OSError, ValueError) as e:
+            raise ArtifactError(f"{path}/config.json is missing or invalid: {e}") from e
+        with no_init_weights():
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        for name, info in manifest["quantized"].items():
+            q = QuantLinear.from_manifest(info, dtype)
+            set_submodule(model, name, q)
+            if lazy:
+                q.set_loader(functools.partial(_materialize, path, layer_keys[name], verify))
+        state = reading.result()
+    # the read tensors become the model's (no copy); shapes are checked by load_state_dict
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     missing = [k for k in missing if k not in deferred]
     if unexpected:
         raise ArtifactError(f"tensor {unexpected[0]} in {path} does not belong to a {config.model_type} model")
     tied = manifest.get("tied", {})
     params = dict(model.named_parameters(remove_duplicate=False))
-    with torch.no_grad():
-        for alias, target in tied.items():  # stored once; copy where the skeleton did not tie them
-            if alias in params and target in params and params[alias].data_ptr() != params[target].data_ptr():
-                params[alias].copy_(params[target])
+    for alias, target in tied.items():  # one tensor in the original, stored once: one Parameter again
+        if alias in params and target in params:  # (a skeleton built without init is not tied yet)
+            owner, _, leaf = alias.rpartition(".")
+            setattr(model.get_submodule(owner), leaf, params[target])
     missing = [k for k in missing if k not in tied]
     if missing:
         raise ArtifactError(f"tensor {missing[0]} is missing from {path}")

@@ -50,7 +50,8 @@ class QuantLinear(nn.Module):
         self.cache_dequantized = False
         self._cache: torch.Tensor | None = None
         self._loader: Callable[["QuantLinear"], None] | None = None  # lazy loading (loading.py)
-        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
+        # allocated, not filled: every buffer is set from the artifact (set_tensors, load_state_dict)
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device)) if bias else None
         if self.layout == "codebook":
             empty = lambda dt: torch.zeros(0, dtype=dt, device=device)
             for name, dt in (("qweight", torch.uint8), ("widths", torch.uint8), ("codebook", torch.float16)):
@@ -73,11 +74,11 @@ class QuantLinear(nn.Module):
             return
         n_g = num_groups(in_features, group_size)
         nbytes = packing.packed_nbytes(in_features * out_features, bits)
-        self.register_buffer("qweight", torch.zeros(nbytes, dtype=torch.uint8, device=device))
-        self.register_buffer("scales", torch.ones(out_features, n_g, dtype=torch.float16, device=device))
+        self.register_buffer("qweight", torch.empty(nbytes, dtype=torch.uint8, device=device))
+        self.register_buffer("scales", torch.empty(out_features, n_g, dtype=torch.float16, device=device))
         if not symmetric:
             zbytes = packing.packed_nbytes(out_features * n_g, bits)
-            self.register_buffer("qzeros", torch.zeros(zbytes, dtype=torch.uint8, device=device))
+            self.register_buffer("qzeros", torch.empty(zbytes, dtype=torch.uint8, device=device))
         else:
             self.qzeros = None
 

@@ -22,14 +22,15 @@ def tiny_tokenizer(vocab_size: int = 400):
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>")
 
 
-def tiny_model(family: str, vocab_size: int, hidden: int = 64, intermediate: int = 160, layers: int = 3, seed: int = 0):
+def tiny_model(family: str, vocab_size: int, hidden: int = 64, intermediate: int = 160, layers: int = 3, seed: int = 0,
+               tie_word_embeddings: bool = False):
     """A randomly initialised causal LM of a transformers family ('llama' or 'qwen2')."""
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
     torch.manual_seed(seed)
     common = dict(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=intermediate,
                   num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                  max_position_embeddings=1024)
+                  max_position_embeddings=1024, tie_word_embeddings=tie_word_embeddings)
     cfg = {"llama": LlamaConfig, "qwen2": Qwen2Config}[family](**common)
     return AutoModelForCausalLM.from_config(cfg).eval()
 
