@@ -1,6 +1,6 @@
 """Lossless coding of the quantized artifacts: sizes, entropy floor, decode speed, load time.
 
-    python bench/codecs.py                 # uses the GPTQ artifacts that bench/quality.py saved
+    python bench/codecs.py                 # the GPTQ / CLAQ artifacts that bench/quality.py saved
     python bench/codecs.py --artifacts DIR [DIR ...]
 
 For each artifact: the packed size of the quantized linears, the same after zstd-19 / lz4 / ANS /
@@ -44,34 +44,43 @@ def drop_cache(path: Path) -> None:
                 os.close(fd)
 
 
-def timed_load(fn, path: Path, repeats: int = 2) -> tuple[float, float]:
-    """(cold, warm) seconds: cold after dropping the files' pages, warm = best of `repeats`."""
-    drop_cache(path)
-    t0 = time.perf_counter()
-    fn(path)
-    cold = time.perf_counter() - t0
+def timed_load(fn, path: Path, repeats: int = 5, cold_repeats: int = 3) -> tuple[float, float]:
+    """(cold, warm) seconds: cold = median of `cold_repeats` loads each after dropping the files' pages,
+    warm = best of `repeats`."""
+    cold = []
+    for _ in range(cold_repeats):
+        drop_cache(path)
+        t0 = time.perf_counter()
+        fn(path)
+        cold.append(time.perf_counter() - t0)
     warm = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn(path)
         warm.append(time.perf_counter() - t0)
-    return cold, min(warm)
+    return sorted(cold)[len(cold) // 2], min(warm)
 
 
 def entropy_floor_bytes(packed: Path) -> float:
     """Bytes if every qweight were coded at its empirical entropy (order 0, or per zero-point context when
-    lower), other quantized tensors as packed."""
+    lower; a codebook layer's codes as one stream), the layer's other tensors as packed."""
     manifest, tensors = read_tensors(packed, verify=False)
-    from rdquant.coding import LayerInfo, best_mapping, context_entropy_bits, weight_symbols
+    from rdquant.codecs import entropy_bits
+    from rdquant.coding import LayerInfo, _codebook_symbols, best_mapping, context_entropy_bits, weight_symbols
 
     total = 0.0
     for name, info in manifest["quantized"].items():
-        li, qz = LayerInfo.from_manifest(info), tensors.get(f"{name}.qzeros")
-        _, _, h = best_mapping(tensors[f"{name}.qweight"], qz, li)
-        if qz is not None:  # the zero point as context (mapping zero-context)
-            h = min(h, context_entropy_bits(weight_symbols(tensors[f"{name}.qweight"], qz, li, "raw"), li, qz))
+        qw = tensors[f"{name}.qweight"]
+        if info.get("layout") == "codebook":
+            h = entropy_bits(_codebook_symbols(qw, tensors[f"{name}.widths"], info))
+        else:
+            li, qz = LayerInfo.from_manifest(info), tensors.get(f"{name}.qzeros")
+            _, _, h = best_mapping(qw, qz, li)
+            if qz is not None:  # the zero point as context (mapping zero-context)
+                h = min(h, context_entropy_bits(weight_symbols(qw, qz, li, "raw"), li, qz))
         total += h * info["shape"][0] * info["shape"][1] / 8
-        total += sum(tensors[k].numel() * tensors[k].element_size() for k in (f"{name}.scales", f"{name}.qzeros", f"{name}.bias") if k in tensors)
+        total += sum(t.numel() * t.element_size() for k, t in tensors.items()
+                     if k.rpartition(".")[0] == name and not k.endswith(".qweight"))
     return total
 
 
@@ -114,7 +123,8 @@ def original_16bit(model: str) -> Path:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--artifacts", type=Path, nargs="+",
-                    default=[CACHE / "artifacts" / f"gptq_w{b}g64" for b in (4, 3, 2)])
+                    default=[CACHE / "artifacts" / n for n in ("gptq_w4g64", "gptq_w3g64", "gptq_w2g64",
+                                                                       "gptq_w2g64_scale_bits7", "claq_t3.1")])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--json", type=Path, default=CACHE / "codecs.json")
     args = ap.parse_args()
@@ -168,15 +178,16 @@ def main() -> None:
         cells = [f"{r[c]['total_bytes'] / 1e6:.2f} MB ({100 * (1 - r[c]['total_bytes'] / tp):.1f}%)" for c in CODECS]
         print(f"| {r['artifact']} | {tp / 1e6:.2f} | " + " | ".join(cells) + " |")
     print()
-    print("| artifact | codec | bpw packed -> coded | decode M codes/s (1 thread) | read+decode all s | load cold / warm s (packed: cold / warm) | identical logits |")
-    print("|---|---|---|---|---|---|---|")
+    print("| artifact | codec | bpw packed -> coded | decode M codes/s (1 thread) | read+decode all s | load cold / warm s (packed: cold / warm) | coded / packed load, cold / warm | identical logits |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         for c in CODECS:
             d = r[c]
             sp = "-" if d["decode_mbps_1thread"] is None else f"{d['decode_mbps_1thread']:.0f}"
             print(f"| {r['artifact']} | {c} | {8 * r['packed_bytes'] / r['params']:.3f} -> {8 * d['bytes'] / r['params']:.3f} | "
                   f"{sp} | {d['read_all_s']:.2f} | {d['load'][0]:.2f} / {d['load'][1]:.2f} "
-                  f"({r['load_packed'][0]:.2f} / {r['load_packed'][1]:.2f}) | {d['identical_logits']} |")
+                  f"({r['load_packed'][0]:.2f} / {r['load_packed'][1]:.2f}) | "
+                  f"{d['load'][0] / r['load_packed'][0]:.2f}x / {d['load'][1] / r['load_packed'][1]:.2f}x | {d['identical_logits']} |")
 
 
 if __name__ == "__main__":

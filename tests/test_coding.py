@@ -213,3 +213,31 @@ def test_lazy_load_decodes_a_layer_on_first_use(packed_artifact, tmp_path):
     with torch.no_grad():
         assert torch.equal(eager(x).logits, lazy(x).logits)
     assert all(m._loader is None for m in pending)
+
+
+def test_codebook_segments_round_trip_and_are_chosen_over_one_stream():
+    """A codebook layer's qweight is one packed segment per column width: coded as one stream (planes at
+    3 bits) per width it beats one mixed-width symbol stream, and decodes to the same bytes."""
+    from rdquant.coding import decode_tensor, encode_tensors, merge_segment_streams, segment_streams
+    from rdquant.qcodebook import pack_segments
+
+    rng = np.random.default_rng(3)
+    out_f, in_f = 256, 96
+    widths = torch.from_numpy(rng.choice([0, 2, 3, 4], in_f).astype(np.uint8))
+    codes = np.zeros((out_f, in_f), dtype=np.uint8)
+    for c, w in enumerate(widths.tolist()):
+        if w:  # peaked, as K-means codes of a bell-shaped column are
+            codes[:, c] = np.clip(np.round(rng.normal((1 << w) / 2, (1 << w) / 6, out_f)), 0, (1 << w) - 1)
+    qweight = pack_segments(torch.from_numpy(codes), widths.to(torch.long))
+    layer = {"shape": [out_f, in_f], "share": 1, "layout": "codebook", "bits": 8, "group_size": 1, "symmetric": False}
+    segs = segment_streams(qweight, widths, layer)
+    assert len(segs) == 1 + 3 + 1  # 2-bit, 3-bit as three planes, 4-bit
+    flat, lengths = np.concatenate(segs), [s.size for s in segs]
+    assert torch.equal(merge_segment_streams(flat, lengths, widths, layer), qweight)
+    with pytest.raises(codecs.CodecError):
+        merge_segment_streams(flat[:-1], lengths[:-1] + [lengths[-1] - 1], widths, layer)
+    stored = encode_tensors({"l.widths": widths, "l.qweight": qweight}, {"l": layer}, "zstd-19")
+    payload, fields = stored["l.qweight"]
+    assert fields["mapping"] == "codebook-segments" and payload.numel() < qweight.numel()
+    entry = {"codec": fields, "dtype": "uint8", "shape": list(qweight.shape)}
+    assert torch.equal(decode_tensor("l.qweight", payload, entry, {"l": layer}, {"l.widths": widths}), qweight)

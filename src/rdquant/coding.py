@@ -289,9 +289,16 @@ def encode_tensors(
         layer = quantized.get(owner)
         raw_bytes = t.numel() * t.element_size()
         if layer is not None and leaf == "qweight" and layer.get("layout") == "codebook":
-            sym = _codebook_symbols(t, tensors[f"{owner}.widths"], layer)
+            widths = tensors[f"{owner}.widths"]
+            sym = _codebook_symbols(t, widths, layer)
             spec, payload = choose_codec(sym, codec, speed_floor_mbps)
             fields = {"kind": "symbols", "mapping": "codebook", "entropy_bits": round(codecs.entropy_bits(sym), 4)}
+            if codec != "lz4":  # the packed segments, one stream (table) per column width: kept when smaller
+                segs = encode_streams(segment_streams(t, widths, layer), codec, speed_floor_mbps)
+                if len(segs) < len(payload):
+                    payload = segs
+                    fields = {"kind": "symbols", "mapping": "codebook-segments",
+                              "entropy_bits": round(_width_entropy_bits(sym, widths, layer), 4)}
         elif layer is not None and leaf == "qweight" and layer.get("layout") == "mixed":
             sym = unpack_by_width(t, _mixed_width_map(tensors, owner, layer)).reshape(-1).numpy()
             spec, payload = choose_codec(sym, codec, speed_floor_mbps)
@@ -331,7 +338,7 @@ def encode_tensors(
             continue
         if spec.name == "none" or len(payload) >= raw_bytes:
             continue
-        multi = fields.get("mapping") in ("zero-context", "zero-context-packed", "planes")
+        multi = fields.get("mapping") in ("zero-context", "zero-context-packed", "planes", "codebook-segments")
         name_of = codec if multi else str(spec)  # streams choose their own
         stored[name] = (torch.frombuffer(bytearray(payload), dtype=torch.uint8), {"codec": name_of, **fields})
     return stored
@@ -361,6 +368,12 @@ def decode_tensor(
         if codes.size and int(codes.max()) >= (1 << info.bits):
             raise codecs.CodecError("decoded codes fall outside the code range")
         return packing.pack(torch.from_numpy(codes), info.bits)
+    if codec.get("mapping") == "codebook-segments":
+        owner = name.rpartition(".")[0]
+        widths = decoded.get(f"{owner}.widths")
+        if widths is None:
+            raise codecs.CodecError("mapping codebook-segments needs the layer's column widths")
+        return merge_segment_streams(*codecs.read_streams(payload.numpy()), widths, quantized[owner])
     if codec.get("mapping") == "planes":
         dtype = getattr(torch, entry["dtype"])
         nbytes = int(np.prod(entry["shape"], dtype=np.int64)) * torch.empty(0, dtype=dtype).element_size()
@@ -408,6 +421,44 @@ def _mixed_width_map(tensors: dict[str, torch.Tensor], owner: str, layer: dict[s
         raise codecs.CodecError(f"{owner}: row clusters do not match the manifest")
     widths = packing.unpack(tensors[f"{owner}.qwidths"], layer["width_bits"], cells[0] * cells[1]).view(*cells)
     return width_map(widths, (out_f, in_f), layer["group_size"], clusters)
+
+
+def _segments(widths: torch.Tensor, layer: dict[str, Any]) -> list[tuple[int, int]]:
+    """(width, packed bytes) of a codebook layer's qweight segments, in stored order (qcodebook.pack_segments)."""
+    out_f, in_f = layer["shape"]
+    cw = column_widths(widths, layer["share"], in_f)
+    return [(b, packing.packed_nbytes(out_f * int((cw == b).sum()), b)) for b in sorted(set(cw.tolist()) - {0})]
+
+
+def segment_streams(qweight: torch.Tensor, widths: torch.Tensor, layer: dict[str, Any]) -> list[np.ndarray]:
+    """Mapping `codebook-segments`: a codebook layer's qweight is already one packed segment per column
+    width; each segment is a stream (its own table), as `byte_period` planes where codes straddle bytes."""
+    data, streams, pos = qweight.numpy(), [], 0
+    for b, n in _segments(widths, layer):
+        seg, per = data[pos:pos + n], byte_period(b)
+        streams += [seg] if per == 1 else [np.ascontiguousarray(seg.reshape(-1, per)[:, k]) for k in range(per)]
+        pos += n
+    return streams
+
+
+def merge_segment_streams(flat: np.ndarray, lengths: list[int], widths: torch.Tensor, layer: dict[str, Any]) -> torch.Tensor:
+    """Inverse of segment_streams (stream lengths checked against the widths): the packed qweight."""
+    segs = _segments(widths, layer)
+    if list(lengths) != [n // byte_period(b) for b, n in segs for _ in range(byte_period(b))]:
+        raise codecs.CodecError("codebook segments do not match the layer's column widths")
+    out, pos = np.empty(sum(n for _, n in segs), dtype=np.uint8), 0
+    for b, n in segs:
+        out[pos:pos + n] = interleave(flat[pos:pos + n], byte_period(b))
+        pos += n
+    return torch.from_numpy(out)
+
+
+def _width_entropy_bits(sym: np.ndarray, widths: torch.Tensor, layer: dict[str, Any]) -> float:
+    """Bits per symbol of ideal coding with one table per column width."""
+    out_f, in_f = layer["shape"]
+    cw = column_widths(widths, layer["share"], in_f).numpy()
+    codes = sym.reshape(out_f, in_f)
+    return sum(codecs.entropy_bits(codes[:, cw == b]) * out_f * int((cw == b).sum()) for b in np.unique(cw)) / max(sym.size, 1)
 
 
 def _codebook_symbols(qweight: torch.Tensor, widths: torch.Tensor, layer: dict[str, Any]) -> np.ndarray:
