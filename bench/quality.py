@@ -150,6 +150,7 @@ def run_artifact(path: Path, args) -> dict:
     man = read_manifest(path)
     rec, tun = man["recipe"], man.get("tuning")
     method = rec["method"] + (f" + tuning ({tun['steps']} steps, lr {tun['lr']:g})" if tun else "")
+    method += f" (scales: {rec['scale_bits']} mantissa bits)" if rec.get("scale_bits", 10) != 10 else ""
     row = {"tool": "rdquant", "method": method, "bits": rec.get("target_bits") or rec["bits"],
            "group_size": f"col/{rec['claq_share']}" if rec["method"] == "claq" else rec["group_size"],
            **size_fields(path), "compress_seconds": man.get("compress_seconds"), "exact_reload": None, "name": path.name,
