@@ -17,17 +17,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import time
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 import rdquant
-from rdquant.artifact import MANIFEST, read_tensors
+from rdquant.artifact import read_manifest, read_tensors
 from rdquant.coding import recode
+from rdquant.report import decode_speeds
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / "bench" / "cache"
@@ -84,30 +83,6 @@ def entropy_floor_bytes(packed: Path) -> float:
     return total
 
 
-def decode_speed(coded: Path) -> float | None:
-    """Millions of decoded codes (weights) per second over all coded qweight payloads, one thread, the
-    whole decode path (streams merged, codes back in their packed form)."""
-    from rdquant.coding import decode_tensor
-
-    manifest = json.loads((coded / MANIFEST).read_text())
-    entries, quantized = manifest["tensors"], manifest["quantized"]
-    names = [n for n, e in entries.items() if e.get("codec", {}).get("kind") == "symbols"]
-    if not names:
-        return None
-    side = [n for n in entries if n.rpartition(".")[0] in {q.rpartition(".")[0] for q in names} and not n.endswith(".qweight")]
-    _, decoded = read_tensors(coded, names=side)  # zero points, widths: what a qweight's decoder needs
-    with safe_open(coded / "model.safetensors", framework="pt") as fh:
-        payloads = {n: fh.get_tensor(n) for n in names}
-    torch.set_num_threads(1)
-    t0 = time.perf_counter()
-    for n in names:
-        decode_tensor(n, payloads[n], entries[n], quantized, decoded)
-    dt = time.perf_counter() - t0
-    torch.set_num_threads(os.cpu_count() or 1)
-    weights = sum(math.prod(quantized[n.rpartition(".")[0]]["shape"]) for n in names)
-    return weights / dt / 1e6
-
-
 def original_16bit(model: str) -> Path:
     """A 16-bit safetensors copy of the original (what a user would otherwise ship)."""
     path = CACHE / "original16"
@@ -156,7 +131,7 @@ def main() -> None:
             with torch.no_grad():
                 same = torch.equal(rdquant.load(out)(x).logits, ref_logits)
             row[codec] = {"bytes": crep.quantized_stored_bytes, "total_bytes": crep.total_bytes,
-                          "decode_mbps_1thread": decode_speed(out), "read_all_s": parallel,
+                          "decode_mbps_1thread": decode_speeds(out, read_manifest(out))[1], "read_all_s": parallel,
                           "load": timed_load(rdquant.load, out), "identical_logits": same}
         rows.append(row)
     args.json.parent.mkdir(parents=True, exist_ok=True)

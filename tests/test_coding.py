@@ -241,3 +241,14 @@ def test_codebook_segments_round_trip_and_are_chosen_over_one_stream():
     assert fields["mapping"] == "codebook-segments" and payload.numel() < qweight.numel()
     entry = {"codec": fields, "dtype": "uint8", "shape": list(qweight.shape)}
     assert torch.equal(decode_tensor("l.qweight", payload, entry, {"l": layer}, {"l.widths": widths}), qweight)
+
+
+def test_inspect_reports_mapping_entropy_and_measured_decode_speed(packed_artifact, tmp_path):
+    coded = recode(packed_artifact, tmp_path / "auto", codec="auto")
+    rep = rdquant.inspect(coded, decode_speed=True)
+    coded_layers = [l for l in rep.layers if l.codec != "none"]
+    assert coded_layers and all(l.decode_mcodes > 0 and l.mapping != "-" and l.entropy_bits is not None for l in coded_layers)
+    assert rep.decode_mcodes > 0 and "codes decode at" in rep.table()
+    assert "mapping" in rep.table().splitlines()[0]
+    plain = rdquant.inspect(packed_artifact, decode_speed=True)
+    assert plain.decode_mcodes is None and all(l.decode_mcodes is None for l in plain.layers)

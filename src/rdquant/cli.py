@@ -198,16 +198,21 @@ def inspect_cmd(
     artifact: Path = typer.Argument(...),
     layers: bool = typer.Option(True, "--layers/--no-layers"),
     as_json: bool = typer.Option(False, "--json"),
+    decode_speed: bool = typer.Option(True, "--decode-speed/--no-decode-speed",
+                                      help="coded artifacts: decode every coded qweight once and report codes/s"),
 ) -> None:
-    """Per-layer table and totals: params, all-in bits/weight, bytes on disk, compression ratio."""
+    """Per-layer table and totals: params, all-in bits/weight, bytes on disk, compression ratio; for coded
+    artifacts also the codes' entropy, codec, mapping and measured decode speed."""
     from .report import inspect as api_inspect
 
-    rep = api_inspect(artifact)
+    rep = api_inspect(artifact, decode_speed=decode_speed)
     if as_json:
         typer.echo(json.dumps({"bits_per_weight": rep.bits_per_weight, "total_bytes": rep.total_bytes,
                                "quantized_params": rep.quantized_params, "quantized_bytes": rep.quantized_bytes,
                                "dense_bytes": rep.dense_bytes, "compression_ratio": rep.compression_ratio,
-                               "split_bits_per_weight": rep.split_bits()}))
+                               "split_bits_per_weight": rep.split_bits(),
+                               "coded_bits_per_weight": rep.coded_bits_per_weight,
+                               "decode_mcodes_per_s": rep.decode_mcodes}))
     else:
         typer.echo(rep.table(per_layer=layers))
 

@@ -33,6 +33,8 @@ class LayerReport:
     entropy_bits: float | None = None  # empirical entropy of the coded symbols, bits per weight
     split: dict[str, int] = field(default_factory=dict)  # bytes by PARTS
     mean_width: float | None = None  # codebook layout: mean code width over columns
+    mapping: str = "-"  # how qweight's codes became symbols or streams (coding.py), if coded
+    decode_mcodes: float | None = None  # measured decode speed of qweight, millions of codes/s, one thread
 
     @property
     def bits_per_weight(self) -> float:
@@ -55,6 +57,7 @@ class InspectReport:
     dense_bytes: int = 0
     total_bytes: int = 0  # every file in the artifact directory
     original_16bit_bytes: int = 0  # all parameters (tied ones once) at 2 bytes each
+    decode_mcodes: float | None = None  # all coded qweights, millions of codes/s, one thread (when measured)
 
     @property
     def bits_per_weight(self) -> float:
@@ -80,7 +83,8 @@ class InspectReport:
         if per_layer:
             lines.append(
                 f"{'layer':<44} {'shape':>10} {'method':>6} {'bits':>5} {'group':>5} {'bytes':>10} {'bpw':>6}"
-                f" {'codes':>6} {'books':>6} {'outl':>6} {'other':>6} {'codec':>8} {'H(code)':>7} {'coded bpw':>9}"
+                f" {'codes':>6} {'books':>6} {'outl':>6} {'other':>6} {'codec':>8} {'mapping':>19} {'H(code)':>7}"
+                f" {'coded bpw':>9} {'decode M/s':>10}"
             )
             for l in self.layers:
                 shape = f"{l.shape[0]}x{l.shape[1]}"
@@ -89,7 +93,8 @@ class InspectReport:
                 sp = " ".join(f"{8 * l.split.get(k, 0) / l.params:>6.3f}" for k in PARTS)
                 lines.append(
                     f"{l.name:<44} {shape:>10} {l.method:>6} {bits:>5} {l.group_size:>5} {l.bytes:>10,} "
-                    f"{l.bits_per_weight:>6.3f} {sp} {l.codec:>8} {h:>7} {l.coded_bits_per_weight:>9.3f}"
+                    f"{l.bits_per_weight:>6.3f} {sp} {l.codec:>8} {l.mapping:>19} {h:>7} {l.coded_bits_per_weight:>9.3f}"
+                    f" {'-' if l.decode_mcodes is None else format(l.decode_mcodes, '.0f'):>10}"
                 )
             lines.append("")
         lines += [
@@ -98,7 +103,8 @@ class InspectReport:
             f"{self.quantized_bytes:,} bytes, {self.bits_per_weight:.3f} bits/weight all-in",
             "  of which          " + ", ".join(f"{k} {v:.3f}" for k, v in self.split_bits().items()),
             f"  as stored         {self.quantized_stored_bytes:,} bytes, {self.coded_bits_per_weight:.3f} bits/weight all-in"
-            f" ({100 * (1 - self.quantized_stored_bytes / max(self.quantized_bytes, 1)):.1f}% saved by coding)",
+            f" ({100 * (1 - self.quantized_stored_bytes / max(self.quantized_bytes, 1)):.1f}% saved by coding)"
+            + ("" if self.decode_mcodes is None else f"; codes decode at {self.decode_mcodes:,.0f} M/s (one thread)"),
             f"left in 16 bit      {self.dense_params:,} params, {self.dense_bytes:,} bytes",
             f"on disk             {self.total_bytes:,} bytes ({self.total_bytes / 2**20:.1f} MiB)",
             f"16-bit original     {self.original_16bit_bytes:,} bytes; compression ratio {self.compression_ratio:.2f}x",
@@ -114,8 +120,9 @@ def _stored(info: dict) -> int:
     return info.get("stored_bytes", _nbytes(info))
 
 
-def inspect(path: str | os.PathLike) -> InspectReport:
-    """Size report of an artifact, from its manifest and files (tensors are not loaded)."""
+def inspect(path: str | os.PathLike, decode_speed: bool = False) -> InspectReport:
+    """Size report of an artifact, from its manifest and files (tensors are not loaded, unless
+    `decode_speed`: then every coded qweight is decoded once, on one thread, and timed)."""
     p = Path(path)
     manifest = read_manifest(p)
     tensors = manifest["tensors"]
@@ -131,7 +138,7 @@ def inspect(path: str | os.PathLike) -> InspectReport:
             LayerReport(name, (out_f, in_f), info["method"], info["bits"], info["group_size"], out_f * in_f,
                         sum(_nbytes(tensors[k]) for k in keys), sum(_stored(tensors[k]) for k in keys),
                         codec.get("codec", "none"), codec.get("entropy_bits"),
-                        split={}, mean_width=info.get("mean_width"))
+                        split={}, mean_width=info.get("mean_width"), mapping=codec.get("mapping", codec.get("kind", "-")))
         )
         for k in keys:
             part = PART_OF[k.rpartition(".")[2]]
@@ -145,4 +152,45 @@ def inspect(path: str | os.PathLike) -> InspectReport:
     rep.total_bytes = sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
     biases = sum(math.prod(tensors[k]["shape"]) for k in owned if k.endswith(".bias"))
     rep.original_16bit_bytes = 2 * (rep.quantized_params + rep.dense_params + biases)
+    if decode_speed:
+        per_layer, rep.decode_mcodes = decode_speeds(p, manifest)
+        for layer in rep.layers:
+            layer.decode_mcodes = per_layer.get(layer.name)
     return rep
+
+
+def decode_speeds(path: Path, manifest: dict) -> tuple[dict[str, float], float | None]:
+    """Millions of codes per second decoding each coded qweight (payload in memory -> packed qweight,
+    the loader's whole decode path), one thread; and over all of them. Empty / None if none is coded."""
+    import time
+
+    import torch
+    from safetensors import safe_open
+
+    from .artifact import read_tensors
+    from .coding import decode_tensor
+
+    entries, quantized = manifest["tensors"], manifest["quantized"]
+    layers = [n for n in quantized if "codec" in entries.get(f"{n}.qweight", {})]
+    if not layers:
+        return {}, None
+    side = [k for n in layers for k in (f"{n}.{b}" for b in QUANT_BUFFERS if b != "qweight") if k in entries]
+    _, decoded = read_tensors(path, names=side)  # zero points, widths: what a qweight's decoder needs
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    speeds, total_s = {}, 0.0
+    try:
+        for k, n in enumerate([layers[0], *layers]):  # the first decode, untimed, warms up the codec
+            name = f"{n}.qweight"
+            with safe_open(path / entries[name]["file"], framework="pt") as fh:
+                payload = fh.get_tensor(name)
+            t0 = time.perf_counter()
+            decode_tensor(name, payload, entries[name], quantized, decoded)
+            dt = time.perf_counter() - t0
+            if k == 0:
+                continue
+            total_s += dt
+            speeds[n] = math.prod(quantized[n]["shape"]) / max(dt, 1e-9) / 1e6
+    finally:
+        torch.set_num_threads(threads)
+    return speeds, sum(math.prod(quantized[n]["shape"]) for n in layers) / max(total_s, 1e-9) / 1e6
