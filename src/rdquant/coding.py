@@ -176,7 +176,10 @@ def packed_context_streams(qweight: torch.Tensor, info: LayerInfo, qzeros: torch
     rows = qweight.numpy().reshape(-1, G * info.bits // 8)[cells].reshape(-1)
     per = byte_period(info.bits)
     streams = [s for s in np.split(rows, np.cumsum(counts * info.bits // 8)[:-1]) if s.size]
-    return streams if per == 1 else [np.ascontiguousarray(s.reshape(-1, per)[:, k]) for k in range(per) for s in streams]
+    if per == 1:
+        return streams
+    planes = [plane_streams(s, per) for s in streams]
+    return [p[k] for k in range(per) for p in planes]
 
 
 def merge_packed_context_streams(flat: np.ndarray, lengths: list[int], info: LayerInfo, qzeros: torch.Tensor) -> torch.Tensor:
@@ -436,7 +439,7 @@ def segment_streams(qweight: torch.Tensor, widths: torch.Tensor, layer: dict[str
     data, streams, pos = qweight.numpy(), [], 0
     for b, n in _segments(widths, layer):
         seg, per = data[pos:pos + n], byte_period(b)
-        streams += [seg] if per == 1 else [np.ascontiguousarray(seg.reshape(-1, per)[:, k]) for k in range(per)]
+        streams += [seg] if per == 1 else plane_streams(seg, per)
         pos += n
     return streams
 
