@@ -68,6 +68,15 @@ def _typed(pairs: list[str]) -> dict:
     return out
 
 
+def _tag(typed: dict, prefix: str = "") -> str:
+    """Name suffix of the extra config fields of a row (artifact and cache names)."""
+    return "".join(f"_{k.removeprefix(prefix)}{v}" for k, v in sorted(typed.items()))
+
+
+def _scales_label(bits: int) -> str:
+    return f" (scales: {bits} mantissa bits)" if bits != 10 else ""
+
+
 def rdquant_job(method: str, setting, args) -> tuple[str, rdquant.CompressConfig]:
     """(artifact name, config) of one rdquant row. setting: the bit width; ecsq: target coded bits;
     claq: target all-in bits per weight; cvxq: (target bits, solver); uniform: (bits, group) of GPTQ."""
@@ -77,12 +86,12 @@ def rdquant_job(method: str, setting, args) -> tuple[str, rdquant.CompressConfig
                 rdquant.CompressConfig(method=method, target_coded_bits=setting, group_size=args.ecsq_group_size, **dev))
     if method == "claq":
         typed = _typed(args.claq_extra)
-        tag = "".join(f"_{k.removeprefix('claq_')}{v}" for k, v in sorted(typed.items()))
+        tag = _tag(typed, "claq_")
         return f"claq_t{setting}{tag}", rdquant.CompressConfig(method="claq", target_bits=setting, **typed, **dev)
     if method == "cvxq":
         target, solver = setting
         typed = _typed(args.cvxq_extra)
-        tag = "".join(f"_{k.removeprefix('cvxq_')}{v}" for k, v in sorted(typed.items()))
+        tag = _tag(typed, "cvxq_")
         group = args.group_size if solver == "claq" else args.cvxq_group_size or args.group_size  # claq: column cells
         return (f"cvxq_{solver}_t{target}g{group}{tag}",
                 rdquant.CompressConfig(method="cvxq", target_bits=target, cvxq_solver=solver, group_size=group,
@@ -91,8 +100,7 @@ def rdquant_job(method: str, setting, args) -> tuple[str, rdquant.CompressConfig
         bits, group = setting
         return f"gptq_w{bits}g{group}", rdquant.CompressConfig(method="gptq", bits=bits, group_size=group, **dev)
     typed = _typed(args.gptq_extra) if method in ("gptq", "rtn") else {}
-    tag = "".join(f"_{k}{v}" for k, v in sorted(typed.items()))
-    return (f"{method}_w{int(setting)}g{args.group_size}{tag}",
+    return (f"{method}_w{int(setting)}g{args.group_size}{_tag(typed)}",
             rdquant.CompressConfig(method=method, bits=int(setting), group_size=args.group_size, **typed, **dev))
 
 
@@ -123,7 +131,7 @@ def run_rdquant(name: str, cfg: rdquant.CompressConfig, args, calib: Path) -> di
         method += " (row-group cells)" if cfg.cvxq_cells == "group" and cfg.cvxq_solver != "claq" else ""
         method += " (companded grid)" if cfg.cvxq_grid == "laplace" else ""
         method += f" (min width {cfg.cvxq_min_bits})" if cfg.cvxq_min_bits >= 0 and cfg.cvxq_min_bits != (0 if cfg.cvxq_solver == "claq" else 2) else ""
-    method += f" (scales: {cfg.scale_bits} mantissa bits)" if cfg.scale_bits != 10 else ""
+    method += _scales_label(cfg.scale_bits)
     row = {"tool": "rdquant", "method": method, "bits": cfg.target_bits or cfg.target_coded_bits or cfg.bits,
            "group_size": f"col/{cfg.claq_share}" if "claq" in (cfg.method, method.removeprefix("cvxq+")[:4]) else cfg.group_size,
            "device": args.device, **size_fields(out), "compress_seconds": seconds, "exact_reload": exact,
@@ -150,7 +158,7 @@ def run_artifact(path: Path, args) -> dict:
     man = read_manifest(path)
     rec, tun = man["recipe"], man.get("tuning")
     method = rec["method"] + (f" + tuning ({tun['steps']} steps, lr {tun['lr']:g})" if tun else "")
-    method += f" (scales: {rec['scale_bits']} mantissa bits)" if rec.get("scale_bits", 10) != 10 else ""
+    method += _scales_label(rec.get("scale_bits", 10))
     row = {"tool": "rdquant", "method": method, "bits": rec.get("target_bits") or rec["bits"],
            "group_size": f"col/{rec['claq_share']}" if rec["method"] == "claq" else rec["group_size"],
            **size_fields(path), "compress_seconds": man.get("compress_seconds"), "exact_reload": None, "name": path.name,
@@ -289,8 +297,8 @@ def main() -> None:
                              args.cached_only)
         else:
             name, cfg = rdquant_job(method, bits, args)
-            extra = name.partition(f"g{args.group_size}_")[2] if method in ("gptq", "rtn") else ""  # --gptq-extra
-            row_name = (f"{method}_w{bits}{'_' + extra if extra else ''}_{tag}" if method not in ("ecsq", "claq", "cvxq", "uniform")
+            extra = _tag(_typed(args.gptq_extra)) if method in ("gptq", "rtn") else ""
+            row_name = (f"{method}_w{bits}{extra}_{tag}" if method not in ("ecsq", "claq", "cvxq", "uniform")
                         else f"{name}_{tag}")
             row_name += "" if args.device == "cpu" else f"_{args.device.replace(':', '')}"
             row = cached_row(f"{row_name}_v{rdquant.__version__}", args.fresh,

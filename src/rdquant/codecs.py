@@ -79,9 +79,14 @@ def encode(symbols: np.ndarray, codec: CodecSpec | str) -> bytes:
     return header + body
 
 
+def _bytes_of(payload: bytes | np.ndarray) -> memoryview:
+    """A payload (bytes-like or uint8 array) as a flat byte view, without copying."""
+    return memoryview(payload.reshape(-1)) if isinstance(payload, np.ndarray) else memoryview(payload).cast("B")
+
+
 def decode(payload: bytes | np.ndarray) -> np.ndarray:
     """The uint8 symbol stream of a payload (raises CodecError on a malformed one)."""
-    buf = memoryview(payload).cast("B") if not isinstance(payload, np.ndarray) else memoryview(payload.reshape(-1))
+    buf = _bytes_of(payload)
     if len(buf) < _HEADER.size:
         raise CodecError("payload shorter than its header")
     magic, cid, level, alphabet, n = _HEADER.unpack(buf[: _HEADER.size])
@@ -180,7 +185,7 @@ def pack_streams(payloads: list[bytes]) -> bytes:
 
 def unpack_streams(payload: bytes | np.ndarray) -> list[np.ndarray]:
     """The decoded symbol streams of a `pack_streams` blob, in order."""
-    buf = memoryview(payload).cast("B") if not isinstance(payload, np.ndarray) else memoryview(payload.reshape(-1))
+    buf = _bytes_of(payload)
     if len(buf) < _STREAMS.size:
         raise CodecError("multi-stream payload shorter than its header")
     magic, n = _STREAMS.unpack(buf[: _STREAMS.size])
@@ -212,25 +217,20 @@ def encode_streams(streams: list[np.ndarray], codec: str, speed_floor_mbps: floa
     """One payload for several streams: back-to-back zstd frames when the codec is zstd or `auto` (each
     stream at its smaller zstd level; zstd stores an incompressible stream raw), else `pack_streams`.
     `choose(data, codec, floor) -> (spec, payload)` is coding.choose_codec."""
-    if codec == "auto" or codec.startswith("zstd"):
-        frames = []
-        for seg in streams:
-            if codec == "auto":
-                best = min((encode(seg, c) for c in AUTO_CANDIDATES if c.startswith("zstd")
-                            and NOMINAL_DECODE_MBPS["zstd"] >= speed_floor_mbps), key=len, default=None)
-                if best is None:  # the floor excludes zstd: plain payloads instead
-                    return pack_streams([choose(s, codec, speed_floor_mbps)[1] for s in streams])
-            else:
-                best = encode(seg, codec)
-            frames.append(best[_HEADER.size:])
-        return pack_zstd_streams(frames, [s.size for s in streams])
-    return pack_streams([choose(seg, codec, speed_floor_mbps)[1] for seg in streams])
+    if codec == "auto":  # the zstd levels auto may use (none if the floor excludes zstd)
+        levels = [c for c in AUTO_CANDIDATES if c.startswith("zstd")] if NOMINAL_DECODE_MBPS["zstd"] >= speed_floor_mbps else []
+    else:
+        levels = [codec] if codec.startswith("zstd") else []
+    if not levels:
+        return pack_streams([choose(seg, codec, speed_floor_mbps)[1] for seg in streams])
+    frames = [min((encode(seg, c) for c in levels), key=len)[_HEADER.size:] for seg in streams]
+    return pack_zstd_streams(frames, [s.size for s in streams])
 
 
 def read_streams(payload: bytes | np.ndarray) -> tuple[np.ndarray, list[int]]:
     """(all decoded streams concatenated, each stream's length) of a multi-stream payload of either
     form (`pack_zstd_streams` or `pack_streams`)."""
-    buf = memoryview(payload).cast("B") if not isinstance(payload, np.ndarray) else memoryview(payload.reshape(-1))
+    buf = _bytes_of(payload)
     if len(buf) < _STREAMS.size:
         raise CodecError("multi-stream payload shorter than its header")
     magic, n = _STREAMS.unpack(buf[: _STREAMS.size])
@@ -263,7 +263,6 @@ def read_streams(payload: bytes | np.ndarray) -> tuple[np.ndarray, list[int]]:
 
 def decode_any(payload: bytes | np.ndarray) -> np.ndarray:
     """All symbols of a payload, single- or multi-stream (streams concatenated): for benchmarks."""
-    head = bytes(memoryview(payload).cast("B")[:4]) if not isinstance(payload, np.ndarray) else payload.reshape(-1)[:4].tobytes()
-    if head in (_STREAMS_MAGIC, _ZSTREAMS_MAGIC):
+    if bytes(_bytes_of(payload)[:4]) in (_STREAMS_MAGIC, _ZSTREAMS_MAGIC):
         return read_streams(payload)[0]
     return decode(payload)

@@ -38,6 +38,7 @@ from .qmixed import pack_by_width, unpack_by_width
 from .qtensor import expand_groups, num_groups
 
 DEFAULT_SPEED_FLOOR_MBPS = 200.0
+MULTI_STREAM = ("zero-context", "zero-context-packed", "planes", "codebook-segments")  # mappings with several streams
 
 
 @dataclass(frozen=True)
@@ -341,8 +342,7 @@ def encode_tensors(
             continue
         if spec.name == "none" or len(payload) >= raw_bytes:
             continue
-        multi = fields.get("mapping") in ("zero-context", "zero-context-packed", "planes", "codebook-segments")
-        name_of = codec if multi else str(spec)  # streams choose their own
+        name_of = codec if fields.get("mapping") in MULTI_STREAM else str(spec)  # streams choose their own
         stored[name] = (torch.frombuffer(bytearray(payload), dtype=torch.uint8), {"codec": name_of, **fields})
     return stored
 
@@ -357,8 +357,8 @@ def decode_tensor(
     """Decode one stored tensor to its manifest dtype/shape; a qweight needs its layer's qzeros
     (decoded, or uncoded) in `decoded` when the layer is asymmetric."""
     codec = entry["codec"]
+    owner = name.rpartition(".")[0]
     if codec.get("mapping") in ("zero-context", "zero-context-packed"):
-        owner = name.rpartition(".")[0]
         info = LayerInfo.from_manifest(quantized[owner])
         qzeros = decoded.get(f"{owner}.qzeros")
         if qzeros is None:
@@ -372,7 +372,6 @@ def decode_tensor(
             raise codecs.CodecError("decoded codes fall outside the code range")
         return packing.pack(torch.from_numpy(codes), info.bits)
     if codec.get("mapping") == "codebook-segments":
-        owner = name.rpartition(".")[0]
         widths = decoded.get(f"{owner}.widths")
         if widths is None:
             raise codecs.CodecError("mapping codebook-segments needs the layer's column widths")
@@ -386,7 +385,6 @@ def decode_tensor(
     if codec["kind"] == "bytes":
         dtype = getattr(torch, entry["dtype"])
         return torch.from_numpy(sym.copy()).view(dtype).reshape(entry["shape"])
-    owner = name.rpartition(".")[0]
     if codec["mapping"] == "codebook":
         layer = quantized[owner]
         out_f, in_f = layer["shape"]

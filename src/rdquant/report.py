@@ -176,21 +176,25 @@ def decode_speeds(path: Path, manifest: dict) -> tuple[dict[str, float], float |
         return {}, None
     side = [k for n in layers for k in (f"{n}.{b}" for b in QUANT_BUFFERS if b != "qweight") if k in entries]
     _, decoded = read_tensors(path, names=side)  # zero points, widths: what a qweight's decoder needs
+    payloads = {}
+    for fname in {entries[f"{n}.qweight"]["file"] for n in layers}:  # each file opened once
+        with safe_open(path / fname, framework="pt") as fh:
+            payloads.update({f"{n}.qweight": fh.get_tensor(f"{n}.qweight") for n in layers
+                             if entries[f"{n}.qweight"]["file"] == fname})
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    speeds, total_s = {}, 0.0
+    speeds, total_s, total_codes = {}, 0.0, 0
     try:
         for k, n in enumerate([layers[0], *layers]):  # the first decode, untimed, warms up the codec
             name = f"{n}.qweight"
-            with safe_open(path / entries[name]["file"], framework="pt") as fh:
-                payload = fh.get_tensor(name)
             t0 = time.perf_counter()
-            decode_tensor(name, payload, entries[name], quantized, decoded)
+            decode_tensor(name, payloads[name], entries[name], quantized, decoded)
             dt = time.perf_counter() - t0
             if k == 0:
                 continue
-            total_s += dt
-            speeds[n] = math.prod(quantized[n]["shape"]) / max(dt, 1e-9) / 1e6
+            codes = math.prod(quantized[n]["shape"])
+            total_s, total_codes = total_s + dt, total_codes + codes
+            speeds[n] = codes / max(dt, 1e-9) / 1e6
     finally:
         torch.set_num_threads(threads)
-    return speeds, sum(math.prod(quantized[n]["shape"]) for n in layers) / max(total_s, 1e-9) / 1e6
+    return speeds, total_codes / max(total_s, 1e-9) / 1e6
