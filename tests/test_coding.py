@@ -91,6 +91,13 @@ def test_packed_context_streams_round_trip_and_match_the_symbol_streams(bits, ro
     assert torch.equal(merge_packed_context_streams(flat, lengths, info, qz), qweight)
     with pytest.raises(codecs.CodecError):
         merge_packed_context_streams(flat[:-1], lengths[:-1] + [lengths[-1] - 1], info, qz)
+    if bits == 3:  # zero-context-pairs: each context stream as one byte per code pair
+        pairs = packed_context_streams(qweight, info, qz, pairs=True)
+        assert [p.tolist() for p in pairs] == [(t[0::2] | (t[1::2] << 3)).tolist() for t in sym]
+        flat, lengths = np.concatenate(pairs), [s.size for s in pairs]
+        assert torch.equal(merge_packed_context_streams(flat, lengths, info, qz, pairs=True), qweight)
+        with pytest.raises(codecs.CodecError):
+            merge_packed_context_streams(flat, lengths, info, qz)  # read as planes
 
 
 def test_packed_context_needs_whole_byte_groups():
@@ -236,11 +243,37 @@ def test_codebook_segments_round_trip_and_are_chosen_over_one_stream():
     assert torch.equal(merge_segment_streams(flat, lengths, widths, layer), qweight)
     with pytest.raises(codecs.CodecError):
         merge_segment_streams(flat[:-1], lengths[:-1] + [lengths[-1] - 1], widths, layer)
+    pairs = segment_streams(qweight, widths, layer, pairs=True)
+    assert len(pairs) == 1 + 1 + 1 and pairs[1].size == segs[1].size * 4  # 3-bit: one pair per byte
+    flat, lengths = np.concatenate(pairs), [s.size for s in pairs]
+    assert torch.equal(merge_segment_streams(flat, lengths, widths, layer, pairs=True), qweight)
+    with pytest.raises(codecs.CodecError):
+        merge_segment_streams(flat, lengths, widths, layer)  # read as the other mapping
     stored = encode_tensors({"l.widths": widths, "l.qweight": qweight}, {"l": layer}, "zstd-19")
     payload, fields = stored["l.qweight"]
-    assert fields["mapping"] == "codebook-segments" and payload.numel() < qweight.numel()
+    assert fields["mapping"] in ("codebook-segments", "codebook-pairs") and payload.numel() < qweight.numel()
     entry = {"codec": fields, "dtype": "uint8", "shape": list(qweight.shape)}
     assert torch.equal(decode_tensor("l.qweight", payload, entry, {"l": layer}, {"l.widths": widths}), qweight)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.integers(0, 7), max_size=200))
+def test_code_pairs_round_trip_and_reject_bad_bytes(codes):
+    from rdquant.coding import from_pairs, to_pairs
+
+    codes = torch.tensor(codes + [0] * (-len(codes) % 8), dtype=torch.uint8)
+    packed = packing.pack(codes, 3).numpy()
+    pairs = to_pairs(packed)
+    c = codes.numpy()
+    assert np.array_equal(pairs, c[0::2] | (c[1::2] << 3))
+    assert np.array_equal(from_pairs(pairs), packed)
+    if pairs.size:
+        bad = pairs.copy()
+        bad[-1] |= 0x40
+        with pytest.raises(codecs.CodecError, match="6 bits"):
+            from_pairs(bad)
+    with pytest.raises(codecs.CodecError):
+        from_pairs(np.zeros(3, dtype=np.uint8))
 
 
 def test_inspect_reports_mapping_entropy_and_measured_decode_speed(packed_artifact, tmp_path):
