@@ -62,9 +62,9 @@ def capture(blocks: int) -> list:
     ids = load_file(calib_file(tok, 128, 512, 0))["input_ids"]
     saved, orig = [], methods.METHODS["gptq"]
 
-    def keep(W, H, cfg, state, parts=None):
+    def keep(W, H, cfg, state, parts=None, *rest):
         saved.append((W.clone(), H.clone(), parts))
-        return orig.quantize(W, H, cfg, state, parts)
+        return orig.quantize(W, H, cfg, state, parts, *rest)
 
     class Stop(Exception):
         pass
