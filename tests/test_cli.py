@@ -61,8 +61,10 @@ def test_claq_from_the_command_line(tiny_model_dir, text_file, tmp_path):
     out = tmp_path / "c"
     r = runner.invoke(app, ["compress", "--model", str(tiny_model_dir), "--method", "claq", "--target-bits", "3.5",
                             "--outlier-frac", "0.01", "--column-policy", "outlier", "--calib", str(text_file),
-                            "--calib-samples", "4", "--calib-seqlen", "32", "--out", str(out), "--no-progress"])
+                            "--calib-samples", "4", "--calib-seqlen", "32", "--out", str(out), "--no-progress",
+                            "--entropy-lambda", "0.5"])
     assert r.exit_code == 0, r.output
+    assert json.loads((out / "manifest.json").read_text())["recipe"]["claq_entropy_lambda"] == 0.5
     assert "codebooks" in r.output and "outliers" in r.output
     rep = json.loads(runner.invoke(app, ["inspect", str(out), "--json"]).output)
     assert rep["bits_per_weight"] <= 3.5 and rep["split_bits_per_weight"]["outliers"] > 0

@@ -94,6 +94,9 @@ def compress(
     high_bits: Optional[int] = typer.Option(None, "--high-bits", help="claq: width of promoted columns, 0 = the low width + 1  [default: 0]"),
     row_scale: Optional[bool] = typer.Option(None, "--row-scale/--no-row-scale",
                                              help="claq: fp16 row scales, codebooks on row-normalised values  [default: on]"),
+    entropy_lambda: Optional[float] = typer.Option(None, "--entropy-lambda",
+                                                   help="claq: entropy-constrained codes, rate weighed against distortion (0.7: ~2% smaller coded "
+                                                        "file, ~3% more layer error); 0 = nearest-centroid codes  [default: 0]"),
     tune_steps: Optional[int] = typer.Option(None, "--tune-steps",
                                              help="distillation tuning of codebook values / scales after the solver (codes and size unchanged), Adam steps  [default: 0 = off]"),
     tune_lr: Optional[float] = typer.Option(None, "--tune-lr", help="tuning step, relative to each tensor's magnitude  [default: 1e-3]"),
@@ -134,7 +137,7 @@ def compress(
                  bias_correction=bias_correction,
                  claq_outlier_frac=outlier_frac, claq_share=codebook_share, claq_high_bits=high_bits,
                  claq_policy=column_policy, tune_steps=tune_steps, tune_lr=tune_lr,
-                 claq_row_scale=row_scale, group_size=group_size, symmetric=symmetric, act_order=act_order,
+                 claq_row_scale=row_scale, claq_entropy_lambda=entropy_lambda, group_size=group_size, symmetric=symmetric, act_order=act_order,
                  damp_percent=damp_percent, clip_search=clip_search, scale_bits=scale_bits, calib=calib, calib_samples=calib_samples,
                  calib_seqlen=calib_seqlen, seed=seed, batch_size=batch_size, device=device)
     base = CompressConfig.from_yaml(recipe) if recipe else CompressConfig()

@@ -59,6 +59,7 @@ class CompressConfig:
     claq_scale_group: int = -1  # row scales per group of this many columns (-1: one per row)
     claq_kmeans_iters: int = 20  # Lloyd steps of the batched per-block K-means
     claq_refine_iters: int = 4  # Lloyd steps on each column's up-to-date values when the sweep reaches it
+    claq_entropy_lambda: float = 0.0  # > 0: entropy-constrained codes (rate weighed against distortion)
     claq_hessian_weight: bool = True  # shared codebooks: weight each column's values by H_jj
     # distillation tuning (tune.py): after the solver, move codebook values / row scales / group scales
     # (codes fixed, size unchanged) so the model's next-token distribution matches the original's
@@ -134,6 +135,8 @@ class CompressConfig:
             raise RdquantError("claq: scale group must be -1 (per row) or a multiple of 8")
         if self.claq_policy not in ("outlier", "rd"):
             raise RdquantError("claq: policy must be outlier or rd")
+        if not 0 <= self.claq_entropy_lambda <= 100:
+            raise RdquantError("claq: entropy lambda must be in [0, 100] (0: plain nearest-centroid codes)")
         if self.claq_codebook_bits not in (8, 16):
             raise RdquantError("claq: codebook bits must be 8 or 16")
         if self.claq_kmeans_iters < 1 or self.claq_refine_iters < 0 or self.claq_outlier_factor <= 0:

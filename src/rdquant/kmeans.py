@@ -8,6 +8,8 @@ the sets. Sets may ask for different k: unused centroid slots are +inf and never
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 INF = float("inf")
@@ -192,3 +194,50 @@ def distortion(x: torch.Tensor, centroids: torch.Tensor, weight: torch.Tensor | 
     q = centroids.gather(1, nearest(x, centroids))
     d = (x - q).square()
     return (d if weight is None else d * weight).sum(1)
+
+
+def rate_assign(x: torch.Tensor, centroids: torch.Tensor, weight: torch.Tensor, mu: torch.Tensor,
+                code_bits: torch.Tensor) -> torch.Tensor:
+    """Entropy-constrained assignment: per value the index j minimising weight*(x - c_j)^2 + mu*bits_j,
+    so that a code's cost in bits counts against its distortion. x, weight [B, n]; centroids, code_bits
+    [B, kmax] (inf = unused slot); mu [B] (distortion per bit). mu = 0 is `nearest` (ties low)."""
+    d = (x[:, :, None] - centroids[:, None, :]).square() * weight[:, :, None]
+    cost = d + mu[:, None, None] * code_bits[:, None, :]
+    cost = torch.where(torch.isfinite(centroids)[:, None, :], torch.nan_to_num(cost, nan=INF), INF)
+    return cost.argmin(2)
+
+
+def code_lengths(codes: torch.Tensor, count: torch.Tensor, kmax: int, prior: torch.Tensor | None = None) -> torch.Tensor:
+    """Ideal code lengths -log2 p_j [B, kmax] of each row's codes (rows [B, n], entries with count
+    False left out) plus `prior` counts [B, kmax]; an unused code counts as half an occurrence."""
+    n = torch.zeros(codes.shape[0], kmax, dtype=torch.float64, device=codes.device) if prior is None else prior.to(torch.float64).clone()
+    n.scatter_add_(1, codes, count.to(torch.float64))
+    total = n.sum(1, keepdim=True).clamp_min(1)
+    return -torch.log2(torch.where(n > 0, n, 0.5) / total)
+
+
+def ec_refine(x: torch.Tensor, centroids: torch.Tensor, weight: torch.Tensor, count: torch.Tensor,
+              lam: float, iters: int = 6, prior: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Entropy-constrained Lloyd (Chou, Lookabaugh & Gray) from K-means centroids [B, kmax]: assign by
+    rate_assign, move each centroid to its values' weighted mean, re-estimate the code lengths.
+    mu = lam * 2 ln 2 * (the K-means distortion per value): lam = 1 trades bits for distortion at the
+    high-rate slope of the starting quantizer. `prior` [B, kmax]: code counts of what is coded with the
+    same table (other columns), added when estimating lengths. Returns (centroids ascending, code
+    lengths, mu)."""
+    c = centroids.to(torch.float64)
+    xd, wd = x.to(torch.float64), weight.to(torch.float64)
+    kmax = c.shape[1]
+    code = nearest(xd, c)
+    per = count.sum(1).clamp_min(1)
+    d0 = ((xd - c.gather(1, code).nan_to_num(0.0)).square() * wd * count).sum(1) / per
+    mu = lam * 2 * math.log(2) * d0
+    bits = code_lengths(code, count, kmax, prior)
+    for _ in range(iters):
+        code = rate_assign(xd, c, wd, mu, bits)
+        sw = torch.zeros_like(c).scatter_add_(1, code, wd * count)
+        sx = torch.zeros_like(c).scatter_add_(1, code, wd * xd * count)
+        c = torch.where(torch.isfinite(c) & (sw > 0), sx / sw.clamp_min(1e-300), c)
+        bits = code_lengths(code, count, kmax, prior)
+        c, order = c.sort(1)  # keep the codebook ascending (inf slots last); lengths follow their entry
+        bits = bits.gather(1, order)
+    return c.to(centroids.dtype), bits.to(torch.float32), mu.to(torch.float32)

@@ -7,6 +7,11 @@ nearest centroid and the error is pushed onward exactly as in GPTQ (gptq.gptq_sw
 batched: each lazy block's columns are clustered together when the block starts, and each column's
 codebook is then refined by a few Lloyd steps on its up-to-date values when the sweep reaches it.
 
+With `claq_entropy_lambda` > 0 the codes are entropy-constrained (kmeans.ec_refine): each value takes
+the entry minimising distortion + mu x code length, the lengths those of its width's codes in the layer
+so far (what one table per width, coding.segment_streams, pays), so the coded file shrinks for a
+small rise in error.
+
 Widths and reserved outliers come from a column precision policy (`plan_columns`): CLAQ's rule ranks
 columns by their count of entries above `outlier_factor` x mean|W| and gives the top columns the high
 width, as many as the all-in size target allows (codebooks, widths and outliers are counted). A later
@@ -21,7 +26,7 @@ import torch
 
 from ..config import CompressConfig
 from ..errors import RdquantError
-from ..kmeans import kmeans_1d, nearest
+from ..kmeans import ec_refine, kmeans_1d, nearest, rate_assign
 from ..packing import packed_nbytes
 from ..qcodebook import CodebookWeight, compact_codebooks, entries_of, index_dtype
 from ..qtensor import group_sizes, num_groups
@@ -196,6 +201,8 @@ class _CodebookColumns(ColumnQuantizer):
         self.k = torch.stack([(1 << p.widths.repeat_interleave(share)[:cols]) for p in plans]).to(dev)  # [P, in]
         self.n_out = torch.stack([p.outliers for p in plans]).to(dev)  # [P, in]
         self.kmax = int(self.k.max())
+        self.width = torch.log2(self.k.double()).round().long()  # [P, in] bits per code
+        self.pool = torch.zeros(P, 9, self.kmax, dtype=torch.float64, device=dev)  # code counts per width so far
         self.codes = torch.zeros(rows, cols, dtype=torch.uint8, device=dev)
         self.cb = torch.full((cols, P, self.kmax), float("inf"), device=dev)  # values as stored
         self.cb_range = torch.zeros(cols, P, 2, dtype=torch.float16, device=dev)  # 8-bit codebooks: lo, step
@@ -235,12 +242,20 @@ class _CodebookColumns(ColumnQuantizer):
         cb = self.block_cb[i]
         if self.static is None and self.cfg.claq_refine_iters > 0:
             cb = kmeans_1d(x, self.k[:, j], wt, iters=self.cfg.claq_refine_iters, init=cb)
+        lam = self.cfg.claq_entropy_lambda
+        if lam > 0:  # entropy-constrained codes (shared codebooks stay as fitted; only the codes move); the
+            # code lengths are those of the table the coder will use: every column of this width so far
+            prior = self.pool[torch.arange(len(self.parts)), self.width[:, j], : cb.shape[1]]
+            cb, code_bits, mu = ec_refine(x, cb, wt, self.valid, lam, iters=0 if self.static is not None else 6, prior=prior)
         if self.cfg.claq_codebook_bits == 8:
             cb, lo, step = compact_codebooks(cb)
             self.cb_range[j, :, 0], self.cb_range[j, :, 1] = lo, step
         else:
             cb = cb.to(torch.float16).to(torch.float32)  # stored values; inf stays inf
-        code = nearest(x, cb)
+        code = rate_assign(x, cb, wt, mu, code_bits) if lam > 0 else nearest(x, cb)
+        if lam > 0:
+            ar = torch.arange(len(self.parts), device=code.device)
+            self.pool[ar, self.width[:, j]] += torch.zeros_like(self.pool[:, 0]).scatter_add_(1, code, self.valid.double())
         q = cb.gather(1, code) * r
         q = torch.where(mask, X[0].to(torch.float16).to(torch.float32), q)
         out = torch.empty_like(w)
