@@ -1,6 +1,8 @@
 """Lossless coding of the quantized artifacts: sizes, entropy floor, decode speed, load time.
 
     python bench/codecs.py                 # the GPTQ / CLAQ artifacts that bench/quality.py saved
+    (made by: python bench/quality.py --bits 4 3 2 --methods gptq; ... --bits 2 --methods gptq
+     --gptq-extra scale_bits=7; ... --methods claq --claq-targets 3.1 [--claq-extra claq_entropy_lambda=0.7])
     python bench/codecs.py --artifacts DIR [DIR ...]
 
 For each artifact: the packed size of the quantized linears, the same after zstd-19 / lz4 / ANS /
@@ -99,7 +101,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--artifacts", type=Path, nargs="+",
                     default=[CACHE / "artifacts" / n for n in ("gptq_w4g64", "gptq_w3g64", "gptq_w2g64",
-                                                                       "gptq_w2g64_scale_bits7", "claq_t3.1")])
+                                                                       "gptq_w2g64_scale_bits7", "claq_t3.1",
+                                                                       "claq_t3.1_entropy_lambda0.7")])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--json", type=Path, default=CACHE / "codecs.json")
     args = ap.parse_args()
