@@ -245,7 +245,7 @@ class _CodebookColumns(ColumnQuantizer):
         lam = self.cfg.claq_entropy_lambda
         if lam > 0:  # entropy-constrained codes (shared codebooks stay as fitted; only the codes move); the
             # code lengths are those of the table the coder will use: every column of this width so far
-            prior = self.pool[torch.arange(len(self.parts)), self.width[:, j], : cb.shape[1]]
+            prior = self.pool[torch.arange(len(self.parts), device=self.pool.device), self.width[:, j], : cb.shape[1]]
             cb, code_bits, mu = ec_refine(x, cb, wt, self.valid, lam, iters=0 if self.static is not None else 6, prior=prior)
         if self.cfg.claq_codebook_bits == 8:
             cb, lo, step = compact_codebooks(cb)
