@@ -177,14 +177,23 @@ def packed_context_streams(qweight: torch.Tensor, info: LayerInfo, qzeros: torch
     (byte k of every period: fragments at the same bit positions, so a byte coder's table fits them),
     plane-major: plane 0 of every zero point's stream, then plane 1, ... With `pairs` (mapping
     `zero-context-pairs`, 3 bits only) each zero point's stream is instead its code pairs (to_pairs)."""
+    return _packed_form(_zero_point_rows(qweight, info, qzeros), info.bits, pairs)
+
+
+def _zero_point_rows(qweight: torch.Tensor, info: LayerInfo, qzeros: torch.Tensor) -> list[np.ndarray]:
+    """The packed bytes of the groups of each zero point that occurs (groups sorted by zero point)."""
     cells, counts, G, _ = _context_cells(info, qzeros)
     rows = qweight.numpy().reshape(-1, G * info.bits // 8)[cells].reshape(-1)
-    per = byte_period(info.bits)
-    streams = [s for s in np.split(rows, np.cumsum(counts * info.bits // 8)[:-1]) if s.size]
+    return [s for s in np.split(rows, np.cumsum(counts * info.bits // 8)[:-1]) if s.size]
+
+
+def _packed_form(streams: list[np.ndarray], bits: int, pairs: bool) -> list[np.ndarray]:
+    """Zero-point byte streams as coded: pairs, plane-major byte planes, or as they are (whole codes per byte)."""
     if pairs:
-        if info.bits != 3:
+        if bits != 3:
             raise ValueError("code pairs are for 3-bit codes")
         return [to_pairs(s) for s in streams]
+    per = byte_period(bits)
     if per == 1:
         return streams
     planes = [plane_streams(s, per) for s in streams]
@@ -312,12 +321,13 @@ def encode_tensors(
             spec, payload = choose_codec(sym, codec, speed_floor_mbps)
             fields = {"kind": "symbols", "mapping": "codebook", "entropy_bits": round(codecs.entropy_bits(sym), 4)}
             if codec != "lz4":  # the packed segments, one stream (table) per column width: kept when smaller
-                for mapping in ("codebook-segments", "codebook-pairs"):
+                has3 = any(b == 3 for b, _ in _segments(widths, layer))  # pairs differ only there
+                for mapping in ("codebook-segments", "codebook-pairs")[: 1 + has3]:
                     segs = encode_streams(segment_streams(t, widths, layer, mapping == "codebook-pairs"), codec, speed_floor_mbps)
                     if len(segs) < len(payload):
-                        payload = segs
-                        fields = {"kind": "symbols", "mapping": mapping,
-                                  "entropy_bits": round(_width_entropy_bits(sym, widths, layer), 4)}
+                        payload, fields = segs, {"kind": "symbols", "mapping": mapping}
+                if fields["mapping"] != "codebook":
+                    fields["entropy_bits"] = round(_width_entropy_bits(sym, widths, layer), 4)
         elif layer is not None and leaf == "qweight" and layer.get("layout") == "mixed":
             sym = unpack_by_width(t, _mixed_width_map(tensors, owner, layer)).reshape(-1).numpy()
             spec, payload = choose_codec(sym, codec, speed_floor_mbps)
@@ -336,12 +346,12 @@ def encode_tensors(
                 packed_ok = packed_context_ok(info)
                 if ans_possible or (not packed_ok and codec != "lz4"):
                     candidates.append(("zero-context", encode_context(codes, info, qzeros, codec, speed_floor_mbps)))
-                if packed_ok:
-                    candidates.append(("zero-context-packed",
-                                       encode_streams(packed_context_streams(t, info, qzeros), codec, speed_floor_mbps)))
-                if packed_ok and info.bits == 3 and codec != "lz4":
-                    candidates.append(("zero-context-pairs", encode_streams(
-                        packed_context_streams(t, info, qzeros, pairs=True), codec, speed_floor_mbps)))
+                if packed_ok:  # the zero points' groups cut once, coded as planes and (3 bits) as pairs
+                    rows = _zero_point_rows(t, info, qzeros)
+                    forms = [("zero-context-packed", False)]
+                    forms += [("zero-context-pairs", True)] if info.bits == 3 and codec != "lz4" else []
+                    candidates += [(name_c, encode_streams(_packed_form(rows, info.bits, pr), codec, speed_floor_mbps))
+                                   for name_c, pr in forms]
                 for name_c, ctx in candidates:
                     if len(ctx) < len(payload):
                         mapping, payload = name_c, ctx
@@ -468,19 +478,15 @@ def merge_segment_streams(flat: np.ndarray, lengths: list[int], widths: torch.Te
                           pairs: bool = False) -> torch.Tensor:
     """Inverse of segment_streams (stream lengths checked against the widths): the packed qweight."""
     segs = _segments(widths, layer)
-    expect = [n * 4 // 3 if pairs and b == 3 else n // byte_period(b)
-              for b, n in segs for _ in range(1 if pairs and b == 3 else byte_period(b))]
-    if list(lengths) != expect:
+    # per segment: (streams, bytes per stream); pair form is one stream, 4 bytes per 3 packed
+    form = [(1, n * 4 // 3) if pairs and b == 3 else (byte_period(b), n // byte_period(b)) for b, n in segs]
+    if list(lengths) != [m for k, m in form for _ in range(k)]:
         raise codecs.CodecError("codebook segments do not match the layer's column widths")
     out, pos, src = np.empty(sum(n for _, n in segs), dtype=np.uint8), 0, 0
-    for b, n in segs:
-        if pairs and b == 3:
-            out[pos:pos + n] = from_pairs(flat[src:src + n * 4 // 3])
-            src += n * 4 // 3
-        else:
-            out[pos:pos + n] = interleave(flat[src:src + n], byte_period(b))
-            src += n
-        pos += n
+    for (b, n), (k, m) in zip(segs, form):
+        part = flat[src:src + k * m]
+        out[pos:pos + n] = from_pairs(part) if pairs and b == 3 else interleave(part, k)
+        src, pos = src + k * m, pos + n
     return torch.from_numpy(out)
 
 

@@ -198,11 +198,13 @@ class _CodebookColumns(ColumnQuantizer):
         sg = cfg.claq_scale_group if cfg.claq_scale_group > 0 else cols
         self.sgroup = [j // sg for j in range(cols)]
         share = cfg.claq_share
-        self.k = torch.stack([(1 << p.widths.repeat_interleave(share)[:cols]) for p in plans]).to(dev)  # [P, in]
+        self.width = torch.stack([p.widths.repeat_interleave(share)[:cols] for p in plans]).to(dev)  # [P, in] bits
+        self.k = 1 << self.width  # [P, in] codebook entries
         self.n_out = torch.stack([p.outliers for p in plans]).to(dev)  # [P, in]
         self.kmax = int(self.k.max())
-        self.width = torch.log2(self.k.double()).round().long()  # [P, in] bits per code
-        self.pool = torch.zeros(P, 9, self.kmax, dtype=torch.float64, device=dev)  # code counts per width so far
+        self.part = torch.arange(P, device=dev)
+        self.pool = (torch.zeros(P, 9, self.kmax, dtype=torch.float64, device=dev)  # code counts per width so far
+                     if cfg.claq_entropy_lambda > 0 else None)
         self.codes = torch.zeros(rows, cols, dtype=torch.uint8, device=dev)
         self.cb = torch.full((cols, P, self.kmax), float("inf"), device=dev)  # values as stored
         self.cb_range = torch.zeros(cols, P, 2, dtype=torch.float16, device=dev)  # 8-bit codebooks: lo, step
@@ -245,7 +247,7 @@ class _CodebookColumns(ColumnQuantizer):
         lam = self.cfg.claq_entropy_lambda
         if lam > 0:  # entropy-constrained codes (shared codebooks stay as fitted; only the codes move); the
             # code lengths are those of the table the coder will use: every column of this width so far
-            prior = self.pool[torch.arange(len(self.parts), device=self.pool.device), self.width[:, j], : cb.shape[1]]
+            prior = self.pool[self.part, self.width[:, j], : cb.shape[1]]
             cb, code_bits, mu = ec_refine(x, cb, wt, self.valid, lam, iters=0 if self.static is not None else 6, prior=prior)
         if self.cfg.claq_codebook_bits == 8:
             cb, lo, step = compact_codebooks(cb)
@@ -254,8 +256,7 @@ class _CodebookColumns(ColumnQuantizer):
             cb = cb.to(torch.float16).to(torch.float32)  # stored values; inf stays inf
         code = rate_assign(x, cb, wt, mu, code_bits) if lam > 0 else nearest(x, cb)
         if lam > 0:
-            ar = torch.arange(len(self.parts), device=code.device)
-            self.pool[ar, self.width[:, j]] += torch.zeros_like(self.pool[:, 0]).scatter_add_(1, code, self.valid.double())
+            self.pool[self.part, self.width[:, j]] += torch.zeros_like(self.pool[:, 0]).scatter_add_(1, code, self.valid.double())
         q = cb.gather(1, code) * r
         q = torch.where(mask, X[0].to(torch.float16).to(torch.float32), q)
         out = torch.empty_like(w)
