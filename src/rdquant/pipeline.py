@@ -239,7 +239,11 @@ def discover_stages(
     stages - the linears in execution order, consecutive ones that share an input grouped;
     tails - for each submodule whose output is exactly one of its linears' output (alone, or first
     in a tuple whose other items are None), that linear and the number of Nones."""
-    order: list[tuple[str, int, tuple[int, ...]]] = []
+    # Each linear's input tensor is kept (not just its address): a freed input's memory is soon
+    # reused by a same-shaped later tensor (o_proj's input, then post_attention_layernorm's output),
+    # and grouping by a reused address once merged o_proj with gate/up into one stage. The version
+    # counter tells an input changed in place from the one an earlier linear saw.
+    order: list[tuple[str, torch.Tensor, tuple]] = []
     outputs: dict[str, Any] = {}
     handles = []
     names = {id(m): n for n, m in block.named_modules() if n}
@@ -248,7 +252,7 @@ def discover_stages(
         def hook(module, args):
             if name not in outputs and all(o[0] != name for o in order):
                 x = args[0]
-                order.append((name, x.data_ptr(), tuple(x.shape)))
+                order.append((name, x, (x.data_ptr(), tuple(x.shape), x.stride(), x._version)))
 
         return hook
 
@@ -271,8 +275,7 @@ def discover_stages(
         raise RdquantError(f"these linears never run in the block's forward: {', '.join(sorted(set(linears) - seen))}")
     stages: list[list[str]] = []
     last_key = None
-    for name, ptr, shape in order:
-        key = (ptr, shape)
+    for name, _, key in order:
         if stages and key == last_key:
             stages[-1].append(name)
         else:
