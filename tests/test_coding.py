@@ -256,6 +256,48 @@ def test_codebook_segments_round_trip_and_are_chosen_over_one_stream():
     assert torch.equal(decode_tensor("l.qweight", payload, entry, {"l": layer}, {"l.widths": widths}), qweight)
 
 
+@pytest.mark.parametrize("clustered", [False, True])
+def test_mixed_width_streams_round_trip_and_are_chosen_over_one_stream(clustered):
+    """A mixed layer's qweight is one packed segment per cell width: one stream (table) per width codes
+    smaller than one symbol stream over all widths, decodes to the same bytes, and rejects codes
+    wider than their width and streams that do not match the widths."""
+    from rdquant.coding import decode_tensor, encode_tensors, merge_mixed_width_streams, mixed_width_streams
+    from rdquant.config import CompressConfig
+    from rdquant.methods.cvxq import row_clusters
+    from rdquant.methods.gptq import mixed_rtn
+    from rdquant.qmixed import unpack_by_width
+
+    g = torch.Generator().manual_seed(4)
+    W = torch.randn(192, 100, generator=g) * torch.rand(192, 1, generator=g)
+    clusters = row_clusters(W, torch.ones(100), 64) if clustered else None
+    shape = (3, 100) if clustered else (192, 2)
+    widths = torch.tensor([0, 2, 3, 5, 8])[torch.randint(0, 5, shape, generator=g)]
+    q = mixed_rtn(W, widths, CompressConfig(group_size=64), 8, None, clusters)
+    state = q.packed_state()
+    layer = {"shape": [192, 100], "group_size": 64, **q.spec()}
+    tensors = {f"l.{k}": v for k, v in state.items()}
+    wmap = q.cell_map(q.widths)
+    streams = mixed_width_streams(state["qweight"], wmap)
+    assert [s.size for s in streams][1:3] == [int((wmap == 3).sum()), int((wmap == 5).sum())]  # one code per byte
+    flat, lengths = np.concatenate(streams), [s.size for s in streams]
+    assert torch.equal(merge_mixed_width_streams(flat, lengths, wmap), state["qweight"])
+    with pytest.raises(codecs.CodecError, match="do not match"):
+        merge_mixed_width_streams(flat[:-1], lengths[:-1] + [lengths[-1] - 1], wmap)
+    bad = flat.copy()
+    bad[lengths[0]] = 9  # a 3-bit code of 9
+    with pytest.raises(codecs.CodecError, match="outside"):
+        merge_mixed_width_streams(bad, lengths, wmap)
+    stored = encode_tensors(tensors, {"l": layer}, "zstd-19")
+    payload, fields = stored["l.qweight"]
+    assert fields["mapping"] == "mixed-widths"
+    sym = unpack_by_width(state["qweight"], wmap).reshape(-1).numpy()  # mapping `mixed`: one stream
+    assert payload.numel() < len(codecs.encode(sym, "zstd-19"))
+    assert fields["entropy_bits"] < codecs.entropy_bits(sym)
+    entry = {"codec": fields, "dtype": "uint8", "shape": list(state["qweight"].shape)}
+    decoded = {k: v for k, v in tensors.items() if not k.endswith("qweight")}
+    assert torch.equal(decode_tensor("l.qweight", payload, entry, {"l": layer}, decoded), state["qweight"])
+
+
 @settings(max_examples=40, deadline=None)
 @given(st.lists(st.integers(0, 7), max_size=200))
 def test_code_pairs_round_trip_and_reject_bad_bytes(codes):

@@ -41,7 +41,7 @@ from .qtensor import expand_groups, num_groups
 
 DEFAULT_SPEED_FLOOR_MBPS = 200.0
 MULTI_STREAM = ("zero-context", "zero-context-packed", "zero-context-pairs", "planes", "codebook-segments",
-                "codebook-pairs")  # mappings with several streams
+                "codebook-pairs", "mixed-widths")  # mappings with several streams
 
 
 @dataclass(frozen=True)
@@ -329,9 +329,17 @@ def encode_tensors(
                 if fields["mapping"] != "codebook":
                     fields["entropy_bits"] = round(_width_entropy_bits(sym, widths, layer), 4)
         elif layer is not None and leaf == "qweight" and layer.get("layout") == "mixed":
-            sym = unpack_by_width(t, _mixed_width_map(tensors, owner, layer)).reshape(-1).numpy()
+            wmap = _mixed_width_map(tensors, owner, layer)
+            sym = unpack_by_width(t, wmap).reshape(-1).numpy()
             spec, payload = choose_codec(sym, codec, speed_floor_mbps)
             fields = {"kind": "symbols", "mapping": "mixed", "entropy_bits": round(codecs.entropy_bits(sym), 4)}
+            if codec != "lz4":  # one stream (table) per width: kept when smaller
+                streams = mixed_width_streams(t, wmap)
+                per_width = encode_streams(streams, codec, speed_floor_mbps)
+                if len(per_width) < len(payload):
+                    bits = sum(codecs.entropy_bits(c) * c.size for c in mixed_width_codes(t, wmap))
+                    payload = per_width
+                    fields = {"kind": "symbols", "mapping": "mixed-widths", "entropy_bits": round(bits / max(sym.size, 1), 4)}
         elif layer is not None and leaf == "qweight":
             info = LayerInfo.from_manifest(layer)
             qzeros = tensors.get(f"{owner}.qzeros")
@@ -406,6 +414,9 @@ def decode_tensor(
             raise codecs.CodecError(f"mapping {codec['mapping']} needs the layer's column widths")
         return merge_segment_streams(*codecs.read_streams(payload.numpy()), widths, quantized[owner],
                                      pairs=codec["mapping"] == "codebook-pairs")
+    if codec.get("mapping") == "mixed-widths":
+        return merge_mixed_width_streams(*codecs.read_streams(payload.numpy()),
+                                         _mixed_width_map(decoded, owner, quantized[owner]))
     if codec.get("mapping") == "planes":
         dtype = getattr(torch, entry["dtype"])
         nbytes = int(np.prod(entry["shape"], dtype=np.int64)) * torch.empty(0, dtype=dtype).element_size()
@@ -488,6 +499,49 @@ def merge_segment_streams(flat: np.ndarray, lengths: list[int], widths: torch.Te
         out[pos:pos + n] = from_pairs(part) if pairs and b == 3 else interleave(part, k)
         src, pos = src + k * m, pos + n
     return torch.from_numpy(out)
+
+
+def _width_segments(wmap: torch.Tensor) -> list[tuple[int, int]]:
+    """(width, number of codes) of a mixed layer's qweight segments, in stored order (qmixed.pack_by_width)."""
+    counts = torch.bincount(wmap.reshape(-1).to(torch.long), minlength=9).tolist()
+    return [(b, counts[b]) for b in range(1, 9) if counts[b]]
+
+
+def mixed_width_streams(qweight: torch.Tensor, wmap: torch.Tensor) -> list[np.ndarray]:
+    """Mapping `mixed-widths`: a mixed layer's qweight is one packed segment per cell width; each is a
+    stream (its own table): as packed bytes where whole codes fill a byte (1, 2, 4, 8 bits: the coder
+    sees several codes per byte), else one code per byte (no code cut across bytes)."""
+    data, streams, pos = qweight.numpy(), [], 0
+    for b, n in _width_segments(wmap):
+        nb = packing.packed_nbytes(n, b)
+        seg = data[pos:pos + nb]
+        streams.append(seg if 8 % b == 0 else packing.unpack(torch.from_numpy(seg), b, n).numpy())
+        pos += nb
+    return streams
+
+
+def mixed_width_codes(qweight: torch.Tensor, wmap: torch.Tensor) -> list[np.ndarray]:
+    """A mixed layer's codes per width (one code per byte), for the per-width entropy."""
+    codes = unpack_by_width(qweight, wmap).numpy()
+    w = wmap.numpy()
+    return [codes[w == b] for b, _ in _width_segments(wmap)]
+
+
+def merge_mixed_width_streams(flat: np.ndarray, lengths: list[int], wmap: torch.Tensor) -> torch.Tensor:
+    """Inverse of mixed_width_streams (stream lengths checked against the widths): the packed qweight."""
+    segs = _width_segments(wmap)
+    if list(lengths) != [packing.packed_nbytes(n, b) if 8 % b == 0 else n for b, n in segs]:
+        raise codecs.CodecError("mixed-width streams do not match the layer's cell widths")
+    parts, src = [], 0
+    for (b, n), m in zip(segs, lengths):
+        part = flat[src:src + m]
+        if 8 % b:
+            if part.size and int(part.max()) >= (1 << b):
+                raise codecs.CodecError(f"decoded {b}-bit codes fall outside their width")
+            part = packing.pack(torch.from_numpy(np.ascontiguousarray(part)), b).numpy()
+        parts.append(part)
+        src += m
+    return torch.from_numpy(np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint8))
 
 
 def to_pairs(packed3: np.ndarray) -> np.ndarray:
