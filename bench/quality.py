@@ -130,6 +130,7 @@ def run_rdquant(name: str, cfg: rdquant.CompressConfig, args, calib: Path) -> di
         method += " (grid κ)" if cfg.cvxq_kappa == "grid" else ""
         method += " (row-group cells)" if cfg.cvxq_cells == "group" and cfg.cvxq_solver != "claq" else ""
         method += " (companded grid)" if cfg.cvxq_grid == "laplace" else ""
+        method += " (coded rate)" if cfg.cvxq_rate == "coded" else ""
         method += f" (min width {cfg.cvxq_min_bits})" if cfg.cvxq_min_bits >= 0 and cfg.cvxq_min_bits != (0 if cfg.cvxq_solver == "claq" else 2) else ""
     method += _scales_label(cfg.scale_bits)
     row = {"tool": "rdquant", "method": method, "bits": cfg.target_bits or cfg.target_coded_bits or cfg.bits,

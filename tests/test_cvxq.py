@@ -346,3 +346,45 @@ def test_min_bits_keeps_every_cell_at_least_that_wide(tiny_dir):
     assert min(int(w.min()) for w in plan.widths.values()) >= 2 and 0.995 * 3 <= plan.planned_bits <= 3
     with pytest.raises(RdquantError, match="min bits"):
         CompressConfig(method="cvxq", target_bits=3, cvxq_min_bits=5, cvxq_max_bits=4)
+
+
+def test_coded_code_bits_are_the_layer_entropy_per_width():
+    """--rate coded: a cell's codes at width b cost -log2 of their frequency in the layer at b; summed
+    over the layer that is the layer's code entropy, below b bits a code for bell-shaped weights."""
+    from rdquant.methods.cvxq import coded_code_bits
+
+    W = torch.randn(96, 130, generator=torch.Generator().manual_seed(5))
+    cfg = CompressConfig(method="cvxq", target_bits=3, group_size=64, cvxq_rate="coded", clip_search=0)
+    for clusters in (None, row_clusters(W, torch.ones(130), 64)):
+        bits = coded_code_bits(W, cfg, 2, 5, clusters)
+        assert bits.shape == ((96 * 3 if clusters is None else 2 * 130), 6)
+        assert bool(torch.isfinite(bits).all()) and float(bits[:, 0].abs().sum()) == 0  # width 0 stores no codes
+        sizes = bits[:, 1]  # width 1 is below lo = 2: nominal, one bit per code
+        assert float(sizes.sum()) == W.numel()
+        for b in range(2, 6):
+            shape = (96, 3) if clusters is None else (2, 130)
+            codes = mixed_rtn(W, torch.full(shape, b), cfg, 5, None, clusters).codes.reshape(-1).long()
+            p = torch.bincount(codes, minlength=1 << b).double() / codes.numel()
+            entropy = float(-(p[p > 0] * p[p > 0].log2()).sum()) * codes.numel()
+            assert float(bits[:, b].sum()) == pytest.approx(entropy, rel=1e-9)
+            assert entropy < 0.97 * b * W.numel()
+
+
+def test_coded_rate_targets_the_coded_size(tiny_dir, tmp_path):
+    """The same target buys more stored bits with --rate coded, and the artifact coded with `auto`
+    lands near the target (the side information, counted as stored, codes a little smaller)."""
+    common = dict(method="cvxq", target_bits=3.0, cvxq_solver="rtn", cvxq_sensitivity="hessian", calib_samples=8,
+                  calib_seqlen=64, cvxq_samples=8)
+    stored = rdquant.inspect(rdquant.compress(str(tiny_dir), CompressConfig(**common), progress=False).save(tmp_path / "s"))
+    cm = rdquant.compress(str(tiny_dir), CompressConfig(**common, cvxq_rate="coded"), progress=False)
+    out = cm.save(tmp_path / "c")
+    packed = rdquant.inspect(out)
+    assert 0.99 * 3.0 <= cm.method_state.planned_bits <= 3.0
+    assert stored.bits_per_weight <= 3.0 < packed.bits_per_weight
+    coded = rdquant.inspect(recode(out, tmp_path / "auto", codec="auto"))
+    assert 0.9 * 3.0 <= coded.coded_bits_per_weight <= 1.05 * 3.0
+    assert any(l.mapping == "mixed-widths" for l in coded.layers)
+    with pytest.raises(RdquantError, match="rate coded"):
+        CompressConfig(method="cvxq", target_bits=3, cvxq_solver="claq", claq_share=1, cvxq_rate="coded")
+    with pytest.raises(RdquantError, match="rate must be"):
+        CompressConfig(method="cvxq", target_bits=3, cvxq_rate="entropy")

@@ -83,6 +83,9 @@ def compress(
                                              "column, CVXQ's cells) | group (one row x --group-size columns)  [default: cluster]"),
     grid: Optional[str] = typer.Option(None, "--grid", help="cvxq cluster cells: uniform (scale + zero point) | "
                                                              "laplace (CVXQ's companded grid, scale only)  [default: uniform]"),
+    rate: Optional[str] = typer.Option(None, "--rate",
+                                       help="cvxq with gptq/rtn: what the target counts: stored (packed bits) | coded (each cell's codes at "
+                                            "their entropy under one table per width: the size after --codec auto)  [default: stored]"),
     bias_correction: Optional[bool] = typer.Option(None, "--bias-correction/--no-bias-correction",
                                                    help="store (W - Q) E[x] as a bias per layer  [default: off]"),
     outlier_frac: Optional[float] = typer.Option(None, "--outlier-frac",
@@ -134,7 +137,7 @@ def compress(
     given = dict(method=method, bits=bits, target_coded_bits=target_coded_bits, target_bits=target_bits,
                  target_size=parse_size(target_size), target_size_total=parse_size(target_size_total),
                  cvxq_solver=solver, cvxq_sensitivity=sensitivity, cvxq_max_bits=max_bits, cvxq_cells=cells, cvxq_grid=grid,
-                 bias_correction=bias_correction,
+                 cvxq_rate=rate, bias_correction=bias_correction,
                  claq_outlier_frac=outlier_frac, claq_share=codebook_share, claq_high_bits=high_bits,
                  claq_policy=column_policy, tune_steps=tune_steps, tune_lr=tune_lr,
                  claq_row_scale=row_scale, claq_entropy_lambda=entropy_lambda, group_size=group_size, symmetric=symmetric, act_order=act_order,

@@ -38,6 +38,7 @@ class CompressConfig:
     cvxq_solver: str = "gptq"  # gptq | rtn (per-cell grid search) | claq (column codebooks, column cells)
     cvxq_sensitivity: str = "gradient"  # gradient (CVXQ: PCA-projected output) | fisher (sampled-token log-lik.) | hessian (E[x_j^2]/E[y^2])
     cvxq_max_bits: int = 7  # widest cell (7: 3-bit width field)
+    cvxq_rate: str = "stored"  # what the target counts: stored (packed) bits | coded (entropy of each cell's codes, for --codec)
     cvxq_kappa: str = "gauss"  # distortion vs width of a cell: gauss (Lloyd-Max) | grid (measured for the uniform grid)
     cvxq_min_bits: int = -1  # narrowest cell; -1: 2 with uniform grids (gptq, rtn), 0 (a cell may be its centre) with claq
     cvxq_cells: str = "cluster"  # gptq/rtn cells: group (row x group_size columns) | cluster (group_size rows clustered by sensitivity x one column)
@@ -123,6 +124,11 @@ class CompressConfig:
             raise RdquantError("cvxq: the laplace (companded) grid needs cluster cells and the gptq or rtn solver")
         if self.cvxq_cells == "cluster" and self.cvxq_cell_group not in (0,):
             raise RdquantError("cvxq: cvxq_cell_group applies to group cells only")
+        if self.cvxq_rate not in ("stored", "coded"):
+            raise RdquantError("cvxq: rate must be stored or coded")
+        if self.cvxq_rate == "coded" and self.cvxq_solver == "claq":
+            raise RdquantError("cvxq: --rate coded needs a uniform grid (solver gptq or rtn); CLAQ's K-means codes "
+                               "use their levels nearly evenly, so their coded size is their stored size")
         if self.cvxq_kappa not in ("grid", "gauss"):
             raise RdquantError("cvxq: kappa must be grid or gauss")
         if self.cvxq_cell_group not in (0, -1) and (self.group_size == -1 or self.cvxq_cell_group % self.group_size):

@@ -12,6 +12,11 @@ the whole model sets every width, b_i = argmin_b n_i S_i^2 G_i^2 kappa(b) + lamb
 rounded, clamped reverse water-filling B = 1/2 log2(S^2 G^2 / lambda) of the paper), and lambda is
 found by bisection so the model's all-in size meets the target (allocate.waterfill). Then each layer
 is quantized at its widths by plain rounding with a per-cell grid search, by GPTQ, or by CLAQ.
+
+With `--rate coded` (uniform grids) the target counts the file after entropy coding: a cell's codes
+cost their entropy under one table per width (coded_code_bits, from plain rounding of the layer at
+every width), not b bits each, so cells whose codes are predictable (a peaked distribution) are
+cheaper to widen. Side information is counted as stored.
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ class CvxqPlan:
 
     widths: dict[str, torch.Tensor]
     target_bits: float  # all-in bits per quantized weight the plan was made for
-    planned_bits: float  # what the plan stores (exact, padding included)
+    planned_bits: float  # what the plan stores (exact, padding included); --rate coded: its modelled coded bits
     sensitivity: str
     cells: str
     seconds: float = 0.0
@@ -103,16 +108,22 @@ def group_rates(sizes: torch.Tensor, max_bits: int, wbits: int, grids: torch.Ten
 def width_cells(W: torch.Tensor, sens: torch.Tensor, cfg: CompressConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Cells that share a width: row x `cvxq_cell_group` columns, each made of whole grid groups
     (group_size columns, own scale/zero). (distortion weight, size, grid groups) per cell, row-major."""
-    out_f, in_f = W.shape
     w, sizes = group_cells(W, sens, cfg.group_size)
-    n_g = num_groups(in_f, cfg.group_size)
+    return (*(to_width_cells(t, *W.shape, cfg) for t in (w, sizes, torch.ones_like(sizes))),)
+
+
+def to_width_cells(t: torch.Tensor, out_f: int, in_f: int, cfg: CompressConfig) -> torch.Tensor:
+    """Per grid group values ([out * n_groups] or [out * n_groups, k], row-major) summed over each width
+    cell's groups."""
     per = cells_per_width(in_f, cfg)
     if per == 1:
-        return w, sizes, torch.ones_like(sizes)
+        return t
+    n_g = num_groups(in_f, cfg.group_size)
     idx = torch.arange(n_g) // per
     n_c = int(idx[-1]) + 1
-    agg = lambda t: torch.zeros(out_f, n_c, dtype=torch.float64).index_add_(1, idx, t.view(out_f, n_g)).reshape(-1)
-    return agg(w), agg(sizes), agg(torch.ones_like(sizes))
+    rest = t.shape[1:]
+    acc = torch.zeros(out_f, n_c, *rest, dtype=torch.float64).index_add_(1, idx, t.view(out_f, n_g, *rest).to(torch.float64))
+    return acc.reshape(out_f * n_c, *rest)
 
 
 def cells_per_width(in_f: int, cfg: CompressConfig) -> int:
@@ -149,6 +160,34 @@ def cluster_cells(W: torch.Tensor, sens: torch.Tensor, clusters: torch.Tensor) -
     var_sum = (acc(W.square()) - acc(W).square() / sizes).clamp_min(0)
     g2 = acc(sens) / sizes
     return (var_sum * g2).reshape(-1), sizes.expand(n_c, W.shape[1]).reshape(-1)
+
+
+def coded_code_bits(W: torch.Tensor, cfg: CompressConfig, lo: int, max_bits: int,
+                    clusters: torch.Tensor | None = None) -> torch.Tensor:
+    """[cells, max_bits + 1] coded bits of each cell's codes at each width (--rate coded), cells in
+    group_cells / cluster_cells order: the cell rounded onto its own grid at width b, each code
+    costing -log2 of its frequency among all the layer's codes at width b, i.e. what one table per
+    width pays (mapping `mixed-widths`). Widths below `lo` (never offered) stay at b bits per code."""
+    out_f, in_f = W.shape
+    if clusters is None:
+        n_g = num_groups(in_f, cfg.group_size)
+        shape = (out_f, n_g)
+        G = in_f if cfg.group_size == -1 else cfg.group_size
+        cell = torch.arange(out_f)[:, None] * n_g + (torch.arange(in_f) // G)[None, :]
+    else:
+        shape = (int(clusters.max()) + 1, in_f)
+        cell = clusters.to(torch.long)[:, None] * in_f + torch.arange(in_f)[None, :]
+    cell = cell.reshape(-1)
+    n = shape[0] * shape[1]
+    out = torch.bincount(cell, minlength=n).to(torch.float64)[:, None] * torch.arange(max_bits + 1, dtype=torch.float64)
+    grid = "laplace" if cfg.cvxq_grid == "laplace" else "affine"
+    for b in range(max(lo, 1), max_bits + 1):
+        q = mixed_rtn(W, torch.full(shape, b, dtype=torch.uint8), cfg, max_bits, None, clusters, grid)
+        codes = q.codes.reshape(-1).to(torch.long).cpu()
+        freq = torch.bincount(codes, minlength=1 << b).to(torch.float64)
+        cost = -torch.log2(freq / codes.numel())
+        out[:, b] = torch.zeros(n, dtype=torch.float64).index_add_(0, cell, cost[codes])
+    return out
 
 
 def column_cells(W: torch.Tensor, sens: torch.Tensor) -> torch.Tensor:
@@ -253,34 +292,43 @@ def grid_kappa(n: int, max_bits: int, clip_search: int, max_shrink: float, sampl
 
 
 def allocate(model: nn.Module, layers: list[LayerInfo], sens: dict[str, torch.Tensor], cfg: CompressConfig,
-             budget: float) -> tuple[dict[str, torch.Tensor], int, dict[str, torch.Tensor]]:
-    """Global reverse water-filling: (widths per layer, their exact stored bits <= `budget`, row clusters
-    per layer with cluster cells)."""
+             budget: float, progress: bool = False) -> tuple[dict[str, torch.Tensor], int, dict[str, torch.Tensor]]:
+    """Global reverse water-filling: (widths per layer, their bits <= `budget`, row clusters per layer
+    with cluster cells). The bits are the exact stored bits, or with --rate coded the modelled coded
+    bits (codes at their per-width entropy, side information as stored)."""
+    from tqdm.auto import tqdm
+
     mb = cfg.cvxq_max_bits
     kap = kappa(mb)
     if cell_kind(cfg) == "group" and cfg.cvxq_kappa == "grid":
         cell = min(l.cols for l in layers) if cfg.group_size == -1 else cfg.group_size
         kap = grid_kappa(cell, mb, cfg.clip_search, cfg.max_shrink)
+    coded = cfg.cvxq_rate == "coded"
+    lo = min_bits(cfg)  # widths below it are not offered
+    nominal = torch.arange(mb + 1, dtype=torch.float64)[None, :]
     weights, rates, spans = [], [], []
     clusters: dict[str, torch.Tensor] = {}
     fixed = 0.0
-    for l in layers:
+    for l in tqdm(layers, desc="cvxq: coded rates", unit="layer", disable=not (coded and progress)):
         W = model.get_submodule(l.name).weight.data
         if cell_kind(cfg) == "cluster":
             clusters[l.name] = row_clusters(W, sens[l.name], cfg.group_size)
             w, sizes = cluster_cells(W, sens[l.name], clusters[l.name])
             r = group_rates(sizes, mb, width_bits(mb), None, cfg.cvxq_grid == "uniform")
+            if coded:  # the codes' share of the rate at their entropy instead of b bits each
+                r = r - sizes[:, None] * nominal + coded_code_bits(W, cfg, lo, mb, clusters[l.name])
         elif cell_kind(cfg) == "column":
             w = column_cells(W, sens[l.name])
             r = codebook_rates(l.rows, torch.ones(l.cols), mb, cfg.claq_codebook_bits)
         else:
             w, sizes, grids = width_cells(W, sens[l.name], cfg)
             r = group_rates(sizes, mb, width_bits(mb), grids)
+            if coded:
+                r = r - sizes[:, None] * nominal + to_width_cells(coded_code_bits(W, cfg, lo, mb), l.rows, l.cols, cfg)
         fixed += _layer_fixed_bits(l.rows, l.cols, cfg, l.bias)
         spans.append(w.numel())
         weights.append(w)
         rates.append(r)
-    lo = min_bits(cfg)  # widths below it are not offered
     weight, rate = torch.cat(weights), torch.cat(rates)[:, lo:].contiguous()
     kap = kap[lo:]
     avail = budget - fixed
@@ -304,6 +352,8 @@ def allocate(model: nn.Module, layers: list[LayerInfo], sens: dict[str, torch.Te
                 out[l.name] = w.repeat_interleave(cells_per_width(l.cols, cfg), 1)[:, :n_g].contiguous()
         return out
 
+    if coded:  # a model of the coded size: no exact count to fit (the artifact's coded size is reported)
+        return unflatten(flat), int(fixed + float(rate.gather(1, flat[:, None]).sum())), clusters
     # the rate model leaves out packing padding (a few bytes per layer): measure the exact size and,
     # if it is over, narrow the cells that lose least per bit saved until it fits
     for _ in range(50):
@@ -341,7 +391,7 @@ def plan(model: nn.Module, calib_ids: torch.Tensor | None, cfg: CompressConfig, 
     else:
         sens = hessian_sensitivity(model, ids, names, cfg.cvxq_batch, cfg.device, progress)
     budget = budget_bits(model, layers, cfg)
-    widths, total, clusters = allocate(model, layers, sens, cfg, budget)
+    widths, total, clusters = allocate(model, layers, sens, cfg, budget, progress)
     n = sum(l.rows * l.cols for l in layers)
     summary = {}
     for l in layers:
