@@ -225,7 +225,7 @@ def test_lazy_load_decodes_a_layer_on_first_use(packed_artifact, tmp_path):
 def test_codebook_segments_round_trip_and_are_chosen_over_one_stream():
     """A codebook layer's qweight is one packed segment per column width: coded as one stream (planes at
     3 bits) per width it beats one mixed-width symbol stream, and decodes to the same bytes."""
-    from rdquant.coding import decode_tensor, encode_tensors, merge_segment_streams, segment_streams
+    from rdquant.coding import _segments, decode_tensor, encode_tensors, merge_segment_streams, segment_streams
     from rdquant.qcodebook import pack_segments
 
     rng = np.random.default_rng(3)
@@ -237,18 +237,19 @@ def test_codebook_segments_round_trip_and_are_chosen_over_one_stream():
             codes[:, c] = np.clip(np.round(rng.normal((1 << w) / 2, (1 << w) / 6, out_f)), 0, (1 << w) - 1)
     qweight = pack_segments(torch.from_numpy(codes), widths.to(torch.long))
     layer = {"shape": [out_f, in_f], "share": 1, "layout": "codebook", "bits": 8, "group_size": 1, "symmetric": False}
-    segs = segment_streams(qweight, widths, layer)
+    cut = _segments(widths, layer)
+    segs = segment_streams(qweight, cut)
     assert len(segs) == 1 + 3 + 1  # 2-bit, 3-bit as three planes, 4-bit
     flat, lengths = np.concatenate(segs), [s.size for s in segs]
-    assert torch.equal(merge_segment_streams(flat, lengths, widths, layer), qweight)
+    assert torch.equal(merge_segment_streams(flat, lengths, cut), qweight)
     with pytest.raises(codecs.CodecError):
-        merge_segment_streams(flat[:-1], lengths[:-1] + [lengths[-1] - 1], widths, layer)
-    pairs = segment_streams(qweight, widths, layer, pairs=True)
+        merge_segment_streams(flat[:-1], lengths[:-1] + [lengths[-1] - 1], cut)
+    pairs = segment_streams(qweight, cut, pairs=True)
     assert len(pairs) == 1 + 1 + 1 and pairs[1].size == segs[1].size * 4  # 3-bit: one pair per byte
     flat, lengths = np.concatenate(pairs), [s.size for s in pairs]
-    assert torch.equal(merge_segment_streams(flat, lengths, widths, layer, pairs=True), qweight)
+    assert torch.equal(merge_segment_streams(flat, lengths, cut, pairs=True), qweight)
     with pytest.raises(codecs.CodecError):
-        merge_segment_streams(flat, lengths, widths, layer)  # read as the other mapping
+        merge_segment_streams(flat, lengths, cut)  # read as the other mapping
     stored = encode_tensors({"l.widths": widths, "l.qweight": qweight}, {"l": layer}, "zstd-19")
     payload, fields = stored["l.qweight"]
     assert fields["mapping"] in ("codebook-segments", "codebook-pairs") and payload.numel() < qweight.numel()
@@ -258,17 +259,17 @@ def test_codebook_segments_round_trip_and_are_chosen_over_one_stream():
 
 @pytest.mark.parametrize("clustered", [False, True])
 def test_mixed_width_streams_round_trip_and_are_chosen_over_one_stream(clustered):
-    """A mixed layer's qweight is one packed segment per cell width: one stream (table) per width codes
-    smaller than one symbol stream over all widths, decodes to the same bytes, and rejects codes
-    wider than their width and streams that do not match the widths."""
-    from rdquant.coding import decode_tensor, encode_tensors, merge_mixed_width_streams, mixed_width_streams
+    """A mixed layer's qweight is one packed segment per cell width: one stream (table) per width, 3-bit
+    codes as pairs and 5-bit as planes, codes smaller than one symbol stream over all widths, decodes
+    to the same bytes, and rejects streams that do not match the widths or hold no pairs."""
+    from rdquant.coding import _width_segments, decode_tensor, encode_tensors, merge_segment_streams, segment_streams
     from rdquant.config import CompressConfig
     from rdquant.methods.cvxq import row_clusters
     from rdquant.methods.gptq import mixed_rtn
     from rdquant.qmixed import unpack_by_width
 
     g = torch.Generator().manual_seed(4)
-    W = torch.randn(192, 100, generator=g) * torch.rand(192, 1, generator=g)
+    W = torch.randn(192, 100, generator=g) ** 3  # heavy-tailed: peaked codes on min-max grids
     clusters = row_clusters(W, torch.ones(100), 64) if clustered else None
     shape = (3, 100) if clustered else (192, 2)
     widths = torch.tensor([0, 2, 3, 5, 8])[torch.randint(0, 5, shape, generator=g)]
@@ -277,16 +278,18 @@ def test_mixed_width_streams_round_trip_and_are_chosen_over_one_stream(clustered
     layer = {"shape": [192, 100], "group_size": 64, **q.spec()}
     tensors = {f"l.{k}": v for k, v in state.items()}
     wmap = q.cell_map(q.widths)
-    streams = mixed_width_streams(state["qweight"], wmap)
-    assert [s.size for s in streams][1:3] == [int((wmap == 3).sum()), int((wmap == 5).sum())]  # one code per byte
+    cut = _width_segments(wmap)
+    assert [b for b, _ in cut] == [2, 3, 5, 8]
+    streams = segment_streams(state["qweight"], cut, pairs=True)
+    assert len(streams) == 1 + 1 + 5 + 1 and streams[1].size == packing.packed_nbytes(int((wmap == 3).sum()), 3) * 4 // 3  # pairs
     flat, lengths = np.concatenate(streams), [s.size for s in streams]
-    assert torch.equal(merge_mixed_width_streams(flat, lengths, wmap), state["qweight"])
+    assert torch.equal(merge_segment_streams(flat, lengths, cut, pairs=True), state["qweight"])
     with pytest.raises(codecs.CodecError, match="do not match"):
-        merge_mixed_width_streams(flat[:-1], lengths[:-1] + [lengths[-1] - 1], wmap)
+        merge_segment_streams(flat[:-1], lengths[:-1] + [lengths[-1] - 1], cut, pairs=True)
     bad = flat.copy()
-    bad[lengths[0]] = 9  # a 3-bit code of 9
+    bad[lengths[0]] = 0x40  # a pair byte with bit 6 set
     with pytest.raises(codecs.CodecError, match="outside"):
-        merge_mixed_width_streams(bad, lengths, wmap)
+        merge_segment_streams(bad, lengths, cut, pairs=True)
     stored = encode_tensors(tensors, {"l": layer}, "zstd-19")
     payload, fields = stored["l.qweight"]
     assert fields["mapping"] == "mixed-widths"

@@ -323,7 +323,8 @@ def encode_tensors(
             if codec != "lz4":  # the packed segments, one stream (table) per column width: kept when smaller
                 has3 = any(b == 3 for b, _ in _segments(widths, layer))  # pairs differ only there
                 for mapping in ("codebook-segments", "codebook-pairs")[: 1 + has3]:
-                    segs = encode_streams(segment_streams(t, widths, layer, mapping == "codebook-pairs"), codec, speed_floor_mbps)
+                    segs = encode_streams(segment_streams(t, _segments(widths, layer), mapping == "codebook-pairs"),
+                                          codec, speed_floor_mbps)
                     if len(segs) < len(payload):
                         payload, fields = segs, {"kind": "symbols", "mapping": mapping}
                 if fields["mapping"] != "codebook":
@@ -333,9 +334,8 @@ def encode_tensors(
             sym = unpack_by_width(t, wmap).reshape(-1).numpy()
             spec, payload = choose_codec(sym, codec, speed_floor_mbps)
             fields = {"kind": "symbols", "mapping": "mixed", "entropy_bits": round(codecs.entropy_bits(sym), 4)}
-            if codec != "lz4":  # one stream (table) per width: kept when smaller
-                streams = mixed_width_streams(t, wmap)
-                per_width = encode_streams(streams, codec, speed_floor_mbps)
+            if codec != "lz4":  # one stream (table) per width, 3 bits as pairs: kept when smaller
+                per_width = encode_streams(segment_streams(t, _width_segments(wmap), pairs=True), codec, speed_floor_mbps)
                 if len(per_width) < len(payload):
                     bits = sum(codecs.entropy_bits(c) * c.size for c in mixed_width_codes(t, wmap))
                     payload = per_width
@@ -412,11 +412,11 @@ def decode_tensor(
         widths = decoded.get(f"{owner}.widths")
         if widths is None:
             raise codecs.CodecError(f"mapping {codec['mapping']} needs the layer's column widths")
-        return merge_segment_streams(*codecs.read_streams(payload.numpy()), widths, quantized[owner],
+        return merge_segment_streams(*codecs.read_streams(payload.numpy()), _segments(widths, quantized[owner]),
                                      pairs=codec["mapping"] == "codebook-pairs")
     if codec.get("mapping") == "mixed-widths":
-        return merge_mixed_width_streams(*codecs.read_streams(payload.numpy()),
-                                         _mixed_width_map(decoded, owner, quantized[owner]))
+        wmap = _mixed_width_map(decoded, owner, quantized[owner])
+        return merge_segment_streams(*codecs.read_streams(payload.numpy()), _width_segments(wmap), pairs=True)
     if codec.get("mapping") == "planes":
         dtype = getattr(torch, entry["dtype"])
         nbytes = int(np.prod(entry["shape"], dtype=np.int64)) * torch.empty(0, dtype=dtype).element_size()
@@ -472,27 +472,25 @@ def _segments(widths: torch.Tensor, layer: dict[str, Any]) -> list[tuple[int, in
     return [(b, packing.packed_nbytes(out_f * int((cw == b).sum()), b)) for b in sorted(set(cw.tolist()) - {0})]
 
 
-def segment_streams(qweight: torch.Tensor, widths: torch.Tensor, layer: dict[str, Any], pairs: bool = False) -> list[np.ndarray]:
-    """Mapping `codebook-segments`: a codebook layer's qweight is already one packed segment per column
-    width; each segment is a stream (its own table), as `byte_period` planes where codes straddle bytes.
-    Mapping `codebook-pairs` (`pairs`): 3-bit segments as one stream of code pairs, a pair per byte
-    (to_pairs), so no code is cut in two; other widths as in `codebook-segments`."""
+def segment_streams(qweight: torch.Tensor, segs: list[tuple[int, int]], pairs: bool = False) -> list[np.ndarray]:
+    """A qweight stored as one packed segment per width (`segs`: (width, bytes) in order), one stream
+    (its own table) per segment, as `byte_period` planes where codes straddle bytes: mappings
+    `codebook-segments` (codebook layers). With `pairs` (`codebook-pairs`, `mixed-widths`) 3-bit
+    segments are one stream of code pairs, a pair per byte (to_pairs), so no code is cut in two."""
     data, streams, pos = qweight.numpy(), [], 0
-    for b, n in _segments(widths, layer):
+    for b, n in segs:
         seg, per = data[pos:pos + n], byte_period(b)
         streams += [seg] if per == 1 else [to_pairs(seg)] if pairs and b == 3 else plane_streams(seg, per)
         pos += n
     return streams
 
 
-def merge_segment_streams(flat: np.ndarray, lengths: list[int], widths: torch.Tensor, layer: dict[str, Any],
-                          pairs: bool = False) -> torch.Tensor:
-    """Inverse of segment_streams (stream lengths checked against the widths): the packed qweight."""
-    segs = _segments(widths, layer)
+def merge_segment_streams(flat: np.ndarray, lengths: list[int], segs: list[tuple[int, int]], pairs: bool = False) -> torch.Tensor:
+    """Inverse of segment_streams (stream lengths checked against the segments): the packed qweight."""
     # per segment: (streams, bytes per stream); pair form is one stream, 4 bytes per 3 packed
     form = [(1, n * 4 // 3) if pairs and b == 3 else (byte_period(b), n // byte_period(b)) for b, n in segs]
     if list(lengths) != [m for k, m in form for _ in range(k)]:
-        raise codecs.CodecError("codebook segments do not match the layer's column widths")
+        raise codecs.CodecError("the streams do not match the layer's width segments")
     out, pos, src = np.empty(sum(n for _, n in segs), dtype=np.uint8), 0, 0
     for (b, n), (k, m) in zip(segs, form):
         part = flat[src:src + k * m]
@@ -502,46 +500,15 @@ def merge_segment_streams(flat: np.ndarray, lengths: list[int], widths: torch.Te
 
 
 def _width_segments(wmap: torch.Tensor) -> list[tuple[int, int]]:
-    """(width, number of codes) of a mixed layer's qweight segments, in stored order (qmixed.pack_by_width)."""
+    """(width, packed bytes) of a mixed layer's qweight segments, in stored order (qmixed.pack_by_width)."""
     counts = torch.bincount(wmap.reshape(-1).to(torch.long), minlength=9).tolist()
-    return [(b, counts[b]) for b in range(1, 9) if counts[b]]
-
-
-def mixed_width_streams(qweight: torch.Tensor, wmap: torch.Tensor) -> list[np.ndarray]:
-    """Mapping `mixed-widths`: a mixed layer's qweight is one packed segment per cell width; each is a
-    stream (its own table): as packed bytes where whole codes fill a byte (1, 2, 4, 8 bits: the coder
-    sees several codes per byte), else one code per byte (no code cut across bytes)."""
-    data, streams, pos = qweight.numpy(), [], 0
-    for b, n in _width_segments(wmap):
-        nb = packing.packed_nbytes(n, b)
-        seg = data[pos:pos + nb]
-        streams.append(seg if 8 % b == 0 else packing.unpack(torch.from_numpy(seg), b, n).numpy())
-        pos += nb
-    return streams
+    return [(b, packing.packed_nbytes(counts[b], b)) for b in range(1, 9) if counts[b]]
 
 
 def mixed_width_codes(qweight: torch.Tensor, wmap: torch.Tensor) -> list[np.ndarray]:
     """A mixed layer's codes per width (one code per byte), for the per-width entropy."""
-    codes = unpack_by_width(qweight, wmap).numpy()
-    w = wmap.numpy()
+    codes, w = unpack_by_width(qweight, wmap).numpy(), wmap.numpy()
     return [codes[w == b] for b, _ in _width_segments(wmap)]
-
-
-def merge_mixed_width_streams(flat: np.ndarray, lengths: list[int], wmap: torch.Tensor) -> torch.Tensor:
-    """Inverse of mixed_width_streams (stream lengths checked against the widths): the packed qweight."""
-    segs = _width_segments(wmap)
-    if list(lengths) != [packing.packed_nbytes(n, b) if 8 % b == 0 else n for b, n in segs]:
-        raise codecs.CodecError("mixed-width streams do not match the layer's cell widths")
-    parts, src = [], 0
-    for (b, n), m in zip(segs, lengths):
-        part = flat[src:src + m]
-        if 8 % b:
-            if part.size and int(part.max()) >= (1 << b):
-                raise codecs.CodecError(f"decoded {b}-bit codes fall outside their width")
-            part = packing.pack(torch.from_numpy(np.ascontiguousarray(part)), b).numpy()
-        parts.append(part)
-        src += m
-    return torch.from_numpy(np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint8))
 
 
 def to_pairs(packed3: np.ndarray) -> np.ndarray:
