@@ -70,10 +70,10 @@ class CompressedModel:
         }
         tensors: dict[str, torch.Tensor] = {}
         tied: dict[str, str] = {}
-        seen: dict[int, str] = {}
-        for name, t in self.model.state_dict(keep_vars=False).items():
+        seen: dict[tuple, str] = {}
+        for name, t in self.model.state_dict(keep_vars=False).items():  # all alive: an address is one tensor's
             owner, _, leaf = name.rpartition(".")
-            key = t.data_ptr()
+            key = (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype)  # a view at the same address is not a tie
             if key in seen and t.numel():
                 tied[name] = seen[key]
                 continue

@@ -522,7 +522,7 @@ def _run_pipeline(
     stages: list[list[str]] | None = None
     tails: dict[str, tuple[str, int]] = {}
     what = (f"{cfg.target_coded_bits} coded bits" if cfg.method == "ecsq"
-            else f"{method_state.planned_bits:.3f} bits/weight" if cfg.method == "cvxq"
+            else f"{method_state.planned_bits:.3f} {'coded ' if cfg.cvxq_rate == 'coded' else ''}bits/weight" if cfg.method == "cvxq"
             else f"{cfg.target_bits} bits/weight" if cfg.target_bits is not None else f"{cfg.bits}-bit")
     bar = tqdm(range(start, len(blocks)), desc=f"{cfg.method} {what}", unit="block", disable=not progress,
                initial=start, total=len(blocks))
