@@ -64,16 +64,21 @@ def timed_load(fn, path: Path, repeats: int = 5, cold_repeats: int = 3) -> tuple
 
 def entropy_floor_bytes(packed: Path) -> float:
     """Bytes if every qweight were coded at its empirical entropy (order 0, or per zero-point context when
-    lower; a codebook layer's codes with one table per column width), the layer's other tensors as packed."""
+    lower; a codebook or mixed-width layer's codes with one table per width), the layer's other tensors
+    as packed."""
     manifest, tensors = read_tensors(packed, verify=False)
-    from rdquant.coding import (LayerInfo, _codebook_symbols, _width_entropy_bits, best_mapping, context_entropy_bits,
-                                weight_symbols)
+    from rdquant.codecs import entropy_bits
+    from rdquant.coding import (LayerInfo, _codebook_symbols, _mixed_width_map, _width_entropy_bits, best_mapping,
+                                context_entropy_bits, mixed_width_codes, weight_symbols)
 
     total = 0.0
     for name, info in manifest["quantized"].items():
         qw = tensors[f"{name}.qweight"]
         if info.get("layout") == "codebook":
             h = _width_entropy_bits(_codebook_symbols(qw, tensors[f"{name}.widths"], info), tensors[f"{name}.widths"], info)
+        elif info.get("layout") == "mixed":
+            per_width = mixed_width_codes(qw, _mixed_width_map(tensors, name, info))
+            h = sum(entropy_bits(c) * c.size for c in per_width) / (info["shape"][0] * info["shape"][1])
         else:
             li, qz = LayerInfo.from_manifest(info), tensors.get(f"{name}.qzeros")
             _, _, h = best_mapping(qw, qz, li)

@@ -69,5 +69,24 @@ def test_multi_stream_payloads_round_trip_and_reject_truncation(codec, streams):
     flat, lengths = codecs.read_streams(blob)
     assert lengths == [s.size for s in segs] and flat.tobytes() == b"".join(streams)
     assert codecs.decode_any(blob).tobytes() == b"".join(streams)
+    if codec in ("lz4", "ans"):  # no stream costs more than its raw payload
+        header = codecs._STREAMS.size + 8 * len(segs)
+        assert len(blob) <= header + sum(len(codecs.encode(x, "none")) for x in segs)
     with pytest.raises(codecs.CodecError):
         codecs.read_streams(blob[:-1])
+
+
+def test_short_streams_that_ans_would_expand_are_stored_raw():
+    """ANS pays a 256-entry count table per stream: short streams (byte planes of a small segment) are
+    stored raw inside the multi-stream payload, long ones coded, and the blob decodes to both."""
+    from rdquant.coding import choose_codec
+
+    rng = np.random.default_rng(0)
+    short = rng.integers(0, 256, 300).astype(np.uint8)
+    long = np.minimum(rng.geometric(0.3, 200_000), 255).astype(np.uint8)
+    blob = codecs.encode_streams([short, long], "ans", 200.0, choose_codec)
+    parts = codecs.unpack_streams(blob)
+    assert [p.tobytes() for p in parts] == [short.tobytes(), long.tobytes()]
+    assert len(codecs.encode(short, "ans")) > len(codecs.encode(short, "none"))  # ANS would expand it
+    expected = codecs._STREAMS.size + 16 + len(codecs.encode(short, "none")) + len(codecs.encode(long, "ans"))
+    assert len(blob) == expected

@@ -221,8 +221,9 @@ def encode_streams(streams: list[np.ndarray], codec: str, speed_floor_mbps: floa
         levels = [c for c in AUTO_CANDIDATES if c.startswith("zstd")] if NOMINAL_DECODE_MBPS["zstd"] >= speed_floor_mbps else []
     else:
         levels = [codec] if codec.startswith("zstd") else []
-    if not levels:
-        return pack_streams([choose(seg, codec, speed_floor_mbps)[1] for seg in streams])
+    if not levels:  # each stream in its own payload; one that the codec would expand (a frequency table
+        # costs more than a short stream saves) is stored raw: every payload names its own codec
+        return pack_streams([min(choose(seg, codec, speed_floor_mbps)[1], encode(seg, "none"), key=len) for seg in streams])
     frames = [min((encode(seg, c) for c in levels), key=len)[_HEADER.size:] for seg in streams]
     return pack_zstd_streams(frames, [s.size for s in streams])
 
