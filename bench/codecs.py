@@ -1,8 +1,10 @@
 """Lossless coding of the quantized artifacts: sizes, entropy floor, decode speed, load time.
 
-    python bench/codecs.py                 # the GPTQ / CLAQ artifacts that bench/quality.py saved
+    python bench/codecs.py                 # the GPTQ / CLAQ / CVXQ artifacts in bench/cache/artifacts
     (made by: python bench/quality.py --bits 4 3 2 --methods gptq; ... --bits 2 --methods gptq
-     --gptq-extra scale_bits=7; ... --methods claq --claq-targets 3.1 [--claq-extra claq_entropy_lambda=0.7])
+     --gptq-extra scale_bits=7; ... --methods claq --claq-targets 3.1 [--claq-extra claq_entropy_lambda=0.7];
+     rdquant compress --method cvxq --target-bits 3.0 --solver rtn --sensitivity hessian [--rate coded]
+     --out bench/cache/artifacts/cvxq_rtn_t3.0g128_hessian[_ratecoded], then recode --codec none if coded)
     python bench/codecs.py --artifacts DIR [DIR ...]
 
 For each artifact: the packed size of the quantized linears, the same after zstd-19 / lz4 / ANS /
@@ -67,9 +69,9 @@ def entropy_floor_bytes(packed: Path) -> float:
     lower; a codebook or mixed-width layer's codes with one table per width), the layer's other tensors
     as packed."""
     manifest, tensors = read_tensors(packed, verify=False)
-    from rdquant.codecs import entropy_bits
-    from rdquant.coding import (LayerInfo, _codebook_symbols, _mixed_width_map, _width_entropy_bits, best_mapping,
-                                context_entropy_bits, mixed_width_codes, weight_symbols)
+    from rdquant.coding import (LayerInfo, _codebook_symbols, _mixed_entropy_bits, _mixed_width_map, _width_entropy_bits,
+                                best_mapping, context_entropy_bits, weight_symbols)
+    from rdquant.qmixed import unpack_by_width
 
     total = 0.0
     for name, info in manifest["quantized"].items():
@@ -77,8 +79,8 @@ def entropy_floor_bytes(packed: Path) -> float:
         if info.get("layout") == "codebook":
             h = _width_entropy_bits(_codebook_symbols(qw, tensors[f"{name}.widths"], info), tensors[f"{name}.widths"], info)
         elif info.get("layout") == "mixed":
-            per_width = mixed_width_codes(qw, _mixed_width_map(tensors, name, info))
-            h = sum(entropy_bits(c) * c.size for c in per_width) / (info["shape"][0] * info["shape"][1])
+            wmap = _mixed_width_map(tensors, name, info)
+            h = _mixed_entropy_bits(unpack_by_width(qw, wmap).reshape(-1).numpy(), wmap)
         else:
             li, qz = LayerInfo.from_manifest(info), tensors.get(f"{name}.qzeros")
             _, _, h = best_mapping(qw, qz, li)
@@ -107,7 +109,10 @@ def main() -> None:
     ap.add_argument("--artifacts", type=Path, nargs="+",
                     default=[CACHE / "artifacts" / n for n in ("gptq_w4g64", "gptq_w3g64", "gptq_w2g64",
                                                                        "gptq_w2g64_scale_bits7", "claq_t3.1",
-                                                                       "claq_t3.1_entropy_lambda0.7")])
+                                                                       "claq_t3.1_entropy_lambda0.7",
+                                                                       "cvxq_rtn_t3.0g128_hessian",
+                                                                       "cvxq_rtn_t3.0g128_hessian_ratecoded")],
+                    help="packed artifacts (BENCHMARKS.md section 3 says how each default was made)")
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--json", type=Path, default=CACHE / "codecs.json")
     args = ap.parse_args()

@@ -262,11 +262,11 @@ def test_mixed_width_streams_round_trip_and_are_chosen_over_one_stream(clustered
     """A mixed layer's qweight is one packed segment per cell width: one stream (table) per width, 3-bit
     codes as pairs and 5-bit as planes, codes smaller than one symbol stream over all widths, decodes
     to the same bytes, and rejects streams that do not match the widths or hold no pairs."""
-    from rdquant.coding import _width_segments, decode_tensor, encode_tensors, merge_segment_streams, segment_streams
+    from rdquant.coding import _mixed_segments, decode_tensor, encode_tensors, merge_segment_streams, segment_streams
     from rdquant.config import CompressConfig
     from rdquant.methods.cvxq import row_clusters
     from rdquant.methods.gptq import mixed_rtn
-    from rdquant.qmixed import unpack_by_width
+    from rdquant.qmixed import unpack_by_width, width_counts
 
     g = torch.Generator().manual_seed(4)
     W = torch.randn(192, 100, generator=g) ** 3  # heavy-tailed: peaked codes on min-max grids
@@ -278,8 +278,10 @@ def test_mixed_width_streams_round_trip_and_are_chosen_over_one_stream(clustered
     layer = {"shape": [192, 100], "group_size": 64, **q.spec()}
     tensors = {f"l.{k}": v for k, v in state.items()}
     wmap = q.cell_map(q.widths)
-    cut = _width_segments(wmap)
-    assert [b for b, _ in cut] == [2, 3, 5, 8]
+    counts = torch.bincount(wmap.reshape(-1).long(), minlength=9).tolist()
+    assert width_counts(q.widths, (192, 100), 64, clusters) == counts  # from the cells, no per-weight map
+    cut = _mixed_segments(tensors, "l", layer)
+    assert cut == [(b, packing.packed_nbytes(counts[b], b)) for b in (2, 3, 5, 8)]
     streams = segment_streams(state["qweight"], cut, pairs=True)
     assert len(streams) == 1 + 1 + 5 + 1 and streams[1].size == packing.packed_nbytes(int((wmap == 3).sum()), 3) * 4 // 3  # pairs
     flat, lengths = np.concatenate(streams), [s.size for s in streams]

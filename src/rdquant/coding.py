@@ -335,11 +335,11 @@ def encode_tensors(
             spec, payload = choose_codec(sym, codec, speed_floor_mbps)
             fields = {"kind": "symbols", "mapping": "mixed", "entropy_bits": round(codecs.entropy_bits(sym), 4)}
             if codec != "lz4":  # one stream (table) per width, 3 bits as pairs: kept when smaller
-                per_width = encode_streams(segment_streams(t, _width_segments(wmap), pairs=True), codec, speed_floor_mbps)
+                per_width = encode_streams(segment_streams(t, _mixed_segments(tensors, owner, layer), pairs=True),
+                                           codec, speed_floor_mbps)
                 if len(per_width) < len(payload):
-                    bits = sum(codecs.entropy_bits(c) * c.size for c in mixed_width_codes(t, wmap))
                     payload = per_width
-                    fields = {"kind": "symbols", "mapping": "mixed-widths", "entropy_bits": round(bits / max(sym.size, 1), 4)}
+                    fields = {"kind": "symbols", "mapping": "mixed-widths", "entropy_bits": round(_mixed_entropy_bits(sym, wmap), 4)}
         elif layer is not None and leaf == "qweight":
             info = LayerInfo.from_manifest(layer)
             qzeros = tensors.get(f"{owner}.qzeros")
@@ -415,8 +415,8 @@ def decode_tensor(
         return merge_segment_streams(*codecs.read_streams(payload.numpy()), _segments(widths, quantized[owner]),
                                      pairs=codec["mapping"] == "codebook-pairs")
     if codec.get("mapping") == "mixed-widths":
-        wmap = _mixed_width_map(decoded, owner, quantized[owner])
-        return merge_segment_streams(*codecs.read_streams(payload.numpy()), _width_segments(wmap), pairs=True)
+        return merge_segment_streams(*codecs.read_streams(payload.numpy()), _mixed_segments(decoded, owner, quantized[owner]),
+                                     pairs=True)
     if codec.get("mapping") == "planes":
         dtype = getattr(torch, entry["dtype"])
         nbytes = int(np.prod(entry["shape"], dtype=np.int64)) * torch.empty(0, dtype=dtype).element_size()
@@ -449,10 +449,8 @@ def decode_tensor(
     return weight_from_symbols(sym, decoded.get(f"{owner}.qzeros"), info, codec["mapping"])
 
 
-def _mixed_width_map(tensors: dict[str, torch.Tensor], owner: str, layer: dict[str, Any]) -> torch.Tensor:
-    """A mixed layer's cell widths broadcast to one per weight [out, in] (from its qwidths, qclusters)."""
-    from . import packing
-    from .qmixed import width_map
+def _mixed_cells(tensors: dict[str, torch.Tensor], owner: str, layer: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A mixed layer's per-cell widths and row clusters (if any), from its qwidths and qclusters (checked)."""
     from .qtensor import num_groups
 
     out_f, in_f = layer["shape"]
@@ -461,8 +459,24 @@ def _mixed_width_map(tensors: dict[str, torch.Tensor], owner: str, layer: dict[s
     if (clusters is None) != (not layer.get("clusters")) or (clusters is not None and (
             clusters.numel() != out_f or int(clusters.min()) < 0 or int(clusters.max()) >= cells[0])):
         raise codecs.CodecError(f"{owner}: row clusters do not match the manifest")
-    widths = packing.unpack(tensors[f"{owner}.qwidths"], layer["width_bits"], cells[0] * cells[1]).view(*cells)
-    return width_map(widths, (out_f, in_f), layer["group_size"], clusters)
+    return packing.unpack(tensors[f"{owner}.qwidths"], layer["width_bits"], cells[0] * cells[1]).view(*cells), clusters
+
+
+def _mixed_width_map(tensors: dict[str, torch.Tensor], owner: str, layer: dict[str, Any]) -> torch.Tensor:
+    """A mixed layer's cell widths broadcast to one per weight [out, in] (from its qwidths, qclusters)."""
+    from .qmixed import width_map
+
+    widths, clusters = _mixed_cells(tensors, owner, layer)
+    return width_map(widths, tuple(layer["shape"]), layer["group_size"], clusters)
+
+
+def _mixed_segments(tensors: dict[str, torch.Tensor], owner: str, layer: dict[str, Any]) -> list[tuple[int, int]]:
+    """(width, packed bytes) of a mixed layer's qweight segments, in stored order (qmixed.pack_by_width)."""
+    from .qmixed import width_counts
+
+    widths, clusters = _mixed_cells(tensors, owner, layer)
+    counts = width_counts(widths, tuple(layer["shape"]), layer["group_size"], clusters)
+    return [(b, packing.packed_nbytes(counts[b], b)) for b in range(1, 9) if counts[b]]
 
 
 def _segments(widths: torch.Tensor, layer: dict[str, Any]) -> list[tuple[int, int]]:
@@ -499,16 +513,10 @@ def merge_segment_streams(flat: np.ndarray, lengths: list[int], segs: list[tuple
     return torch.from_numpy(out)
 
 
-def _width_segments(wmap: torch.Tensor) -> list[tuple[int, int]]:
-    """(width, packed bytes) of a mixed layer's qweight segments, in stored order (qmixed.pack_by_width)."""
-    counts = torch.bincount(wmap.reshape(-1).to(torch.long), minlength=9).tolist()
-    return [(b, packing.packed_nbytes(counts[b], b)) for b in range(1, 9) if counts[b]]
-
-
-def mixed_width_codes(qweight: torch.Tensor, wmap: torch.Tensor) -> list[np.ndarray]:
-    """A mixed layer's codes per width (one code per byte), for the per-width entropy."""
-    codes, w = unpack_by_width(qweight, wmap).numpy(), wmap.numpy()
-    return [codes[w == b] for b, _ in _width_segments(wmap)]
+def _mixed_entropy_bits(sym: np.ndarray, wmap: torch.Tensor) -> float:
+    """Bits per symbol of ideal coding of a mixed layer's codes (`sym`, row-major) with one table per width."""
+    w = wmap.reshape(-1).numpy()
+    return sum(codecs.entropy_bits(sym[w == b]) * int((w == b).sum()) for b in range(1, 9)) / max(sym.size, 1)
 
 
 def to_pairs(packed3: np.ndarray) -> np.ndarray:

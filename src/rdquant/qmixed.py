@@ -101,6 +101,18 @@ def width_map(widths: torch.Tensor, shape: tuple[int, int], group_size: int,
     return widths[clusters.to(widths.device, torch.long)]
 
 
+def width_counts(widths: torch.Tensor, shape: tuple[int, int], group_size: int,
+                 clusters: torch.Tensor | None = None) -> list[int]:
+    """Weights of each width 0..8 (what each qweight segment holds), from the per-cell widths and cell
+    sizes, without a per-weight map."""
+    if clusters is None:
+        sizes = group_sizes(shape[1], group_size).to(widths.device)[None, :].expand(widths.shape)
+    else:
+        sizes = cluster_sizes(clusters, widths.shape[0]).to(widths.device)[:, None].expand(widths.shape)
+    return torch.bincount(widths.reshape(-1).to(torch.long), weights=sizes.reshape(-1).to(torch.float64),
+                          minlength=9).round().to(torch.long).tolist()
+
+
 @dataclass
 class MixedWeight(VariableWidth):
     """Codes, per-cell widths, fp16 scales and integer zero points (-1 at width-0 cells)."""
