@@ -69,7 +69,7 @@ def entropy_floor_bytes(packed: Path) -> float:
     lower; a codebook or mixed-width layer's codes with one table per width), the layer's other tensors
     as packed."""
     manifest, tensors = read_tensors(packed, verify=False)
-    from rdquant.coding import (LayerInfo, _codebook_symbols, _mixed_entropy_bits, _mixed_width_map, _width_entropy_bits,
+    from rdquant.coding import (LayerInfo, _codebook_symbols, _column_width_map, _mixed_width_map, _width_entropy_bits,
                                 best_mapping, context_entropy_bits, weight_symbols)
     from rdquant.qmixed import unpack_by_width
 
@@ -77,10 +77,11 @@ def entropy_floor_bytes(packed: Path) -> float:
     for name, info in manifest["quantized"].items():
         qw = tensors[f"{name}.qweight"]
         if info.get("layout") == "codebook":
-            h = _width_entropy_bits(_codebook_symbols(qw, tensors[f"{name}.widths"], info), tensors[f"{name}.widths"], info)
+            w = tensors[f"{name}.widths"]
+            h = _width_entropy_bits(_codebook_symbols(qw, w, info), _column_width_map(w, info))
         elif info.get("layout") == "mixed":
             wmap = _mixed_width_map(tensors, name, info)
-            h = _mixed_entropy_bits(unpack_by_width(qw, wmap).reshape(-1).numpy(), wmap)
+            h = _width_entropy_bits(unpack_by_width(qw, wmap).reshape(-1).numpy(), wmap.numpy())
         else:
             li, qz = LayerInfo.from_manifest(info), tensors.get(f"{name}.qzeros")
             _, _, h = best_mapping(qw, qz, li)

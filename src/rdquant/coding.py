@@ -321,14 +321,14 @@ def encode_tensors(
             spec, payload = choose_codec(sym, codec, speed_floor_mbps)
             fields = {"kind": "symbols", "mapping": "codebook", "entropy_bits": round(codecs.entropy_bits(sym), 4)}
             if codec != "lz4":  # the packed segments, one stream (table) per column width: kept when smaller
-                has3 = any(b == 3 for b, _ in _segments(widths, layer))  # pairs differ only there
+                cut = _segments(widths, layer)
+                has3 = any(b == 3 for b, _ in cut)  # pairs differ only there
                 for mapping in ("codebook-segments", "codebook-pairs")[: 1 + has3]:
-                    segs = encode_streams(segment_streams(t, _segments(widths, layer), mapping == "codebook-pairs"),
-                                          codec, speed_floor_mbps)
+                    segs = encode_streams(segment_streams(t, cut, mapping == "codebook-pairs"), codec, speed_floor_mbps)
                     if len(segs) < len(payload):
                         payload, fields = segs, {"kind": "symbols", "mapping": mapping}
                 if fields["mapping"] != "codebook":
-                    fields["entropy_bits"] = round(_width_entropy_bits(sym, widths, layer), 4)
+                    fields["entropy_bits"] = round(_width_entropy_bits(sym, _column_width_map(widths, layer)), 4)
         elif layer is not None and leaf == "qweight" and layer.get("layout") == "mixed":
             wmap = _mixed_width_map(tensors, owner, layer)
             sym = unpack_by_width(t, wmap).reshape(-1).numpy()
@@ -339,7 +339,7 @@ def encode_tensors(
                                            codec, speed_floor_mbps)
                 if len(per_width) < len(payload):
                     payload = per_width
-                    fields = {"kind": "symbols", "mapping": "mixed-widths", "entropy_bits": round(_mixed_entropy_bits(sym, wmap), 4)}
+                    fields = {"kind": "symbols", "mapping": "mixed-widths", "entropy_bits": round(_width_entropy_bits(sym, wmap.numpy()), 4)}
         elif layer is not None and leaf == "qweight":
             info = LayerInfo.from_manifest(layer)
             qzeros = tensors.get(f"{owner}.qzeros")
@@ -513,12 +513,6 @@ def merge_segment_streams(flat: np.ndarray, lengths: list[int], segs: list[tuple
     return torch.from_numpy(out)
 
 
-def _mixed_entropy_bits(sym: np.ndarray, wmap: torch.Tensor) -> float:
-    """Bits per symbol of ideal coding of a mixed layer's codes (`sym`, row-major) with one table per width."""
-    w = wmap.reshape(-1).numpy()
-    return sum(codecs.entropy_bits(sym[w == b]) * int((w == b).sum()) for b in range(1, 9)) / max(sym.size, 1)
-
-
 def to_pairs(packed3: np.ndarray) -> np.ndarray:
     """Packed 3-bit codes (8 codes c0..c7 in 3 bytes, FORMAT.md) -> one byte per code pair c_2k | c_2k+1 << 3:
     a run's 24 bits are four 6-bit fields, so 3 bytes become 4 and no code straddles a byte."""
@@ -556,12 +550,16 @@ def from_pairs(pairs: np.ndarray) -> np.ndarray:
     return out
 
 
-def _width_entropy_bits(sym: np.ndarray, widths: torch.Tensor, layer: dict[str, Any]) -> float:
-    """Bits per symbol of ideal coding with one table per column width."""
-    out_f, in_f = layer["shape"]
-    cw = column_widths(widths, layer["share"], in_f).numpy()
-    codes = sym.reshape(out_f, in_f)
-    return sum(codecs.entropy_bits(codes[:, cw == b]) * out_f * int((cw == b).sum()) for b in np.unique(cw)) / max(sym.size, 1)
+def _width_entropy_bits(sym: np.ndarray, widths: np.ndarray) -> float:
+    """Bits per symbol of ideal coding with one table per code width (`widths`: each symbol's width,
+    any shape of sym's size): codebook layers' column widths, mixed layers' cell widths."""
+    w = widths.reshape(-1)
+    return sum(codecs.entropy_bits(sym[w == b]) * int((w == b).sum()) for b in np.unique(w)) / max(sym.size, 1)
+
+
+def _column_width_map(widths: torch.Tensor, layer: dict[str, Any]) -> np.ndarray:
+    """A codebook layer's column widths, one per weight [out, in] (a broadcast view)."""
+    return np.broadcast_to(column_widths(widths, layer["share"], layer["shape"][1]).numpy(), tuple(layer["shape"]))
 
 
 def _codebook_symbols(qweight: torch.Tensor, widths: torch.Tensor, layer: dict[str, Any]) -> np.ndarray:

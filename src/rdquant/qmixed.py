@@ -62,8 +62,15 @@ def unpack_by_width(stream: torch.Tensor, widths: torch.Tensor) -> torch.Tensor:
 
 def stored_bits(widths: torch.Tensor, in_features: int, group_size: int, wbits: int) -> int:
     """Exact bits the layout stores for row-group cells of these widths [out, n_groups] (bias not included)."""
-    sizes = group_sizes(in_features, group_size).to(widths.device)
-    return cells_stored_bits(widths, sizes[None, :], wbits)
+    return cells_stored_bits(widths, cell_sizes(widths, in_features, group_size), wbits)
+
+
+def cell_sizes(widths: torch.Tensor, in_features: int, group_size: int, clusters: torch.Tensor | None = None) -> torch.Tensor:
+    """Weights per cell, broadcastable to the per-cell `widths`: group sizes [1, n_groups] for row-group
+    cells, rows per cluster [n_clusters, 1] for row-cluster cells."""
+    if clusters is None:
+        return group_sizes(in_features, group_size).to(widths.device)[None, :]
+    return cluster_sizes(clusters, widths.shape[0]).to(widths.device)[:, None]
 
 
 def cluster_sizes(clusters: torch.Tensor, n_clusters: int | None = None) -> torch.Tensor:
@@ -74,23 +81,26 @@ def cluster_sizes(clusters: torch.Tensor, n_clusters: int | None = None) -> torc
 def cluster_stored_bits(widths: torch.Tensor, clusters: torch.Tensor, wbits: int, zero_points: bool = True) -> int:
     """Exact bits the layout stores for row-cluster cells (widths [n_clusters, in]), qclusters included;
     zero_points False: the companded grid, which stores none."""
-    sizes = cluster_sizes(clusters, widths.shape[0]).to(widths.device)
-    return cells_stored_bits(widths, sizes[:, None], wbits, zero_points) + 16 * clusters.numel()
+    return cells_stored_bits(widths, cell_sizes(widths, 0, 0, clusters=clusters), wbits, zero_points) + 16 * clusters.numel()
 
 
 def cells_stored_bits(widths: torch.Tensor, sizes: torch.Tensor, wbits: int, zero_points: bool = True) -> int:
     """Bits of cells of these widths and sizes (broadcast to widths): per cell an fp16 scale, a width field
     and (zero_points) a zero point of its width, and its codes; each width's codes and zeros packed apart."""
-    w = widths.to(torch.long)
-    n = w.numel()
+    n = widths.numel()
     total = 16 * n + 8 * packing.packed_nbytes(n, wbits)
+    n_cells = torch.bincount(widths.reshape(-1).to(torch.long), minlength=9).tolist()
+    n_weights = _per_width(widths, sizes)
     for b in range(1, 9):
-        mask = w == b
-        n_cells = int(mask.sum())
-        if n_cells:
-            n_weights = int((mask * sizes).sum())
-            total += 8 * (packing.packed_nbytes(n_weights, b) + (packing.packed_nbytes(n_cells, b) if zero_points else 0))
+        if n_cells[b]:
+            total += 8 * (packing.packed_nbytes(n_weights[b], b) + (packing.packed_nbytes(n_cells[b], b) if zero_points else 0))
     return total
+
+
+def _per_width(widths: torch.Tensor, sizes: torch.Tensor) -> list[int]:
+    """Weights of each width 0..8 in cells of these widths and sizes (broadcast to widths)."""
+    return torch.bincount(widths.reshape(-1).to(torch.long), weights=sizes.expand(widths.shape).reshape(-1).to(torch.float64),
+                          minlength=9).round().to(torch.long).tolist()
 
 
 def width_map(widths: torch.Tensor, shape: tuple[int, int], group_size: int,
@@ -105,12 +115,7 @@ def width_counts(widths: torch.Tensor, shape: tuple[int, int], group_size: int,
                  clusters: torch.Tensor | None = None) -> list[int]:
     """Weights of each width 0..8 (what each qweight segment holds), from the per-cell widths and cell
     sizes, without a per-weight map."""
-    if clusters is None:
-        sizes = group_sizes(shape[1], group_size).to(widths.device)[None, :].expand(widths.shape)
-    else:
-        sizes = cluster_sizes(clusters, widths.shape[0]).to(widths.device)[:, None].expand(widths.shape)
-    return torch.bincount(widths.reshape(-1).to(torch.long), weights=sizes.reshape(-1).to(torch.float64),
-                          minlength=9).round().to(torch.long).tolist()
+    return _per_width(widths, cell_sizes(widths, shape[1], group_size, clusters))
 
 
 @dataclass

@@ -33,7 +33,7 @@ from ..allocate import kappa, waterfill
 from ..config import CompressConfig
 from ..errors import RdquantError
 from ..models import block_linears, find_blocks
-from ..qmixed import cluster_stored_bits, stored_bits, width_bits
+from ..qmixed import cluster_stored_bits, stored_bits, width_bits, width_map
 from ..qtensor import group_sizes, num_groups
 from .claq import claq_quantize, codebook_rates, layer_bits, n_scales
 from .gptq import gptq_quantize, mixed_rtn
@@ -169,16 +169,9 @@ def coded_code_bits(W: torch.Tensor, cfg: CompressConfig, lo: int, max_bits: int
     costing -log2 of its frequency among all the layer's codes at width b, i.e. what one table per
     width pays (mapping `mixed-widths`). Widths below `lo` (never offered) stay at b bits per code."""
     out_f, in_f = W.shape
-    if clusters is None:
-        n_g = num_groups(in_f, cfg.group_size)
-        shape = (out_f, n_g)
-        G = in_f if cfg.group_size == -1 else cfg.group_size
-        cell = torch.arange(out_f)[:, None] * n_g + (torch.arange(in_f) // G)[None, :]
-    else:
-        shape = (int(clusters.max()) + 1, in_f)
-        cell = clusters.to(torch.long)[:, None] * in_f + torch.arange(in_f)[None, :]
-    cell = cell.reshape(-1)
+    shape = (out_f, num_groups(in_f, cfg.group_size)) if clusters is None else (int(clusters.max()) + 1, in_f)
     n = shape[0] * shape[1]
+    cell = width_map(torch.arange(n).view(shape), (out_f, in_f), cfg.group_size, clusters).reshape(-1)  # each weight's cell
     out = torch.bincount(cell, minlength=n).to(torch.float64)[:, None] * torch.arange(max_bits + 1, dtype=torch.float64)
     grid = "laplace" if cfg.cvxq_grid == "laplace" else "affine"
     for b in range(max(lo, 1), max_bits + 1):
