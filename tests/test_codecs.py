@@ -74,6 +74,23 @@ def test_multi_stream_payloads_round_trip_and_reject_truncation(codec, streams):
         assert len(blob) <= header + sum(len(codecs.encode(x, "none")) for x in segs)
     with pytest.raises(codecs.CodecError):
         codecs.read_streams(blob[:-1])
+    reused, _ = codecs.read_streams(blob, reuse=True)  # zstd into this thread's scratch buffer
+    assert reused.tobytes() == b"".join(streams)
+
+
+def test_scratch_buffers_are_per_thread_and_reused():
+    import threading
+
+    a = codecs.scratch("t", 100)
+    assert codecs.scratch("t", 50).base is a.base  # smaller requests reuse the buffer
+    assert codecs.scratch("t", 200).size == 200
+    other = []
+    t = threading.Thread(target=lambda: other.append(codecs.scratch("t", 100)))
+    t.start()
+    t.join()
+    assert other[0].base is not a.base
+    codecs.release_scratch()
+    assert codecs.scratch("t", 100).base is not a.base
 
 
 def test_short_streams_that_ans_would_expand_are_stored_raw():

@@ -323,6 +323,25 @@ def test_code_pairs_round_trip_and_reject_bad_bytes(codes):
         from_pairs(np.zeros(3, dtype=np.uint8))
 
 
+@pytest.mark.parametrize("runs", [1, 2, 3, 7, 8, 9])
+def test_code_pairs_across_blocks(runs, monkeypatch):
+    # from_pairs works on blocks of 8-byte words (two runs each); a last odd run is padded
+    import rdquant.coding as coding
+
+    monkeypatch.setattr(coding, "_PAIR_BLOCK", 2)
+    packed = np.random.default_rng(runs).integers(0, 256, 3 * runs, dtype=np.uint8)
+    pairs = coding.to_pairs(packed)
+    assert np.array_equal(coding.from_pairs(pairs), packed)
+    out = np.full(packed.size, 0xAA, dtype=np.uint8)
+    assert coding.from_pairs(pairs, out=out) is out and np.array_equal(out, packed)
+    with pytest.raises(ValueError, match="wrong size"):
+        coding.from_pairs(pairs, out=np.empty(packed.size + 1, dtype=np.uint8))
+    bad = pairs.copy()
+    bad[pairs.size // 2] |= 0x80  # in a middle block
+    with pytest.raises(codecs.CodecError, match="6 bits"):
+        coding.from_pairs(bad)
+
+
 def test_inspect_reports_mapping_entropy_and_measured_decode_speed(packed_artifact, tmp_path):
     coded = recode(packed_artifact, tmp_path / "auto", codec="auto")
     rep = rdquant.inspect(coded, decode_speed=True)

@@ -18,6 +18,20 @@ def test_pack_unpack_round_trip(bits, rows, cols, seed):
     assert torch.equal(packing.unpack(packed, bits, rows * cols).view(rows, cols), codes)
 
 
+@pytest.mark.parametrize("bits", packing.SUPPORTED_BITS)
+def test_numpy_and_torch_unpack_agree(bits, monkeypatch):
+    # unpack takes numpy for small CPU tensors and torch (byte lanes, or one integer per run) above
+    g = torch.Generator().manual_seed(bits)
+    for n in (1, 7, 8, 9, 301, 20000, 140001):
+        codes = torch.randint(0, 1 << bits, (n,), generator=g, dtype=torch.uint8)
+        packed = packing.pack(codes, bits)
+        outs = []
+        for limit in (0, 1 << 30):  # torch only, numpy only
+            monkeypatch.setattr(packing, "_NUMPY_CODES", limit)
+            outs.append(packing.unpack(packed, bits, n))
+        assert torch.equal(outs[0], codes) and torch.equal(outs[1], codes)
+
+
 def test_three_bit_packs_eight_codes_in_three_bytes():
     codes = torch.arange(8, dtype=torch.uint8)
     packed = packing.pack(codes, 3)

@@ -206,7 +206,7 @@ def read_tensors(
 def _read_group(
     p: Path, fname: str, names: list[str], entries: dict[str, Any], quantized: dict[str, Any], verify: bool
 ) -> dict[str, torch.Tensor]:
-    from .codecs import CodecError
+    from .codecs import CodecError, release_scratch
     from .coding import decode_tensor
 
     out: dict[str, torch.Tensor] = {}
@@ -242,4 +242,6 @@ def _read_group(
         raise
     except Exception as err:
         raise ArtifactError(f"{p / fname} could not be read ({err}); the artifact is corrupted") from err
+    finally:
+        release_scratch()
     return out

@@ -228,9 +228,28 @@ def encode_streams(streams: list[np.ndarray], codec: str, speed_floor_mbps: floa
     return pack_zstd_streams(frames, [s.size for s in streams])
 
 
-def read_streams(payload: bytes | np.ndarray) -> tuple[np.ndarray, list[int]]:
+def scratch(key: str, nbytes: int) -> np.ndarray:
+    """This thread's reusable uint8 buffer `key`, at least nbytes long (a view of that length): for
+    intermediate decoding results that do not leave the call. A reused buffer is already mapped and
+    often still in cache; a fresh one costs a page fault per 4 KB."""
+    bufs = getattr(_LOCAL, "scratch", None)
+    if bufs is None:
+        bufs = _LOCAL.scratch = {}
+    buf = bufs.get(key)
+    if buf is None or buf.size < nbytes:
+        buf = bufs[key] = np.empty(nbytes, dtype=np.uint8)
+    return buf[:nbytes]
+
+
+def release_scratch() -> None:
+    """Free this thread's scratch buffers (a reader calls it when it is done)."""
+    _LOCAL.scratch = {}
+
+
+def read_streams(payload: bytes | np.ndarray, reuse: bool = False) -> tuple[np.ndarray, list[int]]:
     """(all decoded streams concatenated, each stream's length) of a multi-stream payload of either
-    form (`pack_zstd_streams` or `pack_streams`)."""
+    form (`pack_zstd_streams` or `pack_streams`). With `reuse` zstd streams are decoded into this
+    thread's scratch buffer: the result is valid until the thread's next such call."""
     buf = _bytes_of(payload)
     if len(buf) < _STREAMS.size:
         raise CodecError("multi-stream payload shorter than its header")
@@ -245,7 +264,7 @@ def read_streams(payload: bytes | np.ndarray) -> tuple[np.ndarray, list[int]]:
     if pos + int(frames.sum()) != len(buf):
         raise CodecError("multi-stream payload has the wrong length")
     total = int(sizes.sum())
-    out = np.empty(total, dtype=np.uint8)
+    out = scratch("streams", total) if reuse else np.empty(total, dtype=np.uint8)
     try:
         reader = _zstd_decompressor().stream_reader(buf[pos:], read_across_frames=True, closefd=False)
         got = 0

@@ -214,7 +214,7 @@ def merge_packed_context_streams(flat: np.ndarray, lengths: list[int], info: Lay
     if list(lengths) != expect:
         raise codecs.CodecError("context streams do not match the layer's zero points")
     if pairs:
-        flat = from_pairs(flat)
+        flat = from_pairs(flat, out=codecs.scratch("pairs", flat.size * 3 // 4))
     elif per > 1:  # plane-major -> the groups' bytes in order
         flat = interleave(flat, per)
     gb = G * info.bits // 8
@@ -237,14 +237,14 @@ def merge_planes(flat: np.ndarray, lengths: list[int], width: int, nbytes: int) 
     return interleave(flat, width)
 
 
-def interleave(flat: np.ndarray, k: int) -> np.ndarray:
+def interleave(flat: np.ndarray, k: int, out: np.ndarray | None = None) -> np.ndarray:
     """k planes laid end to end -> their elements interleaved (plane j's i-th byte at i*k + j); one plane
-    at a time into a strided view, ~4x faster than a transposed copy."""
+    at a time into a strided view, ~4x faster than a transposed copy. `out`: flat.size elements to fill."""
     n = flat.size // k
-    out = np.empty((n, k), dtype=flat.dtype)
+    view = np.empty((n, k), dtype=flat.dtype) if out is None else out.reshape(n, k)
     for j in range(k):
-        out[:, j] = flat[j * n:(j + 1) * n]
-    return out.reshape(-1)
+        view[:, j] = flat[j * n:(j + 1) * n]
+    return view.reshape(-1)
 
 
 def decode_context(payload: np.ndarray, info: LayerInfo, qzeros: torch.Tensor) -> np.ndarray:
@@ -402,7 +402,7 @@ def decode_tensor(
         if codec["mapping"] != "zero-context":
             if not packed_context_ok(info):
                 raise codecs.CodecError(f"mapping {codec['mapping']} needs whole-byte groups")
-            return merge_packed_context_streams(*codecs.read_streams(payload.numpy()), info, qzeros,
+            return merge_packed_context_streams(*codecs.read_streams(payload.numpy(), reuse=True), info, qzeros,
                                                 pairs=codec["mapping"] == "zero-context-pairs")
         codes = decode_context(payload.numpy(), info, qzeros)
         if codes.size and int(codes.max()) >= (1 << info.bits):
@@ -412,10 +412,10 @@ def decode_tensor(
         widths = decoded.get(f"{owner}.widths")
         if widths is None:
             raise codecs.CodecError(f"mapping {codec['mapping']} needs the layer's column widths")
-        return merge_segment_streams(*codecs.read_streams(payload.numpy()), _segments(widths, quantized[owner]),
+        return merge_segment_streams(*codecs.read_streams(payload.numpy(), reuse=True), _segments(widths, quantized[owner]),
                                      pairs=codec["mapping"] == "codebook-pairs")
     if codec.get("mapping") == "mixed-widths":
-        return merge_segment_streams(*codecs.read_streams(payload.numpy()), _mixed_segments(decoded, owner, quantized[owner]),
+        return merge_segment_streams(*codecs.read_streams(payload.numpy(), reuse=True), _mixed_segments(decoded, owner, quantized[owner]),
                                      pairs=True)
     if codec.get("mapping") == "planes":
         dtype = getattr(torch, entry["dtype"])
@@ -507,8 +507,11 @@ def merge_segment_streams(flat: np.ndarray, lengths: list[int], segs: list[tuple
         raise codecs.CodecError("the streams do not match the layer's width segments")
     out, pos, src = np.empty(sum(n for _, n in segs), dtype=np.uint8), 0, 0
     for (b, n), (k, m) in zip(segs, form):
-        part = flat[src:src + k * m]
-        out[pos:pos + n] = from_pairs(part) if pairs and b == 3 else interleave(part, k)
+        part, dst = flat[src:src + k * m], out[pos:pos + n]
+        if pairs and b == 3:
+            from_pairs(part, out=dst)
+        else:
+            interleave(part, k, out=dst)
         src, pos = src + k * m, pos + n
     return torch.from_numpy(out)
 
@@ -521,32 +524,60 @@ def to_pairs(packed3: np.ndarray) -> np.ndarray:
     return np.stack([(v >> s) & 63 for s in (0, 6, 12, 18)], 1).astype(np.uint8).reshape(-1)
 
 
-def from_pairs(pairs: np.ndarray) -> np.ndarray:
-    """Inverse of to_pairs: four pair bytes (a little-endian 32-bit word) -> the run's 3 packed bytes.
-    Fields 0+1 and 2+3 merge into 12 bits each and the upper 12 bits move down to bit 12 (numpy, in
-    place: one thread, no temporaries per step); then every 4 such 24-bit words become 3 whole words
-    (shifts on 4-byte lanes, ~2.5x faster than copying 3 bytes of every 4)."""
+_PAIR_BLOCK = 1 << 14  # 8-byte words per step of from_pairs: its temporaries stay in L2 (4x fewer
+# memory round trips than whole-array numpy steps: 24 ms against 70 for 53 MB of pairs on this CPU)
+_U64 = [np.uint64(c) for c in (0xC0C0C0C0C0C0C0C0, 0x003F003F003F003F, 0x0FC00FC00FC00FC0, 0x00FFF00000FFF000,
+                               0x00000FFF00000FFF, 0xFFFFFF000000, 0xFFFFFF, 2, 4, 8, 32)]
+_SIX = np.dtype([("lo", "<u4"), ("hi", "<u2")])  # the 6 packed bytes of two runs
+
+
+def from_pairs(pairs: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """Inverse of to_pairs: every 8 pair bytes (two runs, a little-endian 64-bit word) -> their 6 packed
+    bytes. The 6-bit fields are squeezed together in three shift-and-mask steps (6 -> 12 -> 24 -> 48
+    bits) on blocks small enough to stay in cache; a last odd run goes through the same steps. `out`:
+    a uint8 buffer of pairs.size * 3 // 4 bytes to write into."""
     if pairs.size % 4:
         raise codecs.CodecError("code pairs do not fill whole 3-bit runs")
-    words = np.ascontiguousarray(pairs).view("<u4")
-    if (words & np.uint32(0xC0C0C0C0)).any():
-        raise codecs.CodecError("decoded code pairs fall outside 6 bits")
-    u = np.uint32
-    t = np.bitwise_and(words, u(0x003F003F))  # in place after this: two temporaries in all
-    v = np.right_shift(words, u(2))
-    v &= u(0x0FC00FC0)
-    t |= v
-    np.right_shift(t, u(4), out=v)
-    v &= u(0xFFF000)
-    t &= u(0x0FFF)
-    v |= t
-    full = v.size // 4 * 4
-    out = np.empty(v.size * 3, dtype=np.uint8)
-    w, o = v[:full].reshape(-1, 4), out[: full * 3].view("<u4").reshape(-1, 3)
-    np.bitwise_or(w[:, 0], w[:, 1] << 24, out=o[:, 0])
-    np.bitwise_or(w[:, 1] >> 8, w[:, 2] << 16, out=o[:, 1])
-    np.bitwise_or(w[:, 2] >> 16, w[:, 3] << 8, out=o[:, 2])
-    out[full * 3:] = v[full:].view(np.uint8).reshape(-1, 4)[:, :3].reshape(-1)  # the last < 4 runs
+    flat = np.ascontiguousarray(pairs).reshape(-1)
+    odd = flat.size % 8
+    if odd:  # one run left over: pad it to a whole word
+        flat = np.concatenate([flat, np.zeros(8 - odd, dtype=np.uint8)])
+    words = flat.view("<u8")
+    n_out = flat.size * 3 // 4 - (8 - odd) * 3 // 4 * bool(odd)
+    if out is None:
+        out = np.empty(n_out, dtype=np.uint8)
+    elif out.size != n_out:
+        raise ValueError("from_pairs: output buffer has the wrong size")
+    whole = words.size - bool(odd)  # 8-byte words whose 6 bytes all land in out
+    six = out[: whole * 6].view(_SIX)
+    hi, m0, m1, m2, m3, m4, m5, two, four, eight, half = _U64
+    x = np.empty(min(_PAIR_BLOCK, words.size), dtype=np.uint64)
+    y = np.empty_like(x)
+    for s in range(0, words.size, _PAIR_BLOCK):
+        w = words[s:s + _PAIR_BLOCK]
+        xx, yy = x[:w.size], y[:w.size]
+        np.bitwise_and(w, hi, out=xx)
+        if xx.any():
+            raise codecs.CodecError("decoded code pairs fall outside 6 bits")
+        np.bitwise_and(w, m0, out=xx)  # fields 0, 2, 4, 6 in place; 1, 3, 5, 7 moved down 2 bits
+        np.right_shift(w, two, out=yy)
+        yy &= m1
+        xx |= yy
+        np.right_shift(xx, four, out=yy)  # 12-bit pairs of fields -> 24-bit runs
+        yy &= m2
+        xx &= m3
+        xx |= yy
+        np.right_shift(xx, eight, out=yy)  # two 24-bit runs -> 48 bits
+        yy &= m4
+        xx &= m5
+        xx |= yy
+        k = min(w.size, whole - s)  # the padded last word writes only its first 3 bytes
+        part = six[s:s + k]
+        part["lo"] = xx[:k]
+        if k < w.size:
+            out[whole * 6:] = xx[k:].view(np.uint8)[:3]
+        xx >>= half
+        part["hi"] = xx[:k]
     return out
 
 

@@ -8,10 +8,12 @@ byte copy. One rule for every width keeps packer and unpacker a few lines each, 
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 SUPPORTED_BITS = (1, 2, 3, 4, 5, 6, 7, 8)
 _SMALL_RUNS = 16384  # unpack: below this many 8-code runs, the one-integer-per-run path is faster
+_NUMPY_CODES = 65536  # unpack: up to this many codes on CPU, numpy (no per-op dispatch) is faster
 
 
 def packed_nbytes(numel: int, bits: int) -> int:
@@ -62,6 +64,8 @@ def unpack(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
         )
     if bits == 8:
         return packed[:numel].clone()
+    if packed.device.type == "cpu" and numel <= _NUMPY_CODES:
+        return torch.from_numpy(_unpack_numpy(packed.numpy(), bits, numel))
     mask = (1 << bits) - 1
     if 8 % bits == 0:
         per = 8 // bits
@@ -83,6 +87,26 @@ def unpack(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
             c = c | (lanes[:, j + 1] << (8 - shift))
         codes[:, i] = c & mask
     return codes.reshape(-1)[:numel]
+
+
+def _unpack_numpy(packed: np.ndarray, bits: int, numel: int) -> np.ndarray:
+    """unpack for small CPU tensors (side information: zero points, widths) in numpy: a few
+    microseconds where torch's per-op overhead is tens, and no torch calls from the loader's threads."""
+    mask = (1 << bits) - 1
+    if 8 % bits == 0:
+        per = 8 // bits
+        codes = np.empty((packed.size, per), dtype=np.uint8)
+        for i in range(per):
+            np.right_shift(packed, np.uint8(bits * i), out=codes[:, i])
+        codes &= np.uint8(mask)
+        return codes.reshape(-1)[:numel]
+    lanes = packed.reshape(-1, bits)
+    dt = np.uint32 if bits <= 4 else np.uint64  # a run of 8 codes is 8 * bits bits
+    run = lanes[:, 0].astype(dt)
+    for j in range(1, bits):
+        run |= lanes[:, j].astype(dt) << dt(8 * j)
+    codes = (run[:, None] >> np.arange(0, 8 * bits, bits, dtype=dt)) & dt(mask)
+    return codes.astype(np.uint8).reshape(-1)[:numel]
 
 
 def _check_bits(bits: int) -> None:
