@@ -539,16 +539,16 @@ def from_pairs(pairs: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     if pairs.size % 4:
         raise codecs.CodecError("code pairs do not fill whole 3-bit runs")
     flat = np.ascontiguousarray(pairs).reshape(-1)
-    odd = flat.size % 8
-    if odd:  # one run left over: pad it to a whole word
-        flat = np.concatenate([flat, np.zeros(8 - odd, dtype=np.uint8)])
+    n_out = flat.size * 3 // 4
+    odd = flat.size % 8 != 0
+    if odd:  # one run (4 pair bytes) left over: pad it to a whole word
+        flat = np.concatenate([flat, np.zeros(4, dtype=np.uint8)])
     words = flat.view("<u8")
-    n_out = flat.size * 3 // 4 - (8 - odd) * 3 // 4 * bool(odd)
     if out is None:
         out = np.empty(n_out, dtype=np.uint8)
     elif out.size != n_out:
         raise ValueError("from_pairs: output buffer has the wrong size")
-    whole = words.size - bool(odd)  # 8-byte words whose 6 bytes all land in out
+    whole = words.size - odd  # 8-byte words whose 6 bytes all land in out
     six = out[: whole * 6].view(_SIX)
     hi, m0, m1, m2, m3, m4, m5, two, four, eight, half = _U64
     x = np.empty(min(_PAIR_BLOCK, words.size), dtype=np.uint64)

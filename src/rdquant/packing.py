@@ -3,7 +3,8 @@
 Layout (see docs/FORMAT.md): the code tensor is flattened row-major, zero-padded to a multiple of 8
 codes, and each run of 8 codes c0..c7 becomes the little-endian integer sum(c_i << (b*i)) written as b
 bytes. So 2-bit packs 4 codes per byte, 4-bit 2 per byte, 3-bit 8 codes per 3 bytes, 8-bit is a plain
-byte copy. One rule for every width keeps packer and unpacker a few lines each, in torch, on any device.
+byte copy. One rule for every width keeps packer and unpacker a few lines each, in torch, on any device
+(small CPU tensors unpack through numpy, where torch's per-op overhead would dominate).
 """
 
 from __future__ import annotations
