@@ -157,14 +157,22 @@ def _check_file(path: Path, fname: str, expected: int, entries: dict[str, Any]) 
     raise ArtifactError(f"{f} is truncated or altered ({actual} bytes, expected {expected}): {bad} is damaged")
 
 
+def available_cores() -> int:
+    """CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def read_tensors(
-    path: str | os.PathLike, verify: bool = True, names: list[str] | None = None
+    path: str | os.PathLike, verify: bool = True, names: list[str] | None = None, workers: int | None = None
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """(manifest, tensors) of an artifact, or of the named tensors only.
 
     Tensors are read, decoded and checked (sha256 of the decoded tensor; a coded payload's own sha256
-    when that fails, to name the damage) a layer at a time in worker threads, so the file is never held
-    twice in memory.
+    when that fails, to name the damage) a layer at a time in `workers` threads (default: one per
+    available core), so the file is never held twice in memory.
     """
     p = Path(path)
     manifest = read_manifest(p)
@@ -179,11 +187,11 @@ def read_tensors(
     for name in wanted:
         layers.setdefault(entries[name]["file"], {}).setdefault(name.rpartition(".")[0], []).append(name)
     # one task per worker and file, holding every worker-th layer (each task opens its file once);
-    # a layer's qweight comes after its qzeros
-    workers = max(1, min(os.cpu_count() or 1, sum(len(v) for v in layers.values())))
+    # within a layer, the tensors that others decode with come first (coding.DECODE_FIRST), qweight last
+    workers = max(1, min(workers or available_cores(), sum(len(v) for v in layers.values())))
     tasks = []
     for f, by_layer in layers.items():
-        order = [sorted(g, key=lambda n: n.endswith(".qweight")) for g in by_layer.values()]
+        order = [sorted(g, key=_decode_rank) for g in by_layer.values()]
         tasks += [(f, [n for g in order[k::workers] for n in g]) for k in range(workers) if order[k::workers]]
     quantized = manifest.get("quantized", {})
 
@@ -201,6 +209,13 @@ def read_tensors(
             for part in pool.map(run, tasks):
                 tensors.update(part)
     return manifest, tensors
+
+
+def _decode_rank(name: str) -> int:
+    from .coding import DECODE_FIRST
+
+    leaf = name.rpartition(".")[2]
+    return 0 if leaf in DECODE_FIRST else 2 if leaf == "qweight" else 1
 
 
 def _read_group(

@@ -42,6 +42,7 @@ from .qtensor import expand_groups, num_groups
 DEFAULT_SPEED_FLOOR_MBPS = 200.0
 MULTI_STREAM = ("zero-context", "zero-context-packed", "zero-context-pairs", "planes", "codebook-segments",
                 "codebook-pairs", "mixed-widths")  # mappings with several streams
+DECODE_FIRST = ("qzeros", "widths", "qwidths", "qclusters")  # a layer's tensors that its other tensors decode with
 
 
 @dataclass(frozen=True)
