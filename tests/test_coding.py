@@ -351,3 +351,61 @@ def test_inspect_reports_mapping_entropy_and_measured_decode_speed(packed_artifa
     assert "mapping" in rep.table().splitlines()[0]
     plain = rdquant.inspect(packed_artifact, decode_speed=True)
     assert plain.decode_mcodes is None and all(l.decode_mcodes is None for l in plain.layers)
+
+
+@settings(max_examples=60, deadline=None)
+@given(widths=st.lists(st.integers(0, 8), max_size=12), form=st.sampled_from(["random", "sorted", "constant"]),
+       seed=st.integers(0, 9999))
+def test_codebook_deltas_round_trip(widths, form, seed):
+    """Any 8-bit entries (ascending or not, every width 0-8, no codebooks at all) come back exactly."""
+    from rdquant.coding import codebook_delta_streams, merge_codebook_deltas
+
+    w = np.array(widths, dtype=np.uint8)
+    rng = np.random.default_rng(seed)
+    cb = rng.integers(0, 256, int((1 << w.astype(np.int64)).sum())).astype(np.uint8)
+    if form != "random":
+        sizes = 1 << w.astype(np.int64)
+        cb = np.concatenate([np.sort(c) for c in np.split(cb, np.cumsum(sizes)[:-1])]) if w.size else cb
+        cb = np.full_like(cb, 7) if form == "constant" else cb
+    (stream,) = codebook_delta_streams(cb, w)
+    assert np.array_equal(merge_codebook_deltas(stream, [stream.size], w), cb)
+
+
+def test_codebook_deltas_are_chosen_for_kmeans_like_codebooks_and_check_their_widths():
+    """Ascending entries spread like K-means centroids of bell-shaped columns (0 ... 255 on their lo/step
+    grid) code smaller as deltas than as bytes; decoding needs, and checks, the layer's widths."""
+    from rdquant.coding import decode_tensor, encode_tensors, merge_codebook_deltas
+
+    rng = np.random.default_rng(5)
+    in_f = 300
+    widths = torch.from_numpy(rng.choice([2, 3, 3, 4], in_f).astype(np.uint8))
+    books = []
+    for b in widths.tolist():
+        c = np.sort(np.sinh(1.5 * np.linspace(-1, 1, 1 << b)) + rng.normal(0, 0.02, 1 << b))
+        books.append(np.round((c - c[0]) / (c[-1] - c[0]) * 255))
+    codebook = torch.from_numpy(np.concatenate(books).astype(np.uint8))
+    layer = {"shape": [64, in_f], "share": 1, "layout": "codebook", "bits": 8, "group_size": 1, "symmetric": False}
+    stored = encode_tensors({"l.widths": widths, "l.codebook": codebook}, {"l": layer}, "zstd-19")
+    payload, fields = stored["l.codebook"]
+    assert fields == {"codec": "zstd-19", "kind": "bytes", "mapping": "codebook-deltas"}
+    plain = len(codecs.encode(codebook.numpy(), "zstd-19"))
+    assert payload.numel() < 0.8 * plain, (payload.numel(), plain)
+    entry = {"codec": fields, "dtype": "uint8", "shape": [codebook.numel()]}
+    assert torch.equal(decode_tensor("l.codebook", payload, entry, {"l": layer}, {"l.widths": widths}), codebook)
+    with pytest.raises(codecs.CodecError, match="widths"):
+        decode_tensor("l.codebook", payload, entry, {"l": layer}, {})
+    other = widths.clone()
+    other[0] = 5 if int(other[0]) != 5 else 4
+    with pytest.raises(codecs.CodecError, match="widths"):
+        decode_tensor("l.codebook", payload, entry, {"l": layer}, {"l.widths": other})
+    flat, lengths = codecs.read_streams(payload.numpy())
+    with pytest.raises(codecs.CodecError, match="above 8 bits"):
+        merge_codebook_deltas(flat, lengths, np.full(3, 9, dtype=np.uint8))
+
+
+def test_an_unknown_mapping_is_a_clear_error():
+    from rdquant.coding import decode_tensor
+
+    entry = {"codec": {"codec": "auto", "kind": "bytes", "mapping": "from-the-future"}, "dtype": "uint8", "shape": [4]}
+    with pytest.raises(codecs.CodecError, match="unknown mapping 'from-the-future'"):
+        decode_tensor("l.x", torch.zeros(4, dtype=torch.uint8), entry, {}, {})

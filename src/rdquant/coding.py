@@ -41,8 +41,9 @@ from .qtensor import expand_groups, num_groups
 
 DEFAULT_SPEED_FLOOR_MBPS = 200.0
 MULTI_STREAM = ("zero-context", "zero-context-packed", "zero-context-pairs", "planes", "codebook-segments",
-                "codebook-pairs", "mixed-widths")  # mappings with several streams
+                "codebook-pairs", "mixed-widths", "codebook-deltas")  # mappings with several streams
 DECODE_FIRST = ("qzeros", "widths", "qwidths", "qclusters")  # a layer's tensors that its other tensors decode with
+MAPPINGS = (*MULTI_STREAM, "raw", "zero-relative", "codebook", "mixed")  # every mapping this reader decodes
 
 
 @dataclass(frozen=True)
@@ -367,6 +368,13 @@ def encode_tensors(
                 if mapping.startswith("zero-context"):
                     h = context_entropy_bits(codes, info, qzeros)
             fields = {"kind": "symbols", "mapping": mapping, "entropy_bits": round(h, 4)}
+        elif layer is not None and leaf == "codebook" and t.dtype == torch.uint8 and codec != "lz4":
+            data = t.numpy()  # 8-bit codebook entries: as bytes, or as per-width delta streams when smaller
+            spec, payload = choose_codec(data, codec, speed_floor_mbps)
+            fields = {"kind": "bytes"}
+            deltas = encode_streams(codebook_delta_streams(data, tensors[f"{owner}.widths"].numpy()), codec, speed_floor_mbps)
+            if len(deltas) < len(payload):
+                payload, fields = deltas, {"kind": "bytes", "mapping": "codebook-deltas"}
         elif layer is not None or dense:
             data = t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
             spec, payload = choose_codec(data, codec, speed_floor_mbps)
@@ -395,6 +403,13 @@ def decode_tensor(
     (decoded, or uncoded) in `decoded` when the layer is asymmetric."""
     codec = entry["codec"]
     owner = name.rpartition(".")[0]
+    if "mapping" in codec and codec["mapping"] not in MAPPINGS:
+        raise codecs.CodecError(f"unknown mapping {codec['mapping']!r} (written by a newer rdquant?)")
+    if codec.get("mapping") == "codebook-deltas":
+        widths = decoded.get(f"{owner}.widths")
+        if widths is None:
+            raise codecs.CodecError("mapping codebook-deltas needs the layer's codebook widths")
+        return torch.from_numpy(merge_codebook_deltas(*codecs.read_streams(payload.numpy()), widths.numpy()))
     if codec.get("mapping") in ("zero-context", "zero-context-packed", "zero-context-pairs"):
         info = LayerInfo.from_manifest(quantized[owner])
         qzeros = decoded.get(f"{owner}.qzeros")
@@ -600,6 +615,49 @@ def _codebook_symbols(qweight: torch.Tensor, widths: torch.Tensor, layer: dict[s
     out_f, in_f = layer["shape"]
     codes = unpack_segments(qweight, column_widths(widths, layer["share"], in_f), out_f)
     return codes.reshape(-1).numpy()
+
+
+def _codebook_layout(widths: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Of a flat array of codebooks with these widths (0..8): (each entry's index in a [9, 256] table
+    by (its codebook's width, its position in that codebook), each codebook's start, each one's size)."""
+    w = widths.astype(np.int64)
+    sizes = np.left_shift(1, w)
+    ends = np.cumsum(sizes)
+    starts = ends - sizes
+    return np.arange(int(ends[-1]) if w.size else 0) + np.repeat(w * 256 - starts, sizes), starts, sizes
+
+
+def codebook_delta_streams(codebook: np.ndarray, widths: np.ndarray) -> list[np.ndarray]:
+    """Mapping `codebook-deltas` (8-bit codebook entries, FORMAT.md), one stream: the median difference
+    of consecutive entries at each position among the codebooks of each width (widths ascending), then
+    every entry's difference from the entry before it in its codebook (mod 256) minus that median, in
+    codebook order. Ascending K-means entries (0 ... 255 on their lo/step grid) have similar gaps, which
+    the residuals expose to the byte coder; any entries round-trip exactly."""
+    cell, starts, _ = _codebook_layout(widths)
+    d = np.diff(codebook.astype(np.int16), prepend=0)
+    d[starts] = codebook[starts]
+    table, medians = np.zeros(9 * 256, dtype=np.int16), []
+    for b in np.unique(widths).tolist():
+        medians.append(np.median(d[cell // 256 == b].reshape(-1, 1 << b) & 0xFF, axis=0).astype(np.int16))
+        table[b * 256:b * 256 + (1 << b)] = medians[-1]
+    return [np.concatenate([*medians, (d - table[cell]) & 0xFF]).astype(np.uint8)]
+
+
+def merge_codebook_deltas(flat: np.ndarray, lengths: list[int], widths: np.ndarray) -> np.ndarray:
+    """Inverse of codebook_delta_streams (the stream's length checked against the widths): the flat codebook."""
+    if widths.size and int(widths.max()) > 8:
+        raise codecs.CodecError("codebook widths above 8 bits")
+    cell, starts, sizes = _codebook_layout(widths)
+    present = np.flatnonzero(np.bincount(widths, minlength=9)).tolist()
+    n_med = sum(1 << b for b in present)
+    if list(lengths) != [n_med + cell.size]:
+        raise codecs.CodecError("the codebook stream does not match the layer's widths")
+    table, pos = np.zeros(9 * 256, dtype=np.uint8), 0
+    for b in present:
+        table[b * 256:b * 256 + (1 << b)] = flat[pos:pos + (1 << b)]
+        pos += 1 << b
+    run = np.cumsum(flat[n_med:] + table[cell], dtype=np.uint8)  # uint8: sums wrap mod 256
+    return run - np.repeat(np.concatenate([np.zeros(1, np.uint8), run])[starts], sizes)
 
 
 def recode(
