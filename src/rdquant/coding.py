@@ -41,7 +41,7 @@ from .qtensor import expand_groups, num_groups
 
 DEFAULT_SPEED_FLOOR_MBPS = 200.0
 MULTI_STREAM = ("zero-context", "zero-context-packed", "zero-context-pairs", "planes", "codebook-segments",
-                "codebook-pairs", "mixed-widths", "codebook-deltas")  # mappings with several streams
+                "codebook-pairs", "mixed-widths", "codebook-deltas")  # mappings stored as a multi-stream blob
 DECODE_FIRST = ("qzeros", "widths", "qwidths", "qclusters")  # a layer's tensors that its other tensors decode with
 MAPPINGS = (*MULTI_STREAM, "raw", "zero-relative", "codebook", "mixed")  # every mapping this reader decodes
 
@@ -369,7 +369,7 @@ def encode_tensors(
                     h = context_entropy_bits(codes, info, qzeros)
             fields = {"kind": "symbols", "mapping": mapping, "entropy_bits": round(h, 4)}
         elif layer is not None and leaf == "codebook" and t.dtype == torch.uint8 and codec != "lz4":
-            data = t.numpy()  # 8-bit codebook entries: as bytes, or as per-width delta streams when smaller
+            data = t.numpy()  # 8-bit codebook entries: as bytes, or as gaps (codebook-deltas) when smaller
             spec, payload = choose_codec(data, codec, speed_floor_mbps)
             fields = {"kind": "bytes"}
             deltas = encode_streams(codebook_delta_streams(data, tensors[f"{owner}.widths"].numpy()), codec, speed_floor_mbps)
