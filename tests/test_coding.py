@@ -403,6 +403,30 @@ def test_codebook_deltas_are_chosen_for_kmeans_like_codebooks_and_check_their_wi
         merge_codebook_deltas(flat, lengths, np.full(3, 9, dtype=np.uint8))
 
 
+@pytest.mark.parametrize("workers", [1, 2, 5])
+def test_reader_decodes_a_layer_s_widths_before_what_needs_them(tmp_path, workers):
+    """A codebook stored before its widths (codebook-deltas needs them) still reads back exactly, with
+    any number of reader threads: a layer's tensors are read in decode order, not file order."""
+    from rdquant.artifact import read_tensors, write_artifact
+    from rdquant.coding import encode_tensors
+
+    rng = np.random.default_rng(6)
+    layer = {"shape": [64, 200], "share": 1, "layout": "codebook", "bits": 8, "group_size": 1, "symmetric": False}
+    tensors, quantized = {}, {}
+    for i in range(3):
+        widths = torch.from_numpy(rng.choice([2, 3, 4], 200).astype(np.uint8))
+        books = [np.sort(np.sinh(1.5 * np.linspace(-1, 1, 1 << b))) for b in widths.tolist()]
+        books = [np.round((c - c[0]) / (c[-1] - c[0]) * 255) for c in books]
+        tensors[f"l{i}.codebook"] = torch.from_numpy(np.concatenate(books).astype(np.uint8))
+        tensors[f"l{i}.widths"] = widths
+        quantized[f"l{i}"] = layer
+    stored = encode_tensors(tensors, quantized, "zstd-19")
+    assert all(stored[f"l{i}.codebook"][1].get("mapping") == "codebook-deltas" for i in range(3))
+    write_artifact(tmp_path / "a", tensors, {"quantized": quantized}, {}, stored=stored)
+    back = read_tensors(tmp_path / "a", workers=workers)[1]
+    assert back.keys() == tensors.keys() and all(torch.equal(back[k], tensors[k]) for k in tensors)
+
+
 def test_an_unknown_mapping_is_a_clear_error():
     from rdquant.coding import decode_tensor
 
