@@ -368,21 +368,19 @@ def encode_tensors(
                 if mapping.startswith("zero-context"):
                     h = context_entropy_bits(codes, info, qzeros)
             fields = {"kind": "symbols", "mapping": mapping, "entropy_bits": round(h, 4)}
-        elif layer is not None and leaf == "codebook" and t.dtype == torch.uint8 and codec != "lz4":
-            data = t.numpy()  # 8-bit codebook entries: as bytes, or as gaps (codebook-deltas) when smaller
-            spec, payload = choose_codec(data, codec, speed_floor_mbps)
-            fields = {"kind": "bytes"}
-            deltas = encode_streams(codebook_delta_streams(data, tensors[f"{owner}.widths"].numpy()), codec, speed_floor_mbps)
-            if len(deltas) < len(payload):
-                payload, fields = deltas, {"kind": "bytes", "mapping": "codebook-deltas"}
         elif layer is not None or dense:
             data = t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
             spec, payload = choose_codec(data, codec, speed_floor_mbps)
             fields = {"kind": "bytes"}
-            if t.element_size() == 2 and t.is_floating_point():  # byte planes, kept when smaller
-                planes = encode_streams(plane_streams(data, 2), codec, speed_floor_mbps)
-                if len(planes) < len(payload):
-                    payload, fields = planes, {"kind": "bytes", "mapping": "planes"}
+            streams = None  # a multi-stream form, kept when smaller
+            if t.element_size() == 2 and t.is_floating_point():  # byte planes
+                mapping, streams = "planes", plane_streams(data, 2)
+            elif layer is not None and leaf == "codebook" and t.dtype == torch.uint8 and codec != "lz4":
+                mapping, streams = "codebook-deltas", codebook_delta_streams(data, tensors[f"{owner}.widths"].numpy())
+            if streams is not None:
+                alt = encode_streams(streams, codec, speed_floor_mbps)
+                if len(alt) < len(payload):
+                    payload, fields = alt, {"kind": "bytes", "mapping": mapping}
         else:
             continue
         if spec.name == "none" or len(payload) >= raw_bytes:
@@ -405,16 +403,17 @@ def decode_tensor(
     owner = name.rpartition(".")[0]
     if "mapping" in codec and codec["mapping"] not in MAPPINGS:
         raise codecs.CodecError(f"unknown mapping {codec['mapping']!r} (written by a newer rdquant?)")
+    def needs(leaf: str, what: str) -> torch.Tensor:  # the layer's decoded tensor that this mapping decodes with
+        if f"{owner}.{leaf}" not in decoded:
+            raise codecs.CodecError(f"mapping {codec['mapping']} needs the layer's {what}")
+        return decoded[f"{owner}.{leaf}"]
+
     if codec.get("mapping") == "codebook-deltas":
-        widths = decoded.get(f"{owner}.widths")
-        if widths is None:
-            raise codecs.CodecError("mapping codebook-deltas needs the layer's codebook widths")
+        widths = needs("widths", "codebook widths")
         return torch.from_numpy(merge_codebook_deltas(*codecs.read_streams(payload.numpy()), widths.numpy()))
     if codec.get("mapping") in ("zero-context", "zero-context-packed", "zero-context-pairs"):
         info = LayerInfo.from_manifest(quantized[owner])
-        qzeros = decoded.get(f"{owner}.qzeros")
-        if qzeros is None:
-            raise codecs.CodecError(f"mapping {codec['mapping']} needs the layer's zero points")
+        qzeros = needs("qzeros", "zero points")
         if codec["mapping"] != "zero-context":
             if not packed_context_ok(info):
                 raise codecs.CodecError(f"mapping {codec['mapping']} needs whole-byte groups")
@@ -425,9 +424,7 @@ def decode_tensor(
             raise codecs.CodecError("decoded codes fall outside the code range")
         return packing.pack(torch.from_numpy(codes), info.bits)
     if codec.get("mapping") in ("codebook-segments", "codebook-pairs"):
-        widths = decoded.get(f"{owner}.widths")
-        if widths is None:
-            raise codecs.CodecError(f"mapping {codec['mapping']} needs the layer's column widths")
+        widths = needs("widths", "column widths")
         return merge_segment_streams(*codecs.read_streams(payload.numpy(), reuse=True), _segments(widths, quantized[owner]),
                                      pairs=codec["mapping"] == "codebook-pairs")
     if codec.get("mapping") == "mixed-widths":
