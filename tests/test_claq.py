@@ -174,7 +174,7 @@ def test_config_validation_for_claq():
         CompressConfig(method="claq", claq_outlier_frac=0.6)
     with pytest.raises(RdquantError):
         CompressConfig(method="claq", claq_share=0)
-    with pytest.raises(RdquantError, match="entropy lambda"):
+    with pytest.raises(RdquantError, match="entropy-lambda"):
         CompressConfig(method="claq", claq_entropy_lambda=-0.1)
 
 

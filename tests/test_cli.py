@@ -42,7 +42,7 @@ def _error(args):
 
 def test_one_line_errors(tiny_model_dir, tmp_path):
     assert "model not found" in _error(["compress", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "o")])
-    assert "bit width" in _error(["compress", "--model", str(tiny_model_dir), "--bits", "9", "--out", str(tmp_path / "o")])
+    assert "choose one of 2, 3" in _error(["compress", "--model", str(tiny_model_dir), "--bits", "9", "--out", str(tmp_path / "o")])
     assert "group size" in _error(["compress", "--model", str(tiny_model_dir), "--group-size", "7",
                                    "--out", str(tmp_path / "o")])
     empty = tmp_path / "empty.txt"
@@ -60,7 +60,7 @@ def test_one_line_errors(tiny_model_dir, tmp_path):
 def test_claq_from_the_command_line(tiny_model_dir, text_file, tmp_path):
     out = tmp_path / "c"
     r = runner.invoke(app, ["compress", "--model", str(tiny_model_dir), "--method", "claq", "--target-bits", "3.5",
-                            "--outlier-frac", "0.01", "--column-policy", "outlier", "--calib", str(text_file),
+                            "--experimental", "claq_outlier_frac=0.01", "--experimental", "claq_policy=outlier", "--calib", str(text_file),
                             "--calib-samples", "4", "--calib-seqlen", "32", "--out", str(out), "--no-progress",
                             "--entropy-lambda", "0.5"])
     assert r.exit_code == 0, r.output

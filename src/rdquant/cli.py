@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import json
+import os
+import shlex
 import sys
+import traceback
 from pathlib import Path
 from typing import Optional
 
 import typer
 import yaml
 
+from . import __version__
+from .coding import DEFAULT_SPEED_FLOOR_MBPS
+from .config import FIELDS, _hints, flag_of
+from .config import parse_size as config_parse_size
 from .errors import RdquantError
-
-CVXQ_GROUP = 128  # --group-size of cvxq when not given
+from .models import DEFAULT_MODEL
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True, help="Compress, inspect, evaluate and run LLMs.")
 
@@ -23,8 +30,13 @@ def _fail(msg: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+def debugging() -> bool:
+    """--debug (or RDQUANT_DEBUG=1): show tracebacks instead of one-line errors."""
+    return os.environ.get("RDQUANT_DEBUG", "") not in ("", "0")
+
+
 def friendly(fn):
-    """Turn expected failures into one-line messages instead of tracebacks."""
+    """Turn failures into one-line messages (cause and fix) instead of tracebacks; --debug shows them."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -32,140 +44,189 @@ def friendly(fn):
 
         try:
             return fn(*args, **kwargs)
-        except RdquantError as e:
-            _fail(str(e))
-        except torch.OutOfMemoryError:
-            _fail("out of memory on the device: try fewer --calib-samples, a smaller --batch-size, "
-                  "a shorter --calib-seqlen, or --device cpu", 3)
-        except MemoryError:
-            _fail("out of host memory: try fewer --calib-samples or a shorter --calib-seqlen", 3)
+        except (typer.Exit, typer.Abort, KeyboardInterrupt):
+            raise
+        except Exception as e:
+            if debugging():
+                traceback.print_exc()
+            if isinstance(e, RdquantError):
+                _fail(str(e))
+            if isinstance(e, torch.OutOfMemoryError):
+                _fail("out of memory on the device: try fewer --calib-samples, a smaller --batch-size, "
+                      "a shorter --calib-seqlen, or --device cpu", 3)
+            if isinstance(e, MemoryError):
+                _fail("out of host memory: try fewer --calib-samples or a shorter --calib-seqlen", 3)
+            if isinstance(e, OSError):
+                where = f" ({e.filename})" if e.filename else ""
+                _fail(f"{e.strerror or e}{where}: check the path, its permissions and the free disk space", 3)
+            _fail(f"internal error ({type(e).__name__}: {e}); rerun with --debug for the traceback and report it", 1)
 
     return wrapper
 
 
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"rdquant {__version__}")
+        raise typer.Exit()
 
 
-def parse_size(text: str | None) -> int | None:
-    """'40MB' (SI), '38.5MiB' (binary) or a plain byte count -> bytes."""
-    if text is None:
-        return None
-    import re
-
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", text)
-    if not m or m.group(2).upper() not in _UNITS:
-        raise RdquantError(f"cannot read the size {text!r}: use e.g. 40MB, 38.5MiB, 1.2GB or a byte count")
-    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
-
-
-@app.command()
-@friendly
-def compress(
-    model: str = typer.Option("smollm2-135m", "--model", "-m", help="HF directory, .gguf file or alias"),
-    out: Path = typer.Option(..., "--out", "-o", help="artifact directory to write"),
-    method: Optional[str] = typer.Option(None, help="gptq | rtn | ecsq | claq | cvxq  [default: gptq]"),
-    bits: Optional[int] = typer.Option(None, help="2..8  [default: 4]; ecsq: alphabet width (auto)"),
-    target_coded_bits: Optional[float] = typer.Option(None, "--target-coded-bits",
-                                                      help="ecsq: coded bits per weight, all-in"),
-    target_bits: Optional[float] = typer.Option(None, "--target-bits",
-                                                help="claq: all-in bits per weight of every layer, e.g. 3.1; "
-                                                     "cvxq: of all quantized layers together"),
-    target_size: Optional[str] = typer.Option(None, "--target-size",
-                                              help="cvxq: bytes of the quantized layers, all-in, e.g. 40MB, 38.5MiB"),
-    target_size_total: Optional[str] = typer.Option(None, "--target-size-total",
-                                                    help="cvxq: bytes of the whole tensor file, 16-bit rest included"),
-    solver: Optional[str] = typer.Option(None, "--solver", help="cvxq: gptq | rtn | claq  [default: gptq]"),
-    sensitivity: Optional[str] = typer.Option(None, "--sensitivity",
-                                              help="cvxq: gradient (CVXQ, PCA-projected output) | fisher | hessian (E[x^2] proxy)  [default: gradient]"),
-    max_bits: Optional[int] = typer.Option(None, "--max-bits", help="cvxq: widest cell, 1..8  [default: 7]"),
-    cells: Optional[str] = typer.Option(None, "--cells",
-                                        help="cvxq with gptq/rtn: cluster (--group-size rows clustered by sensitivity x one "
-                                             "column, CVXQ's cells) | group (one row x --group-size columns)  [default: cluster]"),
-    grid: Optional[str] = typer.Option(None, "--grid", help="cvxq cluster cells: uniform (scale + zero point) | "
-                                                             "laplace (CVXQ's companded grid, scale only)  [default: uniform]"),
-    rate: Optional[str] = typer.Option(None, "--rate",
-                                       help="cvxq with gptq/rtn: what the target counts: stored (packed bits) | coded (each cell's codes at "
-                                            "their entropy under one table per width: the size after --codec auto)  [default: stored]"),
-    bias_correction: Optional[bool] = typer.Option(None, "--bias-correction/--no-bias-correction",
-                                                   help="store (W - Q) E[x] as a bias per layer  [default: off]"),
-    outlier_frac: Optional[float] = typer.Option(None, "--outlier-frac",
-                                                 help="claq: share of weights kept in fp16, e.g. 0.002  [default: 0]"),
-    codebook_share: Optional[int] = typer.Option(None, "--codebook-share",
-                                                 help="claq: columns per codebook  [default: 1]"),
-    column_policy: Optional[str] = typer.Option(None, "--column-policy",
-                                                help="claq, with --target-bits: rd (water-filling) | outlier (CLAQ's rule)  [default: rd]"),
-    high_bits: Optional[int] = typer.Option(None, "--high-bits", help="claq: width of promoted columns, 0 = the low width + 1  [default: 0]"),
-    row_scale: Optional[bool] = typer.Option(None, "--row-scale/--no-row-scale",
-                                             help="claq: fp16 row scales, codebooks on row-normalised values  [default: on]"),
-    entropy_lambda: Optional[float] = typer.Option(None, "--entropy-lambda",
-                                                   help="claq: entropy-constrained codes, rate weighed against distortion (0.7: ~2% smaller coded "
-                                                        "file, ~3% more layer error); 0 = nearest-centroid codes  [default: 0]"),
-    tune_steps: Optional[int] = typer.Option(None, "--tune-steps",
-                                             help="distillation tuning of codebook values / scales after the solver (codes and size unchanged), Adam steps  [default: 0 = off]"),
-    tune_lr: Optional[float] = typer.Option(None, "--tune-lr", help="tuning step, relative to each tensor's magnitude  [default: 1e-3]"),
-    group_size: Optional[int] = typer.Option(None, "--group-size", "-g",
-                                             help="-1 = per row; cvxq cluster cells: rows per cluster  [default: 64; cvxq: 128]"),
-    symmetric: Optional[bool] = typer.Option(None, "--symmetric/--asymmetric", help="[default: asymmetric]"),
-    act_order: Optional[bool] = typer.Option(None, "--act-order/--no-act-order", help="[default: on]"),
-    damp_percent: Optional[float] = typer.Option(None, "--damp", help="GPTQ damping  [default: 0.01]"),
-    clip_search: Optional[int] = typer.Option(None, "--clip-search", help="grid shrink steps, 0 = min-max  [default: 20]"),
-    scale_bits: Optional[int] = typer.Option(None, "--scale-bits",
-                                             help="mantissa bits kept in the fp16 group scales (1-10); fewer compress under --codec, error <= 2^-(bits+1)  [default: 10]"),
-    calib: Optional[str] = typer.Option(None, help="text or JSONL file  [default: bundled C4 sample]"),
-    calib_samples: Optional[int] = typer.Option(None, "--calib-samples", help="[default: 128]"),
-    calib_seqlen: Optional[int] = typer.Option(None, "--calib-seqlen", help="[default: 512]"),
-    seed: Optional[int] = typer.Option(None, help="[default: 0]"),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="windows per forward  [default: 16]"),
-    device: Optional[str] = typer.Option(None, help="cpu | cuda | cuda:N  [default: cpu]"),
-    recipe: Optional[Path] = typer.Option(None, help="YAML recipe; flags given here override it"),
-    resume: bool = typer.Option(False, help="continue an interrupted run from its last finished block"),
-    overwrite: bool = typer.Option(False, help="replace --out if it exists"),
-    codec: str = typer.Option("none", help="entropy coding of the quantized tensors: none | zstd-L | lz4 | ans | auto"),
-    speed_floor: float = typer.Option(200.0, "--codec-speed-floor", help="auto: slowest decode allowed, MB/s"),
-    eval_: bool = typer.Option(False, "--eval", help="also print WikiText-2 perplexity, original vs compressed"),
-    eval_windows: int = typer.Option(8, "--eval-windows", help="windows for --eval"),
-    eval_seqlen: int = typer.Option(2048, "--eval-seqlen"),
-    progress: bool = typer.Option(True, "--progress/--no-progress"),
+@app.callback()
+def main_options(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="print the version and exit"),
+    debug: bool = typer.Option(False, "--debug", help="show tracebacks instead of one-line errors (or RDQUANT_DEBUG=1)"),
 ) -> None:
+    """Compress, inspect, evaluate and run LLMs."""
+    if debug:
+        os.environ["RDQUANT_DEBUG"] = "1"
+
+
+def parse_size(text: str | int | None) -> int | None:
+    """'40MB' (SI), '38.5MiB' (binary) or a plain byte count -> bytes."""
+    return config_parse_size(text)
+
+
+def check_codec(codec: str) -> None:
+    """Refuse an unknown --codec before any work."""
+    from .codecs import CodecSpec
+
+    if codec == "auto":
+        return
+    try:
+        CodecSpec.parse(codec)
+    except ValueError as e:
+        raise RdquantError(f"--codec: {e}") from None
+
+
+def _positive(flag: str, value: int | None, lo: int = 1) -> None:
+    if value is not None and value < lo:
+        raise RdquantError(f"{flag} must be at least {lo} (got {value})")
+
+
+def _shown_default(f) -> str | bool:
+    return True if f.default is not None else "none"
+
+
+def _config_parameters() -> list[inspect.Parameter]:
+    """One typer option per CompressConfig field that has a flag: default, help and panel from the field."""
+    params = []
+    for name, f in FIELDS.items():
+        m = f.metadata
+        if not m["cli"]:
+            continue
+        flag = flag_of(name)
+        hint = _hints()[name]
+        decls = [flag] if hint is not bool else [f"{flag}/--no-{flag[2:]}"]
+        if m["short"]:
+            decls.append(m["short"])
+        choices = [c for c in (m["choices"] or ()) if c not in m["experimental_values"]]
+        help_text = m["help"] if not choices or "|" in m["help"] else f"{m['help']}: {' | '.join(map(str, choices))}"
+        annotation = hint if m["unit"] != "size" else Optional[str]
+        option = typer.Option(f.default, *decls, help=help_text, rich_help_panel=m["panel"], show_default=_shown_default(f))
+        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation))
+    return params
+
+
+def _given_on_command_line(ctx: typer.Context, values: dict) -> dict:
+    # by name: typer may bundle its own copy of click's ParameterSource enum
+    return {k: v for k, v in values.items()
+            if getattr(ctx.get_parameter_source(k), "name", None) in ("COMMANDLINE", "ENVIRONMENT")}
+
+
+def _experimental(pairs: list[str]) -> dict:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise RdquantError(f"--experimental {pair!r}: use KEY=VALUE, e.g. --experimental cvxq_cells=group")
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            out[key.strip()] = value
+    return out
+
+
+def default_out(model: str, cfg) -> Path:
+    """artifacts/<model>-<method>-<size>, or the first free -2, -3, ... beside it."""
+    from .safety import fresh_path
+
+    stem = Path(model.rstrip("/")).name.removesuffix(".gguf") or "model"
+    if cfg.target_bits is not None:
+        size = f"t{cfg.target_bits:g}"
+    elif cfg.target_size is not None or cfg.target_size_total is not None:
+        size = f"s{cfg.target_size or cfg.target_size_total}"
+    else:
+        size = f"w{cfg.bits}g{cfg.group_size}"
+    return fresh_path(Path("artifacts") / f"{stem}-{cfg.method}-{size}")
+
+
+def _run_compress(ctx: typer.Context, model: str, out: Optional[Path], recipe: Optional[Path], resume: bool,
+                  overwrite: bool, codec: str, speed_floor: float, eval_: bool, eval_windows: int, eval_seqlen: int,
+                  progress: bool, experimental: list[str], **settings) -> None:
     """Quantize a model's linear layers and write a packed artifact."""
     from . import compress as api_compress
-    from .config import CompressConfig
+    from .config import check_device, from_settings, read_recipe
+    from .data import eval_text, read_documents
+    from .data import check_seqlen
     from .evaluate import evaluate
     from .models import load_model
     from .report import inspect as api_inspect
+    from .safety import check_output, is_own_checkpoint, remove_owned
 
-    given = dict(method=method, bits=bits, target_coded_bits=target_coded_bits, target_bits=target_bits,
-                 target_size=parse_size(target_size), target_size_total=parse_size(target_size_total),
-                 cvxq_solver=solver, cvxq_sensitivity=sensitivity, cvxq_max_bits=max_bits, cvxq_cells=cells, cvxq_grid=grid,
-                 cvxq_rate=rate, bias_correction=bias_correction,
-                 claq_outlier_frac=outlier_frac, claq_share=codebook_share, claq_high_bits=high_bits,
-                 claq_policy=column_policy, tune_steps=tune_steps, tune_lr=tune_lr,
-                 claq_row_scale=row_scale, claq_entropy_lambda=entropy_lambda, group_size=group_size, symmetric=symmetric, act_order=act_order,
-                 damp_percent=damp_percent, clip_search=clip_search, scale_bits=scale_bits, calib=calib, calib_samples=calib_samples,
-                 calib_seqlen=calib_seqlen, seed=seed, batch_size=batch_size, device=device)
-    base = CompressConfig.from_yaml(recipe) if recipe else CompressConfig()
-    cfg = base.replace(**{k: v for k, v in given.items() if v is not None})
-    if cfg.method == "cvxq" and group_size is None and not (recipe and "group_size" in (yaml.safe_load(recipe.read_text()) or {})):
-        cfg = cfg.replace(group_size=CVXQ_GROUP)  # measured best for CVXQ's cells (BENCHMARKS.md section 6)
-    if out.exists() and not overwrite:
-        raise RdquantError(f"{out} already exists; pass --overwrite to replace it")
+    # everything a user can get wrong is checked here, before the model is loaded
+    given = _given_on_command_line(ctx, settings)
+    for key in ("target_size", "target_size_total"):
+        if key in given:
+            given[key] = parse_size(given[key])
+    base = read_recipe(recipe) if recipe else {}
+    exp = {**(base.pop("experimental", None) or {}), **_experimental(experimental)}
+    where = f"recipe {recipe} / command line" if recipe else "command line"
+    cfg = from_settings(exp, given, base, where=where, flags=True)
+    check_device(cfg.device)
+    check_codec(codec)
+    _positive("--eval-windows", eval_windows)
+    _positive("--eval-seqlen", eval_seqlen, 2)
+    if speed_floor <= 0:
+        raise RdquantError("--codec-speed-floor must be a positive speed in MB/s")
+    read_documents(cfg.calib)  # exists, UTF-8, has text
+    if eval_:
+        eval_text("wikitext2")
+    out = out if out is not None else default_out(model, cfg)
+    check_output(out, overwrite)
     ckpt = out.with_name(out.name + ".partial")
-    if resume and not ckpt.is_dir():
-        raise RdquantError(f"--resume: no checkpoint at {ckpt}")
+    if resume and not is_own_checkpoint(ckpt):
+        raise RdquantError(f"--resume: no checkpoint of an interrupted run at {ckpt}")
+    if ckpt.exists() and not resume:
+        if not overwrite:
+            raise RdquantError(f"an interrupted run left a checkpoint in {ckpt}: add --resume to continue it, "
+                               "or --overwrite to discard it")
+        check_output(ckpt, overwrite=True, flag="checkpoint")
     m, tok, model_id = load_model(model)
+    check_seqlen(m, cfg.calib_seqlen, "--calib-seqlen")
+    if eval_:
+        check_seqlen(m, eval_seqlen, "--eval-seqlen")
+    if ckpt.exists() and not resume:
+        remove_owned(ckpt)
     original = None
     if eval_:
         original = evaluate(m, tok, seqlen=eval_seqlen, max_windows=eval_windows, device=cfg.device, progress=progress)
     try:
         cm = api_compress(m, cfg, tokenizer=tok, checkpoint_dir=ckpt, resume=resume, progress=progress, model_id=model_id)
     except KeyboardInterrupt:
-        typer.echo(f"\ninterrupted: finished blocks are kept in {ckpt}; rerun with --resume", err=True)
+        if _blocks_done(ckpt):
+            command = " ".join(shlex.quote(a) for a in ["rdquant", *sys.argv[1:]] if a != "--resume")
+            typer.echo(f"\ninterrupted: {_blocks_done(ckpt)} finished blocks are kept in {ckpt}; continue with:\n"
+                       f"  {command} --resume", err=True)
+        else:
+            remove_owned(ckpt)
+            typer.echo("\ninterrupted before the first block finished: nothing to resume", err=True)
         raise typer.Exit(130)
+    except BaseException:
+        if not _blocks_done(ckpt):
+            remove_owned(ckpt)  # no empty checkpoints left behind
+        raise
     cm.save(out, overwrite=overwrite, codec=codec, speed_floor_mbps=speed_floor)
-    import shutil
-
-    shutil.rmtree(ckpt, ignore_errors=True)
-    rep = api_inspect(out)
+    remove_owned(ckpt)
+    rep = api_inspect(out, verify=False)
     typer.echo(f"wrote {out} in {cm.seconds:.1f} s compress time")
     typer.echo(rep.table(per_layer=False))
     if original is not None:
@@ -175,23 +236,80 @@ def compress(
         typer.echo(f"  rdquant  ({rep.total_bytes / 2**20:7.1f} MiB, {rep.bits_per_weight:.3f} bpw)  ppl {q.ppl:8.3f}")
 
 
+def _blocks_done(ckpt: Path) -> int:
+    try:
+        return int(json.loads((ckpt / "progress.json").read_text())["blocks_done"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+
+
+def _make_compress():
+    run = "Options of the run"
+
+    def compress(
+        ctx: typer.Context,
+        model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="HF directory, .gguf file or alias", rich_help_panel=run),
+        out: Optional[Path] = typer.Option(None, "--out", "-o", show_default="artifacts/<model>-<method>-<size>, a fresh name",
+                                           help="artifact directory to write", rich_help_panel=run),
+        recipe: Optional[Path] = typer.Option(None, help="YAML recipe of these options; flags given here override it",
+                                              show_default="none", rich_help_panel=run),
+        resume: bool = typer.Option(False, help="continue an interrupted run from its last finished block", rich_help_panel=run),
+        overwrite: bool = typer.Option(False, help="replace --out if it holds an rdquant artifact (never anything else), "
+                                                   "and discard an interrupted run's checkpoint", rich_help_panel=run),
+        codec: str = typer.Option("none", help="entropy coding of the quantized tensors: none | zstd-L | lz4 | ans | auto",
+                                  rich_help_panel=run),
+        speed_floor: float = typer.Option(DEFAULT_SPEED_FLOOR_MBPS, "--codec-speed-floor",
+                                          help="auto: slowest decode allowed, MB/s", rich_help_panel=run),
+        eval_: bool = typer.Option(False, "--eval", help="also print WikiText-2 perplexity, original vs compressed",
+                                   show_default="off", rich_help_panel=run),
+        eval_windows: int = typer.Option(8, "--eval-windows", help="windows for --eval", rich_help_panel=run),
+        eval_seqlen: int = typer.Option(2048, "--eval-seqlen", help="tokens per --eval window", rich_help_panel=run),
+        progress: bool = typer.Option(True, "--progress/--no-progress", help="progress bars", rich_help_panel=run),
+        experimental: list[str] = typer.Option([], "--experimental", metavar="KEY=VALUE", hidden=True,
+                                               help="options that lost to the defaults (docs/notes)"),
+        **settings,
+    ) -> None:
+        _run_compress(ctx, model, out, recipe, resume, overwrite, codec, speed_floor, eval_, eval_windows, eval_seqlen,
+                      progress, experimental, **settings)
+
+    sig = inspect.signature(compress)
+    params = [p for p in sig.parameters.values() if p.kind != inspect.Parameter.VAR_KEYWORD] + _config_parameters()
+    compress.__signature__ = sig.replace(parameters=params)
+    compress.__annotations__ = {**{k: v for k, v in compress.__annotations__.items()},
+                                **{p.name: p.annotation for p in _config_parameters()}}
+    compress.__doc__ = "Quantize a model's linear layers and write a packed artifact."
+    return compress
+
+
+app.command()(friendly(_make_compress()))
+
+
 @app.command("eval")
 @friendly
 def eval_cmd(
     model: str = typer.Argument(..., help="artifact directory, HF directory, .gguf file or alias"),
     data: str = typer.Option("wikitext2", help="wikitext2 or a text/JSONL file"),
-    seqlen: int = typer.Option(2048),
-    max_windows: Optional[int] = typer.Option(None, "--max-windows"),
-    device: str = typer.Option("cpu"),
-    as_json: bool = typer.Option(False, "--json"),
-    progress: bool = typer.Option(True, "--progress/--no-progress"),
+    seqlen: int = typer.Option(2048, help="tokens per window (at most the model's context)"),
+    max_windows: Optional[int] = typer.Option(None, "--max-windows", help="score only the first N windows",
+                                              show_default="all"),
+    device: str = typer.Option("cpu", help="cpu | cuda | cuda:N"),
+    as_json: bool = typer.Option(False, "--json", help="print the result as JSON", show_default="off"),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="progress bar"),
 ) -> None:
     """Perplexity with the standard protocol (non-overlapping windows, exp of mean NLL)."""
     from dataclasses import asdict
 
-    from .evaluate import evaluate
+    from .config import check_device
+    from .data import check_seqlen, eval_text
+    from .evaluate import evaluate, load_any
 
-    r = evaluate(model, data=data, seqlen=seqlen, max_windows=max_windows, device=device, progress=progress)
+    _positive("--seqlen", seqlen, 2)
+    _positive("--max-windows", max_windows)
+    check_device(device)
+    eval_text(data)  # the data exist and are UTF-8 text
+    m, tok = load_any(model, device=device)
+    check_seqlen(m, seqlen)
+    r = evaluate(m, tok, data=data, seqlen=seqlen, max_windows=max_windows, device=device, progress=progress)
     if as_json:
         typer.echo(json.dumps(asdict(r)))
     else:
@@ -202,8 +320,9 @@ def eval_cmd(
 @friendly
 def inspect_cmd(
     artifact: Path = typer.Argument(...),
-    layers: bool = typer.Option(True, "--layers/--no-layers"),
-    as_json: bool = typer.Option(False, "--json"),
+    layers: bool = typer.Option(True, "--layers/--no-layers", help="per-layer table"),
+    as_json: bool = typer.Option(False, "--json", help="print the totals as JSON", show_default="off"),
+    verify: bool = typer.Option(True, "--verify/--no-verify", help="check every tensor's sha256 (damage is an error)"),
     decode_speed: bool = typer.Option(True, "--decode-speed/--no-decode-speed",
                                       help="coded artifacts: decode every coded qweight once and report codes/s"),
 ) -> None:
@@ -211,7 +330,7 @@ def inspect_cmd(
     artifacts also the codes' entropy, codec, mapping and measured decode speed."""
     from .report import inspect as api_inspect
 
-    rep = api_inspect(artifact, decode_speed=decode_speed)
+    rep = api_inspect(artifact, decode_speed=decode_speed, verify=verify)
     if as_json:
         typer.echo(json.dumps({"bits_per_weight": rep.bits_per_weight, "total_bytes": rep.total_bytes,
                                "quantized_params": rep.quantized_params, "quantized_bytes": rep.quantized_bytes,
@@ -227,43 +346,68 @@ def inspect_cmd(
 @friendly
 def recode(
     artifact: Path = typer.Argument(..., help="artifact directory to re-code"),
-    out: Path = typer.Option(..., "--out", "-o"),
+    out: Path = typer.Option(..., "--out", "-o", help="artifact directory to write"),
     codec: str = typer.Option("auto", help="none | zstd-L | lz4 | ans | auto"),
-    speed_floor: float = typer.Option(200.0, "--codec-speed-floor", help="auto: slowest decode allowed, MB/s"),
+    speed_floor: float = typer.Option(DEFAULT_SPEED_FLOOR_MBPS, "--codec-speed-floor", help="auto: slowest decode allowed, MB/s"),
     dense: bool = typer.Option(False, help="also code the tensors left in 16 bit"),
-    overwrite: bool = typer.Option(False),
+    overwrite: bool = typer.Option(False, help="replace --out if it holds an rdquant artifact (never anything else)"),
 ) -> None:
     """Copy an artifact with its tensors entropy-coded (or decoded, with --codec none); the model is
     bit-identical."""
+    from .artifact import read_manifest
     from .coding import recode as api_recode
     from .report import inspect as api_inspect
+    from .safety import check_output
 
+    check_codec(codec)
+    if speed_floor <= 0:
+        raise RdquantError("--codec-speed-floor must be a positive speed in MB/s")
+    read_manifest(artifact)
+    if out.resolve() == artifact.resolve():
+        raise RdquantError("--out is the artifact being re-coded; write the copy to another directory")
+    check_output(out, overwrite)
     api_recode(artifact, out, codec=codec, speed_floor_mbps=speed_floor, dense=dense, overwrite=overwrite)
-    typer.echo(api_inspect(out).table(per_layer=False))
+    typer.echo(api_inspect(out, verify=False).table(per_layer=False))
 
 
 @app.command()
 @friendly
 def generate(
     model: str = typer.Argument(..., help="artifact directory, HF directory, .gguf file or alias"),
-    prompt: str = typer.Option("The capital of France is", "--prompt", "-p"),
-    max_new_tokens: int = typer.Option(40, "--max-new-tokens"),
+    prompt: str = typer.Option("The capital of France is", "--prompt", "-p", help="text to continue"),
+    max_new_tokens: int = typer.Option(40, "--max-new-tokens", help="tokens to generate"),
     chat: bool = typer.Option(False, help="wrap the prompt in the tokenizer's chat template"),
-    device: str = typer.Option("cpu"),
+    device: str = typer.Option("cpu", help="cpu | cuda | cuda:N"),
 ) -> None:
-    """Greedy generation from a prompt."""
+    """Greedy generation from a prompt; prints the text, then the speed (tokens/s) on stderr."""
+    import time
+
     import torch
 
+    from .config import check_device
+    from .data import check_seqlen
     from .evaluate import load_any
 
+    _positive("--max-new-tokens", max_new_tokens)
+    check_device(device)
     m, tok = load_any(model, device=device)
     text = prompt
     if chat and getattr(tok, "chat_template", None):
         text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
     enc = tok(text, return_tensors="pt").to(device)
+    n_prompt = enc["input_ids"].shape[1]
+    if n_prompt == 0:
+        raise RdquantError("--prompt is empty after tokenization; give some text")
+    check_seqlen(m, n_prompt + max_new_tokens, "prompt + --max-new-tokens")
+    t0 = time.perf_counter()
     with torch.inference_mode():
         out = m.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.eos_token_id)
-    typer.echo(tok.decode(out[0][enc["input_ids"].shape[1]:], skip_special_tokens=True))
+    seconds = time.perf_counter() - t0
+    new = out[0][n_prompt:]
+    typer.echo(tok.decode(new, skip_special_tokens=True))
+    runtime = "dequantized-weight cache" if any(getattr(q, "cache_dequantized", False) for q in m.modules()) else "reference"
+    typer.echo(f"[{new.numel()} tokens in {seconds:.2f} s: {new.numel() / max(seconds, 1e-9):.1f} tokens/s, "
+               f"{device}, {runtime} runtime]", err=True)
 
 
 def main() -> None:

@@ -16,10 +16,11 @@ from torch import nn
 from . import __version__
 from .artifact import write_artifact
 from .coding import DEFAULT_SPEED_FLOOR_MBPS, encode_tensors
-from .config import CompressConfig, LayerLog
+from .config import CompressConfig, LayerLog, check_device
 from .data import calibration_windows
 from .errors import RdquantError
 from .methods import METHODS
+from .methods.cvxq import check_target
 from .models import load_model
 from .pipeline import Checkpoint, run_pipeline
 from .runtime import QUANT_BUFFERS, QuantLinear
@@ -136,10 +137,12 @@ def compress(
     `calib_ids` [N, L] if given, else from `config.calib` (None: the bundled C4 sample) via the tokenizer.
     With `checkpoint_dir`, finished blocks are saved there and `resume=True` continues from them.
     """
-    cfg = config or CompressConfig()
+    cfg = (config or CompressConfig()).resolved()
+    check_device(cfg.device)
     t0 = time.perf_counter()
     if isinstance(model, (str, Path)):
         model, tokenizer, model_id = load_model(str(model))
+    check_target(model, cfg)  # from the shapes alone, before calibration
     dense = dense_dtype_for(model)
     if next(model.parameters()).dtype != torch.float32 and cfg.device == "cpu":
         model = model.float()

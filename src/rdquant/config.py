@@ -1,161 +1,190 @@
-"""Configuration as data: one frozen dataclass per job, readable from a YAML recipe."""
+"""Configuration as data: one frozen dataclass per job, readable from a YAML recipe.
+
+Every option's default, help, CLI flag, help panel, the methods that use it and its valid range live
+here, in the field's metadata (`opt`); the CLI's flags, `--help` and the recipe loader are derived from
+them (cli.py), so they cannot disagree. Options that lost to the defaults in every measurement
+(docs/notes/benchmarks-lab.md) are `experimental`: no visible flag, set only through
+`--experimental KEY=VALUE` or a recipe's `experimental:` mapping.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
 from .errors import RdquantError
 
-METHODS = ("gptq", "rtn", "ecsq", "claq", "cvxq")
+METHODS = ("gptq", "rtn", "claq", "cvxq", "ecsq")
+EXPERIMENTAL_METHODS = ("ecsq",)  # lost to cvxq --rate coded at the same coded size (31.62 vs 37.93)
 BITS = (2, 3, 4, 5, 6, 7, 8)
+LOST = "it lost to the default in every measurement (docs/notes/benchmarks-lab.md)"
+
+# which methods use an option (a given option the chosen method does not use is refused)
+ALL = None
+
+
+def _solver(*solvers: str) -> Callable[["CompressConfig"], bool]:
+    return lambda c: c.method == "cvxq" and c.cvxq_solver in solvers
+
+
+def _uses(methods: tuple[str, ...], cvxq_solvers: tuple[str, ...] = ()) -> Callable[["CompressConfig"], bool]:
+    """Used by `methods`, and by cvxq when its solver is one of `cvxq_solvers`; ecsq (experimental) takes all."""
+    return lambda c: c.method in methods or c.method == "ecsq" or (c.method == "cvxq" and c.cvxq_solver in cvxq_solvers)
+
+
+GRID = _uses(("gptq", "rtn"), ("gptq", "rtn"))  # affine grids: gptq, rtn, cvxq with those solvers
+GPTQ_SWEEP = _uses(("gptq", "claq"), ("gptq", "claq"))  # the error-compensating column sweep
+CLAQ = _uses(("claq",), ("claq",))
+CVXQ = _uses(("cvxq",))
+TARGETED = _uses(("claq", "cvxq"))
+
+
+def _group_size_used(c: "CompressConfig") -> bool:
+    return c.method in ("gptq", "rtn", "ecsq") or (c.method == "cvxq" and c.cvxq_solver != "claq" and c.cvxq_cells == "group")
+
+
+def _cluster_rows_used(c: "CompressConfig") -> bool:
+    return c.method == "cvxq" and c.cvxq_solver != "claq" and c.cvxq_cells == "cluster"
+
+
+def _bits_used(c: "CompressConfig") -> bool:
+    return c.method in ("gptq", "rtn", "ecsq") or (c.method == "claq" and c.target_bits is None)
+
+
+def opt(default: Any, help: str, *, flag: str | None = None, short: str | None = None, panel: str = "General",
+        uses: Callable[["CompressConfig"], bool] | None = ALL, choices: tuple | None = None,
+        lo: float | None = None, hi: float | None = None, experimental: bool = False,
+        experimental_values: tuple = (), cli: bool = True, unit: str = "") -> Any:
+    """A config field with what the CLI and the validation need: the flag (default --field-name),
+    help text, --help panel, the methods using it, choices or a closed range [lo, hi]."""
+    meta = dict(help=help, flag=flag, short=short, panel=panel, uses=uses, choices=choices, lo=lo, hi=hi,
+                experimental=experimental, experimental_values=experimental_values, cli=cli and not experimental, unit=unit)
+    return field(default=default, metadata=meta)
 
 
 @dataclass(frozen=True)
 class CompressConfig:
     """Everything that decides the compressed weights (recorded in the artifact's manifest)."""
 
-    method: str = "gptq"
-    bits: int = 4
-    group_size: int = 64  # -1: one scale per output row
-    symmetric: bool = False
+    method: str = opt("gptq", "gptq | rtn | claq | cvxq", choices=METHODS, experimental_values=EXPERIMENTAL_METHODS)
+    bits: int = opt(4, "code width of every weight (claq: of every column, without --target-bits)",
+                    choices=BITS, uses=_bits_used)
+    group_size: int = opt(64, "weights per scale group along a row; -1 = one scale per row", short="-g",
+                          uses=_group_size_used)
+    symmetric: bool = opt(False, "symmetric grids (no zero points)", uses=GRID)
+    # size targets: all-in bits per weight (codes + every piece of side information)
+    target_bits: float | None = opt(None, "all-in bits/weight: claq of every layer, cvxq of all quantized layers together",
+                                    panel="Size target (claq, cvxq)", uses=TARGETED, lo=0.1, hi=16)
+    target_size: int | None = opt(None, "bytes of the quantized layers, all-in, e.g. 40MB, 38.5MiB",
+                                  panel="Size target (claq, cvxq)", uses=CVXQ, lo=1, unit="size")
+    target_size_total: int | None = opt(None, "bytes of the whole tensor file (16-bit rest included), e.g. 100MB",
+                                        panel="Size target (claq, cvxq)", uses=CVXQ, lo=1, unit="size")
     # GPTQ (Frantar et al. 2022)
-    act_order: bool = True  # columns by decreasing H_jj, with static (pre-computed) groups
-    damp_percent: float = 0.01  # lambda = damp_percent * mean(diag(H))
-    block_size: int = 128  # lazy-batch width of the column sweep
-    # ecsq: entropy-constrained grid whose coded size meets this many bits per weight (all-in)
-    target_coded_bits: float | None = None
-    # all-in bits per weight of every quantized layer (claq: codes + codebooks + widths + outliers);
-    # None = every column `bits` wide. cvxq: of the quantized layers together (bits move between them)
-    target_bits: float | None = None
-    target_size: int | None = None  # cvxq: bytes of the quantized layers (all-in), instead of target_bits
-    target_size_total: int | None = None  # cvxq: bytes of the whole tensor file (16-bit rest included)
+    act_order: bool = opt(True, "quantize columns by decreasing H_jj (static groups)", panel="GPTQ solver", uses=GPTQ_SWEEP)
+    damp_percent: float = opt(0.01, "damping: lambda = damp x mean(diag H)", flag="--damp", panel="GPTQ solver",
+                              uses=GPTQ_SWEEP, lo=0, hi=0.999)
+    block_size: int = opt(128, "lazy-batch width of the column sweep", panel="GPTQ solver", uses=GPTQ_SWEEP, lo=1, hi=1 << 16)
     # CVXQ (Young 2024): one global rate-distortion allocation of widths to cells, then a solver per layer
-    cvxq_solver: str = "gptq"  # gptq | rtn (per-cell grid search) | claq (column codebooks, column cells)
-    cvxq_sensitivity: str = "gradient"  # gradient (CVXQ: PCA-projected output) | fisher (sampled-token log-lik.) | hessian (E[x_j^2]/E[y^2])
-    cvxq_max_bits: int = 7  # widest cell (7: 3-bit width field)
-    cvxq_rate: str = "stored"  # what the target counts: stored (packed) bits | coded (entropy of each cell's codes, for --codec)
-    cvxq_kappa: str = "gauss"  # distortion vs width of a cell: gauss (Lloyd-Max) | grid (measured for the uniform grid)
-    cvxq_min_bits: int = -1  # narrowest cell; -1: 2 with uniform grids (gptq, rtn), 0 (a cell may be its centre) with claq
-    cvxq_cells: str = "cluster"  # gptq/rtn cells: group (row x group_size columns) | cluster (group_size rows clustered by sensitivity x one column)
-    cvxq_grid: str = "uniform"  # cluster cells: uniform (scale + zero point per cell) | laplace (CVXQ's companded grid, scale only)
-    cvxq_cell_group: int = 0  # columns sharing a width (a multiple of group_size; -1: the whole row; 0: group_size)
-    cvxq_samples: int = 32  # calibration windows used for the sensitivities
-    cvxq_components: int = 64  # principal directions of the final hidden state
-    cvxq_stride: int = 8  # token positions at this stride
-    cvxq_batch: int = 4  # windows per forward/backward
-    bias_correction: bool = False  # add (W - Q) E[x] to the layer's bias (a bias is added and stored if none)
+    cvxq_solver: str = opt("gptq", "quantizes each cell at its width: gptq | rtn | claq", flag="--solver",
+                           panel="CVXQ allocation", uses=CVXQ, choices=("gptq", "rtn", "claq"))
+    cvxq_sensitivity: str = opt("gradient", "gradient (CVXQ: PCA-projected output) | fisher (sampled-token log-lik.)",
+                                flag="--sensitivity", panel="CVXQ allocation", uses=CVXQ,
+                                choices=("gradient", "fisher", "hessian"), experimental_values=("hessian",))
+    cvxq_max_bits: int = opt(7, "widest cell", flag="--max-bits", panel="CVXQ allocation", uses=CVXQ, lo=1, hi=8)
+    cvxq_min_bits: int = opt(-1, "narrowest cell; -1 = 2 with uniform grids, 0 with claq", flag="--min-bits",
+                             panel="CVXQ allocation", uses=CVXQ, lo=-1, hi=8)
+    cvxq_rate: str = opt("stored", "what the target counts: stored (packed bits) | coded (the codes at their entropy: "
+                         "the size after --codec auto; solver gptq or rtn)", flag="--rate", panel="CVXQ allocation",
+                         uses=CVXQ, choices=("stored", "coded"))
+    cvxq_cluster_rows: int = opt(128, "rows per cell cluster (rows of similar sensitivity share a width per column)",
+                                 flag="--cluster-rows", panel="CVXQ allocation", uses=_cluster_rows_used, lo=1, hi=1 << 20)
+    cvxq_samples: int = opt(32, "calibration windows used for the sensitivities", flag="--sensitivity-samples",
+                            panel="CVXQ allocation", uses=CVXQ, lo=1, hi=1 << 20)
+    cvxq_components: int = opt(64, "principal directions of the final hidden state", flag="--sensitivity-components",
+                               panel="CVXQ allocation", uses=CVXQ, lo=1, hi=1 << 16)
+    cvxq_stride: int = opt(8, "token positions at this stride", flag="--sensitivity-stride", panel="CVXQ allocation",
+                           uses=CVXQ, lo=1, hi=1 << 16)
+    cvxq_batch: int = opt(4, "windows per forward/backward of the sensitivity pass", flag="--sensitivity-batch",
+                          panel="CVXQ allocation", uses=CVXQ, lo=1, hi=1 << 16)
+    cvxq_cells: str = opt("cluster", "cells: cluster (rows x one column) | group (one row x group_size columns)",
+                          uses=CVXQ, choices=("group", "cluster"), experimental=True)
+    cvxq_grid: str = opt("uniform", "cluster cells' grid: uniform | laplace (companded)", uses=CVXQ,
+                         choices=("uniform", "laplace"), experimental=True)
+    cvxq_kappa: str = opt("gauss", "distortion vs width: gauss (Lloyd-Max) | grid (measured)", uses=CVXQ,
+                          choices=("gauss", "grid"), experimental=True)
+    cvxq_cell_group: int = opt(0, "group cells: columns sharing a width (multiple of group_size; -1 whole row)",
+                               uses=CVXQ, lo=-1, hi=1 << 20, experimental=True)
+    bias_correction: bool = opt(False, "store (W - Q) times the mean input as a bias per layer", lo=None)
     # CLAQ (Wang et al. 2024): column K-means codebooks inside GPTQ
-    claq_policy: str = "rd"  # column widths under --target-bits: rd (water-filling) | outlier (CLAQ's rule)
-    claq_high_bits: int = 0  # adaptive precision: promoted columns' width; 0 = low + 1 (CLAQ used 4)
-    claq_outlier_factor: float = 13.0  # |w| > factor * mean|W| counts as an outlier (column ranking)
-    claq_outlier_frac: float = 0.0  # share of entries kept in fp16 (outlier reservation), e.g. 0.005
-    claq_share: int = 1  # columns per codebook; > 1: shared codebooks fixed up front, H_jj-weighted
-    claq_codebook_bits: int = 8  # 8: uint8 entries + fp16 (lo, step) per codebook; 16: fp16 values
-    claq_row_scale: bool = True  # fp16 per-row scale (RMS), codebooks on row-normalised values
-    claq_scale_group: int = -1  # row scales per group of this many columns (-1: one per row)
-    claq_kmeans_iters: int = 20  # Lloyd steps of the batched per-block K-means
-    claq_refine_iters: int = 4  # Lloyd steps on each column's up-to-date values when the sweep reaches it
-    claq_entropy_lambda: float = 0.0  # > 0: entropy-constrained codes (rate weighed against distortion)
-    claq_hessian_weight: bool = True  # shared codebooks: weight each column's values by H_jj
+    claq_share: int = opt(1, "columns per codebook", flag="--codebook-share", panel="CLAQ codebooks", uses=CLAQ, lo=1, hi=1 << 16)
+    claq_row_scale: bool = opt(True, "fp16 row scales, codebooks on row-normalised values", flag="--row-scale",
+                               panel="CLAQ codebooks", uses=CLAQ)
+    claq_entropy_lambda: float = opt(0.0, "entropy-constrained codes: rate weighed against distortion "
+                                     "(0.7: ~2% smaller coded file, ~3% more layer error); 0 = nearest centroid",
+                                     flag="--entropy-lambda", panel="CLAQ codebooks", uses=CLAQ, lo=0, hi=100)
+    claq_kmeans_iters: int = opt(20, "Lloyd steps of the batched K-means", flag="--kmeans-iters", panel="CLAQ codebooks",
+                                 uses=CLAQ, lo=1, hi=10_000)
+    claq_refine_iters: int = opt(4, "Lloyd steps on each column's updated values in the sweep", flag="--refine-iters",
+                                 panel="CLAQ codebooks", uses=CLAQ, lo=0, hi=10_000)
+    claq_policy: str = opt("rd", "column widths under a target: rd (water-filling) | outlier (CLAQ's rule)",
+                           uses=CLAQ, choices=("rd", "outlier"), experimental=True)
+    claq_high_bits: int = opt(0, "outlier policy: promoted columns' width; 0 = low + 1", uses=CLAQ,
+                              choices=(0, *BITS), experimental=True)
+    claq_outlier_factor: float = opt(13.0, "|w| > factor x mean|W| counts as an outlier (column ranking)",
+                                     uses=CLAQ, lo=1e-6, hi=1e6, experimental=True)
+    claq_outlier_frac: float = opt(0.0, "share of entries kept in fp16 (outlier reservation)", uses=CLAQ,
+                                   lo=0, hi=0.499, experimental=True)
+    claq_codebook_bits: int = opt(8, "codebook entries: 8 (uint8 + fp16 range) | 16 (fp16)", uses=CLAQ,
+                                  choices=(8, 16), experimental=True)
+    claq_scale_group: int = opt(-1, "row scales per group of this many columns (-1: one per row)", uses=CLAQ,
+                                lo=-1, hi=1 << 20, experimental=True)
+    claq_hessian_weight: bool = opt(True, "shared codebooks: weight each column's values by H_jj", uses=CLAQ,
+                                    experimental=True)
+    # ECSQ (experimental method): entropy-constrained grid whose coded size meets this many bits per weight
+    target_coded_bits: float | None = opt(None, "ecsq: coded bits per weight, all-in", lo=0.5, hi=7,
+                                          uses=lambda c: c.method == "ecsq", experimental=True)
     # distillation tuning (tune.py): after the solver, move codebook values / row scales / group scales
     # (codes fixed, size unchanged) so the model's next-token distribution matches the original's
-    tune_steps: int = 0  # Adam steps on the calibration windows; 0 = off
-    tune_lr: float = 1e-3  # per step, relative to each tensor's mean magnitude
-    tune_batch: int = 4  # calibration windows per step
+    tune_steps: int = opt(0, "Adam steps of distillation tuning after the solver (codes and size unchanged); 0 = off",
+                          panel="Tuning", lo=0, hi=1 << 20)
+    tune_lr: float = opt(1e-3, "tuning step, relative to each tensor's magnitude", panel="Tuning", lo=1e-12, hi=10.0,
+                         uses=lambda c: c.tune_steps > 0)
+    tune_batch: int = opt(4, "calibration windows per tuning step", panel="Tuning", lo=1, hi=1 << 16,
+                          uses=lambda c: c.tune_steps > 0)
     # grid: shrink the min-max range by up to max_shrink in clip_search steps (0 = plain min-max)
-    clip_search: int = 20
-    max_shrink: float = 0.3
+    clip_search: int = opt(20, "grid shrink steps; 0 = min-max", uses=GRID, lo=0, hi=1000)
+    max_shrink: float = opt(0.3, "largest shrink of the min-max range the clip search tries", uses=GRID, lo=0, hi=0.99)
     # affine grids' fp16 scales keep this many of fp16's 10 mantissa bits (the rest zero): fewer bits
     # compress under a codec (relative scale error <= 2**-(bits + 1)); the packed file stays fp16
-    scale_bits: int = 10
+    scale_bits: int = opt(7, "mantissa bits kept in the fp16 group scales (the file stays fp16); 7 codes 1-2% smaller "
+                          "under --codec at equal or lower perplexity (GPTQ g64, 2-4 bits), 10 = full",
+                          uses=GRID, lo=1, hi=10)
     # calibration
-    calib: str | None = None  # text / JSONL path; None = the C4 sample shipped in the package
-    calib_samples: int = 128
-    calib_seqlen: int = 512
-    seed: int = 0
-    batch_size: int = 16  # calibration windows per forward chunk
-    reuse_activations: bool = True  # serve unchanged submodule outputs between stages (memory for speed)
+    calib: str | None = opt(None, "calibration text or JSONL file (None: the bundled C4 sample)", panel="Calibration")
+    calib_samples: int = opt(128, "calibration windows", panel="Calibration", lo=1, hi=1 << 20)
+    calib_seqlen: int = opt(512, "tokens per calibration window", panel="Calibration", lo=8, hi=1 << 20)
+    seed: int = opt(0, "seed of the calibration windows and every random choice", panel="Calibration", lo=0, hi=2**63 - 1)
+    batch_size: int = opt(16, "calibration windows per forward", panel="Calibration", lo=1, hi=1 << 20)
+    reuse_activations: bool = opt(True, "serve unchanged submodule outputs between stages (memory for speed)",
+                                  panel="Calibration")
     # what to quantize
-    skip: tuple[str, ...] = ("lm_head",)  # module-name suffixes left in 16 bit
-    device: str = "cpu"
+    skip: tuple[str, ...] = opt(("lm_head",), "module-name suffixes left in 16 bit", cli=False)
+    device: str = opt("cpu", "cpu | cuda | cuda:N")
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise RdquantError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
-        if self.bits not in BITS:
-            raise RdquantError(f"unsupported bit width {self.bits}; choose one of {BITS}")
-        if self.group_size != -1 and (self.group_size < 8 or self.group_size % 2):
-            raise RdquantError(
-                f"unsupported group size {self.group_size}; use -1 (per row) or an even number >= 8"
-            )
-        if not 1 <= self.scale_bits <= 10:
-            raise RdquantError("--scale-bits must be in 1..10 (mantissa bits of the fp16 scales)")
-        if self.method == "ecsq" and not (self.target_coded_bits and 0.5 <= self.target_coded_bits <= 7):
-            raise RdquantError("method ecsq needs --target-coded-bits between 0.5 and 7")
-        if self.target_bits is not None and not 0.1 <= self.target_bits <= 16:
-            raise RdquantError("--target-bits must be between 0.1 and 16 bits per weight")
-        targets = [t for t in (self.target_bits, self.target_size, self.target_size_total) if t is not None]
-        if len(targets) > 1:
-            raise RdquantError("give one of --target-bits, --target-size and --target-size-total")
-        if self.target_bits is not None and self.method not in ("claq", "cvxq"):
-            raise RdquantError(f"--target-bits is not supported by method {self.method}; use --bits")
-        if (self.target_size is not None or self.target_size_total is not None) and self.method != "cvxq":
-            raise RdquantError("--target-size / --target-size-total need --method cvxq")
-        if any(t is not None and t <= 0 for t in (self.target_size, self.target_size_total)):
-            raise RdquantError("target sizes must be positive byte counts")
-        if self.method == "cvxq" and not targets:
-            raise RdquantError("method cvxq needs --target-bits, --target-size or --target-size-total")
-        if self.cvxq_solver not in ("gptq", "rtn", "claq") or self.cvxq_sensitivity not in ("gradient", "fisher", "hessian"):
-            raise RdquantError("cvxq: solver must be gptq, rtn or claq; sensitivity gradient, fisher or hessian")
-        if not (self.cvxq_min_bits == -1 or 0 <= self.cvxq_min_bits <= self.cvxq_max_bits):
-            raise RdquantError("cvxq: need 0 <= min bits <= max bits (or -1: automatic)")
-        if not 1 <= self.cvxq_max_bits <= 8 or min(self.cvxq_samples, self.cvxq_components, self.cvxq_stride, self.cvxq_batch) < 1:
-            raise RdquantError("cvxq: max bits in 1..8; samples, components, stride and batch >= 1")
-        if self.cvxq_cells not in ("group", "cluster"):
-            raise RdquantError("cvxq: cells must be group or cluster")
-        if self.cvxq_grid not in ("uniform", "laplace"):
-            raise RdquantError("cvxq: grid must be uniform or laplace")
-        if self.cvxq_grid == "laplace" and (self.cvxq_cells != "cluster" or self.cvxq_solver == "claq"):
-            raise RdquantError("cvxq: the laplace (companded) grid needs cluster cells and the gptq or rtn solver")
-        if self.cvxq_cells == "cluster" and self.cvxq_cell_group not in (0,):
-            raise RdquantError("cvxq: cvxq_cell_group applies to group cells only")
-        if self.cvxq_rate not in ("stored", "coded"):
-            raise RdquantError("cvxq: rate must be stored or coded")
-        if self.cvxq_rate == "coded" and self.cvxq_solver == "claq":
-            raise RdquantError("cvxq: --rate coded needs a uniform grid (solver gptq or rtn); CLAQ's K-means codes "
-                               "use their levels nearly evenly, so their coded size is their stored size")
-        if self.cvxq_kappa not in ("grid", "gauss"):
-            raise RdquantError("cvxq: kappa must be grid or gauss")
-        if self.cvxq_cell_group not in (0, -1) and (self.group_size == -1 or self.cvxq_cell_group % self.group_size):
-            raise RdquantError("cvxq: the width cell (cvxq_cell_group) must be 0, -1 or a multiple of the group size")
-        if self.method == "cvxq" and self.cvxq_solver == "claq" and self.claq_share != 1:
-            raise RdquantError("cvxq with the claq solver allocates per column: use claq_share 1")
-        if self.claq_high_bits not in (0, *BITS) or self.claq_share < 1 or not 0 <= self.claq_outlier_frac < 0.5:
-            raise RdquantError("claq: need high bits 0 (low + 1) or 2..8, share >= 1 and outlier fraction in [0, 0.5)")
-        if self.claq_scale_group != -1 and (self.claq_scale_group < 8 or self.claq_scale_group % 8):
-            raise RdquantError("claq: scale group must be -1 (per row) or a multiple of 8")
-        if self.claq_policy not in ("outlier", "rd"):
-            raise RdquantError("claq: policy must be outlier or rd")
-        if not 0 <= self.claq_entropy_lambda <= 100:
-            raise RdquantError("claq: entropy lambda must be in [0, 100] (0: plain nearest-centroid codes)")
-        if self.claq_codebook_bits not in (8, 16):
-            raise RdquantError("claq: codebook bits must be 8 or 16")
-        if self.claq_kmeans_iters < 1 or self.claq_refine_iters < 0 or self.claq_outlier_factor <= 0:
-            raise RdquantError("claq: need kmeans iters >= 1, refine iters >= 0 and outlier factor > 0")
-        if self.tune_steps < 0 or not self.tune_lr > 0 or self.tune_batch < 1:
-            raise RdquantError("tune: need steps >= 0, lr > 0 and batch >= 1")
-        if not 0 <= self.damp_percent < 1:
-            raise RdquantError("damp_percent must be in [0, 1)")
-        if self.calib_samples < 1 or self.calib_seqlen < 8:
-            raise RdquantError("need calib_samples >= 1 and calib_seqlen >= 8")
-        if self.block_size < 1 or self.batch_size < 1:
-            raise RdquantError("block_size and batch_size must be positive")
-        object.__setattr__(self, "skip", tuple(self.skip))
+        for f in dataclasses.fields(self):
+            value = _check_type(f, getattr(self, f.name))
+            object.__setattr__(self, f.name, value)
+            _check_range(f, value)
+        _check_combinations(self)
 
     def replace(self, **changes: Any) -> "CompressConfig":
         return dataclasses.replace(self, **changes)
@@ -165,24 +194,209 @@ class CompressConfig:
         d["skip"] = list(self.skip)
         return d
 
+    def resolved(self) -> "CompressConfig":
+        """The settings the algorithms read: cvxq's cluster cells take their rows from --cluster-rows
+        through `group_size` (the field the cell code shares with group cells)."""
+        if _cluster_rows_used(self):
+            return self.replace(group_size=self.cvxq_cluster_rows)
+        return self
+
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "CompressConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise RdquantError(f"unknown recipe keys: {', '.join(unknown)}")
-        return cls(**d)
+    def from_dict(cls, d: dict[str, Any], where: str = "recipe") -> "CompressConfig":
+        """A config from a recipe mapping: plain keys, plus an `experimental:` mapping for the options
+        that lost to the defaults. Types, ranges, combinations and unused options are checked."""
+        if not isinstance(d, dict):
+            raise RdquantError(f"{where} must be a mapping of options (got {type(d).__name__})")
+        experimental = d.get("experimental") or {}
+        if not isinstance(experimental, dict):
+            raise RdquantError(f"{where}: 'experimental:' must hold a mapping of options")
+        return from_settings(experimental, {k: v for k, v in d.items() if k != "experimental"}, where=where)
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "CompressConfig":
-        """Read a recipe: a YAML mapping of CompressConfig fields (optionally under `compress:`)."""
-        p = Path(path)
-        if not p.is_file():
-            raise RdquantError(f"recipe not found: {p}")
-        data = yaml.safe_load(p.read_text()) or {}
+        """Read a recipe: a YAML mapping of CompressConfig fields (optionally all under `compress:`)."""
+        return cls.from_dict(read_recipe(path), where=f"recipe {path}")
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(CompressConfig)}
+
+
+def flag_of(name: str) -> str:
+    f = FIELDS[name]
+    return f.metadata["flag"] or "--" + name.replace("_", "-")
+
+
+@functools.cache
+def _hints() -> dict[str, Any]:
+    return typing.get_type_hints(CompressConfig)
+
+
+def _allowed_types(f: dataclasses.Field) -> tuple[type, ...]:
+    hint = _hints()[f.name]
+    args = typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union else (hint,)
+    return tuple(typing.get_origin(a) or a for a in args)
+
+
+def _type_name(types_: tuple[type, ...]) -> str:
+    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string", type(None): "null",
+             tuple: "a list of strings"}
+    return " or ".join(names.get(t, t.__name__) for t in types_)
+
+
+def _check_type(f: dataclasses.Field, value: Any) -> Any:
+    """`value` as the field's type (an int for a float field, a list for a tuple), or a one-line error."""
+    allowed = _allowed_types(f)
+    ok = False
+    if value is None:
+        ok = type(None) in allowed
+    elif isinstance(value, bool):
+        ok = bool in allowed
+    elif isinstance(value, int):
+        ok = int in allowed or float in allowed
+        value = float(value) if int not in allowed else value
+    elif isinstance(value, float):
+        ok = float in allowed and math.isfinite(value)
+    elif isinstance(value, str):
+        ok = str in allowed
+    elif isinstance(value, (list, tuple)) and tuple in allowed:
+        ok = all(isinstance(v, str) for v in value)
+        value = tuple(value)
+    if not ok:
+        raise RdquantError(f"{f.name} (flag {flag_of(f.name)}) must be {_type_name(allowed)}, got {value!r}")
+    return value
+
+
+def _check_range(f: dataclasses.Field, value: Any) -> None:
+    m = f.metadata
+    if value is None or isinstance(value, (bool, tuple)):
+        return
+    if m["choices"] is not None and value not in m["choices"]:
+        raise RdquantError(f"{f.name} (flag {flag_of(f.name)}) is {value!r}; choose one of "
+                           + ", ".join(str(c) for c in m["choices"]))
+    if isinstance(value, (int, float)) and ((m["lo"] is not None and value < m["lo"]) or (m["hi"] is not None and value > m["hi"])):
+        raise RdquantError(f"{f.name} (flag {flag_of(f.name)}) is {value}; it must be in [{m['lo']}, {m['hi']}]")
+
+
+def _check_combinations(c: CompressConfig) -> None:
+    """Rules that involve more than one option."""
+    if c.group_size != -1 and (c.group_size < 8 or c.group_size % 2):
+        raise RdquantError(f"unsupported group size {c.group_size}; use -1 (per row) or an even number >= 8")
+    if not (c.device == "cpu" or c.device == "cuda" or (c.device.startswith("cuda:") and c.device[5:].isdigit())):
+        raise RdquantError(f"unknown device {c.device!r}; use cpu, cuda or cuda:N")
+    if c.method == "ecsq" and c.target_coded_bits is None:
+        raise RdquantError("method ecsq needs target_coded_bits between 0.5 and 7")
+    targets = [t for t in (c.target_bits, c.target_size, c.target_size_total) if t is not None]
+    if len(targets) > 1:
+        raise RdquantError("give one of --target-bits, --target-size and --target-size-total")
+    if c.target_bits is not None and c.method not in ("claq", "cvxq"):
+        raise RdquantError(f"--target-bits is not supported by method {c.method}; use --bits")
+    if (c.target_size is not None or c.target_size_total is not None) and c.method != "cvxq":
+        raise RdquantError("--target-size / --target-size-total need --method cvxq")
+    if c.method == "cvxq" and not targets:
+        raise RdquantError("method cvxq needs --target-bits, --target-size or --target-size-total")
+    if not (c.cvxq_min_bits == -1 or 0 <= c.cvxq_min_bits <= c.cvxq_max_bits):
+        raise RdquantError("cvxq: need 0 <= --min-bits <= --max-bits (or -1: automatic)")
+    if c.cvxq_grid == "laplace" and (c.cvxq_cells != "cluster" or c.cvxq_solver == "claq"):
+        raise RdquantError("cvxq: the laplace (companded) grid needs cluster cells and the gptq or rtn solver")
+    if c.cvxq_cells == "cluster" and c.cvxq_cell_group != 0:
+        raise RdquantError("cvxq: cvxq_cell_group applies to group cells only")
+    if c.cvxq_rate == "coded" and c.cvxq_solver == "claq":
+        raise RdquantError("cvxq: --rate coded needs a uniform grid (solver gptq or rtn); CLAQ's K-means codes "
+                           "use their levels nearly evenly, so their coded size is their stored size")
+    if c.cvxq_cell_group not in (0, -1) and (c.group_size == -1 or c.cvxq_cell_group % c.group_size):
+        raise RdquantError("cvxq: the width cell (cvxq_cell_group) must be 0, -1 or a multiple of the group size")
+    if c.method == "cvxq" and c.cvxq_solver == "claq" and c.claq_share != 1:
+        raise RdquantError("cvxq with the claq solver allocates per column: use --codebook-share 1")
+    if c.claq_scale_group != -1 and (c.claq_scale_group < 8 or c.claq_scale_group % 8):
+        raise RdquantError("claq: scale group must be -1 (per row) or a multiple of 8")
+
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_size(text: str | int | None) -> int | None:
+    """'40MB' (SI), '38.5MiB' (binary) or a plain byte count -> bytes."""
+    import re
+
+    if text is None or (isinstance(text, int) and not isinstance(text, bool)):
+        return text
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
+    if not m or m.group(2).upper() not in _UNITS:
+        raise RdquantError(f"cannot read the size {text!r}: use e.g. 40MB, 38.5MiB, 1.2GB or a byte count")
+    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+
+
+def check_device(device: str) -> None:
+    """Refuse a CUDA device this machine does not have, before any work."""
+    if device == "cpu":
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise RdquantError(f"--device {device}: CUDA is not available on this machine (torch {torch.__version__}); use --device cpu")
+    index = int(device[5:]) if device.startswith("cuda:") else 0
+    if index >= torch.cuda.device_count():
+        raise RdquantError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+
+
+def read_recipe(path: str | Path) -> dict[str, Any]:
+    """A recipe file as a mapping (keys optionally all under `compress:`), or a one-line error."""
+    p = Path(path)
+    if not p.is_file():
+        raise RdquantError(f"recipe not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise RdquantError(f"recipe {p} is not UTF-8 text ({e.reason} at byte {e.start})") from e
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise RdquantError(f"recipe {p} is not valid YAML{at}: {getattr(e, 'problem', None) or e}") from e
+    if not isinstance(data, dict):
+        raise RdquantError(f"recipe {p} must be a YAML mapping of options (got {type(data).__name__})")
+    if "compress" in data:
+        if set(data) - {"compress"}:
+            raise RdquantError(f"recipe {p}: put every option under 'compress:' or none of them")
+        data = data["compress"] or {}
         if not isinstance(data, dict):
-            raise RdquantError(f"recipe {p} must be a YAML mapping")
-        return cls.from_dict(data.get("compress", data))
+            raise RdquantError(f"recipe {p}: 'compress:' must hold a mapping of options")
+    if not isinstance(data.get("experimental") or {}, dict):
+        raise RdquantError(f"recipe {p}: 'experimental:' must hold a mapping of options")
+    return data
+
+
+def from_settings(experimental: dict[str, Any], given: dict[str, Any], base: dict[str, Any] | None = None,
+                  where: str = "recipe", flags: bool = False) -> CompressConfig:
+    """The one loader of user settings (CLI flags and recipes alike): `given` plain options over `base`
+    (a recipe under CLI flags), `experimental` ones over both. Refuses unknown keys, experimental
+    options or values given as plain ones, and options the chosen method does not use."""
+    name = flag_of if flags else (lambda k: k)
+    for key in list(experimental) + list(given):
+        if not isinstance(key, str) or key not in FIELDS:
+            known = ", ".join(sorted(FIELDS))
+            raise RdquantError(f"{where}: unknown option {key!r}; known options: {known}")
+    for key, value in given.items():
+        m = FIELDS[key].metadata
+        if m["experimental"]:
+            raise RdquantError(f"{where}: {name(key)} is experimental ({LOST}): set it with --experimental "
+                               f"{key}=VALUE or under 'experimental:' in a recipe")
+        if isinstance(value, str) and value in m["experimental_values"]:
+            raise RdquantError(f"{where}: {name(key)} {value} is experimental ({LOST}): use --experimental "
+                               f"{key}={value} or put it under 'experimental:' in a recipe")
+    settings = {**(base or {}), **given, **experimental}
+    for key, value in settings.items():
+        if FIELDS[key].metadata["unit"] == "size" and isinstance(value, str):
+            settings[key] = parse_size(value)
+    cfg = CompressConfig(**settings)
+    for key in settings:
+        uses = FIELDS[key].metadata["uses"]
+        if uses is not None and not uses(cfg):
+            shown = flag_of(key) if key in given and flags else key
+            raise RdquantError(f"{where}: {shown} is not used by method {cfg.method}"
+                               + (f" with solver {cfg.cvxq_solver}" if cfg.method == "cvxq" else "")
+                               + (" (cvxq: --cluster-rows sets the rows per cell)" if key == "group_size" and cfg.method == "cvxq" else "")
+                               + "; remove it")
+    return cfg
 
 
 @dataclass

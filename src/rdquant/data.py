@@ -25,6 +25,15 @@ def read_documents(path: str | os.PathLike | None) -> list[str]:
     p = BUNDLED_CALIB if path is None else Path(path).expanduser()
     if not p.is_file():
         raise RdquantError(f"calibration file not found: {p}")
+    try:
+        return _read_documents(p)
+    except UnicodeDecodeError as e:
+        raise RdquantError(f"{p} is not UTF-8 text (byte {e.start}: {e.reason}); convert it, e.g. with iconv -t UTF-8") from e
+    except (OSError, EOFError, gzip.BadGzipFile) as e:
+        raise RdquantError(f"cannot read {p}: {e}") from e
+
+
+def _read_documents(p: Path) -> list[str]:
     is_jsonl = ".jsonl" in p.suffixes or ".json" in p.suffixes
     with _open_text(p) as f:
         if not is_jsonl:
@@ -94,7 +103,10 @@ def eval_text(data: str) -> str:
             raise RdquantError(
                 "WikiText-2 test file not found: set RDQUANT_DATA to a folder holding wikitext2/wiki.test.raw"
             )
-        raw = path.read_text(encoding="utf-8")
+        try:
+            raw = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise RdquantError(f"{path} is not UTF-8 text (byte {e.start}: {e.reason})") from e
         rows = [line + "\n" if line.strip() else "" for line in raw.split("\n")[:-1]]
         return "\n\n".join(rows)
     p = Path(data).expanduser()
@@ -102,3 +114,22 @@ def eval_text(data: str) -> str:
         raise RdquantError(f"evaluation data not found: {data} (use 'wikitext2' or a text/JSONL file)")
     docs = read_documents(p)
     return "\n\n".join(docs)
+
+
+def context_length(config) -> int | None:
+    """The longest sequence a model (or its config) accepts: max_position_embeddings or its kin."""
+    config = getattr(config, "config", config)
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_seqlen(model, seqlen: int, flag: str = "--seqlen") -> None:
+    """Refuse windows longer than the model's context (they would run on positions it never saw)."""
+    if seqlen < 2:
+        raise RdquantError(f"{flag} must be at least 2 tokens (got {seqlen})")
+    limit = context_length(model)
+    if limit is not None and seqlen > limit:
+        raise RdquantError(f"{flag} {seqlen} is longer than the model's context of {limit} tokens; use at most {limit}")

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,6 +34,7 @@ from .models import block_linears, find_blocks, set_submodule
 from .qcodebook import CodebookWeight
 from .qmixed import MixedWeight
 from .runtime import QuantLinear
+from .safety import CHECKPOINT_MARKER, remove_owned
 
 
 class _StopForward(Exception):
@@ -415,9 +415,14 @@ class Checkpoint:
                 )
             self.method_state = state.get("method_state")
             return int(state["blocks_done"])
-        if self.path.exists():
-            shutil.rmtree(self.path)
+        if resume:
+            raise RdquantError(f"--resume: no checkpoint of an interrupted run at {self.path}")
+        if prog.is_file():
+            raise RdquantError(f"{self.path} holds an interrupted run's checkpoint: resume it (--resume) or "
+                               "discard it (--overwrite)")
+        remove_owned(self.path)  # an empty or block-less checkpoint of ours; refuses anything else
         self.path.mkdir(parents=True)
+        (self.path / CHECKPOINT_MARKER).write_text(json.dumps({"producer": "rdquant", "model": self.key["model"]}))
         return 0
 
     def save_block(
@@ -473,7 +478,7 @@ class Checkpoint:
         return True
 
     def remove(self) -> None:
-        shutil.rmtree(self.path, ignore_errors=True)
+        remove_owned(self.path)
 
 
 def run_pipeline(*args, **kwargs) -> PipelineState:

@@ -420,3 +420,57 @@ def cvxq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: CompressConfig, state: 
         return q, [note, *notes]
     h_diag = torch.diagonal(H).clone() if H is not None else None
     return mixed_rtn(W, widths, cfg, cfg.cvxq_max_bits, h_diag, clusters, grid), [note]
+
+
+def smallest_bits(model: nn.Module, cfg: CompressConfig) -> tuple[float, float]:
+    """(smallest all-in bits the quantized layers can take, bits the target allows), from the shapes
+    alone: every cell at the narrowest width offered, all side information counted (with --rate coded
+    the codes may code to nearly nothing, so only the side information). For claq with --target-bits
+    the same per layer; checked before calibration so an impossible target fails at once."""
+    layers = model_layers(model, cfg)
+    n = sum(l.rows * l.cols for l in layers)
+    total = 0.0
+    for l in layers:
+        if cfg.method == "claq":
+            share = cfg.claq_share
+            n_g = -(-l.cols // share)
+            total += layer_bits(l.rows, l.cols, share, torch.zeros(n_g, dtype=torch.long), torch.zeros(l.cols, dtype=torch.long),
+                                n_scales(l.cols, cfg), l.bias, cfg.claq_codebook_bits)
+            continue
+        lo = min_bits(cfg)
+        clusters = None
+        if cell_kind(cfg) == "cluster":
+            clusters = (torch.arange(l.rows) // (l.rows if cfg.group_size == -1 else cfg.group_size)).to(torch.int16)
+            widths = torch.full((int(clusters.max()) + 1, l.cols), lo, dtype=torch.uint8)
+        elif cell_kind(cfg) == "column":
+            widths = torch.full((l.cols,), lo, dtype=torch.uint8)
+        else:
+            widths = torch.full((l.rows, num_groups(l.cols, cfg.group_size)), lo, dtype=torch.uint8)
+        bits = layer_stored_bits(widths, l.rows, l.cols, cfg, l.bias, clusters)
+        total += bits - (lo * l.rows * l.cols if cfg.cvxq_rate == "coded" else 0)
+    if cfg.method == "claq" or cfg.target_bits is not None:
+        budget = (cfg.target_bits or 0.0) * n
+    elif cfg.target_size is not None:
+        budget = 8.0 * cfg.target_size
+    else:
+        budget = 8.0 * ((cfg.target_size_total or 0) - dense_bytes(model, layers))
+    return total, budget
+
+
+def check_target(model: nn.Module, cfg: CompressConfig) -> None:
+    """Refuse a size target below the smallest size the method can store (one rule for claq and cvxq)."""
+    if cfg.method not in ("claq", "cvxq") or (cfg.method == "claq" and cfg.target_bits is None):
+        return
+    smallest, budget = smallest_bits(model, cfg)
+    if budget >= smallest:
+        return
+    n = sum(l.rows * l.cols for l in model_layers(model, cfg))
+    if cfg.target_bits is not None:
+        what = f"--target-bits {cfg.target_bits}"
+    elif cfg.target_size is not None:
+        what = f"--target-size {cfg.target_size:,} bytes"
+    else:
+        what = f"--target-size-total {cfg.target_size_total:,} bytes"
+    raise RdquantError(f"{what} cannot be met: the smallest {cfg.method} can store is {smallest / n:.3f} bits/weight "
+                       f"({smallest / 8:,.0f} bytes of quantized layers, every cell at its narrowest width with its "
+                       f"side information); raise the target")
