@@ -213,7 +213,7 @@ def _run_compress(ctx: typer.Context, model: str, out: Optional[Path], recipe: O
         cm = api_compress(m, cfg, tokenizer=tok, checkpoint_dir=ckpt, resume=resume, progress=progress, model_id=model_id)
     except KeyboardInterrupt:
         if _blocks_done(ckpt):
-            command = " ".join(shlex.quote(a) for a in ["rdquant", *sys.argv[1:]] if a != "--resume")
+            command = _resume_command(model, out, recipe, given, experimental, codec, eval_)
             typer.echo(f"\ninterrupted: {_blocks_done(ckpt)} finished blocks are kept in {ckpt}; continue with:\n"
                        f"  {command} --resume", err=True)
         else:
@@ -234,6 +234,27 @@ def _run_compress(ctx: typer.Context, model: str, out: Optional[Path], recipe: O
         typer.echo(f"\nWikiText-2 perplexity ({q.windows} windows x {q.seqlen} = {q.tokens} tokens)")
         typer.echo(f"  original (16-bit: {rep.original_16bit_bytes / 2**20:7.1f} MiB)  ppl {original.ppl:8.3f}")
         typer.echo(f"  rdquant  ({rep.total_bytes / 2**20:7.1f} MiB, {rep.bits_per_weight:.3f} bpw)  ppl {q.ppl:8.3f}")
+
+
+def _resume_command(model: str, out: Path, recipe: Optional[Path], given: dict, experimental: list[str], codec: str,
+                    eval_: bool) -> str:
+    """The command line that continues this run: the same settings, with --resume."""
+    args = ["rdquant", "compress", "--model", model, "--out", str(out)]
+    if recipe:
+        args += ["--recipe", str(recipe)]
+    for key, value in given.items():
+        flag = flag_of(key)
+        if isinstance(value, bool):
+            args.append(flag if value else f"--no-{flag[2:]}")
+        elif value is not None:
+            args += [flag, str(value)]
+    for pair in experimental:
+        args += ["--experimental", pair]
+    if codec != "none":
+        args += ["--codec", codec]
+    if eval_:
+        args.append("--eval")
+    return " ".join(shlex.quote(a) for a in args) + " --resume"
 
 
 def _blocks_done(ckpt: Path) -> int:

@@ -58,6 +58,7 @@ class InspectReport:
     total_bytes: int = 0  # every file in the artifact directory
     original_16bit_bytes: int = 0  # all parameters (tied ones once) at 2 bytes each
     decode_mcodes: float | None = None  # all coded qweights, millions of codes/s, one thread (when measured)
+    verified: int | None = None  # tensors whose sha256 was checked (None: not checked)
 
     @property
     def bits_per_weight(self) -> float:
@@ -108,6 +109,8 @@ class InspectReport:
             f"left in 16 bit      {self.dense_params:,} params, {self.dense_bytes:,} bytes",
             f"on disk             {self.total_bytes:,} bytes ({self.total_bytes / 2**20:.1f} MiB)",
             f"16-bit original     {self.original_16bit_bytes:,} bytes; compression ratio {self.compression_ratio:.2f}x",
+            f"checksums           all {self.verified} tensors read and verified (sha256)" if self.verified is not None
+            else "checksums           not checked here (`rdquant inspect` verifies them)",
         ]
         return "\n".join(lines)
 
@@ -120,13 +123,37 @@ def _stored(info: dict) -> int:
     return info.get("stored_bytes", _nbytes(info))
 
 
-def inspect(path: str | os.PathLike, decode_speed: bool = False) -> InspectReport:
-    """Size report of an artifact, from its manifest and files (tensors are not loaded, unless
-    `decode_speed`: then every coded qweight is decoded once, on one thread, and timed)."""
+def verify_tensors(path: Path, manifest: dict, batch_bytes: int = 256 * 2**20) -> int:
+    """Read, decode and sha256-check every tensor of an artifact, a few layers at a time (never the
+    whole model in memory); raises ArtifactError naming the first damaged tensor, as `load` does.
+    Returns the number of tensors checked."""
+    from .artifact import read_tensors
+
+    layers: dict[str, list[str]] = {}
+    for name in manifest["tensors"]:
+        layers.setdefault(name.rpartition(".")[0], []).append(name)
+    batch: list[str] = []
+    size = 0
+    for names in layers.values():
+        batch += names
+        size += sum(_stored(manifest["tensors"][n]) for n in names)
+        if size >= batch_bytes:
+            read_tensors(path, verify=True, names=batch)
+            batch, size = [], 0
+    if batch:
+        read_tensors(path, verify=True, names=batch)
+    return len(manifest["tensors"])
+
+
+def inspect(path: str | os.PathLike, decode_speed: bool = False, verify: bool = True) -> InspectReport:
+    """Size report of an artifact, from its manifest and files. With `verify` (default) every tensor is
+    read, decoded and checked against its sha256 first: a damaged artifact raises ArtifactError, as
+    `load` would. With `decode_speed` every coded qweight is decoded once more, on one thread, and timed."""
     p = Path(path)
     manifest = read_manifest(p)
+    verified = verify_tensors(p, manifest) if verify else None
     tensors = manifest["tensors"]
-    rep = InspectReport(str(p), manifest.get("source_model", "?"))
+    rep = InspectReport(str(p), manifest.get("source_model", "?"), verified=verified)
     owned: set[str] = set()
     for name, info in manifest["quantized"].items():
         keys = [k for k in (f"{name}.{s}" for s in (*QUANT_BUFFERS, "bias")) if k in tensors]
