@@ -1,6 +1,7 @@
 """rdquant: compress a trained causal LM post-training, save a real packed artifact, load, evaluate.
 
-Public API: compress, load, evaluate, inspect, CompressConfig.
+Public API: compress, load (artifacts and originals), load_original, load_tokenizer, evaluate, inspect,
+CompressConfig.
 """
 
 __version__ = "0.1.0"
@@ -9,10 +10,10 @@ from .compress import CompressedModel, compress  # noqa: E402
 from .config import CompressConfig  # noqa: E402
 from .errors import ArtifactError, RdquantError  # noqa: E402
 from .evaluate import EvalResult, evaluate  # noqa: E402
-from .loading import load  # noqa: E402
+from .loading import load, load_original, load_tokenizer  # noqa: E402
 from .report import InspectReport, inspect  # noqa: E402
 
 __all__ = [
     "ArtifactError", "CompressConfig", "CompressedModel", "EvalResult", "InspectReport", "RdquantError",
-    "compress", "evaluate", "inspect", "load", "__version__",
+    "compress", "evaluate", "inspect", "load", "load_original", "load_tokenizer", "__version__",
 ]

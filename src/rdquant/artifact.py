@@ -3,6 +3,7 @@ tensor, plus the model's config and tokenizer files so it loads stand-alone. Wri
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -16,6 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .errors import ArtifactError, RdquantError
+from .safety import check_output, remove_owned
 
 FORMAT_NAME = "rdquant"
 FORMAT_VERSION = 4  # 2: optional per-tensor codecs; 3: codebook layers; 4: mixed-width layers
@@ -27,6 +29,32 @@ SHARD_BYTES = 2 * 1024**3
 def tensor_sha256(t: torch.Tensor) -> str:
     data = t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
     return hashlib.sha256(memoryview(data)).hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def check_sidecars(path: str | os.PathLike, manifest: dict[str, Any], names: list[str] | None = None) -> int:
+    """Check the sha256 of the artifact's other files (config, tokenizer, log) that the manifest lists
+    (artifacts written before the list existed have none); `names`: only these. Returns how many."""
+    p = Path(path)
+    listed = manifest.get("sidecar_sha256") or {}
+    checked = 0
+    for fname, sha in listed.items():
+        if names is not None and fname not in names:
+            continue
+        f = p / fname
+        if not f.is_file():
+            raise ArtifactError(f"{f} is missing")
+        if file_sha256(f) != sha:
+            raise ArtifactError(f"{f} fails its sha256 check: the artifact is corrupted")
+        checked += 1
+    return checked
 
 
 def _dtype_name(t: torch.Tensor) -> str:
@@ -50,13 +78,24 @@ def write_artifact(
     """
     stored = stored or {}
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise RdquantError(f"{out} already exists; pass --overwrite to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    check_output(out, overwrite)  # only an rdquant artifact (or an empty directory) is ever replaced
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RdquantError(f"cannot create {out.parent}: {e.strerror}; choose another --out") from e
+    need = sum((stored[n][0] if n in stored else t).numel() * (stored[n][0] if n in stored else t).element_size()
+               for n, t in tensors.items()) + 64 * 2**20  # + config, tokenizer, manifest, headers
+    free = shutil.disk_usage(out.parent).free
+    if free < need:
+        raise RdquantError(f"not enough disk space for {out}: it needs about {need / 2**20:,.0f} MiB, "
+                           f"{out.parent} has {free / 2**20:,.0f} MiB free; free space or choose another --out")
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+        shutil.rmtree(tmp)  # our own temporary directory, left by a killed run of this process id
+    try:
+        tmp.mkdir()
+    except OSError as e:
+        raise RdquantError(f"cannot write in {out.parent}: {e.strerror}; choose another --out") from e
     try:
         shards: list[dict[str, torch.Tensor]] = [{}]
         size, owner = 0, None
@@ -90,18 +129,28 @@ def write_artifact(
                     entries[name]["stored_sha256"] = tensor_sha256(t)
         for writer in extra_files.values():
             writer(tmp)
-        manifest = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **manifest, "files": files, "tensors": entries}
+        sidecars = {f.name: file_sha256(f) for f in sorted(tmp.iterdir()) if f.is_file() and f.name not in files}
+        manifest = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **manifest, "files": files, "tensors": entries,
+                    "sidecar_sha256": sidecars}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
         if out.exists():
+            check_output(out, overwrite)  # still ours: checked again right before it is replaced
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             out.rename(old)
             tmp.rename(out)
-            shutil.rmtree(old)
+            remove_owned(old)
         else:
             tmp.rename(out)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if e.errno == errno.ENOSPC:
+            raise RdquantError(f"the disk filled up while writing {out} (nothing was kept); it needs about "
+                               f"{need / 2**20:,.0f} MiB: free space or choose another --out") from e
+        raise RdquantError(f"writing {out} failed ({e.strerror or e}); nothing was kept: check the directory's "
+                           "permissions and free space") from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -119,16 +168,55 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     if not mpath.is_file():
         raise ArtifactError(f"{p} is not an rdquant artifact (no {MANIFEST})")
     try:
-        manifest = json.loads(mpath.read_text())
-    except json.JSONDecodeError as e:
-        raise ArtifactError(f"{mpath} is corrupted: {e}") from e
-    if manifest.get("format") != FORMAT_NAME:
+        manifest = json.loads(mpath.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise ArtifactError(f"{mpath} is corrupted ({type(e).__name__}): the artifact is damaged") from e
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         raise ArtifactError(f"{mpath} is not an rdquant manifest")
     if manifest.get("format_version") not in READABLE_VERSIONS:
         raise ArtifactError(
-            f"{p} has format version {manifest.get('format_version')}; this rdquant reads version {FORMAT_VERSION}"
+            f"{p} has format version {manifest.get('format_version')!r}; this rdquant reads version {FORMAT_VERSION}"
         )
+    _check_manifest(manifest, mpath)
     return manifest
+
+
+_DTYPES = {"uint8", "int8", "int16", "int32", "int64", "float16", "bfloat16", "float32", "float64", "bool"}
+
+
+def _check_manifest(m: dict[str, Any], mpath: Path) -> None:
+    """The manifest's structure, as far as the readers use it: a damaged one is an ArtifactError here,
+    never a KeyError or TypeError later."""
+    def bad(what: str) -> ArtifactError:
+        return ArtifactError(f"{mpath} is damaged: {what}")
+
+    def is_int(x: Any, lo: int = 0) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool) and x >= lo
+
+    files, tensors = m.get("files"), m.get("tensors")
+    quantized, tied = m.get("quantized", {}), m.get("tied", {})
+    if not isinstance(files, dict) or not isinstance(tensors, dict) or not isinstance(quantized, dict) or not isinstance(tied, dict):
+        raise bad("'files', 'tensors', 'quantized' and 'tied' must be mappings")
+    for fname, info in files.items():
+        if not fname or "/" in fname or "\\" in fname or fname.startswith(".") or not isinstance(info, dict) or not is_int(info.get("bytes")):
+            raise bad(f"file entry {fname!r}")
+    for name, e in tensors.items():
+        if not (isinstance(e, dict) and e.get("file") in files and e.get("dtype") in _DTYPES and isinstance(e.get("sha256"), str)
+                and isinstance(e.get("shape"), list) and all(is_int(d) for d in e["shape"])):
+            raise bad(f"entry of tensor {name!r}")
+        if "codec" in e and not (isinstance(e["codec"], dict) and is_int(e.get("stored_bytes")) and isinstance(e.get("stored_sha256"), str)):
+            raise bad(f"codec entry of tensor {name!r}")
+    for name, q in quantized.items():
+        if not (isinstance(q, dict) and isinstance(q.get("shape"), list) and len(q["shape"]) == 2
+                and all(is_int(d, 1) for d in q["shape"]) and is_int(q.get("bits"), 0) and is_int(q.get("group_size"), -1)
+                and isinstance(q.get("symmetric"), bool) and isinstance(q.get("bias"), bool)
+                and q.get("layout", "affine") in ("affine", "codebook", "mixed")):
+            raise bad(f"entry of quantized layer {name!r}")
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in tied.items()):
+        raise bad("'tied' must map tensor names to tensor names")
+    side = m.get("sidecar_sha256", {})
+    if not isinstance(side, dict) or not all(isinstance(k, str) and "/" not in k and isinstance(v, str) for k, v in side.items()):
+        raise bad("'sidecar_sha256' must map file names to sha256 digests")
 
 
 def _check_file(path: Path, fname: str, expected: int, entries: dict[str, Any]) -> None:

@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .artifact import available_cores, read_manifest, read_tensors
-from .errors import ArtifactError
+from .artifact import available_cores, check_sidecars, is_artifact, read_manifest, read_tensors
+from .errors import ArtifactError, RdquantError
 from .models import set_submodule
 from .runtime import QUANT_BUFFERS, QuantLinear, set_dequant_cache
 
@@ -29,16 +29,40 @@ def load(
     cache_dequantized: bool = False,
     lazy: bool = False,
 ) -> nn.Module:
-    """Load an artifact as a transformers causal LM whose quantized linears are QuantLinear.
+    """Load an artifact as a transformers causal LM whose quantized linears are QuantLinear; given
+    anything else `--model` accepts (an alias such as "smollm2-135m", an HF directory, a .gguf file),
+    load that original model instead (`load_original`).
 
     Every tensor's sha256 is checked unless verify=False; a damaged artifact raises ArtifactError
     naming the tensor. `cache_dequantized` keeps each dequantized weight after first use. With
     `lazy`, a quantized layer's tensors are read, checked and decoded only when it is first used.
     """
+    if not is_artifact(path):
+        return load_original(path, device=device, dtype=dtype)
+    try:
+        return _load_artifact(Path(path), device, dtype, verify, cache_dequantized, lazy)
+    except RdquantError:
+        raise
+    except Exception as e:  # anything a damaged file can make transformers or safetensors raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ArtifactError(f"{path} could not be loaded ({type(e).__name__}: {first}); the artifact is damaged or "
+                            "was written by another version") from e
+
+
+def load_original(spec: str | os.PathLike, device: str = "cpu", dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The original (uncompressed) model named the way `--model` names it: alias, HF directory or .gguf."""
+    from .models import load_model
+
+    return load_model(spec, dtype=dtype, device=device)[0]
+
+
+def _load_artifact(path: Path, device: str, dtype: torch.dtype, verify: bool, cache_dequantized: bool,
+                   lazy: bool) -> nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    path = Path(path)
     manifest = read_manifest(path)
+    if verify:
+        check_sidecars(path, manifest, ["config.json", "generation_config.json"])
     layer_keys = {
         name: [k for k in (f"{name}.{s}" for s in QUANT_BUFFERS) if k in manifest["tensors"]]
         for name in manifest["quantized"]
@@ -95,6 +119,19 @@ def _materialize(path: Path, keys: list[str], verify: bool, module: QuantLinear)
 
 
 def load_tokenizer(path: str | os.PathLike):
+    """The tokenizer of an artifact, or of anything `--model` accepts."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if not is_artifact(path):
+        from .models import resolve_model
+
+        src = resolve_model(path)
+        kw = {"gguf_file": src.gguf_file} if src.gguf_file else {}
+        return AutoTokenizer.from_pretrained(src.path, local_files_only=True, **kw)
+    check_sidecars(path, read_manifest(path), ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                                               "chat_template.jinja", "vocab.json", "merges.txt", "tokenizer.model"])
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ArtifactError(f"the tokenizer files in {path} could not be read ({first}); the artifact is damaged") from e

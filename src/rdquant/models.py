@@ -91,11 +91,22 @@ def _from_pretrained(src: ModelSource, dtype: torch.dtype):
 
     hf_logging.disable_progress_bar()  # rdquant shows its own progress
     kw = {"gguf_file": src.gguf_file} if src.gguf_file else {}
+    where = src.path / src.gguf_file if src.gguf_file else src.path
     try:
         tok = AutoTokenizer.from_pretrained(src.path, local_files_only=True, **kw)
-        model = AutoModelForCausalLM.from_pretrained(src.path, dtype=dtype, local_files_only=True, **kw)
-    except (OSError, ValueError, KeyError) as e:
-        raise RdquantError(f"could not load model from {src.path}: {e}") from e
+        model, info = AutoModelForCausalLM.from_pretrained(src.path, dtype=dtype, local_files_only=True,
+                                                           output_loading_info=True, **kw)
+    except Exception as e:  # transformers raises OSError, ValueError, KeyError, TypeError, ... for bad input
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "mismatched_sizes" in first:
+            first = "some weights' shapes do not match its config.json (a damaged or mixed-up checkpoint)"
+        raise RdquantError(f"could not load a causal LM from {where}: {first}") from e
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        hint = (" It looks like a half-written rdquant artifact (no manifest.json): compress again."
+                if any(k.endswith(".qweight") for k in info.get("unexpected_keys") or []) else "")
+        raise RdquantError(f"{where} is not a complete model: {len(missing)} tensors its config needs are missing "
+                           f"from its weights (e.g. {missing[0]}).{hint}")
     if getattr(model.config, "quantization_config", None) is not None and src.gguf_file:
         # the weights are dequantized floats now: drop the GGUF quantizer so the model saves normally
         del model.config.quantization_config

@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .artifact import read_manifest
+from .artifact import check_sidecars, read_manifest
 from .runtime import QUANT_BUFFERS
 
 # where each stored tensor's bytes go in the bits-per-weight split
@@ -109,7 +109,7 @@ class InspectReport:
             f"left in 16 bit      {self.dense_params:,} params, {self.dense_bytes:,} bytes",
             f"on disk             {self.total_bytes:,} bytes ({self.total_bytes / 2**20:.1f} MiB)",
             f"16-bit original     {self.original_16bit_bytes:,} bytes; compression ratio {self.compression_ratio:.2f}x",
-            f"checksums           all {self.verified} tensors read and verified (sha256)" if self.verified is not None
+            f"checksums           all {self.verified} tensors and files read and verified (sha256)" if self.verified is not None
             else "checksums           not checked here (`rdquant inspect` verifies them)",
         ]
         return "\n".join(lines)
@@ -151,7 +151,7 @@ def inspect(path: str | os.PathLike, decode_speed: bool = False, verify: bool = 
     `load` would. With `decode_speed` every coded qweight is decoded once more, on one thread, and timed."""
     p = Path(path)
     manifest = read_manifest(p)
-    verified = verify_tensors(p, manifest) if verify else None
+    verified = verify_tensors(p, manifest) + check_sidecars(p, manifest) if verify else None
     tensors = manifest["tensors"]
     rep = InspectReport(str(p), manifest.get("source_model", "?"), verified=verified)
     owned: set[str] = set()
