@@ -48,7 +48,8 @@ def test_gptq_matches_float64_reference():
     X = correlated_inputs(2048, 96)
     H = hessian(X)
     W = torch.randn(24, 96)
-    cfg = CompressConfig(bits=3, group_size=32, act_order=False, clip_search=0, block_size=64)
+    cfg = CompressConfig(bits=3, group_size=32, act_order=False, clip_search=0, block_size=64,
+                         scale_bits=10)  # the reference keeps full fp16 scales
     qw, notes = gptq_quantize(W, H, cfg)
     Q = qw.dequantize()
     Qref = reference_gptq(W, H, cfg).float()
@@ -97,11 +98,24 @@ def test_dead_inputs_get_zero_weight_and_all_dead_falls_back_to_rtn():
 
 
 def test_non_positive_definite_hessian_gets_more_damping():
+    """Damping grows tenfold until the Cholesky succeeds, also when the mean diagonal is negative."""
+    from rdquant.methods.gptq import inverse_hessian_cholesky
+
+    H = -torch.eye(32, dtype=torch.float64)  # -I + d I factors only once d > 1: 0.01, 0.1, 1 fail, 10 works
+    notes: list[str] = []
+    U = inverse_hessian_cholesky(H, 0.01, notes)
+    assert U is not None and notes == ["Hessian not positive definite: damping raised to 10"]
+    assert torch.allclose(U.T @ U, torch.linalg.inv(H + 10 * torch.eye(32, dtype=torch.float64)))
+    X = torch.randn(32, 4, dtype=torch.float64)
+    H = X @ X.T - 0.5 * torch.eye(32, dtype=torch.float64)  # rank 4 minus a bit: indefinite, mean diag > 0
+    notes = []
+    assert inverse_hessian_cholesky(H, 0.01, notes) is not None and "damping raised" in notes[0]
+    notes = []
+    assert inverse_hessian_cholesky(torch.eye(8, dtype=torch.float64), 0.01, notes) is not None and notes == []
+    assert inverse_hessian_cholesky(H, 0.01, [], tries=1) is None  # no retry: fails
     W = torch.randn(8, 32)
-    H = -torch.eye(32)  # negative definite: damping must grow until it factors
-    qw, notes = gptq_quantize(W, H, CompressConfig(bits=4, group_size=32, act_order=False))
-    assert any("damping raised" in n for n in notes) or any("RTN" in n for n in notes)
-    assert torch.isfinite(qw.dequantize()).all()
+    qw, notes = gptq_quantize(W, -torch.eye(32), CompressConfig(bits=4, group_size=32, act_order=False))
+    assert any("damping raised" in n for n in notes) and torch.isfinite(qw.dequantize()).all()
 
 
 def test_nan_hessian_is_an_error():

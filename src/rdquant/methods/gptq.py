@@ -30,8 +30,12 @@ def inverse_hessian_cholesky(
     A Hessian that is not positive definite after damping gets 10x more damping, up to `tries`
     times (noted in the layer log); None if it never factors.
     """
-    mean_diag = float(torch.diagonal(H).mean())
-    damp = damp_percent * mean_diag
+    diag = torch.diagonal(H)
+    # the damping's scale: the mean diagonal, or (an indefinite H can have a mean <= 0) its largest magnitude
+    scale = float(diag.mean())
+    if not scale > 0:
+        scale = float(diag.abs().max()) or 1.0
+    damp = damp_percent * scale
     eye = torch.eye(H.shape[0], device=H.device, dtype=H.dtype)
     for attempt in range(tries):
         L, info = torch.linalg.cholesky_ex(H + damp * eye)
@@ -41,7 +45,7 @@ def inverse_hessian_cholesky(
                 if attempt:
                     notes.append(f"Hessian not positive definite: damping raised to {damp:.3g}")
                 return U
-        damp = damp * 10 if damp > 0 else 0.01 * mean_diag
+        damp = damp * 10 if damp > 0 else 0.01 * scale
     return None
 
 
