@@ -68,7 +68,6 @@ def test_multi_stream_payloads_round_trip_and_reject_truncation(codec, streams):
     assert blob[:4] == (b"RDQZ" if codec != "lz4" and codec != "ans" else b"RDQS")
     flat, lengths = codecs.read_streams(blob)
     assert lengths == [s.size for s in segs] and flat.tobytes() == b"".join(streams)
-    assert codecs.decode_any(blob).tobytes() == b"".join(streams)
     if codec in ("lz4", "ans"):  # no stream costs more than its raw payload
         header = codecs._STREAMS.size + 8 * len(segs)
         assert len(blob) <= header + sum(len(codecs.encode(x, "none")) for x in segs)

@@ -209,7 +209,7 @@ def _check_manifest(m: dict[str, Any], mpath: Path) -> None:
     for name, q in quantized.items():
         if not (isinstance(q, dict) and isinstance(q.get("shape"), list) and len(q["shape"]) == 2
                 and all(is_int(d, 1) for d in q["shape"]) and is_int(q.get("bits"), 0) and is_int(q.get("group_size"), -1)
-                and isinstance(q.get("symmetric"), bool) and isinstance(q.get("bias"), bool)
+                and isinstance(q.get("symmetric"), bool) and isinstance(q.get("bias", False), bool)
                 and q.get("layout", "affine") in ("affine", "codebook", "mixed")):
             raise bad(f"entry of quantized layer {name!r}")
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in tied.items()):

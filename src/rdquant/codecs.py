@@ -279,10 +279,3 @@ def read_streams(payload: bytes | np.ndarray, reuse: bool = False) -> tuple[np.n
     if got != total or extra:
         raise CodecError(f"zstd streams decode to {got}{'+' if extra else ''} bytes, header says {total}")
     return out, sizes.tolist()
-
-
-def decode_any(payload: bytes | np.ndarray) -> np.ndarray:
-    """All symbols of a payload, single- or multi-stream (streams concatenated): for benchmarks."""
-    if bytes(_bytes_of(payload)[:4]) in (_STREAMS_MAGIC, _ZSTREAMS_MAGIC):
-        return read_streams(payload)[0]
-    return decode(payload)

@@ -95,13 +95,6 @@ def weight_from_symbols(sym: np.ndarray, qzeros: torch.Tensor | None, info: Laye
     return packing.pack(torch.from_numpy(codes), info.bits)
 
 
-def context_order(info: LayerInfo, qzeros: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """(order, counts) of mapping `zero-context`: the row-major weight indices grouped by their group's
-    zero point (ascending, each group's weights in order), and how many weights have each zero point."""
-    cells, counts, G, full = _context_cells(info, qzeros)
-    return _weight_order(cells, info, G, full), counts
-
-
 def _weight_order(cells: np.ndarray, info: LayerInfo, G: int, full: bool) -> np.ndarray:
     """Row-major weight indices of the groups `cells`, in that order (ragged last groups handled)."""
     in_f = info.shape[1]
