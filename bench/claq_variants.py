@@ -2,7 +2,7 @@
 first --blocks blocks of the default model (weights and Hessians captured by the real pipeline at the
 quality benchmark's calibration), relative to rdquant GPTQ 3-bit g64, and exact all-in bits/weight.
 
-    python bench/claq_variants.py                                   # the table in BENCHMARKS.md
+    python bench/claq_variants.py                                   # the table in docs/notes/benchmarks-lab.md
     python bench/claq_variants.py --blocks 2 'mine=dict(target_bits=3.1, claq_share=4)'
 
 `rel` is the mean over stages of (error / GPTQ-3-bit-g64 error); `sum` is the summed error. Runs on one

@@ -113,7 +113,7 @@ def main() -> None:
                                                                        "claq_t3.1_entropy_lambda0.7",
                                                                        "cvxq_rtn_t3.0g128_hessian",
                                                                        "cvxq_rtn_t3.0g128_hessian_ratecoded")],
-                    help="packed artifacts (BENCHMARKS.md section 3 says how each default was made)")
+                    help="packed artifacts (docs/notes/benchmarks-lab.md section 3 says how each default was made)")
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--json", type=Path, default=CACHE / "codecs.json")
     args = ap.parse_args()

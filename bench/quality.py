@@ -95,7 +95,7 @@ def rdquant_job(method: str, setting, args) -> tuple[str, rdquant.CompressConfig
         group = args.group_size if solver == "claq" else args.cvxq_group_size or args.group_size  # claq: column cells
         return (f"cvxq_{solver}_t{target}g{group}{tag}",
                 rdquant.CompressConfig(method="cvxq", target_bits=target, cvxq_solver=solver, group_size=group,
-                                       **typed, **dev))
+                                       cvxq_cluster_rows=group, **typed, **dev))
     if method == "uniform":
         bits, group = setting
         return f"gptq_w{bits}g{group}", rdquant.CompressConfig(method="gptq", bits=bits, group_size=group, **dev)
@@ -232,6 +232,35 @@ def table(rows: list[dict], args) -> str:
     return head + "\n".join(lines)
 
 
+def add_to_results(rows: list[dict], args) -> None:
+    """Rows of this run in the results page's schema (bench/results/accuracy.json), replacing rows of the
+    same tool, method and setting, each with this run's command line."""
+    import platform
+    import shlex
+    import sys
+    from datetime import date
+
+    path = ROOT / "bench" / "results" / "accuracy.json"
+    page = json.loads(path.read_text())
+    command = "python bench/quality.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    machine = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
+    new = []
+    for r in rows:
+        if r.get("ppl") is None:
+            continue
+        setting = "-" if r["tool"] == "original" else f"{r.get('bits')}-bit g{r.get('group_size')}" if r["tool"] != "rdquant" or \
+            r["method"] in ("gptq", "rtn") else f"target {r.get('bits')}"
+        new.append({"tool": r["tool"], "method": r["method"], "setting": setting,
+                    "bits_per_weight": 16.0 if r["tool"] == "original" else r.get("bits_per_weight"),
+                    "coded_bits_per_weight": r.get("coded_bits_per_weight"), "ppl": r["ppl"], "machine": machine,
+                    "date": date.today().isoformat(), "command": command, "source": "bench/quality.py --results"})
+    key = lambda r: (r["tool"], r["method"], r["setting"])
+    keys = {key(r) for r in new}
+    page["rows"] = [r for r in page["rows"] if key(r) not in keys] + new
+    path.write_text(json.dumps(page, indent=1))
+    print(f"{len(new)} rows in {path}; run python bench/results_page.py")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
@@ -272,6 +301,9 @@ def main() -> None:
     ap.add_argument("--rerun-peers", action="store_true", help="run the peers again instead of their cache")
     ap.add_argument("--cached-only", action="store_true", help="print the table of cached rows; run nothing")
     ap.add_argument("--json", type=Path, default=CACHE / "quality.json")
+    ap.add_argument("--results", action="store_true",
+                    help="also put the rows into bench/results/accuracy.json (the results page's source; then run "
+                         "python bench/results_page.py)")
     args = ap.parse_args()
     if shared_data_dir() is None:
         raise SystemExit("needs ../shared/data (WikiText-2 and the C4 sample)")
@@ -314,6 +346,8 @@ def main() -> None:
         print(table(rows, args), flush=True)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(rows, indent=1))
+    if args.results:
+        add_to_results(rows, args)
     print("\n" + table(rows, args))
     if str(args.plot) not in ("", "."):
         plot(rows, args.plot)

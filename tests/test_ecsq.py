@@ -14,7 +14,7 @@ def test_ecsq_meets_its_coded_size_target(tiny_model_dir, tmp_path, target):
     cfg = rdquant.CompressConfig(method="ecsq", target_coded_bits=target, calib_samples=8, calib_seqlen=64, batch_size=4)
     cm = rdquant.compress(model, cfg, tokenizer=tok, progress=False)
     rep = rdquant.inspect(cm.save(tmp_path / "e", codec="ans"))
-    # tiny layers pay a visible per-tensor frequency table; real layers do not (BENCHMARKS.md)
+    # tiny layers pay a visible per-tensor frequency table; real layers do not (docs/notes/benchmarks-lab.md)
     assert rep.coded_bits_per_weight == pytest.approx(target, rel=0.05)
     assert rep.bits_per_weight > rep.coded_bits_per_weight  # wide alphabet, packed is bigger
 

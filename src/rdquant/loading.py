@@ -73,7 +73,7 @@ def _load_artifact(path: Path, device: str, dtype: torch.dtype, verify: bool, ca
 
     def read() -> dict[str, torch.Tensor]:  # in a worker thread, so that it overlaps building the skeleton
         # one reader fewer than cores: this thread builds the skeleton meanwhile (on 2 cores, 2 readers
-        # made coded loads ~12% slower, packed ones no faster; BENCHMARKS.md §3)
+        # made coded loads ~12% slower, packed ones no faster; docs/notes/benchmarks-lab.md §3)
         _, t = read_tensors(path, verify=verify, names=names, workers=max(1, available_cores() - 1))
         return {k: v if k in quant_keys or not v.is_floating_point() else v.to(dtype) for k, v in t.items()}
 

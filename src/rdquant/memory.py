@@ -3,7 +3,7 @@
 glibc serves every allocation above 32 MB with a fresh mmap and returns it on free, so each new
 activation-sized tensor pays page faults on first touch. The pipeline and the evaluator allocate
 such tensors constantly; keeping them in the heap made a GPTQ block ~25% faster here
-(BENCHMARKS.md)."""
+(docs/notes/benchmarks-lab.md)."""
 
 from __future__ import annotations
 

@@ -72,7 +72,7 @@ def cell_kind(cfg: CompressConfig) -> str:
 
 def min_bits(cfg: CompressConfig) -> int:
     """The narrowest width offered. Automatic (-1): 2 for uniform grids, whose 1-bit grid has a level
-    fixed at 0 and whose width-0 cells cannot take GPTQ's error feedback (measured: BENCHMARKS §6),
+    fixed at 0 and whose width-0 cells cannot take GPTQ's error feedback (measured: docs/notes/benchmarks-lab.md §6),
     0 for CLAQ's column codebooks."""
     if cfg.cvxq_min_bits >= 0:
         return cfg.cvxq_min_bits
