@@ -7,3 +7,10 @@ class RdquantError(Exception):
 
 class ArtifactError(RdquantError):
     """A compressed artifact is missing, truncated, corrupted or of an unknown format."""
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type when it has none): for one-line errors that
+    wrap what a library raised."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .artifact import available_cores, check_sidecars, is_artifact, read_manifest, read_tensors
-from .errors import ArtifactError, RdquantError
+from .errors import ArtifactError, RdquantError, first_line
 from .models import set_submodule
 from .runtime import QUANT_BUFFERS, QuantLinear, set_dequant_cache
 
@@ -44,7 +44,7 @@ def load(
     except RdquantError:
         raise
     except Exception as e:  # anything a damaged file can make transformers or safetensors raise
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise ArtifactError(f"{path} could not be loaded ({type(e).__name__}: {first}); the artifact is damaged or "
                             "was written by another version") from e
 
@@ -133,5 +133,5 @@ def load_tokenizer(path: str | os.PathLike):
     try:
         return AutoTokenizer.from_pretrained(path, local_files_only=True)
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise ArtifactError(f"the tokenizer files in {path} could not be read ({first}); the artifact is damaged") from e

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import RdquantError
+from .errors import RdquantError, first_line
 from .runtime import QuantLinear
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub at run time
@@ -97,7 +97,7 @@ def _from_pretrained(src: ModelSource, dtype: torch.dtype):
         model, info = AutoModelForCausalLM.from_pretrained(src.path, dtype=dtype, local_files_only=True,
                                                            output_loading_info=True, **kw)
     except Exception as e:  # transformers raises OSError, ValueError, KeyError, TypeError, ... for bad input
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         if "mismatched_sizes" in first:
             first = "some weights' shapes do not match its config.json (a damaged or mixed-up checkpoint)"
         raise RdquantError(f"could not load a causal LM from {where}: {first}") from e
