@@ -28,11 +28,7 @@ from .hessian import HessianAccumulator
 from .memory import retain_freed_memory
 from .methods import METHODS, state_to_dict
 from .methods.gptq import proxy_error
-from .grid import quantize
-from .qtensor import dequantize_codes, expand_groups
 from .models import block_linears, find_blocks, set_submodule
-from .qcodebook import CodebookWeight
-from .qmixed import MixedWeight
 from .runtime import QuantLinear
 from .safety import CHECKPOINT_MARKER, remove_owned
 
@@ -384,12 +380,7 @@ def quantize_stage(
         if H is not None:
             log.proxy_error = proxy_error(w, Q, H)
             # "before": plain rounding onto the same grid, without the method's error compensation
-            if isinstance(part, (CodebookWeight, MixedWeight)):
-                log.proxy_error_rtn = proxy_error(w, part.round_to_grid(w), H)
-            else:
-                S = expand_groups(part.scales.float(), w.shape[1], part.group_size)
-                Z = expand_groups(part.zero_points().float(), w.shape[1], part.group_size)
-                log.proxy_error_rtn = proxy_error(w, dequantize_codes(quantize(w, S, Z, part.bits), S, Z), H)
+            log.proxy_error_rtn = proxy_error(w, part.round_to_grid(w), H)
         logs.append(log)
         set_submodule(block, n, q)
         linears[n] = q  # type: ignore[assignment]

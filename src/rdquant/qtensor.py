@@ -97,6 +97,8 @@ class VariableWidth:
 class QuantizedWeight:
     """Codes, fp16 scales and integer zero points of one linear layer's weight."""
 
+    layout = "affine"  # layouts.Affine
+
     codes: torch.Tensor  # [out, in] uint8
     scales: torch.Tensor  # [out, n_groups] float16
     zeros: torch.Tensor | None  # [out, n_groups] uint8, None when symmetric
@@ -121,6 +123,20 @@ class QuantizedWeight:
         scale = expand_groups(self.scales, in_f, self.group_size)
         zero = expand_groups(self.zero_points(), in_f, self.group_size)
         return dequantize_codes(self.codes, scale, zero).to(dtype)
+
+    def spec(self) -> None:
+        """Affine layers need no layout fields in the manifest beyond bits, group size and symmetry."""
+        return None
+
+    def round_to_grid(self, W: torch.Tensor) -> torch.Tensor:
+        """W rounded to nearest on this weight's grids (same scales and zero points), dequantized: plain
+        rounding, the 'before' of a method's error compensation."""
+        from .grid import quantize
+
+        in_f = self.shape[1]
+        S = expand_groups(self.scales.float(), in_f, self.group_size)
+        Z = expand_groups(self.zero_points().float(), in_f, self.group_size)
+        return dequantize_codes(quantize(W, S, Z, self.bits), S, Z)
 
     def rows(self, start: int, stop: int) -> "QuantizedWeight":
         """The sub-weight of output rows [start, stop) (splits jointly quantized matrices)."""

@@ -8,23 +8,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import packing
-from .qcodebook import STORED as CODEBOOK_BUFFERS, CodebookWeight
-from .qmixed import STORED as MIXED_BUFFERS, MixedWeight
-from .qtensor import QuantizedWeight, num_groups
+from .layouts import STORED, LayerSpec, layout_named
 
-AFFINE_BUFFERS = ("qweight", "scales", "qzeros")
-QUANT_BUFFERS = tuple(dict.fromkeys(AFFINE_BUFFERS + CODEBOOK_BUFFERS + MIXED_BUFFERS))  # every stored tensor name
-RESIZABLE = ("codebook", "mixed")  # layouts whose buffer sizes come from the data
+QUANT_BUFFERS = STORED  # every stored tensor name of every layout
 
 
 class QuantLinear(nn.Module):
     """A Linear whose weight lives packed, as stored in the artifact, and is dequantized on the fly.
 
-    Three layouts: `affine` (qtensor.py: packed codes + fp16 scales + packed zero points), `codebook`
-    (qcodebook.py: codes packed per column width + fp16 column codebooks + optional row scales + fp16
-    outliers; `spec` says which of those exist) and `mixed` (qmixed.py: a width per row-group or row-cluster cell). Buffers are named as in the artifact, so the module's
-    state_dict is exactly what is stored; codebook buffers take their sizes from what is loaded.
+    The packed format is its `layout` (layouts/: affine groups, mixed-width cells, column codebooks),
+    reached only through the Layout interface. Buffers are named as in the artifact, so the module's
+    state_dict is exactly what is stored; layouts sized by their data take the sizes that are loaded.
     With `cache_dequantized` the dequantized weight is kept after first use (faster, but costs the
     dense weight's memory).
     """
@@ -45,50 +39,22 @@ class QuantLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size, self.symmetric = bits, group_size, symmetric
         self.spec = dict(spec) if spec else None
-        self.layout = self.spec["layout"] if self.spec else "affine"
+        self.layout = layout_named(self.spec["layout"] if self.spec else "affine")
+        self.layer = LayerSpec(out_features, in_features, bits, group_size, symmetric, self.spec or {})
         self.compute_dtype = dtype
         self.cache_dequantized = False
         self._cache: torch.Tensor | None = None
         self._loader: Callable[["QuantLinear"], None] | None = None  # lazy loading (loading.py)
         # allocated, not filled: every buffer is set from the artifact (set_tensors, load_state_dict)
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device)) if bias else None
-        if self.layout == "codebook":
-            empty = lambda dt: torch.zeros(0, dtype=dt, device=device)
-            for name, dt in (("qweight", torch.uint8), ("widths", torch.uint8), ("codebook", torch.float16)):
-                self.register_buffer(name, empty(dt))
-            if self.spec.get("codebook_bits", 16) == 8:
-                self.register_buffer("codebook_range", empty(torch.float16))
-            if self.spec.get("row_scale"):
-                self.register_buffer("row_scale", empty(torch.float16))
-            if self.spec.get("outliers"):
-                for name, dt in (("outlier_count", torch.int16), ("outlier_row", torch.int16), ("outlier_val", torch.float16)):
-                    self.register_buffer(name, empty(dt))
-            return
-        if self.layout == "mixed":
-            for name, dt in (("qweight", torch.uint8), ("qwidths", torch.uint8), ("scales", torch.float16)):
-                self.register_buffer(name, torch.zeros(0, dtype=dt, device=device))
-            if self.spec.get("grid", "affine") == "affine":  # the companded grid stores no zero points
-                self.register_buffer("qzeros", torch.zeros(0, dtype=torch.uint8, device=device))
-            if self.spec.get("clusters"):  # row-cluster x column cells
-                self.register_buffer("qclusters", torch.zeros(0, dtype=torch.int16, device=device))
-            return
-        n_g = num_groups(in_features, group_size)
-        nbytes = packing.packed_nbytes(in_features * out_features, bits)
-        self.register_buffer("qweight", torch.empty(nbytes, dtype=torch.uint8, device=device))
-        self.register_buffer("scales", torch.empty(out_features, n_g, dtype=torch.float16, device=device))
-        if not symmetric:
-            zbytes = packing.packed_nbytes(out_features * n_g, bits)
-            self.register_buffer("qzeros", torch.empty(zbytes, dtype=torch.uint8, device=device))
-        else:
-            self.qzeros = None
+        for name, (dt, shape) in self.layout.buffers(self.layer).items():
+            self.register_buffer(name, torch.empty(shape, dtype=dt, device=device))
 
     @classmethod
-    def from_quantized(
-        cls, qw: "QuantizedWeight | CodebookWeight | MixedWeight", bias: torch.Tensor | None, dtype: torch.dtype = torch.float32
-    ) -> "QuantLinear":
+    def from_quantized(cls, qw, bias: torch.Tensor | None, dtype: torch.dtype = torch.float32) -> "QuantLinear":
+        """A layer holding a method's result (any layout's weight object)."""
         out_f, in_f = qw.shape
-        spec = qw.spec() if isinstance(qw, (CodebookWeight, MixedWeight)) else None
-        m = cls(in_f, out_f, qw.bits, qw.group_size, qw.symmetric, bias is not None, dtype, qw.codes.device, spec)
+        m = cls(in_f, out_f, qw.bits, qw.group_size, qw.symmetric, bias is not None, dtype, qw.codes.device, qw.spec())
         m.set_tensors(qw.packed_state())
         if bias is not None:
             m.bias.data.copy_(bias.to(dtype))
@@ -104,23 +70,22 @@ class QuantLinear(nn.Module):
     @property
     def buffer_names(self) -> tuple[str, ...]:
         """The stored tensors of this layer's layout that it has."""
-        names = {"codebook": CODEBOOK_BUFFERS, "mixed": MIXED_BUFFERS}.get(self.layout, AFFINE_BUFFERS)
-        return tuple(n for n in names if getattr(self, n, None) is not None)
+        return tuple(n for n in self.layout.stored if getattr(self, n, None) is not None)
 
     def set_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Put stored tensors in place (codebook buffers take the given sizes)."""
+        """Put stored tensors in place (layouts sized by their data take the given sizes)."""
         for k, v in tensors.items():
             if k not in self._buffers or self._buffers[k] is None:
-                raise KeyError(f"{k} is not a stored tensor of this {self.layout} layer")
+                raise KeyError(f"{k} is not a stored tensor of this {self.layout.name} layer")
             cur = self._buffers[k]
-            if self.layout in RESIZABLE:
+            if self.layout.resizable:
                 self._buffers[k] = v.to(cur.device).clone()
             else:
                 cur.copy_(v)
         self._cache = None
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
-        if self.layout in RESIZABLE:  # sizes come from the data
+        if self.layout.resizable:  # sizes come from the data
             for k in self.buffer_names:
                 t = state_dict.get(prefix + k)
                 if t is not None:
@@ -136,22 +101,10 @@ class QuantLinear(nn.Module):
             loader, self._loader = self._loader, None
             loader(self)
 
-    def quantized_weight(self) -> "QuantizedWeight | CodebookWeight | MixedWeight":
+    def quantized_weight(self):
+        """The layer's weight object (its layout's: dequantize, packed_state, round_to_grid)."""
         self.materialize()
-        if self.layout == "mixed":
-            state = {k: getattr(self, k) for k in self.buffer_names}
-            return MixedWeight.from_packed(state, (self.out_features, self.in_features), self.group_size,
-                                           self.spec["width_bits"], self.spec.get("grid", "affine"))
-        if self.layout == "codebook":
-            state = {k: getattr(self, k) for k in self.buffer_names}
-            return CodebookWeight.from_packed(state, (self.out_features, self.in_features), self.group_size,
-                                              self.spec.get("scale_group", -1))
-        state = {"qweight": self.qweight, "scales": self.scales}
-        if self.qzeros is not None:
-            state["qzeros"] = self.qzeros
-        return QuantizedWeight.from_packed(
-            state, (self.out_features, self.in_features), self.bits, self.group_size
-        )
+        return self.layout.weight({k: getattr(self, k) for k in self.buffer_names}, self.layer)
 
     def dequantized_weight(self) -> torch.Tensor:
         if self._cache is not None:
@@ -174,16 +127,8 @@ class QuantLinear(nn.Module):
         return F.linear(x, w.to(x.dtype), bias)
 
     def extra_repr(self) -> str:
-        if self.layout == "mixed":
-            return (f"in_features={self.in_features}, out_features={self.out_features}, layout=mixed, "
-                    f"max_bits={self.bits}, group_size={self.group_size}, bias={self.bias is not None}")
-        if self.layout == "codebook":
-            return (f"in_features={self.in_features}, out_features={self.out_features}, layout=codebook, "
-                    f"max_bits={self.bits}, share={self.group_size}, bias={self.bias is not None}")
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
-            f"group_size={self.group_size}, symmetric={self.symmetric}, bias={self.bias is not None}"
-        )
+        return (f"in_features={self.in_features}, out_features={self.out_features}, {self.layout.describe(self.layer)}, "
+                f"bias={self.bias is not None}")
 
 
 def set_dequant_cache(model: nn.Module, enabled: bool) -> None:

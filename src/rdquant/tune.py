@@ -19,9 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .grid import FP16_MANTISSA, store_scale
-from .qcodebook import CodebookWeight, column_offsets, compact_codebooks, entries_of
-from .qtensor import QuantizedWeight, expand_groups
+from .grid import FP16_MANTISSA
+from .layouts.base import Tuning
 from .runtime import QuantLinear
 
 
@@ -41,73 +40,38 @@ class TuneLog:
 
 
 class _Tunable:
-    """One QuantLinear's free values as trainable offsets: weight() rebuilds W from them, commit()
-    writes them back to the layer's stored tensors."""
+    """One QuantLinear's free values (its layout's `tuning`) as trainable offsets: weight() rebuilds W
+    from them, commit() writes them back to the layer's stored tensors."""
 
-    def __init__(self, m: QuantLinear) -> None:
-        self.m = m
-        qw = m.quantized_weight()
-        self.qw = qw
-        dev = m.qweight.device
-        if isinstance(qw, CodebookWeight):
-            in_f = qw.shape[1]
-            self.idx = qw.codes.to(torch.long) + column_offsets(qw.widths, qw.share, in_f).to(dev)[None, :]
-            self.base = {"values": qw.values().to(dev)}
-            if qw.row_scale is not None:
-                self.base["row_scale"] = qw.row_scale.to(torch.float32)
-            self.outliers = None
-            if qw.n_outliers:
-                self.outliers = (qw.outlier_row.to(torch.long), qw.outlier_cols().to(dev), qw.outlier_val.to(torch.float32))
-        elif isinstance(qw, QuantizedWeight):
-            in_f = qw.shape[1]
-            self.q = qw.codes.to(torch.float32) - expand_groups(qw.zero_points().to(torch.float32), in_f, qw.group_size)
-            self.base = {"scales": qw.scales.to(torch.float32)}
-        else:
-            raise TypeError(f"no tunable values in a {type(qw).__name__}")
+    def __init__(self, m: QuantLinear, tuning: Tuning) -> None:
+        self.m, self.tuning = m, tuning
+        self.base = tuning.base
         # offsets in units of each tensor's mean magnitude, so one learning rate suits every tensor
         self.unit = {k: float(v.abs().mean().clamp_min(1e-8)) for k, v in self.base.items()}
         self.delta = {k: nn.Parameter(torch.zeros_like(v)) for k, v in self.base.items()}
 
-    def current(self, key: str) -> torch.Tensor:
-        return self.base[key] + self.delta[key] * self.unit[key]
+    def current(self) -> dict[str, torch.Tensor]:
+        return {k: self.base[k] + self.delta[k] * self.unit[k] for k in self.base}
 
     def weight(self) -> torch.Tensor:
-        qw = self.qw
-        if isinstance(qw, CodebookWeight):
-            W = self.current("values")[self.idx]
-            if "row_scale" in self.base:
-                W = W * expand_groups(self.current("row_scale").reshape(qw.shape[0], -1), qw.shape[1], qw.scale_group)
-            if self.outliers is not None:
-                r, c, v = self.outliers
-                W = W.index_put((r, c), v)
-            return W
-        return self.q * expand_groups(self.current("scales"), qw.shape[1], qw.group_size)
+        return self.tuning.weight(self.current())
 
     @torch.no_grad()
     def commit(self, scale_bits: int = FP16_MANTISSA) -> None:
         """Round the tuned values to their stored form (group scales to `scale_bits` mantissa bits, as the
         grid made them) and put them in the layer."""
-        qw, new = self.qw, {}
-        if isinstance(qw, CodebookWeight):
-            v = self.current("values")
-            if qw.codebook_range is None:
-                new["codebook"] = v.to(torch.float16)
-            else:  # 8-bit entries on a fresh per-codebook (lo, step) grid
-                sizes = (torch.ones_like(qw.widths, dtype=torch.long) << qw.widths.to(torch.long)).to(v.device)
-                starts = torch.cumsum(sizes, 0) - sizes
-                kmax = int(sizes.max())
-                slot = torch.arange(kmax, device=v.device)[None, :]
-                valid = slot < sizes[:, None]
-                pos = (starts[:, None] + slot).clamp(max=v.numel() - 1)
-                padded = torch.where(valid, v[pos], float("inf"))
-                _, lo, step = compact_codebooks(padded)
-                new["codebook"] = entries_of(padded, lo, step)[valid]
-                new["codebook_range"] = torch.stack([lo, step], 1)
-            if "row_scale" in self.base:
-                new["row_scale"] = self.current("row_scale").to(torch.float16).reshape(qw.row_scale.shape)
-        else:
-            new["scales"] = store_scale(self.current("scales"), scale_bits).to(torch.float16)
-        self.m.set_tensors(new)
+        self.m.set_tensors(self.tuning.stored(self.current(), scale_bits))
+
+
+def tunables(model: nn.Module) -> list[_Tunable]:
+    """Every QuantLinear whose layout has values to tune (mixed-width layers have none yet)."""
+    out = []
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            tuning = m.layout.tuning(m.quantized_weight())
+            if tuning is not None:
+                out.append(_Tunable(m, tuning))
+    return out
 
 
 def _kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
@@ -146,15 +110,15 @@ def tune(
     if ids.shape[0] <= holdout:
         holdout = 0
     held, train = ids[:holdout], ids[holdout:]
-    tunables = [_Tunable(m) for m in student.modules() if isinstance(m, QuantLinear) and m.layout != "mixed"]
-    params = [p for t in tunables for p in t.delta.values()]
+    layers = tunables(student)
+    params = [p for t in layers for p in t.delta.values()]
     n_params = sum(p.numel() for p in params)
     frozen = [p for p in student.parameters() if p.requires_grad]
     for p in frozen:
         p.requires_grad_(False)
     teacher.eval()
     student.eval()
-    for t in tunables:  # route each layer's forward through its trainable weight
+    for t in layers:  # route each layer's forward through its trainable weight
         t.m.forward = types.MethodType(
             lambda m, x, t=t: F.linear(x, t.weight().to(x.dtype), None if m.bias is None else m.bias.to(x.dtype)), t.m)
     try:
@@ -183,14 +147,14 @@ def tune(
             if bar is not None:
                 bar.close()
     finally:
-        for t in tunables:
+        for t in layers:
             del t.m.forward
         for p in frozen:
             p.requires_grad_(True)
-    for t in tunables:
+    for t in layers:
         t.commit(scale_bits)
     kl_after = _mean_kl(student, teacher, held, batch) if holdout else float("nan")  # as stored
-    return TuneLog(steps, len(tunables), n_params, kl_before, kl_after, time.perf_counter() - t0)
+    return TuneLog(steps, len(layers), n_params, kl_before, kl_after, time.perf_counter() - t0)
 
 
 def _progress(total: int, enabled: bool):

@@ -1,0 +1,67 @@
+"""The Layout interface: what every packed weight format provides to the runtime and the pipeline."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """What a layer's manifest entry says about its packed weight: shape [out, in], the (widest) code
+    width, group size (codebook: columns per codebook), symmetry, and the layout's own fields."""
+
+    out_features: int
+    in_features: int
+    bits: int
+    group_size: int
+    symmetric: bool
+    spec: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.out_features, self.in_features)
+
+
+class Layout:
+    """One packed weight format. Subclasses set `name` (the manifest's `layout`), `stored` (every tensor
+    name it may write, in the artifact's order) and `resizable` (buffer sizes come from the data)."""
+
+    name: ClassVar[str]
+    stored: ClassVar[tuple[str, ...]]
+    resizable: ClassVar[bool] = False
+
+    @classmethod
+    def buffers(cls, layer: LayerSpec) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+        """The stored tensors this layer has: name -> (dtype, shape to allocate; (0,) when sized by data)."""
+        raise NotImplementedError
+
+    @classmethod
+    def weight(cls, state: dict[str, torch.Tensor], layer: LayerSpec):
+        """The weight object (with dequantize, packed_state, round_to_grid) of the stored tensors."""
+        raise NotImplementedError
+
+    @classmethod
+    def describe(cls, layer: LayerSpec) -> str:
+        """The layout part of the layer's repr."""
+        raise NotImplementedError
+
+    @classmethod
+    def tuning(cls, weight) -> "Tuning | None":
+        """The values distillation tuning may move with the codes fixed; None if the layout has none."""
+        return None
+
+
+class Tuning:
+    """A layer's free values as trainable tensors: `base` (name -> float32 tensor), `weight(values)`
+    rebuilds W from them, `stored(values, scale_bits)` gives the stored tensors that hold them."""
+
+    base: dict[str, torch.Tensor]
+
+    def weight(self, values: dict[str, torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def stored(self, values: dict[str, torch.Tensor], scale_bits: int) -> dict[str, torch.Tensor]:
+        raise NotImplementedError

@@ -1,0 +1,88 @@
+"""Column codebooks (CLAQ): codes packed per column width, fp16 (or 8-bit on an fp16 grid) codebooks
+per column group, optional fp16 row scales and sparse fp16 outliers (qcodebook.CodebookWeight;
+docs/FORMAT.md)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..qcodebook import CodebookWeight, column_offsets, compact_codebooks, entries_of
+from ..qtensor import expand_groups
+from .base import LayerSpec, Layout, Tuning
+
+EMPTY = (0,)
+
+
+class Codebook(Layout):
+    name = "codebook"
+    stored = ("qweight", "widths", "codebook", "codebook_range", "row_scale", "outlier_count", "outlier_row", "outlier_val")
+    resizable = True
+
+    @classmethod
+    def buffers(cls, layer: LayerSpec) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+        out = {"qweight": (torch.uint8, EMPTY), "widths": (torch.uint8, EMPTY), "codebook": (torch.float16, EMPTY)}
+        if layer.spec.get("codebook_bits", 16) == 8:
+            out["codebook_range"] = (torch.float16, EMPTY)
+        if layer.spec.get("row_scale"):
+            out["row_scale"] = (torch.float16, EMPTY)
+        if layer.spec.get("outliers"):
+            out.update(outlier_count=(torch.int16, EMPTY), outlier_row=(torch.int16, EMPTY),
+                       outlier_val=(torch.float16, EMPTY))
+        return out
+
+    @classmethod
+    def weight(cls, state: dict[str, torch.Tensor], layer: LayerSpec) -> CodebookWeight:
+        return CodebookWeight.from_packed(state, layer.shape, layer.group_size, layer.spec.get("scale_group", -1))
+
+    @classmethod
+    def describe(cls, layer: LayerSpec) -> str:
+        return f"layout=codebook, max_bits={layer.bits}, share={layer.group_size}"
+
+    @classmethod
+    def tuning(cls, weight: CodebookWeight) -> "CodebookTuning":
+        return CodebookTuning(weight)
+
+
+class CodebookTuning(Tuning):
+    """The codebook values and row scales move; codes, widths and outliers stay."""
+
+    def __init__(self, qw: CodebookWeight) -> None:
+        self.qw = qw
+        dev = qw.codes.device
+        self.idx = qw.codes.to(torch.long) + column_offsets(qw.widths, qw.share, qw.shape[1]).to(dev)[None, :]
+        self.base = {"values": qw.values().to(dev)}
+        if qw.row_scale is not None:
+            self.base["row_scale"] = qw.row_scale.to(torch.float32)
+        self.outliers = None
+        if qw.n_outliers:
+            self.outliers = (qw.outlier_row.to(torch.long), qw.outlier_cols().to(dev), qw.outlier_val.to(torch.float32))
+
+    def weight(self, values: dict[str, torch.Tensor]) -> torch.Tensor:
+        qw = self.qw
+        W = values["values"][self.idx]
+        if "row_scale" in values:
+            W = W * expand_groups(values["row_scale"].reshape(qw.shape[0], -1), qw.shape[1], qw.scale_group)
+        if self.outliers is not None:
+            r, c, v = self.outliers
+            W = W.index_put((r, c), v)
+        return W
+
+    def stored(self, values: dict[str, torch.Tensor], scale_bits: int) -> dict[str, torch.Tensor]:
+        qw, new = self.qw, {}
+        v = values["values"]
+        if qw.codebook_range is None:
+            new["codebook"] = v.to(torch.float16)
+        else:  # 8-bit entries on a fresh per-codebook (lo, step) grid
+            sizes = (torch.ones_like(qw.widths, dtype=torch.long) << qw.widths.to(torch.long)).to(v.device)
+            starts = torch.cumsum(sizes, 0) - sizes
+            kmax = int(sizes.max())
+            slot = torch.arange(kmax, device=v.device)[None, :]
+            valid = slot < sizes[:, None]
+            pos = (starts[:, None] + slot).clamp(max=v.numel() - 1)
+            padded = torch.where(valid, v[pos], float("inf"))
+            _, lo, step = compact_codebooks(padded)
+            new["codebook"] = entries_of(padded, lo, step)[valid]
+            new["codebook_range"] = torch.stack([lo, step], 1)
+        if "row_scale" in values:
+            new["row_scale"] = values["row_scale"].to(torch.float16).reshape(qw.row_scale.shape)
+        return new
