@@ -35,8 +35,7 @@ import torch
 from . import codecs, packing
 from .codecs import CodecSpec
 from .errors import RdquantError
-from .qcodebook import column_widths, pack_segments, unpack_segments
-from .qmixed import pack_by_width, unpack_by_width
+from .qcodebook import column_widths, unpack_segments
 from .qtensor import expand_groups, num_groups
 
 DEFAULT_SPEED_FLOOR_MBPS = 200.0
@@ -298,6 +297,8 @@ def encode_tensors(
     Quantized layers' qweight is coded as symbols, their scales/qzeros as bytes; other tensors only
     with `dense`. A tensor whose best payload is not smaller than its raw bytes stays uncoded.
     """
+    from .layouts import layout_named
+
     stored: dict[str, tuple[torch.Tensor, dict[str, Any]]] = {}
     if codec != "auto":
         try:
@@ -310,57 +311,9 @@ def encode_tensors(
         owner, _, leaf = name.rpartition(".")
         layer = quantized.get(owner)
         raw_bytes = t.numel() * t.element_size()
-        if layer is not None and leaf == "qweight" and layer.get("layout") == "codebook":
-            widths = tensors[f"{owner}.widths"]
-            sym = _codebook_symbols(t, widths, layer)
-            spec, payload = choose_codec(sym, codec, speed_floor_mbps)
-            fields = {"kind": "symbols", "mapping": "codebook", "entropy_bits": round(codecs.entropy_bits(sym), 4)}
-            if codec != "lz4":  # the packed segments, one stream (table) per column width: kept when smaller
-                cut = _segments(widths, layer)
-                has3 = any(b == 3 for b, _ in cut)  # pairs differ only there
-                for mapping in ("codebook-segments", "codebook-pairs")[: 1 + has3]:
-                    segs = encode_streams(segment_streams(t, cut, mapping == "codebook-pairs"), codec, speed_floor_mbps)
-                    if len(segs) < len(payload):
-                        payload, fields = segs, {"kind": "symbols", "mapping": mapping}
-                if fields["mapping"] != "codebook":
-                    fields["entropy_bits"] = round(_width_entropy_bits(sym, _column_width_map(widths, layer)), 4)
-        elif layer is not None and leaf == "qweight" and layer.get("layout") == "mixed":
-            wmap = _mixed_width_map(tensors, owner, layer)
-            sym = unpack_by_width(t, wmap).reshape(-1).numpy()
-            spec, payload = choose_codec(sym, codec, speed_floor_mbps)
-            fields = {"kind": "symbols", "mapping": "mixed", "entropy_bits": round(codecs.entropy_bits(sym), 4)}
-            if codec != "lz4":  # one stream (table) per width, 3 bits as pairs: kept when smaller
-                per_width = encode_streams(segment_streams(t, _mixed_segments(tensors, owner, layer), pairs=True),
-                                           codec, speed_floor_mbps)
-                if len(per_width) < len(payload):
-                    payload = per_width
-                    fields = {"kind": "symbols", "mapping": "mixed-widths", "entropy_bits": round(_width_entropy_bits(sym, wmap.numpy()), 4)}
-        elif layer is not None and leaf == "qweight":
-            info = LayerInfo.from_manifest(layer)
-            qzeros = tensors.get(f"{owner}.qzeros")
-            mapping, sym, h = best_mapping(t, qzeros, info)
-            spec, payload = choose_codec(sym, codec, speed_floor_mbps)
-            if qzeros is not None:  # the zero point as context: kept when its payload is smaller
-                codes = weight_symbols(t, qzeros, info, "raw")
-                candidates = []
-                ans_possible = codec == "ans" or (codec == "auto" and codecs.NOMINAL_DECODE_MBPS["ans"] >= speed_floor_mbps)
-                # the packed form decodes without re-packing: the one-code-per-byte streams are tried
-                # only where it is impossible, or for ANS (a symbol coder, not a byte coder)
-                packed_ok = packed_context_ok(info)
-                if ans_possible or (not packed_ok and codec != "lz4"):
-                    candidates.append(("zero-context", encode_context(codes, info, qzeros, codec, speed_floor_mbps)))
-                if packed_ok:  # the zero points' groups cut once, coded as planes and (3 bits) as pairs
-                    rows = _zero_point_rows(t, info, qzeros)
-                    forms = [("zero-context-packed", False)]
-                    forms += [("zero-context-pairs", True)] if info.bits == 3 and codec != "lz4" else []
-                    candidates += [(name_c, encode_streams(_packed_form(rows, info.bits, pr), codec, speed_floor_mbps))
-                                   for name_c, pr in forms]
-                for name_c, ctx in candidates:
-                    if len(ctx) < len(payload):
-                        mapping, payload = name_c, ctx
-                if mapping.startswith("zero-context"):
-                    h = context_entropy_bits(codes, info, qzeros)
-            fields = {"kind": "symbols", "mapping": mapping, "entropy_bits": round(h, 4)}
+        if layer is not None and leaf == "qweight":  # the layer's layout picks the codes' symbol mapping
+            spec, payload, fields = layout_named(layer.get("layout", "affine")).encode_qweight(
+                t, tensors, owner, layer, codec, speed_floor_mbps)
         elif layer is not None or dense:
             data = t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
             spec, payload = choose_codec(data, codec, speed_floor_mbps)
@@ -368,8 +321,10 @@ def encode_tensors(
             streams = None  # a multi-stream form, kept when smaller
             if t.element_size() == 2 and t.is_floating_point():  # byte planes
                 mapping, streams = "planes", plane_streams(data, 2)
-            elif layer is not None and leaf == "codebook" and t.dtype == torch.uint8 and codec != "lz4":
-                mapping, streams = "codebook-deltas", codebook_delta_streams(data, tensors[f"{owner}.widths"].numpy())
+            elif layer is not None and codec != "lz4":  # a layout's own multi-stream form of a side tensor
+                found = layout_named(layer.get("layout", "affine")).side_streams(leaf, t, data, tensors, owner)
+                if found is not None:
+                    mapping, streams = found
             if streams is not None:
                 alt = encode_streams(streams, codec, speed_floor_mbps)
                 if len(alt) < len(payload):
@@ -392,6 +347,8 @@ def decode_tensor(
 ) -> torch.Tensor:
     """Decode one stored tensor to its manifest dtype/shape; a qweight needs its layer's qzeros
     (decoded, or uncoded) in `decoded` when the layer is asymmetric."""
+    from .layouts import layout_named
+
     codec = entry["codec"]
     owner = name.rpartition(".")[0]
     if "mapping" in codec and codec["mapping"] not in MAPPINGS:
@@ -401,28 +358,10 @@ def decode_tensor(
             raise codecs.CodecError(f"mapping {codec['mapping']} needs the layer's {what}")
         return decoded[f"{owner}.{leaf}"]
 
-    if codec.get("mapping") == "codebook-deltas":
-        widths = needs("widths", "codebook widths")
-        return torch.from_numpy(merge_codebook_deltas(*codecs.read_streams(payload.numpy()), widths.numpy()))
-    if codec.get("mapping") in ("zero-context", "zero-context-packed", "zero-context-pairs"):
-        info = LayerInfo.from_manifest(quantized[owner])
-        qzeros = needs("qzeros", "zero points")
-        if codec["mapping"] != "zero-context":
-            if not packed_context_ok(info):
-                raise codecs.CodecError(f"mapping {codec['mapping']} needs whole-byte groups")
-            return merge_packed_context_streams(*codecs.read_streams(payload.numpy(), reuse=True), info, qzeros,
-                                                pairs=codec["mapping"] == "zero-context-pairs")
-        codes = decode_context(payload.numpy(), info, qzeros)
-        if codes.size and int(codes.max()) >= (1 << info.bits):
-            raise codecs.CodecError("decoded codes fall outside the code range")
-        return packing.pack(torch.from_numpy(codes), info.bits)
-    if codec.get("mapping") in ("codebook-segments", "codebook-pairs"):
-        widths = needs("widths", "column widths")
-        return merge_segment_streams(*codecs.read_streams(payload.numpy(), reuse=True), _segments(widths, quantized[owner]),
-                                     pairs=codec["mapping"] == "codebook-pairs")
-    if codec.get("mapping") == "mixed-widths":
-        return merge_segment_streams(*codecs.read_streams(payload.numpy(), reuse=True), _mixed_segments(decoded, owner, quantized[owner]),
-                                     pairs=True)
+    layer = quantized.get(owner)
+    layout = layout_named(layer.get("layout", "affine")) if layer is not None else None
+    if layout is not None and codec.get("mapping") in layout.stream_mappings:  # the layout's multi-stream forms
+        return layout.decode_streams(codec["mapping"], payload, decoded, owner, layer, needs)
     if codec.get("mapping") == "planes":
         dtype = getattr(torch, entry["dtype"])
         nbytes = int(np.prod(entry["shape"], dtype=np.int64)) * torch.empty(0, dtype=dtype).element_size()
@@ -432,27 +371,9 @@ def decode_tensor(
     if codec["kind"] == "bytes":
         dtype = getattr(torch, entry["dtype"])
         return torch.from_numpy(sym.copy()).view(dtype).reshape(entry["shape"])
-    if codec["mapping"] == "codebook":
-        layer = quantized[owner]
-        out_f, in_f = layer["shape"]
-        if sym.size != out_f * in_f:
-            raise codecs.CodecError("decoded symbol count does not match the layer shape")
-        cw = column_widths(decoded[f"{owner}.widths"], layer["share"], in_f)
-        codes = torch.from_numpy(np.ascontiguousarray(sym).reshape(out_f, in_f).copy())
-        if bool((codes.to(torch.long) >= (1 << cw)[None, :]).any()):
-            raise codecs.CodecError("decoded codes fall outside their column widths")
-        return pack_segments(codes, cw)
-    if codec["mapping"] == "mixed":
-        layer = quantized[owner]
-        wmap = _mixed_width_map(decoded, owner, layer)
-        if sym.size != wmap.numel():
-            raise codecs.CodecError("decoded symbol count does not match the layer shape")
-        codes = torch.from_numpy(np.ascontiguousarray(sym).reshape(wmap.shape).copy())
-        if bool((codes.to(torch.long) >= (1 << wmap.to(torch.long))).any()):
-            raise codecs.CodecError("decoded codes fall outside their cell widths")
-        return pack_by_width(codes, wmap)
-    info = LayerInfo.from_manifest(quantized[owner])
-    return weight_from_symbols(sym, decoded.get(f"{owner}.qzeros"), info, codec["mapping"])
+    if layout is None:
+        raise codecs.CodecError(f"mapping {codec['mapping']} is for a quantized layer's codes")
+    return layout.decode_symbols(codec["mapping"], sym, decoded, owner, layer)
 
 
 def _mixed_cells(tensors: dict[str, torch.Tensor], owner: str, layer: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:

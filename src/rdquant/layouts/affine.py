@@ -32,6 +32,68 @@ class Affine(Layout):
     def describe(cls, layer: LayerSpec) -> str:
         return f"bits={layer.bits}, group_size={layer.group_size}, symmetric={layer.symmetric}"
 
+    stream_mappings = ("zero-context", "zero-context-packed", "zero-context-pairs")
+
+    @classmethod
+    def encode_qweight(cls, t, tensors, owner, layer, codec, speed_floor_mbps):
+        """raw or zero-relative symbols (lower entropy), or the codes split by their group's zero point
+        (`zero-context`, cut from the packed bytes where groups are whole bytes): the smallest payload."""
+        from .. import codecs
+        from ..coding import (LayerInfo, _packed_form, _zero_point_rows, best_mapping, choose_codec, context_entropy_bits,
+                              encode_context, encode_streams, packed_context_ok, weight_symbols)
+
+        info = LayerInfo.from_manifest(layer)
+        qzeros = tensors.get(f"{owner}.qzeros")
+        mapping, sym, h = best_mapping(t, qzeros, info)
+        spec, payload = choose_codec(sym, codec, speed_floor_mbps)
+        if qzeros is not None:  # the zero point as context: kept when its payload is smaller
+            codes = weight_symbols(t, qzeros, info, "raw")
+            candidates = []
+            ans_possible = codec == "ans" or (codec == "auto" and codecs.NOMINAL_DECODE_MBPS["ans"] >= speed_floor_mbps)
+            # the packed form decodes without re-packing: the one-code-per-byte streams are tried
+            # only where it is impossible, or for ANS (a symbol coder, not a byte coder)
+            packed_ok = packed_context_ok(info)
+            if ans_possible or (not packed_ok and codec != "lz4"):
+                candidates.append(("zero-context", encode_context(codes, info, qzeros, codec, speed_floor_mbps)))
+            if packed_ok:  # the zero points' groups cut once, coded as planes and (3 bits) as pairs
+                rows = _zero_point_rows(t, info, qzeros)
+                forms = [("zero-context-packed", False)]
+                forms += [("zero-context-pairs", True)] if info.bits == 3 and codec != "lz4" else []
+                candidates += [(name_c, encode_streams(_packed_form(rows, info.bits, pr), codec, speed_floor_mbps))
+                               for name_c, pr in forms]
+            for name_c, ctx in candidates:
+                if len(ctx) < len(payload):
+                    mapping, payload = name_c, ctx
+            if mapping.startswith("zero-context"):
+                h = context_entropy_bits(codes, info, qzeros)
+        return spec, payload, {"kind": "symbols", "mapping": mapping, "entropy_bits": round(h, 4)}
+
+    @classmethod
+    def decode_streams(cls, mapping, payload, decoded, owner, layer, needs):
+        from .. import codecs
+        from ..coding import LayerInfo, decode_context, merge_packed_context_streams, packed_context_ok
+
+        info = LayerInfo.from_manifest(layer)
+        qzeros = needs("qzeros", "zero points")
+        if mapping != "zero-context":
+            if not packed_context_ok(info):
+                raise codecs.CodecError(f"mapping {mapping} needs whole-byte groups")
+            return merge_packed_context_streams(*codecs.read_streams(payload.numpy(), reuse=True), info, qzeros,
+                                                pairs=mapping == "zero-context-pairs")
+        codes = decode_context(payload.numpy(), info, qzeros)
+        if codes.size and int(codes.max()) >= (1 << info.bits):
+            raise codecs.CodecError("decoded codes fall outside the code range")
+        return packing.pack(torch.from_numpy(codes), info.bits)
+
+    @classmethod
+    def decode_symbols(cls, mapping, sym, decoded, owner, layer):
+        from .. import codecs
+        from ..coding import LayerInfo, weight_from_symbols
+
+        if mapping not in ("raw", "zero-relative"):
+            raise codecs.CodecError(f"mapping {mapping} does not belong to an affine layer")
+        return weight_from_symbols(sym, decoded.get(f"{owner}.qzeros"), LayerInfo.from_manifest(layer), mapping)
+
     @classmethod
     def tuning(cls, weight: QuantizedWeight) -> "AffineTuning":
         return AffineTuning(weight)

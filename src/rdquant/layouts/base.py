@@ -48,6 +48,33 @@ class Layout:
         """The layout part of the layer's repr."""
         raise NotImplementedError
 
+    # --- entropy coding of the codes (coding.py's container calls these; docs/FORMAT.md lists the mappings)
+    stream_mappings: ClassVar[tuple[str, ...]] = ()  # multi-stream forms this layout's tensors may be stored in
+
+    @classmethod
+    def encode_qweight(cls, qweight: torch.Tensor, tensors: dict[str, torch.Tensor], owner: str, layer: dict[str, Any],
+                       codec: str, speed_floor_mbps: float) -> tuple[Any, bytes, dict[str, Any]]:
+        """(codec spec, payload, manifest fields) of the smallest symbol mapping of the packed codes."""
+        raise NotImplementedError
+
+    @classmethod
+    def side_streams(cls, leaf: str, t: torch.Tensor, data: Any, tensors: dict[str, torch.Tensor],
+                     owner: str) -> tuple[str, list] | None:
+        """(mapping, streams) of a multi-stream form of one of the layer's other tensors, if the layout has one."""
+        return None
+
+    @classmethod
+    def decode_streams(cls, mapping: str, payload: torch.Tensor, decoded: dict[str, torch.Tensor], owner: str,
+                       layer: dict[str, Any], needs) -> torch.Tensor:
+        """A tensor stored in one of `stream_mappings` (`needs(leaf, what)` gives a decoded tensor of the layer)."""
+        raise NotImplementedError
+
+    @classmethod
+    def decode_symbols(cls, mapping: str, sym: Any, decoded: dict[str, torch.Tensor], owner: str,
+                       layer: dict[str, Any]) -> torch.Tensor:
+        """The packed codes from one decoded symbol stream of `mapping`."""
+        raise NotImplementedError
+
     @classmethod
     def tuning(cls, weight) -> "Tuning | None":
         """The values distillation tuning may move with the codes fixed; None if the layout has none."""

@@ -38,6 +38,70 @@ class Codebook(Layout):
     def describe(cls, layer: LayerSpec) -> str:
         return f"layout=codebook, max_bits={layer.bits}, share={layer.group_size}"
 
+    stream_mappings = ("codebook-segments", "codebook-pairs", "codebook-deltas")
+
+    @classmethod
+    def encode_qweight(cls, t, tensors, owner, layer, codec, speed_floor_mbps):
+        """One symbol stream, or the packed segments one stream (table) per column width (3-bit segments
+        also as code pairs): the smallest."""
+        from .. import codecs
+        from ..coding import (_codebook_symbols, _column_width_map, _segments, _width_entropy_bits, choose_codec,
+                              encode_streams, segment_streams)
+
+        widths = tensors[f"{owner}.widths"]
+        sym = _codebook_symbols(t, widths, layer)
+        spec, payload = choose_codec(sym, codec, speed_floor_mbps)
+        fields = {"kind": "symbols", "mapping": "codebook", "entropy_bits": round(codecs.entropy_bits(sym), 4)}
+        if codec != "lz4":
+            cut = _segments(widths, layer)
+            has3 = any(b == 3 for b, _ in cut)  # pairs differ only there
+            for mapping in ("codebook-segments", "codebook-pairs")[: 1 + has3]:
+                segs = encode_streams(segment_streams(t, cut, mapping == "codebook-pairs"), codec, speed_floor_mbps)
+                if len(segs) < len(payload):
+                    payload, fields = segs, {"kind": "symbols", "mapping": mapping}
+            if fields["mapping"] != "codebook":
+                fields["entropy_bits"] = round(_width_entropy_bits(sym, _column_width_map(widths, layer)), 4)
+        return spec, payload, fields
+
+    @classmethod
+    def side_streams(cls, leaf, t, data, tensors, owner):
+        """8-bit codebook entries as gaps to the previous entry less the layer's median gap (`codebook-deltas`)."""
+        from ..coding import codebook_delta_streams
+
+        if leaf == "codebook" and t.dtype == torch.uint8:
+            return "codebook-deltas", codebook_delta_streams(data, tensors[f"{owner}.widths"].numpy())
+        return None
+
+    @classmethod
+    def decode_streams(cls, mapping, payload, decoded, owner, layer, needs):
+        from .. import codecs
+        from ..coding import _segments, merge_codebook_deltas, merge_segment_streams
+
+        if mapping == "codebook-deltas":
+            widths = needs("widths", "codebook widths")
+            return torch.from_numpy(merge_codebook_deltas(*codecs.read_streams(payload.numpy()), widths.numpy()))
+        widths = needs("widths", "column widths")
+        return merge_segment_streams(*codecs.read_streams(payload.numpy(), reuse=True), _segments(widths, layer),
+                                     pairs=mapping == "codebook-pairs")
+
+    @classmethod
+    def decode_symbols(cls, mapping, sym, decoded, owner, layer):
+        import numpy as np
+
+        from .. import codecs
+        from ..qcodebook import column_widths, pack_segments
+
+        if mapping != "codebook":
+            raise codecs.CodecError(f"mapping {mapping} does not belong to a codebook layer")
+        out_f, in_f = layer["shape"]
+        if sym.size != out_f * in_f:
+            raise codecs.CodecError("decoded symbol count does not match the layer shape")
+        cw = column_widths(decoded[f"{owner}.widths"], layer["share"], in_f)
+        codes = torch.from_numpy(np.ascontiguousarray(sym).reshape(out_f, in_f).copy())
+        if bool((codes.to(torch.long) >= (1 << cw)[None, :]).any()):
+            raise codecs.CodecError("decoded codes fall outside their column widths")
+        return pack_segments(codes, cw)
+
     @classmethod
     def tuning(cls, weight: CodebookWeight) -> "CodebookTuning":
         return CodebookTuning(weight)

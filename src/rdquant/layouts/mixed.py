@@ -33,3 +33,53 @@ class Mixed(Layout):
     @classmethod
     def describe(cls, layer: LayerSpec) -> str:
         return f"layout=mixed, max_bits={layer.bits}, group_size={layer.group_size}"
+
+    stream_mappings = ("mixed-widths",)
+
+    @classmethod
+    def encode_qweight(cls, t, tensors, owner, layer, codec, speed_floor_mbps):
+        """One symbol stream over every width, or one stream (table) per cell width, 3 bits as pairs
+        (`mixed-widths`): the smaller."""
+        from .. import codecs
+        from ..coding import (_mixed_segments, _mixed_width_map, _width_entropy_bits, choose_codec, encode_streams,
+                              segment_streams)
+        from ..qmixed import unpack_by_width
+
+        wmap = _mixed_width_map(tensors, owner, layer)
+        sym = unpack_by_width(t, wmap).reshape(-1).numpy()
+        spec, payload = choose_codec(sym, codec, speed_floor_mbps)
+        fields = {"kind": "symbols", "mapping": "mixed", "entropy_bits": round(codecs.entropy_bits(sym), 4)}
+        if codec != "lz4":
+            per_width = encode_streams(segment_streams(t, _mixed_segments(tensors, owner, layer), pairs=True),
+                                       codec, speed_floor_mbps)
+            if len(per_width) < len(payload):
+                payload = per_width
+                fields = {"kind": "symbols", "mapping": "mixed-widths",
+                          "entropy_bits": round(_width_entropy_bits(sym, wmap.numpy()), 4)}
+        return spec, payload, fields
+
+    @classmethod
+    def decode_streams(cls, mapping, payload, decoded, owner, layer, needs):
+        from .. import codecs
+        from ..coding import _mixed_segments, merge_segment_streams
+
+        return merge_segment_streams(*codecs.read_streams(payload.numpy(), reuse=True),
+                                     _mixed_segments(decoded, owner, layer), pairs=True)
+
+    @classmethod
+    def decode_symbols(cls, mapping, sym, decoded, owner, layer):
+        import numpy as np
+
+        from .. import codecs
+        from ..coding import _mixed_width_map
+        from ..qmixed import pack_by_width
+
+        if mapping != "mixed":
+            raise codecs.CodecError(f"mapping {mapping} does not belong to a mixed-width layer")
+        wmap = _mixed_width_map(decoded, owner, layer)
+        if sym.size != wmap.numel():
+            raise codecs.CodecError("decoded symbol count does not match the layer shape")
+        codes = torch.from_numpy(np.ascontiguousarray(sym).reshape(wmap.shape).copy())
+        if bool((codes.to(torch.long) >= (1 << wmap.to(torch.long))).any()):
+            raise codecs.CodecError("decoded codes fall outside their cell widths")
+        return pack_by_width(codes, wmap)
