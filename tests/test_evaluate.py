@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import rdquant
-from rdquant.evaluate import cache_fits, window_nll
+from rdquant.evaluate import window_nll
 from rdquant.models import load_model
 
 
@@ -61,17 +61,17 @@ def test_evaluate_refuses_bad_arguments(tiny_model_dir, text_file):
         rdquant.evaluate(model, tok, data=str(text_file), seqlen=100_000)
 
 
-def test_dequantized_cache_is_kept_only_where_memory_allows(tiny_model_dir, tmp_path, monkeypatch):
-    import sys
-
-    ev = sys.modules["rdquant.evaluate"]  # (rdquant.evaluate the attribute is the function)
+def test_auto_backend_caches_only_where_memory_allows(tiny_model_dir, tmp_path, monkeypatch):
+    import rdquant.backends as backends
 
     cfg = rdquant.CompressConfig(bits=4, group_size=32, calib_samples=2, calib_seqlen=16)
     out = rdquant.compress(str(tiny_model_dir), cfg, progress=False).save(tmp_path / "a")
-    monkeypatch.setattr(ev, "available_memory", lambda device: 10**12)
-    assert cache_fits(str(out), "cpu", torch.float32)
-    m, _ = ev.load_any(str(out))
-    assert all(q.cache_dequantized for q in m.modules() if type(q).__name__ == "QuantLinear")
-    monkeypatch.setattr(ev, "available_memory", lambda device: 1000)
-    m, _ = ev.load_any(str(out))
-    assert not any(q.cache_dequantized for q in m.modules() if type(q).__name__ == "QuantLinear")
+    monkeypatch.setattr(backends, "available_memory", lambda device: 10**12)
+    m = rdquant.load(out)
+    assert {q.backend for q in m.modules() if type(q).__name__ == "QuantLinear"} == {"cached"}
+    monkeypatch.setattr(backends, "available_memory", lambda device: 1000)
+    m = rdquant.load(out)
+    assert {q.backend for q in m.modules() if type(q).__name__ == "QuantLinear"} == {"reference"}
+    m = rdquant.load(out, backend="reference")
+    with pytest.raises(rdquant.RdquantError, match="unknown backend"):
+        rdquant.load(out, backend="fast")

@@ -97,6 +97,13 @@ def check_codec(codec: str) -> None:
         raise RdquantError(f"--codec: {e}") from None
 
 
+def _check_backend(backend: str) -> None:
+    from .backends import BACKENDS
+
+    if backend not in BACKENDS:
+        raise RdquantError(f"--backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+
+
 def _positive(flag: str, value: int | None, lo: int = 1) -> None:
     if value is not None and value < lo:
         raise RdquantError(f"{flag} must be at least {lo} (got {value})")
@@ -314,6 +321,7 @@ def eval_cmd(
     max_windows: Optional[int] = typer.Option(None, "--max-windows", help="score only the first N windows",
                                               show_default="all"),
     device: str = typer.Option("cpu", help="cpu | cuda | cuda:N"),
+    backend: str = typer.Option("auto", help="how quantized layers compute: auto | reference | cached | triton"),
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON", show_default="off"),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="progress bar"),
 ) -> None:
@@ -327,8 +335,9 @@ def eval_cmd(
     _positive("--seqlen", seqlen, 2)
     _positive("--max-windows", max_windows)
     check_device(device)
+    _check_backend(backend)
     eval_text(data)  # the data exist and are UTF-8 text
-    m, tok = load_any(model, device=device)
+    m, tok = load_any(model, device=device, backend=backend)
     check_seqlen(m, seqlen)
     r = evaluate(m, tok, data=data, seqlen=seqlen, max_windows=max_windows, device=device, progress=progress)
     if as_json:
@@ -399,6 +408,7 @@ def generate(
     max_new_tokens: int = typer.Option(40, "--max-new-tokens", help="tokens to generate"),
     chat: bool = typer.Option(False, help="wrap the prompt in the tokenizer's chat template"),
     device: str = typer.Option("cpu", help="cpu | cuda | cuda:N"),
+    backend: str = typer.Option("auto", help="how quantized layers compute: auto | reference | cached | triton"),
 ) -> None:
     """Greedy generation from a prompt; prints the text, then the speed (tokens/s) on stderr."""
     import time
@@ -411,7 +421,8 @@ def generate(
 
     _positive("--max-new-tokens", max_new_tokens)
     check_device(device)
-    m, tok = load_any(model, device=device)
+    _check_backend(backend)
+    m, tok = load_any(model, device=device, backend=backend)
     text = prompt
     if chat and getattr(tok, "chat_template", None):
         text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
@@ -426,9 +437,16 @@ def generate(
     seconds = time.perf_counter() - t0
     new = out[0][n_prompt:]
     typer.echo(tok.decode(new, skip_special_tokens=True))
-    runtime = "dequantized-weight cache" if any(getattr(q, "cache_dequantized", False) for q in m.modules()) else "reference"
+    from .backends import describe
+    from .runtime import QuantLinear
+
+    counts: dict[str, int] = {}
+    for q in m.modules():
+        if isinstance(q, QuantLinear):
+            counts[q.backend] = counts.get(q.backend, 0) + 1
+    runtime = f"backends: {describe(counts)}" if counts else "original model"
     typer.echo(f"[{new.numel()} tokens in {seconds:.2f} s: {new.numel() / max(seconds, 1e-9):.1f} tokens/s, "
-               f"{device}, {runtime} runtime]", err=True)
+               f"{device}, {runtime}]", err=True)
 
 
 def main() -> None:

@@ -13,7 +13,8 @@ from torch import nn
 from .artifact import available_cores, check_sidecars, is_artifact, read_manifest, read_tensors
 from .errors import ArtifactError, RdquantError, first_line
 from .models import set_submodule
-from .runtime import QUANT_BUFFERS, QuantLinear, set_dequant_cache
+from .backends import set_backend
+from .runtime import QUANT_BUFFERS, QuantLinear
 
 try:  # transformers >= 5
     from transformers.initialization import no_init_weights
@@ -28,19 +29,22 @@ def load(
     verify: bool = True,
     cache_dequantized: bool = False,
     lazy: bool = False,
+    backend: str = "auto",
 ) -> nn.Module:
     """Load an artifact as a transformers causal LM whose quantized linears are QuantLinear; given
     anything else `--model` accepts (an alias such as "smollm2-135m", an HF directory, a .gguf file),
     load that original model instead (`load_original`).
 
     Every tensor's sha256 is checked unless verify=False; a damaged artifact raises ArtifactError
-    naming the tensor. `cache_dequantized` keeps each dequantized weight after first use. With
-    `lazy`, a quantized layer's tensors are read, checked and decoded only when it is first used.
+    naming the tensor. `backend` picks how each quantized layer computes (backends.py): `auto` (the
+    fastest that exists for the layer on `device`), `reference`, `cached` or `triton`;
+    `cache_dequantized=True` is the older spelling of `backend="cached"`. With `lazy`, a quantized
+    layer's tensors are read, checked and decoded only when it is first used.
     """
     if not is_artifact(path):
         return load_original(path, device=device, dtype=dtype)
     try:
-        return _load_artifact(Path(path), device, dtype, verify, cache_dequantized, lazy)
+        return _load_artifact(Path(path), device, dtype, verify, "cached" if cache_dequantized else backend, lazy)
     except RdquantError:
         raise
     except Exception as e:  # anything a damaged file can make transformers or safetensors raise
@@ -56,7 +60,7 @@ def load_original(spec: str | os.PathLike, device: str = "cpu", dtype: torch.dty
     return load_model(spec, dtype=dtype, device=device)[0]
 
 
-def _load_artifact(path: Path, device: str, dtype: torch.dtype, verify: bool, cache_dequantized: bool,
+def _load_artifact(path: Path, device: str, dtype: torch.dtype, verify: bool, backend: str,
                    lazy: bool) -> nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -108,7 +112,7 @@ def _load_artifact(path: Path, device: str, dtype: torch.dtype, verify: bool, ca
     if missing:
         raise ArtifactError(f"tensor {missing[0]} is missing from {path}")
     model.eval().to(device)
-    set_dequant_cache(model, cache_dequantized)
+    set_backend(model, backend)
     return model
 
 

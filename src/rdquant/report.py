@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .artifact import check_sidecars, read_manifest
+from .backends import KERNELS
+from .layouts import LayerSpec, layout_named
 from .runtime import QUANT_BUFFERS
 
 # where each stored tensor's bytes go in the bits-per-weight split
@@ -35,6 +37,7 @@ class LayerReport:
     mean_width: float | None = None  # codebook layout: mean code width over columns
     mapping: str = "-"  # how qweight's codes became symbols or streams (coding.py), if coded
     decode_mcodes: float | None = None  # measured decode speed of qweight, millions of codes/s, one thread
+    kernel: str = "-"  # the GPU kernel backend `auto` picks for the layer on CUDA ('-': cached or reference)
 
     @property
     def bits_per_weight(self) -> float:
@@ -75,6 +78,14 @@ class InspectReport:
         n = max(self.quantized_params, 1)
         return {k: 8 * sum(l.split.get(k, 0) for l in self.layers) / n for k in PARTS}
 
+    def kernel_summary(self) -> str:
+        """Which backend `auto` gives the layers on a CUDA device, with counts."""
+        counts: dict[str, int] = {}
+        for l in self.layers:
+            k = l.kernel if l.kernel != "-" else "cached/reference"
+            counts[k] = counts.get(k, 0) + 1
+        return ", ".join(f"{k} ({v} layers)" for k, v in counts.items()) or "no quantized layers"
+
     @property
     def compression_ratio(self) -> float:
         return self.original_16bit_bytes / max(self.total_bytes, 1)
@@ -85,7 +96,7 @@ class InspectReport:
             lines.append(
                 f"{'layer':<44} {'shape':>10} {'method':>6} {'bits':>5} {'group':>5} {'bytes':>10} {'bpw':>6}"
                 f" {'codes':>6} {'books':>6} {'outl':>6} {'other':>6} {'codec':>8} {'mapping':>19} {'H(code)':>7}"
-                f" {'coded bpw':>9} {'decode M/s':>10}"
+                f" {'coded bpw':>9} {'decode M/s':>10} {'GPU kernel':>10}"
             )
             for l in self.layers:
                 shape = f"{l.shape[0]}x{l.shape[1]}"
@@ -95,7 +106,7 @@ class InspectReport:
                 lines.append(
                     f"{l.name:<44} {shape:>10} {l.method:>6} {bits:>5} {l.group_size:>5} {l.bytes:>10,} "
                     f"{l.bits_per_weight:>6.3f} {sp} {l.codec:>8} {l.mapping:>19} {h:>7} {l.coded_bits_per_weight:>9.3f}"
-                    f" {'-' if l.decode_mcodes is None else format(l.decode_mcodes, '.0f'):>10}"
+                    f" {'-' if l.decode_mcodes is None else format(l.decode_mcodes, '.0f'):>10} {l.kernel:>10}"
                 )
             lines.append("")
         lines += [
@@ -109,6 +120,7 @@ class InspectReport:
             f"left in 16 bit      {self.dense_params:,} params, {self.dense_bytes:,} bytes",
             f"on disk             {self.total_bytes:,} bytes ({self.total_bytes / 2**20:.1f} MiB)",
             f"16-bit original     {self.original_16bit_bytes:,} bytes; compression ratio {self.compression_ratio:.2f}x",
+            f"backends (auto)     GPU: {self.kernel_summary()}; CPU: cached where memory allows, else reference",
             f"checksums           all {self.verified} tensors and files read and verified (sha256)" if self.verified is not None
             else "checksums           not checked here (`rdquant inspect` verifies them)",
         ]
@@ -167,6 +179,9 @@ def inspect(path: str | os.PathLike, decode_speed: bool = False, verify: bool = 
                         codec.get("codec", "none"), codec.get("entropy_bits"),
                         split={}, mean_width=info.get("mean_width"), mapping=codec.get("mapping", codec.get("kind", "-")))
         )
+        layout = layout_named(info.get("layout", "affine"))
+        spec = LayerSpec(out_f, in_f, info["bits"], info["group_size"], info["symmetric"], info)
+        rep.layers[-1].kernel = next((k for k in KERNELS if layout.kernel_supports(spec, k)), "-")
         for k in keys:
             part = PART_OF[k.rpartition(".")[2]]
             rep.layers[-1].split[part] = rep.layers[-1].split.get(part, 0) + _nbytes(tensors[k])

@@ -42,8 +42,9 @@ class QuantLinear(nn.Module):
         self.layout = layout_named(self.spec["layout"] if self.spec else "affine")
         self.layer = LayerSpec(out_features, in_features, bits, group_size, symmetric, self.spec or {})
         self.compute_dtype = dtype
-        self.cache_dequantized = False
+        self.backend = "reference"  # reference | cached | a kernel the layout has (backends.py chooses)
         self._cache: torch.Tensor | None = None
+        self._kernel = None  # the layer repacked for its kernel backend
         self._loader: Callable[["QuantLinear"], None] | None = None  # lazy loading (loading.py)
         # allocated, not filled: every buffer is set from the artifact (set_tensors, load_state_dict)
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device)) if bias else None
@@ -82,7 +83,7 @@ class QuantLinear(nn.Module):
                 self._buffers[k] = v.to(cur.device).clone()
             else:
                 cur.copy_(v)
-        self._cache = None
+        self.clear_cache()
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         if self.layout.resizable:  # sizes come from the data
@@ -106,25 +107,48 @@ class QuantLinear(nn.Module):
         self.materialize()
         return self.layout.weight({k: getattr(self, k) for k in self.buffer_names}, self.layer)
 
+    @property
+    def cache_dequantized(self) -> bool:
+        """Whether the dequantized weight is kept after first use (the `cached` backend)."""
+        return self.backend == "cached"
+
+    @cache_dequantized.setter
+    def cache_dequantized(self, enabled: bool) -> None:
+        self.set_backend("cached" if enabled else "reference")
+
+    def set_backend(self, backend: str) -> None:
+        """reference: dequantize on every call (exact, least memory); cached: dequantize once and keep
+        it; a kernel of the layout (e.g. triton): matmul from the packed form, repacked at first use."""
+        if backend not in ("reference", "cached") and not self.layout.kernel_supports(self.layer, backend):
+            raise ValueError(f"the {self.layout.name} layout has no {backend} kernel for this layer")
+        self.backend = backend
+        self._cache = None
+        self._kernel = None
+
     def dequantized_weight(self) -> torch.Tensor:
         if self._cache is not None:
             return self._cache
         w = self.quantized_weight().dequantize(self.compute_dtype)
-        if self.cache_dequantized:
+        if self.backend == "cached":
             self._cache = w
         return w
 
     def clear_cache(self) -> None:
         self._cache = None
+        self._kernel = None
 
-    def _apply(self, fn, recurse=True):  # moving the module invalidates the cached weight
-        self._cache = None
+    def _apply(self, fn, recurse=True):  # moving the module invalidates the cached / repacked weight
+        self.clear_cache()
         return super()._apply(fn, recurse)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.dequantized_weight()
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, w.to(x.dtype), bias)
+        if self.backend in ("reference", "cached"):
+            return F.linear(x, self.dequantized_weight().to(x.dtype), bias)
+        if self._kernel is None:
+            self._kernel = self.layout.prepare_kernel(self.quantized_weight(), self.backend)
+        y = self.layout.kernel_linear(x, self._kernel, self.backend)
+        return y if bias is None else y + bias
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, {self.layout.describe(self.layer)}, "
@@ -136,5 +160,3 @@ def set_dequant_cache(model: nn.Module, enabled: bool) -> None:
     for m in model.modules():
         if isinstance(m, QuantLinear):
             m.cache_dequantized = enabled
-            if not enabled:
-                m.clear_cache()

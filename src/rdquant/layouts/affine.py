@@ -33,6 +33,23 @@ class Affine(Layout):
         return f"bits={layer.bits}, group_size={layer.group_size}, symmetric={layer.symmetric}"
 
     stream_mappings = ("zero-context", "zero-context-packed", "zero-context-pairs")
+    kernels = ("triton",)  # kernels/affine_triton.py: 2, 3, 4 and 8 bits, any group size
+
+    @classmethod
+    def kernel_supports(cls, layer: LayerSpec, backend: str) -> bool:
+        return backend == "triton" and layer.bits in (2, 3, 4, 8)  # kernels/affine_triton.WIDTHS
+
+    @classmethod
+    def prepare_kernel(cls, weight: QuantizedWeight, backend: str):
+        from ..kernels.affine_triton import repack
+
+        return repack(weight.codes, weight.scales, weight.zeros, weight.bits, weight.group_size)
+
+    @classmethod
+    def kernel_linear(cls, x: torch.Tensor, prepared, backend: str) -> torch.Tensor:
+        from ..kernels.affine_triton import affine_matmul
+
+        return affine_matmul(x, prepared)
 
     @classmethod
     def encode_qweight(cls, t, tensors, owner, layer, codec, speed_floor_mbps):

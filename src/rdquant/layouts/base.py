@@ -75,6 +75,24 @@ class Layout:
         """The packed codes from one decoded symbol stream of `mapping`."""
         raise NotImplementedError
 
+    # --- kernels (runtime backends beyond `reference` and `cached`) ---------------------------------
+    kernels: ClassVar[tuple[str, ...]] = ()  # e.g. ("triton",)
+
+    @classmethod
+    def kernel_supports(cls, layer: LayerSpec, backend: str) -> bool:
+        """Whether `backend`'s kernel takes this layer (widths, group sizes it was written for)."""
+        return backend in cls.kernels
+
+    @classmethod
+    def prepare_kernel(cls, weight, backend: str) -> Any:
+        """The layer repacked for `backend`'s kernel (at load, in memory; never on disk)."""
+        raise NotImplementedError
+
+    @classmethod
+    def kernel_linear(cls, x: torch.Tensor, prepared: Any, backend: str) -> torch.Tensor:
+        """x @ W^T by `backend`'s kernel, reading the prepared packed form only (no bias)."""
+        raise NotImplementedError
+
     @classmethod
     def tuning(cls, weight) -> "Tuning | None":
         """The values distillation tuning may move with the codes fixed; None if the layout has none."""

@@ -1,0 +1,86 @@
+"""Runtime backends, chosen per layer at load: `reference` (dequantize on every call: exact, least
+memory), `cached` (dequantize once and keep it: fast on the CPU, costs the dense weight's memory) and
+the kernels a layout has (`triton`: fused unpack-dequantize-matmul on the GPU from the packed bytes).
+`auto` takes the fastest that exists for each layer on the model's device."""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+from torch import nn
+
+from .errors import RdquantError
+from .runtime import QuantLinear
+
+BACKENDS = ("auto", "reference", "cached", "triton")
+KERNELS = ("triton",)
+CACHE_SHARE = 0.5  # `auto` caches dequantized weights while they take at most this share of free memory
+
+
+@functools.cache
+def triton_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None
+
+
+def kernel_runs_on(backend: str, device: torch.device) -> bool:
+    """Whether `backend`'s kernels can run on `device` here (triton: CUDA; on the CPU only under
+    Triton's interpreter, TRITON_INTERPRET=1, which tests use)."""
+    if backend == "triton":
+        return triton_available() and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
+    return False
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes that can still be allocated on `device` (host: what the OS calls available)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def layer_options(m: QuantLinear, device: torch.device, explicit: bool = False) -> list[str]:
+    """The backends this layer can use on `device`, fastest first (kernels on the CPU only when asked
+    for by name: the interpreter is for tests, not speed)."""
+    kernels = [k for k in KERNELS if m.layout.kernel_supports(m.layer, k) and kernel_runs_on(k, device)
+               and (explicit or device.type == "cuda")]
+    return kernels + ["cached", "reference"]
+
+
+def set_backend(model: nn.Module, backend: str = "auto") -> dict[str, int]:
+    """Give every QuantLinear of `model` a backend; returns how many layers use each. `auto`: a kernel
+    where the layer's layout has one that runs here, else `cached` while the dequantized weights fit
+    in CACHE_SHARE of the free memory, else `reference`."""
+    if backend not in BACKENDS:
+        raise RdquantError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    counts: dict[str, int] = {}
+    budget = None
+    for m in layers:
+        device = m.qweight.device
+        options = layer_options(m, device, explicit=backend != "auto")
+        if backend == "auto":
+            choice = options[0]
+            if choice == "cached":
+                need = m.in_features * m.out_features * torch.empty(0, dtype=m.compute_dtype).element_size()
+                budget = CACHE_SHARE * available_memory(device) if budget is None else budget
+                choice = "cached" if need <= budget else "reference"
+                budget -= need if choice == "cached" else 0
+        elif backend in options:
+            choice = backend
+        else:
+            raise RdquantError(f"backend {backend} cannot run {m.layout.name} layers with {m.bits}-bit codes on "
+                               f"{device.type} here; use --backend auto")
+        m.set_backend(choice)
+        counts[choice] = counts.get(choice, 0) + 1
+    return counts
+
+
+def describe(counts: dict[str, int]) -> str:
+    """'cached (210 layers)' or 'triton (180 layers), reference (30 layers)'."""
+    return ", ".join(f"{k} ({v} layers)" for k, v in sorted(counts.items(), key=lambda kv: -kv[1])) or "no quantized layers"
