@@ -89,7 +89,7 @@ def main() -> None:
                     "runtime": name, "new_tokens": args.new_tokens, "tokens_per_s": round(speed, 2),
                     "speed_vs_original": round(speed / base_speed, 2), "weight_mib": round(nbytes / 2**20, 1),
                     "memory_vs_original": round(nbytes / base_bytes, 2), "date": date.today().isoformat(),
-                    "command": command, "source": "measured by this script"})
+                    "command": command, "source": "bench/generate_speed.py"})
     old = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {"rows": []}
     key = lambda r: (r.get("device"), r.get("model"), r.get("artifact"), r.get("runtime"))
     new_keys = {key(r) for r in out}
