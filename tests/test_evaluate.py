@@ -3,15 +3,19 @@ bad arguments are refused before any work."""
 
 from __future__ import annotations
 
+import importlib
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import rdquant
-from rdquant.evaluate import window_nll
+from rdquant.evaluate import loss_parts, window_nll
 from rdquant.models import load_model
+
+evaluate_module = importlib.import_module("rdquant.evaluate")  # rdquant.evaluate is also the function
 
 
 def _full_nll(model, x):
@@ -23,34 +27,86 @@ def _full_nll(model, x):
 def test_chunked_loss_equals_full_logits_and_bounds_their_size(tiny_model_dir):
     model, tok, _ = load_model(tiny_model_dir)
     x = torch.randint(0, len(tok), (1, 300))
-    head = model.get_output_embeddings()
-    largest = []
-    hook = head.register_forward_hook(lambda m, i, o: largest.append(o.shape[-2] if o.dim() > 1 else 1))
+    ref = _full_nll(model, x)
+    parts = loss_parts(model, x[:, :16])
+    assert parts is not None
+    rows = []
+    hook = model.get_output_embeddings().register_forward_hook(lambda m, i, o: rows.append(o.shape[-2]))
     try:
         for chunk in (1, 7, 64, 256, 1000):
-            largest.clear()
-            got = window_nll(model, x, chunk)
-            assert max(largest) <= min(chunk, 299)
-            hook.remove()
-            ref = _full_nll(model, x)
-            hook = head.register_forward_hook(lambda m, i, o: largest.append(o.shape[-2] if o.dim() > 1 else 1))
+            rows.clear()
+            got = window_nll(model, x, parts, chunk)
+            assert max(rows) <= min(chunk, 299)  # the head never gives more than `chunk` positions
             assert math.isclose(got, ref, rel_tol=1e-6), (chunk, got, ref)
     finally:
         hook.remove()
 
 
 @torch.inference_mode()
-def test_models_whose_forward_transforms_logits_take_the_full_path(tiny_model_dir):
+def test_models_whose_forward_transforms_logits_take_the_full_path(tiny_model_dir, monkeypatch):
+    """A config naming a logit transform (its forward would apply it, head(decoder) would not) takes
+    whole logits: a soft cap of any value (tanh(x / 1) is no identity), a scale other than 1, also in
+    the text config where multimodal models keep them."""
     model, tok, _ = load_model(tiny_model_dir)
-    model.config.final_logit_softcapping = 30.0  # the forward would apply it; the decoder+head path would not
+    x = torch.randint(0, len(tok), (1, 16))
+    assert loss_parts(model, x) is not None
+    for cap in (30.0, 1.0):
+        monkeypatch.setattr(model.config, "final_logit_softcapping", cap, raising=False)
+        assert loss_parts(model, x) is None, cap
+    monkeypatch.undo()
+    text_config = SimpleNamespace(logit_scale=0.0625)
+    monkeypatch.setattr(type(model.config), "get_text_config", lambda self, *a, **k: text_config)
+    assert loss_parts(model, x) is None
+    text_config.logit_scale = 1.0
+    assert loss_parts(model, x) is not None
+
+
+@torch.inference_mode()
+def test_a_forward_that_transforms_logits_unannounced_takes_the_full_path(tiny_model_dir):
+    """Falcon-H1 multiplies its logits by a module attribute no list of config keys would name: the
+    probe (head(decoder) against the forward on a few tokens) catches it."""
+    model, tok, _ = load_model(tiny_model_dir)
     x = torch.randint(0, len(tok), (1, 40))
-    calls = []
-    hook = model.register_forward_hook(lambda m, i, o: calls.append(1))
+    assert loss_parts(model, x[:, :16]) is not None
+    forward = model.forward
+
+    def scaled(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        out.logits = out.logits * 0.04
+        return out
+
+    model.forward = scaled
+    assert loss_parts(model, x[:, :16]) is None
+    assert math.isclose(window_nll(model, x, None, 8), _full_nll(model, x), rel_tol=1e-6)
+
+
+def _ppl_chunked_and_full(model, tok, text_file, monkeypatch):
+    """evaluate's perplexity taken in chunks of 16 positions (and the most rows the head gave at once
+    meanwhile), then with the forward's whole logits."""
+    args = dict(data=str(text_file), seqlen=64, max_windows=3, progress=False)
+    rows = []
+    hook = model.get_output_embeddings().register_forward_hook(lambda m, i, o: rows.append(o.shape[-2]))
     try:
-        window_nll(model, x, 8)
+        chunked = rdquant.evaluate(model, tok, chunk=16, **args)
     finally:
         hook.remove()
-    assert calls == [1]
+    with monkeypatch.context() as m:
+        m.setattr(evaluate_module, "loss_parts", lambda model, probe: None)
+        full = rdquant.evaluate(model, tok, **args)
+    assert chunked.windows == full.windows == 3
+    return chunked.ppl, full.ppl, max(rows)
+
+
+def test_evaluate_in_chunks_gives_the_full_logits_perplexity(tiny_model_dir, text_file, tmp_path, monkeypatch):
+    """Original and compressed (QuantLinear) models: same perplexity to 1e-6, never 64 x vocab logits."""
+    model, tok, _ = load_model(tiny_model_dir)
+    chunked, full, rows = _ppl_chunked_and_full(model, tok, text_file, monkeypatch)
+    assert math.isclose(chunked, full, rel_tol=1e-6) and rows == 16  # the probe's 16 rows included
+    cfg = rdquant.CompressConfig(bits=3, group_size=32, calib_samples=2, calib_seqlen=16)
+    out = rdquant.compress(model, cfg, tokenizer=tok, progress=False).save(tmp_path / "a")
+    qmodel, qtok = evaluate_module.load_any(str(out), backend="reference")
+    chunked, full, rows = _ppl_chunked_and_full(qmodel, qtok, text_file, monkeypatch)
+    assert math.isclose(chunked, full, rel_tol=1e-6) and rows == 16
 
 
 def test_evaluate_refuses_bad_arguments(tiny_model_dir, text_file):

@@ -46,32 +46,71 @@ def load_any(model: str, device: str = "cpu", dtype: torch.dtype = torch.float32
     return m, tok
 
 
-# configs whose forward transforms the head's output: their logits are taken whole (forward)
-_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+# config keys of forwards that transform the head's output (a scale is the identity at 1, a cap never is)
+_LOGIT_SCALES = ("logit_scale", "logits_scaling", "lm_head_multiplier", "output_multiplier")
+_LOGIT_CAPS = ("final_logit_softcapping", "logits_soft_cap")
+PROBE_TOKENS = 16  # positions on which head(decoder) is checked against the model's own forward
+
+
+def _transforms_logits(config: Any) -> bool:
+    """Whether `config` (or its text config, where multimodal models keep these keys) names a logit
+    scale other than 1 or any logit soft cap."""
+    text = config.get_text_config() if callable(getattr(config, "get_text_config", None)) else None
+    for c in (config, text):
+        if any(getattr(c, k, None) not in (None, 1, 1.0) for k in _LOGIT_SCALES):
+            return True
+        if any(getattr(c, k, None) is not None for k in _LOGIT_CAPS):
+            return True
+    return False
 
 
 def _decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
-    """(decoder giving last_hidden_state, output head) when logits are exactly head(hidden), else None."""
-    config = getattr(model, "config", None)
-    if any(getattr(config, k, None) not in (None, 1, 1.0) for k in _LOGIT_TRANSFORMS):
+    """(decoder giving last_hidden_state, output head) when the structure and config allow
+    logits = head(hidden), else None."""
+    if _transforms_logits(getattr(model, "config", None)):
         return None
     get_decoder, get_head = getattr(model, "get_decoder", None), getattr(model, "get_output_embeddings", None)
-    decoder = get_decoder() if callable(get_decoder) else None
+    try:
+        decoder = get_decoder() if callable(get_decoder) else None
+    except (AttributeError, NotImplementedError, ValueError):
+        return None
     head = get_head() if callable(get_head) else None
     if decoder is None or head is None or decoder is model:
         return None
     return decoder, head
 
 
-def window_nll(model: nn.Module, x: torch.Tensor, chunk: int = 256) -> float:
-    """Summed next-token NLL of one window x [1, L]: the decoder's hidden states once, then head and
-    cross-entropy on `chunk` positions at a time (the full [L, vocab] fp32 logits are never built)."""
+def _hidden(decoder: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """The decoder's final hidden states [1, L, hidden] for x [1, L], or None if it gives none."""
+    return getattr(decoder(input_ids=x, use_cache=False), "last_hidden_state", None)
+
+
+def loss_parts(model: nn.Module, probe: torch.Tensor) -> tuple[nn.Module, nn.Module] | None:
+    """(decoder, head) when the model's logits are head(decoder hidden states): the structure and config
+    say so and, on `probe` [1, n] (a few tokens), they equal the forward's. None: take whole logits
+    (a forward may scale, cap or bias its logits in ways no config key names, e.g. Falcon-H1)."""
     parts = _decoder_and_head(model)
+    if parts is None:
+        return None
+    decoder, head = parts
+    hidden = _hidden(decoder, probe)
+    if hidden is None:
+        return None
+    split, full = head(hidden).float(), model(probe, use_cache=False).logits.float()
+    atol = 1e-5 * float(full.abs().max())
+    return parts if split.shape == full.shape and torch.allclose(split, full, rtol=1e-4, atol=atol) else None
+
+
+def window_nll(model: nn.Module, x: torch.Tensor, parts: tuple[nn.Module, nn.Module] | None,
+               chunk: int = 256) -> float:
+    """Summed next-token NLL of one window x [1, L]. With `parts` (loss_parts): the decoder's hidden
+    states once, then head and cross-entropy on `chunk` positions at a time, so the [L, vocab] fp32
+    logits are never built; without: the forward's whole logits."""
     if parts is None:
         logits = model(x, use_cache=False).logits[0, :-1].float()
         return float(F.cross_entropy(logits, x[0, 1:], reduction="sum"))
     decoder, head = parts
-    hidden = decoder(input_ids=x, use_cache=False).last_hidden_state[0, :-1]
+    hidden = _hidden(decoder, x)[0, :-1]
     total = 0.0
     for s in range(0, hidden.shape[0], chunk):
         logits = head(hidden[s : s + chunk]).float()
@@ -90,8 +129,9 @@ def evaluate(
     progress: bool = True,
     chunk: int = 256,
 ) -> EvalResult:
-    """Perplexity of `model` (a module, a CompressedModel, or a path/alias) on `data`. The loss is taken
-    `chunk` positions at a time, so memory does not grow with the vocabulary (`window_nll`)."""
+    """Perplexity of `model` (a module, a CompressedModel, or a path/alias) on `data`. Where the logits
+    are head(decoder) (`loss_parts`), the loss is taken `chunk` positions at a time, so memory does
+    not grow with the vocabulary; other models give their whole logits (`window_nll`)."""
     if isinstance(model, str):
         model, tokenizer = load_any(model, device=device)
     elif hasattr(model, "model") and hasattr(model, "tokenizer") and not isinstance(model, nn.Module):
@@ -114,10 +154,11 @@ def evaluate(
     dev = next(model.parameters()).device
     t0 = time.perf_counter()
     total = 0.0
+    parts = loss_parts(model, ids[: min(PROBE_TOKENS, seqlen)].unsqueeze(0).to(dev))
     with retain_freed_memory():
         for w in tqdm(range(n), desc=f"ppl {data}", unit="window", disable=not progress):
             x = ids[w * seqlen : (w + 1) * seqlen].unsqueeze(0).to(dev)
-            total += window_nll(model, x, chunk)
+            total += window_nll(model, x, parts, chunk)
     predicted = n * (seqlen - 1)
     nll = total / predicted
     return EvalResult(math.exp(nll), nll, n * seqlen, predicted, n, seqlen, data, time.perf_counter() - t0)
