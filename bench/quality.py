@@ -2,6 +2,7 @@
 
     python bench/quality.py                       # everything: original, RTN, GPTQ, llm-compressor GPTQ
     python bench/quality.py --bits 3 --methods gptq
+    python bench/quality.py --bits 3 --methods gptq --fresh --results   # and publish: bench/results/, BENCHMARKS.md
 
 Protocol: WikiText-2 test, seqlen 2048, the first --windows windows; calibration 128 x 512 tokens of
 the C4 sample in ../shared/data/c4 (seed 0), the same windows for every method; group 64, asymmetric.
@@ -41,6 +42,9 @@ def calib_file(tok, n: int, seqlen: int, seed: int) -> Path:
     return path
 
 
+MEASURED: list[dict] = []  # rows computed in this run (not read from the cache): what --results may publish
+
+
 def cached_row(name: str, fresh: bool, compute, cached_only: bool = False):
     path = CACHE / "rows" / f"{name}.json"
     if path.is_file() and not fresh:
@@ -51,6 +55,7 @@ def cached_row(name: str, fresh: bool, compute, cached_only: bool = False):
     row = compute()
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(row, indent=1))
+    MEASURED.append(row)
     return row
 
 
@@ -232,33 +237,71 @@ def table(rows: list[dict], args) -> str:
     return head + "\n".join(lines)
 
 
+RESULTS = ROOT / "bench" / "results" / "accuracy.json"
+# the results page's protocol (bench/results/accuracy.json's intro): --results refuses any other
+PAGE_PROTOCOL = {"model": "smollm2-135m", "windows": 32, "seqlen": 2048, "calib_samples": 128, "calib_seqlen": 512}
+
+
+def quality_row(r: dict) -> str:
+    """A row's configuration as this script labels it: what --results matches published rows by."""
+    method = r["method"] + (f" ({r['policy']} policy)" if r.get("policy") else "")
+    return f"{r['tool']} | {method} | {r.get('bits', '-')} | {r.get('group_size', '-')}"
+
+
+def _setting(r: dict) -> str:
+    bits, group = r.get("bits"), r.get("group_size")
+    if r["tool"] == "original":
+        return "-"
+    if r["tool"] == "llama.cpp":
+        return "no imatrix"
+    if r["tool"] != "rdquant" or r["method"].split()[0] in ("gptq", "rtn"):
+        return f"{bits}-bit " + ("per row" if group == -1 else f"g{group}")
+    return f"target {bits}" + (" coded" if r["method"].startswith("ecsq") else "")
+
+
 def add_to_results(rows: list[dict], args) -> None:
-    """Rows of this run in the results page's schema (bench/results/accuracy.json), replacing rows of the
-    same tool, method and setting, each with this run's command line."""
+    """Put the rows measured in this run into bench/results/accuracy.json (the results page's source) in
+    its schema, each with this run's exact command line, date and machine. A published row of the same
+    configuration (quality_row) keeps its labels and gets the new figures; other rows are appended.
+    Rows read from the cache are left out: their date and machine are not recorded."""
+    import os
     import platform
     import shlex
     import sys
     from datetime import date
 
-    path = ROOT / "bench" / "results" / "accuracy.json"
-    page = json.loads(path.read_text())
+    measured = [r for r in rows if any(r is m for m in MEASURED) and r.get("ppl") is not None]
+    skipped = sum(1 for r in rows if not any(r is m for m in MEASURED))
+    if skipped:
+        print(f"--results: {skipped} rows came from bench/cache and are not published (their date and machine "
+              "are not recorded); --fresh / --rerun-peers measure them again")
+    if not measured:
+        return
     command = "python bench/quality.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    machine = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
-    new = []
-    for r in rows:
-        if r.get("ppl") is None:
-            continue
-        setting = "-" if r["tool"] == "original" else f"{r.get('bits')}-bit g{r.get('group_size')}" if r["tool"] != "rdquant" or \
-            r["method"] in ("gptq", "rtn") else f"target {r.get('bits')}"
-        new.append({"tool": r["tool"], "method": r["method"], "setting": setting,
-                    "bits_per_weight": 16.0 if r["tool"] == "original" else r.get("bits_per_weight"),
-                    "coded_bits_per_weight": r.get("coded_bits_per_weight"), "ppl": r["ppl"], "machine": machine,
-                    "date": date.today().isoformat(), "command": command, "source": "bench/quality.py --results"})
-    key = lambda r: (r["tool"], r["method"], r["setting"])
-    keys = {key(r) for r in new}
-    page["rows"] = [r for r in page["rows"] if key(r) not in keys] + new
-    path.write_text(json.dumps(page, indent=1))
-    print(f"{len(new)} rows in {path}; run python bench/results_page.py")
+    if args.device.startswith("cuda"):
+        machine = f"{torch.cuda.get_device_name()}, PyTorch {torch.__version__}"
+    else:
+        machine = (f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores, "
+                   f"{torch.get_num_threads()} threads, PyTorch {torch.__version__}")
+    page = json.loads(RESULTS.read_text())
+    published = {r.get("quality_row"): r for r in page["rows"] if r.get("quality_row")}
+    for r in measured:
+        key = quality_row(r)
+        nbytes = r.get("quantized_bytes")
+        figures = {"bits_per_weight": 16 if r["tool"] == "original" else r.get("bits_per_weight"),
+                   "linear_bytes": nbytes, "linear_mb": None if nbytes is None else round(nbytes / 1e6, 2),
+                   "coded_bits_per_weight": r.get("coded_bits_per_weight"), "ppl": r["ppl"], "machine": machine,
+                   "date": date.today().isoformat(), "command": command,
+                   "source": "bench/quality.py --results", "quality_row": key}
+        if key in published:
+            published[key].pop("date_source", None)
+            published[key].update(figures)
+        else:
+            page["rows"].append({"tool": r["tool"], "method": r["method"], "setting": _setting(r), **figures})
+            print(f"--results: new row {key!r}: check its labels in {RESULTS}")
+    RESULTS.write_text(json.dumps(page, indent=1, ensure_ascii=False) + "\n")
+    print(f"{len(measured)} rows in {RESULTS}")
+    subprocess.run([sys.executable, str(ROOT / "bench" / "results_page.py")], check=True)  # the page follows
 
 
 def main() -> None:
@@ -302,9 +345,12 @@ def main() -> None:
     ap.add_argument("--cached-only", action="store_true", help="print the table of cached rows; run nothing")
     ap.add_argument("--json", type=Path, default=CACHE / "quality.json")
     ap.add_argument("--results", action="store_true",
-                    help="also put the rows into bench/results/accuracy.json (the results page's source; then run "
-                         "python bench/results_page.py)")
+                    help="also put the rows measured in this run into bench/results/accuracy.json (the results "
+                         "page's source) with this command line, date and machine, and "
+                         "regenerate BENCHMARKS.md (bench/results_page.py)")
     args = ap.parse_args()
+    if args.results and any(getattr(args, k) != v for k, v in PAGE_PROTOCOL.items()):
+        raise SystemExit(f"--results publishes only rows measured with the results page's protocol {PAGE_PROTOCOL}")
     if shared_data_dir() is None:
         raise SystemExit("needs ../shared/data (WikiText-2 and the C4 sample)")
 
