@@ -111,6 +111,10 @@ def test_missing_manifest_and_tensor(tiny_model_dir, tmp_path):
     manifest = json.loads((broken / MANIFEST).read_text())
     manifest["tensors"]["model.extra.weight"] = dict(next(iter(manifest["tensors"].values())))
     (broken / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(rdquant.ArtifactError, match="manifest.json fails its sha256 check"):
+        rdquant.load(broken)
+    del manifest["manifest_sha256"]  # as written before manifests had their own checksum
+    (broken / MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(rdquant.ArtifactError, match="model.extra.weight"):
         rdquant.load(broken)
     (broken / MANIFEST).unlink()  # half-written: no manifest, weights that are not the config's
@@ -124,3 +128,100 @@ def test_existing_output_needs_overwrite(tiny_model_dir, tmp_path):
         cm.save(out)
     cm.save(out, overwrite=True)
     assert not list(tmp_path.glob(".art.*"))  # no temporary directories left behind
+
+
+def test_failed_replace_puts_the_previous_artifact_back(tiny_model_dir, tmp_path, monkeypatch):
+    import errno
+    import os
+    from pathlib import Path
+
+    cm, out, _ = _compress(tiny_model_dir, tmp_path)
+    before = (out / MANIFEST).read_bytes()
+    rename = Path.rename
+
+    def failing(self, target):  # the new artifact cannot be moved into place (e.g. a full directory table)
+        if ".tmp-" in self.name:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", failing)
+    with pytest.raises(rdquant.RdquantError, match="nothing was kept"):
+        cm.save(out, overwrite=True)
+    monkeypatch.undo()
+    assert (out / MANIFEST).read_bytes() == before  # the previous artifact is where it was, whole
+    rdquant.load(out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]
+    # an old artifact left by a killed run of this process id is ours to clear; a user's directory there is not
+    stale = tmp_path / f".art.old-{os.getpid()}"
+    shutil.copytree(out, stale)
+    cm.save(out, overwrite=True)
+    assert not stale.exists()
+    stale.mkdir()
+    (stale / "notes.txt").write_text("keep me")
+    with pytest.raises(rdquant.RdquantError, match="will not delete"):
+        cm.save(out, overwrite=True)
+    assert (stale / "notes.txt").read_text() == "keep me" and (out / MANIFEST).is_file()
+    assert not list(tmp_path.glob(".art.tmp-*"))
+
+
+def test_a_changed_value_in_the_manifest_fails_its_checksum(tiny_model_dir, tmp_path):
+    _, out, tok = _compress(tiny_model_dir, tmp_path, bits=4, group_size=16)
+    x = tok("a flipped digit", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        expected = rdquant.load(out)(x).logits
+    text = (out / MANIFEST).read_text()
+    manifest = json.loads(text)
+    assert manifest["manifest_sha256"]
+    layer = next(n for n, q in manifest["quantized"].items() if q["shape"][1] % 32 == 0)
+    # one flipped bit ('6' -> '7'): the same number of groups, so every tensor still fits, but each
+    # group's scale now covers other columns
+    i = text.index('"group_size": 16', text.index(f'"{layer}": {{', text.index('"quantized"'))) + len('"group_size": 1')
+    damaged = text[:i] + "7" + text[i + 1:]
+    (out / MANIFEST).write_text(damaged)
+    with pytest.raises(rdquant.ArtifactError, match="manifest.json fails its sha256 check"):
+        rdquant.load(out)
+    with pytest.raises(rdquant.ArtifactError, match="manifest.json fails its sha256 check"):
+        rdquant.inspect(out, verify=False)
+    legacy = json.loads(damaged)
+    del legacy["manifest_sha256"]  # without the checksum (older artifacts) nothing else can tell
+    (out / MANIFEST).write_text(json.dumps(legacy))
+    with torch.no_grad():
+        assert not torch.equal(rdquant.load(out)(x).logits, expected)
+
+
+def _without_checksum(manifest: dict) -> dict:
+    """A manifest as older rdquant wrote it (no manifest_sha256): its structure is all a reader can check."""
+    return {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+
+
+def test_manifest_values_of_the_wrong_type_are_artifact_errors(tiny_model_dir, tmp_path):
+    _, out, _ = _compress(tiny_model_dir, tmp_path)
+    good = _without_checksum(json.loads((out / MANIFEST).read_text()))
+    layer = next(iter(good["quantized"]))
+    qweight = f"{layer}.qweight"
+
+    def damaged(edit) -> None:
+        m = json.loads(json.dumps(good))
+        edit(m)
+        (out / MANIFEST).write_text(json.dumps(m))
+        for call in (rdquant.load, lambda p: rdquant.inspect(p, verify=False).table(), rdquant.load_tokenizer):
+            with pytest.raises(rdquant.ArtifactError, match="manifest.json is damaged"):
+                call(out)
+
+    damaged(lambda m: m["tensors"][qweight].update(file=["model.safetensors"]))  # unhashable: was a TypeError
+    m = json.loads(json.dumps(good))
+    del m["tensors"][qweight]  # a quantized layer without codes: was inspect's KeyError
+    (out / MANIFEST).write_text(json.dumps(m))
+    with pytest.raises(rdquant.ArtifactError, match=f"has no tensor {qweight}"):
+        rdquant.inspect(out, verify=False)
+    with pytest.raises(rdquant.ArtifactError, match=f"{qweight} is missing"):
+        rdquant.load(out)
+    damaged(lambda m: m["quantized"][layer].update(method=[]))  # inspect's table: a TypeError
+    damaged(lambda m: m["quantized"][layer].update(mean_width="x"))
+    damaged(lambda m: m["tensors"][qweight].update(codec={"codec": "zstd-3", "kind": "bytes", "entropy_bits": "x"},
+                                                   stored_bytes=1, stored_sha256="0"))
+    (out / MANIFEST).write_text(json.dumps({k: v for k, v in good.items() if k != "quantized"}))
+    rep = rdquant.inspect(out, verify=False)  # 'quantized' is optional: nothing quantized, all dense
+    assert rep.layers == [] and rep.dense_params > 0
+    with pytest.raises(rdquant.ArtifactError):  # yet its qweights do not belong to a plain model
+        rdquant.load(out)

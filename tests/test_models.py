@@ -19,7 +19,7 @@ def test_config_without_weights_is_refused(tiny_model_dir, tmp_path):
     d = tmp_path / "noweights"
     shutil.copytree(tiny_model_dir, d)
     (d / "model.safetensors").unlink()
-    with pytest.raises(RdquantError, match="could not load a causal LM .*no file named"):
+    with pytest.raises(RdquantError, match="has a config.json but no weight files"):
         load_model(d)
 
 
@@ -38,18 +38,56 @@ def test_weights_that_do_not_match_the_config_are_refused(tiny_model_dir, tmp_pa
         rdquant.evaluate(str(d), data="wikitext2", max_windows=1)
 
 
-def test_unsupported_architecture_and_corrupt_config_are_one_line_errors(tiny_model_dir, tmp_path):
+def test_unsupported_architecture_and_corrupt_config_are_one_line_errors(tiny_model_dir, tmp_path, capfd):
     d = tmp_path / "alien"
     shutil.copytree(tiny_model_dir, d)
     cfg = json.loads((d / "config.json").read_text())
-    cfg["model_type"] = "alien-transformer"
-    (d / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(RdquantError, match="could not load a causal LM") as e:
-        load_model(d)
-    assert "\n" not in str(e.value)
-    (d / "config.json").write_bytes(b"\xff\xfe{not json")
-    with pytest.raises(RdquantError, match="could not load a causal LM"):
-        load_model(d)
+
+    def refused(config: bytes, match: str) -> None:
+        (d / "config.json").write_bytes(config)
+        for load in (load_model, rdquant.load, rdquant.load_original):
+            with pytest.raises(RdquantError, match=match) as e:
+                load(d)
+            assert "\n" not in str(e.value)
+
+    refused(json.dumps({**cfg, "model_type": "alien-transformer"}).encode(), "model_type 'alien-transformer' is unknown")
+    refused(json.dumps({**cfg, "model_type": "t5"}).encode(), "model_type 't5' is not a causal")
+    refused(json.dumps({k: v for k, v in cfg.items() if k != "model_type"}).encode(), "names no model_type")
+    refused(b"\xff\xfe{not json", "config.json is not valid JSON")
+    refused(b"[1, 2]", "config.json is not a JSON object")
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def test_damaged_tokenizer_of_a_model_directory_is_a_named_error(tiny_model_dir, tmp_path):
+    d = tmp_path / "badtok"
+    shutil.copytree(tiny_model_dir, d)
+    (d / "tokenizer.json").write_bytes(b"garbage")
+    for load in (load_model, rdquant.load_tokenizer):
+        with pytest.raises(RdquantError, match="could not load the tokenizer of"):
+            load(d)
+
+
+def test_incomplete_weights_give_one_line_not_a_transformers_report(tiny_model_dir, tmp_path):
+    import logging
+
+    from safetensors.torch import load_file, save_file
+
+    d = tmp_path / "partial"
+    shutil.copytree(tiny_model_dir, d)
+    weights = load_file(d / "model.safetensors")
+    del weights["model.norm.weight"]
+    save_file(weights, d / "model.safetensors", metadata={"format": "pt"})
+    logged: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: logged.append(record.getMessage())
+    log = logging.getLogger("transformers.modeling_utils")  # where transformers logs its loading report
+    log.addHandler(handler)
+    try:
+        with pytest.raises(RdquantError, match=r"not a complete model: 1 tensors .*model\.norm\.weight"):
+            load_model(d)
+    finally:
+        log.removeHandler(handler)
+    assert not [m for m in logged if "LOAD REPORT" in m]  # rdquant's one line only, not a table before it
 
 
 def test_load_takes_originals_as_well_as_artifacts(tiny_model_dir):

@@ -130,17 +130,26 @@ def write_artifact(
         for writer in extra_files.values():
             writer(tmp)
         sidecars = {f.name: file_sha256(f) for f in sorted(tmp.iterdir()) if f.is_file() and f.name not in files}
-        manifest = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **manifest, "files": files, "tensors": entries,
+        manifest = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION,
+                    **{k: v for k, v in manifest.items() if k != "manifest_sha256"}, "files": files, "tensors": entries,
                     "sidecar_sha256": sidecars}
+        manifest = json.loads(json.dumps(manifest))  # as a reader will see it (lists for tuples, str keys)
+        manifest["manifest_sha256"] = manifest_sha256(manifest)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
         if out.exists():
             check_output(out, overwrite)  # still ours: checked again right before it is replaced
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            remove_owned(old)  # an old artifact a killed run of this process id left (refused if not ours)
             out.rename(old)
-            tmp.rename(out)
+            try:
+                tmp.rename(out)
+            except OSError:
+                old.rename(out)  # the previous artifact goes back where it was
+                raise
             remove_owned(old)
         else:
             tmp.rename(out)
@@ -154,6 +163,13 @@ def write_artifact(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def manifest_sha256(manifest: dict[str, Any]) -> str:
+    """sha256 of a manifest without its own `manifest_sha256`, as JSON with sorted keys, no spaces, ASCII:
+    a changed value in the layer table (a group size, a shape) would otherwise load as a different model."""
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode("ascii")).hexdigest()
 
 
 def is_artifact(path: str | os.PathLike) -> bool:
@@ -177,11 +193,16 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
         raise ArtifactError(
             f"{p} has format version {manifest.get('format_version')!r}; this rdquant reads version {FORMAT_VERSION}"
         )
+    if "manifest_sha256" in manifest and manifest_sha256(manifest) != manifest["manifest_sha256"]:  # absent: older writers
+        raise ArtifactError(f"{mpath} fails its sha256 check: the artifact is corrupted")
     _check_manifest(manifest, mpath)
+    manifest.setdefault("quantized", {})  # optional: an artifact may quantize nothing / tie nothing
+    manifest.setdefault("tied", {})
     return manifest
 
 
-_DTYPES = {"uint8", "int8", "int16", "int32", "int64", "float16", "bfloat16", "float32", "float64", "bool"}
+DTYPE_BYTES = {"uint8": 1, "int8": 1, "int16": 2, "int32": 4, "int64": 8, "float16": 2, "bfloat16": 2, "float32": 4,
+               "float64": 8, "bool": 1}  # every dtype a manifest may name, and its size
 
 
 def _check_manifest(m: dict[str, Any], mpath: Path) -> None:
@@ -201,10 +222,14 @@ def _check_manifest(m: dict[str, Any], mpath: Path) -> None:
         if not fname or "/" in fname or "\\" in fname or fname.startswith(".") or not isinstance(info, dict) or not is_int(info.get("bytes")):
             raise bad(f"file entry {fname!r}")
     for name, e in tensors.items():
-        if not (isinstance(e, dict) and e.get("file") in files and e.get("dtype") in _DTYPES and isinstance(e.get("sha256"), str)
+        if not (isinstance(e, dict) and isinstance(e.get("file"), str) and e["file"] in files
+                and isinstance(e.get("dtype"), str) and e["dtype"] in DTYPE_BYTES and isinstance(e.get("sha256"), str)
                 and isinstance(e.get("shape"), list) and all(is_int(d) for d in e["shape"])):
             raise bad(f"entry of tensor {name!r}")
-        if "codec" in e and not (isinstance(e["codec"], dict) and is_int(e.get("stored_bytes")) and isinstance(e.get("stored_sha256"), str)):
+        c = e.get("codec")
+        if "codec" in e and not (isinstance(c, dict) and is_int(e.get("stored_bytes")) and isinstance(e.get("stored_sha256"), str)
+                                 and all(isinstance(c.get(k, ""), str) for k in ("codec", "mapping", "kind"))
+                                 and _is_number_or_none(c.get("entropy_bits"))):
             raise bad(f"codec entry of tensor {name!r}")
     for name, q in quantized.items():
         if not (isinstance(q, dict) and isinstance(q.get("shape"), list) and len(q["shape"]) == 2
@@ -212,11 +237,32 @@ def _check_manifest(m: dict[str, Any], mpath: Path) -> None:
                 and isinstance(q.get("symmetric"), bool) and isinstance(q.get("bias", False), bool)
                 and q.get("layout", "affine") in ("affine", "codebook", "mixed")):
             raise bad(f"entry of quantized layer {name!r}")
+        wrong = [k for k, ok in _LAYER_FIELDS.items() if k in q and not ok(q[k])]
+        if wrong:
+            raise bad(f"field {wrong[0]!r} of quantized layer {name!r} is {q[wrong[0]]!r}")
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in tied.items()):
         raise bad("'tied' must map tensor names to tensor names")
     side = m.get("sidecar_sha256", {})
     if not isinstance(side, dict) or not all(isinstance(k, str) and "/" not in k and isinstance(v, str) for k, v in side.items()):
         raise bad("'sidecar_sha256' must map file names to sha256 digests")
+
+
+def _is_number_or_none(x: Any) -> bool:
+    return x is None or (isinstance(x, (int, float)) and not isinstance(x, bool))
+
+
+def _is_int_in(lo: int, hi: int, *, not_zero: bool = False):
+    return lambda x: isinstance(x, int) and not isinstance(x, bool) and lo <= x <= hi and not (not_zero and x == 0)
+
+
+# the values of a quantized layer's fields the readers use (docs/FORMAT.md; all but bits and group_size optional)
+_LAYER_FIELDS = {
+    "bits": _is_int_in(0, 16), "group_size": _is_int_in(-1, 2**40, not_zero=True), "method": lambda x: isinstance(x, str),
+    "mean_width": _is_number_or_none, "grid": lambda x: isinstance(x, str), "share": _is_int_in(1, 2**40),
+    "scale_group": _is_int_in(-1, 2**40, not_zero=True), "width_bits": _is_int_in(1, 8),
+    "codebook_bits": lambda x: x in (8, 16) and isinstance(x, int), "outliers": _is_int_in(0, 2**62),
+    "row_scale": lambda x: isinstance(x, bool),
+}
 
 
 def _check_file(path: Path, fname: str, expected: int, entries: dict[str, Any]) -> None:
@@ -254,13 +300,16 @@ def available_cores() -> int:
 
 
 def read_tensors(
-    path: str | os.PathLike, verify: bool = True, names: list[str] | None = None, workers: int | None = None
+    path: str | os.PathLike, verify: bool = True, names: list[str] | None = None, workers: int | None = None,
+    verify_payloads: bool = False,
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """(manifest, tensors) of an artifact, or of the named tensors only.
 
     Tensors are read, decoded and checked (sha256 of the decoded tensor; a coded payload's own sha256
     when that fails, to name the damage) a layer at a time in `workers` threads (default: one per
-    available core), so the file is never held twice in memory.
+    available core), so the file is never held twice in memory. With `verify_payloads` every coded
+    payload's own sha256 is checked as well: a changed byte that decodes to the same tensor (a codec's
+    unused header or padding bits) is found too, which the model does not need but an integrity check does.
     """
     p = Path(path)
     manifest = read_manifest(p)
@@ -285,7 +334,7 @@ def read_tensors(
 
     def run(task: tuple[str, list[str]]) -> dict[str, torch.Tensor]:
         fname, group = task
-        return _read_group(p, fname, group, entries, quantized, verify)
+        return _read_group(p, fname, group, entries, quantized, verify, verify_payloads)
 
     tensors: dict[str, torch.Tensor] = {}
     if len(tasks) == 1:
@@ -307,7 +356,8 @@ def _decode_rank(name: str) -> int:
 
 
 def _read_group(
-    p: Path, fname: str, names: list[str], entries: dict[str, Any], quantized: dict[str, Any], verify: bool
+    p: Path, fname: str, names: list[str], entries: dict[str, Any], quantized: dict[str, Any], verify: bool,
+    verify_payloads: bool = False,
 ) -> dict[str, torch.Tensor]:
     from .codecs import CodecError, release_scratch
     from .coding import decode_tensor
@@ -324,9 +374,9 @@ def _read_group(
                 payload = t if "codec" in e else None
 
                 def fail(message: str, cause: Exception | None = None) -> None:
-                    # the decoded tensor's sha256 covers the payload too; the payload's own is checked
-                    # only now, to say that it is the payload that is damaged
-                    if verify and payload is not None and tensor_sha256(payload) != e["stored_sha256"]:
+                    # the decoded tensor's sha256 covers every payload byte that matters; the payload's own
+                    # is checked only now, to say that it is the payload that is damaged
+                    if (verify or verify_payloads) and payload is not None and tensor_sha256(payload) != e["stored_sha256"]:
                         raise ArtifactError(f"tensor {name} in {p / fname}: its coded payload fails its sha256 check: "
                                             "the artifact is corrupted") from cause
                     raise ArtifactError(message) from cause
@@ -340,6 +390,9 @@ def _read_group(
                     fail(f"tensor {name} has shape/dtype {list(t.shape)}/{_dtype_name(t)}, manifest says {e['shape']}/{e['dtype']}")
                 if verify and tensor_sha256(t) != e["sha256"]:
                     fail(f"tensor {name} in {p / fname} fails its sha256 check: the artifact is corrupted")
+                if verify_payloads and payload is not None and tensor_sha256(payload) != e["stored_sha256"]:
+                    raise ArtifactError(f"tensor {name} in {p / fname}: its coded payload fails its sha256 check "
+                                        "(it still decodes to the right tensor): the artifact is corrupted")
                 out[name] = t
     except ArtifactError:
         raise

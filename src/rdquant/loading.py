@@ -119,7 +119,12 @@ def _load_artifact(path: Path, device: str, dtype: torch.dtype, verify: bool, ba
 def _materialize(path: Path, keys: list[str], verify: bool, module: QuantLinear) -> None:
     """Read, check and decode one layer's tensors into its (lazy) QuantLinear."""
     _, t = read_tensors(path, verify=verify, names=keys)
-    module.set_tensors({k.rpartition(".")[2]: v for k, v in t.items()})
+    try:
+        module.set_tensors({k.rpartition(".")[2]: v for k, v in t.items()})
+    except Exception as e:  # tensors that do not fit the manifest's entry of their layer
+        layer = keys[0].rpartition(".")[0] if keys else "?"
+        raise ArtifactError(f"layer {layer} of {path} could not be loaded ({type(e).__name__}: {first_line(e)}); "
+                            "the artifact is damaged or was written by another version") from e
 
 
 def load_tokenizer(path: str | os.PathLike):
@@ -127,11 +132,9 @@ def load_tokenizer(path: str | os.PathLike):
     from transformers import AutoTokenizer
 
     if not is_artifact(path):
-        from .models import resolve_model
+        from .models import load_tokenizer_of, resolve_model
 
-        src = resolve_model(path)
-        kw = {"gguf_file": src.gguf_file} if src.gguf_file else {}
-        return AutoTokenizer.from_pretrained(src.path, local_files_only=True, **kw)
+        return load_tokenizer_of(resolve_model(path))
     check_sidecars(path, read_manifest(path), ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                                                "chat_template.jinja", "vocab.json", "merges.txt", "tokenizer.model"])
     try:

@@ -4,6 +4,7 @@ and linear layers from the module structure alone (no per-family tables)."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import sys
@@ -85,15 +86,71 @@ def _resolve_alias(alias: str) -> ModelSource:
     return ModelSource(alias, cached)
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")  # what from_pretrained reads weights from
+
+
+def check_config(src: ModelSource) -> str:
+    """The model_type of an HF directory's config.json, or a one-line error for a corrupt config or an
+    architecture that is not a causal LM this transformers knows; before any weight is read."""
+    from transformers import CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    f = src.path / "config.json"
+    try:
+        cfg = json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise RdquantError(f"{f} is not valid JSON ({first_line(e)}): the model directory is damaged") from e
+    if not isinstance(cfg, dict):
+        raise RdquantError(f"{f} is not a JSON object: the model directory is damaged")
+    model_type = cfg.get("model_type")
+    if not isinstance(model_type, str) or not model_type:
+        raise RdquantError(f"{f} names no model_type: not a transformers model directory")
+    if model_type not in CONFIG_MAPPING:
+        import transformers
+
+        raise RdquantError(f"{src.path}: model_type {model_type!r} is unknown to transformers {transformers.__version__}; "
+                           "upgrade transformers, or choose another model")
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise RdquantError(f"{src.path}: model_type {model_type!r} is not a causal (decoder-only) language model; "
+                           "rdquant compresses causal LMs only")
+    if not any(g.suffix in WEIGHT_SUFFIXES for g in src.path.iterdir() if g.is_file()):
+        raise RdquantError(f"{src.path} has a config.json but no weight files (model.safetensors or similar): "
+                           "copy the weights in, or point at the complete model directory")
+    return model_type
+
+
+def load_tokenizer_of(src: ModelSource):
+    """The tokenizer of a model source, or a one-line error."""
+    from transformers import AutoTokenizer
+
+    kw = {"gguf_file": src.gguf_file} if src.gguf_file else {}
+    try:
+        return AutoTokenizer.from_pretrained(src.path, local_files_only=True, **kw)
+    except Exception as e:  # missing, damaged or unconvertible tokenizer files
+        where = src.path / src.gguf_file if src.gguf_file else src.path
+        raise RdquantError(f"could not load the tokenizer of {where}: {first_line(e)}") from e
+
+
+def _no_load_report(record) -> bool:
+    return "LOAD REPORT" not in str(record.msg)
+
+
 def _from_pretrained(src: ModelSource, dtype: torch.dtype):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    import logging
+
+    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # rdquant shows its own progress
     kw = {"gguf_file": src.gguf_file} if src.gguf_file else {}
     where = src.path / src.gguf_file if src.gguf_file else src.path
+    if not src.gguf_file:
+        check_config(src)
+    tok = load_tokenizer_of(src)
+    # transformers logs a table of missing / unexpected weights; rdquant checks them itself (below)
+    report_log = logging.getLogger("transformers.modeling_utils")
+    report_log.addFilter(_no_load_report)
     try:
-        tok = AutoTokenizer.from_pretrained(src.path, local_files_only=True, **kw)
         model, info = AutoModelForCausalLM.from_pretrained(src.path, dtype=dtype, local_files_only=True,
                                                            output_loading_info=True, **kw)
     except Exception as e:  # transformers raises OSError, ValueError, KeyError, TypeError, ... for bad input
@@ -101,6 +158,8 @@ def _from_pretrained(src: ModelSource, dtype: torch.dtype):
         if "mismatched_sizes" in first:
             first = "some weights' shapes do not match its config.json (a damaged or mixed-up checkpoint)"
         raise RdquantError(f"could not load a causal LM from {where}: {first}") from e
+    finally:
+        report_log.removeFilter(_no_load_report)
     missing = sorted(info.get("missing_keys") or [])
     if missing:
         hint = (" It looks like a half-written rdquant artifact (no manifest.json): compress again."

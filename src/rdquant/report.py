@@ -7,7 +7,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .artifact import check_sidecars, read_manifest
+from .artifact import DTYPE_BYTES, check_sidecars, read_manifest
+from .errors import ArtifactError, RdquantError, first_line
 from .backends import KERNELS
 from .layouts import LayerSpec, layout_named
 from .runtime import QUANT_BUFFERS
@@ -17,8 +18,6 @@ PART_OF = {"qweight": "codes", "codebook": "codebooks", "codebook_range": "codeb
            "outlier_val": "outliers", "scales": "other", "qzeros": "other", "widths": "other", "qwidths": "other", "qclusters": "other",
            "row_scale": "other", "bias": "other"}
 PARTS = ("codes", "codebooks", "outliers", "other")
-
-_DTYPE_BYTES = {"uint8": 1, "int8": 1, "int16": 2, "float16": 2, "bfloat16": 2, "float32": 4, "int32": 4, "int64": 8, "bool": 1}
 
 
 @dataclass
@@ -128,7 +127,7 @@ class InspectReport:
 
 
 def _nbytes(info: dict) -> int:
-    return math.prod(info["shape"]) * _DTYPE_BYTES[info["dtype"]]
+    return math.prod(info["shape"]) * DTYPE_BYTES[info["dtype"]]
 
 
 def _stored(info: dict) -> int:
@@ -136,9 +135,9 @@ def _stored(info: dict) -> int:
 
 
 def verify_tensors(path: Path, manifest: dict, batch_bytes: int = 256 * 2**20) -> int:
-    """Read, decode and sha256-check every tensor of an artifact, a few layers at a time (never the
-    whole model in memory); raises ArtifactError naming the first damaged tensor, as `load` does.
-    Returns the number of tensors checked."""
+    """Read, decode and sha256-check every tensor of an artifact, and every coded payload as stored, a
+    few layers at a time (never the whole model in memory); raises ArtifactError naming the first damaged
+    tensor, as `load` does. Returns the number of tensors checked."""
     from .artifact import read_tensors
 
     layers: dict[str, list[str]] = {}
@@ -150,31 +149,43 @@ def verify_tensors(path: Path, manifest: dict, batch_bytes: int = 256 * 2**20) -
         batch += names
         size += sum(_stored(manifest["tensors"][n]) for n in names)
         if size >= batch_bytes:
-            read_tensors(path, verify=True, names=batch)
+            read_tensors(path, verify=True, names=batch, verify_payloads=True)
             batch, size = [], 0
     if batch:
-        read_tensors(path, verify=True, names=batch)
+        read_tensors(path, verify=True, names=batch, verify_payloads=True)
     return len(manifest["tensors"])
 
 
 def inspect(path: str | os.PathLike, decode_speed: bool = False, verify: bool = True) -> InspectReport:
     """Size report of an artifact, from its manifest and files. With `verify` (default) every tensor is
-    read, decoded and checked against its sha256 first: a damaged artifact raises ArtifactError, as
-    `load` would. With `decode_speed` every coded qweight is decoded once more, on one thread, and timed."""
+    read, decoded and checked against its sha256 first (coded payloads against theirs too, and the
+    config, tokenizer and log files): a damaged artifact raises ArtifactError, as `load` would. With `decode_speed` every coded qweight is decoded once more, on one thread, and timed."""
     p = Path(path)
     manifest = read_manifest(p)
     verified = verify_tensors(p, manifest) + check_sidecars(p, manifest) if verify else None
+    try:
+        return _report(p, manifest, verified, decode_speed)
+    except RdquantError:
+        raise
+    except Exception as e:  # what read_manifest's checks do not cover: a damaged value the report reads
+        raise ArtifactError(f"{p} could not be inspected ({type(e).__name__}: {first_line(e)}); the artifact is damaged "
+                            "or was written by another version") from e
+
+
+def _report(p: Path, manifest: dict, verified: int | None, decode_speed: bool) -> InspectReport:
     tensors = manifest["tensors"]
-    rep = InspectReport(str(p), manifest.get("source_model", "?"), verified=verified)
+    rep = InspectReport(str(p), str(manifest.get("source_model", "?")), verified=verified)
     owned: set[str] = set()
     for name, info in manifest["quantized"].items():
         keys = [k for k in (f"{name}.{s}" for s in (*QUANT_BUFFERS, "bias")) if k in tensors]
         owned.update(keys)
         out_f, in_f = info["shape"]
+        if f"{name}.qweight" not in tensors:  # every layout stores its codes as qweight
+            raise ArtifactError(f"{p}/manifest.json is damaged: quantized layer {name} has no tensor {name}.qweight")
         qweight = tensors[f"{name}.qweight"]
         codec = qweight.get("codec", {})
         rep.layers.append(
-            LayerReport(name, (out_f, in_f), info["method"], info["bits"], info["group_size"], out_f * in_f,
+            LayerReport(name, (out_f, in_f), info.get("method", "?"), info["bits"], info["group_size"], out_f * in_f,
                         sum(_nbytes(tensors[k]) for k in keys), sum(_stored(tensors[k]) for k in keys),
                         codec.get("codec", "none"), codec.get("entropy_bits"),
                         split={}, mean_width=info.get("mean_width"), mapping=codec.get("mapping", codec.get("kind", "-")))

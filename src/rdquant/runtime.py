@@ -103,9 +103,16 @@ class QuantLinear(nn.Module):
             loader(self)
 
     def quantized_weight(self):
-        """The layer's weight object (its layout's: dequantize, packed_state, round_to_grid)."""
+        """The layer's weight object (its layout's: dequantize, packed_state, round_to_grid). Stored
+        tensors that do not fit the layer's manifest entry are an ArtifactError, not a crash."""
         self.materialize()
-        return self.layout.weight({k: getattr(self, k) for k in self.buffer_names}, self.layer)
+        try:
+            return self.layout.weight({k: getattr(self, k) for k in self.buffer_names}, self.layer)
+        except (ValueError, TypeError, IndexError, ZeroDivisionError, RuntimeError) as e:
+            from .errors import ArtifactError, first_line
+
+            raise ArtifactError(f"a {self.layout.name} layer's stored tensors do not fit its manifest entry "
+                                f"({first_line(e)}): the artifact is damaged") from e
 
     @property
     def cache_dequantized(self) -> bool:
