@@ -18,7 +18,6 @@ import yaml
 from . import __version__
 from .coding import DEFAULT_SPEED_FLOOR_MBPS
 from .config import FIELDS, _hints, flag_of
-from .config import parse_size as config_parse_size
 from .errors import RdquantError
 from .models import DEFAULT_MODEL
 
@@ -78,11 +77,6 @@ def main_options(
     """Compress, inspect, evaluate and run LLMs."""
     if debug:
         os.environ["RDQUANT_DEBUG"] = "1"
-
-
-def parse_size(text: str | int | None) -> int | None:
-    """'40MB' (SI), '38.5MiB' (binary) or a plain byte count -> bytes."""
-    return config_parse_size(text)
 
 
 def check_codec(codec: str) -> None:
@@ -177,13 +171,10 @@ def _run_compress(ctx: typer.Context, model: str, out: Optional[Path], recipe: O
     from .evaluate import evaluate
     from .models import load_model
     from .report import inspect as api_inspect
-    from .safety import check_output, is_own_checkpoint, remove_owned
+    from .safety import blocks_done, check_output, is_own_checkpoint, remove_owned
 
     # everything a user can get wrong is checked here, before the model is loaded
-    given = _given_on_command_line(ctx, settings)
-    for key in ("target_size", "target_size_total"):
-        if key in given:
-            given[key] = parse_size(given[key])
+    given = _given_on_command_line(ctx, settings)  # size strings ('40MB') are read by from_settings
     base = read_recipe(recipe) if recipe else {}
     exp = {**(base.pop("experimental", None) or {}), **_experimental(experimental)}
     where = f"recipe {recipe} / command line" if recipe else "command line"
@@ -219,16 +210,16 @@ def _run_compress(ctx: typer.Context, model: str, out: Optional[Path], recipe: O
     try:
         cm = api_compress(m, cfg, tokenizer=tok, checkpoint_dir=ckpt, resume=resume, progress=progress, model_id=model_id)
     except KeyboardInterrupt:
-        if _blocks_done(ckpt):
+        if blocks_done(ckpt):
             command = _resume_command(model, out, recipe, given, experimental, codec, eval_)
-            typer.echo(f"\ninterrupted: {_blocks_done(ckpt)} finished blocks are kept in {ckpt}; continue with:\n"
+            typer.echo(f"\ninterrupted: {blocks_done(ckpt)} finished blocks are kept in {ckpt}; continue with:\n"
                        f"  {command} --resume", err=True)
         else:
             remove_owned(ckpt)
             typer.echo("\ninterrupted before the first block finished: nothing to resume", err=True)
         raise typer.Exit(130)
     except BaseException:
-        if not _blocks_done(ckpt):
+        if not blocks_done(ckpt):
             remove_owned(ckpt)  # no empty checkpoints left behind
         raise
     cm.save(out, overwrite=overwrite, codec=codec, speed_floor_mbps=speed_floor)
@@ -262,13 +253,6 @@ def _resume_command(model: str, out: Path, recipe: Optional[Path], given: dict, 
     if eval_:
         args.append("--eval")
     return " ".join(shlex.quote(a) for a in args) + " --resume"
-
-
-def _blocks_done(ckpt: Path) -> int:
-    try:
-        return int(json.loads((ckpt / "progress.json").read_text())["blocks_done"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return 0
 
 
 def _make_compress():

@@ -30,7 +30,7 @@ from .methods import METHODS, state_to_dict
 from .methods.gptq import proxy_error
 from .models import block_linears, find_blocks, set_submodule
 from .runtime import QuantLinear
-from .safety import CHECKPOINT_MARKER, remove_owned
+from .safety import CHECKPOINT_MARKER, PROGRESS, remove_owned
 
 
 class _StopForward(Exception):
@@ -396,7 +396,7 @@ class Checkpoint:
 
     def start(self, resume: bool) -> int:
         """Blocks already done (0 unless resuming a matching checkpoint); prepares the directory."""
-        prog = self.path / "progress.json"
+        prog = self.path / PROGRESS
         self.method_state: dict[str, Any] | None = None
         if resume and prog.is_file():
             state = json.loads(prog.read_text())
@@ -438,9 +438,9 @@ class Checkpoint:
             tmp_inputs = self.path / "inputs.safetensors.tmp"
             save_file({f"chunk_{k:05d}": c.hidden.detach().cpu().contiguous() for k, c in enumerate(chunks)}, tmp_inputs)
             tmp_inputs.replace(self.path / "inputs.safetensors")
-        tmp = self.path / "progress.json.tmp"
+        tmp = self.path / (PROGRESS + ".tmp")
         tmp.write_text(json.dumps({"key": self.key, "blocks_done": i + 1, "method_state": method_state}))
-        tmp.replace(self.path / "progress.json")
+        tmp.replace(self.path / PROGRESS)
 
     def load_block(self, i: int, block: nn.Module, cfg: CompressConfig, dtype: torch.dtype, prefix: str) -> list[LayerLog]:
         tensors = load_file(self.path / f"block_{i:04d}.safetensors")

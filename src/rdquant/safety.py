@@ -11,9 +11,8 @@ from pathlib import Path
 
 from .errors import RdquantError
 
-MANIFEST = "manifest.json"  # an artifact's manifest (artifact.MANIFEST)
 CHECKPOINT_MARKER = "rdquant-checkpoint.json"  # written first into every checkpoint directory
-LEGACY_CHECKPOINT = "progress.json"  # checkpoints written before the marker existed
+PROGRESS = "progress.json"  # a checkpoint's progress (pipeline.Checkpoint); the marker's stand-in in older ones
 
 
 def _json_field(path: Path, key: str) -> object:
@@ -26,6 +25,8 @@ def _json_field(path: Path, key: str) -> object:
 
 def is_own_artifact(path: Path) -> bool:
     """A directory whose manifest.json is an rdquant manifest (even if the tensors are damaged)."""
+    from .artifact import MANIFEST
+
     return path.is_dir() and _json_field(path / MANIFEST, "format") == "rdquant"
 
 
@@ -35,7 +36,13 @@ def is_own_checkpoint(path: Path) -> bool:
         return False
     if (path / CHECKPOINT_MARKER).is_file():
         return _json_field(path / CHECKPOINT_MARKER, "producer") == "rdquant"
-    return _json_field(path / LEGACY_CHECKPOINT, "key") is not None
+    return _json_field(path / PROGRESS, "key") is not None
+
+
+def blocks_done(path: Path) -> int:
+    """Finished blocks recorded in a checkpoint directory (0 when there is none or it is unreadable)."""
+    n = _json_field(path / PROGRESS, "blocks_done")
+    return n if isinstance(n, int) and not isinstance(n, bool) else 0
 
 
 def is_empty_dir(path: Path) -> bool:
