@@ -1,6 +1,7 @@
 """Greedy generation speed and weight memory: the original model against an rdquant artifact with each
-runtime path (`reference`: dequantize on every call; `cached`: dequantized weights kept, what
-`rdquant generate` uses where memory allows). Prints a table and writes its rows to
+runtime (`reference`: dequantize on every call; `cached`: dequantized weights kept; the kernels that
+run on the device: `int4-cpu` on the CPU, `triton` on a GPU), with whether each runtime's greedy tokens
+equal the reference runtime's. Prints a table and writes its rows to
 bench/results/generation.json (rows of the same device/model/artifact/runtime are replaced).
 
     python bench/generate_speed.py --artifact artifacts/smollm2-135m-gptq-w4g64 [--device cpu] [--new-tokens 128]
@@ -20,7 +21,8 @@ from pathlib import Path
 import torch
 
 import rdquant
-from rdquant.runtime import QuantLinear, set_dequant_cache
+from rdquant import backends
+from rdquant.runtime import QuantLinear
 
 RESULTS = Path(__file__).parent / "results" / "generation.json"
 
@@ -35,6 +37,13 @@ def weight_bytes(model: torch.nn.Module) -> int:
             total += t.numel() * t.element_size()
     total += sum(m._cache.numel() * m._cache.element_size() for m in model.modules()
                  if isinstance(m, QuantLinear) and m._cache is not None)
+    for m in model.modules():  # a kernel's repacked form (its stored tensors are counted above)
+        if isinstance(m, QuantLinear) and m._kernel is not None:
+            for v in vars(m._kernel).values():
+                for t in v if isinstance(v, (list, tuple)) else [v]:
+                    if isinstance(t, torch.Tensor) and t.data_ptr() not in seen:
+                        seen.add(t.data_ptr())
+                        total += t.numel() * t.element_size()
     return total
 
 
@@ -74,21 +83,25 @@ def main() -> None:
     speed, ref_tokens = tokens_per_s(original, tok, args.prompt, args.new_tokens, args.device, args.repeats)
     rows.append(("original (fp32)", speed, weight_bytes(original), True))
     del original
-    for runtime in ("reference", "cached"):
-        model = rdquant.load(args.artifact, device=args.device)
-        set_dequant_cache(model, runtime == "cached")
+    dev = torch.device(args.device)
+    kernels = [k for k in backends.KERNELS if backends.kernel_runs_on(k, dev) and backends.fast_on(k, dev)]
+    rows[0] = rows[0][:3] + (None,)
+    for runtime in ["reference", "cached"] + kernels:  # greedy tokens compared with the reference runtime's
+        model = rdquant.load(args.artifact, device=args.device, backend=runtime)
         speed, tokens = tokens_per_s(model, tok, args.prompt, args.new_tokens, args.device, args.repeats)
-        rows.append((f"rdquant, {runtime} runtime", speed, weight_bytes(model), None))
+        ref_tokens = tokens if runtime == "reference" else ref_tokens
+        rows.append((f"rdquant, {runtime} runtime", speed, weight_bytes(model), tokens == ref_tokens))
         del model
     base_speed, base_bytes = rows[0][1], rows[0][2]
-    print(f"{'model':32} {'tokens/s':>9} {'x orig':>7} {'weight MiB':>11} {'x orig':>7}")
+    print(f"{'model':32} {'tokens/s':>9} {'x orig':>7} {'weight MiB':>11} {'x orig':>7}  same tokens as reference")
     out = []
-    for name, speed, nbytes, _ in rows:
-        print(f"{name:32} {speed:9.2f} {speed / base_speed:7.2f} {nbytes / 2**20:11.1f} {nbytes / base_bytes:7.2f}")
+    for name, speed, nbytes, same in rows:
+        print(f"{name:32} {speed:9.2f} {speed / base_speed:7.2f} {nbytes / 2**20:11.1f} {nbytes / base_bytes:7.2f}  {same}")
         out.append({"device": args.device, "machine": machine, "model": args.model, "artifact": Path(args.artifact).name,
                     "runtime": name, "new_tokens": args.new_tokens, "tokens_per_s": round(speed, 2),
                     "speed_vs_original": round(speed / base_speed, 2), "weight_mib": round(nbytes / 2**20, 1),
-                    "memory_vs_original": round(nbytes / base_bytes, 2), "date": date.today().isoformat(),
+                    "memory_vs_original": round(nbytes / base_bytes, 2), "same_tokens_as_reference": same,
+                    "date": date.today().isoformat(),
                     "command": command, "source": "bench/generate_speed.py"})
     old = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {"rows": []}
     key = lambda r: (r.get("device"), r.get("model"), r.get("artifact"), r.get("runtime"))

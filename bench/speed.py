@@ -1,47 +1,54 @@
-"""Matmul speed of rdquant's GPU kernels against torch fp16 (and torch's int4 tinygemm where this torch
-has it), with the correctness check of every kernel result in the same run. Llama-3-8B shapes
-(4096->6144 qkv, 4096->4096 o, 4096->28672 gate+up, 14336->4096 down), batch 1/16/64, affine codes at
-4/3/2 bits with group 128 (asymmetric). Median of >= 50 timed repetitions after warm-up (CUDA events).
-Prints a table and writes its rows as JSON.
+"""GPU speed of rdquant's kernels and models against fp16, with the correctness checks in the same run.
 
-    python bench/speed.py [--json OUT.json] [--quick]
+Part 1, matmuls: Llama-3-8B shapes (4096->6144 qkv, 4096->4096 o, 4096->28672 gate+up, 14336->4096
+down), batch 1/16/64: torch fp16, torch's int4 tinygemm where this torch has it, and rdquant's triton
+kernels for affine 4/3/2-bit g128 (asymmetric), CVXQ-style mixed cells (128-row clusters x one column,
+widths 2/3/4 at mean 3.0 bits) and CLAQ-style column codebooks (widths 2/3/4 at mean 3.1 bits, 8-bit
+entries, row scales). Each kernel's best launch configuration of a small sweep; every configuration's
+result is checked against dequantize-then-matmul (relative error <= 1e-2). Median of >= 50 timed
+repetitions after warm-up, each a CUDA-graph replay (no Python launch cost, as in a captured model).
 
-Loads src/rdquant/kernels/affine_triton.py by path (it imports only torch and triton), so it runs on a
-machine with just PyTorch and Triton.
+Part 2, models: the default model's shape (SmolLM2-135M) and a Llama-3-8B shape, random weights from
+the config (speed does not depend on the values), fp16 against each layout on the triton backend:
+prefill 512 tokens (eager), greedy decode 128 tokens at batch 1 and 8 with a static KV cache, each step
+one CUDA-graph replay (eager `generate` is bound by Python on both sides: ~15 tokens/s for fp16 and
+rdquant alike on the lent H200), weight memory and peak memory; logits of the triton backend against
+`reference` (same codes) and their top-1 agreement.
+
+    PYTHONPATH=src python bench/speed.py [--json OUT.json] [--quick] [--parts matmul models]
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import platform
 import statistics
 import sys
+import time
 from datetime import date
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
 SHAPES = {"qkv 4096->6144": (4096, 6144), "o 4096->4096": (4096, 4096), "gate+up 4096->28672": (4096, 28672),
           "down 14336->4096": (14336, 4096)}
-# (block_n, block_k, num_warps, num_stages, split_k or None = the kernel's default) tried per case
-CONFIGS = [(64, 128, 4, 3, None), (128, 128, 4, 3, None), (128, 128, 8, 3, None), (64, 256, 4, 2, None),
-           (128, 256, 8, 2, None), (256, 128, 8, 3, None), (128, 128, 4, 4, 1), (64, 128, 4, 4, 1), (32, 128, 4, 4, 1)]
-
-
-def load_kernel():
-    spec = importlib.util.spec_from_file_location("affine_triton", ROOT / "src" / "rdquant" / "kernels" / "affine_triton.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["affine_triton"] = mod  # (dataclasses look their module up there)
-    spec.loader.exec_module(mod)
-    return mod
+# launch configurations tried (a first sweep, docs/notes/2026-12-04-triton-affine-kernel.md, narrowed
+# these to the ones that ever won); the kernels' defaults come first
+GEMV_CONFIGS = [{}] + [dict(block_n=bn, num_warps=nw, split_k=sk) for bn in (64, 128) for nw in (2, 4) for sk in (None, 8, 16)]
+GEMM_CONFIGS = [dict(f16_magic=fm, **c) for fm in (False, True)
+                for c in ({}, dict(block_n=128, num_warps=4, num_stages=3), dict(block_n=128, num_warps=4, num_stages=4))]
+SEGMENT_BLOCKS = [(128, 128), (64, 128)]  # (block_r, block_k) repacks tried
+MODELS = {
+    "SmolLM2-135M shape": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                               num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True),
+    "Llama-3-8B shape": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                             num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False, rope_theta=500000.0),
+}
 
 
 def median_ms(fn, reps: int = 50, warmup: int = 10) -> float:
-    """Median time of one call, in a CUDA graph when the call can be captured (no Python launch cost:
-    what a served model, captured whole, pays), else launched from Python."""
+    """Median time of one call, in a CUDA graph when the call can be captured, else plain launches."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
@@ -67,93 +74,306 @@ def tinygemm(W: torch.Tensor, group: int):
     """torch's int4 kernel (_weight_int4pack_mm), or None where this torch does not have it."""
     try:
         N, K = W.shape
-        w = W.float()
-        wg = w.view(N, K // group, group)
+        wg = W.float().view(N, K // group, group)
         lo, hi = wg.amin(-1, keepdim=True), wg.amax(-1, keepdim=True)
         scale = ((hi - lo) / 15).clamp_min(1e-8)
         q = ((wg - lo) / scale).round().clamp(0, 15).to(torch.int32).view(N, K)
         zero = lo + 8 * scale  # tinygemm's zero point is the value of code 8
         sz = torch.cat([scale, zero], -1).view(N, K // group, 2).transpose(0, 1).contiguous().to(torch.bfloat16)
-        packed = torch.ops.aten._convert_weight_to_int4pack(q.to(torch.uint8) if hasattr(torch, "uint4") else q, 8)
-        return lambda x: torch.ops.aten._weight_int4pack_mm(x, packed, group, sz)
+        packed = torch.ops.aten._convert_weight_to_int4pack((q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8), 8)
+        fn = lambda x: torch.ops.aten._weight_int4pack_mm(x, packed, group, sz)
+        fn(torch.zeros(1, K, dtype=torch.bfloat16, device=W.device))
+        return fn
     except Exception as e:  # noqa: BLE001 - report why it is missing, keep benchmarking the rest
         print(f"  tinygemm unavailable: {type(e).__name__}: {str(e).splitlines()[0][:120]}", flush=True)
         return None
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--json", type=Path, default=None)
-    ap.add_argument("--quick", action="store_true", help="one shape, batch 1 (a smoke run)")
-    ap.add_argument("--bits", type=int, nargs="+", default=[4, 3, 2])
-    ap.add_argument("--group", type=int, default=128)
-    args = ap.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("bench/speed.py needs a CUDA GPU")
-    k = load_kernel()
+def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((y.float() - ref.float()).abs().max() / ref.float().abs().max())
+
+
+def best_of(run, configs, ref) -> tuple[float, dict, float]:
+    """(best time, its configuration, worst relative error over all configurations)."""
+    from triton.runtime.errors import OutOfResources
+
+    best, worst = None, 0.0
+    for c in configs:
+        try:
+            y = run(**c)
+        except OutOfResources:
+            continue
+        worst = max(worst, rel_err(y, ref))
+        t = median_ms(lambda: run(**c))
+        if best is None or t < best[0]:
+            best = (t, c)
+    return best[0], best[1], worst
+
+
+def matmul_rows(args) -> list[dict]:
+    from rdquant.kernels import matmul_triton as k
+    from rdquant.layouts import layout_named
+    from rdquant.qtensor import QuantizedWeight
+    from rdquant.testing import random_codebook, random_mixed
+
     dev = torch.device("cuda")
-    name = torch.cuda.get_device_name()
-    print(f"{name} | torch {torch.__version__} | triton {k.triton.__version__}", flush=True)
     shapes = dict(list(SHAPES.items())[:1]) if args.quick else SHAPES
     batches = [1] if args.quick else [1, 16, 64]
     rows = []
     g = torch.Generator(device=dev).manual_seed(0)
     for label, (K, N) in shapes.items():
         W16 = (torch.randn(N, K, device=dev, generator=g) * 0.02).half()
-        tg = tinygemm(W16, args.group) if args.bits and 4 in args.bits else None
-        for bits in args.bits:
-            G = args.group
-            n_g = -(-K // G)
-            codes = torch.randint(0, 1 << bits, (N, K), device=dev, dtype=torch.uint8, generator=g)
-            scales = (torch.rand(N, n_g, device=dev, generator=g) * 0.01 + 0.001).half()
-            zeros = torch.randint(0, 1 << bits, (N, n_g), device=dev, dtype=torch.uint8, generator=g)
-            p = k.repack(codes, scales, zeros, bits, G)
-            expand = lambda t: t.float().repeat_interleave(G, 1)[:, :K]
-            Wq = ((codes.float() - expand(zeros)) * expand(scales)).half()  # the reference dequantized weight
-            for M in batches:
-                x = torch.randn(M, K, device=dev, generator=g).half()
-                t_fp16 = median_ms(lambda: torch.nn.functional.linear(x, W16))
-                ref = torch.nn.functional.linear(x, Wq).float()
+        tg = tinygemm(W16, 128)
+        layers = {}
+        for bits in (4, 3, 2):
+            G, n_g = 128, -(-K // 128)
+            qw = QuantizedWeight(torch.randint(0, 1 << bits, (N, K), device=dev, dtype=torch.uint8, generator=g),
+                                 (torch.rand(N, n_g, device=dev, generator=g) * 0.01 + 0.001).half(),
+                                 torch.randint(0, 1 << bits, (N, n_g), device=dev, dtype=torch.uint8, generator=g), bits, G)
+            p = k.repack_affine(qw.codes, qw.scales, qw.zeros, bits, G)
+            layers[f"affine {bits}-bit g128"] = (qw, [(p, None)], lambda x, p, **c: k.affine_matmul(x, p, **c))
+        for name, w in (("mixed 3.0 (CVXQ cells)", random_mixed(N, K, seed=1, device=dev)),
+                        ("codebook 3.1 (CLAQ)", random_codebook(N, K, seed=2, device=dev))):
+            lay = layout_named(w.layout)
+            preps = []
+            for blocks in SEGMENT_BLOCKS:  # the same layer repacked in each tile shape
+                k.SEGMENT_TILE = blocks
+                preps.append((lay.prepare_kernel(w, "triton"), blocks))
+            layers[name] = (w, preps, lambda x, p, **c: k.segment_matmul(x, p, **c))
+        for M in batches:
+            x = torch.randn(M, K, device=dev, generator=g).half()
+            t_fp16 = median_ms(lambda: torch.nn.functional.linear(x, W16))
+            t_tg = None
+            if tg is not None:
+                xb = x.to(torch.bfloat16)
+                t_tg = median_ms(lambda: tg(xb))
+            for name, (w, preps, fn) in layers.items():
+                ref = torch.nn.functional.linear(x, w.dequantize().half())
                 best = None
-                errors = []
-                for bn, bk, nw, ns, sk in CONFIGS:
-                    launch = dict(block_n=bn, block_k=bk, num_warps=nw, num_stages=ns, split_k=sk)
-                    try:
-                        y = k.affine_matmul(x, p, **launch).float()
-                    except k.triton.runtime.errors.OutOfResources:  # the tile does not fit this GPU's shared memory
-                        continue
-                    err = float((y - ref).abs().max() / ref.abs().max())
-                    errors.append(err)
-                    t = median_ms(lambda: k.affine_matmul(x, p, **launch))
+                for p, blocks in preps:
+                    cfgs = (GEMV_CONFIGS if M < 8 else GEMM_CONFIGS) if name.startswith("affine") else \
+                        [dict(num_warps=nw) for nw in (2, 4)]
+                    t, c, err = best_of(lambda **c: fn(x, p, **c), cfgs, ref)
+                    if blocks:
+                        c = dict(c, block_r=blocks[0], block_k=blocks[1])
                     if best is None or t < best[0]:
-                        best = (t, launch, err)
-                best = (best[0], best[1], max(errors))  # every config must be exact
-                t_tg = None
-                if tg is not None and bits == 4 and M in (1, 16, 64):
-                    try:
-                        xb = x.to(torch.bfloat16)
-                        t_tg = median_ms(lambda: tg(xb))
-                    except Exception as e:  # noqa: BLE001
-                        print(f"  tinygemm failed at batch {M}: {type(e).__name__}", flush=True)
-                t, launch, err = best
-                row = {"shape": label, "K": K, "N": N, "batch": M, "bits": bits, "group": G,
-                       "fp16_ms": round(t_fp16, 4), "rdquant_triton_ms": round(t, 4),
-                       "speedup_vs_fp16": round(t_fp16 / t, 2), "tinygemm_ms": None if t_tg is None else round(t_tg, 4),
+                        best = (t, c, err, p)
+                    else:
+                        best = (best[0], best[1], max(best[2], err), best[3])
+                t, c, err, p = best
+                bpw = p.nbytes() * 8 / (N * K)
+                row = {"shape": label, "K": K, "N": N, "batch": M, "layout": name, "bits_per_weight_kernel_form": round(bpw, 3),
+                       "fp16_ms": round(t_fp16, 4), "rdquant_triton_ms": round(t, 4), "speedup_vs_fp16": round(t_fp16 / t, 2),
+                       "tinygemm_ms": None if t_tg is None else round(t_tg, 4),
                        "tinygemm_speedup_vs_fp16": None if t_tg is None else round(t_fp16 / t_tg, 2),
-                       "launch": launch, "max_rel_error": err, "exact": err <= 1e-2}
+                       "launch": c, "max_rel_error": err, "exact": err <= 1e-2}
                 rows.append(row)
-                print(f"{label:22} b={M:<3} {bits}-bit g{G}: fp16 {t_fp16:.4f} ms | triton {t:.4f} ms "
-                      f"({t_fp16 / t:.2f}x, {launch}, rel err {err:.1e})"
-                      + ("" if t_tg is None else f" | tinygemm {t_tg:.4f} ms ({t_fp16 / t_tg:.2f}x)"), flush=True)
-    bad = [r for r in rows if not r["exact"]]
-    print(f"\ncorrectness: {len(rows) - len(bad)}/{len(rows)} kernel results within 1e-2 of dequantize-then-matmul")
+                print(f"{label:20} b={M:<3} {name:24} {bpw:5.2f} b/w: fp16 {t_fp16:.4f} ms | triton {t:.4f} ms "
+                      f"({t_fp16 / t:.2f}x, {c}, err {err:.1e})"
+                      + ("" if t_tg is None else f" | tinygemm {t_fp16 / t_tg:.2f}x"), flush=True)
+            del x
+        del layers, W16
+        torch.cuda.empty_cache()
+    return rows
+
+
+def check_offload() -> list[str]:
+    """A layer on the triton backend holds its weight on the GPU once: after repacking, the stored
+    tensors wait in host memory; state_dict, another backend and moves still find them."""
+    from rdquant.runtime import QuantLinear
+    from rdquant.testing import random_mixed
+
+    problems = []
+    m = QuantLinear.from_quantized(random_mixed(256, 512, seed=5, device="cuda"), None, dtype=torch.float16)
+    stored = {k: v.clone() for k, v in m.state_dict().items()}
+    m.set_backend("triton")
+    x = torch.randn(3, 512, device="cuda", dtype=torch.float16)
+    y = m(x)
+    if any(v.device.type != "cpu" for v in m.state_dict().values()) or m.device.type != "cuda":
+        problems.append("stored tensors did not move to host memory after repacking")
+    if not all(torch.equal(stored[k].cpu(), v.cpu()) for k, v in m.state_dict().items()):
+        problems.append("state_dict changed")
+    m.set_backend("reference")
+    if any(v.device.type != "cuda" for v in m.state_dict().values()) or rel_err(m(x), y) > 1e-2:
+        problems.append("the reference backend did not get its tensors back")
+    m.set_backend("triton")
+    m(x)
+    m.to(torch.float32)
+    if rel_err(m(x.float()), y) > 1e-2:
+        problems.append("a moved layer does not compute the same")
+    print("offload check:", "ok" if not problems else problems, flush=True)
+    return problems
+
+
+# --- part 2: whole models ------------------------------------------------------------------------
+
+def graph_decode(model, cfg, ids: torch.Tensor, new_tokens: int) -> tuple[float, torch.Tensor]:
+    """Greedy decode with a static KV cache, each step one CUDA-graph replay (how served models avoid
+    Python launch cost): (tokens/s over the decode steps, generated tokens). Prefill runs eagerly."""
+    from transformers import StaticCache
+
+    B, T = ids.shape
+    cache = StaticCache(config=cfg, max_cache_len=T + new_tokens + 8)
+    dev = ids.device
+    logits = model(ids, past_key_values=cache, cache_position=torch.arange(T, device=dev), use_cache=True).logits
+    tok = logits[:, -1:].argmax(-1)
+    pos = torch.tensor([T], device=dev)
+    step = lambda: model(tok, past_key_values=cache, cache_position=pos, use_cache=True).logits
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):  # warm-up outside the graph (allocations, autotuning)
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    pos.fill_(T)
+    generated = []
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(new_tokens):
+        graph.replay()
+        nxt = out[:, -1:].argmax(-1)
+        generated.append(nxt)
+        tok.copy_(nxt)
+        pos.add_(1)
+    torch.cuda.synchronize()
+    return B * new_tokens / (time.perf_counter() - t0), torch.cat(generated, 1)
+
+
+def quantize_model(model, layout: str) -> None:
+    """Replace every decoder linear with a QuantLinear of `layout` (random codes for mixed/codebook;
+    RTN of the random weights for affine), on the triton backend; frees the fp16 weights as it goes."""
+    from rdquant.config import CompressConfig
+    from rdquant.methods.rtn import rtn_quantize
+    from rdquant.runtime import QuantLinear
+    from rdquant.testing import random_codebook, random_mixed
+
+    names = [n for n, m in model.model.layers.named_modules() if isinstance(m, torch.nn.Linear)]
+    for i, n in enumerate(names):
+        parent = model.model.layers.get_submodule(n.rsplit(".", 1)[0])
+        lin = getattr(parent, n.rsplit(".", 1)[1])
+        out_f, in_f = lin.weight.shape
+        if layout.startswith("affine"):
+            bits = int(layout.split()[1][0])
+            qw = rtn_quantize(lin.weight.data, CompressConfig(bits=bits, group_size=128, clip_search=0))
+        elif layout.startswith("mixed"):
+            qw = random_mixed(out_f, in_f, seed=i, device=lin.weight.device)
+        else:
+            qw = random_codebook(out_f, in_f, seed=i, device=lin.weight.device)
+        q = QuantLinear.from_quantized(qw, lin.bias, dtype=torch.float16)
+        q.set_backend("triton")
+        setattr(parent, n.rsplit(".", 1)[1], q)
+        del lin
+    torch.cuda.empty_cache()
+
+
+@torch.inference_mode()
+def model_rows(args) -> list[dict]:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    dev = torch.device("cuda")
+    rows = []
+    layouts = ["fp16", "affine 4-bit g128", "affine 3-bit g128", "affine 2-bit g128", "mixed 3.0 (CVXQ cells)",
+               "codebook 3.1 (CLAQ)"]
+    models = dict(list(MODELS.items())[:1]) if args.quick else MODELS
+    for mname, kw in models.items():
+        cfg = LlamaConfig(**kw, max_position_embeddings=4096)
+        # the 8B shape: affine layouts only (random mixed / codebook codes for 224 large layers take minutes
+        # to draw on the host; their kernels are timed at these shapes in part 1)
+        for layout in layouts if mname.startswith("SmolLM2") else layouts[:4]:
+            torch.manual_seed(0)
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            t0 = time.perf_counter()
+            with torch.device(dev):
+                model = LlamaForCausalLM(cfg).to(torch.float16).eval()
+            if layout != "fp16":
+                quantize_model(model, layout)
+            build_s = time.perf_counter() - t0
+            gen = torch.Generator(device=dev).manual_seed(1)
+            model(torch.randint(0, cfg.vocab_size, (1, 8), device=dev, generator=gen))  # repacks for the kernels
+            torch.cuda.synchronize()
+            weights = torch.cuda.memory_allocated()
+            row = {"model": mname, "layout": layout, "weight_gib": round(weights / 2**30, 3), "build_s": round(build_s, 1)}
+            for B in (1, 8):
+                ids = torch.randint(0, cfg.vocab_size, (B, 512), device=dev, generator=gen)
+                model(ids)  # warm-up at this shape (compiles the kernels it takes)
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                for _ in range(3):
+                    model(ids)
+                torch.cuda.synchronize()
+                row[f"prefill512_b{B}_ms"] = round((time.perf_counter() - t0) / 3 * 1000, 2)
+                torch.cuda.reset_peak_memory_stats()
+                try:
+                    tok_s, _ = graph_decode(model, cfg, ids, 128)
+                    row[f"decode_b{B}_tok_s"] = round(tok_s, 1)
+                except Exception as e:  # noqa: BLE001 - say why, keep the rest of the table
+                    row[f"decode_b{B}_tok_s"] = None
+                    row[f"decode_b{B}_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                row[f"peak_b{B}_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+            if layout != "fp16":  # the kernels against the reference backend on the same codes
+                from rdquant.runtime import QuantLinear
+
+                ids = torch.randint(0, cfg.vocab_size, (1, 64), device=dev, generator=gen)
+                fast = model(ids).logits.float()
+                for m in model.modules():
+                    if isinstance(m, QuantLinear):
+                        m.set_backend("reference")
+                ref = model(ids).logits.float()
+                row["logits_rel_error_vs_reference"] = rel_err(fast, ref)
+                # random weights give near-flat logits: count the positions whose top-1 differs where the
+                # reference's top-2 margin exceeds the kernels' largest logit error (a real disagreement)
+                top2 = ref.topk(2, -1).values
+                margin = (top2[..., 0] - top2[..., 1])
+                differs = fast.argmax(-1) != ref.argmax(-1)
+                row["top1_agreement_64"] = float(1 - differs.float().mean())
+                row["top1_differs_beyond_error"] = int((differs & (margin > (fast - ref).abs().amax(-1))).sum())
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            del model
+            torch.cuda.empty_cache()
+    base = {r["model"]: r for r in rows if r["layout"] == "fp16"}
+    for r in rows:
+        b = base[r["model"]]
+        for B in (1, 8):
+            if r.get(f"decode_b{B}_tok_s") and b.get(f"decode_b{B}_tok_s"):
+                r[f"decode_b{B}_x_fp16"] = round(r[f"decode_b{B}_tok_s"] / b[f"decode_b{B}_tok_s"], 2)
+        r["weight_x_fp16"] = round(r["weight_gib"] / b["weight_gib"], 3)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--quick", action="store_true", help="one shape, batch 1, the small model (a smoke run)")
+    ap.add_argument("--parts", nargs="+", default=["matmul", "models"], choices=["matmul", "models"])
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench/speed.py needs a CUDA GPU")
+    import triton
+
+    name = torch.cuda.get_device_name()
+    print(f"{name} | torch {torch.__version__} | triton {triton.__version__}", flush=True)
+    result = {"device": name, "torch": torch.__version__, "triton": triton.__version__, "date": date.today().isoformat(),
+              "command": "python bench/speed.py " + " ".join(sys.argv[1:]), "host": platform.node()}
+    bad = check_offload()
+    if "matmul" in args.parts:
+        result["rows"] = matmul_rows(args)
+        bad += [r for r in result["rows"] if not r["exact"]]
+        print(f"\ncorrectness: {len(result['rows']) - len(bad)}/{len(result['rows'])} kernel results within 1e-2")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"device": name, "torch": torch.__version__, "date": date.today().isoformat(),
-                                         "command": "python bench/speed.py " + " ".join(sys.argv[1:]),
-                                         "host": platform.node(), "rows": rows}, indent=1))
+        args.json.write_text(json.dumps(result, indent=1))
+    if "models" in args.parts:
+        result["models"] = model_rows(args)
+        bad += [r for r in result["models"] if r.get("logits_rel_error_vs_reference", 0) > 1e-2]
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1))
     if bad:
-        raise SystemExit(1)
+        raise SystemExit(f"{len(bad)} results are not within 1e-2 of the reference")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Triton kernels, run on the CPU by Triton's interpreter (TRITON_INTERPRET=1) at small shapes: every
-width and group size the affine kernel claims (ragged last groups, symmetric and asymmetric) against
-the reference dequantize-then-matmul; and a whole artifact on the triton backend against reference.
-The GPU speed and the same checks at real shapes are bench/speed.py's."""
+width and group size the kernels claim (ragged last groups, symmetric and asymmetric affine grids,
+row-cluster cells with width-0 cells, codebooks with 8-bit entries, shares, row scales and outliers)
+against the reference dequantize-then-matmul; and whole artifacts of each layout on the triton backend
+against `reference`. The GPU speed and the same checks at real shapes are bench/speed.py's."""
 
 from __future__ import annotations
 
@@ -24,35 +25,87 @@ def kernel():
     """The kernel module, under the interpreter."""
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("triton was imported before this module could select its CPU interpreter")
-    return importlib.import_module("rdquant.kernels.affine_triton")
+    return importlib.import_module("rdquant.kernels.matmul_triton")
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4, 8])
-@pytest.mark.parametrize("group", [32, 64, 128, -1])
-@pytest.mark.parametrize("symmetric", [False, True])
-def test_affine_kernel_matches_the_reference(kernel, bits, group, symmetric):
+def _close(y: torch.Tensor, ref: torch.Tensor, tol: float = 1e-5) -> bool:
+    return float((y - ref).abs().max()) <= tol * float(ref.abs().max())
+
+
+def test_bit_planes_hold_every_width(kernel):
+    assert [kernel.planes(b) for b in range(1, 9)] == [(1,), (2,), (2, 1), (4,), (4, 1), (4, 2), (4, 2, 1), (8,)]
+    codes = torch.randint(0, 256, (64, 3))
+    for b in range(1, 9):
+        c = codes % (1 << b)
+        got, shift = torch.zeros_like(c), 0
+        for p, words in zip(kernel.planes(b), kernel.pack_planes(c, b)):
+            cpw = 32 // p
+            for i in range(cpw):  # word w holds codes w * cpw + i at bit i * p
+                got[i::cpw] |= ((words.to(torch.int64) >> (i * p)) & ((1 << p) - 1)) << shift
+            shift += p
+        assert torch.equal(got, c), b
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 6, 7, 8])
+@pytest.mark.parametrize("group", [32, 128, 48, -1])
+def test_affine_kernel_matches_the_reference(kernel, bits, group):
     from rdquant.qtensor import QuantizedWeight, num_groups
 
     g = torch.Generator().manual_seed(bits * 100 + group)
-    N, K = 40, 200  # 200 is not a multiple of 32, 64 or 128: ragged last groups
+    N, K = 40, 200  # 200 is not a multiple of 32, 64 or 128: ragged last groups; 48 is not a power of two
     n_g = num_groups(K, group)
-    qw = QuantizedWeight(torch.randint(0, 1 << bits, (N, K), generator=g, dtype=torch.uint8),
-                         (torch.rand(N, n_g, generator=g) * 0.05 + 0.01).half(),
-                         None if symmetric else torch.randint(0, 1 << bits, (N, n_g), generator=g, dtype=torch.uint8),
-                         bits, group)
-    p = kernel.repack(qw.codes, qw.scales, qw.zeros, bits, group)
-    for M in (1, 5, 17):
-        x = torch.randn(M, K, generator=g)
-        ref = x @ qw.dequantize().T
-        for split_k in (1, 3, None):  # K slices meeting in an fp32 output (decode) and the default
-            y = kernel.affine_matmul(x, p, block_n=16, block_k=32, split_k=split_k)
-            assert float((y - ref).abs().max()) <= 1e-5 * float(ref.abs().max()), split_k
+    for symmetric in (False, True):
+        qw = QuantizedWeight(torch.randint(0, 1 << bits, (N, K), generator=g, dtype=torch.uint8),
+                             (torch.rand(N, n_g, generator=g) * 0.05 + 0.01).half(),
+                             None if symmetric else torch.randint(0, 1 << bits, (N, n_g), generator=g, dtype=torch.uint8),
+                             bits, group)
+        p = kernel.repack_affine(qw.codes, qw.scales, qw.zeros, bits, group)
+        # one GEMV in K slices meeting in an fp32 output (decode), a GEMV per row, the tensor-core path
+        for M, split_k in ((1, 3), (3, 1), (17, None)):
+            x = torch.randn(M, K, generator=g)
+            ref = x @ qw.dequantize().T
+            assert _close(kernel.affine_matmul(x, p, block_n=16, split_k=split_k), ref), (symmetric, M, split_k)
 
 
-def test_artifact_on_the_triton_backend_matches_reference(kernel, tiny_model_dir, tmp_path, monkeypatch):
+def test_segment_kernel_matches_the_reference_on_cluster_cells(kernel):
+    from rdquant.layouts import layout_named
+
+    from rdquant.testing import random_mixed
+
+    g = torch.Generator().manual_seed(3)
+    w = random_mixed(45, 150, widths=tuple(range(9)), probs=None, cluster_rows=12)  # 4 clusters, the last smaller
+    Mixed = layout_named("mixed")
+    for block_r, block_k in ((16, 32), (64, 64)):
+        p = kernel.repack_segments(w.codes, w.clusters, w.widths, w.scales, w.zeros, block_r=block_r, block_k=block_k)
+        assert p.rows.shape[1] == block_r and sorted(int(L.bits) for L in p.launches) == list(range(9))
+        for M in (1, 3, 17):
+            x = torch.randn(M, w.shape[1], generator=g)
+            assert _close(kernel.segment_matmul(x, p), x @ w.dequantize().T), (block_r, M)
+    assert _close(Mixed.kernel_linear(x, Mixed.prepare_kernel(w, "triton"), "triton"), x @ w.dequantize().T)
+
+
+@pytest.mark.parametrize("entries", [16, 8])
+@pytest.mark.parametrize("share", [1, 3])
+def test_segment_kernel_matches_the_reference_on_codebooks(kernel, entries, share):
+    from rdquant.layouts import layout_named
+    from rdquant.testing import random_codebook
+
+    g = torch.Generator().manual_seed(entries + share)
+    in_f = 100
+    w = random_codebook(37, in_f, widths=(0, 1, 2, 3, 4), probs=None, share=share, entry_bits=entries, outliers=9)
+    Codebook = layout_named("codebook")
+    p = Codebook.prepare_kernel(w, "triton")
+    for M in (1, 17):
+        x = torch.randn(M, in_f, generator=g)
+        assert _close(Codebook.kernel_linear(x, p, "triton"), x @ w.dequantize().T), M
+
+
+@pytest.mark.parametrize("method", [dict(bits=3, group_size=48), dict(method="claq", target_bits=3.1),
+                                    dict(method="cvxq", target_bits=3.0)], ids=["gptq", "claq", "cvxq"])
+def test_artifact_on_the_triton_backend_matches_reference(kernel, tiny_model_dir, tmp_path, method):
     import rdquant
 
-    cfg = rdquant.CompressConfig(bits=3, group_size=48, calib_samples=2, calib_seqlen=16)
+    cfg = rdquant.CompressConfig(calib_samples=2, calib_seqlen=16, **method)
     out = rdquant.compress(str(tiny_model_dir), cfg, progress=False).save(tmp_path / "a")
     ref = rdquant.load(out, backend="reference")
     fast = rdquant.load(out, backend="triton")
@@ -60,8 +113,9 @@ def test_artifact_on_the_triton_backend_matches_reference(kernel, tiny_model_dir
     x = torch.randint(0, 300, (1, 12))
     with torch.no_grad():
         a, b = ref(x).logits, fast(x).logits
-    assert float((a - b).abs().max()) <= 1e-4 * float(a.abs().max())
+    assert _close(b, a, 1e-4)
     tok = rdquant.load_tokenizer(out)
     enc = tok("the", return_tensors="pt")
     kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=tok.eos_token_id)
     assert torch.equal(ref.generate(**enc, **kw), fast.generate(**enc, **kw))
+

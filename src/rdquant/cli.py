@@ -305,7 +305,7 @@ def eval_cmd(
     max_windows: Optional[int] = typer.Option(None, "--max-windows", help="score only the first N windows",
                                               show_default="all"),
     device: str = typer.Option("cpu", help="cpu | cuda | cuda:N"),
-    backend: str = typer.Option("auto", help="how quantized layers compute: auto | reference | cached | triton"),
+    backend: str = typer.Option("auto", help="how quantized layers compute: auto | reference | cached | triton | int4-cpu"),
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON", show_default="off"),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="progress bar"),
 ) -> None:
@@ -392,7 +392,7 @@ def generate(
     max_new_tokens: int = typer.Option(40, "--max-new-tokens", help="tokens to generate"),
     chat: bool = typer.Option(False, help="wrap the prompt in the tokenizer's chat template"),
     device: str = typer.Option("cpu", help="cpu | cuda | cuda:N"),
-    backend: str = typer.Option("auto", help="how quantized layers compute: auto | reference | cached | triton"),
+    backend: str = typer.Option("auto", help="how quantized layers compute: auto | reference | cached | triton | int4-cpu"),
 ) -> None:
     """Greedy generation from a prompt; prints the text, then the speed (tokens/s) on stderr."""
     import time

@@ -45,6 +45,7 @@ class QuantLinear(nn.Module):
         self.backend = "reference"  # reference | cached | a kernel the layout has (backends.py chooses)
         self._cache: torch.Tensor | None = None
         self._kernel = None  # the layer repacked for its kernel backend
+        self._home: torch.device | None = None  # where the stored tensors belong while they wait in host memory
         self._loader: Callable[["QuantLinear"], None] | None = None  # lazy loading (loading.py)
         # allocated, not filled: every buffer is set from the artifact (set_tensors, load_state_dict)
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device)) if bias else None
@@ -106,6 +107,7 @@ class QuantLinear(nn.Module):
         """The layer's weight object (its layout's: dequantize, packed_state, round_to_grid). Stored
         tensors that do not fit the layer's manifest entry are an ArtifactError, not a crash."""
         self.materialize()
+        self._restore_stored()
         try:
             return self.layout.weight({k: getattr(self, k) for k in self.buffer_names}, self.layer)
         except (ValueError, TypeError, IndexError, ZeroDivisionError, RuntimeError) as e:
@@ -113,6 +115,11 @@ class QuantLinear(nn.Module):
 
             raise ArtifactError(f"a {self.layout.name} layer's stored tensors do not fit its manifest entry "
                                 f"({first_line(e)}): the artifact is damaged") from e
+
+    @property
+    def device(self) -> torch.device:
+        """The device the layer computes on (its stored tensors may wait in host memory meanwhile)."""
+        return self._home or self.qweight.device
 
     @property
     def cache_dequantized(self) -> bool:
@@ -129,8 +136,25 @@ class QuantLinear(nn.Module):
         if backend not in ("reference", "cached") and not self.layout.kernel_supports(self.layer, backend):
             raise ValueError(f"the {self.layout.name} layout has no {backend} kernel for this layer")
         self.backend = backend
+        self._restore_stored()
         self._cache = None
         self._kernel = None
+
+    def _offload_stored(self) -> None:
+        """With the repacked form on the GPU, the stored tensors wait in host memory (they serve
+        state_dict, saving and other backends): the layer holds its weight on the GPU once, not twice."""
+        dev = self.qweight.device
+        if dev.type == "cpu" or self._home is not None:
+            return
+        for k in self.buffer_names:
+            self._buffers[k] = self._buffers[k].to("cpu")
+        self._home = dev
+
+    def _restore_stored(self) -> None:
+        if self._home is not None:
+            home, self._home = self._home, None
+            for k in self.buffer_names:
+                self._buffers[k] = self._buffers[k].to(home)
 
     def dequantized_weight(self) -> torch.Tensor:
         if self._cache is not None:
@@ -145,6 +169,7 @@ class QuantLinear(nn.Module):
         self._kernel = None
 
     def _apply(self, fn, recurse=True):  # moving the module invalidates the cached / repacked weight
+        self._restore_stored()
         self.clear_cache()
         return super()._apply(fn, recurse)
 
@@ -154,6 +179,7 @@ class QuantLinear(nn.Module):
             return F.linear(x, self.dequantized_weight().to(x.dtype), bias)
         if self._kernel is None:
             self._kernel = self.layout.prepare_kernel(self.quantized_weight(), self.backend)
+            self._offload_stored()
         y = self.layout.kernel_linear(x, self._kernel, self.backend)
         return y if bias is None else y + bias
 

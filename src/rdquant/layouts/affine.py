@@ -33,21 +33,35 @@ class Affine(Layout):
         return f"bits={layer.bits}, group_size={layer.group_size}, symmetric={layer.symmetric}"
 
     stream_mappings = ("zero-context", "zero-context-packed", "zero-context-pairs")
-    kernels = ("triton",)  # kernels/affine_triton.py: 2, 3, 4 and 8 bits, any group size
+    # kernels/matmul_triton.py: widths 1..8, any group size (GPU); kernels/int4_cpu.py: torch's CPU int4
+    # kernel, 4 bits, groups of 32..256 that divide the row
+    kernels = ("triton", "int4-cpu")
 
     @classmethod
     def kernel_supports(cls, layer: LayerSpec, backend: str) -> bool:
-        return backend == "triton" and layer.bits in (2, 3, 4, 8)  # kernels/affine_triton.WIDTHS
+        if backend == "int4-cpu":
+            from ..kernels import int4_cpu
+
+            return int4_cpu.supports(layer.bits, layer.group_size, layer.in_features, layer.out_features)
+        return backend == "triton" and 1 <= layer.bits <= 8
 
     @classmethod
     def prepare_kernel(cls, weight: QuantizedWeight, backend: str):
-        from ..kernels.affine_triton import repack
+        if backend == "int4-cpu":
+            from ..kernels import int4_cpu
 
-        return repack(weight.codes, weight.scales, weight.zeros, weight.bits, weight.group_size)
+            return int4_cpu.repack(weight.codes, weight.scales, weight.zeros, weight.group_size)
+        from ..kernels.matmul_triton import repack_affine
+
+        return repack_affine(weight.codes, weight.scales, weight.zeros, weight.bits, weight.group_size)
 
     @classmethod
     def kernel_linear(cls, x: torch.Tensor, prepared, backend: str) -> torch.Tensor:
-        from ..kernels.affine_triton import affine_matmul
+        if backend == "int4-cpu":
+            from ..kernels import int4_cpu
+
+            return int4_cpu.matmul(x, prepared)
+        from ..kernels.matmul_triton import affine_matmul
 
         return affine_matmul(x, prepared)
 

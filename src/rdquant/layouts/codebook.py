@@ -39,6 +39,39 @@ class Codebook(Layout):
         return f"layout=codebook, max_bits={layer.bits}, share={layer.group_size}"
 
     stream_mappings = ("codebook-segments", "codebook-pairs", "codebook-deltas")
+    kernels = ("triton",)  # kernels/matmul_triton.segment_matmul: a table lookup per code
+
+    @classmethod
+    def kernel_supports(cls, layer: LayerSpec, backend: str) -> bool:
+        """Any widths, shares, entry formats and outliers; row scales one per row (the default)."""
+        return backend == "triton" and layer.spec.get("scale_group", -1) == -1
+
+    @classmethod
+    def prepare_kernel(cls, weight: CodebookWeight, backend: str):
+        from ..kernels.matmul_triton import repack_segments
+        from ..qcodebook import column_widths
+
+        out_f, in_f = weight.shape
+        dev = weight.codes.device
+        p = repack_segments(weight.codes, None, column_widths(weight.widths, weight.share, in_f)[None, :])
+        p.table = weight.values().to(dev).contiguous()
+        off = column_offsets(weight.widths, weight.share, in_f).to(dev)
+        p.offsets = off.to(torch.int32)
+        if weight.row_scale is not None:
+            p.row_scale = weight.row_scale.to(dev, torch.float32).reshape(out_f).contiguous()
+        if weight.n_outliers:  # the kernel computes the grid value there; add what the outlier differs by
+            r, c = weight.outlier_row.to(dev, torch.long), weight.outlier_cols().to(dev)
+            grid = p.table[off[c] + weight.codes[r, c].to(torch.long)]
+            if p.row_scale is not None:
+                grid = grid * p.row_scale[r]
+            p.outliers = (r, c, weight.outlier_val.to(dev, torch.float32) - grid)
+        return p
+
+    @classmethod
+    def kernel_linear(cls, x: torch.Tensor, prepared, backend: str) -> torch.Tensor:
+        from ..kernels.matmul_triton import segment_matmul
+
+        return segment_matmul(x, prepared)
 
     @classmethod
     def encode_qweight(cls, t, tensors, owner, layer, codec, speed_floor_mbps):

@@ -35,6 +35,25 @@ class Mixed(Layout):
         return f"layout=mixed, max_bits={layer.bits}, group_size={layer.group_size}"
 
     stream_mappings = ("mixed-widths",)
+    kernels = ("triton",)  # kernels/matmul_triton.segment_matmul: row-cluster x column cells, affine grid
+
+    @classmethod
+    def kernel_supports(cls, layer: LayerSpec, backend: str) -> bool:
+        """Row-cluster cells on the affine grid (CVXQ's default); row-group cells and the companded
+        grid have no kernel yet (they run `cached`)."""
+        return backend == "triton" and bool(layer.spec.get("clusters")) and layer.spec.get("grid", "affine") == "affine"
+
+    @classmethod
+    def prepare_kernel(cls, weight: MixedWeight, backend: str):
+        from ..kernels.matmul_triton import repack_segments
+
+        return repack_segments(weight.codes, weight.clusters, weight.widths, weight.scales, weight.zeros)
+
+    @classmethod
+    def kernel_linear(cls, x: torch.Tensor, prepared, backend: str) -> torch.Tensor:
+        from ..kernels.matmul_triton import segment_matmul
+
+        return segment_matmul(x, prepared)
 
     @classmethod
     def encode_qweight(cls, t, tensors, owner, layer, codec, speed_floor_mbps):
