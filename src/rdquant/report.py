@@ -37,6 +37,7 @@ class LayerReport:
     mapping: str = "-"  # how qweight's codes became symbols or streams (coding.py), if coded
     decode_mcodes: float | None = None  # measured decode speed of qweight, millions of codes/s, one thread
     kernel: str = "-"  # the GPU kernel backend `auto` picks for the layer on CUDA ('-': cached or reference)
+    cpu_kernel: str = "-"  # the CPU kernel `auto` falls back to where `cached` does not fit ('-': reference)
 
     @property
     def bits_per_weight(self) -> float:
@@ -77,11 +78,13 @@ class InspectReport:
         n = max(self.quantized_params, 1)
         return {k: 8 * sum(l.split.get(k, 0) for l in self.layers) / n for k in PARTS}
 
-    def kernel_summary(self) -> str:
-        """Which backend `auto` gives the layers on a CUDA device, with counts."""
+    def kernel_summary(self, cpu: bool = False) -> str:
+        """Which backend `auto` gives the layers on a CUDA device (cpu: where `cached` does not fit on the
+        CPU), with counts."""
         counts: dict[str, int] = {}
         for l in self.layers:
-            k = l.kernel if l.kernel != "-" else "cached/reference"
+            k = l.cpu_kernel if cpu else l.kernel
+            k = k if k != "-" else ("reference" if cpu else "cached/reference")
             counts[k] = counts.get(k, 0) + 1
         return ", ".join(f"{k} ({v} layers)" for k, v in counts.items()) or "no quantized layers"
 
@@ -119,7 +122,8 @@ class InspectReport:
             f"left in 16 bit      {self.dense_params:,} params, {self.dense_bytes:,} bytes",
             f"on disk             {self.total_bytes:,} bytes ({self.total_bytes / 2**20:.1f} MiB)",
             f"16-bit original     {self.original_16bit_bytes:,} bytes; compression ratio {self.compression_ratio:.2f}x",
-            f"backends (auto)     GPU: {self.kernel_summary()}; CPU: cached where memory allows, else reference",
+            f"backends (auto)     GPU: {self.kernel_summary()}; CPU: cached where memory allows, "
+            f"else {self.kernel_summary(cpu=True)}",
             f"checksums           all {self.verified} tensors and files read and verified (sha256)" if self.verified is not None
             else "checksums           not checked here (`rdquant inspect` verifies them)",
         ]
@@ -192,7 +196,8 @@ def _report(p: Path, manifest: dict, verified: int | None, decode_speed: bool) -
         )
         layout = layout_named(info.get("layout", "affine"))
         spec = LayerSpec(out_f, in_f, info["bits"], info["group_size"], info["symmetric"], info)
-        rep.layers[-1].kernel = next((k for k in KERNELS if layout.kernel_supports(spec, k)), "-")
+        rep.layers[-1].kernel = "triton" if layout.kernel_supports(spec, "triton") else "-"
+        rep.layers[-1].cpu_kernel = next((k for k in KERNELS if k != "triton" and layout.kernel_supports(spec, k)), "-")
         for k in keys:
             part = PART_OF[k.rpartition(".")[2]]
             rep.layers[-1].split[part] = rep.layers[-1].split.get(part, 0) + _nbytes(tensors[k])
