@@ -12,6 +12,7 @@ from pathlib import Path
 from .errors import RdquantError
 
 CHECKPOINT_MARKER = "rdquant-checkpoint.json"  # written first into every checkpoint directory
+EXPORT_MARKER = "rdquant-export.json"  # written into every exported model directory
 PROGRESS = "progress.json"  # a checkpoint's progress (pipeline.Checkpoint); the marker's stand-in in older ones
 
 
@@ -39,6 +40,11 @@ def is_own_checkpoint(path: Path) -> bool:
     return _json_field(path / PROGRESS, "key") is not None
 
 
+def is_own_export(path: Path) -> bool:
+    """A model directory `rdquant export` wrote."""
+    return path.is_dir() and _json_field(path / EXPORT_MARKER, "producer") == "rdquant"
+
+
 def blocks_done(path: Path) -> int:
     """Finished blocks recorded in a checkpoint directory (0 when there is none or it is unreadable)."""
     n = _json_field(path / PROGRESS, "blocks_done")
@@ -51,7 +57,7 @@ def is_empty_dir(path: Path) -> bool:
 
 def owned(path: Path) -> bool:
     """True if rdquant may delete `path`: its own artifact or checkpoint, or an empty directory."""
-    return is_own_artifact(path) or is_own_checkpoint(path) or is_empty_dir(path)
+    return is_own_artifact(path) or is_own_checkpoint(path) or is_own_export(path) or is_empty_dir(path)
 
 
 def check_output(path: str | os.PathLike, overwrite: bool, flag: str = "--out") -> None:
@@ -63,11 +69,11 @@ def check_output(path: str | os.PathLike, overwrite: bool, flag: str = "--out") 
             raise RdquantError(f"{flag} {p} exists and is not a directory: rdquant will not replace it; choose another {flag}")
         if is_empty_dir(p):
             pass
-        elif not (is_own_artifact(p) or is_own_checkpoint(p)):
+        elif not (is_own_artifact(p) or is_own_checkpoint(p) or is_own_export(p)):
             raise RdquantError(f"{flag} {p} exists and is not an rdquant artifact: rdquant never deletes it "
                                f"(not even with --overwrite); choose another {flag}")
         elif not overwrite:
-            raise RdquantError(f"{flag} {p} already holds an rdquant artifact; pass --overwrite to replace it, "
+            raise RdquantError(f"{flag} {p} already holds rdquant's output; pass --overwrite to replace it, "
                                f"or choose another {flag}")
     parent = p.absolute().parent
     while not parent.exists():

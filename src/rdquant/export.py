@@ -1,0 +1,165 @@
+"""Export an rdquant artifact to a format other tools load: `compressed-tensors` (pack-quantized, what
+llm-compressor writes and transformers and vLLM read).
+
+Every layer is checked against the target format before anything is read or written: a layer the
+format cannot hold exactly (a codebook or mixed-width layout, a group that does not divide the row) is
+refused with its name and the reason, never silently re-quantized. The export is written next to OUT
+and renamed into place when complete; it carries a marker so a later `--overwrite` may replace it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import safety
+from .errors import RdquantError
+
+FORMATS = ("compressed-tensors",)
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """One compressed-tensors weight scheme: a width, a group size (-1: one scale per output channel)
+    and symmetry."""
+
+    bits: int
+    group_size: int
+    symmetric: bool
+
+
+def plan_compressed_tensors(quantized: dict[str, dict[str, Any]]) -> dict[str, Scheme]:
+    """The scheme of every quantized layer (manifest entries), or an RdquantError naming the first layer
+    the format cannot hold exactly and how many more there are."""
+    plan, bad = {}, []
+    for name, info in quantized.items():
+        layout, bits, g = info.get("layout", "affine"), info["bits"], info["group_size"]
+        in_f = info["shape"][1]
+        if layout != "affine":
+            bad.append((name, f"its {layout} layout (per-cell or per-column widths) has no compressed-tensors "
+                              "scheme; compress with --method gptq or rtn to export"))
+        elif not 1 <= bits <= 8:
+            bad.append((name, f"{bits}-bit codes (compressed-tensors packs 1..8 bits)"))
+        elif g != -1 and in_f % g:
+            bad.append((name, f"its {in_f} input columns are not a multiple of group {g} (compressed-tensors "
+                              f"needs whole groups); compress with a group size that divides every row, e.g. "
+                              f"--group-size {_dividing_group(quantized, g)}"))
+        else:
+            plan[name] = Scheme(bits, g, bool(info["symmetric"]))
+    if bad:
+        more = f" (and {len(bad) - 1} more layers)" if len(bad) > 1 else ""
+        raise RdquantError(f"cannot export layer {bad[0][0]} to compressed-tensors: {bad[0][1]}{more}")
+    return plan
+
+
+def _dividing_group(quantized: dict[str, dict[str, Any]], g: int) -> int:
+    """The largest power of two below g that divides every layer's row (a hint for the error)."""
+    k = g // 2
+    while k > 1 and any(info["shape"][1] % k for info in quantized.values()):
+        k //= 2
+    return max(k, 1)
+
+
+def _quantization_config(plan: dict[str, Scheme], ignore: list[str]) -> dict[str, Any]:
+    """compressed-tensors' quantization_config: one config group per scheme; a single scheme targets
+    every Linear except the ignored ones, several target their layers by name."""
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
+
+    schemes = sorted(set(plan.values()), key=lambda s: (s.bits, s.group_size, s.symmetric))
+    groups = {}
+    for i, s in enumerate(schemes):
+        args = QuantizationArgs(num_bits=s.bits, type="int", symmetric=s.symmetric,
+                                strategy="channel" if s.group_size == -1 else "group",
+                                group_size=None if s.group_size == -1 else s.group_size)
+        targets = ["Linear"] if len(schemes) == 1 else [f"re:^{n.replace('.', '[.]')}$" for n, t in plan.items() if t == s]
+        groups[f"group_{i}"] = QuantizationScheme(targets=targets, weights=args)
+    qc = QuantizationConfig(config_groups=groups, format="pack-quantized", quantization_status="compressed",
+                            ignore=ignore)
+    return qc.to_dict() if hasattr(qc, "to_dict") else qc.model_dump()
+
+
+def _pack_layer(qw, scheme: Scheme) -> dict[str, torch.Tensor]:
+    """One affine layer in pack-quantized tensors: signed codes (ours less 2^(bits-1)) packed into
+    int32, scales, packed signed zero points (asymmetric), the weight's shape."""
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+    half = 1 << (scheme.bits - 1)
+    out = {"weight_packed": pack_to_int32((qw.codes.to(torch.int16) - half).to(torch.int8), scheme.bits),
+           "weight_scale": qw.scales.to(torch.float16).contiguous(),
+           "weight_shape": torch.tensor(list(qw.shape), dtype=torch.int64)}
+    if not scheme.symmetric:
+        zp = (qw.zero_points().to(torch.int16) - half).to(torch.int8)
+        out["weight_zero_point"] = pack_to_int32(zp, scheme.bits, packed_dim=0).contiguous()
+    return out
+
+
+def export(artifact: str | os.PathLike, out: str | os.PathLike, format: str = "compressed-tensors",
+           overwrite: bool = False, progress: bool = True) -> Path:
+    """Write `artifact` as a `format` model directory at `out` (config, weights, tokenizer); returns out."""
+    from tqdm.auto import tqdm
+
+    from .artifact import is_artifact, read_manifest
+
+    if format not in FORMATS:
+        raise RdquantError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
+    src = Path(artifact)
+    if not is_artifact(src):
+        raise RdquantError(f"{src} is not an rdquant artifact (no manifest.json): export takes what `rdquant compress` wrote")
+    manifest = read_manifest(src)
+    try:
+        import compressed_tensors  # noqa: F401
+    except ImportError as e:
+        raise RdquantError("exporting compressed-tensors needs the compressed-tensors package: "
+                           "pip install 'rdquant[export]'") from e
+    plan = plan_compressed_tensors(manifest["quantized"])  # refuse before reading any weight
+    out = Path(out)
+    safety.check_output(out, overwrite)
+
+    from .loading import load, load_tokenizer
+    from .runtime import QuantLinear
+
+    model = load(src, backend="reference", lazy=True, dtype=_dense_dtype(manifest))
+    state: dict[str, torch.Tensor] = {}
+    quantized = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    for n, m in tqdm(quantized.items(), desc="export", unit="layer", disable=not progress):
+        for k, v in _pack_layer(m.quantized_weight(), plan[n]).items():
+            state[f"{n}.{k}"] = v
+        if m.bias is not None:
+            state[f"{n}.bias"] = m.bias.detach()
+        m._buffers.clear()  # the packed tensors are copied: free the layer
+    seen: set[int] = set()
+    for k, v in model.state_dict(keep_vars=False).items():
+        owner = k.rpartition(".")[0]
+        if owner in quantized or v.data_ptr() in seen:  # tied weights are written once (the config ties them)
+            continue
+        seen.add(v.data_ptr())
+        state[k] = v.detach().contiguous()
+    linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n not in quantized]
+    config = model.config.to_dict()
+    config["quantization_config"] = _quantization_config(plan, linears)
+    config.pop("torch_dtype", None)
+    config["dtype"] = str(_dense_dtype(manifest)).removeprefix("torch.")
+    tmp = out.with_name(out.name + ".partial")
+    if tmp.exists():
+        safety.remove_owned(tmp)
+    tmp.mkdir(parents=True)
+    (tmp / safety.EXPORT_MARKER).write_text(json.dumps({"producer": "rdquant", "format": format, "source": str(src)}))
+    from safetensors.torch import save_file
+
+    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
+    load_tokenizer(src).save_pretrained(tmp)
+    if out.exists():
+        safety.remove_owned(out)
+    os.replace(tmp, out)
+    return out
+
+
+def _dense_dtype(manifest: dict[str, Any]) -> torch.dtype:
+    return getattr(torch, manifest.get("dense_dtype", "float16"))
+

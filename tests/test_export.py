@@ -1,0 +1,100 @@
+"""Export to compressed-tensors (pack-quantized): symmetric exports load with transformers and give the
+artifact's logits within fp16 rounding; every exported layer decompresses, with compressed-tensors' own
+decompressor, to the artifact's dequantized weight (asymmetric ones too: transformers cannot load those
+yet, an upstream bug); what the format cannot hold is refused by layer name before anything is written."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import rdquant
+from rdquant.errors import RdquantError
+
+pytest.importorskip("compressed_tensors", reason="compressed-tensors is not installed (it is in the test extra)")
+
+
+def _artifact(tiny_model_dir, tmp_path, name, **cfg):
+    cfg = rdquant.CompressConfig(calib_samples=2, calib_seqlen=16, **cfg)
+    return rdquant.compress(str(tiny_model_dir), cfg, progress=False).save(tmp_path / name)
+
+
+@pytest.mark.parametrize("bits,group", [(4, 32), (3, 32), (2, -1)])
+def test_symmetric_export_loads_with_transformers(tiny_model_dir, tmp_path, bits, group):
+    from transformers import AutoModelForCausalLM
+
+    art = _artifact(tiny_model_dir, tmp_path, "a", bits=bits, group_size=group, symmetric=True)
+    out = rdquant.export(art, tmp_path / "ct", progress=False)
+    cfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert cfg["format"] == "pack-quantized" and cfg["config_groups"]["group_0"]["weights"]["num_bits"] == bits
+    model = AutoModelForCausalLM.from_pretrained(out)
+    ref = rdquant.load(art, backend="reference")
+    x = torch.randint(0, 300, (2, 12))
+    with torch.no_grad():
+        a, b = ref(x).logits, model(x).logits.float()
+    assert float((a - b).abs().max()) <= 2e-3 * float(a.abs().max())
+
+
+def test_every_layer_decompresses_to_the_artifacts_weight(tiny_model_dir, tmp_path):
+    from compressed_tensors.compressors.pack_quantized import PackedQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationScheme
+    from safetensors.torch import load_file
+
+    from rdquant.runtime import QuantLinear
+
+    art = _artifact(tiny_model_dir, tmp_path, "a", bits=4, group_size=32)  # asymmetric (the default)
+    out = rdquant.export(art, tmp_path / "ct", progress=False)
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    scheme = QuantizationScheme.model_validate(qc["config_groups"]["group_0"])
+    assert scheme.weights.symmetric is False and "lm_head" in qc["ignore"]
+    tensors = load_file(out / "model.safetensors")
+    ref = rdquant.load(art, backend="reference")
+    layers = {n: m for n, m in ref.named_modules() if isinstance(m, QuantLinear)}
+    for name, m in layers.items():
+        sd = {k.rpartition(".")[2]: v for k, v in tensors.items() if k.rpartition(".")[0] == name}
+        W = PackedQuantizationCompressor.decompress(sd, scheme)["weight"].float()
+        assert float((W - m.quantized_weight().dequantize()).abs().max()) <= 1e-3, name
+    assert all(k in tensors for k in ("model.embed_tokens.weight", "model.norm.weight"))
+
+
+def test_what_the_format_cannot_hold_is_refused_by_name(tiny_model_dir, tmp_path):
+    ragged = _artifact(tiny_model_dir, tmp_path, "g64", bits=4, group_size=64)  # 160-wide rows
+    with pytest.raises(RdquantError, match=r"layer model\.layers\.0\.mlp\.down_proj .*160 input columns .*"
+                                           r"--group-size 32 \(and 2 more layers\)"):
+        rdquant.export(ragged, tmp_path / "x")
+    claq = _artifact(tiny_model_dir, tmp_path, "claq", method="claq", target_bits=3.1)
+    with pytest.raises(RdquantError, match="codebook layout .* has no compressed-tensors scheme"):
+        rdquant.export(claq, tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+    with pytest.raises(RdquantError, match="not an rdquant artifact"):
+        rdquant.export(tiny_model_dir, tmp_path / "x")
+    with pytest.raises(RdquantError, match="unknown export format 'gguf2'"):
+        rdquant.export(ragged, tmp_path / "x", format="gguf2")
+
+
+def test_export_never_replaces_what_it_did_not_write(tiny_model_dir, tmp_path):
+    art = _artifact(tiny_model_dir, tmp_path, "a", bits=4, group_size=32, symmetric=True)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    with pytest.raises(RdquantError, match="not an rdquant artifact: rdquant never deletes it"):
+        rdquant.export(art, mine, overwrite=True)
+    assert (mine / "notes.txt").read_text() == "keep"
+    out = rdquant.export(art, tmp_path / "ct", progress=False)
+    with pytest.raises(RdquantError, match="pass --overwrite"):
+        rdquant.export(art, out)
+    assert rdquant.export(art, out, overwrite=True, progress=False) == out
+
+
+def test_cli_export(tiny_model_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from rdquant.cli import app
+
+    art = _artifact(tiny_model_dir, tmp_path, "a", bits=4, group_size=32, symmetric=True)
+    r = CliRunner().invoke(app, ["export", str(art), "--format", "compressed-tensors", "--out", str(tmp_path / "ct")])
+    assert r.exit_code == 0 and "exported" in r.output, r.output
+    r = CliRunner().invoke(app, ["export", str(art), "--format", "onnx", "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2 and "unknown export format 'onnx'" in r.output
