@@ -98,3 +98,61 @@ def test_cli_export(tiny_model_dir, tmp_path):
     assert r.exit_code == 0 and "exported" in r.output, r.output
     r = CliRunner().invoke(app, ["export", str(art), "--format", "onnx", "--out", str(tmp_path / "o")])
     assert r.exit_code == 2 and "unknown export format 'onnx'" in r.output
+
+
+def _read_gptq_stream(words: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """The GPTQ format's packing read bit by bit, as its documentation states it: along dim 0 of
+    `words` (int32), 32 codes fill `bits` words as one LSB-first bit stream."""
+    w = words.to(torch.int64) & 0xFFFFFFFF
+    out = torch.zeros((n,) + tuple(w.shape[1:]), dtype=torch.int64)
+    for i in range(n):
+        for b in range(bits):
+            bit = i * bits + b
+            out[i] |= ((w[bit // 32] >> (bit % 32)) & 1) << b
+    return out
+
+
+@pytest.mark.parametrize("bits,symmetric", [(4, False), (3, False), (2, True), (8, False)])
+def test_gptq_export_follows_the_documented_layout(tiny_model_dir, tmp_path, bits, symmetric):
+    from safetensors.torch import load_file
+
+    from rdquant.runtime import QuantLinear
+
+    art = _artifact(tiny_model_dir, tmp_path, "a", bits=bits, group_size=32, symmetric=symmetric)
+    out = rdquant.export(art, tmp_path / "gptq", format="gptq", progress=False)
+    qc = json.loads((out / "quantize_config.json").read_text())
+    assert qc["bits"] == bits and qc["group_size"] == 32 and qc["sym"] is symmetric and qc["desc_act"] is False
+    assert json.loads((out / "config.json").read_text())["quantization_config"] == qc
+    v1 = qc["checkpoint_format"] == "gptq"
+    t = load_file(out / "model.safetensors")
+    ref = rdquant.load(art, backend="reference")
+    for name, m in ((n, m) for n, m in ref.named_modules() if isinstance(m, QuantLinear)):
+        out_f, in_f = m.out_features, m.in_features
+        codes = _read_gptq_stream(t[f"{name}.qweight"], bits, in_f)  # [in, out]
+        zeros = _read_gptq_stream(t[f"{name}.qzeros"].t(), bits, out_f).t() + (1 if v1 else 0)  # [groups, out]
+        g_idx = t[f"{name}.g_idx"].to(torch.long)
+        W = (codes - zeros[g_idx]).to(torch.float32) * t[f"{name}.scales"].float()[g_idx]
+        assert torch.equal(W.t(), m.quantized_weight().dequantize()), name
+
+
+def test_gptq_export_refuses_what_it_cannot_pack(tiny_model_dir, tmp_path):
+    art = _artifact(tiny_model_dir, tmp_path, "a", bits=5, group_size=32)
+    with pytest.raises(RdquantError, match=r"to gptq: 5-bit codes \(the GPTQ format packs 2, 3, 4, 8 bits\)"):
+        rdquant.export(art, tmp_path / "x", format="gptq")
+
+
+def test_a_zero_point_of_zero_switches_gptq_to_its_v2_convention():
+    """v1 stores zero points less one, which a zero point of 0 cannot survive: such layers are written
+    in GPTQModel's v2 convention (zero points as they are), and the config says so."""
+    from rdquant.export import Scheme, _gptq_config, _pack_gptq
+    from rdquant.qtensor import QuantizedWeight
+
+    codes = torch.randint(0, 16, (32, 64), dtype=torch.uint8)
+    zeros = torch.full((32, 2), 5, dtype=torch.uint8)
+    zeros[3, 1] = 0
+    s = Scheme(4, 32, False)
+    tensors, v2 = _pack_gptq(QuantizedWeight(codes, torch.ones(32, 2).half(), zeros, 4, 32), s)
+    assert v2 and int(tensors["qzeros"][1, 0] >> 12 & 0xF) == 0  # output row 3 of group 1, stored as is
+    assert _gptq_config({"a": s}, v2)["checkpoint_format"] == "gptq_v2"
+    _, v2 = _pack_gptq(QuantizedWeight(codes, torch.ones(32, 2).half(), zeros.clamp_min(1), 4, 32), s)
+    assert not v2

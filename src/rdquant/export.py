@@ -1,5 +1,6 @@
 """Export an rdquant artifact to a format other tools load: `compressed-tensors` (pack-quantized, what
-llm-compressor writes and transformers and vLLM read).
+llm-compressor writes and transformers and vLLM read) and `gptq` (qweight / qzeros / scales / g_idx,
+what GPTQModel, AutoGPTQ and transformers' GPTQ integration read).
 
 Every layer is checked against the target format before anything is read or written: a layer the
 format cannot hold exactly (a codebook or mixed-width layout, a group that does not divide the row) is
@@ -20,7 +21,7 @@ import torch
 from . import safety
 from .errors import RdquantError
 
-FORMATS = ("compressed-tensors",)
+FORMATS = ("compressed-tensors", "gptq")
 
 
 @dataclass(frozen=True)
@@ -33,28 +34,33 @@ class Scheme:
     symmetric: bool
 
 
-def plan_compressed_tensors(quantized: dict[str, dict[str, Any]]) -> dict[str, Scheme]:
-    """The scheme of every quantized layer (manifest entries), or an RdquantError naming the first layer
-    the format cannot hold exactly and how many more there are."""
-    plan, bad = {}, []
+def plan(quantized: dict[str, dict[str, Any]], format: str) -> dict[str, Scheme]:
+    """The scheme of every quantized layer (manifest entries) in `format`, or an RdquantError naming the
+    first layer the format cannot hold exactly and how many more there are."""
+    out, bad = {}, []
     for name, info in quantized.items():
         layout, bits, g = info.get("layout", "affine"), info["bits"], info["group_size"]
-        in_f = info["shape"][1]
+        out_f, in_f = info["shape"]
         if layout != "affine":
-            bad.append((name, f"its {layout} layout (per-cell or per-column widths) has no compressed-tensors "
-                              "scheme; compress with --method gptq or rtn to export"))
-        elif not 1 <= bits <= 8:
+            bad.append((name, f"its {layout} layout (per-cell or per-column widths) has no {format} scheme; "
+                              "compress with --method gptq or rtn to export"))
+        elif format == "compressed-tensors" and not 1 <= bits <= 8:
             bad.append((name, f"{bits}-bit codes (compressed-tensors packs 1..8 bits)"))
-        elif g != -1 and in_f % g:
+        elif format == "gptq" and bits not in GPTQ_BITS:
+            bad.append((name, f"{bits}-bit codes (the GPTQ format packs {', '.join(map(str, GPTQ_BITS))} bits)"))
+        elif format == "compressed-tensors" and g != -1 and in_f % g:
             bad.append((name, f"its {in_f} input columns are not a multiple of group {g} (compressed-tensors "
                               f"needs whole groups); compress with a group size that divides every row, e.g. "
                               f"--group-size {_dividing_group(quantized, g)}"))
+        elif format == "gptq" and (in_f % 32 or out_f % 32):
+            bad.append((name, f"its shape {out_f}x{in_f} (the GPTQ format packs 32 codes at a time along both "
+                              "dimensions)"))
         else:
-            plan[name] = Scheme(bits, g, bool(info["symmetric"]))
+            out[name] = Scheme(bits, g, bool(info["symmetric"]))
     if bad:
         more = f" (and {len(bad) - 1} more layers)" if len(bad) > 1 else ""
-        raise RdquantError(f"cannot export layer {bad[0][0]} to compressed-tensors: {bad[0][1]}{more}")
-    return plan
+        raise RdquantError(f"cannot export layer {bad[0][0]} to {format}: {bad[0][1]}{more}")
+    return out
 
 
 def _dividing_group(quantized: dict[str, dict[str, Any]], g: int) -> int:
@@ -65,18 +71,18 @@ def _dividing_group(quantized: dict[str, dict[str, Any]], g: int) -> int:
     return max(k, 1)
 
 
-def _quantization_config(plan: dict[str, Scheme], ignore: list[str]) -> dict[str, Any]:
+def _quantization_config(schemes_of: dict[str, Scheme], ignore: list[str]) -> dict[str, Any]:
     """compressed-tensors' quantization_config: one config group per scheme; a single scheme targets
     every Linear except the ignored ones, several target their layers by name."""
     from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
 
-    schemes = sorted(set(plan.values()), key=lambda s: (s.bits, s.group_size, s.symmetric))
+    schemes = sorted(set(schemes_of.values()), key=lambda s: (s.bits, s.group_size, s.symmetric))
     groups = {}
     for i, s in enumerate(schemes):
         args = QuantizationArgs(num_bits=s.bits, type="int", symmetric=s.symmetric,
                                 strategy="channel" if s.group_size == -1 else "group",
                                 group_size=None if s.group_size == -1 else s.group_size)
-        targets = ["Linear"] if len(schemes) == 1 else [f"re:^{n.replace('.', '[.]')}$" for n, t in plan.items() if t == s]
+        targets = ["Linear"] if len(schemes) == 1 else [f"re:^{n.replace('.', '[.]')}$" for n, t in schemes_of.items() if t == s]
         groups[f"group_{i}"] = QuantizationScheme(targets=targets, weights=args)
     qc = QuantizationConfig(config_groups=groups, format="pack-quantized", quantization_status="compressed",
                             ignore=ignore)
@@ -98,6 +104,44 @@ def _pack_layer(qw, scheme: Scheme) -> dict[str, torch.Tensor]:
     return out
 
 
+GPTQ_BITS = (2, 3, 4, 8)
+
+
+def _pack_gptq(qw, scheme: Scheme) -> tuple[dict[str, torch.Tensor], bool]:
+    """One affine layer in the GPTQ format: codes as a dense LSB-first bit stream of 32 codes per `bits`
+    int32 words along the input (qweight [in * bits / 32, out]), zero points likewise along the output
+    (qzeros [n_groups, out * bits / 32]; stored less one, the format's v1 convention, unless `v2`),
+    scales [n_groups, out], g_idx [in] (each input column's group). Returns (tensors, needs_v2): a zero
+    point of 0 cannot be stored less one."""
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+    half = 1 << (scheme.bits - 1)
+    out_f, in_f = qw.shape
+    G = in_f if scheme.group_size == -1 else scheme.group_size
+    z = qw.zero_points().to(torch.int16)  # [out, n_groups]
+    needs_v2 = bool((z == 0).any())
+    stored_z = z if needs_v2 else z - 1
+    signed = lambda t: (t.to(torch.int16) - half).to(torch.int8)  # pack_to_int32 takes signed codes
+    return {"qweight": pack_to_int32(signed(qw.codes), scheme.bits).t().contiguous(),
+            "qzeros": pack_to_int32(signed(stored_z.t().contiguous()), scheme.bits).contiguous(),
+            "scales": qw.scales.to(torch.float16).t().contiguous(),
+            "g_idx": (torch.arange(in_f) // G).to(torch.int32)}, needs_v2
+
+
+def _gptq_config(schemes_of: dict[str, Scheme], v2: bool) -> dict[str, Any]:
+    """quantize_config.json / config.json's quantization_config; differing widths or groups per layer go
+    in `dynamic` (GPTQModel's per-module overrides, by module-name regex)."""
+    common = max(set(schemes_of.values()), key=lambda s: sum(t == s for t in schemes_of.values()))
+    cfg = {"quant_method": "gptq", "bits": common.bits, "group_size": common.group_size, "desc_act": False,
+           "sym": common.symmetric, "true_sequential": True, "checkpoint_format": "gptq_v2" if v2 else "gptq",
+           "pack_dtype": "int32"}
+    other = {n: s for n, s in schemes_of.items() if s != common}
+    if other:
+        cfg["dynamic"] = {f"+:^{n.replace('.', '[.]')}$": {"bits": s.bits, "group_size": s.group_size, "sym": s.symmetric}
+                          for n, s in other.items()}
+    return cfg
+
+
 def export(artifact: str | os.PathLike, out: str | os.PathLike, format: str = "compressed-tensors",
            overwrite: bool = False, progress: bool = True) -> Path:
     """Write `artifact` as a `format` model directory at `out` (config, weights, tokenizer); returns out."""
@@ -112,11 +156,11 @@ def export(artifact: str | os.PathLike, out: str | os.PathLike, format: str = "c
         raise RdquantError(f"{src} is not an rdquant artifact (no manifest.json): export takes what `rdquant compress` wrote")
     manifest = read_manifest(src)
     try:
-        import compressed_tensors  # noqa: F401
+        import compressed_tensors  # noqa: F401  (its packer serves both formats)
     except ImportError as e:
-        raise RdquantError("exporting compressed-tensors needs the compressed-tensors package: "
+        raise RdquantError(f"exporting {format} needs the compressed-tensors package: "
                            "pip install 'rdquant[export]'") from e
-    plan = plan_compressed_tensors(manifest["quantized"])  # refuse before reading any weight
+    schemes = plan(manifest["quantized"], format)  # refuse before reading any weight
     out = Path(out)
     safety.check_output(out, overwrite)
 
@@ -126,8 +170,14 @@ def export(artifact: str | os.PathLike, out: str | os.PathLike, format: str = "c
     model = load(src, backend="reference", lazy=True, dtype=_dense_dtype(manifest))
     state: dict[str, torch.Tensor] = {}
     quantized = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    v2 = False
     for n, m in tqdm(quantized.items(), desc="export", unit="layer", disable=not progress):
-        for k, v in _pack_layer(m.quantized_weight(), plan[n]).items():
+        if format == "gptq":
+            tensors, needs_v2 = _pack_gptq(m.quantized_weight(), schemes[n])
+            v2 |= needs_v2
+        else:
+            tensors = _pack_layer(m.quantized_weight(), schemes[n])
+        for k, v in tensors.items():
             state[f"{n}.{k}"] = v
         if m.bias is not None:
             state[f"{n}.bias"] = m.bias.detach()
@@ -141,7 +191,8 @@ def export(artifact: str | os.PathLike, out: str | os.PathLike, format: str = "c
         state[k] = v.detach().contiguous()
     linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n not in quantized]
     config = model.config.to_dict()
-    config["quantization_config"] = _quantization_config(plan, linears)
+    config["quantization_config"] = (_quantization_config(schemes, linears) if format == "compressed-tensors"
+                                     else _gptq_config(schemes, v2))
     config.pop("torch_dtype", None)
     config["dtype"] = str(_dense_dtype(manifest)).removeprefix("torch.")
     tmp = out.with_name(out.name + ".partial")
@@ -153,6 +204,8 @@ def export(artifact: str | os.PathLike, out: str | os.PathLike, format: str = "c
 
     save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
+    if format == "gptq":
+        (tmp / "quantize_config.json").write_text(json.dumps(config["quantization_config"], indent=2))
     load_tokenizer(src).save_pretrained(tmp)
     if out.exists():
         safety.remove_owned(out)
