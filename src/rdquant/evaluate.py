@@ -154,6 +154,8 @@ def evaluate(
     dev = next(model.parameters()).device
     t0 = time.perf_counter()
     total = 0.0
+    model(ids[:1].unsqueeze(0).to(dev))  # models that prepare on their first call (a compressed-tensors model
+    # decompresses then) are ready before loss_parts calls their parts directly
     parts = loss_parts(model, ids[: min(PROBE_TOKENS, seqlen)].unsqueeze(0).to(dev))
     with retain_freed_memory():
         for w in tqdm(range(n), desc=f"ppl {data}", unit="window", disable=not progress):
