@@ -156,3 +156,48 @@ def test_a_zero_point_of_zero_switches_gptq_to_its_v2_convention():
     assert _gptq_config({"a": s}, v2)["checkpoint_format"] == "gptq_v2"
     _, v2 = _pack_gptq(QuantizedWeight(codes, torch.ones(32, 2).half(), zeros.clamp_min(1), 4, 32), s)
     assert not v2
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_gguf_export_loads_with_transformers_and_gives_the_same_logits(tiny_model_dir, tmp_path, bits):
+    """Q4_0 / Q8_0 hold symmetric group-32 codes exactly, query/key rows in llama.cpp's rotary order:
+    transformers' GGUF loader (which reverses that order) gives the artifact's logits."""
+    import gguf
+    from transformers import AutoModelForCausalLM
+
+    if json.loads((tiny_model_dir / "config.json").read_text())["model_type"] != "llama":
+        pytest.skip("GGUF export writes llama models")
+    art = _artifact(tiny_model_dir, tmp_path, "a", bits=bits, group_size=32, symmetric=True)
+    out = rdquant.export(art, tmp_path / "m.gguf", format="gguf")
+    r = gguf.GGUFReader(str(out))
+    types = {t.name: t.tensor_type.name for t in r.tensors}
+    assert types["blk.0.attn_q.weight"] == ("Q4_0" if bits == 4 else "Q8_0") and types["token_embd.weight"] == "F16"
+    assert r.fields["tokenizer.ggml.model"].contents() == "gpt2" and r.fields["general.quantized_by"].contents() == "rdquant"
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=out.name)
+    ref = rdquant.load(art, backend="reference")
+    x = torch.randint(0, 300, (2, 12))
+    with torch.no_grad():
+        a, b = ref(x).logits, model(x).logits.float()
+    assert float((a - b).abs().max()) <= 1e-5 * float(a.abs().max())
+    with pytest.raises(RdquantError, match="exists; pass --overwrite"):
+        rdquant.export(art, out, format="gguf")
+    assert rdquant.export(art, out, format="gguf", overwrite=True) == out
+
+
+def test_gguf_export_refuses_what_has_no_exact_type(tiny_model_dir, tmp_path):
+    if json.loads((tiny_model_dir / "config.json").read_text())["model_type"] != "llama":
+        sym = _artifact(tiny_model_dir, tmp_path, "s", bits=4, group_size=32, symmetric=True)
+        with pytest.raises(RdquantError, match="GGUF export writes llama models; this artifact is 'qwen2'"):
+            rdquant.export(sym, tmp_path / "x.gguf", format="gguf")
+        return
+    art = _artifact(tiny_model_dir, tmp_path, "a", bits=4, group_size=32)  # asymmetric
+    with pytest.raises(RdquantError, match=r"to gguf: asymmetric 4-bit codes in groups of 32 have no exact GGUF type .*"
+                                           r"--bits 4 --group-size 32 --symmetric"):
+        rdquant.export(art, tmp_path / "m.gguf", format="gguf")
+    with pytest.raises(RdquantError, match="ending in .gguf"):
+        rdquant.export(art, tmp_path / "m", format="gguf")
+    (tmp_path / "mine.gguf").write_bytes(b"not mine")
+    sym = _artifact(tiny_model_dir, tmp_path, "s", bits=4, group_size=32, symmetric=True)
+    with pytest.raises(RdquantError, match="rdquant did not write it and will not replace it"):
+        rdquant.export(sym, tmp_path / "mine.gguf", format="gguf", overwrite=True)
+    assert (tmp_path / "mine.gguf").read_bytes() == b"not mine"

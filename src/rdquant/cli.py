@@ -360,13 +360,14 @@ def inspect_cmd(
 @friendly
 def export_cmd(
     artifact: Path = typer.Argument(..., help="artifact directory to export"),
-    out: Path = typer.Option(..., "--out", "-o", help="model directory to write (new, or rdquant's own with --overwrite)"),
-    format: str = typer.Option("compressed-tensors", "--format", "-f", help="compressed-tensors | gptq"),
+    out: Path = typer.Option(..., "--out", "-o", help="model directory to write (gguf: a .gguf file); new, or "
+                                                       "rdquant's own with --overwrite"),
+    format: str = typer.Option("compressed-tensors", "--format", "-f", help="compressed-tensors | gptq | gguf"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace OUT if rdquant wrote it", show_default="off"),
 ) -> None:
     """Write the artifact in a format other tools load: compressed-tensors (pack-quantized: transformers,
-    vLLM) or gptq (GPTQModel, transformers' GPTQ path). Layers the format cannot hold exactly are refused
-    by name, never re-quantized."""
+    vLLM), gptq (GPTQModel, transformers' GPTQ path) or gguf (llama.cpp: Q4_0 / Q8_0 from symmetric group-32
+    codes). Layers the format cannot hold exactly are refused by name, never re-quantized."""
     from .export import export
 
     path = export(artifact, out, format=format, overwrite=overwrite)

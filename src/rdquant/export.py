@@ -1,6 +1,6 @@
 """Export an rdquant artifact to a format other tools load: `compressed-tensors` (pack-quantized, what
 llm-compressor writes and transformers and vLLM read) and `gptq` (qweight / qzeros / scales / g_idx,
-what GPTQModel, AutoGPTQ and transformers' GPTQ integration read).
+what GPTQModel, AutoGPTQ and transformers' GPTQ integration read) and `gguf` (llama.cpp; export_gguf.py).
 
 Every layer is checked against the target format before anything is read or written: a layer the
 format cannot hold exactly (a codebook or mixed-width layout, a group that does not divide the row) is
@@ -21,7 +21,7 @@ import torch
 from . import safety
 from .errors import RdquantError
 
-FORMATS = ("compressed-tensors", "gptq")
+FORMATS = ("compressed-tensors", "gptq", "gguf")
 
 
 @dataclass(frozen=True)
@@ -155,6 +155,8 @@ def export(artifact: str | os.PathLike, out: str | os.PathLike, format: str = "c
     if not is_artifact(src):
         raise RdquantError(f"{src} is not an rdquant artifact (no manifest.json): export takes what `rdquant compress` wrote")
     manifest = read_manifest(src)
+    if format == "gguf":
+        return _export_gguf(src, manifest, Path(out), overwrite)
     try:
         import compressed_tensors  # noqa: F401  (its packer serves both formats)
     except ImportError as e:
@@ -216,3 +218,49 @@ def export(artifact: str | os.PathLike, out: str | os.PathLike, format: str = "c
 def _dense_dtype(manifest: dict[str, Any]) -> torch.dtype:
     return getattr(torch, manifest.get("dense_dtype", "float16"))
 
+
+def _export_gguf(src: Path, manifest: dict[str, Any], out: Path, overwrite: bool) -> Path:
+    """One .gguf file at `out`; replaced only with `overwrite` and only if rdquant wrote it."""
+    from . import export_gguf
+    from .loading import load, load_tokenizer
+
+    if out.suffix != ".gguf":
+        raise RdquantError(f"--out {out}: a GGUF export is one file; give a path ending in .gguf")
+    types = export_gguf.check(manifest, json.loads((src / "config.json").read_text()))  # before any weight
+    if out.exists() or out.is_symlink():
+        if not (overwrite and _written_by_rdquant(out)):
+            raise RdquantError(f"--out {out} exists; " + ("pass --overwrite to replace it" if _written_by_rdquant(out)
+                               else "rdquant did not write it and will not replace it; choose another --out"))
+    safety.check_output(out.parent, overwrite=False) if not out.parent.exists() else None
+    model = load(src, backend="reference", lazy=True)
+    tmp = out.with_name(out.name + ".partial")
+    try:
+        export_gguf.write(model, manifest, types, load_tokenizer(src), tmp, _source_gguf(manifest))
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
+
+
+def _written_by_rdquant(path: Path) -> bool:
+    import gguf
+
+    try:
+        f = gguf.GGUFReader(str(path)).fields.get("general.quantized_by")
+        return f is not None and f.contents() == "rdquant"
+    except Exception:  # noqa: BLE001 - not a GGUF file: not ours
+        return False
+
+
+def _source_gguf(manifest: dict[str, Any]) -> Path | None:
+    """The GGUF the artifact was made from (its tokenizer metadata is copied), if any."""
+    from .models import ALIASES, alias_gguf
+
+    src = str(manifest.get("source_model", ""))
+    if src in ALIASES:
+        return alias_gguf(src)
+    p = Path(src)
+    if p.is_file() and p.suffix == ".gguf":
+        return p
+    ggufs = sorted(p.glob("*.gguf")) if p.is_dir() and not (p / "config.json").is_file() else []
+    return ggufs[0] if len(ggufs) == 1 else None

@@ -61,12 +61,9 @@ def resolve_model(spec: str | os.PathLike) -> ModelSource:
     raise RdquantError(f"model not found: {spec} (give a local HF directory, a .gguf file, or one of: {aliases})")
 
 
-def _resolve_alias(alias: str) -> ModelSource:
-    """The alias's converted HF directory in the cache; converted from the shipped GGUF on first use."""
+def alias_gguf(alias: str) -> Path:
+    """The GGUF file an alias's package ships, or an error saying how to install it."""
     package, module, filename = ALIASES[alias]
-    cached = cache_dir() / "models" / alias
-    if (cached / "config.json").is_file() and (cached / "model.safetensors").is_file():
-        return ModelSource(alias, cached)
     spec = importlib.util.find_spec(module)  # does not import it (its __init__ needs `llm`)
     if spec is None or not spec.submodule_search_locations:
         raise RdquantError(
@@ -75,6 +72,15 @@ def _resolve_alias(alias: str) -> ModelSource:
     gguf = Path(list(spec.submodule_search_locations)[0]) / filename
     if not gguf.is_file():
         raise RdquantError(f"{package} is installed but {gguf} is missing; reinstall it")
+    return gguf
+
+
+def _resolve_alias(alias: str) -> ModelSource:
+    """The alias's converted HF directory in the cache; converted from the shipped GGUF on first use."""
+    cached = cache_dir() / "models" / alias
+    if (cached / "config.json").is_file() and (cached / "model.safetensors").is_file():
+        return ModelSource(alias, cached)
+    gguf = alias_gguf(alias)
     print(f"[rdquant] converting {gguf.name} to a float checkpoint once (cached in {cached})", file=sys.stderr)
     model, tok = _from_pretrained(ModelSource(alias, gguf.parent, gguf.name), torch.float32)
     tmp = cached.with_name(cached.name + f".tmp-{os.getpid()}")
