@@ -1,6 +1,7 @@
 """Export the default model's artifacts and check each export where it loads: compressed-tensors (loaded
 back with transformers when symmetric; every layer decompressed with compressed-tensors' own
-decompressor otherwise) and GPTQ (read back as its documented bit layout). Perplexity on the first
+decompressor otherwise), GPTQ (read back as its documented bit layout) and GGUF (dequantized by the gguf
+package; loaded by transformers, and by llama.cpp with --llama-python). Perplexity on the first
 WikiText-2 windows of the transformers-loaded export beside rdquant's own load of the artifact. Prints a
 table and writes bench/results/export.json.
 
@@ -74,11 +75,51 @@ def gptq_weight_error(out: Path, ref) -> float:
     return worst
 
 
+def gguf_weight_error(out: Path, ref) -> float:
+    """Largest |W_exported - W_artifact|, W_exported dequantized by the gguf package from the file's blocks
+    (query/key rows put back from llama.cpp's rotary order)."""
+    import gguf
+
+    from rdquant.export_gguf import LAYER_NAMES, _permute
+
+    cfg = ref.config
+    tensors = {t.name: t for t in gguf.GGUFReader(str(out)).tensors}
+    worst = 0.0
+    for name, m in ((n, m) for n, m in ref.named_modules() if isinstance(m, QuantLinear)):
+        i, _, rest = name.removeprefix("model.layers.").partition(".")
+        t = tensors[f"blk.{i}.{LAYER_NAMES[rest]}.weight"]
+        W = torch.from_numpy(gguf.dequantize(t.data, t.tensor_type).reshape(m.out_features, m.in_features).copy())
+        heads = {"self_attn.q_proj": cfg.num_attention_heads, "self_attn.k_proj": cfg.num_key_value_heads}.get(rest)
+        if heads:  # invert the permutation: applying it to the identity's rows gives the order
+            order = _permute(torch.arange(m.out_features), heads)
+            W = W[torch.argsort(order)]
+        worst = max(worst, float((W.float() - m.quantized_weight().dequantize()).abs().max()))
+    return worst
+
+
+def llama_cpp_ppl(python: str, gguf_path: Path, tok, args, tmp: Path) -> float:
+    """Perplexity in llama.cpp on the same windows rdquant.evaluate scores (bench/llama_cpp_ppl.py)."""
+    import subprocess
+
+    import numpy as np
+
+    from rdquant.evaluate import eval_text
+
+    ids = tok(eval_text("wikitext2"), return_tensors="pt")["input_ids"][0]
+    windows = ids[: args.windows * args.seqlen].reshape(args.windows, args.seqlen).numpy().astype(np.int32)
+    np.save(tmp / "windows.npy", windows)
+    res = subprocess.run([python, str(Path(__file__).parent / "llama_cpp_ppl.py"), str(gguf_path), str(tmp / "windows.npy")],
+                         capture_output=True, text=True, check=True)
+    return json.loads(res.stdout.strip().splitlines()[-1])["ppl"]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--artifact", action="append", required=True)
     ap.add_argument("--windows", type=int, default=8)
     ap.add_argument("--seqlen", type=int, default=2048)
+    ap.add_argument("--llama-python", default=None,
+                    help="a python with llama-cpp-python: GGUF exports are also scored by llama.cpp")
     args = ap.parse_args()
     command = "python bench/export.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
@@ -90,12 +131,30 @@ def main() -> None:
         sym = all(m.symmetric for m in ref.modules() if isinstance(m, QuantLinear))
         ev = dict(data="wikitext2", seqlen=args.seqlen, max_windows=args.windows, progress=False)
         ppl_ref = rdquant.evaluate(ref, tok, **ev).ppl
-        for fmt in ("compressed-tensors", "gptq"):
+        for fmt in ("compressed-tensors", "gptq", "gguf"):
             t0 = time.perf_counter()
-            out = rdquant.export(art, tmp / f"{art.name}-{fmt}", format=fmt, progress=False)
+            try:
+                out = rdquant.export(art, tmp / (f"{art.name}.gguf" if fmt == "gguf" else f"{art.name}-{fmt}"),
+                                     format=fmt, progress=False)
+            except rdquant.RdquantError as e:  # what the format cannot hold: the reason is the row
+                rows.append({"artifact": art.name, "format": fmt, "symmetric": sym, "loads_in": f"refused: {e}"[:160],
+                             "ppl_rdquant": round(ppl_ref, 4), "windows": f"{args.windows} x {args.seqlen}",
+                             "machine": machine, "date": date.today().isoformat(), "command": command,
+                             "source": "bench/export.py"})
+                print(f"{art.name} {fmt}: refused ({e})", flush=True)
+                continue
             secs = time.perf_counter() - t0
-            err = ct_weight_error(out, ref) if fmt == "compressed-tensors" else gptq_weight_error(out, ref)
+            err = {"compressed-tensors": ct_weight_error, "gptq": gptq_weight_error, "gguf": gguf_weight_error}[fmt](out, ref)
             ppl_exp, loads = None, "not tried (no GPTQ loader installs here)" if fmt == "gptq" else None
+            if fmt == "gguf":
+                from transformers import AutoModelForCausalLM
+
+                ppl_exp = rdquant.evaluate(AutoModelForCausalLM.from_pretrained(str(out.parent), gguf_file=out.name),
+                                           tok, **ev).ppl
+                loads = "transformers"
+                if args.llama_python:
+                    ppl_llama = llama_cpp_ppl(args.llama_python, out, tok, args, tmp)
+                    loads = f"transformers; llama.cpp ppl {ppl_llama:.4f}"
             if fmt == "compressed-tensors":
                 if sym:
                     from transformers import AutoModelForCausalLM
@@ -122,7 +181,9 @@ def main() -> None:
         "intro": ("The default model's artifacts exported by `rdquant export`. Max weight error: every layer of the export "
                   "read back (compressed-tensors: its own decompressor, output in fp16; GPTQ: the documented bit layout) "
                   "against the artifact's dequantized weight. Perplexity: the first WikiText-2 windows, rdquant.load "
-                  "(cached backend) against the export loaded by transformers. GGUF export is not written yet."),
+                  "(cached backend) against the export loaded by transformers (and, for GGUF, by llama.cpp through "
+                  "llama-cpp-python where given). A format that cannot hold an artifact exactly refuses it; the reason "
+                  "is the row."),
         "columns": cols, "rows": rows}, indent=1) + "\n")
     print(f"rows written to {RESULTS}")
 
