@@ -201,3 +201,24 @@ def test_gguf_export_refuses_what_has_no_exact_type(tiny_model_dir, tmp_path):
     with pytest.raises(RdquantError, match="rdquant did not write it and will not replace it"):
         rdquant.export(sym, tmp_path / "mine.gguf", format="gguf", overwrite=True)
     assert (tmp_path / "mine.gguf").read_bytes() == b"not mine"
+
+
+def test_compress_exports_in_one_go_and_refuses_before_calibrating(tiny_model_dir, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    import rdquant.cli as cli
+
+    llama = json.loads((tiny_model_dir / "config.json").read_text())["model_type"] == "llama"
+    base = ["compress", "--model", str(tiny_model_dir), "--calib-samples", "2", "--calib-seqlen", "16", "--no-progress"]
+    r = CliRunner().invoke(cli.app, base + ["--bits", "4", "--group-size", "32", "--symmetric", "--out", str(tmp_path / "a"),
+                                            "--export", "compressed-tensors"] + (["--export", "gguf"] if llama else []))
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "a-compressed-tensors" / "config.json").is_file() and (tmp_path / "a.gguf").is_file() == llama
+    called = []
+    monkeypatch.setattr(rdquant, "compress", lambda *a, **k: called.append(1))
+    r = CliRunner().invoke(cli.app, base + ["--bits", "3", "--group-size", "64", "--out", str(tmp_path / "b"),
+                                            "--export", "compressed-tensors"])
+    assert r.exit_code == 2 and "cannot export layer" in r.output and "--group-size 32" in r.output
+    assert not called and not (tmp_path / "b").exists()
+    r = CliRunner().invoke(cli.app, base + ["--out", str(tmp_path / "c"), "--export", "onnx"])
+    assert r.exit_code == 2 and "--export 'onnx': choose one of" in r.output

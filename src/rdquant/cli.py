@@ -162,7 +162,8 @@ def default_out(model: str, cfg) -> Path:
 
 def _run_compress(ctx: typer.Context, model: str, out: Optional[Path], recipe: Optional[Path], resume: bool,
                   overwrite: bool, codec: str, speed_floor: float, eval_: bool, eval_windows: int, eval_seqlen: int,
-                  progress: bool, experimental: list[str], **settings) -> None:
+                  progress: bool, experimental: list[str], export_formats: list[str] | None = None,
+                  **settings) -> None:
     """Quantize a model's linear layers and write a packed artifact."""
     from . import compress as api_compress
     from .config import check_device, from_settings, read_recipe
@@ -198,7 +199,15 @@ def _run_compress(ctx: typer.Context, model: str, out: Optional[Path], recipe: O
             raise RdquantError(f"an interrupted run left a checkpoint in {ckpt}: add --resume to continue it, "
                                "or --overwrite to discard it")
         check_output(ckpt, overwrite=True, flag="checkpoint")
+    from .export import FORMATS, check_before_compress, export_path
+
+    for f in export_formats or []:
+        if f not in FORMATS:
+            raise RdquantError(f"--export {f!r}: choose one of {', '.join(FORMATS)}")
+        check_output(export_path(out, f), overwrite, flag="--export") if f != "gguf" else None
     m, tok, model_id = load_model(model)
+    for f in export_formats or []:  # the layers this run will write must fit the format: refuse now
+        check_before_compress(f, m, cfg)
     check_seqlen(m, cfg.calib_seqlen, "--calib-seqlen")
     if eval_:
         check_seqlen(m, eval_seqlen, "--eval-seqlen")
@@ -211,7 +220,7 @@ def _run_compress(ctx: typer.Context, model: str, out: Optional[Path], recipe: O
         cm = api_compress(m, cfg, tokenizer=tok, checkpoint_dir=ckpt, resume=resume, progress=progress, model_id=model_id)
     except KeyboardInterrupt:
         if blocks_done(ckpt):
-            command = _resume_command(model, out, recipe, given, experimental, codec, eval_)
+            command = _resume_command(model, out, recipe, given, experimental, codec, eval_, export_formats or [])
             typer.echo(f"\ninterrupted: {blocks_done(ckpt)} finished blocks are kept in {ckpt}; continue with:\n"
                        f"  {command} --resume", err=True)
         else:
@@ -226,6 +235,10 @@ def _run_compress(ctx: typer.Context, model: str, out: Optional[Path], recipe: O
     remove_owned(ckpt)
     rep = api_inspect(out, verify=False)
     typer.echo(f"wrote {out} in {cm.seconds:.1f} s compress time")
+    for f in export_formats or []:
+        from .export import export as api_export
+
+        typer.echo(f"exported as {f}: {api_export(out, export_path(out, f), format=f, overwrite=overwrite, progress=progress)}")
     typer.echo(rep.table(per_layer=False))
     if original is not None:
         q = evaluate(cm, seqlen=eval_seqlen, max_windows=eval_windows, device=cfg.device, progress=progress)
@@ -235,7 +248,7 @@ def _run_compress(ctx: typer.Context, model: str, out: Optional[Path], recipe: O
 
 
 def _resume_command(model: str, out: Path, recipe: Optional[Path], given: dict, experimental: list[str], codec: str,
-                    eval_: bool) -> str:
+                    eval_: bool, export_formats: list[str] = ()) -> str:
     """The command line that continues this run: the same settings, with --resume."""
     args = ["rdquant", "compress", "--model", model, "--out", str(out)]
     if recipe:
@@ -252,6 +265,8 @@ def _resume_command(model: str, out: Path, recipe: Optional[Path], given: dict, 
         args += ["--codec", codec]
     if eval_:
         args.append("--eval")
+    for f in export_formats:
+        args += ["--export", f]
     return " ".join(shlex.quote(a) for a in args) + " --resume"
 
 
@@ -279,10 +294,13 @@ def _make_compress():
         progress: bool = typer.Option(True, "--progress/--no-progress", help="progress bars", rich_help_panel=run),
         experimental: list[str] = typer.Option([], "--experimental", metavar="KEY=VALUE", hidden=True,
                                                help="options that lost to the defaults (docs/notes)"),
+        export_formats: list[str] = typer.Option([], "--export", metavar="FORMAT",
+                                                 help="also export: compressed-tensors | gptq | gguf (repeatable; "
+                                                      "checked before calibration)", rich_help_panel=run),
         **settings,
     ) -> None:
         _run_compress(ctx, model, out, recipe, resume, overwrite, codec, speed_floor, eval_, eval_windows, eval_seqlen,
-                      progress, experimental, **settings)
+                      progress, experimental, export_formats, **settings)
 
     sig = inspect.signature(compress)
     params = [p for p in sig.parameters.values() if p.kind != inspect.Parameter.VAR_KEYWORD] + _config_parameters()

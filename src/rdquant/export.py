@@ -219,6 +219,31 @@ def _dense_dtype(manifest: dict[str, Any]) -> torch.dtype:
     return getattr(torch, manifest.get("dense_dtype", "float16"))
 
 
+def check_before_compress(format: str, model, cfg) -> None:
+    """Refuse, before any calibration, a compression whose result `format` could not hold: the layers
+    the run would write, described as their manifest entries will be."""
+    from .models import block_linears, find_blocks
+
+    if format not in FORMATS:
+        raise RdquantError(f"--export {format!r}: choose one of {', '.join(FORMATS)}")
+    layout = {"claq": "codebook", "cvxq": "mixed"}.get(cfg.method, "affine")
+    prefix, blocks = find_blocks(model)
+    entries = {f"{prefix}.{i}.{n}": {"layout": layout, "bits": cfg.bits, "group_size": cfg.group_size,
+                                      "symmetric": cfg.symmetric, "shape": list(lin.weight.shape)}
+               for i, block in enumerate(blocks) for n, lin in block_linears(block).items()}
+    if format == "gguf":
+        from . import export_gguf
+
+        export_gguf.check({"quantized": entries}, model.config.to_dict())
+    else:
+        plan(entries, format)
+
+
+def export_path(artifact: Path, format: str) -> Path:
+    """Where `compress --export` writes: beside the artifact (w4 -> w4.gguf, w4-compressed-tensors)."""
+    return artifact.with_name(artifact.name + (".gguf" if format == "gguf" else f"-{format}"))
+
+
 def _export_gguf(src: Path, manifest: dict[str, Any], out: Path, overwrite: bool) -> Path:
     """One .gguf file at `out`; replaced only with `overwrite` and only if rdquant wrote it."""
     from . import export_gguf
