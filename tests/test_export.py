@@ -158,20 +158,23 @@ def test_a_zero_point_of_zero_switches_gptq_to_its_v2_convention():
     assert not v2
 
 
-@pytest.mark.parametrize("bits", [4, 8])
-def test_gguf_export_loads_with_transformers_and_gives_the_same_logits(tiny_model_dir, tmp_path, bits):
-    """Q4_0 / Q8_0 hold symmetric group-32 codes exactly, query/key rows in llama.cpp's rotary order:
-    transformers' GGUF loader (which reverses that order) gives the artifact's logits."""
+@pytest.mark.parametrize("bits,symmetric,gtype", [(4, True, "Q4_0"), (5, True, "Q5_0"), (8, True, "Q8_0"),
+                                                  (4, False, "Q4_1"), (5, False, "Q5_1")])
+def test_gguf_export_loads_with_transformers_and_gives_the_same_logits(tiny_model_dir, tmp_path, bits, symmetric, gtype):
+    """Q4_0 / Q5_0 / Q8_0 hold symmetric group-32 codes exactly, Q4_1 / Q5_1 asymmetric ones whose offsets
+    are fp16 values (few scale bits); query/key rows in llama.cpp's rotary order: transformers' GGUF
+    loader (which reverses that order) gives the artifact's logits."""
     import gguf
     from transformers import AutoModelForCausalLM
 
     if json.loads((tiny_model_dir / "config.json").read_text())["model_type"] != "llama":
         pytest.skip("GGUF export writes llama models")
-    art = _artifact(tiny_model_dir, tmp_path, "a", bits=bits, group_size=32, symmetric=True)
+    kw = {} if symmetric else {"scale_bits": 6 if bits == 4 else 5}
+    art = _artifact(tiny_model_dir, tmp_path, "a", bits=bits, group_size=32, symmetric=symmetric, **kw)
     out = rdquant.export(art, tmp_path / "m.gguf", format="gguf")
     r = gguf.GGUFReader(str(out))
     types = {t.name: t.tensor_type.name for t in r.tensors}
-    assert types["blk.0.attn_q.weight"] == ("Q4_0" if bits == 4 else "Q8_0") and types["token_embd.weight"] == "F16"
+    assert types["blk.0.attn_q.weight"] == gtype and types["token_embd.weight"] == "F16"
     assert r.fields["tokenizer.ggml.model"].contents() == "gpt2" and r.fields["general.quantized_by"].contents() == "rdquant"
     model = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=out.name)
     ref = rdquant.load(art, backend="reference")
@@ -190,10 +193,14 @@ def test_gguf_export_refuses_what_has_no_exact_type(tiny_model_dir, tmp_path):
         with pytest.raises(RdquantError, match="GGUF export writes llama models; this artifact is 'qwen2'"):
             rdquant.export(sym, tmp_path / "x.gguf", format="gguf")
         return
-    art = _artifact(tiny_model_dir, tmp_path, "a", bits=4, group_size=32)  # asymmetric
-    with pytest.raises(RdquantError, match=r"to gguf: asymmetric 4-bit codes in groups of 32 have no exact GGUF type .*"
-                                           r"--bits 4 --group-size 32 --symmetric"):
+    art = _artifact(tiny_model_dir, tmp_path, "a", bits=3, group_size=32)
+    with pytest.raises(RdquantError, match=r"to gguf: asymmetric 3-bit codes in groups of 32 have no exact GGUF type .*"
+                                           r"--bits 4 --group-size 32"):
         rdquant.export(art, tmp_path / "m.gguf", format="gguf")
+    full = _artifact(tiny_model_dir, tmp_path, "f", bits=4, group_size=32, scale_bits=10)  # offsets not in fp16
+    with pytest.raises(RdquantError, match=r"to gguf Q4_1: a block's offset .* --scale-bits 6"):
+        rdquant.export(full, tmp_path / "m.gguf", format="gguf")
+    assert not (tmp_path / "m.gguf").exists() and not (tmp_path / "m.gguf.partial").exists()
     with pytest.raises(RdquantError, match="ending in .gguf"):
         rdquant.export(art, tmp_path / "m", format="gguf")
     (tmp_path / "mine.gguf").write_bytes(b"not mine")

@@ -1,6 +1,8 @@
-"""GGUF export (llama.cpp) of llama-architecture artifacts whose layers have an exact GGUF type:
-symmetric 4-bit codes in groups of 32 are Q4_0 (w = d * (q - 8)), symmetric 8-bit ones Q8_0
-(w = d * (q - 128), stored signed); the fp16 group scale is the block's d, bit for bit. Embeddings and
+"""GGUF export (llama.cpp) of llama-architecture artifacts whose layers have an exact GGUF type, codes in
+groups of 32: symmetric 4/5/8-bit codes are Q4_0 / Q5_0 / Q8_0 (w = d * (q - 2^(bits-1)), Q8_0's codes
+stored signed); asymmetric 4/5-bit ones are Q4_1 / Q5_1 (w = d * q + m) when every block's offset
+m = -z * d is an fp16 value, which holds when the scales keep few enough mantissa bits
+(--scale-bits 6 at 4 bits, 5 at 5 bits). The fp16 group scale is the block's d, bit for bit. Embeddings and
 the head are written in 16 bits, norms in 32. Query and key rows are permuted as llama.cpp's converter
 does (its rotary layout). Tokenizer metadata comes from the source GGUF when the artifact was made from
 one, else from a byte-level BPE tokenizer (tokens, merges, special ids)."""
@@ -21,11 +23,15 @@ LAYER_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self
                "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
 
 
+SYMMETRIC = {4: "Q4_0", 5: "Q5_0", 8: "Q8_0"}
+ASYMMETRIC = {4: "Q4_1", 5: "Q5_1"}  # exact where each block's offset -z * d is an fp16 value
+
+
 def gguf_type(info: dict[str, Any]) -> str | None:
-    """The GGUF type that holds a quantized layer exactly, or None."""
-    if info.get("layout", "affine") != "affine" or not info["symmetric"] or info["group_size"] != 32:
+    """The GGUF type that can hold a quantized layer exactly, or None."""
+    if info.get("layout", "affine") != "affine" or info["group_size"] != 32:
         return None
-    return {4: "Q4_0", 8: "Q8_0"}.get(info["bits"])
+    return (SYMMETRIC if info["symmetric"] else ASYMMETRIC).get(info["bits"])
 
 
 def check(manifest: dict[str, Any], config: dict[str, Any]) -> dict[str, str]:
@@ -41,8 +47,8 @@ def check(manifest: dict[str, Any], config: dict[str, Any]) -> dict[str, str]:
             what = (f"its {layout} layout" if layout != "affine" else
                     f"{'symmetric' if info['symmetric'] else 'asymmetric'} {info['bits']}-bit codes in groups of "
                     f"{info['group_size']}")
-            bad.append((name, f"{what} have no exact GGUF type (exact: symmetric 4- or 8-bit codes in groups of 32, "
-                              "Q4_0 / Q8_0); compress with --bits 4 --group-size 32 --symmetric"))
+            bad.append((name, f"{what} have no exact GGUF type (exact: 4-, 5- or 8-bit codes in groups of 32: "
+                              "Q4_0 / Q5_0 / Q8_0, asymmetric Q4_1 / Q5_1); compress with --bits 4 --group-size 32"))
         else:
             types[name] = t
     if bad:
@@ -56,18 +62,36 @@ def _permute(t: torch.Tensor, n_head: int) -> torch.Tensor:
     return t.reshape(n_head, 2, t.shape[0] // n_head // 2, *t.shape[1:]).swapaxes(1, 2).reshape(t.shape)
 
 
-def _blocks(qw, gtype: str) -> np.ndarray:
-    """The layer's rows as GGUF blocks of 32: fp16 d, then the codes (Q4_0: code j in the low nibble of
-    byte j, code j + 16 in its high nibble; Q8_0: signed bytes)."""
+def _f16_bytes(t: torch.Tensor, shape: tuple[int, ...]) -> np.ndarray:
+    return t.to(torch.float16).contiguous().numpy().view(np.uint8).reshape(*shape, 2)
+
+
+def _blocks(qw, gtype: str, name: str) -> np.ndarray:
+    """The layer's rows as GGUF blocks of 32 (ggml's layouts): fp16 d, for Q4_1 / Q5_1 fp16 m, for Q5_*
+    the 32 fifth bits (uint32), then the low nibbles (code j in byte j's low half, code j + 16 in its high
+    half) or, for Q8_0, signed bytes."""
     out_f, in_f = qw.shape
     nb = in_f // 32
-    d = qw.scales.to(torch.float16).contiguous().numpy().view(np.uint8).reshape(out_f, nb, 2)
-    codes = qw.codes.to(torch.int16).reshape(out_f, nb, 32)
-    if gtype == "Q4_0":
-        qs = (codes[..., :16] | (codes[..., 16:] << 4)).to(torch.uint8).numpy()
+    parts = [_f16_bytes(qw.scales, (out_f, nb))]
+    codes = qw.codes.to(torch.int32).reshape(out_f, nb, 32)
+    if gtype in ("Q4_1", "Q5_1"):  # w = d * q + m: m = -z * d must be an fp16 value
+        z = qw.zero_points().to(torch.float32)
+        m = -z * qw.scales.to(torch.float32)
+        if not torch.equal(m.to(torch.float16).to(torch.float32), m):
+            raise RdquantError(f"cannot export layer {name} to gguf {gtype}: a block's offset -zero x scale is not an "
+                               f"fp16 value; compress with --scale-bits {6 if gtype == 'Q4_1' else 5} (fewer scale bits make "
+                               "it exact)")
+        parts.append(_f16_bytes(m, (out_f, nb)))
+    if gtype == "Q8_0":
+        parts.append((codes - 128).to(torch.int8).numpy().view(np.uint8))
     else:
-        qs = (codes - 128).to(torch.int8).numpy().view(np.uint8)
-    return np.concatenate([d, qs], axis=-1).reshape(out_f, -1)
+        if gtype.startswith("Q5"):
+            high = ((codes >> 4) & 1).to(torch.int64)  # bit j of qh: the fifth bit of code j
+            qh = (high << torch.arange(32, dtype=torch.int64)).sum(-1)
+            parts.append(qh.numpy().astype("<u4").view(np.uint8).reshape(out_f, nb, 4))
+        lo = codes & 0xF
+        parts.append((lo[..., :16] | (lo[..., 16:] << 4)).to(torch.uint8).numpy())
+    return np.concatenate(parts, axis=-1).reshape(out_f, -1)
 
 
 def write(model, manifest: dict[str, Any], types: dict[str, str], tokenizer, path: Path, source_gguf: Path | None) -> None:
@@ -92,7 +116,8 @@ def write(model, manifest: dict[str, Any], types: dict[str, str], tokenizer, pat
     w.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
     w.add_vocab_size(cfg.vocab_size)
     w.add_rope_dimension_count(head_dim)
-    w.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_0 if "Q4_0" in types.values() else gguf.LlamaFileType.MOSTLY_Q8_0)
+    common = max(set(types.values()), key=list(types.values()).count)
+    w.add_file_type(getattr(gguf.LlamaFileType, f"MOSTLY_{common}"))
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     _tokenizer_metadata(w, tokenizer, source_gguf)
     for name, m in model.named_modules():
@@ -103,7 +128,7 @@ def write(model, manifest: dict[str, Any], types: dict[str, str], tokenizer, pat
                 qw = _rows(qw, n_head)
             elif rest == "self_attn.k_proj":
                 qw = _rows(qw, n_kv)
-            w.add_tensor(f"blk.{i}.{LAYER_NAMES[rest]}.weight", _blocks(qw, types[name]),
+            w.add_tensor(f"blk.{i}.{LAYER_NAMES[rest]}.weight", _blocks(qw, types[name], name),
                          raw_dtype=getattr(gguf.GGMLQuantizationType, types[name]))
     for name, t in model.state_dict().items():
         if name.startswith("model.layers."):
@@ -124,10 +149,11 @@ def write(model, manifest: dict[str, Any], types: dict[str, str], tokenizer, pat
 
 
 def _rows(qw, n_head: int):
-    """The weight object with its rows (codes and scales) in llama.cpp's rotary order."""
+    """The weight object with its rows (codes, scales, zero points) in llama.cpp's rotary order."""
     from .qtensor import QuantizedWeight
 
-    return QuantizedWeight(_permute(qw.codes, n_head), _permute(qw.scales, n_head), None, qw.bits, qw.group_size)
+    zeros = None if qw.zeros is None else _permute(qw.zeros, n_head)
+    return QuantizedWeight(_permute(qw.codes, n_head), _permute(qw.scales, n_head), zeros, qw.bits, qw.group_size)
 
 
 def _tokenizer_metadata(w, tokenizer, source_gguf: Path | None) -> None:
