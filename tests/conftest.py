@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
+
+# Triton picks its CPU interpreter when it is first imported, and other packages the tests use
+# (compressed-tensors, transformers' integrations) may import it first: choose it before any of them.
+# The kernel tests run under it; `auto` still takes Triton kernels on CUDA devices only.
+if "triton" not in sys.modules:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 

@@ -13,8 +13,8 @@ import sys
 import pytest
 import torch
 
-# the interpreter is chosen when triton is first imported: before any test module imports it. Only an
-# explicit backend="triton" uses it on the CPU (`auto` takes kernels on CUDA devices only)
+# the interpreter is chosen when triton is first imported (conftest.py sets it before any test module
+# imports anything). Only an explicit backend="triton" uses it on the CPU (`auto` takes kernels on CUDA only)
 if "triton" not in sys.modules:
     os.environ["TRITON_INTERPRET"] = "1"
 pytest.importorskip("triton", reason="the triton package is not installed (it is in the test extra)")
