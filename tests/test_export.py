@@ -229,3 +229,10 @@ def test_compress_exports_in_one_go_and_refuses_before_calibrating(tiny_model_di
     assert not called and not (tmp_path / "b").exists()
     r = CliRunner().invoke(cli.app, base + ["--out", str(tmp_path / "c"), "--export", "onnx"])
     assert r.exit_code == 2 and "--export 'onnx': choose one of" in r.output
+
+
+def test_inspect_says_where_an_artifact_can_be_exported(tiny_model_dir, tmp_path):
+    art = _artifact(tiny_model_dir, tmp_path, "a", bits=3, group_size=64)
+    ex = rdquant.inspect(art, decode_speed=False).exports
+    assert ex["gptq"] == "yes" and ex["compressed-tensors"].startswith("no: ") and "--group-size 32" in ex["compressed-tensors"]
+    assert ex["gguf"].startswith("no: ")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -62,6 +63,7 @@ class InspectReport:
     original_16bit_bytes: int = 0  # all parameters (tied ones once) at 2 bytes each
     decode_mcodes: float | None = None  # all coded qweights, millions of codes/s, one thread (when measured)
     verified: int | None = None  # tensors whose sha256 was checked (None: not checked)
+    exports: dict[str, str] = field(default_factory=dict)  # format -> "yes" or why `rdquant export` refuses it
 
     @property
     def bits_per_weight(self) -> float:
@@ -127,6 +129,7 @@ class InspectReport:
             f"checksums           all {self.verified} tensors and files read and verified (sha256)" if self.verified is not None
             else "checksums           not checked here (`rdquant inspect` verifies them)",
         ]
+        lines += [f"{'export' if i == 0 else '':<20}{fmt}: {why}" for i, (fmt, why) in enumerate(self.exports.items())]
         return "\n".join(lines)
 
 
@@ -214,7 +217,29 @@ def _report(p: Path, manifest: dict, verified: int | None, decode_speed: bool) -
         per_layer, rep.decode_mcodes = decode_speeds(p, manifest)
         for layer in rep.layers:
             layer.decode_mcodes = per_layer.get(layer.name)
+    rep.exports = export_options(p, manifest)
     return rep
+
+
+def export_options(p: Path, manifest: dict) -> dict[str, str]:
+    """For each `rdquant export` format: "yes", or the reason it refuses this artifact (shapes and grids only)."""
+    from . import export_gguf
+    from .export import plan
+
+    out = {}
+    for fmt in ("compressed-tensors", "gptq", "gguf"):
+        try:
+            if fmt == "gguf":
+                export_gguf.check(manifest, json.loads((p / "config.json").read_text()))
+            else:
+                plan(manifest["quantized"], fmt)
+            out[fmt] = "yes" + (" (Q4_1 / Q5_1: if every block's offset is an fp16 value)"
+                                if fmt == "gguf" and any(not i["symmetric"] for i in manifest["quantized"].values()) else "")
+        except RdquantError as e:
+            out[fmt] = "no: " + str(e).split(": ", 1)[-1]
+        except (OSError, ValueError):
+            out[fmt] = "no: the artifact has no readable config.json"
+    return out
 
 
 def decode_speeds(path: Path, manifest: dict) -> tuple[dict[str, float], float | None]:
