@@ -30,7 +30,8 @@ RESULTS = Path(__file__).parent / "results" / "export.json"
 
 
 def dir_bytes(p: Path) -> int:
-    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+    """Bytes of a file, or of every file under a directory."""
+    return p.stat().st_size if p.is_file() else sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
 
 
 def ct_weight_error(out: Path, ref) -> float:
@@ -154,7 +155,8 @@ def main() -> None:
                 loads = "transformers"
                 if args.llama_python:
                     ppl_llama = llama_cpp_ppl(args.llama_python, out, tok, args, tmp)
-                    loads = f"transformers; llama.cpp ppl {ppl_llama:.4f}"
+                    loads = (f"transformers; llama.cpp ppl {ppl_llama:.4f} "
+                             f"({100 * (ppl_llama / ppl_ref - 1):+.3f}% from rdquant)")
             if fmt == "compressed-tensors":
                 if sym:
                     from transformers import AutoModelForCausalLM
@@ -172,6 +174,23 @@ def main() -> None:
                    "command": command, "source": "bench/export.py"}
             rows.append(row)
             print(json.dumps(row), flush=True)
+    if args.llama_python:  # llama.cpp's own distance from torch: the source GGUF against its float original
+        from rdquant.export import _source_gguf
+        from rdquant.artifact import read_manifest
+
+        src = _source_gguf(read_manifest(args.artifact[0]))
+        if src is not None:
+            tok = rdquant.load_tokenizer(args.artifact[0])
+            ev = dict(data="wikitext2", seqlen=args.seqlen, max_windows=args.windows, progress=False)
+            ppl_float = rdquant.evaluate(rdquant.load_original(str(read_manifest(args.artifact[0])["source_model"])), tok, **ev).ppl
+            ppl_llama = llama_cpp_ppl(args.llama_python, src, tok, args, tmp)
+            rows.append({"artifact": f"source: {src.name}", "format": "gguf", "loads_in": f"llama.cpp ppl {ppl_llama:.4f}",
+                         "ppl_rdquant": round(ppl_float, 4), "ppl_export": round(ppl_llama, 4),
+                         "ppl_rel_diff": f"{100 * (ppl_llama / ppl_float - 1):+.3f}%", "windows": f"{args.windows} x {args.seqlen}",
+                         "machine": machine, "date": date.today().isoformat(), "command": command, "source": "bench/export.py",
+                         "note": "llama.cpp on the package's own GGUF against its float original in torch: llama.cpp's "
+                                 "compute (8-bit activations in its quantized dot products) alone"})
+            print(json.dumps(rows[-1]), flush=True)
     cols = [["artifact", "artifact"], ["format", "format"], ["symmetric", "symmetric"], ["export_s", "export s", ".1f"],
             ["artifact_mib", "artifact MiB", ".1f"], ["export_mib", "export MiB", ".1f"],
             ["max_weight_error", "max weight err", ".1e"], ["loads_in", "loaded by"], ["ppl_rdquant", "ppl rdquant", ".3f"],
@@ -179,11 +198,13 @@ def main() -> None:
     RESULTS.write_text(json.dumps({
         "title": "Export", "question": "Do rdquant's exports load elsewhere and hold the same model?",
         "intro": ("The default model's artifacts exported by `rdquant export`. Max weight error: every layer of the export "
-                  "read back (compressed-tensors: its own decompressor, output in fp16; GPTQ: the documented bit layout) "
+                  "read back (compressed-tensors: its own decompressor, output in fp16, so products of 10-bit scales round; "
+                  "GPTQ: the documented bit layout; GGUF: the gguf package's dequantization) "
                   "against the artifact's dequantized weight. Perplexity: the first WikiText-2 windows, rdquant.load "
                   "(cached backend) against the export loaded by transformers (and, for GGUF, by llama.cpp through "
-                  "llama-cpp-python where given). A format that cannot hold an artifact exactly refuses it; the reason "
-                  "is the row."),
+                  "llama-cpp-python where given; its row `source:` scores the package's own GGUF against the float "
+                  "original, llama.cpp's own distance from torch: it quantizes activations to 8 bits in its dot products). "
+                  "A format that cannot hold an artifact exactly refuses it; the reason is the row."),
         "columns": cols, "rows": rows}, indent=1) + "\n")
     print(f"rows written to {RESULTS}")
 
