@@ -1,6 +1,7 @@
 """compress -> save -> load on tiny random models of two families; damage detection; size report."""
 
 import json
+import math
 import shutil
 
 import pytest
@@ -73,6 +74,11 @@ def test_inspect_counts_every_byte(tiny_model_dir, tmp_path):
     assert 3 + 19 / 64 <= rep.bits_per_weight < 3 + 19 / 32 + 0.2
     assert rep.total_bytes == sum(f.stat().st_size for f in out.iterdir())
     assert rep.compression_ratio > 1
+    # the whole-file figure counts every parameter (16-bit embeddings and norms too) and every byte
+    n_params = sum(p.numel() for p in cm.model.parameters()) + sum(
+        math.prod(i["shape"]) for i in manifest["quantized"].values())  # quantized weights are buffers
+    assert rep.file_bits_per_param == pytest.approx(8 * rep.total_bytes / n_params, rel=1e-9)
+    assert rep.file_bits_per_param > rep.bits_per_weight  # 16-bit embeddings and the files' overhead
 
 
 def _first_quant_tensor(out):

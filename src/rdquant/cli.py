@@ -367,6 +367,7 @@ def inspect_cmd(
         typer.echo(json.dumps({"bits_per_weight": rep.bits_per_weight, "total_bytes": rep.total_bytes,
                                "quantized_params": rep.quantized_params, "quantized_bytes": rep.quantized_bytes,
                                "dense_bytes": rep.dense_bytes, "compression_ratio": rep.compression_ratio,
+                               "file_bits_per_param": rep.file_bits_per_param,
                                "split_bits_per_weight": rep.split_bits(),
                                "coded_bits_per_weight": rep.coded_bits_per_weight,
                                "decode_mcodes_per_s": rep.decode_mcodes}))

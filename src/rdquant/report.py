@@ -94,6 +94,12 @@ class InspectReport:
     def compression_ratio(self) -> float:
         return self.original_16bit_bytes / max(self.total_bytes, 1)
 
+    @property
+    def file_bits_per_param(self) -> float:
+        """Whole-file bits per parameter: every byte on disk over every parameter of the model (llama.cpp's
+        basis: embeddings, head and norms count), beside the per-linear-weight figure."""
+        return 16 * self.total_bytes / max(self.original_16bit_bytes, 1)
+
     def table(self, per_layer: bool = True) -> str:
         lines = []
         if per_layer:
@@ -124,6 +130,7 @@ class InspectReport:
             f"left in 16 bit      {self.dense_params:,} params, {self.dense_bytes:,} bytes",
             f"on disk             {self.total_bytes:,} bytes ({self.total_bytes / 2**20:.1f} MiB)",
             f"16-bit original     {self.original_16bit_bytes:,} bytes; compression ratio {self.compression_ratio:.2f}x",
+            f"whole file          {self.file_bits_per_param:.3f} bits per parameter (all tensors and files: llama.cpp's basis)",
             f"backends (auto)     GPU: {self.kernel_summary()}; CPU: cached where memory allows, "
             f"else {self.kernel_summary(cpu=True)}",
             f"checksums           all {self.verified} tensors and files read and verified (sha256)" if self.verified is not None
