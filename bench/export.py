@@ -104,10 +104,9 @@ def llama_cpp_ppl(python: str, gguf_path: Path, tok, args, tmp: Path) -> float:
 
     import numpy as np
 
-    from rdquant.evaluate import eval_text
+    from rdquant.data import eval_text, eval_windows
 
-    ids = tok(eval_text("wikitext2"), return_tensors="pt")["input_ids"][0]
-    windows = ids[: args.windows * args.seqlen].reshape(args.windows, args.seqlen).numpy().astype(np.int32)
+    windows = eval_windows(tok, eval_text("wikitext2"), args.seqlen)[: args.windows].numpy().astype(np.int32)
     np.save(tmp / "windows.npy", windows)
     res = subprocess.run([python, str(Path(__file__).parent / "llama_cpp_ppl.py"), str(gguf_path), str(tmp / "windows.npy")],
                          capture_output=True, text=True, check=True)

@@ -131,3 +131,47 @@ def test_auto_backend_caches_only_where_memory_allows(tiny_model_dir, tmp_path, 
     m = rdquant.load(out, backend="reference")
     with pytest.raises(rdquant.RdquantError, match="unknown backend"):
         rdquant.load(out, backend="fast")
+
+
+def _bos_tokenizer():
+    """The tiny tokenizer, made to put a BOS token (id 1) before every text, as Llama-family ones do."""
+    from tokenizers.processors import TemplateProcessing
+
+    from rdquant.testing import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    tok.backend_tokenizer.post_processor = TemplateProcessing(single="<eos> $A", special_tokens=[("<eos>", 1)])
+    tok.bos_token = "<eos>"
+    return tok
+
+
+def test_windows_start_with_bos_where_the_tokenizer_adds_one(tiny_model_dir, text_file):
+    from rdquant.data import bos_id, calibration_windows, eval_windows
+
+    plain, bos = load_model(tiny_model_dir)[1], _bos_tokenizer()
+    assert bos_id(plain) is None and bos_id(bos) == 1
+    text = text_file.read_text()
+    w_plain, w_bos = eval_windows(plain, text, 32), eval_windows(bos, text, 32)
+    ids = plain(text, return_tensors="pt")["input_ids"][0]
+    assert torch.equal(w_plain.flatten(), ids[: w_plain.numel()])  # unchanged where no BOS is added
+    text_ids = bos(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+    assert (w_bos[:, 0] == 1).all() and torch.equal(w_bos[:, 1:].flatten(), text_ids[: w_bos.shape[0] * 31])
+    cal = calibration_windows(bos, None, 4, 32)
+    assert cal.shape == (4, 32) and (cal[:, 0] == 1).all() and not (calibration_windows(plain, None, 4, 32)[:, 0] == 1).all()
+    model = load_model(tiny_model_dir)[0]
+    r = rdquant.evaluate(model, bos, data=str(text_file), seqlen=32, max_windows=3, progress=False)
+    assert r.windows == 3 and r.predicted == 3 * 31
+    with torch.no_grad():  # each window scored from its BOS
+        nll = sum(F.cross_entropy(model(w_bos[i : i + 1]).logits[0, :-1], w_bos[i, 1:], reduction="sum") for i in range(3))
+    assert math.isclose(r.nll, float(nll) / (3 * 31), rel_tol=1e-5)
+
+
+def test_short_calibration_windows_on_a_sliding_window_model_are_named(capsys):
+    from rdquant.compress import warn_short_windows
+
+    warn_short_windows(SimpleNamespace(sliding_window=64, use_sliding_window=True), 32)
+    assert "shorter than this model's sliding attention window (64); --calib-seqlen 64" in capsys.readouterr().err
+    for cfg in (SimpleNamespace(sliding_window=64, use_sliding_window=False), SimpleNamespace(sliding_window=None),
+                SimpleNamespace(sliding_window=16, use_sliding_window=True)):
+        warn_short_windows(cfg, 32)
+        assert capsys.readouterr().err == ""

@@ -120,6 +120,18 @@ class CompressedModel:
         return Path(out)
 
 
+def warn_short_windows(config, seqlen: int) -> None:
+    """A sliding-window model calibrated on windows shorter than its attention window never shows the
+    quantizer the attention it runs with: say so (the run goes on)."""
+    import sys
+
+    window = getattr(config, "sliding_window", None)
+    used = getattr(config, "use_sliding_window", True) and window
+    if used and seqlen < int(window):
+        print(f"[rdquant] warning: calibration windows of {seqlen} tokens are shorter than this model's sliding "
+              f"attention window ({window}); --calib-seqlen {window} calibrates what it runs", file=sys.stderr)
+
+
 def compress(
     model: nn.Module | str,
     config: CompressConfig | None = None,
@@ -150,6 +162,8 @@ def compress(
         if tokenizer is None:
             raise RdquantError("calibration needs a tokenizer (or pass calib_ids)")
         calib_ids = calibration_windows(tokenizer, cfg.calib, cfg.calib_samples, cfg.calib_seqlen, cfg.seed)
+    if calib_ids is not None:
+        warn_short_windows(model.config, calib_ids.shape[1])
     model_id = model_id or getattr(model.config, "_name_or_path", "") or type(model).__name__
     ckpt = Checkpoint(Path(checkpoint_dir), cfg, model_id) if checkpoint_dir else None
     model.eval()

@@ -53,12 +53,22 @@ def _read_documents(p: Path) -> list[str]:
     return docs
 
 
+def bos_id(tokenizer) -> int | None:
+    """The BOS token id when the tokenizer puts one before every text (some model families depend on
+    it), else None: read from what it does, not from a flag."""
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a")["input_ids"]
+    bos = getattr(tokenizer, "bos_token_id", None)
+    return bos if bos is not None and len(full) > len(plain) and full[0] == bos and plain[:1] != [bos] else None
+
+
 def calibration_windows(
     tokenizer, path: str | os.PathLike | None, n_samples: int, seqlen: int, seed: int = 0
 ) -> torch.Tensor:
     """[n_samples, seqlen] token windows: a random document longer than seqlen, then a random start
     in it (as GPTQ samples C4). If no document is long enough, windows come from all documents
-    joined with the EOS token."""
+    joined with the EOS token. A tokenizer that adds a BOS token gets it at the start of every window
+    (then seqlen - 1 text tokens)."""
     docs = read_documents(path)
     ids = [tokenizer(d, add_special_tokens=False)["input_ids"] for d in docs]
     long_docs = [t for t in ids if len(t) > seqlen]
@@ -73,12 +83,28 @@ def calibration_windows(
             )
         long_docs = [joined]
     rng = random.Random(seed)
+    bos = bos_id(tokenizer)
+    head, body = ([bos], seqlen - 1) if bos is not None else ([], seqlen)
     windows = []
     for _ in range(n_samples):
         t = long_docs[rng.randrange(len(long_docs))]
         start = rng.randrange(len(t) - seqlen)
-        windows.append(t[start : start + seqlen])
+        windows.append(head + t[start : start + body])
     return torch.tensor(windows, dtype=torch.long)
+
+
+def eval_windows(tokenizer, text: str, seqlen: int) -> torch.Tensor:
+    """[n, seqlen] consecutive evaluation windows of `text` (every whole one). With a tokenizer that
+    adds a BOS token, each window is BOS and the next seqlen - 1 text tokens."""
+    bos = bos_id(tokenizer)
+    if bos is None:
+        ids = tokenizer(text, return_tensors="pt")["input_ids"][0]
+        n = ids.numel() // seqlen
+        return ids[: n * seqlen].reshape(n, seqlen)
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+    n = ids.numel() // (seqlen - 1)
+    body = ids[: n * (seqlen - 1)].reshape(n, seqlen - 1)
+    return torch.cat([torch.full((n, 1), bos, dtype=body.dtype), body], 1)
 
 
 def shared_data_dir() -> Path | None:

@@ -14,7 +14,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .artifact import is_artifact
-from .data import check_seqlen, eval_text
+from .data import check_seqlen, eval_text, eval_windows
 from .errors import RdquantError
 from .memory import retain_freed_memory
 
@@ -143,23 +143,22 @@ def evaluate(
     if chunk < 1:
         raise RdquantError(f"chunk must be at least 1 (got {chunk})")
     check_seqlen(model, seqlen, "seqlen")
-    text = eval_text(data)
-    ids = tokenizer(text, return_tensors="pt")["input_ids"][0]
-    n = ids.numel() // seqlen
+    windows = eval_windows(tokenizer, eval_text(data), seqlen)  # a BOS first in each where the tokenizer adds one
+    n = windows.shape[0]
     if max_windows is not None:
         n = min(n, max_windows)
     if n == 0:
-        raise RdquantError(f"{data} has {ids.numel()} tokens, fewer than one window of {seqlen}")
+        raise RdquantError(f"{data} has fewer tokens than one window of {seqlen}")
     model.eval()
     dev = next(model.parameters()).device
     t0 = time.perf_counter()
     total = 0.0
-    model(ids[:1].unsqueeze(0).to(dev))  # models that prepare on their first call (a compressed-tensors model
-    # decompresses then) are ready before loss_parts calls their parts directly
-    parts = loss_parts(model, ids[: min(PROBE_TOKENS, seqlen)].unsqueeze(0).to(dev))
+    model(windows[0, :1].unsqueeze(0).to(dev))  # models that prepare on their first call (a compressed-tensors
+    # model decompresses then) are ready before loss_parts calls their parts directly
+    parts = loss_parts(model, windows[0, : min(PROBE_TOKENS, seqlen)].unsqueeze(0).to(dev))
     with retain_freed_memory():
         for w in tqdm(range(n), desc=f"ppl {data}", unit="window", disable=not progress):
-            x = ids[w * seqlen : (w + 1) * seqlen].unsqueeze(0).to(dev)
+            x = windows[w].unsqueeze(0).to(dev)
             total += window_nll(model, x, parts, chunk)
     predicted = n * (seqlen - 1)
     nll = total / predicted
