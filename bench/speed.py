@@ -357,7 +357,7 @@ KERNEL_INTRO = (
     "entries, row scales), fp16 activations. Each call is one CUDA-graph replay (median of 50 after warm-up); rdquant's "
     "time is the best of the launch configurations bench/speed.py tries, and every configuration's result is checked "
     "against dequantize-then-matmul (worst relative error shown). `b/w` counts every byte the kernel reads per weight "
-    "(codes, grids, and for the column layouts the index tables). Batch 1 reaches 1.1-1.9x fp16, short of the "
+    "(codes, grids, and for the column layouts the index tables). Affine batch 1 reaches 1.04-1.90x fp16, short of the "
     "issue's 3.5x (4-bit) to 6x (2-bit): the kernels run at ~3 G codes/ms whatever the width (2-bit is not faster "
     "than 4-bit per code), so the unpack instructions, not the bytes, bound them; batch 16/64 is slower than fp16 "
     "(tensor-core tiles wait on the same unpack) and the column layouts' batch 16/64 path (one atomic per item) is "
