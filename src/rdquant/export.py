@@ -89,17 +89,21 @@ def _quantization_config(schemes_of: dict[str, Scheme], ignore: list[str]) -> di
     return qc.to_dict() if hasattr(qc, "to_dict") else qc.model_dump()
 
 
+def _signed(t: torch.Tensor, bits: int) -> torch.Tensor:
+    """Unsigned codes as the signed int8 values compressed-tensors' packer takes (less 2^(bits-1))."""
+    return (t.to(torch.int16) - (1 << (bits - 1))).to(torch.int8)
+
+
 def _pack_layer(qw, scheme: Scheme) -> dict[str, torch.Tensor]:
     """One affine layer in pack-quantized tensors: signed codes (ours less 2^(bits-1)) packed into
     int32, scales, packed signed zero points (asymmetric), the weight's shape."""
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 
-    half = 1 << (scheme.bits - 1)
-    out = {"weight_packed": pack_to_int32((qw.codes.to(torch.int16) - half).to(torch.int8), scheme.bits),
+    out = {"weight_packed": pack_to_int32(_signed(qw.codes, scheme.bits), scheme.bits),
            "weight_scale": qw.scales.to(torch.float16).contiguous(),
            "weight_shape": torch.tensor(list(qw.shape), dtype=torch.int64)}
     if not scheme.symmetric:
-        zp = (qw.zero_points().to(torch.int16) - half).to(torch.int8)
+        zp = _signed(qw.zero_points(), scheme.bits)
         out["weight_zero_point"] = pack_to_int32(zp, scheme.bits, packed_dim=0).contiguous()
     return out
 
@@ -115,15 +119,13 @@ def _pack_gptq(qw, scheme: Scheme) -> tuple[dict[str, torch.Tensor], bool]:
     point of 0 cannot be stored less one."""
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 
-    half = 1 << (scheme.bits - 1)
     out_f, in_f = qw.shape
     G = in_f if scheme.group_size == -1 else scheme.group_size
     z = qw.zero_points().to(torch.int16)  # [out, n_groups]
     needs_v2 = bool((z == 0).any())
     stored_z = z if needs_v2 else z - 1
-    signed = lambda t: (t.to(torch.int16) - half).to(torch.int8)  # pack_to_int32 takes signed codes
-    return {"qweight": pack_to_int32(signed(qw.codes), scheme.bits).t().contiguous(),
-            "qzeros": pack_to_int32(signed(stored_z.t().contiguous()), scheme.bits).contiguous(),
+    return {"qweight": pack_to_int32(_signed(qw.codes, scheme.bits), scheme.bits).t().contiguous(),
+            "qzeros": pack_to_int32(_signed(stored_z.t().contiguous(), scheme.bits), scheme.bits).contiguous(),
             "scales": qw.scales.to(torch.float16).t().contiguous(),
             "g_idx": (torch.arange(in_f) // G).to(torch.int32)}, needs_v2
 
@@ -256,8 +258,9 @@ def _export_gguf(src: Path, manifest: dict[str, Any], out: Path, overwrite: bool
         if not (overwrite and _written_by_rdquant(out)):
             raise RdquantError(f"--out {out} exists; " + ("pass --overwrite to replace it" if _written_by_rdquant(out)
                                else "rdquant did not write it and will not replace it; choose another --out"))
-    safety.check_output(out.parent, overwrite=False) if not out.parent.exists() else None
+    safety.check_writable_parent(out)
     model = load(src, backend="reference", lazy=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".partial")
     try:
         export_gguf.write(model, manifest, types, load_tokenizer(src), tmp, _source_gguf(manifest))

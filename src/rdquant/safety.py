@@ -75,6 +75,12 @@ def check_output(path: str | os.PathLike, overwrite: bool, flag: str = "--out") 
         elif not overwrite:
             raise RdquantError(f"{flag} {p} already holds rdquant's output; pass --overwrite to replace it, "
                                f"or choose another {flag}")
+    check_writable_parent(p, flag)
+
+
+def check_writable_parent(path: str | os.PathLike, flag: str = "--out") -> None:
+    """Refuse a path whose nearest existing parent directory cannot be written."""
+    p = Path(path)
     parent = p.absolute().parent
     while not parent.exists():
         parent = parent.parent
