@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import struct
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -61,9 +62,19 @@ def _dtype_name(t: torch.Tensor) -> str:
     return str(t.dtype).removeprefix("torch.")
 
 
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _size_of(tensors: Mapping[str, torch.Tensor], name: str) -> int:
+    """A tensor's bytes; a lazily read mapping (a streamed run's block files) tells without reading it."""
+    size = getattr(tensors, "nbytes_of", None)
+    return size(name) if size is not None else _nbytes(tensors[name])
+
+
 def write_artifact(
     out: Path,
-    tensors: dict[str, torch.Tensor],
+    tensors: Mapping[str, torch.Tensor],
     manifest: dict[str, Any],
     extra_files: dict[str, Any],
     overwrite: bool = False,
@@ -73,6 +84,7 @@ def write_artifact(
     `out`, then rename it into place, so `out` is never half-written.
 
     extra_files maps a file name to a callable(dir) that writes it (config, tokenizer, logs).
+    `tensors` may be a lazily read mapping: one shard at a time is in memory.
     `stored` holds coded payloads (coding.encode_tensors) written instead of the named tensors; the
     manifest keeps the decoded tensor's dtype, shape and sha256 and adds the payload's.
     """
@@ -83,8 +95,7 @@ def write_artifact(
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise RdquantError(f"cannot create {out.parent}: {e.strerror}; choose another --out") from e
-    need = sum((stored[n][0] if n in stored else t).numel() * (stored[n][0] if n in stored else t).element_size()
-               for n, t in tensors.items()) + 64 * 2**20  # + config, tokenizer, manifest, headers
+    need = sum(_nbytes(stored[n][0]) if n in stored else _size_of(tensors, n) for n in tensors) + 64 * 2**20
     free = shutil.disk_usage(out.parent).free
     if free < need:
         raise RdquantError(f"not enough disk space for {out}: it needs about {need / 2**20:,.0f} MiB, "
@@ -97,26 +108,26 @@ def write_artifact(
     except OSError as e:
         raise RdquantError(f"cannot write in {out.parent}: {e.strerror}; choose another --out") from e
     try:
-        shards: list[dict[str, torch.Tensor]] = [{}]
+        plan: list[list[str]] = [[]]  # shard assignment from sizes alone, then one shard in memory at a time
         size, owner = 0, None
-        for name, t in tensors.items():
-            t = stored[name][0] if name in stored else t
-            nbytes = t.numel() * t.element_size()
+        for name in tensors:
+            nbytes = _nbytes(stored[name][0]) if name in stored else _size_of(tensors, name)
             new_owner = name.rpartition(".")[0]  # a layer's tensors stay in one shard
-            if shards[-1] and size + nbytes > SHARD_BYTES and new_owner != owner:
-                shards.append({})
+            if plan[-1] and size + nbytes > SHARD_BYTES and new_owner != owner:
+                plan.append([])
                 size = 0
-            shards[-1][name] = t.detach().contiguous().cpu()
+            plan[-1].append(name)
             size += nbytes
             owner = new_owner
         entries: dict[str, Any] = {}
         files: dict[str, Any] = {}
-        for k, shard in enumerate(shards):
-            fname = "model.safetensors" if len(shards) == 1 else f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+        for k, names in enumerate(plan):
+            fname = "model.safetensors" if len(plan) == 1 else f"model-{k + 1:05d}-of-{len(plan):05d}.safetensors"
+            shard = {n: (stored[n][0] if n in stored else tensors[n]).detach().contiguous().cpu() for n in names}
             save_file(shard, tmp / fname, metadata={"format": "pt", "producer": FORMAT_NAME})
             files[fname] = {"bytes": (tmp / fname).stat().st_size}
             for name, t in shard.items():
-                decoded = tensors[name]
+                decoded = tensors[name] if name in stored else t
                 entries[name] = {
                     "file": fname,
                     "dtype": _dtype_name(decoded),
@@ -127,6 +138,7 @@ def write_artifact(
                     entries[name]["codec"] = stored[name][1]
                     entries[name]["stored_bytes"] = t.numel()
                     entries[name]["stored_sha256"] = tensor_sha256(t)
+            del shard
         for writer in extra_files.values():
             writer(tmp)
         sidecars = {f.name: file_sha256(f) for f in sorted(tmp.iterdir()) if f.is_file() and f.name not in files}

@@ -205,7 +205,11 @@ def _run_compress(ctx: typer.Context, model: str, out: Optional[Path], recipe: O
         if f not in FORMATS:
             raise RdquantError(f"--export {f!r}: choose one of {', '.join(FORMATS)}")
         check_output(export_path(out, f), overwrite, flag="--export") if f != "gguf" else None
-    m, tok, model_id = load_model(model)
+    source = streamed_source(model, cfg)  # an HF directory of safetensors: read one block at a time
+    if source is not None:
+        m, tok, model_id = source.model, source.tokenizer, source.model_id
+    else:
+        m, tok, model_id = load_model(model)
     for f in export_formats or []:  # the layers this run will write must fit the format: refuse now
         check_before_compress(f, m, cfg)
     check_seqlen(m, cfg.calib_seqlen, "--calib-seqlen")
@@ -215,9 +219,9 @@ def _run_compress(ctx: typer.Context, model: str, out: Optional[Path], recipe: O
         remove_owned(ckpt)
     original = None
     if eval_:
-        original = evaluate(m, tok, seqlen=eval_seqlen, max_windows=eval_windows, device=cfg.device, progress=progress)
+        original = evaluate(load_model(model)[0] if source is not None else m, tok, seqlen=eval_seqlen, max_windows=eval_windows, device=cfg.device, progress=progress)
     try:
-        cm = api_compress(m, cfg, tokenizer=tok, checkpoint_dir=ckpt, resume=resume, progress=progress, model_id=model_id)
+        cm = api_compress(source or m, cfg, tokenizer=tok, checkpoint_dir=ckpt, resume=resume, progress=progress, model_id=model_id)
     except KeyboardInterrupt:
         if blocks_done(ckpt):
             command = _resume_command(model, out, recipe, given, experimental, codec, eval_, export_formats or [])
@@ -241,10 +245,33 @@ def _run_compress(ctx: typer.Context, model: str, out: Optional[Path], recipe: O
         typer.echo(f"exported as {f}: {api_export(out, export_path(out, f), format=f, overwrite=overwrite, progress=progress)}")
     typer.echo(rep.table(per_layer=False))
     if original is not None:
-        q = evaluate(cm, seqlen=eval_seqlen, max_windows=eval_windows, device=cfg.device, progress=progress)
+        q = evaluate(out if cm.streamed else cm, seqlen=eval_seqlen, max_windows=eval_windows, device=cfg.device, progress=progress)
         typer.echo(f"\nWikiText-2 perplexity ({q.windows} windows x {q.seqlen} = {q.tokens} tokens)")
         typer.echo(f"  original (16-bit: {rep.original_16bit_bytes / 2**20:7.1f} MiB)  ppl {original.ppl:8.3f}")
         typer.echo(f"  rdquant  ({rep.total_bytes / 2**20:7.1f} MiB, {rep.bits_per_weight:.3f} bpw)  ppl {q.ppl:8.3f}")
+
+
+def streamed_source(model: str, cfg):
+    """A LazyBlocks source for an HF directory with safetensors weights when the run can stream (not
+    for GGUF files or aliases, which transformers dequantizes whole, nor for methods that need every
+    weight at once: ecsq, distillation tuning, cvxq's Hessian-proxy sensitivity); else None."""
+    import torch
+
+    from .models import check_config, load_tokenizer_of, resolve_model
+    from .source import LazyBlocks
+
+    loc = resolve_model(model)
+    if loc.gguf_file or not any(loc.path.glob("*.safetensors")):
+        return None
+    if cfg.method == "ecsq" or cfg.tune_steps or (cfg.method == "cvxq" and cfg.cvxq_sensitivity == "hessian"):
+        return None
+    check_config(loc)
+    tok = load_tokenizer_of(loc)
+    source = LazyBlocks(loc.path, torch.float32)
+    if cfg.device != "cpu" and source.stored_dtype in (torch.float16, torch.bfloat16):
+        source = LazyBlocks(loc.path, source.stored_dtype)  # calibrate in the checkpoint's 16-bit dtype
+    source.tokenizer, source.model_id = tok, loc.model_id
+    return source
 
 
 def _resume_command(model: str, out: Path, recipe: Optional[Path], given: dict, experimental: list[str], codec: str,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -21,9 +22,10 @@ from .data import calibration_windows
 from .errors import RdquantError
 from .methods import METHODS
 from .methods.cvxq import check_target
-from .models import load_model
+from .models import find_blocks, load_model
 from .pipeline import Checkpoint, run_pipeline
 from .runtime import QUANT_BUFFERS, QuantLinear
+from .source import BlockSource
 
 
 def dense_dtype_for(model: nn.Module) -> torch.dtype:
@@ -51,29 +53,28 @@ class CompressedModel:
     dense_dtype: torch.dtype = torch.float16  # storage of everything left unquantized
     method_state: Any = None  # run-wide state of the method (cvxq: the allocation, with its time)
     tuning: dict | None = None  # what distillation tuning did (tune.TuneLog), when it ran
+    block_files: Any = None  # a streamed run: the blocks live only in these files (pipeline.BlockFiles)
+
+    @property
+    def streamed(self) -> bool:
+        """True when `model` is a skeleton (blocks on meta): save it, then `rdquant.load` the artifact."""
+        return self.block_files is not None
 
     def state_for_artifact(self) -> tuple[dict[str, torch.Tensor], dict[str, str], dict[str, Any]]:
         """(tensors, tied aliases, quantized-module table): packed buffers as they are, every other
         floating tensor in the 16-bit dense dtype, tied weights stored once."""
         dense = self.dense_dtype
-        quantized = {
-            name: {
-                "method": self.config.method,
-                "bits": m.bits,
-                "group_size": m.group_size,
-                "symmetric": m.symmetric,
-                "shape": [m.out_features, m.in_features],
-                "bias": m.bias is not None,
-                **(m.spec or {}),
-            }
-            for name, m in self.model.named_modules()
-            if isinstance(m, QuantLinear)
-        }
+        quantized = {name: {"method": self.config.method, **m.table_entry()}
+                     for name, m in self.model.named_modules() if isinstance(m, QuantLinear)}
+        if self.block_files is not None:
+            quantized.update({n: {"method": self.config.method, **e} for n, e in self.block_files.quantized.items()})
         tensors: dict[str, torch.Tensor] = {}
         tied: dict[str, str] = {}
         seen: dict[tuple, str] = {}
         for name, t in self.model.state_dict(keep_vars=False).items():  # all alive: an address is one tensor's
             owner, _, leaf = name.rpartition(".")
+            if t.is_meta:  # a streamed run's block: read from its block file below
+                continue
             key = (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype)  # a view at the same address is not a tie
             if key in seen and t.numel():
                 tied[name] = seen[key]
@@ -82,6 +83,8 @@ class CompressedModel:
             if not (owner in quantized and leaf in QUANT_BUFFERS) and t.is_floating_point():
                 t = t.to(dense)
             tensors[name] = t
+        if self.block_files is not None:
+            return StreamedTensors(tensors, self.block_files, quantized, dense), tied, quantized
         return tensors, tied, quantized
 
     def save(
@@ -120,6 +123,40 @@ class CompressedModel:
         return Path(out)
 
 
+class StreamedTensors(Mapping):
+    """The artifact's tensors of a streamed run: what is in memory (embedding, head, final norm) and,
+    read one at a time from the block files, every block's tensors (dense ones cast to `dense`)."""
+
+    def __init__(self, front: dict[str, torch.Tensor], files: Any, quantized: dict[str, Any], dense: torch.dtype):
+        self.front, self.files, self.quantized, self.dense = front, files, quantized, dense
+        self._order = list(front) + [n for n in files if n not in front]
+
+    def _is_dense(self, name: str, dtype: torch.dtype) -> bool:
+        owner, _, leaf = name.rpartition(".")
+        return dtype.is_floating_point and not (owner in self.quantized and leaf in QUANT_BUFFERS)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name in self.front:
+            return self.front[name]
+        t = self.files[name]
+        return t.to(self.dense) if self._is_dense(name, t.dtype) else t
+
+    def __iter__(self):
+        return iter(self._order)
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+    def nbytes_of(self, name: str) -> int:
+        if name in self.front:
+            t = self.front[name]
+            return t.numel() * t.element_size()
+        n, dtype = self.files.nbytes_of(name), self.files.dtype_of(name)
+        if self._is_dense(name, dtype):
+            n = n // dtype.itemsize * self.dense.itemsize
+        return n
+
+
 def warn_short_windows(config, seqlen: int) -> None:
     """A sliding-window model calibrated on windows shorter than its attention window never shows the
     quantizer the attention it runs with: say so (the run goes on)."""
@@ -133,7 +170,7 @@ def warn_short_windows(config, seqlen: int) -> None:
 
 
 def compress(
-    model: nn.Module | str,
+    model: "nn.Module | str | BlockSource",
     config: CompressConfig | None = None,
     tokenizer: Any = None,
     calib_ids: torch.Tensor | None = None,
@@ -145,7 +182,8 @@ def compress(
 ) -> CompressedModel:
     """Quantize the decoder-block linears of `model` (modified in place) per `config`.
 
-    `model` is a transformers causal LM or anything `--model` accepts. Calibration windows come from
+    `model` is a transformers causal LM, anything `--model` accepts, or a block source (source.py); a
+    streamed source needs `checkpoint_dir` (finished blocks are written there as they finish). Calibration windows come from
     `calib_ids` [N, L] if given, else from `config.calib` (None: the bundled C4 sample) via the tokenizer.
     With `checkpoint_dir`, finished blocks are saved there and `resume=True` continues from them.
     """
@@ -154,10 +192,19 @@ def compress(
     t0 = time.perf_counter()
     if isinstance(model, (str, Path)):
         model, tokenizer, model_id = load_model(str(model))
+    source = model if isinstance(model, BlockSource) else None
+    model = source.model if source is not None else model
     check_target(model, cfg)  # from the shapes alone, before calibration
-    dense = dense_dtype_for(model)
-    if next(model.parameters()).dtype != torch.float32 and cfg.device == "cpu":
+    dense = dense_dtype_for(model) if source is None else source_dense_dtype(source)
+    if source is not None and source.streamed:
+        if checkpoint_dir is None:
+            raise RdquantError("a streamed source writes each finished block to disk: pass checkpoint_dir")
+        if cfg.tune_steps:
+            raise RdquantError("distillation tuning needs the whole model in memory: use an in-memory model or "
+                               "--tune-steps 0")
+    elif next(model.parameters()).dtype != torch.float32 and cfg.device == "cpu":
         model = model.float()
+        source = None
     if calib_ids is None and (METHODS[cfg.method].needs_hessian or cfg.tune_steps):
         if tokenizer is None:
             raise RdquantError("calibration needs a tokenizer (or pass calib_ids)")
@@ -168,8 +215,12 @@ def compress(
     ckpt = Checkpoint(Path(checkpoint_dir), cfg, model_id) if checkpoint_dir else None
     model.eval()
     teacher = copy.deepcopy(model) if cfg.tune_steps else None  # the original, for distillation tuning
-    state = run_pipeline(model, cfg, calib_ids, ckpt, resume, progress, after_block)
+    state = run_pipeline(source or model, cfg, calib_ids, ckpt, resume, progress, after_block)
     round_to_storage(model, dense)
+    files = None
+    if source is not None and source.streamed:
+        blocks_name, blocks = find_blocks(model)
+        files = ckpt.block_files(blocks_name, len(blocks))  # type: ignore[union-attr]
     tuning = None
     if teacher is not None:
         from .tune import tune
@@ -181,4 +232,10 @@ def compress(
         model.to(home)
         del teacher
     return CompressedModel(model, tokenizer, cfg, model_id, state.logs, time.perf_counter() - t0, dense,
-                           state.method_state, tuning)
+                           state.method_state, tuning, files)
+
+
+def source_dense_dtype(source: BlockSource) -> torch.dtype:
+    """16-bit storage of a source's dense tensors: bf16 for a bf16 checkpoint, else fp16."""
+    declared = getattr(source, "stored_dtype", None) or next(source.model.parameters()).dtype
+    return torch.bfloat16 if declared == torch.bfloat16 else torch.float16

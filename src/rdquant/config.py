@@ -175,6 +175,9 @@ class CompressConfig:
     batch_size: int = opt(16, "calibration windows per forward", panel="Calibration", lo=1, hi=1 << 20)
     reuse_activations: bool = opt(True, "serve unchanged submodule outputs between stages (memory for speed)",
                                   panel="Calibration")
+    activations: str = opt("auto", "where calibration activations live between blocks: auto (on the device when they "
+                           "fit, else pinned CPU memory), device, cpu", choices=("auto", "device", "cpu"),
+                           panel="Calibration")
     # what to quantize
     skip: tuple[str, ...] = opt(("lm_head",), "module-name suffixes left in 16 bit", cli=False)
     device: str = opt("cpu", "cpu | cuda | cuda:N")

@@ -7,6 +7,9 @@ import torch
 from .errors import RdquantError
 
 
+_WIDE_MM = "out_dtype" in (torch.mm.__doc__ or "") or hasattr(torch.ops.aten.mm, "dtype")
+
+
 class HessianAccumulator:
     """Running mean of 2 x x^T over the rows x of every input batch (GPTQ's add_batch).
 
@@ -22,14 +25,22 @@ class HessianAccumulator:
         self._edges = [round(i * n_features / k) for i in range(k + 1)]
 
     def add(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).to(torch.float32)
+        x = x.reshape(-1, x.shape[-1])
+        # 16-bit inputs on a GPU: their products are exact in fp32, so a 16-bit GEMM that accumulates
+        # and writes fp32 computes what the fp32 GEMM would, on the tensor cores (~10x faster)
+        wide = _WIDE_MM and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
+        if not wide:
+            x = x.to(torch.float32)
         m = x.shape[0]
         self._sum += x.sum(0, dtype=torch.float64)
         self._upper.mul_(self.n / (self.n + m))
         self.n += m
         e = self._edges
         for a, b in zip(e[:-1], e[1:]):
-            self._upper[a:b, a:].addmm_(x[:, a:b].t(), x[:, a:], alpha=2.0 / self.n)
+            if wide:
+                self._upper[a:b, a:].add_(torch.mm(x[:, a:b].t(), x[:, a:], out_dtype=torch.float32), alpha=2.0 / self.n)
+            else:
+                self._upper[a:b, a:].addmm_(x[:, a:b].t(), x[:, a:], alpha=2.0 / self.n)
 
     @property
     def mean(self) -> torch.Tensor:

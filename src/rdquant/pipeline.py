@@ -7,14 +7,20 @@
    quantize, swap in QuantLinear - so later stages see the quantized earlier ones (true sequential).
 3. Run the finished block to produce the next block's inputs. Only the current block is on the
    compute device. Finished blocks are checkpointed, so an interrupted run can resume.
+Blocks come from a `BlockSource` (source.py): with a streamed one (safetensors read lazily, synthetic
+weights) only the current block is in memory at all, and each finished block's tensors go straight
+to the checkpoint, from which the artifact is assembled. Activations between blocks stay in the
+model's dtype, on the device when they fit, else in pinned CPU memory moved per batch.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any, Callable
 
 import torch
@@ -31,6 +37,10 @@ from .methods.gptq import proxy_error
 from .models import block_linears, find_blocks, set_submodule
 from .runtime import QuantLinear
 from .safety import CHECKPOINT_MARKER, PROGRESS, remove_owned
+from .source import BlockSource, as_source
+
+INPUTS_EVERY_S = 120.0  # the next block's inputs are checkpointed at most this often, unless small
+SMALL_INPUTS = 64 * 2**20
 
 
 class _StopForward(Exception):
@@ -41,8 +51,9 @@ class _StopForward(Exception):
 class Chunk:
     """A batch of calibration windows at the current block's input."""
 
-    hidden: torch.Tensor
+    hidden: torch.Tensor  # where it waits between passes (the device, or pinned CPU memory)
     kwargs: dict[str, Any]
+    device: torch.device | None = None  # where the block runs (None: where `hidden` is)
 
 
 @dataclass
@@ -68,12 +79,25 @@ def _move_outside_blocks(model: nn.Module, blocks: nn.ModuleList, device: torch.
                 m._buffers[k] = b.to(device)
 
 
+def _park(t: torch.Tensor, home: torch.device) -> torch.Tensor:
+    """Where activations wait between passes: `home` (pinned when that is the CPU and t is on a GPU)."""
+    if t.device == home:
+        return t
+    if home.type == "cpu" and t.is_cuda:
+        out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        return out.copy_(t, non_blocking=True)
+    return t.to(home)
+
+
 @torch.no_grad()
 def capture_block_inputs(
-    model: nn.Module, blocks: nn.ModuleList, input_ids: torch.Tensor, batch_size: int, device: torch.device
+    model: nn.Module, blocks: nn.ModuleList, input_ids: torch.Tensor, batch_size: int, device: torch.device,
+    home: torch.device | None = None,
 ) -> list[Chunk]:
-    """Run the model up to block 0 for each batch of windows; keep hidden states and kwargs."""
+    """Run the model up to block 0 for each batch of windows; keep hidden states (at `home`, default
+    the device) and kwargs (on the device: masks and rotary tables are small)."""
     chunks: list[Chunk] = []
+    home = home or device
 
     def hook(module, args, kwargs):
         kwargs = dict(kwargs)
@@ -83,7 +107,7 @@ def capture_block_inputs(
                 kwargs[k] = None
         if "use_cache" in kwargs:
             kwargs["use_cache"] = False
-        chunks.append(Chunk(hidden, kwargs))
+        chunks.append(Chunk(_park(hidden, home), kwargs, device))
         raise _StopForward
 
     _move_outside_blocks(model, blocks, device)
@@ -103,7 +127,10 @@ def capture_block_inputs(
 
 
 def _block_output(block: nn.Module, chunk: Chunk) -> torch.Tensor:
-    out = block(chunk.hidden, **chunk.kwargs)
+    hidden = chunk.hidden
+    if chunk.device is not None and hidden.device != chunk.device:
+        hidden = hidden.to(chunk.device, non_blocking=True)
+    out = block(hidden, **chunk.kwargs)
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
@@ -116,12 +143,15 @@ class ActivationReuse:
     from true-sequential GPTQ (each linear runs about once per chunk instead of once per stage).
     Moreover, a module whose output *is* the output of the changed linear (its tail: o_proj for
     attention, down_proj for the MLP, found by `discover_stages`) is answered by running just that
-    linear on its input, recorded by the Hessian pass. Caches live for one block. `bypass` turns it
-    all off (for the exactness check).
+    linear on its input, recorded by the Hessian pass. Caches live for one block and hold at most
+    `budget` bytes (what does not fit is recomputed, with the same result). `bypass` turns it all off
+    (for the exactness check).
     """
 
-    def __init__(self, block: nn.Module, tails: dict[str, tuple[str, int]] | None = None) -> None:
+    def __init__(self, block: nn.Module, tails: dict[str, tuple[str, int]] | None = None,
+                 budget: float = float("inf")) -> None:
         self.block = block
+        self.budget, self.used = budget, 0
         self.tails = tails or {}  # module -> (tail linear, number of None outputs after it)
         self.inputs: dict[tuple[str, int], torch.Tensor] = {}
         self.shortcut: dict[str, tuple[str, int]] = {}
@@ -154,11 +184,20 @@ class ActivationReuse:
             else:
                 out = forward(*args, **kwargs)
             if not self.marked:
-                self.cache[key] = out
+                if key not in self.cache and self._fits(out):
+                    self.cache[key] = out
                 self.finished.add(name)
             return out
 
         return wrapped
+
+    def _fits(self, out: Any) -> bool:
+        """Count `out` against the budget; False (do not keep it) if it would exceed it."""
+        n = _nbytes(out)
+        if self.used + n > self.budget:
+            return False
+        self.used += n
+        return True
 
     def begin_pass(self, changed: str | None = None) -> None:
         """A new pass; `changed` is the first linear quantized since the last one (if any)."""
@@ -167,10 +206,11 @@ class ActivationReuse:
         self.cache = {k: v for k, v in self.cache.items() if k[0] in self.reusable}
         self.shortcut = {m: t for m, t in self.tails.items() if t[0] == changed}
         self.inputs = {k: v for k, v in self.inputs.items() if k[0] == changed}
+        self.used = sum(_nbytes(v) for v in (*self.cache.values(), *self.inputs.values()))
 
     def record_input(self, linear: str, x: torch.Tensor) -> None:
         """The input of a linear about to change (the Hessian pass sees it for every chunk)."""
-        if any(t[0] == linear for t in self.tails.values()):
+        if any(t[0] == linear for t in self.tails.values()) and self._fits(x):
             self.inputs[(linear, self.chunk)] = x
 
     def begin_chunk(self, k: int) -> None:
@@ -184,6 +224,15 @@ class ActivationReuse:
         for mod in self._patched.values():
             del mod.forward
         self._patched, self.cache, self.inputs = {}, {}, {}
+
+
+def _nbytes(out: Any) -> int:
+    """Bytes of a tensor or of the tensors in a tuple (a cached module output)."""
+    if isinstance(out, torch.Tensor):
+        return out.numel() * out.element_size()
+    if isinstance(out, (tuple, list)):
+        return sum(_nbytes(o) for o in out)
+    return 0
 
 
 def _run_pass(
@@ -220,7 +269,7 @@ def propagate(
                 f"non-finite (NaN/Inf) activations after block {index}: the model overflows on the "
                 "calibration data in this dtype; load it in float32 or check the checkpoint"
             )
-        outputs[k] = out
+        outputs[k] = _park(out, chunks[k].hidden.device)
 
     _run_pass(block, chunks, reuse, keep, changed)
     for k, c in enumerate(chunks):
@@ -261,7 +310,7 @@ def discover_stages(
         if id(m) in names:
             handles.append(m.register_forward_hook(post))
     try:
-        small = Chunk(chunk.hidden[:1], _slice_kwargs(chunk.kwargs, chunk.hidden.shape[0]))
+        small = Chunk(chunk.hidden[:1], _slice_kwargs(chunk.kwargs, chunk.hidden.shape[0]), chunk.device)
         _block_output(block, small)
     finally:
         for h in handles:
@@ -388,11 +437,14 @@ def quantize_stage(
 
 
 class Checkpoint:
-    """Finished blocks of an interrupted run: <dir>/progress.json + block_NNN.safetensors/.json."""
+    """Finished blocks of a run: <dir>/progress.json + block_NNNN.safetensors/.json (+ the inputs of a
+    later block, for resuming). With a streamed source the block files hold every tensor of the block
+    and are what the artifact is assembled from (`BlockFiles`)."""
 
     def __init__(self, path: Path, cfg: CompressConfig, model_id: str) -> None:
         self.path = path
         self.key = {"config": cfg.to_dict(), "model": model_id}
+        self._inputs_saved_at = time.monotonic()
 
     def start(self, resume: bool) -> int:
         """Blocks already done (0 unless resuming a matching checkpoint); prepares the directory."""
@@ -423,29 +475,53 @@ class Checkpoint:
         logs: list[LayerLog],
         method_state: dict | None = None,
         chunks: list[Chunk] | None = None,
+        full: bool = False,
     ) -> None:
-        """Save block i's quantized tensors and log, then the inputs of block i+1 (so a resume
-        starts from exactly these activations instead of recomputing them), then the progress."""
+        """Save block i's quantized tensors (`full`: every tensor of the block) and log, then, when it
+        is small or a while since the last time, the inputs of block i+1 (so a resume starts from
+        those activations instead of recomputing them from block 0), then the progress."""
         tensors = {
             f"{n}.{k}": v.contiguous()
             for n, m in block.named_modules()
             if isinstance(m, QuantLinear)
             for k, v in m.state_dict().items()
         }
-        save_file(tensors, self.path / f"block_{i:04d}.safetensors")
-        (self.path / f"block_{i:04d}.json").write_text(json.dumps([asdict(l) for l in logs]))
+        if full:
+            tensors = {k: v.contiguous() for k, v in block.state_dict().items()}
+        _atomic_save(tensors, self.path / f"block_{i:04d}.safetensors")
+        quantized = {n: m.table_entry() for n, m in block.named_modules() if isinstance(m, QuantLinear)}
+        (self.path / f"block_{i:04d}.json").write_text(json.dumps({"logs": [asdict(l) for l in logs],
+                                                                    "quantized": quantized}))
+        state = {"key": self.key, "blocks_done": i + 1, "method_state": method_state}
+        old = self.path / PROGRESS
+        if old.is_file():
+            state["inputs_block"] = json.loads(old.read_text()).get("inputs_block")
         if chunks:
-            tmp_inputs = self.path / "inputs.safetensors.tmp"
-            save_file({f"chunk_{k:05d}": c.hidden.detach().cpu().contiguous() for k, c in enumerate(chunks)}, tmp_inputs)
-            tmp_inputs.replace(self.path / "inputs.safetensors")
+            nbytes = sum(_nbytes(c.hidden) for c in chunks)
+            if nbytes <= SMALL_INPUTS or time.monotonic() - self._inputs_saved_at >= INPUTS_EVERY_S:
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()  # parked activations are copied asynchronously
+                _atomic_save({f"chunk_{k:05d}": c.hidden.detach().cpu().contiguous() for k, c in enumerate(chunks)},
+                             self.path / "inputs.safetensors")
+                state["inputs_block"] = i + 1
+                self._inputs_saved_at = time.monotonic()
         tmp = self.path / (PROGRESS + ".tmp")
-        tmp.write_text(json.dumps({"key": self.key, "blocks_done": i + 1, "method_state": method_state}))
+        tmp.write_text(json.dumps(state))
         tmp.replace(self.path / PROGRESS)
 
+    def _block_record(self, i: int) -> dict[str, Any]:
+        rec = json.loads((self.path / f"block_{i:04d}.json").read_text())
+        return {"logs": rec, "quantized": None} if isinstance(rec, list) else rec
+
+    def load_logs(self, i: int) -> list[LayerLog]:
+        return [LayerLog(**{**l, "shape": tuple(l["shape"])}) for l in self._block_record(i)["logs"]]
+
     def load_block(self, i: int, block: nn.Module, cfg: CompressConfig, dtype: torch.dtype, prefix: str) -> list[LayerLog]:
+        """Swap block i's linears for the saved QuantLinear modules; returns its logs."""
         tensors = load_file(self.path / f"block_{i:04d}.safetensors")
-        logs = [LayerLog(**{**l, "shape": tuple(l["shape"])}) for l in json.loads((self.path / f"block_{i:04d}.json").read_text())]
+        logs = self.load_logs(i)
         by_name = {l.name: l for l in logs}
+        device = next(block.parameters()).device
         for n, lin in block_linears(block, cfg.skip).items():
             log = by_name[prefix + n]
             q = QuantLinear(
@@ -453,23 +529,85 @@ class Checkpoint:
                 lin.bias is not None or cfg.bias_correction, dtype, spec=log.spec,
             )
             q.load_state_dict({k.split(".")[-1]: v for k, v in tensors.items() if k.rpartition(".")[0] == n})
-            set_submodule(block, n, q)
+            set_submodule(block, n, q.to(device))
         return logs
 
-    def load_inputs(self, chunks: list[Chunk]) -> bool:
-        """Restore the saved block inputs into `chunks`; False if there are none."""
+    def load_inputs(self, chunks: list[Chunk]) -> int | None:
+        """Restore saved block inputs into `chunks`: the index of the block they are the inputs of,
+        None if there are none."""
         f = self.path / "inputs.safetensors"
+        prog = self.path / PROGRESS
         if not f.is_file():
-            return False
+            return None
+        state = json.loads(prog.read_text()) if prog.is_file() else {}
         saved = load_file(f)
         if len(saved) != len(chunks):
             raise RdquantError(f"--resume: the checkpoint in {self.path} has inputs for another calibration set")
         for k, c in enumerate(chunks):
-            c.hidden = saved[f"chunk_{k:05d}"].to(c.hidden.device)
-        return True
+            c.hidden = _park(saved[f"chunk_{k:05d}"].to(c.device or "cpu"), c.hidden.device)
+        return int(state.get("inputs_block", state.get("blocks_done", 0)))
+
+    def block_files(self, blocks_name: str, n_blocks: int) -> "BlockFiles":
+        return BlockFiles(self.path, blocks_name, n_blocks, self)
 
     def remove(self) -> None:
         remove_owned(self.path)
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, tmp)
+    tmp.replace(path)
+
+
+class BlockFiles(Mapping):
+    """Every block's tensors (full names) as saved by a streamed run, read from disk one at a time:
+    what the artifact writer streams from (`nbytes_of` sizes a tensor without reading it)."""
+
+    def __init__(self, path: Path, blocks_name: str, n_blocks: int, ckpt: Checkpoint) -> None:
+        from safetensors import safe_open
+
+        self._where: dict[str, tuple[Path, str]] = {}
+        self._nbytes: dict[str, int] = {}
+        self._dtype: dict[str, torch.dtype] = {}
+        self.quantized: dict[str, Any] = {}
+        for i in range(n_blocks):
+            f = path / f"block_{i:04d}.safetensors"
+            prefix = f"{blocks_name}.{i}."
+            with safe_open(f, "pt") as fh:
+                for k in fh.keys():
+                    sl = fh.get_slice(k)
+                    shape, dt = sl.get_shape(), sl.get_dtype()
+                    dtype = _SAFETENSORS_DTYPES[dt]
+                    self._where[prefix + k] = (f, k)
+                    self._dtype[prefix + k] = dtype
+                    self._nbytes[prefix + k] = math.prod(shape) * dtype.itemsize
+            for n, entry in (ckpt._block_record(i)["quantized"] or {}).items():
+                self.quantized[prefix + n] = entry
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        f, k = self._where[name]
+        with safe_open(f, "pt") as fh:
+            return fh.get_tensor(k)
+
+    def __iter__(self):
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def nbytes_of(self, name: str) -> int:
+        return self._nbytes[name]
+
+    def dtype_of(self, name: str) -> torch.dtype:
+        return self._dtype[name]
+
+
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool}
 
 
 def run_pipeline(*args, **kwargs) -> PipelineState:
@@ -478,8 +616,23 @@ def run_pipeline(*args, **kwargs) -> PipelineState:
         return _run_pipeline(*args, **kwargs)
 
 
+def activation_home(cfg: CompressConfig, n_windows: int, seqlen: int, hidden: int, dtype: torch.dtype,
+                    fixed_bytes: int) -> torch.device:
+    """Where calibration activations wait between passes: the device when the inputs and outputs of a
+    block (2 copies) fit beside `fixed_bytes` (one block, its Hessians, a batch's intermediates)
+    in the device's free memory (cfg.activations = auto), else pinned CPU memory."""
+    device = torch.device(cfg.device)
+    if device.type != "cuda" or cfg.activations == "device":
+        return device
+    if cfg.activations == "cpu":
+        return torch.device("cpu")
+    need = 2 * n_windows * seqlen * hidden * torch.finfo(dtype).bits // 8
+    free, _ = torch.cuda.mem_get_info(device)
+    return device if need + fixed_bytes <= 0.9 * free else torch.device("cpu")
+
+
 def _run_pipeline(
-    model: nn.Module,
+    model: nn.Module | BlockSource,
     cfg: CompressConfig,
     calib_ids: torch.Tensor | None,
     checkpoint: Checkpoint | None = None,
@@ -487,33 +640,45 @@ def _run_pipeline(
     progress: bool = True,
     after_block: Callable[[int], None] | None = None,
 ) -> PipelineState:
+    source = as_source(model)
+    model = source.model
     device = torch.device(cfg.device)
     dtype = next(model.parameters()).dtype
     blocks_name, blocks = find_blocks(model)
+    if source.streamed and checkpoint is None:
+        raise RdquantError("a streamed block source writes every finished block to disk: pass a checkpoint "
+                           "directory (compress(..., checkpoint_dir=...))")
     method = METHODS[cfg.method]
     state = PipelineState()
     start = checkpoint.start(resume) if checkpoint else 0
     for i in range(start):
-        state.logs += checkpoint.load_block(i, blocks[i], cfg, dtype, f"{blocks_name}.{i}.")  # type: ignore[union-attr]
+        if source.streamed:
+            state.logs += checkpoint.load_logs(i)  # type: ignore[union-attr]
+        else:
+            state.logs += checkpoint.load_block(i, blocks[i], cfg, dtype, f"{blocks_name}.{i}.")  # type: ignore[union-attr]
     method_state = None
     if method.prepare is not None:
         saved = checkpoint.method_state if checkpoint and start else None
         if saved is not None and method.from_dict is not None:
             method_state = method.from_dict(saved)
         else:
-            method_state = method.prepare(model, calib_ids, cfg, progress)
+            method_state = method.prepare(source, calib_ids, cfg, progress)
     state.method_state = method_state
 
     chunks: list[Chunk] = []
     if method.needs_hessian:
         if calib_ids is None:
             raise RdquantError(f"method {cfg.method} needs calibration data")
-        chunks = capture_block_inputs(model, blocks, calib_ids, cfg.batch_size, device)
-        if start and not checkpoint.load_inputs(chunks):  # type: ignore[union-attr]
-            for i in range(start):  # no saved activations: recompute the inputs of block `start`
-                blocks[i].to(device)
-                propagate(blocks[i], chunks, i)
-                blocks[i].to("cpu")
+        hidden = int(getattr(model.config, "hidden_size", 0)) or blocks[0].parameters().__next__().shape[-1]
+        home = activation_home(cfg, calib_ids.shape[0], calib_ids.shape[1], hidden, dtype, fixed_bytes(source, cfg, calib_ids.shape[1]))
+        chunks = capture_block_inputs(model, blocks, calib_ids, cfg.batch_size, device, home)
+        first = checkpoint.load_inputs(chunks) if start else 0  # type: ignore[union-attr]
+        for i in range(first or 0, start):  # recompute the inputs of block `start` from the saved ones
+            block = source.load(i, device)
+            if source.streamed:
+                checkpoint.load_block(i, block, cfg, dtype, f"{blocks_name}.{i}.")  # type: ignore[union-attr]
+            propagate(block, chunks, i)
+            source.release(i)
 
     stages: list[list[str]] | None = None
     tails: dict[str, tuple[str, int]] = {}
@@ -522,27 +687,31 @@ def _run_pipeline(
             else f"{cfg.target_bits} bits/weight" if cfg.target_bits is not None else f"{cfg.bits}-bit")
     bar = tqdm(range(start, len(blocks)), desc=f"{cfg.method} {what}", unit="block", disable=not progress,
                initial=start, total=len(blocks))
+    # reused activations: unlimited in host memory; on a GPU half the calibration activations' size, so a
+    # block step stays within ~2.5x the activations plus the block, its Hessians and one batch's intermediates
+    budget = float("inf") if device.type == "cpu" else 0.5 * sum(_nbytes(c.hidden) for c in chunks)
     for i in bar:
-        block = blocks[i].to(device)
+        block = source.load(i, device)
         prefix = f"{blocks_name}.{i}."
         linears = block_linears(block, cfg.skip)
         logs: list[LayerLog] = []
         if method.needs_hessian:
             if stages is None or sorted(n for s in stages for n in s) != sorted(linears):
                 stages, tails = discover_stages(block, linears, chunks[0])
-            reuse = ActivationReuse(block, tails) if cfg.reuse_activations else None
+            reuse = ActivationReuse(block, tails, budget) if cfg.reuse_activations else None
             try:
                 changed = None
                 for stage in stages:
                     H, x_mean = stage_hessian(block, linears, stage, chunks, prefix + stage[0], reuse, changed)
                     changed = stage[0]
                     logs += quantize_stage(block, linears, stage, H, cfg, prefix, dtype, method_state, x_mean)
+                    del H
                 if reuse and i == start:  # check once that reuse is exact for this architecture
                     reuse.bypass = True
                     reference = _block_output(block, chunks[0])
                     reuse.bypass = False
                 propagate(block, chunks, i, reuse, changed)
-                if reuse and i == start and not torch.equal(reference, chunks[0].hidden):
+                if reuse and i == start and not torch.equal(reference.to(chunks[0].hidden.device), chunks[0].hidden):
                     raise RdquantError(
                         "activation reuse does not reproduce this architecture's block outputs exactly "
                         "(a module changes its output in place?); rerun with reuse_activations: false"
@@ -557,11 +726,23 @@ def _run_pipeline(
             if isinstance(m, QuantLinear):
                 m.cache_dequantized = False
                 m.clear_cache()
-        blocks[i] = block.to("cpu")
         state.logs += logs
         state.blocks_done = i + 1
         if checkpoint:
-            checkpoint.save_block(i, blocks[i], logs, state_to_dict(method_state), chunks)
+            checkpoint.save_block(i, block, logs, state_to_dict(method_state), chunks, full=source.streamed)
+        source.release(i)
         if after_block:
             after_block(i)
     return state
+
+
+def fixed_bytes(source: BlockSource, cfg: CompressConfig, seqlen: int) -> int:
+    """GPU bytes a block step needs besides the parked activations: the block, its largest stage's
+    Hessian (accumulator, symmetric copy and the solver's factor: 4 fp32 matrices) and one batch's
+    intermediates (a few tensors of the block's widest layer)."""
+    _, blocks = source.blocks
+    lin = [m for m in blocks[0].modules() if isinstance(m, (nn.Linear, QuantLinear))]
+    widest_in = max(m.in_features for m in lin)
+    widest_out = max(m.out_features for m in lin)
+    elem = next(source.model.parameters()).element_size()
+    return source.block_bytes() + 4 * 4 * widest_in**2 + 4 * cfg.batch_size * seqlen * widest_out * max(elem, 4)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +51,11 @@ class QuantLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device)) if bias else None
         for name, (dt, shape) in self.layout.buffers(self.layer).items():
             self.register_buffer(name, torch.empty(shape, dtype=dt, device=device))
+
+    def table_entry(self) -> dict[str, Any]:
+        """This layer's row of the manifest's quantized-module table (without the method)."""
+        return {"bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric,
+                "shape": [self.out_features, self.in_features], "bias": self.bias is not None, **(self.spec or {})}
 
     @classmethod
     def from_quantized(cls, qw, bias: torch.Tensor | None, dtype: torch.dtype = torch.float32) -> "QuantLinear":

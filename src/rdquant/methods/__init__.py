@@ -11,6 +11,8 @@ checkpoints carry it across a resume.
 
 from __future__ import annotations
 
+from ..errors import RdquantError
+
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
@@ -57,8 +59,10 @@ def _ecsq(W, H, cfg, state, parts=None, names=None) -> Result:
     return ecsq_quantize(W, H, cfg, state, len(parts) if parts else 1)
 
 
-def _ecsq_prepare(model, calib_ids, cfg, progress=True) -> RateControl:
-    _, blocks = find_blocks(model)
+def _ecsq_prepare(source, calib_ids, cfg, progress=True) -> RateControl:
+    if source.streamed:
+        raise RdquantError("ecsq plans its rate from every weight at once: load the model in memory")
+    _, blocks = find_blocks(source.model)
     return plan_rate([lin.weight.data for b in blocks for lin in block_linears(b, cfg.skip).values()], cfg)
 
 

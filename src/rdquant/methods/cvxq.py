@@ -366,11 +366,18 @@ def allocate(model: nn.Module, layers: list[LayerInfo], sens: dict[str, torch.Te
     raise RdquantError("cvxq: could not fit the allocation into the budget")  # pragma: no cover
 
 
-def plan(model: nn.Module, calib_ids: torch.Tensor | None, cfg: CompressConfig, progress: bool = True) -> CvxqPlan:
+def plan(model: "nn.Module | BlockSource", calib_ids: torch.Tensor | None, cfg: CompressConfig,
+         progress: bool = True) -> CvxqPlan:
     """Sensitivities + one global lambda: the widths of every quantized layer (before quantizing)."""
     import time
 
     from ..sensitivity import gradient_sensitivity, hessian_sensitivity
+    from ..source import BlockSource
+
+    if isinstance(model, BlockSource):
+        if model.streamed:
+            raise RdquantError("cvxq on a streamed source is not built yet: load the model in memory")
+        model = model.model
 
     t0 = time.perf_counter()
     if calib_ids is None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..config import CompressConfig
-from ..grid import cluster_grid, companded_quantize, grid_params, group_grid, mixed_group_grid, quantize
+from ..grid import cluster_grid, companded_quantize, grid_params, group_grid, max_code, mixed_group_grid, quantize
 from ..qmixed import MixedWeight, width_bits
 from ..qtensor import QuantizedWeight, dequantize_codes, expand_groups, num_groups
 from .rtn import rtn_quantize
@@ -64,6 +64,15 @@ class ColumnQuantizer:
     def end_block(self) -> None:
         """Called after the block's last column (flush per-block buffers)."""
 
+    def affine_block(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """(scales, zeros, max codes) [b, rows] of the current block when every column's grid is affine
+        and fixed before the block starts (what the fused kernel needs); None otherwise."""
+        return None
+
+    def set_block_codes(self, codes: torch.Tensor) -> None:
+        """The codes [b, rows] the fused kernel chose for the current block."""
+        self.C1 = codes
+
 
 def prepare_hessian(W: torch.Tensor, H: torch.Tensor, notes: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(W, H, dead) in float32 with dead inputs (H_jj = 0) zeroed in W and set to 1 on H's diagonal."""
@@ -81,12 +90,26 @@ def prepare_hessian(W: torch.Tensor, H: torch.Tensor, notes: list[str]) -> tuple
     return W, H, dead
 
 
+def _block_kernel(W: torch.Tensor, kernel: bool | None):
+    """The fused lazy-block kernel (kernels/gptq_triton.py) when asked, or by default on CUDA."""
+    if kernel is False or (kernel is None and not W.is_cuda):
+        return None
+    try:
+        from ..kernels.gptq_triton import gptq_block
+    except ImportError:  # pragma: no cover - triton is missing: the Python loop does the same
+        return None
+    return gptq_block
+
+
 def gptq_sweep(
     W: torch.Tensor, H: torch.Tensor, quantizer: ColumnQuantizer, perm: torch.Tensor, block_size: int,
-    damp_percent: float, notes: list[str],
+    damp_percent: float, notes: list[str], kernel: bool | None = None,
 ) -> bool:
     """The GPTQ column sweep in the order `perm`, one implementation for every grid (uniform groups,
-    column codebooks, ...). W [out, in] is consumed. False if H could not be factored."""
+    column codebooks, ...). W [out, in] is consumed. False if H could not be factored. A quantizer
+    whose block is an affine grid fixed per column (`affine_block`) runs each lazy block as one fused
+    kernel on CUDA (or when `kernel` is True; False forces the Python loop)."""
+    fused = _block_kernel(W, kernel)
     cols = W.shape[1]
     W, H = W[:, perm], H[perm][:, perm]
     Hinv = inverse_hessian_cholesky(H, damp_percent, notes)
@@ -101,11 +124,16 @@ def gptq_sweep(
         Hinv1 = Hinv[i1:i2, i1:i2]
         d = torch.diagonal(Hinv1).tolist()
         quantizer.begin_block(order[i1:i2], W1)
-        for i in range(i2 - i1):
-            w = W1[i]
-            err = (w - quantizer.column(i, w)) / d[i]
-            W1[i + 1 :].addr_(Hinv1[i, i + 1 :], err, alpha=-1)
-            Err1[i] = err
+        grid = quantizer.affine_block() if fused is not None else None
+        if grid is not None:
+            codes, Err1 = fused(W1, Hinv1, *grid)
+            quantizer.set_block_codes(codes)
+        else:
+            for i in range(i2 - i1):
+                w = W1[i]
+                err = (w - quantizer.column(i, w)) / d[i]
+                W1[i + 1 :].addr_(Hinv1[i, i + 1 :], err, alpha=-1)
+                Err1[i] = err
         quantizer.end_block()
         W[:, i2:] -= Err1.t() @ Hinv[i1:i2, i2:]
     return True
@@ -154,6 +182,13 @@ class _UniformColumns(ColumnQuantizer):
     def end_block(self) -> None:
         self.codes[:, self.cols] = self.C1.t()
 
+    def affine_block(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        if not self.static:
+            return None
+        if isinstance(self.bits, torch.Tensor):
+            return self.S1, self.Z1, max_code(self.B1)
+        return self.S1, self.Z1, torch.full_like(self.S1, max_code(self.bits))
+
 
 class _ClusterColumns(ColumnQuantizer):
     """Row-cluster x column cells (CVXQ's): every column has a grid per row cluster at that cell's width,
@@ -192,6 +227,9 @@ class _ClusterColumns(ColumnQuantizer):
 
     def end_block(self) -> None:
         self.codes[:, self.cols] = self.C1.t()
+
+    def affine_block(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        return None if self.grid == "laplace" else (self.S1, self.Z1, max_code(self.B1))
 
     def result(self, max_width: int) -> MixedWeight:
         return MixedWeight(self.codes, self.widths.to(torch.uint8), self.scales.to(torch.float16), self.zeros,

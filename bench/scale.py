@@ -1,0 +1,178 @@
+"""Compression at real model sizes: time, GPU memory and host memory per method and depth.
+
+Builds a Llama-shaped model from a config with random weights (source.SyntheticBlocks: one block
+materialised at a time, so a 70B shape needs no checkpoint), calibrates on random tokens and runs
+rdquant's methods through the streamed pipeline. Each (method, depth) runs in its own process so its
+peak host RSS is its own. Prints a table; --json writes the rows.
+
+  python bench/scale.py --shape 8b --layers 2 32 --methods gptq claq --json bench/results/raw/scale.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SHAPES = {
+    # hidden, MLP, query heads, KV heads, vocab, layers of the real model
+    "8b": dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+               vocab_size=128256, layers=32),
+    "70b": dict(hidden_size=8192, intermediate_size=28672, num_attention_heads=64, num_key_value_heads=8,
+                vocab_size=128256, layers=80),
+    "tiny": dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
+                 vocab_size=1000, layers=4),
+}
+METHOD_ARGS = {
+    "gptq": dict(method="gptq", bits=4, group_size=128),
+    "cvxq": dict(method="cvxq", target_bits=4.25, group_size=128),
+    "claq": dict(method="claq", target_bits=3.1),
+}
+
+
+def one(args: argparse.Namespace) -> dict:
+    """One run in this process: the row of the table."""
+    import resource
+
+    import torch
+    from transformers import LlamaConfig
+
+    import rdquant
+    from rdquant.source import SyntheticBlocks
+
+    shape = dict(SHAPES[args.shape])
+    shape.pop("layers")
+    config = LlamaConfig(**shape, num_hidden_layers=args.one_layers, max_position_embeddings=max(8192, args.seqlen),
+                         tie_word_embeddings=False)
+    device = args.device
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    src = SyntheticBlocks(config, dtype, seed=0)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, config.vocab_size, (args.samples, args.seqlen), generator=g)
+    cfg = rdquant.CompressConfig(**METHOD_ARGS[args.one_method], device=device, calib_samples=args.samples,
+                                 calib_seqlen=args.seqlen, batch_size=args.batch)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
+        t0 = time.perf_counter()
+        cm = rdquant.compress(src, cfg, calib_ids=ids, checkpoint_dir=Path(tmp) / "run.partial", progress=args.progress,
+                              model_id=f"synthetic-{args.shape}")
+        seconds = time.perf_counter() - t0
+        save_s = None
+        if args.save:
+            t1 = time.perf_counter()
+            cm.save(Path(tmp) / "artifact")
+            save_s = time.perf_counter() - t1
+    row = {
+        "shape": args.shape, "method": args.one_method, "layers": args.one_layers, "samples": args.samples,
+        "seqlen": args.seqlen, "batch": args.batch, "device": device, "seconds": round(seconds, 2),
+        "seconds_per_layer": round(seconds / args.one_layers, 3),
+        "solve_seconds": round(sum(l.seconds for l in cm.logs), 2),
+        "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.startswith("cuda") else None,
+        "peak_host_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+        "save_seconds": round(save_s, 2) if save_s is not None else None,
+    }
+    if device.startswith("cuda"):
+        row["gpu"] = torch.cuda.get_device_name()
+    return row
+
+
+def checks(device: str) -> list[dict]:
+    """GPU exactness checks of the scale path: the fused GPTQ block kernel against the Python loop on a
+    real-sized layer (codes agreeing, proxy error, time), and the 16-bit Hessian GEMM against fp32."""
+    import torch
+
+    from rdquant.config import CompressConfig
+    from rdquant.hessian import HessianAccumulator
+    from rdquant.methods import gptq as G
+
+    out = []
+    g = torch.Generator(device=device).manual_seed(0)
+    rows, cols = 4096, 4096
+    W = torch.randn(rows, cols, generator=g, device=device) * 0.02
+    X = (torch.randn(8192, cols, generator=g, device=device) * torch.rand(cols, generator=g, device=device) * 3)
+    H = 2 * X.t() @ X / X.shape[0]
+    real = G._block_kernel
+    for kw in (dict(bits=4, group_size=128), dict(bits=3, group_size=64), dict(bits=2, group_size=64)):
+        res = {}
+        for fused in (False, True):
+            G._block_kernel = lambda W_, kernel, f=fused: real(W_, f)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            q, _ = G.gptq_quantize(W, H, CompressConfig(**kw, device=device))
+            torch.cuda.synchronize()
+            res[fused] = (q, time.perf_counter() - t0)
+        G._block_kernel = real
+        (a, ta), (b, tb) = res[False], res[True]
+        out.append({"check": "gptq fused block", **kw, "codes_equal": round(float((a.codes == b.codes).float().mean()), 6),
+                    "proxy_loop": G.proxy_error(W, a.dequantize(), H), "proxy_fused": G.proxy_error(W, b.dequantize(), H),
+                    "seconds_loop": round(ta, 3), "seconds_fused": round(tb, 3)})
+    x = torch.randn(16 * 2048, 4096, generator=g, device=device).to(torch.bfloat16)
+    a, b = HessianAccumulator(4096, device), HessianAccumulator(4096, device)
+    a.add(x)
+    b.add(x.float())
+    rel = float((a.H - b.H).abs().max() / b.H.abs().max())
+    out.append({"check": "bf16 Hessian GEMM vs fp32", "max_rel_diff": rel})
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", choices=SHAPES, default="8b")
+    ap.add_argument("--layers", type=int, nargs="+", default=[2])
+    ap.add_argument("--methods", nargs="+", choices=METHOD_ARGS, default=["gptq"])
+    ap.add_argument("--samples", type=int, default=128)
+    ap.add_argument("--seqlen", type=int, default=2048)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--save", action="store_true", help="also write the artifact (timed separately)")
+    ap.add_argument("--tmp", default=None, help="directory for the run's block files")
+    ap.add_argument("--progress", action="store_true")
+    ap.add_argument("--json", type=Path)
+    ap.add_argument("--check", action="store_true", help="run the GPU exactness checks first")
+    ap.add_argument("--one-method", help=argparse.SUPPRESS)
+    ap.add_argument("--one-layers", type=int, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.one_method:
+        print("ROW " + json.dumps(one(args)), flush=True)
+        return
+    rows = []
+    if args.check:
+        for r in checks(args.device):
+            print(json.dumps(r), flush=True)
+            rows.append(r)
+    for method in args.methods:
+        for layers in args.layers:
+            cmd = [sys.executable, __file__, "--one-method", method, "--one-layers", str(layers)] + [
+                a for a in sys.argv[1:] if a != "--json" and not a.endswith(".json")]
+            t0 = time.perf_counter()
+            p = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
+            row = next((json.loads(l[4:]) for l in p.stdout.splitlines() if l.startswith("ROW ")), None)
+            if row is None:
+                tail = (p.stderr or p.stdout).strip().splitlines()[-5:]
+                row = {"shape": args.shape, "method": method, "layers": layers, "error": " | ".join(tail)}
+            row["wall_seconds"] = round(time.perf_counter() - t0, 1)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    print(f"\n{'method':6} {'layers':>6} {'s':>8} {'s/layer':>8} {'solve s':>8} {'GPU GiB':>8} {'RSS GiB':>8}")
+    for r in rows:
+        if "check" in r:
+            continue
+        if "error" in r:
+            print(f"{r['method']:6} {r['layers']:>6} error: {r['error']}")
+            continue
+        print(f"{r['method']:6} {r['layers']:>6} {r['seconds']:>8} {r['seconds_per_layer']:>8} {r['solve_seconds']:>8} "
+              f"{r['peak_gpu_gib'] or '-':>8} {r['peak_host_rss_gib']:>8}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        old = json.loads(args.json.read_text()) if args.json.is_file() else []
+        args.json.write_text(json.dumps(old + rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
