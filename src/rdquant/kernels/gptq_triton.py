@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-_MAGIC = 12582912.0  # 1.5 * 2**23: (x + M) - M rounds an fp32 |x| < 2**22 to the nearest integer, ties to even
+_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: (x + M) - M rounds an fp32 |x| < 2**22 to the nearest integer, ties to even
 
 
 @triton.jit

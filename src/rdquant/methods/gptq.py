@@ -36,9 +36,11 @@ def inverse_hessian_cholesky(
     if not scale > 0:
         scale = float(diag.abs().max()) or 1.0
     damp = damp_percent * scale
-    eye = torch.eye(H.shape[0], device=H.device, dtype=H.dtype)
     for attempt in range(tries):
-        L, info = torch.linalg.cholesky_ex(H + damp * eye)
+        damped = H.clone()  # H + damp I without an identity matrix beside it (memory at 14k inputs)
+        damped.diagonal().add_(damp)
+        L, info = torch.linalg.cholesky_ex(damped)
+        del damped
         if int(info) == 0:
             U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
             if int(info) == 0 and torch.isfinite(U).all():
