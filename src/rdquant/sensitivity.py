@@ -135,3 +135,111 @@ def hessian_sensitivity(model: nn.Module, ids: torch.Tensor, names: list[str], b
             h.remove()
         model.to(orig_device)
     return {n: (sums[n] / max(power[n], 1e-30)).to(torch.float32).cpu() for n in names}
+
+
+def final_norm(model: nn.Module) -> nn.Module:
+    """The norm after the last block (its output is last_hidden_state), found by the usual names."""
+    base = _base(model)
+    for name in ("norm", "ln_f", "final_layernorm", "final_layer_norm"):
+        mod = getattr(base, name, None)
+        if isinstance(mod, nn.Module):
+            return mod
+    from .errors import RdquantError
+
+    raise RdquantError(f"{type(model).__name__}: found no final norm (norm, ln_f, ...) for the block-wise "
+                       "sensitivity pass; load the model in memory instead")
+
+
+def blockwise_gradient_sensitivity(source, ids: torch.Tensor, skip: tuple[str, ...], components: int = 64,
+                                   stride: int = 8, batch_size: int = 4, device: str | torch.device = "cpu",
+                                   seed: int = 0, progress: bool = True, objective: str = "pca",
+                                   on_block=None) -> None:
+    """`gradient_sensitivity` through a block source (source.py), one block in memory at a time.
+
+    A forward pass keeps every block's input for the sensitivity windows (in host memory when the
+    device is a GPU); the objective's gradient at the last block's output is taken as in the
+    whole-model version (same random draws, same per-batch squaring), then the blocks are walked in
+    reverse: each is loaded once more, its forward recomputed from its saved input, and the gradient
+    is pushed through it, giving its weights' squared gradients and its input's gradient.
+    `on_block(i, block, {layer name: float32 [out, in]})` receives block i's sensitivities while the
+    block is loaded (CVXQ reduces them to its cells there), so none are kept for the whole model."""
+    from .models import block_linears, find_blocks
+    from .pipeline import _block_output, _park, capture_block_inputs
+
+    device = torch.device(device)
+    model = source.model
+    blocks_name, blocks = find_blocks(model)
+    home = torch.device("cpu") if device.type == "cuda" else device
+    chunks = capture_block_inputs(model, blocks, ids, batch_size, device, home)
+    saved = [[c.hidden for c in chunks]]
+    for i in tqdm(range(len(blocks)), desc=f"cvxq sensitivity ({objective}): forward", unit="block", disable=not progress):
+        block = source.load(i, device)
+        with torch.no_grad():
+            outs = [_park(_block_output(block, c), home) for c in chunks]
+        source.release(i)
+        saved.append(outs)
+        for c, o in zip(chunks, outs):
+            c.hidden = o
+    norm = final_norm(model).to(device)
+    head = model.get_output_embeddings().to(device) if objective == "fisher" else None
+    if objective == "pca":
+        with torch.no_grad():
+            cov, n = None, 0
+            for h in saved[-1]:
+                z = norm(h.to(device))[:, ::stride].reshape(-1, _hidden(model)).to(torch.float64)
+                cov = z.t() @ z if cov is None else cov + z.t() @ z
+                n += z.shape[0]
+            evals, evecs = torch.linalg.eigh(cov / max(n, 1))
+            U = evecs[:, torch.argsort(evals, descending=True)[: min(components, _hidden(model))]].to(torch.float32)
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    grads = []
+    for h in saved[-1]:
+        h = h.to(device).requires_grad_(True)
+        z = norm(h)[:, ::stride]
+        if objective == "pca":
+            proj = z.to(torch.float32) @ U
+            signs = torch.randint(0, 2, proj.shape, generator=g).to(device, torch.float32) * 2 - 1
+            loss = (proj * signs).sum()
+        else:
+            logits = head(z).to(torch.float32).reshape(-1, model.config.vocab_size)
+            with torch.no_grad():
+                u = torch.rand(logits.shape[0], 1, generator=g).to(device)
+                cdf = torch.softmax(logits, -1).cumsum(-1)
+                y = torch.searchsorted(cdf, u.contiguous()).clamp(max=logits.shape[1] - 1).flatten()
+            loss = torch.nn.functional.cross_entropy(logits, y, reduction="sum")
+        (gh,) = torch.autograd.grad(loss, [h])
+        grads.append(_park(gh, home))
+    final_norm(model).to("cpu")
+    if head is not None:
+        model.get_output_embeddings().to("cpu")
+    for i in tqdm(reversed(range(len(blocks))), total=len(blocks), desc=f"cvxq sensitivity ({objective}): backward",
+                  unit="block", disable=not progress):
+        block = source.load(i, device)
+        params = {n: lin.weight for n, lin in block_linears(block, skip).items()}
+        was = {n: p.requires_grad for n, p in params.items()}
+        acc = {n: torch.zeros(p.shape, dtype=torch.float32, device=device) for n, p in params.items()}
+        new = []
+        try:
+            for p in params.values():
+                p.requires_grad_(True)
+            for k, c in enumerate(chunks):
+                x = saved[i][k].to(device).requires_grad_(i > 0)
+                with torch.enable_grad():
+                    out = block(x, **c.kwargs)
+                    out = out[0] if isinstance(out, (tuple, list)) else out
+                    wrt = ([x] if i > 0 else []) + list(params.values())
+                    res = torch.autograd.grad(out, wrt, grad_outputs=grads[k].to(device))
+                if i > 0:
+                    new.append(_park(res[0], home))
+                for n, gr in zip(params, res[1:] if i > 0 else res):
+                    acc[n].add_(gr.to(torch.float32).square())
+            steps = max(len(chunks), 1)
+            sens = {f"{blocks_name}.{i}.{n}": a.div_(steps) for n, a in acc.items()}
+            if on_block is not None:
+                on_block(i, block, sens)
+        finally:
+            for n, p in params.items():
+                p.requires_grad_(was[n])
+        del acc, sens
+        source.release(i)
+        grads, saved[i + 1] = new, None

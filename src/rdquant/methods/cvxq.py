@@ -87,10 +87,12 @@ def group_cells(W: torch.Tensor, sens: torch.Tensor, group: int) -> tuple[torch.
     sens = sens.to(torch.float64).expand(out_f, in_f)
     sizes = group_sizes(in_f, group).to(torch.float64)
     n_g = sizes.numel()
-    idx = torch.arange(in_f) // (in_f if group == -1 else group)
-    s1 = torch.zeros(out_f, n_g, dtype=torch.float64).index_add_(1, idx, W)
-    s2 = torch.zeros(out_f, n_g, dtype=torch.float64).index_add_(1, idx, W.square())
-    g2 = torch.zeros(out_f, n_g, dtype=torch.float64).index_add_(1, idx, sens) / sizes
+    sizes = sizes.to(W.device)
+    idx = torch.arange(in_f, device=W.device) // (in_f if group == -1 else group)
+    zeros = lambda: torch.zeros(out_f, n_g, dtype=torch.float64, device=W.device)
+    s1 = zeros().index_add_(1, idx, W)
+    s2 = zeros().index_add_(1, idx, W.square())
+    g2 = zeros().index_add_(1, idx, sens) / sizes
     var_sum = (s2 - s1.square() / sizes).clamp_min(0)  # n * S^2
     return (var_sum * g2).reshape(-1), sizes.expand(out_f, n_g).reshape(-1)
 
@@ -144,19 +146,19 @@ def row_clusters(W: torch.Tensor, sens: torch.Tensor, size: int) -> torch.Tensor
     score = sens.mean(1) if sens.dim() == 2 else (W.square() * sens[None, :]).mean(1)
     order = torch.argsort(score, descending=True, stable=True)
     size = W.shape[0] if size == -1 else size
-    clusters = torch.empty(W.shape[0], dtype=torch.int16)
-    clusters[order] = (torch.arange(W.shape[0]) // size).to(torch.int16)
-    return clusters
+    clusters = torch.empty(W.shape[0], dtype=torch.int16, device=W.device)
+    clusters[order] = (torch.arange(W.shape[0], device=W.device) // size).to(torch.int16)
+    return clusters.cpu()
 
 
 def cluster_cells(W: torch.Tensor, sens: torch.Tensor, clusters: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(distortion weight n S^2 G^2, size n) of every row-cluster x column cell, [n_clusters, in] flattened."""
     W = W.to(torch.float64)
     sens = sens.to(torch.float64).expand(W.shape)
-    idx = clusters.to(torch.long)
+    idx = clusters.to(W.device, torch.long)
     n_c = int(idx.max()) + 1
     sizes = torch.bincount(idx, minlength=n_c).to(torch.float64)[:, None]
-    acc = lambda t: torch.zeros(n_c, W.shape[1], dtype=torch.float64).index_add_(0, idx, t)
+    acc = lambda t: torch.zeros(n_c, W.shape[1], dtype=torch.float64, device=W.device).index_add_(0, idx, t)
     var_sum = (acc(W.square()) - acc(W).square() / sizes).clamp_min(0)
     g2 = acc(sens) / sizes
     return (var_sum * g2).reshape(-1), sizes.expand(n_c, W.shape[1]).reshape(-1)
@@ -241,9 +243,10 @@ def dense_bytes(model: nn.Module, layers: list[LayerInfo]) -> int:
         owner, _, leaf = name.rpartition(".")
         if owner in q and leaf in ("weight", "bias"):
             continue
-        if t.data_ptr() in seen and t.numel():
+        key = id(t) if t.is_meta else t.data_ptr()  # a streamed run's blocks are on meta (no addresses)
+        if key in seen and t.numel():
             continue
-        seen.add(t.data_ptr())
+        seen.add(key)
         total += t.numel() * (2 if t.is_floating_point() else t.element_size())
         count += 1
     n_tensors = count + 6 * len(layers)
@@ -284,11 +287,42 @@ def grid_kappa(n: int, max_bits: int, clip_search: int, max_shrink: float, sampl
     return torch.tensor(k, dtype=torch.float64)
 
 
-def allocate(model: nn.Module, layers: list[LayerInfo], sens: dict[str, torch.Tensor], cfg: CompressConfig,
-             budget: float, progress: bool = False) -> tuple[dict[str, torch.Tensor], int, dict[str, torch.Tensor]]:
+def layer_cells(W: torch.Tensor, sens: torch.Tensor, l: LayerInfo, cfg: CompressConfig
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """One layer's share of the allocation, on the CPU: (distortion weight per cell, rate [cells,
+    max_bits + 1] in bits, row clusters or None). All the allocation keeps of a layer, so a streamed
+    run computes it while the layer's block is loaded and drops the weights and sensitivities."""
+    mb, lo = cfg.cvxq_max_bits, min_bits(cfg)
+    coded = cfg.cvxq_rate == "coded"
+    nominal = torch.arange(mb + 1, dtype=torch.float64)[None, :]
+    sens = sens.to(W.device)
+    c = None
+    if cell_kind(cfg) == "cluster":
+        c = row_clusters(W, sens, cfg.group_size)
+        w, sizes = cluster_cells(W, sens, c)
+        w, sizes = w.cpu(), sizes.cpu()
+        r = group_rates(sizes, mb, width_bits(mb), None, cfg.cvxq_grid == "uniform")
+        if coded:  # the codes' share of the rate at their entropy instead of b bits each
+            r = r - sizes[:, None] * nominal + coded_code_bits(W.cpu(), cfg, lo, mb, c)
+    elif cell_kind(cfg) == "column":
+        w = column_cells(W, sens).cpu()
+        r = codebook_rates(l.rows, torch.ones(l.cols), mb, cfg.claq_codebook_bits)
+    else:
+        w, sizes, grids = (t.cpu() for t in width_cells(W, sens, cfg))
+        r = group_rates(sizes, mb, width_bits(mb), grids)
+        if coded:
+            r = r - sizes[:, None] * nominal + to_width_cells(coded_code_bits(W.cpu(), cfg, lo, mb), l.rows, l.cols, cfg)
+    return w, r, c
+
+
+def allocate(model: nn.Module, layers: list[LayerInfo], sens: dict[str, torch.Tensor] | None, cfg: CompressConfig,
+             budget: float, progress: bool = False,
+             cells: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] | None = None,
+             ) -> tuple[dict[str, torch.Tensor], int, dict[str, torch.Tensor]]:
     """Global reverse water-filling: (widths per layer, their bits <= `budget`, row clusters per layer
     with cluster cells). The bits are the exact stored bits, or with --rate coded the modelled coded
-    bits (codes at their per-width entropy, side information as stored)."""
+    bits (codes at their per-width entropy, side information as stored). Each layer's cells come
+    from `cells` (layer_cells, computed earlier) or from the model's weights and `sens`."""
     from tqdm.auto import tqdm
 
     mb = cfg.cvxq_max_bits
@@ -303,21 +337,12 @@ def allocate(model: nn.Module, layers: list[LayerInfo], sens: dict[str, torch.Te
     clusters: dict[str, torch.Tensor] = {}
     fixed = 0.0
     for l in tqdm(layers, desc="cvxq: coded rates", unit="layer", disable=not (coded and progress)):
-        W = model.get_submodule(l.name).weight.data
-        if cell_kind(cfg) == "cluster":
-            clusters[l.name] = row_clusters(W, sens[l.name], cfg.group_size)
-            w, sizes = cluster_cells(W, sens[l.name], clusters[l.name])
-            r = group_rates(sizes, mb, width_bits(mb), None, cfg.cvxq_grid == "uniform")
-            if coded:  # the codes' share of the rate at their entropy instead of b bits each
-                r = r - sizes[:, None] * nominal + coded_code_bits(W, cfg, lo, mb, clusters[l.name])
-        elif cell_kind(cfg) == "column":
-            w = column_cells(W, sens[l.name])
-            r = codebook_rates(l.rows, torch.ones(l.cols), mb, cfg.claq_codebook_bits)
+        if cells is not None:
+            w, r, c = cells[l.name]
         else:
-            w, sizes, grids = width_cells(W, sens[l.name], cfg)
-            r = group_rates(sizes, mb, width_bits(mb), grids)
-            if coded:
-                r = r - sizes[:, None] * nominal + to_width_cells(coded_code_bits(W, cfg, lo, mb), l.rows, l.cols, cfg)
+            w, r, c = layer_cells(model.get_submodule(l.name).weight.data, sens[l.name], l, cfg)
+        if c is not None:
+            clusters[l.name] = c
         fixed += _layer_fixed_bits(l.rows, l.cols, cfg, l.bias)
         spans.append(w.numel())
         weights.append(w)
@@ -371,13 +396,11 @@ def plan(model: "nn.Module | BlockSource", calib_ids: torch.Tensor | None, cfg: 
     """Sensitivities + one global lambda: the widths of every quantized layer (before quantizing)."""
     import time
 
-    from ..sensitivity import gradient_sensitivity, hessian_sensitivity
+    from ..sensitivity import blockwise_gradient_sensitivity, gradient_sensitivity, hessian_sensitivity
     from ..source import BlockSource
 
-    if isinstance(model, BlockSource):
-        if model.streamed:
-            raise RdquantError("cvxq on a streamed source is not built yet: load the model in memory")
-        model = model.model
+    source = model if isinstance(model, BlockSource) else None
+    model = source.model if source is not None else model
 
     t0 = time.perf_counter()
     if calib_ids is None:
@@ -385,13 +408,29 @@ def plan(model: "nn.Module | BlockSource", calib_ids: torch.Tensor | None, cfg: 
     layers = model_layers(model, cfg)
     names = [l.name for l in layers]
     ids = calib_ids[: cfg.cvxq_samples]
-    if cfg.cvxq_sensitivity in ("gradient", "fisher"):
+    cells = None
+    objective = "pca" if cfg.cvxq_sensitivity == "gradient" else "fisher"
+    if source is not None and source.streamed:  # one block at a time; only each layer's cells are kept
+        if cfg.cvxq_sensitivity not in ("gradient", "fisher"):
+            raise RdquantError(f"cvxq sensitivity {cfg.cvxq_sensitivity!r} needs the model in memory; a streamed "
+                               "source supports gradient and fisher")
+        by_name = {l.name: l for l in layers}
+        cells = {}
+
+        def reduce(i: int, block: nn.Module, sens: dict[str, torch.Tensor]) -> None:
+            for n, s in sens.items():
+                cells[n] = layer_cells(block.get_submodule(n.split(f".{i}.", 1)[1]).weight.data, s, by_name[n], cfg)
+
+        blockwise_gradient_sensitivity(source, ids, cfg.skip, cfg.cvxq_components, cfg.cvxq_stride, cfg.cvxq_batch,
+                                       cfg.device, cfg.seed, progress, objective, on_block=reduce)
+        sens = None
+    elif cfg.cvxq_sensitivity in ("gradient", "fisher"):
         sens = gradient_sensitivity(model, ids, names, cfg.cvxq_components, cfg.cvxq_stride, cfg.cvxq_batch,
                                     cfg.device, cfg.seed, progress, "pca" if cfg.cvxq_sensitivity == "gradient" else "fisher")
     else:
         sens = hessian_sensitivity(model, ids, names, cfg.cvxq_batch, cfg.device, progress)
     budget = budget_bits(model, layers, cfg)
-    widths, total, clusters = allocate(model, layers, sens, cfg, budget, progress)
+    widths, total, clusters = allocate(model, layers, sens, cfg, budget, progress, cells)
     n = sum(l.rows * l.cols for l in layers)
     summary = {}
     for l in layers:
