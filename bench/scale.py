@@ -149,7 +149,7 @@ def main() -> None:
     for method in args.methods:
         for layers in args.layers:
             cmd = [sys.executable, __file__, "--one-method", method, "--one-layers", str(layers)] + [
-                a for a in sys.argv[1:] if a != "--json" and not a.endswith(".json")]
+                a for a in sys.argv[1:] if a not in ("--json", "--check") and not a.endswith(".json")]
             t0 = time.perf_counter()
             p = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
             row = next((json.loads(l[4:]) for l in p.stdout.splitlines() if l.startswith("ROW ")), None)
