@@ -36,8 +36,11 @@ def main() -> None:
     t0 = time.perf_counter()
     rdquant.compress(model, cfg, tokenizer=tok, calib_ids=ids, model_id=mid)
     what = f"target {args.target_bits} bits/weight" if args.target_bits else f"{args.bits}-bit g{args.group_size}"
+    import resource
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print(f"{args.method} {what} reuse={bool(args.reuse_activations)}: "
-          f"compress {time.perf_counter() - t0:.1f} s on {torch.get_num_threads()} threads")
+          f"compress {time.perf_counter() - t0:.1f} s on {torch.get_num_threads()} threads, peak host RSS {rss:.2f} GiB")
 
 
 if __name__ == "__main__":

@@ -47,3 +47,20 @@ def test_fused_block_on_mixed_width_cluster_cells(monkeypatch):
     uq = G._UniformColumns(CompressConfig(act_order=False), torch.zeros(4, 1), torch.zeros(4, 1), False,
                            torch.ones(8), 4, 8)
     assert uq.affine_block() is None
+
+
+@pytest.mark.parametrize("bits,symmetric,per_row_weight", [(3, False, False), (4, True, False), ("mixed", False, True)])
+def test_batched_clip_search_picks_the_loops_grid(monkeypatch, bits, symmetric, per_row_weight):
+    """The GPU's all-candidates-at-once clip search (grid._batched_clip_search) chooses what the loop does."""
+    from rdquant import grid
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(3000, 64, generator=g) * 0.02
+    b = torch.randint(1, 6, (3000, 1), generator=g) if bits == "mixed" else bits
+    cw = torch.rand(3000 if per_row_weight else 1, 64, generator=g)
+    monkeypatch.setattr(grid, "_SEARCH_ELEMENTS", 50_000)  # several row chunks
+    out = []
+    for batched in (False, True):
+        monkeypatch.setattr(grid, "_BATCHED_SEARCH", batched)
+        out.append(grid.grid_params(w, b, symmetric, 20, 0.3, cw, 7))
+    assert torch.equal(out[0][0], out[1][0]) and torch.equal(out[0][1], out[1][1])

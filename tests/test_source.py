@@ -177,3 +177,26 @@ def test_streamed_cvxq_plans_the_in_memory_widths(tiny_model_dir, tmp_path):
     assert min(agree) > 0.98  # near-ties of float rounding may move a cell
     b.save(tmp_path / "streamed")
     assert rdquant.inspect(tmp_path / "streamed").total_bytes > 0
+
+
+def test_a_run_that_cannot_fit_is_refused_before_work(monkeypatch):
+    """The memory plan: activations go to pinned CPU memory when the GPU is short, and a run that fits
+    nowhere is refused with the flag that fixes it (GPU paths with a faked mem_get_info)."""
+    from types import SimpleNamespace
+
+    import psutil
+
+    cfg = rdquant.CompressConfig(device="cuda", batch_size=16)
+    gib = 2**30
+    args = (128, 2048, 4096, torch.bfloat16)  # 128 x 2048 windows of a 4096-wide bf16 model: 2 GiB per copy
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d=None: (40 * gib, 80 * gib))
+    assert pipeline.activation_home(cfg, *args, 8 * gib).type == "cuda"
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d=None: (10 * gib, 80 * gib))
+    assert pipeline.activation_home(cfg, *args, 8 * gib).type == "cpu"  # 8 + 4 GiB > 90% of 10
+    with pytest.raises(rdquant.RdquantError, match="--activations auto"):
+        pipeline.activation_home(rdquant.CompressConfig(device="cuda", activations="device"), *args, 8 * gib)
+    with pytest.raises(rdquant.RdquantError, match="lower --batch-size"):
+        pipeline.activation_home(cfg, *args, 12 * gib)
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(available=3 * gib))
+    with pytest.raises(rdquant.RdquantError, match="lower --calib-samples"):
+        pipeline.activation_home(cfg, *args, 8 * gib)

@@ -28,29 +28,36 @@ def kappa(max_bits: int = 8) -> torch.Tensor:
     return torch.tensor(k, dtype=torch.float64)
 
 
+_CHUNK = 1 << 22  # cells per step of widths_at (bounds its temporary to a few tens of MB)
+
+
 def widths_at(lam: float, D: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
-    """argmin_b D[i, b] + lam * R[i, b] per cell (ties to the narrower width)."""
-    return torch.argmin(D + lam * R, dim=1)
+    """argmin_b D[i, b] + lam * R[i, b] per cell (ties to the narrower width), in chunks of cells."""
+    return torch.cat([torch.argmin(D[a : a + _CHUNK] + lam * R[a : a + _CHUNK], dim=1)
+                      for a in range(0, D.shape[0], _CHUNK)])
 
 
 def waterfill(weight: torch.Tensor, rate: torch.Tensor, budget: float, kap: torch.Tensor | None = None,
-              iters: int = 100) -> torch.Tensor:
+              iters: int = 100, device: str | torch.device | None = None) -> torch.Tensor:
     """Widths [n] (long) minimising sum_i weight_i * kap[b_i] subject to sum_i rate[i, b_i] <= budget.
 
     rate: [n, B+1] bits of cell i at each width (non-decreasing in b). Raises ValueError when even
     the narrowest widths exceed the budget. The result is the Lagrangian solution for the smallest
     feasible lambda found by bisection (exact up to the duality gap of the integer problem).
+    Rates may be float32 (bit counts below 2**24 are exact there); totals are summed in float64.
+    `device` (e.g. the GPU) is where the bisection runs; the widths come back on the CPU.
     """
     n, nb = rate.shape
+    device = torch.device(device) if device is not None else weight.device
     kap = kappa(nb - 1) if kap is None else kap
-    D = weight.to(torch.float64)[:, None] * kap[None, :nb].to(torch.float64)
-    R = rate.to(torch.float64)
-    total = lambda w: float(R.gather(1, w[:, None]).sum())
+    D = weight.to(device, torch.float64)[:, None] * kap[None, :nb].to(device, torch.float64)
+    R = rate.to(device) if rate.dtype in (torch.float32, torch.float64) else rate.to(device, torch.float64)
+    total = lambda w: float(R.gather(1, w[:, None]).sum(dtype=torch.float64))
     if float(R[:, 0].sum()) > budget:
         raise ValueError("the budget is below the narrowest widths' rate")
-    widest = torch.full((n,), nb - 1, dtype=torch.long)
+    widest = torch.full((n,), nb - 1, dtype=torch.long, device=device)
     if total(widest) <= budget:
-        return widest
+        return widest.cpu()
     # lambda range: rate differences are >= 1 bit, distortion gaps are bounded by the weights
     lo = 1e-30
     hi = max(float(D.max()), 1e-30) * 2
@@ -65,7 +72,7 @@ def waterfill(weight: torch.Tensor, rate: torch.Tensor, budget: float, kap: torc
         if hi / lo < 1 + 1e-9:
             break
     w = widths_at(hi, D, R)
-    return _fill(w, D, R, budget - total(w))
+    return _fill(w, D, R, budget - total(w)).cpu()
 
 
 def _fill(w: torch.Tensor, D: torch.Tensor, R: torch.Tensor, slack: float, rounds: int = 64) -> torch.Tensor:
@@ -77,7 +84,7 @@ def _fill(w: torch.Tensor, D: torch.Tensor, R: torch.Tensor, slack: float, round
         if slack <= 0:
             break
         nxt = (w + 1).clamp(max=nb - 1)
-        dr = R.gather(1, nxt[:, None])[:, 0] - R.gather(1, w[:, None])[:, 0]
+        dr = R.gather(1, nxt[:, None])[:, 0].double() - R.gather(1, w[:, None])[:, 0].double()
         dd = D.gather(1, w[:, None])[:, 0] - D.gather(1, nxt[:, None])[:, 0]
         ok = (nxt > w) & (dr <= slack) & (dr > 0)
         if not bool(ok.any()):

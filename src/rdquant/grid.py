@@ -58,6 +58,8 @@ def grid_params(
     if clip_search <= 0:
         return scale, zero
     cw = torch.ones(1, w.shape[1], device=w.device) if col_weight is None else col_weight.reshape(-1, w.shape[1])
+    if w.is_cuda or _BATCHED_SEARCH:
+        return _batched_clip_search(w, xmin, xmax, bits, symmetric, clip_search, max_shrink, cw, scale_bits)
     best = _grid_error(w, scale, zero, bits, cw)
     for i in range(1, clip_search + 1):
         p = 1.0 - max_shrink * i / clip_search
@@ -68,6 +70,32 @@ def grid_params(
         scale = torch.where(better, s, scale)
         zero = torch.where(better, z, zero)
     return scale, zero
+
+
+_BATCHED_SEARCH = False  # tests set it to run the batched search on the CPU
+_SEARCH_ELEMENTS = 1 << 26  # rows x candidates x cols per batched-search chunk (256 MB of fp32)
+
+
+def _batched_clip_search(w, xmin, xmax, bits, symmetric, clip_search, max_shrink, cw, scale_bits):
+    """grid_params' clip search with every candidate at once (a [rows, candidates, cols] tensor, in
+    row chunks): on a GPU the loop's ~50 small kernels per candidate dominate GPTQ with grids fitted
+    per lazy block (CVXQ's cluster cells). Same candidates, same rule (the first least error wins)."""
+    rows, n = w.shape
+    p = 1.0 - max_shrink * torch.arange(clip_search + 1, device=w.device, dtype=torch.float32) / clip_search
+    step = max(1, _SEARCH_ELEMENTS // ((clip_search + 1) * n))
+    scales, zeros = [], []
+    for a in range(0, rows, step):
+        b = min(a + step, rows)
+        bt = bits[a:b] if isinstance(bits, torch.Tensor) else bits
+        s, z = _minmax_grid(xmin[a:b] * p, xmax[a:b] * p, bt, symmetric, scale_bits)  # [r, S]
+        bq = bt[:, :, None] if isinstance(bt, torch.Tensor) else bt
+        _, deq = quantize_dequantize(w[a:b, None, :], s[:, :, None], z[:, :, None], bq)
+        c = cw if cw.shape[0] == 1 else cw[a:b]
+        err = ((deq - w[a:b, None, :]).square() * c[:, None, :]).sum(-1)  # [r, S]
+        k = torch.argmin(err, dim=1, keepdim=True)  # the first of equal errors, as the loop keeps
+        scales.append(s.gather(1, k))
+        zeros.append(z.gather(1, k))
+    return torch.cat(scales), torch.cat(zeros)
 
 
 def group_grid(

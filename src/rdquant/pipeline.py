@@ -618,17 +618,39 @@ def run_pipeline(*args, **kwargs) -> PipelineState:
 
 def activation_home(cfg: CompressConfig, n_windows: int, seqlen: int, hidden: int, dtype: torch.dtype,
                     fixed_bytes: int) -> torch.device:
-    """Where calibration activations wait between passes: the device when the inputs and outputs of a
-    block (2 copies) fit beside `fixed_bytes` (one block, its Hessians, a batch's intermediates)
-    in the device's free memory (cfg.activations = auto), else pinned CPU memory."""
+    """Where calibration activations wait between passes, checked before any work: the device when a
+    block's inputs and outputs (2 copies) fit beside `fixed_bytes` (one block, its Hessians, a batch's
+    intermediates) in its free memory (cfg.activations = auto), else pinned CPU memory. A run that
+    cannot fit either way is refused here with the flag that makes it fit."""
     device = torch.device(cfg.device)
-    if device.type != "cuda" or cfg.activations == "device":
-        return device
-    if cfg.activations == "cpu":
-        return torch.device("cpu")
     need = 2 * n_windows * seqlen * hidden * torch.finfo(dtype).bits // 8
-    free, _ = torch.cuda.mem_get_info(device)
-    return device if need + fixed_bytes <= 0.9 * free else torch.device("cpu")
+    gib = lambda b: f"{b / 2**30:.1f} GiB"
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        if fixed_bytes > 0.9 * free:
+            raise RdquantError(
+                f"a block step needs about {gib(fixed_bytes)} of GPU memory (the block, its largest Hessians, one "
+                f"batch of {cfg.batch_size} windows) and {device} has {gib(free)} free: lower --batch-size "
+                f"or --calib-seqlen, or use a GPU with more memory")
+        if cfg.activations != "cpu" and need + fixed_bytes <= 0.9 * free:
+            return device
+        if cfg.activations == "device":
+            raise RdquantError(f"the calibration activations ({gib(need)}, in and out of a block) do not fit on "
+                               f"{device} beside a block step ({gib(fixed_bytes)}; {gib(free)} free): use "
+                               "--activations auto (pinned CPU memory) or fewer --calib-samples")
+        home = torch.device("cpu")
+    else:
+        home = device
+    try:
+        import psutil
+
+        avail = psutil.virtual_memory().available
+    except ImportError:  # pragma: no cover - psutil is a dependency
+        return home
+    if need > 0.9 * avail:
+        raise RdquantError(f"the calibration activations ({gib(need)}, in and out of a block) do not fit in the "
+                           f"{gib(avail)} of host memory available: lower --calib-samples or --calib-seqlen")
+    return home
 
 
 def _run_pipeline(
@@ -656,6 +678,11 @@ def _run_pipeline(
             state.logs += checkpoint.load_logs(i)  # type: ignore[union-attr]
         else:
             state.logs += checkpoint.load_block(i, blocks[i], cfg, dtype, f"{blocks_name}.{i}.")  # type: ignore[union-attr]
+    home = device
+    if method.needs_hessian and calib_ids is not None:  # refuse a run that cannot fit before any work
+        hidden = int(getattr(model.config, "hidden_size", 0)) or next(blocks[0].parameters()).shape[-1]
+        home = activation_home(cfg, calib_ids.shape[0], calib_ids.shape[1], hidden, dtype,
+                               fixed_bytes(source, cfg, calib_ids.shape[1]))
     method_state = None
     if method.prepare is not None:
         saved = checkpoint.method_state if checkpoint and start else None
@@ -669,8 +696,6 @@ def _run_pipeline(
     if method.needs_hessian:
         if calib_ids is None:
             raise RdquantError(f"method {cfg.method} needs calibration data")
-        hidden = int(getattr(model.config, "hidden_size", 0)) or blocks[0].parameters().__next__().shape[-1]
-        home = activation_home(cfg, calib_ids.shape[0], calib_ids.shape[1], hidden, dtype, fixed_bytes(source, cfg, calib_ids.shape[1]))
         chunks = capture_block_inputs(model, blocks, calib_ids, cfg.batch_size, device, home)
         first = checkpoint.load_inputs(chunks) if start else 0  # type: ignore[union-attr]
         for i in range(first or 0, start):  # recompute the inputs of block `start` from the saved ones

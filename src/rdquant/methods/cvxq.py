@@ -312,7 +312,7 @@ def layer_cells(W: torch.Tensor, sens: torch.Tensor, l: LayerInfo, cfg: Compress
         r = group_rates(sizes, mb, width_bits(mb), grids)
         if coded:
             r = r - sizes[:, None] * nominal + to_width_cells(coded_code_bits(W.cpu(), cfg, lo, mb), l.rows, l.cols, cfg)
-    return w, r, c
+    return w, (r if coded else r.to(torch.float32)), c  # stored bit counts are exact in float32
 
 
 def allocate(model: nn.Module, layers: list[LayerInfo], sens: dict[str, torch.Tensor] | None, cfg: CompressConfig,
@@ -350,12 +350,12 @@ def allocate(model: nn.Module, layers: list[LayerInfo], sens: dict[str, torch.Te
     weight, rate = torch.cat(weights), torch.cat(rates)[:, lo:].contiguous()
     kap = kap[lo:]
     avail = budget - fixed
-    if avail < float(rate[:, 0].sum()):
+    if avail < float(rate[:, 0].sum(dtype=torch.float64)):
         n = sum(l.rows * l.cols for l in layers)
         raise RdquantError(
             f"the target ({budget / n:.3f} bits/weight for the quantized layers) is below the smallest "
-            f"possible size ({(float(rate[:, 0].sum()) + fixed) / n:.3f} bits/weight: every cell at width {lo})")
-    flat = waterfill(weight, rate, avail, kap)
+            f"possible size ({(float(rate[:, 0].sum(dtype=torch.float64)) + fixed) / n:.3f} bits/weight: every cell at width {lo})")
+    flat = waterfill(weight, rate, avail, kap, device=cfg.device)
 
     def unflatten(flat: torch.Tensor) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
@@ -381,7 +381,7 @@ def allocate(model: nn.Module, layers: list[LayerInfo], sens: dict[str, torch.Te
         if excess <= 0:
             return out, total, clusters
         prv = (flat - 1).clamp_min(0)
-        dr = rate.gather(1, flat[:, None])[:, 0] - rate.gather(1, prv[:, None])[:, 0]
+        dr = rate.gather(1, flat[:, None])[:, 0].double() - rate.gather(1, prv[:, None])[:, 0].double()
         dd = (weight * (kap[prv] - kap[flat])).to(torch.float64)
         cand = torch.nonzero(flat > 0).flatten()
         cand = cand[torch.argsort(dd[cand] / dr[cand].clamp_min(1e-9))]
