@@ -10,7 +10,7 @@ import torch
 import rdquant
 from rdquant.artifact import MANIFEST
 from rdquant.models import find_blocks, load_model
-from rdquant.runtime import QuantLinear
+from rdquant.runtime import QuantEmbedding, QuantLinear
 
 
 def _compress(model_dir, tmp_path, **cfg):
@@ -26,8 +26,9 @@ def test_save_load_identical_outputs(tiny_model_dir, tmp_path, method, bits, gro
     cm, out, tok = _compress(tiny_model_dir, tmp_path, method=method, bits=bits, group_size=group)
     _, blocks = find_blocks(cm.model)
     n_q = sum(isinstance(m, QuantLinear) for m in blocks.modules())
-    assert n_q == 7 * len(blocks)  # every block linear, nothing else
-    assert isinstance(cm.model.lm_head, torch.nn.Linear)
+    assert n_q == 7 * len(blocks)  # every block linear
+    assert isinstance(cm.model.lm_head, QuantLinear) and cm.model.lm_head.kind == "head"  # 8-bit by default
+    assert isinstance(cm.model.get_input_embeddings(), QuantEmbedding)
     loaded = rdquant.load(out)
     x = tok("hello world, this is a test of the artifact", return_tensors="pt")["input_ids"]
     with torch.no_grad():
@@ -42,7 +43,7 @@ def test_tied_embeddings_are_stored_once_and_tied_again_on_load(tmp_path):
     from rdquant.testing import save_tiny_model_dir
 
     d = save_tiny_model_dir(tmp_path / "tied", "llama", tie_word_embeddings=True)
-    cm, out, tok = _compress(d, tmp_path, method="rtn", bits=4, group_size=32)
+    cm, out, tok = _compress(d, tmp_path, method="rtn", bits=4, group_size=32, embed_bits=16)
     manifest = json.loads((out / MANIFEST).read_text())
     assert manifest["tied"] == {"lm_head.weight": "model.embed_tokens.weight"}
     loaded = rdquant.load(out)
@@ -50,6 +51,39 @@ def test_tied_embeddings_are_stored_once_and_tied_again_on_load(tmp_path):
     x = tok("tied weights", return_tensors="pt")["input_ids"]
     with torch.no_grad():
         assert torch.equal(cm.model(x).logits, loaded(x).logits)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_quantized_embedding_and_head(tmp_path, tie):
+    """The vocabulary matrices: a tied pair is one quantized matrix stored once (the head reads the
+    embedding's tensors), an untied head is GPTQ-solved; both load back, and the embedding looks up
+    only the rows asked for (equal to dequantizing the whole matrix and indexing it)."""
+    from rdquant.testing import save_tiny_model_dir
+
+    d = save_tiny_model_dir(tmp_path / "m", "llama", tie_word_embeddings=tie)
+    cm, out, tok = _compress(d, tmp_path, bits=4, group_size=32, embed_bits=6)
+    manifest = json.loads((out / MANIFEST).read_text())
+    emb = manifest["quantized"]["model.embed_tokens"]
+    assert emb["kind"] == "embedding" and emb["bits"] == 6 and emb["symmetric"]
+    if tie:
+        assert emb["tied_head"] == "lm_head" and "lm_head" not in manifest["quantized"]
+        assert set(manifest["tied"]) == {"lm_head.qweight", "lm_head.scales"}
+    else:
+        assert manifest["quantized"]["lm_head"]["kind"] == "head" and manifest["quantized"]["lm_head"]["method"] == "gptq"
+    loaded = rdquant.load(out)
+    if tie:
+        assert loaded.lm_head.qweight is loaded.model.embed_tokens.qweight
+    x = tok("the vocabulary in the budget", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert torch.equal(cm.model(x).logits, loaded(x).logits)
+        e = loaded.model.embed_tokens
+        assert torch.equal(e(x), e.dequantized_weight()[x])
+    rep = rdquant.inspect(out)
+    assert rep.vocab_params == (1 if tie else 2) * 400 * 64
+    assert rep.quantized_params == sum(l.params for l in rep.layers if l.kind == "linear")
+    dense = _compress(d, tmp_path / "dense", bits=4, group_size=32, embed_bits=16)[1]
+    assert rdquant.inspect(dense).vocab_params == 0
+    assert rdquant.inspect(dense).total_bytes > rep.total_bytes
 
 
 def test_generate_from_artifact(tiny_model_dir, tmp_path):
@@ -67,9 +101,11 @@ def test_inspect_counts_every_byte(tiny_model_dir, tmp_path):
     quant_bytes = sum(
         torch.tensor(info["shape"]).prod().item() * (1 if info["dtype"] == "uint8" else 2)
         for name, info in manifest["tensors"].items()
-        if name.rpartition(".")[0] in manifest["quantized"]
+        if manifest["quantized"].get(name.rpartition(".")[0], {"kind": "dense"}).get("kind", "linear") == "linear"
     )
-    assert rep.quantized_bytes == quant_bytes
+    assert rep.quantized_bytes == quant_bytes  # the decoder linears (the vocabulary matrices apart)
+    vocab = [n for n, i in manifest["quantized"].items() if i.get("kind") in ("embedding", "head")]
+    assert rep.vocab_params == sum(math.prod(manifest["quantized"][n]["shape"]) for n in vocab) > 0
     # 3-bit codes + (16-bit scale + 3-bit zero) per group of 64 (ragged groups cost more)
     assert 3 + 19 / 64 <= rep.bits_per_weight < 3 + 19 / 32 + 0.2
     assert rep.total_bytes == sum(f.stat().st_size for f in out.iterdir())
@@ -78,7 +114,7 @@ def test_inspect_counts_every_byte(tiny_model_dir, tmp_path):
     n_params = sum(p.numel() for p in cm.model.parameters()) + sum(
         math.prod(i["shape"]) for i in manifest["quantized"].values())  # quantized weights are buffers
     assert rep.file_bits_per_param == pytest.approx(8 * rep.total_bytes / n_params, rel=1e-9)
-    assert rep.file_bits_per_param > rep.bits_per_weight  # 16-bit embeddings and the files' overhead
+    assert rep.file_bits_per_param > rep.bits_per_weight  # 8-bit embeddings, 16-bit norms, the files' overhead
 
 
 def _first_quant_tensor(out):

@@ -43,7 +43,7 @@ def test_auto_takes_the_int4_kernel_where_memory_is_short(tiny_model_dir, tmp_pa
     as `reference`, and faster) for the layers it fits; `int4-cpu` by name everywhere it fits."""
     import rdquant.backends as backends
 
-    cfg = rdquant.CompressConfig(bits=4, group_size=32, calib_samples=2, calib_seqlen=16)
+    cfg = rdquant.CompressConfig(bits=4, group_size=32, calib_samples=2, calib_seqlen=16, embed_bits=4)
     out = rdquant.compress(str(tiny_model_dir), cfg, progress=False).save(tmp_path / "a")
     ref = rdquant.load(out, backend="reference")
     n = sum(_backends(ref).values())
@@ -62,7 +62,7 @@ def test_auto_takes_the_int4_kernel_where_memory_is_short(tiny_model_dir, tmp_pa
     kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=tok.eos_token_id)
     assert torch.equal(ref.generate(**enc, **kw), fast.generate(**enc, **kw))
     # a layer the kernel does not fit (3 bits, or a ragged group) is refused by name, not run wrong
-    three = rdquant.compress(str(tiny_model_dir), cfg.replace(bits=3), progress=False).save(tmp_path / "b")
+    three = rdquant.compress(str(tiny_model_dir), cfg.replace(bits=3, embed_bits=16), progress=False).save(tmp_path / "b")
     with pytest.raises(rdquant.RdquantError, match="backend int4-cpu cannot run affine layers with 3-bit codes"):
         rdquant.load(three, backend="int4-cpu")
     assert set(_backends(rdquant.load(three))) <= {"cached", "reference"}

@@ -18,6 +18,7 @@ def test_compress_inspect_eval_generate(tiny_model_dir, text_file, tmp_path):
     assert "bits/weight all-in" in r.output
     assert (out / "quant_log.json").is_file() and not (tmp_path / "art.partial").exists()
     log = json.loads((out / "quant_log.json").read_text())
+    log = [e for e in log if e["proxy_error_rtn"] is not None]  # an untied embedding is rounded, without H
     assert log and all(e["proxy_error"] <= e["proxy_error_rtn"] * 1.0001 for e in log)
     r = runner.invoke(app, ["inspect", str(out)])
     assert r.exit_code == 0 and "compression ratio" in r.output and "q_proj" in r.output

@@ -17,7 +17,7 @@ pytest.importorskip("compressed_tensors", reason="compressed-tensors is not inst
 
 
 def _artifact(tiny_model_dir, tmp_path, name, **cfg):
-    cfg = rdquant.CompressConfig(calib_samples=2, calib_seqlen=16, **cfg)
+    cfg = rdquant.CompressConfig(calib_samples=2, calib_seqlen=16, **{"embed_bits": 16, **cfg})  # linears only
     return rdquant.compress(str(tiny_model_dir), cfg, progress=False).save(tmp_path / name)
 
 
@@ -158,9 +158,11 @@ def test_a_zero_point_of_zero_switches_gptq_to_its_v2_convention():
     assert not v2
 
 
-@pytest.mark.parametrize("bits,symmetric,gtype", [(4, True, "Q4_0"), (5, True, "Q5_0"), (8, True, "Q8_0"),
-                                                  (4, False, "Q4_1"), (5, False, "Q5_1")])
-def test_gguf_export_loads_with_transformers_and_gives_the_same_logits(tiny_model_dir, tmp_path, bits, symmetric, gtype):
+@pytest.mark.parametrize("bits,symmetric,gtype,embed", [(4, True, "Q4_0", 16), (5, True, "Q5_0", 16), (8, True, "Q8_0", 16),
+                                                        (4, False, "Q4_1", 16), (5, False, "Q5_1", 16),
+                                                        (4, True, "Q4_0", 8)])
+def test_gguf_export_loads_with_transformers_and_gives_the_same_logits(tiny_model_dir, tmp_path, bits, symmetric, gtype,
+                                                                       embed):
     """Q4_0 / Q5_0 / Q8_0 hold symmetric group-32 codes exactly, Q4_1 / Q5_1 asymmetric ones whose offsets
     are fp16 values (few scale bits); query/key rows in llama.cpp's rotary order: transformers' GGUF
     loader (which reverses that order) gives the artifact's logits."""
@@ -170,11 +172,13 @@ def test_gguf_export_loads_with_transformers_and_gives_the_same_logits(tiny_mode
     if json.loads((tiny_model_dir / "config.json").read_text())["model_type"] != "llama":
         pytest.skip("GGUF export writes llama models")
     kw = {} if symmetric else {"scale_bits": 6 if bits == 4 else 5}
-    art = _artifact(tiny_model_dir, tmp_path, "a", bits=bits, group_size=32, symmetric=symmetric, **kw)
+    art = _artifact(tiny_model_dir, tmp_path, "a", bits=bits, group_size=32, symmetric=symmetric, embed_bits=embed, **kw)
     out = rdquant.export(art, tmp_path / "m.gguf", format="gguf")
     r = gguf.GGUFReader(str(out))
     types = {t.name: t.tensor_type.name for t in r.tensors}
-    assert types["blk.0.attn_q.weight"] == gtype and types["token_embd.weight"] == "F16"
+    vocab = "F16" if embed == 16 else "Q8_0"  # 8-bit symmetric groups of 32: Q8_0, exactly
+    assert types["blk.0.attn_q.weight"] == gtype and types["token_embd.weight"] == vocab
+    assert types.get("output.weight", vocab) == vocab
     assert r.fields["tokenizer.ggml.model"].contents() == "gpt2" and r.fields["general.quantized_by"].contents() == "rdquant"
     model = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=out.name)
     ref = rdquant.load(art, backend="reference")
@@ -217,6 +221,11 @@ def test_compress_exports_in_one_go_and_refuses_before_calibrating(tiny_model_di
 
     llama = json.loads((tiny_model_dir / "config.json").read_text())["model_type"] == "llama"
     base = ["compress", "--model", str(tiny_model_dir), "--calib-samples", "2", "--calib-seqlen", "16", "--no-progress"]
+    r = CliRunner().invoke(cli.app, base + ["--bits", "4", "--group-size", "32", "--symmetric", "--out", str(tmp_path / "e"),
+                                            "--export", "compressed-tensors"])
+    assert r.exit_code == 2 and "the quantized head" in r.output and "--embed-bits 16" in r.output  # before calibrating
+    assert not (tmp_path / "e").exists()
+    base += ["--embed-bits", "16"]
     r = CliRunner().invoke(cli.app, base + ["--bits", "4", "--group-size", "32", "--symmetric", "--out", str(tmp_path / "a"),
                                             "--export", "compressed-tensors"] + (["--export", "gguf"] if llama else []))
     assert r.exit_code == 0, r.output

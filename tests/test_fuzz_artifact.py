@@ -218,7 +218,7 @@ def test_resizable_layer_whose_manifest_does_not_fit_fails_as_artifact_error(art
     text = (art.path / MANIFEST).read_text()
     manifest = json.loads(text)
     del manifest["manifest_sha256"]  # as older rdquant wrote it: nothing catches the changed value before use
-    layer = next(iter(manifest["quantized"].values()))
+    layer = next(v for v in manifest["quantized"].values() if v.get("layout", "affine") != "affine")
     layer["group_size"] = layer["group_size"] + 1  # a flipped digit: valid JSON and a valid value, wrong for the data
     (art.path / MANIFEST).write_text(json.dumps(manifest))
     try:

@@ -269,6 +269,7 @@ def _is_int_in(lo: int, hi: int, *, not_zero: bool = False):
 
 # the values of a quantized layer's fields the readers use (docs/FORMAT.md; all but bits and group_size optional)
 _LAYER_FIELDS = {
+    "kind": lambda x: x in ("linear", "embedding", "head"), "tied_head": lambda x: isinstance(x, str) and bool(x),
     "bits": _is_int_in(0, 16), "group_size": _is_int_in(-1, 2**40, not_zero=True), "method": lambda x: isinstance(x, str),
     "mean_width": _is_number_or_none, "grid": lambda x: isinstance(x, str), "share": _is_int_in(1, 2**40),
     "scale_group": _is_int_in(-1, 2**40, not_zero=True), "width_bits": _is_int_in(1, 8),

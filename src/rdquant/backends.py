@@ -70,7 +70,8 @@ def set_backend(model: nn.Module, backend: str = "auto") -> dict[str, int]:
     """Give every QuantLinear of `model` a backend; returns how many layers use each. `auto`: an exact
     kernel where the layer's layout has one that runs here, else `cached` while the dequantized weights
     fit in CACHE_SHARE of the free memory, else an inexact kernel that fits the layer (int4-cpu: faster
-    than `reference` and as small), else `reference`."""
+    than `reference` and as small), else `reference`. A kernel named explicitly runs every decoder
+    linear (or is refused); the embedding and head take `cached` where that kernel does not fit them."""
     if backend not in BACKENDS:
         raise RdquantError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
@@ -89,6 +90,8 @@ def set_backend(model: nn.Module, backend: str = "auto") -> dict[str, int]:
                 budget -= need if choice == "cached" else 0
         elif backend in options:
             choice = backend
+        elif m.kind != "linear" and backend in KERNELS:  # the embedding / head: exact, where no kernel fits it
+            choice = "cached" if "cached" in options else "reference"
         else:
             raise RdquantError(f"backend {backend} cannot run {m.layout.name} layers with {m.bits}-bit codes on "
                                f"{device.type} here; use --backend auto")

@@ -64,8 +64,12 @@ class CompressedModel:
         """(tensors, tied aliases, quantized-module table): packed buffers as they are, every other
         floating tensor in the 16-bit dense dtype, tied weights stored once."""
         dense = self.dense_dtype
-        quantized = {name: {"method": self.config.method, **m.table_entry()}
-                     for name, m in self.model.named_modules() if isinstance(m, QuantLinear)}
+        modules = [(n, m) for n, m in self.model.named_modules() if isinstance(m, QuantLinear)]
+        quantized = {name: {"method": getattr(m, "solver", None) or self.config.method, **m.table_entry()}
+                     for name, m in modules}
+        for _, m in modules:  # a tied head is the embedding's entry (`tied_head`), stored once
+            if getattr(m, "tied_head", None):
+                quantized.pop(m.tied_head, None)
         if self.block_files is not None:
             quantized.update({n: {"method": self.config.method, **e} for n, e in self.block_files.quantized.items()})
         tensors: dict[str, torch.Tensor] = {}

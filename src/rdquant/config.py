@@ -179,6 +179,9 @@ class CompressConfig:
                            "fit, else pinned CPU memory), device, cpu", choices=("auto", "device", "cpu"),
                            panel="Calibration")
     # what to quantize
+    embed_bits: int = opt(8, "bits of the token embedding and the output head (symmetric, row-wise groups of "
+                          "--group-size along the hidden size; the head solved with GPTQ); 16 keeps them 16-bit",
+                          choices=(2, 3, 4, 5, 6, 7, 8, 16))
     skip: tuple[str, ...] = opt(("lm_head",), "module-name suffixes left in 16 bit", cli=False)
     device: str = opt("cpu", "cpu | cuda | cuda:N")
 

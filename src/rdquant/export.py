@@ -41,7 +41,10 @@ def plan(quantized: dict[str, dict[str, Any]], format: str) -> dict[str, Scheme]
     for name, info in quantized.items():
         layout, bits, g = info.get("layout", "affine"), info["bits"], info["group_size"]
         out_f, in_f = info["shape"]
-        if layout != "affine":
+        if info.get("kind", "linear") != "linear":
+            bad.append((name, f"it is the quantized {info['kind']} ({format} holds the decoder linears only); "
+                              "compress with --embed-bits 16 to export"))
+        elif layout != "affine":
             bad.append((name, f"its {layout} layout (per-cell or per-column widths) has no {format} scheme; "
                               "compress with --method gptq or rtn to export"))
         elif format == "compressed-tensors" and not 1 <= bits <= 8:
@@ -233,6 +236,15 @@ def check_before_compress(format: str, model, cfg) -> None:
     entries = {f"{prefix}.{i}.{n}": {"layout": layout, "bits": cfg.bits, "group_size": cfg.group_size,
                                       "symmetric": cfg.symmetric, "shape": list(lin.weight.shape)}
                for i, block in enumerate(blocks) for n, lin in block_linears(block).items()}
+    if cfg.embed_bits != 16:
+        from .vocab import vocab_config, vocab_modules
+
+        emb_name, emb, head_name, head, tied = vocab_modules(model)
+        g = vocab_config(cfg).group_size
+        for name, mod, kind in ((head_name, head, "head"), (emb_name, emb, "embedding")):
+            if mod is not None and not (tied and kind == "head"):
+                entries[name] = {"layout": "affine", "bits": cfg.embed_bits, "group_size": g, "symmetric": True,
+                                 "shape": list(mod.weight.shape), "kind": kind}
     if format == "gguf":
         from . import export_gguf
 

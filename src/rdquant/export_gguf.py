@@ -120,8 +120,13 @@ def write(model, manifest: dict[str, Any], types: dict[str, str], tokenizer, pat
     w.add_file_type(getattr(gguf.LlamaFileType, f"MOSTLY_{common}"))
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     _tokenizer_metadata(w, tokenizer, source_gguf)
+    vocab = {n: info.get("kind") for n, info in manifest["quantized"].items() if info.get("kind", "linear") != "linear"}
     for name, m in model.named_modules():
-        if isinstance(m, QuantLinear):
+        if isinstance(m, QuantLinear) and name in vocab:  # a quantized embedding (and tied head) or head
+            gname = "token_embd.weight" if vocab[name] == "embedding" else "output.weight"
+            w.add_tensor(gname, _blocks(m.quantized_weight(), types[name], name),
+                         raw_dtype=getattr(gguf.GGMLQuantizationType, types[name]))
+        elif isinstance(m, QuantLinear) and getattr(m, "kind", "linear") == "linear":
             i, _, rest = name.removeprefix("model.layers.").partition(".")
             qw = m.quantized_weight()
             if rest == "self_attn.q_proj":

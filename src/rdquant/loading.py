@@ -14,7 +14,7 @@ from .artifact import available_cores, check_sidecars, is_artifact, read_manifes
 from .errors import ArtifactError, RdquantError, first_line
 from .models import set_submodule
 from .backends import set_backend
-from .runtime import QUANT_BUFFERS, QuantLinear
+from .runtime import QUANT_BUFFERS, QuantEmbedding, QuantLinear
 
 try:  # transformers >= 5
     from transformers.initialization import no_init_weights
@@ -71,7 +71,9 @@ def _load_artifact(path: Path, device: str, dtype: torch.dtype, verify: bool, ba
         name: [k for k in (f"{name}.{s}" for s in QUANT_BUFFERS) if k in manifest["tensors"]]
         for name in manifest["quantized"]
     }
-    deferred = {k for keys in layer_keys.values() for k in keys} if lazy else set()
+    # lazily read: decoder linears (a vocabulary matrix may be shared by two modules: read at once)
+    lazy_layers = {n for n, info in manifest["quantized"].items() if info.get("kind", "linear") == "linear"}
+    deferred = {k for n, keys in layer_keys.items() if n in lazy_layers for k in keys} if lazy else set()
     names = [k for k in manifest["tensors"] if k not in deferred]
     quant_keys = {f"{name}.{k}" for name in manifest["quantized"] for k in QUANT_BUFFERS}
 
@@ -92,9 +94,15 @@ def _load_artifact(path: Path, device: str, dtype: torch.dtype, verify: bool, ba
         with no_init_weights():
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         for name, info in manifest["quantized"].items():
-            q = QuantLinear.from_manifest(info, dtype)
+            if info.get("kind") == "embedding":
+                q = QuantEmbedding.from_manifest(info, dtype)
+                if q.tied_head:  # the head holds the same stored tensors (tied below)
+                    head = QuantLinear.from_manifest({**info, "bias": False, "kind": "head"}, dtype)
+                    set_submodule(model, q.tied_head, head)
+            else:
+                q = QuantLinear.from_manifest(info, dtype)
             set_submodule(model, name, q)
-            if lazy:
+            if lazy and name in lazy_layers:
                 q.set_loader(functools.partial(_materialize, path, layer_keys[name], verify))
         state = reading.result()
     # the read tensors become the model's (no copy); shapes are checked by load_state_dict
@@ -104,10 +112,13 @@ def _load_artifact(path: Path, device: str, dtype: torch.dtype, verify: bool, ba
         raise ArtifactError(f"tensor {unexpected[0]} in {path} does not belong to a {config.model_type} model")
     tied = manifest.get("tied", {})
     params = dict(model.named_parameters(remove_duplicate=False))
+    buffers = dict(model.named_buffers(remove_duplicate=False))
     for alias, target in tied.items():  # one tensor in the original, stored once: one Parameter again
+        owner, _, leaf = alias.rpartition(".")
         if alias in params and target in params:  # (a skeleton built without init is not tied yet)
-            owner, _, leaf = alias.rpartition(".")
             setattr(model.get_submodule(owner), leaf, params[target])
+        elif alias in buffers and target in buffers:  # a tied embedding / head pair's stored tensors
+            model.get_submodule(owner)._buffers[leaf] = buffers[target]
     missing = [k for k in missing if k not in tied]
     if missing:
         raise ArtifactError(f"tensor {missing[0]} is missing from {path}")

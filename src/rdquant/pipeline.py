@@ -758,6 +758,16 @@ def _run_pipeline(
         source.release(i)
         if after_block:
             after_block(i)
+    if cfg.embed_bits != 16:  # the embedding and head, solved on the last block's outputs
+        from .sensitivity import final_norm
+        from .vocab import quantize_vocab
+
+        try:
+            norm = final_norm(model)
+        except RdquantError:
+            norm = None
+        state.logs += quantize_vocab(model, cfg, [c.hidden for c in chunks] if chunks and norm is not None else None,
+                                     dtype, norm)
     return state
 
 

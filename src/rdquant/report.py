@@ -39,6 +39,7 @@ class LayerReport:
     decode_mcodes: float | None = None  # measured decode speed of qweight, millions of codes/s, one thread
     kernel: str = "-"  # the GPU kernel backend `auto` picks for the layer on CUDA ('-': cached or reference)
     cpu_kernel: str = "-"  # the CPU kernel `auto` falls back to where `cached` does not fit ('-': reference)
+    kind: str = "linear"  # linear (a decoder-block linear) | embedding | head
 
     @property
     def bits_per_weight(self) -> float:
@@ -57,6 +58,8 @@ class InspectReport:
     quantized_params: int = 0
     quantized_bytes: int = 0
     quantized_stored_bytes: int = 0
+    vocab_params: int = 0  # quantized token embedding and output head (a tied pair once)
+    vocab_bytes: int = 0
     dense_params: int = 0
     dense_bytes: int = 0
     total_bytes: int = 0  # every file in the artifact directory
@@ -78,7 +81,7 @@ class InspectReport:
     def split_bits(self) -> dict[str, float]:
         """All-in bits per quantized weight by part: codes, codebooks, outliers, other side info."""
         n = max(self.quantized_params, 1)
-        return {k: 8 * sum(l.split.get(k, 0) for l in self.layers) / n for k in PARTS}
+        return {k: 8 * sum(l.split.get(k, 0) for l in self.layers if l.kind == "linear") / n for k in PARTS}
 
     def kernel_summary(self, cpu: bool = False) -> str:
         """Which backend `auto` gives the layers on a CUDA device (cpu: where `cached` does not fit on the
@@ -121,12 +124,16 @@ class InspectReport:
             lines.append("")
         lines += [
             f"artifact            {self.path}  (from {self.source_model})",
-            f"quantized weights   {self.quantized_params:,} params in {len(self.layers)} layers, "
+            f"quantized linears   {self.quantized_params:,} params in {sum(l.kind == 'linear' for l in self.layers)} layers, "
             f"{self.quantized_bytes:,} bytes, {self.bits_per_weight:.3f} bits/weight all-in",
             "  of which          " + ", ".join(f"{k} {v:.3f}" for k, v in self.split_bits().items()),
             f"  as stored         {self.quantized_stored_bytes:,} bytes, {self.coded_bits_per_weight:.3f} bits/weight all-in"
             f" ({100 * (1 - self.quantized_stored_bytes / max(self.quantized_bytes, 1)):.1f}% saved by coding)"
             + ("" if self.decode_mcodes is None else f"; codes decode at {self.decode_mcodes:,.0f} M/s (one thread)"),
+            *([f"embedding / head    {self.vocab_params:,} params, {self.vocab_bytes:,} bytes, "
+               f"{8 * self.vocab_bytes / self.vocab_params:.3f} bits/weight all-in (quantized; "
+               + ", ".join(f"{l.name} {l.bits}-bit" for l in self.layers if l.kind != "linear") + ")"]
+              if self.vocab_params else []),
             f"left in 16 bit      {self.dense_params:,} params, {self.dense_bytes:,} bytes",
             f"on disk             {self.total_bytes:,} bytes ({self.total_bytes / 2**20:.1f} MiB)",
             f"16-bit original     {self.original_16bit_bytes:,} bytes; compression ratio {self.compression_ratio:.2f}x",
@@ -206,20 +213,24 @@ def _report(p: Path, manifest: dict, verified: int | None, decode_speed: bool) -
         )
         layout = layout_named(info.get("layout", "affine"))
         spec = LayerSpec(out_f, in_f, info["bits"], info["group_size"], info["symmetric"], info)
+        rep.layers[-1].kind = info.get("kind", "linear")
         rep.layers[-1].kernel = "triton" if layout.kernel_supports(spec, "triton") else "-"
         rep.layers[-1].cpu_kernel = next((k for k in KERNELS if k != "triton" and layout.kernel_supports(spec, k)), "-")
         for k in keys:
             part = PART_OF[k.rpartition(".")[2]]
             rep.layers[-1].split[part] = rep.layers[-1].split.get(part, 0) + _nbytes(tensors[k])
-    rep.quantized_params = sum(l.params for l in rep.layers)
-    rep.quantized_bytes = sum(l.bytes for l in rep.layers)
-    rep.quantized_stored_bytes = sum(l.stored_bytes for l in rep.layers)
+    linears = [l for l in rep.layers if l.kind == "linear"]  # the figure every bench table compares
+    rep.quantized_params = sum(l.params for l in linears)
+    rep.quantized_bytes = sum(l.bytes for l in linears)
+    rep.quantized_stored_bytes = sum(l.stored_bytes for l in linears)
+    rep.vocab_params = sum(l.params for l in rep.layers if l.kind != "linear")
+    rep.vocab_bytes = sum(l.stored_bytes for l in rep.layers if l.kind != "linear")
     dense = [info for k, info in tensors.items() if k not in owned]
     rep.dense_params = sum(math.prod(i["shape"]) for i in dense)
     rep.dense_bytes = sum(_stored(i) for i in dense)
     rep.total_bytes = sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
     biases = sum(math.prod(tensors[k]["shape"]) for k in owned if k.endswith(".bias"))
-    rep.original_16bit_bytes = 2 * (rep.quantized_params + rep.dense_params + biases)
+    rep.original_16bit_bytes = 2 * (rep.quantized_params + rep.vocab_params + rep.dense_params + biases)
     if decode_speed:
         per_layer, rep.decode_mcodes = decode_speeds(p, manifest)
         for layer in rep.layers:

@@ -52,10 +52,15 @@ class QuantLinear(nn.Module):
         for name, (dt, shape) in self.layout.buffers(self.layer).items():
             self.register_buffer(name, torch.empty(shape, dtype=dt, device=device))
 
+    kind = "linear"  # linear | head (the output head, outside the decoder blocks) | embedding
+
     def table_entry(self) -> dict[str, Any]:
         """This layer's row of the manifest's quantized-module table (without the method)."""
-        return {"bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric,
-                "shape": [self.out_features, self.in_features], "bias": self.bias is not None, **(self.spec or {})}
+        entry = {"bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric,
+                 "shape": [self.out_features, self.in_features], "bias": self.bias is not None, **(self.spec or {})}
+        if self.kind != "linear":
+            entry["kind"] = self.kind
+        return entry
 
     @classmethod
     def from_quantized(cls, qw, bias: torch.Tensor | None, dtype: torch.dtype = torch.float32) -> "QuantLinear":
@@ -72,7 +77,9 @@ class QuantLinear(nn.Module):
         """An empty layer shaped by its manifest entry (`quantized[name]`), ready for set_tensors."""
         out_f, in_f = info["shape"]
         spec = info if info.get("layout", "affine") != "affine" else None
-        return cls(in_f, out_f, info["bits"], info["group_size"], info["symmetric"], info["bias"], dtype, spec=spec)
+        m = cls(in_f, out_f, info["bits"], info["group_size"], info["symmetric"], info["bias"], dtype, spec=spec)
+        m.kind = info.get("kind", "linear")
+        return m
 
     @property
     def buffer_names(self) -> tuple[str, ...]:
@@ -191,6 +198,59 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, {self.layout.describe(self.layer)}, "
                 f"bias={self.bias is not None}")
+
+
+class QuantEmbedding(QuantLinear):
+    """A token embedding stored as a quantized [vocab, hidden] matrix (row-wise groups along the
+    hidden size), whose forward looks rows up: only the rows asked for are unpacked and dequantized
+    (the `cached` backend keeps the whole dequantized matrix instead). With a tied head, the head is a
+    QuantLinear holding the very same stored tensors."""
+
+    kind = "embedding"
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, bits: int, group_size: int, symmetric: bool,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None, spec: dict | None = None,
+                 padding_idx: int | None = None) -> None:
+        super().__init__(embedding_dim, num_embeddings, bits, group_size, symmetric, False, dtype, device, spec)
+        self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
+        self.tied_head: str | None = None  # the head module sharing these tensors, if any
+
+    @classmethod
+    def from_manifest(cls, info: dict, dtype: torch.dtype = torch.float32) -> "QuantEmbedding":
+        out_f, in_f = info["shape"]
+        spec = info if info.get("layout", "affine") != "affine" else None
+        m = cls(out_f, in_f, info["bits"], info["group_size"], info["symmetric"], dtype, spec=spec)
+        m.tied_head = info.get("tied_head")
+        return m
+
+    def table_entry(self) -> dict[str, Any]:
+        entry = {**super().table_entry(), "kind": "embedding"}
+        if self.tied_head:
+            entry["tied_head"] = self.tied_head
+        return entry
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.backend == "cached":
+            return F.embedding(ids, self.dequantized_weight())
+        self.materialize()
+        self._restore_stored()
+        if not self.layout.resizable:  # the row lookup reads the tensors directly: check them as loading would
+            for k, (_, shape) in self.layout.buffers(self.layer).items():
+                t = getattr(self, k, None)
+                if t is not None and tuple(t.shape) != tuple(shape):
+                    from .errors import ArtifactError
+
+                    raise ArtifactError(f"the embedding's {k} has shape {tuple(t.shape)}, its manifest entry says "
+                                        f"{tuple(shape)}: the artifact is damaged")
+        rows = ids.reshape(-1).to(self.qweight.device)
+        gather = getattr(self.layout, "gather_rows", None)
+        out = gather({k: getattr(self, k) for k in self.buffer_names}, self.layer, rows) if gather else None
+        if out is None:  # a layout or width without a row lookup: dequantize, then index
+            out = self.quantized_weight().dequantize(torch.float32)[rows]
+        return out.to(self.compute_dtype).view(*ids.shape, self.embedding_dim)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, {self.layout.describe(self.layer)}"
 
 
 def set_dequant_cache(model: nn.Module, enabled: bool) -> None:

@@ -64,10 +64,11 @@ class _Tunable:
 
 
 def tunables(model: nn.Module) -> list[_Tunable]:
-    """Every QuantLinear whose layout has values to tune (mixed-width layers have none yet)."""
+    """Every decoder-block QuantLinear whose layout has values to tune (mixed-width layers have none yet;
+    the quantized embedding and head stay as solved)."""
     out = []
     for m in model.modules():
-        if isinstance(m, QuantLinear):
+        if isinstance(m, QuantLinear) and m.kind == "linear":
             tuning = m.layout.tuning(m.quantized_weight())
             if tuning is not None:
                 out.append(_Tunable(m, tuning))

@@ -32,6 +32,27 @@ class Affine(Layout):
     def describe(cls, layer: LayerSpec) -> str:
         return f"bits={layer.bits}, group_size={layer.group_size}, symmetric={layer.symmetric}"
 
+    @classmethod
+    def gather_rows(cls, state: dict[str, torch.Tensor], layer: LayerSpec, rows: torch.Tensor) -> torch.Tensor | None:
+        """Rows `rows` of the weight, dequantized (float32 [n, in]), unpacking only those rows' codes:
+        an embedding lookup. None when rows do not start on byte boundaries (in_features % 8)."""
+        from ..qtensor import dequantize_codes
+
+        out_f, in_f = layer.shape
+        if in_f % 8:
+            return None
+        per_row = in_f // 8 * layer.bits
+        packed = state["qweight"][: out_f * per_row].view(out_f, per_row)[rows]
+        codes = packing.unpack(packed.reshape(-1), layer.bits, rows.numel() * in_f).view(-1, in_f)
+        scales = state["scales"][rows]
+        n_g = scales.shape[1]
+        if "qzeros" in state:
+            zeros = packing.unpack(state["qzeros"], layer.bits, out_f * n_g).view(out_f, n_g)[rows]
+        else:
+            zeros = torch.full_like(scales, float(1 << (layer.bits - 1)), dtype=torch.float32)
+        return dequantize_codes(codes, expand_groups(scales, in_f, layer.group_size),
+                                expand_groups(zeros, in_f, layer.group_size))
+
     stream_mappings = ("zero-context", "zero-context-packed", "zero-context-pairs")
     # kernels/matmul_triton.py: widths 1..8, any group size (GPU); kernels/int4_cpu.py: torch's CPU int4
     # kernel, 4 bits, groups of 32..256 that divide the row

@@ -233,15 +233,21 @@ def model_layers(model: nn.Module, cfg: CompressConfig) -> list[LayerInfo]:
     return out
 
 
-def dense_bytes(model: nn.Module, layers: list[LayerInfo]) -> int:
-    """Bytes of everything the artifact stores in 16 bit (tied tensors once) plus a bound on the
-    safetensors header: what --target-size-total leaves out of the quantized layers' budget."""
+def dense_bytes(model: nn.Module, layers: list[LayerInfo], cfg: CompressConfig | None = None) -> int:
+    """Bytes of everything the artifact stores outside the decoder linears (tied tensors once) plus a
+    bound on the safetensors header: what --target-size-total leaves out of the quantized layers'
+    budget. The embedding and head count at their quantized size when `cfg` quantizes them."""
+    from ..vocab import vocab_stored_bytes
+
     q = {l.name for l in layers}
+    vocab, vocab_total = vocab_stored_bytes(model, cfg) if cfg is not None else ({}, 0)
     seen: set[int] = set()
-    total, count = 0, 0
+    total, count = vocab_total, len(vocab) * 3
     for name, t in model.state_dict().items():
         owner, _, leaf = name.rpartition(".")
         if owner in q and leaf in ("weight", "bias"):
+            continue
+        if owner in vocab and leaf == "weight":
             continue
         key = id(t) if t.is_meta else t.data_ptr()  # a streamed run's blocks are on meta (no addresses)
         if key in seen and t.numel():
@@ -261,7 +267,7 @@ def budget_bits(model: nn.Module, layers: list[LayerInfo], cfg: CompressConfig) 
     if cfg.target_size is not None:
         return 8.0 * cfg.target_size
     if cfg.target_size_total is not None:
-        rest = dense_bytes(model, layers)
+        rest = dense_bytes(model, layers, cfg)
         if cfg.target_size_total <= rest:
             raise RdquantError(f"--target-size-total {cfg.target_size_total:,} bytes is below what stays in 16 bit "
                                f"({rest:,} bytes: embeddings, norms, ...)")
@@ -499,7 +505,7 @@ def smallest_bits(model: nn.Module, cfg: CompressConfig) -> tuple[float, float]:
     elif cfg.target_size is not None:
         budget = 8.0 * cfg.target_size
     else:
-        budget = 8.0 * ((cfg.target_size_total or 0) - dense_bytes(model, layers))
+        budget = 8.0 * ((cfg.target_size_total or 0) - dense_bytes(model, layers, cfg))
     return total, budget
 
 

@@ -1,0 +1,124 @@
+"""The vocabulary matrices in the budget: the token embedding and the output head, quantized after
+the decoder blocks (issue 21). The head is solved with GPTQ on the Hessian of its input (the final
+norm's output over the calibration windows, which the pipeline has at hand after the last block);
+an untied embedding is rounded to its grid (its error does not pass through a Hessian we hold). A
+tied pair is one matrix, quantized once for the head, and the embedding looks its rows up from the
+same stored tensors (runtime.QuantEmbedding). Grids: symmetric, `embed_bits` wide, row-wise groups
+of the run's group size along the hidden size (at 8 bits and groups of 32: llama.cpp's Q8_0).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import CompressConfig, LayerLog
+from .hessian import HessianAccumulator
+from .methods.gptq import gptq_quantize, proxy_error
+from .methods.rtn import rtn_quantize
+from .models import set_submodule
+from .runtime import QuantEmbedding, QuantLinear
+
+
+def vocab_config(cfg: CompressConfig) -> CompressConfig:
+    """GPTQ settings for the vocabulary matrices: the run's solver settings at `embed_bits`, symmetric."""
+    group = cfg.group_size if cfg.group_size != 0 else 64
+    return CompressConfig(method="gptq", bits=cfg.embed_bits, group_size=group, symmetric=True,
+                          act_order=cfg.act_order, damp_percent=cfg.damp_percent, block_size=cfg.block_size,
+                          clip_search=cfg.clip_search, max_shrink=cfg.max_shrink, scale_bits=cfg.scale_bits,
+                          device=cfg.device)
+
+
+def vocab_modules(model: nn.Module) -> tuple[str | None, nn.Module | None, str | None, nn.Module | None, bool]:
+    """(embedding name, embedding, head name, head, tied): the head only when it is a plain Linear."""
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    names = {id(m): n for n, m in model.named_modules()}
+    if not isinstance(emb, nn.Embedding):
+        emb = None
+    if not isinstance(head, nn.Linear):
+        head = None
+    tied = emb is not None and head is not None and emb.weight is head.weight
+    return (names.get(id(emb)) if emb is not None else None, emb,
+            names.get(id(head)) if head is not None else None, head, tied)
+
+
+def vocab_stored_bytes(model: nn.Module, cfg: CompressConfig) -> tuple[dict[str, int], int]:
+    """({module name: stored bytes}, total) of the quantized embedding and head as `cfg` will store them
+    (codes and fp16 scales; a tied pair once); empty when they stay 16-bit."""
+    if cfg.embed_bits == 16:
+        return {}, 0
+    from .packing import packed_nbytes
+    from .qtensor import num_groups
+
+    vcfg = vocab_config(cfg)
+    emb_name, emb, head_name, head, tied = vocab_modules(model)
+    out: dict[str, int] = {}
+    for name, mod in ((emb_name, emb), (head_name, head)):
+        if mod is None:
+            continue
+        rows, cols = mod.weight.shape
+        size = packed_nbytes(rows * cols, vcfg.bits) + 2 * rows * num_groups(cols, vcfg.group_size)
+        out[name] = 0 if (tied and mod is head) else size
+    return out, sum(out.values())
+
+
+@torch.no_grad()
+def quantize_vocab(model: nn.Module, cfg: CompressConfig, head_inputs: list[torch.Tensor] | None,
+                   dtype: torch.dtype, final_norm: nn.Module | None = None) -> list[LayerLog]:
+    """Replace the embedding (QuantEmbedding) and the head (QuantLinear, kind "head") of `model` by
+    their quantized forms; `head_inputs` are the last block's outputs per batch (None: plain rounding)."""
+    if cfg.embed_bits == 16:
+        return []
+    vcfg = vocab_config(cfg)
+    device = torch.device(cfg.device)
+    emb_name, emb, head_name, head, tied = vocab_modules(model)
+    logs: list[LayerLog] = []
+    qhead = None
+    if head is not None:
+        W = head.weight.data.to(device, torch.float32)
+        H = None
+        if head_inputs and cfg.method != "rtn":
+            acc = HessianAccumulator(W.shape[1], device=device)
+            norm = final_norm.to(device) if final_norm is not None else nn.Identity()
+            for h in head_inputs:
+                acc.add(norm(h.to(device)))
+            if final_norm is not None:
+                final_norm.to("cpu")
+            acc.check_finite(head_name or "the head")
+            H = acc.H
+        q, notes = gptq_quantize(W, H, vcfg) if H is not None else (rtn_quantize(W, vcfg), ["plain rounding"])
+        bias = head.bias.data if head.bias is not None else None
+        qhead = QuantLinear.from_quantized(q, bias, dtype)
+        qhead.kind, qhead.solver = "head", "gptq" if H is not None else "rtn"
+        logs.append(_log(head_name, vcfg, q, W, H, notes, "gptq" if H is not None else "rtn"))
+        set_submodule(model, head_name, qhead.to("cpu"))
+    if emb is not None:
+        if tied and qhead is not None:
+            qemb = QuantEmbedding(emb.num_embeddings, emb.embedding_dim, vcfg.bits, vcfg.group_size, True, dtype,
+                                  "cpu", padding_idx=emb.padding_idx)
+            for k in qhead.buffer_names:
+                qemb._buffers[k] = qhead._buffers[k]  # one matrix: the very same stored tensors
+            qemb.tied_head, qemb.solver = head_name, qhead.solver
+        else:
+            W = emb.weight.data.to(device, torch.float32)
+            q = rtn_quantize(W, vcfg)
+            qemb = QuantEmbedding(emb.num_embeddings, emb.embedding_dim, vcfg.bits, vcfg.group_size, True, dtype,
+                                  "cpu", padding_idx=emb.padding_idx)
+            qemb.set_tensors({k: v.cpu() for k, v in q.packed_state().items()})
+            qemb.solver = "rtn"
+            logs.append(_log(emb_name, vcfg, q, W, None, [], "rtn"))
+        set_submodule(model, emb_name, qemb)
+    return logs
+
+
+def _log(name: str, vcfg: CompressConfig, q: Any, W: torch.Tensor, H: torch.Tensor | None, notes: list[str],
+         method: str) -> LayerLog:
+    Q = q.dequantize().to(W.device)
+    log = LayerLog(name, method, vcfg.bits, vcfg.group_size, tuple(W.shape), True, notes=list(notes))
+    log.weight_mse = float((W - Q).square().mean())
+    if H is not None:
+        log.proxy_error = proxy_error(W, Q, H)
+        log.proxy_error_rtn = proxy_error(W, q.round_to_grid(W).to(W.device), H)
+    return log
