@@ -74,3 +74,14 @@ def test_claq_from_the_command_line(tiny_model_dir, text_file, tmp_path):
                                       "--calib-seqlen", "32", "--out", str(tmp_path / "o")])
     assert "not supported" in _error(["compress", "--model", str(tiny_model_dir), "--target-bits", "3",
                                       "--out", str(tmp_path / "o")])
+
+
+def test_compress_with_eval_streams_a_safetensors_directory(tiny_model_dir, text_file, tmp_path):
+    """An HF directory is compressed one block at a time (the CLI's streamed source); --eval then
+    evaluates the written artifact beside the original."""
+    out = tmp_path / "ev"
+    r = runner.invoke(app, ["compress", "--model", str(tiny_model_dir), "--bits", "4", "--calib", str(text_file),
+                            "--calib-samples", "4", "--calib-seqlen", "32", "--eval", "--eval-windows", "1",
+                            "--eval-seqlen", "64", "--out", str(out), "--no-progress"])
+    assert r.exit_code == 0, r.output
+    assert "original (16-bit" in r.output and "rdquant  (" in r.output and "embedding / head" in r.output

@@ -245,7 +245,7 @@ def _run_compress(ctx: typer.Context, model: str, out: Optional[Path], recipe: O
         typer.echo(f"exported as {f}: {api_export(out, export_path(out, f), format=f, overwrite=overwrite, progress=progress)}")
     typer.echo(rep.table(per_layer=False))
     if original is not None:
-        q = evaluate(out if cm.streamed else cm, seqlen=eval_seqlen, max_windows=eval_windows, device=cfg.device, progress=progress)
+        q = evaluate(str(out) if cm.streamed else cm, seqlen=eval_seqlen, max_windows=eval_windows, device=cfg.device, progress=progress)
         typer.echo(f"\nWikiText-2 perplexity ({q.windows} windows x {q.seqlen} = {q.tokens} tokens)")
         typer.echo(f"  original (16-bit: {rep.original_16bit_bytes / 2**20:7.1f} MiB)  ppl {original.ppl:8.3f}")
         typer.echo(f"  rdquant  ({rep.total_bytes / 2**20:7.1f} MiB, {rep.bits_per_weight:.3f} bpw)  ppl {q.ppl:8.3f}")
