@@ -11,15 +11,7 @@ from rdquant import artifact, pipeline
 from rdquant.models import load_model
 from rdquant.source import LazyBlocks, SyntheticBlocks
 from rdquant.testing import save_tiny_model_dir
-
-
-def _cfg(**kw):
-    return rdquant.CompressConfig(calib_samples=8, calib_seqlen=64, batch_size=4, **kw)
-
-
-def _tensors(path):
-    _, t = artifact.read_tensors(path)
-    return t
+from test_pipeline import _cfg, _tensors  # the same small runs as the pipeline tests
 
 
 def _same(a, b):
