@@ -23,7 +23,8 @@ def test_compress_inspect_eval_generate(tiny_model_dir, text_file, tmp_path):
     r = runner.invoke(app, ["inspect", str(out)])
     assert r.exit_code == 0 and "compression ratio" in r.output and "q_proj" in r.output
     r = runner.invoke(app, ["inspect", str(out), "--json"])
-    assert json.loads(r.output)["bits_per_weight"] > 4
+    rep = json.loads(r.output)
+    assert rep["bits_per_weight"] > 4 and rep["vocab_params"] > 0 and rep["vocab_bytes"] > 0
     r = runner.invoke(app, ["eval", str(out), "--data", str(text_file), "--seqlen", "64", "--max-windows", "2",
                             "--no-progress", "--json"])
     assert r.exit_code == 0, r.output

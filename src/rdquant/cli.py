@@ -395,6 +395,7 @@ def inspect_cmd(
                                "quantized_params": rep.quantized_params, "quantized_bytes": rep.quantized_bytes,
                                "dense_bytes": rep.dense_bytes, "compression_ratio": rep.compression_ratio,
                                "file_bits_per_param": rep.file_bits_per_param,
+                               "vocab_params": rep.vocab_params, "vocab_bytes": rep.vocab_bytes,
                                "split_bits_per_weight": rep.split_bits(),
                                "coded_bits_per_weight": rep.coded_bits_per_weight,
                                "decode_mcodes_per_s": rep.decode_mcodes}))
