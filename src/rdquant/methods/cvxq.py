@@ -24,7 +24,7 @@ from __future__ import annotations
 import base64
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -37,6 +37,9 @@ from ..qmixed import cluster_stored_bits, stored_bits, width_bits, width_map
 from ..qtensor import group_sizes, num_groups
 from .claq import claq_quantize, codebook_rates, layer_bits, n_scales
 from .gptq import gptq_quantize, mixed_rtn
+
+if TYPE_CHECKING:
+    from ..source import BlockSource
 
 @dataclass
 class CvxqPlan:
@@ -338,7 +341,6 @@ def allocate(model: nn.Module, layers: list[LayerInfo], sens: dict[str, torch.Te
         kap = grid_kappa(cell, mb, cfg.clip_search, cfg.max_shrink)
     coded = cfg.cvxq_rate == "coded"
     lo = min_bits(cfg)  # widths below it are not offered
-    nominal = torch.arange(mb + 1, dtype=torch.float64)[None, :]
     weights, rates, spans = [], [], []
     clusters: dict[str, torch.Tensor] = {}
     fixed = 0.0
