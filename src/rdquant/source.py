@@ -116,7 +116,8 @@ class LazyBlocks(BlockSource):
         if hasattr(self.model, "tie_weights"):
             self.model.tie_weights()
         missing = [n for n in _meta_names(self.model) if not self._in_block(n)]
-        if missing:
+        missing += [n for n in _meta_names(self.model) if self._in_block(n) and n not in self.files]
+        if missing:  # checked from the names alone, before any block is read
             raise RdquantError(f"{self.path}: tensor {missing[0]} is not in its safetensors files (a damaged or "
                                "renamed checkpoint); load it in memory instead")
 
