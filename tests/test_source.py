@@ -140,9 +140,14 @@ def test_lazy_source_names_a_missing_tensor(tiny_model_dir, tmp_path):
     assert streamed_source(str(d), rdquant.CompressConfig()) is None  # the CLI loads such a model in memory
 
 
-@pytest.mark.parametrize("objective", ["gradient", "fisher"])
-def test_blockwise_sensitivity_equals_the_whole_model_backward(tiny_model_dir, objective):
-    """The streamed sensitivity pass (one block at a time, in reverse) gives the whole-model gradients."""
+@pytest.mark.parametrize("objective,keep_all", [("gradient", True), ("fisher", True), ("gradient", False)])
+def test_blockwise_sensitivity_equals_the_whole_model_backward(tiny_model_dir, objective, keep_all, monkeypatch):
+    """The streamed sensitivity pass (one block at a time, in reverse) gives the whole-model gradients,
+    also when it keeps only every k-th block input and recomputes the rest (a deep model's memory)."""
+    from rdquant import sensitivity
+
+    if not keep_all:
+        monkeypatch.setattr(sensitivity, "KEEP_BYTES", 0)
     from rdquant.methods.cvxq import model_layers
     from rdquant.sensitivity import blockwise_gradient_sensitivity, gradient_sensitivity
 

@@ -20,6 +20,8 @@ Both return a dict: module name -> float32 [out, in] (the gradient) or [in] (the
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -137,6 +139,9 @@ def hessian_sensitivity(model: nn.Module, ids: torch.Tensor, names: list[str], b
     return {n: (sums[n] / max(power[n], 1e-30)).to(torch.float32).cpu() for n in names}
 
 
+KEEP_BYTES = 8 * 2**30  # the block-wise pass keeps every block's input up to this much (else every k-th)
+
+
 def final_norm(model: nn.Module) -> nn.Module:
     """The norm after the last block (its output is last_hidden_state), found by the usual names."""
     base = _base(model)
@@ -164,28 +169,38 @@ def blockwise_gradient_sensitivity(source, ids: torch.Tensor, skip: tuple[str, .
     `on_block(i, block, {layer name: float32 [out, in]})` receives block i's sensitivities while the
     block is loaded (CVXQ reduces them to its cells there), so none are kept for the whole model."""
     from .models import block_linears, find_blocks
-    from .pipeline import _block_output, _park, capture_block_inputs
+    from .pipeline import Chunk, _block_output, _park, capture_block_inputs
 
     device = torch.device(device)
     model = source.model
     blocks_name, blocks = find_blocks(model)
     home = torch.device("cpu") if device.type == "cuda" else device
     chunks = capture_block_inputs(model, blocks, ids, batch_size, device, home)
-    saved = [[c.hidden for c in chunks]]
-    for i in tqdm(range(len(blocks)), desc=f"cvxq sensitivity ({objective}): forward", unit="block", disable=not progress):
+    n_blocks = len(blocks)
+    per = sum(c.hidden.numel() * c.hidden.element_size() for c in chunks)
+    # block inputs kept for the backward: all of them while they take <= KEEP_BYTES, else every k-th
+    # (k ~ sqrt(depth)) and each segment recomputed from its first when the backward reaches it
+    every = 1 if per * (n_blocks + 1) <= KEEP_BYTES else max(1, math.ceil(math.sqrt(n_blocks)))
+    saved = {0: [c.hidden for c in chunks]}
+
+    def forward(i: int, hs: list[torch.Tensor]) -> list[torch.Tensor]:
         block = source.load(i, device)
         with torch.no_grad():
-            outs = [_park(_block_output(block, c), home) for c in chunks]
+            outs = [_park(_block_output(block, Chunk(h, c.kwargs, c.device)), home) for h, c in zip(hs, chunks)]
         source.release(i)
-        saved.append(outs)
-        for c, o in zip(chunks, outs):
-            c.hidden = o
+        return outs
+
+    hs = saved[0]
+    for i in tqdm(range(n_blocks), desc=f"cvxq sensitivity ({objective}): forward", unit="block", disable=not progress):
+        hs = forward(i, hs)
+        if (i + 1) % every == 0 or i + 1 == n_blocks:
+            saved[i + 1] = hs
     norm = final_norm(model).to(device)
     head = model.get_output_embeddings().to(device) if objective == "fisher" else None
     if objective == "pca":
         with torch.no_grad():
             cov, n = None, 0
-            for h in saved[-1]:
+            for h in saved[n_blocks]:
                 z = norm(h.to(device))[:, ::stride].reshape(-1, _hidden(model)).to(torch.float64)
                 cov = z.t() @ z if cov is None else cov + z.t() @ z
                 n += z.shape[0]
@@ -193,7 +208,7 @@ def blockwise_gradient_sensitivity(source, ids: torch.Tensor, skip: tuple[str, .
             U = evecs[:, torch.argsort(evals, descending=True)[: min(components, _hidden(model))]].to(torch.float32)
     g = torch.Generator(device="cpu").manual_seed(seed)
     grads = []
-    for h in saved[-1]:
+    for h in saved[n_blocks]:
         h = h.to(device).requires_grad_(True)
         z = norm(h)[:, ::stride]
         if objective == "pca":
@@ -212,8 +227,12 @@ def blockwise_gradient_sensitivity(source, ids: torch.Tensor, skip: tuple[str, .
     final_norm(model).to("cpu")
     if head is not None:
         model.get_output_embeddings().to("cpu")
-    for i in tqdm(reversed(range(len(blocks))), total=len(blocks), desc=f"cvxq sensitivity ({objective}): backward",
+    for i in tqdm(reversed(range(n_blocks)), total=n_blocks, desc=f"cvxq sensitivity ({objective}): backward",
                   unit="block", disable=not progress):
+        if i not in saved:  # recompute this segment's block inputs from its kept first one
+            a = max(k for k in saved if k <= i)
+            for j in range(a, i):
+                saved[j + 1] = forward(j, saved[j])
         block = source.load(i, device)
         params = {n: lin.weight for n, lin in block_linears(block, skip).items()}
         was = {n: p.requires_grad for n, p in params.items()}
@@ -242,4 +261,5 @@ def blockwise_gradient_sensitivity(source, ids: torch.Tensor, skip: tuple[str, .
                 p.requires_grad_(was[n])
         del acc, sens
         source.release(i)
-        grads, saved[i + 1] = new, None
+        grads = new
+        saved.pop(i + 1, None)
