@@ -62,14 +62,10 @@ def _dtype_name(t: torch.Tensor) -> str:
     return str(t.dtype).removeprefix("torch.")
 
 
-def _nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
-
-
 def _size_of(tensors: Mapping[str, torch.Tensor], name: str) -> int:
     """A tensor's bytes; a lazily read mapping (a streamed run's block files) tells without reading it."""
     size = getattr(tensors, "nbytes_of", None)
-    return size(name) if size is not None else _nbytes(tensors[name])
+    return size(name) if size is not None else tensors[name].nbytes
 
 
 def write_artifact(
@@ -95,7 +91,7 @@ def write_artifact(
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise RdquantError(f"cannot create {out.parent}: {e.strerror}; choose another --out") from e
-    need = sum(_nbytes(stored[n][0]) if n in stored else _size_of(tensors, n) for n in tensors) + 64 * 2**20
+    need = sum(stored[n][0].nbytes if n in stored else _size_of(tensors, n) for n in tensors) + 64 * 2**20
     free = shutil.disk_usage(out.parent).free
     if free < need:
         raise RdquantError(f"not enough disk space for {out}: it needs about {need / 2**20:,.0f} MiB, "
@@ -111,7 +107,7 @@ def write_artifact(
         plan: list[list[str]] = [[]]  # shard assignment from sizes alone, then one shard in memory at a time
         size, owner = 0, None
         for name in tensors:
-            nbytes = _nbytes(stored[name][0]) if name in stored else _size_of(tensors, name)
+            nbytes = stored[name][0].nbytes if name in stored else _size_of(tensors, name)
             new_owner = name.rpartition(".")[0]  # a layer's tensors stay in one shard
             if plan[-1] and size + nbytes > SHARD_BYTES and new_owner != owner:
                 plan.append([])

@@ -268,11 +268,10 @@ def streamed_source(model: str, cfg):
     check_config(loc)
     tok = load_tokenizer_of(loc)
     try:
-        source = LazyBlocks(loc.path, torch.float32)
+        # on a GPU, calibrate in the checkpoint's 16-bit dtype
+        source = LazyBlocks(loc.path, torch.float32 if cfg.device == "cpu" else None)
     except RdquantError:  # names the model does not use as stored (transformers may convert them): in memory
         return None
-    if cfg.device != "cpu" and source.stored_dtype in (torch.float16, torch.bfloat16):
-        source = LazyBlocks(loc.path, source.stored_dtype)  # calibrate in the checkpoint's 16-bit dtype
     source.tokenizer, source.model_id = tok, loc.model_id
     return source
 

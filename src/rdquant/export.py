@@ -236,15 +236,9 @@ def check_before_compress(format: str, model, cfg) -> None:
     entries = {f"{prefix}.{i}.{n}": {"layout": layout, "bits": cfg.bits, "group_size": cfg.group_size,
                                       "symmetric": cfg.symmetric, "shape": list(lin.weight.shape)}
                for i, block in enumerate(blocks) for n, lin in block_linears(block).items()}
-    if cfg.embed_bits != 16:
-        from .vocab import vocab_config, vocab_modules
+    from .vocab import vocab_entries
 
-        emb_name, emb, head_name, head, tied = vocab_modules(model)
-        g = vocab_config(cfg).group_size
-        for name, mod, kind in ((head_name, head, "head"), (emb_name, emb, "embedding")):
-            if mod is not None and not (tied and kind == "head"):
-                entries[name] = {"layout": "affine", "bits": cfg.embed_bits, "group_size": g, "symmetric": True,
-                                 "shape": list(mod.weight.shape), "kind": kind}
+    entries.update(vocab_entries(model, cfg))
     if format == "gguf":
         from . import export_gguf
 

@@ -229,7 +229,7 @@ class ActivationReuse:
 def _nbytes(out: Any) -> int:
     """Bytes of a tensor or of the tensors in a tuple (a cached module output)."""
     if isinstance(out, torch.Tensor):
-        return out.numel() * out.element_size()
+        return out.nbytes
     if isinstance(out, (tuple, list)):
         return sum(_nbytes(o) for o in out)
     return 0
@@ -383,6 +383,18 @@ def stage_hessian(
     return acc.H, acc.mean
 
 
+def layer_log(name: str, method: str, part: Any, w: torch.Tensor, Q: torch.Tensor, H: torch.Tensor | None,
+              notes: list[str], spec: dict | None = None) -> LayerLog:
+    """A layer's log line: its grid, weight MSE and, with the Hessian, the proxy error of the result and
+    of plain rounding onto the same grid (the 'before' of the method's error compensation)."""
+    log = LayerLog(name, method, part.bits, part.group_size, tuple(w.shape), part.symmetric, spec=spec, notes=list(notes))
+    log.weight_mse = float((w - Q).square().mean())
+    if H is not None:
+        log.proxy_error = proxy_error(w, Q, H)
+        log.proxy_error_rtn = proxy_error(w, part.round_to_grid(w).to(w.device), H)
+    return log
+
+
 def quantize_stage(
     block: nn.Module,
     linears: dict[str, nn.Linear],
@@ -422,14 +434,8 @@ def quantize_stage(
         Q = q.dequantized_weight().to(torch.float32)
         if correct:  # the mean output error, moved into the bias
             q.bias.data += ((w - Q) @ x_mean.to(w.device)).to(q.bias.dtype)
-        log = LayerLog(prefix + n, cfg.method, part.bits, part.group_size, tuple(w.shape), part.symmetric,
-                       spec=q.spec, notes=list(notes))
-        log.weight_mse = float((w - Q).square().mean())
+        log = layer_log(prefix + n, cfg.method, part, w, Q, H, notes, q.spec)
         log.seconds = seconds
-        if H is not None:
-            log.proxy_error = proxy_error(w, Q, H)
-            # "before": plain rounding onto the same grid, without the method's error compensation
-            log.proxy_error_rtn = proxy_error(w, part.round_to_grid(w), H)
         logs.append(log)
         set_submodule(block, n, q)
         linears[n] = q  # type: ignore[assignment]
@@ -445,6 +451,7 @@ class Checkpoint:
         self.path = path
         self.key = {"config": cfg.to_dict(), "model": model_id}
         self._inputs_saved_at = time.monotonic()
+        self.inputs_block: int | None = None  # the block whose inputs inputs.safetensors holds
 
     def start(self, resume: bool) -> int:
         """Blocks already done (0 unless resuming a matching checkpoint); prepares the directory."""
@@ -457,6 +464,7 @@ class Checkpoint:
                     f"--resume: the checkpoint in {self.path} was made with other settings or another model"
                 )
             self.method_state = state.get("method_state")
+            self.inputs_block = state.get("inputs_block", state["blocks_done"])  # older runs saved them every block
             return int(state["blocks_done"])
         if resume:
             raise RdquantError(f"--resume: no checkpoint of an interrupted run at {self.path}")
@@ -480,22 +488,16 @@ class Checkpoint:
         """Save block i's quantized tensors (`full`: every tensor of the block) and log, then, when it
         is small or a while since the last time, the inputs of block i+1 (so a resume starts from
         those activations instead of recomputing them from block 0), then the progress."""
-        tensors = {
-            f"{n}.{k}": v.contiguous()
-            for n, m in block.named_modules()
-            if isinstance(m, QuantLinear)
-            for k, v in m.state_dict().items()
-        }
         if full:
             tensors = {k: v.contiguous() for k, v in block.state_dict().items()}
+        else:
+            tensors = {f"{n}.{k}": v.contiguous() for n, m in block.named_modules() if isinstance(m, QuantLinear)
+                       for k, v in m.state_dict().items()}
         _atomic_save(tensors, self.path / f"block_{i:04d}.safetensors")
         quantized = {n: m.table_entry() for n, m in block.named_modules() if isinstance(m, QuantLinear)}
         (self.path / f"block_{i:04d}.json").write_text(json.dumps({"logs": [asdict(l) for l in logs],
                                                                     "quantized": quantized}))
-        state = {"key": self.key, "blocks_done": i + 1, "method_state": method_state}
-        old = self.path / PROGRESS
-        if old.is_file():
-            state["inputs_block"] = json.loads(old.read_text()).get("inputs_block")
+        state = {"key": self.key, "blocks_done": i + 1, "method_state": method_state, "inputs_block": self.inputs_block}
         if chunks:
             nbytes = sum(_nbytes(c.hidden) for c in chunks)
             if nbytes <= SMALL_INPUTS or time.monotonic() - self._inputs_saved_at >= INPUTS_EVERY_S:
@@ -503,7 +505,7 @@ class Checkpoint:
                     torch.cuda.synchronize()  # parked activations are copied asynchronously
                 _atomic_save({f"chunk_{k:05d}": c.hidden.detach().cpu().contiguous() for k, c in enumerate(chunks)},
                              self.path / "inputs.safetensors")
-                state["inputs_block"] = i + 1
+                state["inputs_block"] = self.inputs_block = i + 1
                 self._inputs_saved_at = time.monotonic()
         tmp = self.path / (PROGRESS + ".tmp")
         tmp.write_text(json.dumps(state))
@@ -536,16 +538,14 @@ class Checkpoint:
         """Restore saved block inputs into `chunks`: the index of the block they are the inputs of,
         None if there are none."""
         f = self.path / "inputs.safetensors"
-        prog = self.path / PROGRESS
         if not f.is_file():
             return None
-        state = json.loads(prog.read_text()) if prog.is_file() else {}
         saved = load_file(f)
         if len(saved) != len(chunks):
             raise RdquantError(f"--resume: the checkpoint in {self.path} has inputs for another calibration set")
         for k, c in enumerate(chunks):
             c.hidden = _park(saved[f"chunk_{k:05d}"].to(c.device or "cpu"), c.hidden.device)
-        return int(state.get("inputs_block", state.get("blocks_done", 0)))
+        return self.inputs_block if self.inputs_block is not None else 0
 
     def block_files(self, blocks_name: str, n_blocks: int) -> "BlockFiles":
         return BlockFiles(self.path, blocks_name, n_blocks, self)

@@ -41,17 +41,38 @@ def _batches(ids: torch.Tensor, batch_size: int):
 def principal_directions(model: nn.Module, ids: torch.Tensor, k: int, stride: int, batch_size: int,
                          device: torch.device) -> torch.Tensor:
     """Top-k principal directions [d, k] of the final hidden state over `ids` (descending variance)."""
-    cov = None
-    n = 0
-    for x in _batches(ids, batch_size):
-        z = _base(model)(x.to(device), use_cache=False).last_hidden_state[:, ::stride].reshape(-1, _hidden(model))
-        z = z.to(torch.float64)
+    return top_directions((_base(model)(x.to(device), use_cache=False).last_hidden_state
+                           for x in _batches(ids, batch_size)), k, stride)
+
+
+@torch.no_grad()
+def top_directions(states, k: int, stride: int) -> torch.Tensor:
+    """Top-k principal directions [d, k] (descending variance) of final hidden states [b, t, d], taken
+    at a stride of positions, from an iterable of batches."""
+    cov, n = None, 0
+    for z in states:
+        z = z[:, ::stride].reshape(-1, z.shape[-1]).to(torch.float64)
         cov = z.t() @ z if cov is None else cov + z.t() @ z
         n += z.shape[0]
-    cov = cov / max(n, 1)
-    evals, evecs = torch.linalg.eigh(cov)  # ascending
-    order = torch.argsort(evals, descending=True)[:k]
-    return evecs[:, order].to(torch.float32)
+    evals, evecs = torch.linalg.eigh(cov / max(n, 1))  # ascending
+    return evecs[:, torch.argsort(evals, descending=True)[:k]].to(torch.float32)
+
+
+def objective_loss(z: torch.Tensor, objective: str, U: torch.Tensor | None, head: nn.Module | None,
+                   g: torch.Generator) -> torch.Tensor:
+    """The random-sign objective of one batch's strided final hidden states z [b, t', d]: pca, the
+    projections on U with random +-1 signs; fisher, the log-likelihood of tokens sampled from the
+    head's own prediction. Draws from `g` in the same order whichever pass calls it."""
+    if objective == "pca":
+        proj = z.to(torch.float32) @ U
+        signs = torch.randint(0, 2, proj.shape, generator=g).to(z.device, torch.float32) * 2 - 1
+        return (proj * signs).sum()
+    logits = head(z).to(torch.float32).reshape(-1, head.out_features)
+    with torch.no_grad():
+        u = torch.rand(logits.shape[0], 1, generator=g).to(z.device)
+        cdf = torch.softmax(logits, -1).cumsum(-1)
+        y = torch.searchsorted(cdf, u.contiguous()).clamp(max=logits.shape[1] - 1).flatten()
+    return torch.nn.functional.cross_entropy(logits, y, reduction="sum")
 
 
 def _hidden(model: nn.Module) -> int:
@@ -86,17 +107,7 @@ def gradient_sensitivity(model: nn.Module, ids: torch.Tensor, names: list[str], 
                    disable=not progress)
         for x in bar:
             z = _base(model)(x.to(device), use_cache=False).last_hidden_state[:, ::stride]
-            if objective == "pca":
-                proj = z.to(torch.float32) @ U
-                signs = torch.randint(0, 2, proj.shape, generator=g).to(device, torch.float32) * 2 - 1
-                loss = (proj * signs).sum()
-            else:
-                logits = model.get_output_embeddings()(z).to(torch.float32).reshape(-1, model.config.vocab_size)
-                with torch.no_grad():
-                    u = torch.rand(logits.shape[0], 1, generator=g).to(device)
-                    cdf = torch.softmax(logits, -1).cumsum(-1)
-                    y = torch.searchsorted(cdf, u.contiguous()).clamp(max=logits.shape[1] - 1).flatten()
-                loss = torch.nn.functional.cross_entropy(logits, y, reduction="sum")
+            loss = objective_loss(z, objective, U if objective == "pca" else None, model.get_output_embeddings(), g)
             grads = torch.autograd.grad(loss, list(params.values()))
             for n, gr in zip(params, grads):
                 acc[n].add_(gr.to(torch.float32).square())
@@ -169,7 +180,7 @@ def blockwise_gradient_sensitivity(source, ids: torch.Tensor, skip: tuple[str, .
     `on_block(i, block, {layer name: float32 [out, in]})` receives block i's sensitivities while the
     block is loaded (CVXQ reduces them to its cells there), so none are kept for the whole model."""
     from .models import block_linears, find_blocks
-    from .pipeline import Chunk, _block_output, _park, capture_block_inputs
+    from .pipeline import Chunk, _block_output, _nbytes, _park, capture_block_inputs
 
     device = torch.device(device)
     model = source.model
@@ -177,7 +188,7 @@ def blockwise_gradient_sensitivity(source, ids: torch.Tensor, skip: tuple[str, .
     home = torch.device("cpu") if device.type == "cuda" else device
     chunks = capture_block_inputs(model, blocks, ids, batch_size, device, home)
     n_blocks = len(blocks)
-    per = sum(c.hidden.numel() * c.hidden.element_size() for c in chunks)
+    per = sum(_nbytes(c.hidden) for c in chunks)
     # block inputs kept for the backward: all of them while they take <= KEEP_BYTES, else every k-th
     # (k ~ sqrt(depth)) and each segment recomputed from its first when the backward reaches it
     every = 1 if per * (n_blocks + 1) <= KEEP_BYTES else max(1, math.ceil(math.sqrt(n_blocks)))
@@ -197,31 +208,14 @@ def blockwise_gradient_sensitivity(source, ids: torch.Tensor, skip: tuple[str, .
             saved[i + 1] = hs
     norm = final_norm(model).to(device)
     head = model.get_output_embeddings().to(device) if objective == "fisher" else None
+    U = None
     if objective == "pca":
-        with torch.no_grad():
-            cov, n = None, 0
-            for h in saved[n_blocks]:
-                z = norm(h.to(device))[:, ::stride].reshape(-1, _hidden(model)).to(torch.float64)
-                cov = z.t() @ z if cov is None else cov + z.t() @ z
-                n += z.shape[0]
-            evals, evecs = torch.linalg.eigh(cov / max(n, 1))
-            U = evecs[:, torch.argsort(evals, descending=True)[: min(components, _hidden(model))]].to(torch.float32)
+        U = top_directions((norm(h.to(device)) for h in saved[n_blocks]), min(components, _hidden(model)), stride)
     g = torch.Generator(device="cpu").manual_seed(seed)
     grads = []
     for h in saved[n_blocks]:
         h = h.to(device).requires_grad_(True)
-        z = norm(h)[:, ::stride]
-        if objective == "pca":
-            proj = z.to(torch.float32) @ U
-            signs = torch.randint(0, 2, proj.shape, generator=g).to(device, torch.float32) * 2 - 1
-            loss = (proj * signs).sum()
-        else:
-            logits = head(z).to(torch.float32).reshape(-1, model.config.vocab_size)
-            with torch.no_grad():
-                u = torch.rand(logits.shape[0], 1, generator=g).to(device)
-                cdf = torch.softmax(logits, -1).cumsum(-1)
-                y = torch.searchsorted(cdf, u.contiguous()).clamp(max=logits.shape[1] - 1).flatten()
-            loss = torch.nn.functional.cross_entropy(logits, y, reduction="sum")
+        loss = objective_loss(norm(h)[:, ::stride], objective, U, head, g)
         (gh,) = torch.autograd.grad(loss, [h])
         grads.append(_park(gh, home))
     final_norm(model).to("cpu")

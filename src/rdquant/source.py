@@ -90,27 +90,36 @@ def _meta_names(module: nn.Module) -> list[str]:
     return [n for n, t in (*module.named_parameters(), *module.named_buffers()) if t.is_meta]
 
 
-def _to_meta(module: nn.Module) -> None:
-    """Drop a block's tensors (quantized buffers included): it goes back to being a skeleton."""
-    module.to("meta")
-
-
-class LazyBlocks(BlockSource):
-    """An HF directory of safetensors files, read a block at a time (tensors are never all in memory)."""
+class StreamedBlocks(BlockSource):
+    """A source whose blocks are materialised on load and dropped (to meta, quantized buffers
+    included) on release: only the current block is ever in memory."""
 
     streamed = True
 
-    def __init__(self, path: str | Path, dtype: torch.dtype = torch.float32) -> None:
+    def _block_prefix(self) -> str:
+        """'model.layers.': what names every block tensor (set once the skeleton exists)."""
+        return self.blocks[0] + "."
+
+    def release(self, i: int) -> None:
+        self.blocks[1][i].to("meta")
+
+
+class LazyBlocks(StreamedBlocks):
+    """An HF directory of safetensors files, read a block at a time (tensors are never all in memory)."""
+
+    def __init__(self, path: str | Path, dtype: torch.dtype | None = torch.float32) -> None:
+        """`dtype` None: the checkpoint's own dtype when it is 16-bit (a GPU run), else float32."""
         from transformers import AutoConfig
 
         self.path = Path(path)
-        self.dtype = dtype
         self.files = self._index()
         config = AutoConfig.from_pretrained(self.path, local_files_only=True)
         self.stored_dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+        if dtype is None:
+            dtype = self.stored_dtype if self.stored_dtype in (torch.float16, torch.bfloat16) else torch.float32
+        self.dtype = dtype
         self.model = _skeleton(config, dtype)
-        prefix, _ = self.blocks
-        self.prefix = prefix + "."
+        self.prefix = self._block_prefix()
         outside = [n for n in _meta_names(self.model) if not self._in_block(n)]
         self._read_into(self.model, outside, "", "cpu")
         if hasattr(self.model, "tie_weights"):
@@ -165,22 +174,17 @@ class LazyBlocks(BlockSource):
             raise RdquantError(f"{self.path}: tensor {self.prefix}{i}.{left[0]} is not in its safetensors files")
         return block.to(device)
 
-    def release(self, i: int) -> None:
-        _to_meta(self.blocks[1][i])
 
 
-class SyntheticBlocks(BlockSource):
+class SyntheticBlocks(StreamedBlocks):
     """Random weights from a config and a seed, materialised per block on the device it is loaded on
     (the same block i always gets the same weights on one device kind). For scale benchmarks."""
-
-    streamed = True
 
     def __init__(self, config: Any, dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> None:
         self.dtype, self.seed = dtype, seed
         self.std = float(getattr(config, "initializer_range", 0.02))
         self.model = _skeleton(config, dtype)
-        prefix, _ = self.blocks
-        self.prefix = prefix + "."
+        self.prefix = self._block_prefix()
         names = [n for n in _meta_names(self.model) if not n.startswith(self.prefix)]
         self._fill(self.model, names, "cpu", seed=seed + 1_000_003)
         if hasattr(self.model, "tie_weights"):
@@ -204,8 +208,6 @@ class SyntheticBlocks(BlockSource):
         self._fill(block, _meta_names(block), device, seed=self.seed * 100_003 + i)
         return block.to(device)
 
-    def release(self, i: int) -> None:
-        _to_meta(self.blocks[1][i])
 
 
 def as_source(model: nn.Module | BlockSource) -> BlockSource:

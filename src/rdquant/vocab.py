@@ -9,16 +9,15 @@ of the run's group size along the hidden size (at 8 bits and groups of 32: llama
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
 
 from .config import CompressConfig, LayerLog
 from .hessian import HessianAccumulator
-from .methods.gptq import gptq_quantize, proxy_error
+from .methods.gptq import gptq_quantize
 from .methods.rtn import rtn_quantize
 from .models import set_submodule
+from .pipeline import layer_log
 from .runtime import QuantEmbedding, QuantLinear
 
 
@@ -44,23 +43,34 @@ def vocab_modules(model: nn.Module) -> tuple[str | None, nn.Module | None, str |
             names.get(id(head)) if head is not None else None, head, tied)
 
 
+def vocab_entries(model: nn.Module, cfg: CompressConfig) -> dict[str, dict]:
+    """The manifest entries (`quantized` table) the run will write for the embedding and head, from the
+    shapes alone: a tied pair is the embedding's entry with `tied_head`. Empty when they stay 16-bit."""
+    if cfg.embed_bits == 16:
+        return {}
+    vcfg = vocab_config(cfg)
+    emb_name, emb, head_name, head, tied = vocab_modules(model)
+    out: dict[str, dict] = {}
+    for name, mod, kind in ((head_name, head, "head"), (emb_name, emb, "embedding")):
+        if mod is not None and not (tied and kind == "head"):
+            out[name] = {"layout": "affine", "bits": vcfg.bits, "group_size": vcfg.group_size, "symmetric": True,
+                         "shape": list(mod.weight.shape), "kind": kind, **({"tied_head": head_name} if tied and
+                                                                            kind == "embedding" else {})}
+    return out
+
+
 def vocab_stored_bytes(model: nn.Module, cfg: CompressConfig) -> tuple[dict[str, int], int]:
     """({module name: stored bytes}, total) of the quantized embedding and head as `cfg` will store them
-    (codes and fp16 scales; a tied pair once); empty when they stay 16-bit."""
-    if cfg.embed_bits == 16:
-        return {}, 0
+    (codes and fp16 scales; a tied pair once, its head at 0); empty when they stay 16-bit."""
     from .packing import packed_nbytes
     from .qtensor import num_groups
 
-    vcfg = vocab_config(cfg)
-    emb_name, emb, head_name, head, tied = vocab_modules(model)
     out: dict[str, int] = {}
-    for name, mod in ((emb_name, emb), (head_name, head)):
-        if mod is None:
-            continue
-        rows, cols = mod.weight.shape
-        size = packed_nbytes(rows * cols, vcfg.bits) + 2 * rows * num_groups(cols, vcfg.group_size)
-        out[name] = 0 if (tied and mod is head) else size
+    for name, e in vocab_entries(model, cfg).items():
+        rows, cols = e["shape"]
+        out[name] = packed_nbytes(rows * cols, e["bits"]) + 2 * rows * num_groups(cols, e["group_size"])
+        if "tied_head" in e:
+            out[e["tied_head"]] = 0
     return out, sum(out.values())
 
 
@@ -92,7 +102,7 @@ def quantize_vocab(model: nn.Module, cfg: CompressConfig, head_inputs: list[torc
         bias = head.bias.data if head.bias is not None else None
         qhead = QuantLinear.from_quantized(q, bias, dtype)
         qhead.kind, qhead.solver = "head", "gptq" if H is not None else "rtn"
-        logs.append(_log(head_name, vcfg, q, W, H, notes, "gptq" if H is not None else "rtn"))
+        logs.append(layer_log(head_name, qhead.solver, q, W, q.dequantize().to(W.device), H, notes))
         set_submodule(model, head_name, qhead.to("cpu"))
     if emb is not None:
         if tied and qhead is not None:
@@ -108,17 +118,6 @@ def quantize_vocab(model: nn.Module, cfg: CompressConfig, head_inputs: list[torc
                                   "cpu", padding_idx=emb.padding_idx)
             qemb.set_tensors({k: v.cpu() for k, v in q.packed_state().items()})
             qemb.solver = "rtn"
-            logs.append(_log(emb_name, vcfg, q, W, None, [], "rtn"))
+            logs.append(layer_log(emb_name, "rtn", q, W, q.dequantize().to(W.device), None, []))
         set_submodule(model, emb_name, qemb)
     return logs
-
-
-def _log(name: str, vcfg: CompressConfig, q: Any, W: torch.Tensor, H: torch.Tensor | None, notes: list[str],
-         method: str) -> LayerLog:
-    Q = q.dequantize().to(W.device)
-    log = LayerLog(name, method, vcfg.bits, vcfg.group_size, tuple(W.shape), True, notes=list(notes))
-    log.weight_mse = float((W - Q).square().mean())
-    if H is not None:
-        log.proxy_error = proxy_error(W, Q, H)
-        log.proxy_error_rtn = proxy_error(W, q.round_to_grid(W).to(W.device), H)
-    return log
