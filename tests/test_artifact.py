@@ -267,3 +267,25 @@ def test_manifest_values_of_the_wrong_type_are_artifact_errors(tiny_model_dir, t
     assert rep.layers == [] and rep.dense_params > 0
     with pytest.raises(rdquant.ArtifactError):  # yet its qweights do not belong to a plain model
         rdquant.load(out)
+
+
+def test_vocab_matrices_are_solved_in_row_chunks(monkeypatch):
+    """The head's GPTQ and the embedding's rounding run a chunk of rows at a time (an 8B head is 2 GiB in
+    float32): the result equals the whole matrix's, and the log covers every row."""
+    from rdquant import vocab
+
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(300, 96, generator=g)
+    X = torch.randn(400, 96, generator=g)
+    H = 2 * X.t() @ X / 400
+    vcfg = vocab.vocab_config(rdquant.CompressConfig(group_size=32, embed_bits=4))
+    out = {}
+    for chunk in (1 << 30, 40 * 96 * 4):  # one chunk; chunks of 40 rows (the last one ragged)
+        monkeypatch.setattr(vocab, "CHUNK_BYTES", chunk)
+        out[chunk] = [vocab._quantize_rows("lm_head", W, h, vcfg, torch.device("cpu")) for h in (H, None)]
+    for (qa, la), (qb, lb) in zip(*out.values()):
+        assert (qa.codes == qb.codes).float().mean() > 0.999 and torch.equal(qa.scales, qb.scales)
+        assert lb.shape == (300, 96) and abs(la.weight_mse - lb.weight_mse) <= 1e-3 * la.weight_mse
+        if la.proxy_error is not None:
+            assert abs(la.proxy_error - lb.proxy_error) <= 1e-3 * la.proxy_error
+            assert lb.proxy_error < lb.proxy_error_rtn

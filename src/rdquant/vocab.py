@@ -18,7 +18,10 @@ from .methods.gptq import gptq_quantize
 from .methods.rtn import rtn_quantize
 from .models import set_submodule
 from .pipeline import layer_log
+from .qtensor import QuantizedWeight
 from .runtime import QuantEmbedding, QuantLinear
+
+CHUNK_BYTES = 256 << 20  # float32 rows of a vocabulary matrix solved at once (an 8B head is 2 GiB)
 
 
 def vocab_config(cfg: CompressConfig) -> CompressConfig:
@@ -74,6 +77,32 @@ def vocab_stored_bytes(model: nn.Module, cfg: CompressConfig) -> tuple[dict[str,
     return out, sum(out.values())
 
 
+def _quantize_rows(name: str, weight: torch.Tensor, H: torch.Tensor | None, vcfg: CompressConfig,
+                   device: torch.device) -> tuple[QuantizedWeight, LayerLog]:
+    """GPTQ against H (plain rounding without it) of a vocabulary matrix, CHUNK_BYTES of rows at a time:
+    rows are independent given H, so the result is the whole matrix's while the device holds one chunk
+    (and the codes collect on the CPU). Returns the weight and its log line over all rows."""
+    rows, cols = weight.shape
+    step = max(1, CHUNK_BYTES // (4 * cols))
+    codes, scales, log = [], [], None
+    for a in range(0, rows, step):
+        W = weight[a : a + step].to(device, torch.float32)
+        q, notes = gptq_quantize(W, H, vcfg) if H is not None else (rtn_quantize(W, vcfg), ["plain rounding"])
+        part = layer_log(name, "gptq" if H is not None else "rtn", q, W, q.dequantize().to(W.device), H, notes)
+        codes.append(q.codes.cpu())
+        scales.append(q.scales.cpu())
+        if log is None:
+            log, part.shape, part.weight_mse = part, (rows, cols), part.weight_mse * W.shape[0] / rows
+            continue
+        log.weight_mse += part.weight_mse * W.shape[0] / rows
+        if H is not None:
+            log.proxy_error += part.proxy_error
+            log.proxy_error_rtn += part.proxy_error_rtn
+        log.notes += [n for n in part.notes if n not in log.notes]
+        del W, q
+    return QuantizedWeight(torch.cat(codes), torch.cat(scales), None, vcfg.bits, vcfg.group_size), log
+
+
 @torch.no_grad()
 def quantize_vocab(model: nn.Module, cfg: CompressConfig, head_inputs: list[torch.Tensor] | None,
                    dtype: torch.dtype, final_norm: nn.Module | None = None) -> list[LayerLog]:
@@ -87,10 +116,9 @@ def quantize_vocab(model: nn.Module, cfg: CompressConfig, head_inputs: list[torc
     logs: list[LayerLog] = []
     qhead = None
     if head is not None:
-        W = head.weight.data.to(device, torch.float32)
         H = None
         if head_inputs and cfg.method != "rtn":
-            acc = HessianAccumulator(W.shape[1], device=device)
+            acc = HessianAccumulator(head.weight.shape[1], device=device)
             norm = final_norm.to(device) if final_norm is not None else nn.Identity()
             for h in head_inputs:
                 acc.add(norm(h.to(device)))
@@ -98,11 +126,12 @@ def quantize_vocab(model: nn.Module, cfg: CompressConfig, head_inputs: list[torc
                 final_norm.to("cpu")
             acc.check_finite(head_name or "the head")
             H = acc.H
-        q, notes = gptq_quantize(W, H, vcfg) if H is not None else (rtn_quantize(W, vcfg), ["plain rounding"])
+        q, log = _quantize_rows(head_name, head.weight.data, H, vcfg, device)
+        del H
         bias = head.bias.data if head.bias is not None else None
         qhead = QuantLinear.from_quantized(q, bias, dtype)
-        qhead.kind, qhead.solver = "head", "gptq" if H is not None else "rtn"
-        logs.append(layer_log(head_name, qhead.solver, q, W, q.dequantize().to(W.device), H, notes))
+        qhead.kind, qhead.solver = "head", log.method
+        logs.append(log)
         set_submodule(model, head_name, qhead.to("cpu"))
     if emb is not None:
         if tied and qhead is not None:
@@ -112,12 +141,12 @@ def quantize_vocab(model: nn.Module, cfg: CompressConfig, head_inputs: list[torc
                 qemb._buffers[k] = qhead._buffers[k]  # one matrix: the very same stored tensors
             qemb.tied_head, qemb.solver = head_name, qhead.solver
         else:
-            W = emb.weight.data.to(device, torch.float32)
-            q = rtn_quantize(W, vcfg)
+            q, log = _quantize_rows(emb_name, emb.weight.data, None, vcfg, device)
             qemb = QuantEmbedding(emb.num_embeddings, emb.embedding_dim, vcfg.bits, vcfg.group_size, True, dtype,
                                   "cpu", padding_idx=emb.padding_idx)
             qemb.set_tensors({k: v.cpu() for k, v in q.packed_state().items()})
             qemb.solver = "rtn"
-            logs.append(layer_log(emb_name, "rtn", q, W, q.dequantize().to(W.device), None, []))
+            log.notes = []
+            logs.append(log)
         set_submodule(model, emb_name, qemb)
     return logs
