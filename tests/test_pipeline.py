@@ -1,5 +1,7 @@
 """Pipeline behaviour: resume after an interruption, atomic writes, bad inputs, activation reuse."""
 
+import json
+
 import pytest
 import torch
 
@@ -17,8 +19,11 @@ def _tensors(path):
     return t
 
 
-def test_resume_after_interrupt_gives_the_same_artifact(tiny_model_dir, tmp_path):
-    cfg = _cfg(bits=3)
+@pytest.mark.parametrize("kw", [dict(bits=3), dict(method="cvxq", target_bits=3.0)])
+def test_resume_after_interrupt_gives_the_same_artifact(tiny_model_dir, tmp_path, kw):
+    """Also for a method with run-wide state (cvxq's allocation): written once beside the progress, not
+    with every block, and read back on resume."""
+    cfg = _cfg(**kw)
     model, tok, mid = load_model(str(tiny_model_dir))
     full = rdquant.compress(model, cfg, tokenizer=tok, progress=False, model_id=mid).save(tmp_path / "full")
 
@@ -32,6 +37,8 @@ def test_resume_after_interrupt_gives_the_same_artifact(tiny_model_dir, tmp_path
         rdquant.compress(model, cfg, tokenizer=tok, checkpoint_dir=ckpt, progress=False, model_id=mid,
                          after_block=stop_after_block_1)
     assert (ckpt / "progress.json").is_file() and not (tmp_path / "resumed").exists()
+    assert "method_state" not in json.loads((ckpt / "progress.json").read_text())  # (ecsq's changes: kept there)
+    assert (ckpt / "method_state.json").is_file() == (cfg.method == "cvxq")
     model, tok, mid = load_model(str(tiny_model_dir))
     resumed = rdquant.compress(model, cfg, tokenizer=tok, checkpoint_dir=ckpt, resume=True, progress=False,
                                model_id=mid).save(tmp_path / "resumed")

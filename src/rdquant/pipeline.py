@@ -40,6 +40,7 @@ from .safety import CHECKPOINT_MARKER, PROGRESS, remove_owned
 from .source import BlockSource, as_source
 
 INPUTS_EVERY_S = 120.0  # the next block's inputs are checkpointed at most this often, unless small
+METHOD_STATE = "method_state.json"  # a checkpoint's copy of the method's run-wide state (cvxq: the allocation)
 SMALL_INPUTS = 64 * 2**20
 
 
@@ -463,7 +464,8 @@ class Checkpoint:
                 raise RdquantError(
                     f"--resume: the checkpoint in {self.path} was made with other settings or another model"
                 )
-            self.method_state = state.get("method_state")
+            ms = self.path / METHOD_STATE
+            self.method_state = state.get("method_state") or (json.loads(ms.read_text()) if ms.is_file() else None)
             self.inputs_block = state.get("inputs_block", state["blocks_done"])  # older runs saved them every block
             return int(state["blocks_done"])
         if resume:
@@ -476,14 +478,22 @@ class Checkpoint:
         (self.path / CHECKPOINT_MARKER).write_text(json.dumps({"producer": "rdquant", "model": self.key["model"]}))
         return 0
 
+    def save_method_state(self, method_state: dict | None) -> None:
+        """A method's run-wide state that stays as prepared (cvxq: the allocation), written once beside the
+        progress: at 8B it is tens of MB of JSON, too much to rewrite with every block."""
+        if method_state is not None:
+            tmp = self.path / (METHOD_STATE + ".tmp")
+            tmp.write_text(json.dumps(method_state))
+            tmp.replace(self.path / METHOD_STATE)
+
     def save_block(
         self,
         i: int,
         block: nn.Module,
         logs: list[LayerLog],
-        method_state: dict | None = None,
         chunks: list[Chunk] | None = None,
         full: bool = False,
+        method_state: dict | None = None,
     ) -> None:
         """Save block i's quantized tensors (`full`: every tensor of the block) and log, then, when it
         is small or a while since the last time, the inputs of block i+1 (so a resume starts from
@@ -497,7 +507,9 @@ class Checkpoint:
         quantized = {n: m.table_entry() for n, m in block.named_modules() if isinstance(m, QuantLinear)}
         (self.path / f"block_{i:04d}.json").write_text(json.dumps({"logs": [asdict(l) for l in logs],
                                                                     "quantized": quantized}))
-        state = {"key": self.key, "blocks_done": i + 1, "method_state": method_state, "inputs_block": self.inputs_block}
+        state = {"key": self.key, "blocks_done": i + 1, "inputs_block": self.inputs_block}
+        if method_state is not None:  # a state that changes with every block, saved with the progress
+            state["method_state"] = method_state
         if chunks:
             nbytes = sum(_nbytes(c.hidden) for c in chunks)
             if nbytes <= SMALL_INPUTS or time.monotonic() - self._inputs_saved_at >= INPUTS_EVERY_S:
@@ -690,6 +702,8 @@ def _run_pipeline(
             method_state = method.from_dict(saved)
         else:
             method_state = method.prepare(source, calib_ids, cfg, progress)
+            if checkpoint and not method.state_changes:
+                checkpoint.save_method_state(state_to_dict(method_state))
     state.method_state = method_state
 
     chunks: list[Chunk] = []
@@ -754,7 +768,8 @@ def _run_pipeline(
         state.logs += logs
         state.blocks_done = i + 1
         if checkpoint:
-            checkpoint.save_block(i, block, logs, state_to_dict(method_state), chunks, full=source.streamed)
+            checkpoint.save_block(i, block, logs, chunks, full=source.streamed,
+                                  method_state=state_to_dict(method_state) if method.state_changes else None)
         source.release(i)
         if after_block:
             after_block(i)

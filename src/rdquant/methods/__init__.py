@@ -6,7 +6,8 @@ or a list with one weight per part.
 
 A method may keep run-wide state (ECSQ's rate controller, CVXQ's allocation): `prepare(model,
 calib_ids, cfg, progress)` makes it before the first block, and `to_dict` / `from_dict` let
-checkpoints carry it across a resume.
+checkpoints carry it across a resume (written once, or with every block's progress when it changes
+as the blocks are quantized: `state_changes`).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ class Method:
     needs_hessian: bool
     prepare: Callable[..., Any] | None = None
     from_dict: Callable[[dict[str, Any]], Any] | None = None
+    state_changes: bool = False  # the state moves with every block (ECSQ's rate control): saved with each block's progress
 
 
 def state_to_dict(state: Any) -> dict[str, Any] | None:
@@ -83,7 +85,8 @@ def _rate_from_dict(d: dict[str, Any]) -> RateControl:
 METHODS: dict[str, Method] = {
     "rtn": Method("rtn", _rtn, needs_hessian=False),
     "gptq": Method("gptq", _gptq, needs_hessian=True),
-    "ecsq": Method("ecsq", _ecsq, needs_hessian=True, prepare=_ecsq_prepare, from_dict=_rate_from_dict),
+    "ecsq": Method("ecsq", _ecsq, needs_hessian=True, prepare=_ecsq_prepare, from_dict=_rate_from_dict,
+                   state_changes=True),
     "claq": Method("claq", _claq, needs_hessian=True),
     "cvxq": Method("cvxq", _cvxq, needs_hessian=True, prepare=cvxq_plan, from_dict=CvxqPlan.from_dict),
 }

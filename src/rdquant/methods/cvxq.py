@@ -54,19 +54,20 @@ class CvxqPlan:
     seconds: float = 0.0
     summary: dict[str, float] = field(default_factory=dict)  # layer -> mean code width
     clusters: dict[str, torch.Tensor] = field(default_factory=dict)
+    phases: dict[str, float] = field(default_factory=dict)  # seconds of the sensitivity pass and the allocation
 
     def to_dict(self) -> dict[str, Any]:
         enc = lambda ts, dt: {n: [list(t.shape), base64.b64encode(t.to(dt).numpy().tobytes()).decode()] for n, t in ts.items()}
         return {"widths": enc(self.widths, torch.uint8), "target_bits": self.target_bits, "planned_bits": self.planned_bits,
                 "sensitivity": self.sensitivity, "cells": self.cells, "seconds": self.seconds, "summary": self.summary,
-                "clusters": enc(self.clusters, torch.int16)}
+                "clusters": enc(self.clusters, torch.int16), "phases": self.phases}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "CvxqPlan":
         dec = lambda ts, dt: {n: torch.frombuffer(bytearray(base64.b64decode(b64)), dtype=dt).view(*shape).clone()
                               for n, (shape, b64) in ts.items()}
         return cls(dec(d["widths"], torch.uint8), d["target_bits"], d["planned_bits"], d["sensitivity"], d["cells"],
-                   d["seconds"], d["summary"], dec(d.get("clusters", {}), torch.int16))
+                   d["seconds"], d["summary"], dec(d.get("clusters", {}), torch.int16), d.get("phases", {}))
 
 
 def cell_kind(cfg: CompressConfig) -> str:
@@ -437,8 +438,10 @@ def plan(model: "nn.Module | BlockSource", calib_ids: torch.Tensor | None, cfg: 
                                     cfg.device, cfg.seed, progress, "pca" if cfg.cvxq_sensitivity == "gradient" else "fisher")
     else:
         sens = hessian_sensitivity(model, ids, names, cfg.cvxq_batch, cfg.device, progress)
+    t_sens = time.perf_counter() - t0
     budget = budget_bits(model, layers, cfg)
     widths, total, clusters = allocate(model, layers, sens, cfg, budget, progress, cells)
+    phases = {"sensitivity": round(t_sens, 2), "allocation": round(time.perf_counter() - t0 - t_sens, 2)}
     n = sum(l.rows * l.cols for l in layers)
     summary = {}
     for l in layers:
@@ -449,7 +452,7 @@ def plan(model: "nn.Module | BlockSource", calib_ids: torch.Tensor | None, cfg: 
             w = w[clusters[l.name].to(torch.long)]
         summary[l.name] = round(float(w.mean()), 4)
     return CvxqPlan(widths, budget / n, total / n, cfg.cvxq_sensitivity, cell_kind(cfg),
-                    time.perf_counter() - t0, summary, clusters)
+                    time.perf_counter() - t0, summary, clusters, phases)
 
 
 def cvxq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: CompressConfig, state: CvxqPlan,
