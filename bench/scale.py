@@ -77,6 +77,9 @@ def one(args: argparse.Namespace) -> dict:
         "peak_host_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
         "save_seconds": round(save_s, 2) if save_s is not None else None,
     }
+    plan = getattr(cm, "method_state", None)
+    if plan is not None and getattr(plan, "phases", None):  # cvxq: where the allocation's time went
+        row["plan_seconds"] = {**plan.phases, "total": round(plan.seconds, 2)}
     if device.startswith("cuda"):
         row["gpu"] = torch.cuda.get_device_name()
     return row
@@ -112,6 +115,23 @@ def checks(device: str) -> list[dict]:
         out.append({"check": "gptq fused block", **kw, "codes_equal": round(float((a.codes == b.codes).float().mean()), 6),
                     "proxy_loop": G.proxy_error(W, a.dequantize(), H), "proxy_fused": G.proxy_error(W, b.dequantize(), H),
                     "seconds_loop": round(ta, 3), "seconds_fused": round(tb, 3)})
+    from rdquant.methods.claq import claq_quantize
+
+    for kw in (dict(target_bits=3.1), dict(target_bits=3.1, claq_outlier_frac=0.005)):
+        res = {}
+        for fused in (False, True):
+            G._block_kernel = lambda W_, kernel, f=fused: real(W_, f)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            (q,), _ = claq_quantize(W, H, CompressConfig(method="claq", **kw, device=device))
+            torch.cuda.synchronize()
+            res[fused] = (q, time.perf_counter() - t0)
+        G._block_kernel = real
+        (a, ta), (b, tb) = res[False], res[True]
+        out.append({"check": "claq fused block", **kw, "codes_equal": round(float((a.codes == b.codes).float().mean()), 6),
+                    "proxy_loop": G.proxy_error(W, a.dequantize(), H), "proxy_fused": G.proxy_error(W, b.dequantize(), H),
+                    "seconds_loop": round(ta, 3), "seconds_fused": round(tb, 3)})
+        print(json.dumps(out[-1]), flush=True)
     x = torch.randn(16 * 2048, 4096, generator=g, device=device).to(torch.bfloat16)
     a, b = HessianAccumulator(4096, device), HessianAccumulator(4096, device)
     a.add(x)

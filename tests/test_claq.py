@@ -272,3 +272,23 @@ def test_row_scales_per_column_group_round_trip():
     assert tuple(cw.row_scale.shape) == (40, 4)  # ragged last group of 4 columns
     back = CodebookWeight.from_packed(cw.packed_state(), (40, 100), 1, 32)
     assert torch.equal(back.dequantize(), cw.dequantize())
+
+
+@pytest.mark.parametrize("shape", [(7, 50, 4), (5, 300, 16), (3, 129, 8)])
+def test_fused_lloyd_kernel_gives_the_torch_steps_centroids(monkeypatch, shape):
+    """kernels/kmeans_triton.py (GPUs; the interpreter here) runs kmeans_1d's Lloyd steps in one kernel:
+    same centroids, per-row k, zero weights and the split-merge moves included."""
+    pytest.importorskip("triton")
+    import rdquant.kmeans as K
+
+    B, n, k = shape
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(B, n, generator=g) ** 3
+    w = torch.rand(B, n, generator=g)
+    w[0, :10] = 0
+    kk = torch.randint(1, k + 1, (B,), generator=g)
+    out = []
+    for fused in (False, True):
+        monkeypatch.setattr(K, "FUSED_LLOYD", fused)
+        out.append(K.kmeans_1d(x, kk, w, iters=20, rounds=1))
+    assert torch.equal(out[0], out[1])

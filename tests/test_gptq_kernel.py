@@ -5,6 +5,7 @@ import torch
 
 from rdquant.config import CompressConfig
 from rdquant.methods import gptq as G
+from rdquant.methods.gptq import proxy_error
 
 pytest.importorskip("triton")
 
@@ -64,3 +65,42 @@ def test_batched_clip_search_picks_the_loops_grid(monkeypatch, bits, symmetric, 
         monkeypatch.setattr(grid, "_BATCHED_SEARCH", batched)
         out.append(grid.grid_params(w, b, symmetric, 20, 0.3, cw, 7))
     assert torch.equal(out[0][0], out[1][0]) and torch.equal(out[0][1], out[1][1])
+
+
+def _claq(monkeypatch, W, H, parts=None, **kw):
+    from rdquant.methods.claq import claq_quantize
+
+    cfg = CompressConfig(method="claq", **kw)
+    return _both(monkeypatch, lambda: claq_quantize(W, H, cfg, parts)[0])
+
+
+@pytest.mark.parametrize("kw", [dict(bits=3, claq_refine_iters=0), dict(target_bits=2.6, claq_refine_iters=0),
+                                dict(bits=3, claq_share=8), dict(bits=3, claq_codebook_bits=16, claq_refine_iters=0,
+                                                                 claq_scale_group=64)])
+def test_fused_codebook_block_matches_the_python_loop(monkeypatch, kw):
+    """With codebooks fixed when the block starts (no per-column refinement), the kernel codes what the
+    loop codes, stacked parts (q, k, v style) and mixed widths included: up to float rounding of the
+    error feedback, which moves later blocks' K-means centroids in their last bits."""
+    W, H = _problem(rows=72, cols=200)
+    loop, fused = _claq(monkeypatch, W, H, parts=((40, False), (32, False)), **kw)
+    for (a, b), rows in zip(zip(loop, fused), ((0, 40), (40, 72))):
+        assert (a.codes == b.codes).float().mean() > 0.999
+        assert torch.equal(a.widths, b.widths)
+        Wp, Ha = W[rows[0]:rows[1]], H
+        ea, eb = proxy_error(Wp, a.dequantize(), Ha), proxy_error(Wp, b.dequantize(), Ha)
+        assert abs(ea - eb) <= 1e-3 * ea, (ea, eb)
+
+
+def test_fused_codebook_block_refines_and_reserves_outliers(monkeypatch):
+    """The default per-column refinement runs batched between two passes: the layer error stays that of
+    the loop's (within 3%), and the fp16 outliers keep their exact count per column."""
+    W, H = _problem(rows=96, cols=256, seed=3)
+    W[5, 7] = W[60, 100] = 9.0
+    kw = dict(target_bits=3.1, claq_outlier_frac=0.02)
+    loop, fused = _claq(monkeypatch, W, H, **kw)
+    (a,), (b,) = loop, fused
+    assert torch.equal(a.outlier_count, b.outlier_count)
+    ea, eb = proxy_error(W, a.dequantize(), H), proxy_error(W, b.dequantize(), H)
+    assert eb < 1.03 * ea, (ea, eb)
+    kept = set(zip(b.outlier_row.tolist(), b.outlier_cols().tolist()))
+    assert {(5, 7), (60, 100)} <= kept

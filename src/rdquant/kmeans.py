@@ -165,10 +165,28 @@ def _sorted_distortion(xs, cw, cx, cq, c) -> torch.Tensor:
     return (Q - 2 * cc * S + cc * cc * W).sum(1).clamp_min(0)
 
 
+FUSED_LLOYD: bool | None = None  # the Triton kernel (kernels/kmeans_triton.py): None = on CUDA
+
+
+def _fused_lloyd(xs: torch.Tensor):
+    """The fused Lloyd kernel's module when it applies here, else None."""
+    if FUSED_LLOYD is False or (FUSED_LLOYD is None and not xs.is_cuda) or xs.numel() == 0:
+        return None
+    try:
+        from .kernels import kmeans_triton
+    except ImportError:  # pragma: no cover - no triton: the torch steps do the same
+        return None
+    return kmeans_triton
+
+
 def _lloyd(xs, cw, cx, c, valid, total, iters: int, tol: float) -> torch.Tensor:
     """Lloyd steps on sorted rows xs with prefix sums cw (weights) and cx (weighted values)."""
     B, n = xs.shape
     c = torch.where(valid, c, INF).sort(dim=1).values
+    fused = _fused_lloyd(xs)
+    if fused is not None:  # all steps in one kernel (no early stop: a converged set no longer moves)
+        c = fused.lloyd(xs, cw, cx, c, valid.sum(1), iters)
+        iters = 0
     for _ in range(iters):
         bounds = _segments(xs, c)  # values < midpoint go left; inf centroids get empty segments
         sw = cw.gather(1, bounds[:, 1:]) - cw.gather(1, bounds[:, :-1])

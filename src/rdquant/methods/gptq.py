@@ -75,6 +75,16 @@ class ColumnQuantizer:
         """The codes [b, rows] the fused kernel chose for the current block."""
         self.C1 = codes
 
+    def fused_block(self, kernels, W1: torch.Tensor, Hinv1: torch.Tensor) -> torch.Tensor | None:
+        """Run the current lazy block with the fused kernels (module kernels.gptq_triton) and return
+        its errors [b, rows] (W1 is left as it was), or None when this block needs the Python loop."""
+        grid = self.affine_block()
+        if grid is None:
+            return None
+        codes, err = kernels.gptq_block(W1, Hinv1, *grid)
+        self.set_block_codes(codes)
+        return err
+
 
 def prepare_hessian(W: torch.Tensor, H: torch.Tensor, notes: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(W, H, dead) in float32 with dead inputs (H_jj = 0) zeroed in W and set to 1 on H's diagonal."""
@@ -93,14 +103,14 @@ def prepare_hessian(W: torch.Tensor, H: torch.Tensor, notes: list[str]) -> tuple
 
 
 def _block_kernel(W: torch.Tensor, kernel: bool | None):
-    """The fused lazy-block kernel (kernels/gptq_triton.py) when asked, or by default on CUDA."""
+    """The fused lazy-block kernels (module kernels.gptq_triton) when asked, or by default on CUDA."""
     if kernel is False or (kernel is None and not W.is_cuda):
         return None
     try:
-        from ..kernels.gptq_triton import gptq_block
+        from ..kernels import gptq_triton
     except ImportError:  # pragma: no cover - triton is missing: the Python loop does the same
         return None
-    return gptq_block
+    return gptq_triton
 
 
 def gptq_sweep(
@@ -110,7 +120,8 @@ def gptq_sweep(
     """The GPTQ column sweep in the order `perm`, one implementation for every grid (uniform groups,
     column codebooks, ...). W [out, in] is consumed. False if H could not be factored. A quantizer
     whose block is an affine grid fixed per column (`affine_block`) runs each lazy block as one fused
-    kernel on CUDA (or when `kernel` is True; False forces the Python loop)."""
+    kernel on CUDA (or when `kernel` is True; False forces the Python loop), as does one that runs its own
+    fused block (`fused_block`, CLAQ's codebooks)."""
     fused = _block_kernel(W, kernel)
     cols = W.shape[1]
     W, H = W[:, perm], H[perm][:, perm]
@@ -122,15 +133,12 @@ def gptq_sweep(
         i2 = min(i1 + block_size, cols)
         # work on the transposed block [B, rows] so each column and each update row is contiguous
         W1 = W[:, i1:i2].t().contiguous()
-        Err1 = torch.empty_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
-        d = torch.diagonal(Hinv1).tolist()
         quantizer.begin_block(order[i1:i2], W1)
-        grid = quantizer.affine_block() if fused is not None else None
-        if grid is not None:
-            codes, Err1 = fused(W1, Hinv1, *grid)
-            quantizer.set_block_codes(codes)
-        else:
+        Err1 = quantizer.fused_block(fused, W1, Hinv1) if fused is not None else None
+        if Err1 is None:
+            Err1 = torch.empty_like(W1)
+            d = torch.diagonal(Hinv1).tolist()
             for i in range(i2 - i1):
                 w = W1[i]
                 err = (w - quantizer.column(i, w)) / d[i]
