@@ -86,8 +86,8 @@ def one(args: argparse.Namespace) -> dict:
 
 
 def checks(device: str) -> list[dict]:
-    """GPU exactness checks of the scale path: the fused GPTQ block kernel against the Python loop on a
-    real-sized layer (codes agreeing, proxy error, time), and the 16-bit Hessian GEMM against fp32."""
+    """GPU exactness checks of the scale path: the fused GPTQ and CLAQ block kernels against the Python
+    loop on a real-sized layer (codes agreeing, proxy error, time), and the 16-bit Hessian GEMM against fp32."""
     import torch
 
     from rdquant.config import CompressConfig
@@ -100,38 +100,28 @@ def checks(device: str) -> list[dict]:
     W = torch.randn(rows, cols, generator=g, device=device) * 0.02
     X = (torch.randn(8192, cols, generator=g, device=device) * torch.rand(cols, generator=g, device=device) * 3)
     H = 2 * X.t() @ X / X.shape[0]
-    real = G._block_kernel
-    for kw in (dict(bits=4, group_size=128), dict(bits=3, group_size=64), dict(bits=2, group_size=64)):
-        res = {}
-        for fused in (False, True):
-            G._block_kernel = lambda W_, kernel, f=fused: real(W_, f)
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            q, _ = G.gptq_quantize(W, H, CompressConfig(**kw, device=device))
-            torch.cuda.synchronize()
-            res[fused] = (q, time.perf_counter() - t0)
-        G._block_kernel = real
-        (a, ta), (b, tb) = res[False], res[True]
-        out.append({"check": "gptq fused block", **kw, "codes_equal": round(float((a.codes == b.codes).float().mean()), 6),
-                    "proxy_loop": G.proxy_error(W, a.dequantize(), H), "proxy_fused": G.proxy_error(W, b.dequantize(), H),
-                    "seconds_loop": round(ta, 3), "seconds_fused": round(tb, 3)})
     from rdquant.methods.claq import claq_quantize
 
-    for kw in (dict(target_bits=3.1), dict(target_bits=3.1, claq_outlier_frac=0.005)):
-        res = {}
+    def fused_vs_loop(check: str, quantize, kw: dict) -> dict:
+        """One layer quantized with the Python loop and with the fused kernels: codes, error, time."""
+        real, res = G._block_kernel, {}
         for fused in (False, True):
             G._block_kernel = lambda W_, kernel, f=fused: real(W_, f)
             torch.cuda.synchronize()
             t0 = time.perf_counter()
-            (q,), _ = claq_quantize(W, H, CompressConfig(method="claq", **kw, device=device))
+            q = quantize(CompressConfig(**kw, device=device))
             torch.cuda.synchronize()
             res[fused] = (q, time.perf_counter() - t0)
         G._block_kernel = real
         (a, ta), (b, tb) = res[False], res[True]
-        out.append({"check": "claq fused block", **kw, "codes_equal": round(float((a.codes == b.codes).float().mean()), 6),
-                    "proxy_loop": G.proxy_error(W, a.dequantize(), H), "proxy_fused": G.proxy_error(W, b.dequantize(), H),
-                    "seconds_loop": round(ta, 3), "seconds_fused": round(tb, 3)})
-        print(json.dumps(out[-1]), flush=True)
+        return {"check": check, **kw, "codes_equal": round(float((a.codes == b.codes).float().mean()), 6),
+                "proxy_loop": G.proxy_error(W, a.dequantize(), H), "proxy_fused": G.proxy_error(W, b.dequantize(), H),
+                "seconds_loop": round(ta, 3), "seconds_fused": round(tb, 3)}
+
+    for kw in (dict(bits=4, group_size=128), dict(bits=3, group_size=64), dict(bits=2, group_size=64)):
+        out.append(fused_vs_loop("gptq fused block", lambda c: G.gptq_quantize(W, H, c)[0], kw))
+    for kw in (dict(method="claq", target_bits=3.1), dict(method="claq", target_bits=3.1, claq_outlier_frac=0.005)):
+        out.append(fused_vs_loop("claq fused block", lambda c: claq_quantize(W, H, c)[0][0], kw))
     x = torch.randn(16 * 2048, 4096, generator=g, device=device).to(torch.bfloat16)
     a, b = HessianAccumulator(4096, device), HessianAccumulator(4096, device)
     a.add(x)
