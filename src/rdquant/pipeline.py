@@ -482,9 +482,7 @@ class Checkpoint:
         """A method's run-wide state that stays as prepared (cvxq: the allocation), written once beside the
         progress: at 8B it is tens of MB of JSON, too much to rewrite with every block."""
         if method_state is not None:
-            tmp = self.path / (METHOD_STATE + ".tmp")
-            tmp.write_text(json.dumps(method_state))
-            tmp.replace(self.path / METHOD_STATE)
+            _atomic_save(json.dumps(method_state), self.path / METHOD_STATE)
 
     def save_block(
         self,
@@ -519,9 +517,7 @@ class Checkpoint:
                              self.path / "inputs.safetensors")
                 state["inputs_block"] = self.inputs_block = i + 1
                 self._inputs_saved_at = time.monotonic()
-        tmp = self.path / (PROGRESS + ".tmp")
-        tmp.write_text(json.dumps(state))
-        tmp.replace(self.path / PROGRESS)
+        _atomic_save(json.dumps(state), self.path / PROGRESS)
 
     def _block_record(self, i: int) -> dict[str, Any]:
         rec = json.loads((self.path / f"block_{i:04d}.json").read_text())
@@ -566,9 +562,14 @@ class Checkpoint:
         remove_owned(self.path)
 
 
-def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
+def _atomic_save(data: "dict[str, torch.Tensor] | str", path: Path) -> None:
+    """Write tensors (safetensors) or text to `path` through a temporary file: a reader (a resume)
+    never sees half of it."""
     tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, tmp)
+    if isinstance(data, str):
+        tmp.write_text(data)
+    else:
+        save_file(data, tmp)
     tmp.replace(path)
 
 

@@ -13,6 +13,11 @@ from .layouts import STORED, LayerSpec, layout_named
 QUANT_BUFFERS = STORED  # every stored tensor name of every layout
 
 
+def _spec_of(info: dict) -> dict | None:
+    """A manifest entry's layout spec for the constructor: the entry itself, None for the affine layout."""
+    return info if info.get("layout", "affine") != "affine" else None
+
+
 class QuantLinear(nn.Module):
     """A Linear whose weight lives packed, as stored in the artifact, and is dequantized on the fly.
 
@@ -76,8 +81,8 @@ class QuantLinear(nn.Module):
     def from_manifest(cls, info: dict, dtype: torch.dtype = torch.float32) -> "QuantLinear":
         """An empty layer shaped by its manifest entry (`quantized[name]`), ready for set_tensors."""
         out_f, in_f = info["shape"]
-        spec = info if info.get("layout", "affine") != "affine" else None
-        m = cls(in_f, out_f, info["bits"], info["group_size"], info["symmetric"], info["bias"], dtype, spec=spec)
+        m = cls(in_f, out_f, info["bits"], info["group_size"], info["symmetric"], info["bias"], dtype,
+                spec=_spec_of(info))
         m.kind = info.get("kind", "linear")
         return m
 
@@ -218,13 +223,12 @@ class QuantEmbedding(QuantLinear):
     @classmethod
     def from_manifest(cls, info: dict, dtype: torch.dtype = torch.float32) -> "QuantEmbedding":
         out_f, in_f = info["shape"]
-        spec = info if info.get("layout", "affine") != "affine" else None
-        m = cls(out_f, in_f, info["bits"], info["group_size"], info["symmetric"], dtype, spec=spec)
+        m = cls(out_f, in_f, info["bits"], info["group_size"], info["symmetric"], dtype, spec=_spec_of(info))
         m.tied_head = info.get("tied_head")
         return m
 
     def table_entry(self) -> dict[str, Any]:
-        entry = {**super().table_entry(), "kind": "embedding"}
+        entry = super().table_entry()  # kind "embedding" included
         if self.tied_head:
             entry["tied_head"] = self.tied_head
         return entry

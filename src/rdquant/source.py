@@ -175,7 +175,6 @@ class LazyBlocks(StreamedBlocks):
         return block.to(device)
 
 
-
 class SyntheticBlocks(StreamedBlocks):
     """Random weights from a config and a seed, materialised per block on the device it is loaded on
     (the same block i always gets the same weights on one device kind). For scale benchmarks."""

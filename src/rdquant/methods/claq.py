@@ -238,11 +238,12 @@ class _CodebookColumns(ColumnQuantizer):
 
     def begin_block(self, cols: list[int], W1: torch.Tensor) -> None:
         self.cols, self.cols_t = cols, torch.tensor(cols, device=W1.device)
+        self.start_mask = None  # outliers among the block-start values (the fused block's first pass)
         if self.static is not None:
             self.block_cb = self.static[self.cols_t]
             return
         b = len(cols)
-        x, w, _, _ = self._prep(W1[:, self.idx], self.cols_t)
+        x, w, self.start_mask, _ = self._prep(W1[:, self.idx], self.cols_t)
         P, m = self.idx.shape
         k = self.k[:, self.cols_t].t().reshape(-1)
         # no split-merge rounds here: the per-column refinement follows (rounds cost 3-5x, gain < 1%)
@@ -309,7 +310,10 @@ class _CodebookColumns(ColumnQuantizer):
         scales = self.row_scale[:, self.sgroup[cols]].t()
         refine = self.static is None and self.cfg.claq_refine_iters > 0
         passes = FUSED_PASSES if refine else 2 if self.any_outliers else 1  # fixed codebooks: one pass finds the outliers
-        mask = self._full_mask(self._prep(W1[:, self.idx], cols)[2]) if self.any_outliers else None
+        mask = None
+        if self.any_outliers:
+            start = self.start_mask if self.start_mask is not None else self._prep(W1[:, self.idx], cols)[2]
+            mask = self._full_mask(start)
         cb = self.block_cb
         for p in range(passes):
             if p:  # refine on the values the previous pass reached, choose the outliers among them
