@@ -81,7 +81,7 @@ def test_equal_sensitivity_and_variance_give_uniform_widths(cells):
         cl = row_clusters(model.get_submodule(l.name).weight, sens[l.name], 32)
         shape = (l.rows, l.cols // 32) if cells == "group" else (int(cl.max()) + 1, l.cols)
         three += layer_stored_bits(torch.full(shape, 3, dtype=torch.uint8), l.rows, l.cols, cfg, l.bias, cl)
-    widths, _, _ = allocate(model, layers, sens, cfg, three + 16)  # room for 3 bits everywhere, not one cell more
+    widths, _, _, _ = allocate(model, layers, sens, cfg, three + 16)  # room for 3 bits everywhere, not one cell more
     assert all(bool((w == 3).all()) for w in widths.values())
 
 
@@ -241,8 +241,12 @@ def test_planned_size_is_the_artifacts_byte_count_and_reload_is_exact(tiny_dir, 
     plan = cm.method_state
     out = cm.save(tmp_path / "a")
     rep = rdquant.inspect(out)
-    assert 8 * rep.quantized_bytes == pytest.approx(plan.planned_bits * rep.quantized_params, abs=1e-6)
-    assert 0.995 * 3.3 <= rep.bits_per_weight <= 3.3
+    # with a gradient sensitivity the embedding / head are cells of the allocation (--embed-bits auto)
+    assert bool(plan.vocab) == (sens != "hessian")
+    params = rep.quantized_params + (rep.vocab_params if plan.vocab else 0)
+    stored = rep.quantized_bytes + (rep.vocab_bytes if plan.vocab else 0)
+    assert 8 * stored == pytest.approx(plan.planned_bits * params, abs=1e-6)
+    assert 0.995 * 3.3 <= 8 * stored / params <= 3.3
     assert len({round(v, 3) for v in plan.summary.values()}) > 1  # bits moved between layers
     loaded = rdquant.load(out)
     for n, m in cm.model.named_modules():
@@ -286,18 +290,28 @@ def test_target_size_and_total_never_exceeded(tiny_dir, tmp_path):
     layers = model_layers(model, CompressConfig(method="cvxq", target_bits=3))
     n = sum(l.rows * l.cols for l in layers)
     size = int(3.1 * n / 8)
-    cm = rdquant.compress(str(tiny_dir), CompressConfig(method="cvxq", target_size=size, cvxq_solver="rtn",
+    cm = rdquant.compress(str(tiny_dir), CompressConfig(method="cvxq", target_size=size, cvxq_solver="rtn", embed_bits=8,
                                                         calib_samples=4, calib_seqlen=32, cvxq_samples=4), progress=False)
     rep = rdquant.inspect(cm.save(tmp_path / "s"))
     assert 0.995 * size <= rep.quantized_bytes <= size
     from rdquant.methods.cvxq import dense_bytes
 
-    kw = dict(method="cvxq", cvxq_solver="rtn", calib_samples=4, calib_seqlen=32, cvxq_samples=4)
+    kw = dict(method="cvxq", cvxq_solver="rtn", calib_samples=4, calib_seqlen=32, cvxq_samples=4, embed_bits=8)
     total = dense_bytes(model, layers, CompressConfig(target_size_total=1, **kw)) + size  # 8-bit embedding, head
     cm = rdquant.compress(str(tiny_dir), CompressConfig(target_size_total=total, **kw), progress=False)
     out = cm.save(tmp_path / "t")
     on_disk = sum(f.stat().st_size for f in out.glob("*.safetensors"))
     assert on_disk <= total and 0.995 * size <= rdquant.inspect(out).quantized_bytes <= size
+    # --embed-bits auto: the embedding and head are in the allocation; the file still meets the total
+    auto = CompressConfig(target_size_total=total, **{**kw, "embed_bits": -1, "cvxq_solver": "gptq"})
+    cm = rdquant.compress(str(tiny_dir), auto, progress=False)
+    out = cm.save(tmp_path / "u")
+    rep = rdquant.inspect(out)
+    on_disk = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    assert on_disk <= total and rep.vocab_params and cm.method_state.vocab
+    assert {l.bits for l in rep.layers if l.kind != "linear"} == set(cm.method_state.vocab.values())
+    budget = total - dense_bytes(model, layers, auto)  # what the allocation spends: linears, embedding, head
+    assert 0.995 * budget <= rep.quantized_bytes + rep.vocab_bytes <= budget
 
 
 def test_config_and_command_line(tiny_dir, tmp_path):

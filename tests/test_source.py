@@ -156,13 +156,22 @@ def test_blockwise_sensitivity_equals_the_whole_model_backward(tiny_model_dir, o
     cfg = _cfg(method="cvxq", target_bits=3.0)
     names = [l.name for l in model_layers(model, cfg)]
     pca = "pca" if objective == "gradient" else "fisher"
-    ref = gradient_sensitivity(model, ids, names, 16, 4, 2, "cpu", 0, False, pca)
+    from rdquant.vocab import VocabSensitivity
+
+    whole = VocabSensitivity(model, cfg)
+    ref = gradient_sensitivity(model, ids, names, 16, 4, 2, "cpu", 0, False, pca, vocab=whole)
     got = {}
-    blockwise_gradient_sensitivity(LazyBlocks(tiny_model_dir), ids, cfg.skip, 16, 4, 2, "cpu", 0, False, pca,
-                                   on_block=lambda i, b, s: got.update({k: v.clone() for k, v in s.items()}))
+    source = LazyBlocks(tiny_model_dir)
+    streamed = VocabSensitivity(source.model, cfg)
+    blockwise_gradient_sensitivity(source, ids, cfg.skip, 16, 4, 2, "cpu", 0, False, pca,
+                                   on_block=lambda i, b, s: got.update({k: v.clone() for k, v in s.items()}),
+                                   vocab=streamed)
     assert got.keys() == ref.keys()
     for n in ref:
         torch.testing.assert_close(got[n], ref[n], rtol=1e-3, atol=1e-9 * float(ref[n].abs().max()))
+    # the embedding's and head's distortion weights (cells of the allocation) agree too
+    for k in ("emb_sum", "head_sum", "gz_sum", "emb_steps", "head_steps", "positions"):
+        assert getattr(streamed, k) == pytest.approx(getattr(whole, k), rel=1e-3) and getattr(whole, k) > 0, k
 
 
 def test_streamed_cvxq_plans_the_in_memory_widths(tiny_model_dir, tmp_path):

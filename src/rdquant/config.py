@@ -81,9 +81,11 @@ class CompressConfig:
                           uses=_group_size_used)
     symmetric: bool = opt(False, "symmetric grids (no zero points)", uses=GRID)
     # size targets: all-in bits per weight (codes + every piece of side information)
-    target_bits: float | None = opt(None, "all-in bits/weight: claq of every layer, cvxq of all quantized layers together",
+    target_bits: float | None = opt(None, "all-in bits/weight: claq of every layer, cvxq of all quantized layers together (and the "
+                                    "embedding / head with --embed-bits auto)",
                                     panel="Size target (claq, cvxq)", uses=TARGETED, lo=0.1, hi=16)
-    target_size: int | None = opt(None, "bytes of the quantized layers, all-in, e.g. 40MB, 38.5MiB",
+    target_size: int | None = opt(None, "bytes of the quantized layers (and embedding / head with --embed-bits auto), all-in, "
+                                  "e.g. 40MB, 38.5MiB",
                                   panel="Size target (claq, cvxq)", uses=CVXQ, lo=1, unit="size")
     target_size_total: int | None = opt(None, "bytes of the whole tensor file (16-bit rest included), e.g. 100MB",
                                         panel="Size target (claq, cvxq)", uses=CVXQ, lo=1, unit="size")
@@ -179,9 +181,10 @@ class CompressConfig:
                            "fit, else pinned CPU memory), device, cpu", choices=("auto", "device", "cpu"),
                            panel="Calibration")
     # what to quantize
-    embed_bits: int = opt(8, "bits of the token embedding and the output head (symmetric, row-wise groups of "
-                          "--group-size along the hidden size; the head solved with GPTQ); 16 keeps them 16-bit",
-                          choices=(2, 3, 4, 5, 6, 7, 8, 16))
+    embed_bits: int = opt(-1, "bits of the token embedding and the output head (symmetric, row-wise groups of "
+                          "--group-size along the hidden size; the head solved with GPTQ); -1 (auto): cvxq's "
+                          "allocation chooses, other methods 8; 16 keeps them 16-bit",
+                          choices=(-1, 2, 3, 4, 5, 6, 7, 8, 16))
     skip: tuple[str, ...] = opt(("lm_head",), "module-name suffixes left in 16 bit", cli=False)
     device: str = opt("cpu", "cpu | cuda | cuda:N")
 

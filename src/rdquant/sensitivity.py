@@ -81,13 +81,15 @@ def _hidden(model: nn.Module) -> int:
 
 def gradient_sensitivity(model: nn.Module, ids: torch.Tensor, names: list[str], components: int = 64,
                          stride: int = 8, batch_size: int = 4, device: str | torch.device = "cpu",
-                         seed: int = 0, progress: bool = True, objective: str = "pca") -> dict[str, torch.Tensor]:
+                         seed: int = 0, progress: bool = True, objective: str = "pca",
+                         vocab=None) -> dict[str, torch.Tensor]:
     """Mean squared gradient of a random-sign objective w.r.t. each named linear's weight.
 
     objective `pca` (CVXQ): sum_{t,i} s_ti u_i . z_t over the top principal directions u_i of the final
     hidden state. `fisher`: the log-likelihood of tokens sampled from the model's own prediction at
     each strided position (the squared gradient estimates the diagonal Fisher information, i.e. how
-    much the output distribution's KL divergence grows per unit of weight noise)."""
+    much the output distribution's KL divergence grows per unit of weight noise). `vocab`
+    (vocab.VocabSensitivity) receives each batch's gradient at the embedding output and final states."""
     device = torch.device(device)
     was = {n: p.requires_grad for n, p in model.named_parameters()}
     orig_device = next(model.parameters()).device
@@ -105,13 +107,28 @@ def gradient_sensitivity(model: nn.Module, ids: torch.Tensor, names: list[str], 
         steps = 0
         bar = tqdm(list(_batches(ids, batch_size)), desc=f"cvxq sensitivity ({objective} gradients)", unit="batch",
                    disable=not progress)
-        for x in bar:
-            z = _base(model)(x.to(device), use_cache=False).last_hidden_state[:, ::stride]
-            loss = objective_loss(z, objective, U if objective == "pca" else None, model.get_output_embeddings(), g)
-            grads = torch.autograd.grad(loss, list(params.values()))
-            for n, gr in zip(params, grads):
-                acc[n].add_(gr.to(torch.float32).square())
-            steps += 1
+        emb_out: list[torch.Tensor] = []
+
+        def leaf(module, args, out):  # the embedding's output as a leaf, for its gradient
+            emb_out.append(out.detach().requires_grad_(True))
+            return emb_out[-1]
+
+        hook = model.get_input_embeddings().register_forward_hook(leaf) if vocab is not None else None
+        try:
+            for x in bar:
+                emb_out.clear()
+                z = _base(model)(x.to(device), use_cache=False).last_hidden_state[:, ::stride]
+                loss = objective_loss(z, objective, U if objective == "pca" else None, model.get_output_embeddings(), g)
+                grads = torch.autograd.grad(loss, list(params.values()) + emb_out[:1])
+                for n, gr in zip(params, grads):
+                    acc[n].add_(gr.to(torch.float32).square())
+                if vocab is not None:
+                    vocab.add_embedding(x, grads[-1])
+                    vocab.add_head(z.detach())
+                steps += 1
+        finally:
+            if hook is not None:
+                hook.remove()
         return {n: (a / max(steps, 1)).cpu() for n, a in acc.items()}
     finally:
         for n, p in model.named_parameters():
@@ -169,7 +186,7 @@ def final_norm(model: nn.Module) -> nn.Module:
 def blockwise_gradient_sensitivity(source, ids: torch.Tensor, skip: tuple[str, ...], components: int = 64,
                                    stride: int = 8, batch_size: int = 4, device: str | torch.device = "cpu",
                                    seed: int = 0, progress: bool = True, objective: str = "pca",
-                                   on_block=None) -> None:
+                                   on_block=None, vocab=None) -> None:
     """`gradient_sensitivity` through a block source (source.py), one block in memory at a time.
 
     A forward pass keeps every block's input for the sensitivity windows (in host memory when the
@@ -178,7 +195,8 @@ def blockwise_gradient_sensitivity(source, ids: torch.Tensor, skip: tuple[str, .
     reverse: each is loaded once more, its forward recomputed from its saved input, and the gradient
     is pushed through it, giving its weights' squared gradients and its input's gradient.
     `on_block(i, block, {layer name: float32 [out, in]})` receives block i's sensitivities while the
-    block is loaded (CVXQ reduces them to its cells there), so none are kept for the whole model."""
+    block is loaded (CVXQ reduces them to its cells there), so none are kept for the whole model.
+    `vocab` (vocab.VocabSensitivity) receives the gradient at block 0's input and the final states."""
     from .models import block_linears, find_blocks
     from .pipeline import Chunk, _block_output, _nbytes, _park, capture_block_inputs
 
@@ -207,7 +225,7 @@ def blockwise_gradient_sensitivity(source, ids: torch.Tensor, skip: tuple[str, .
         if (i + 1) % every == 0 or i + 1 == n_blocks:
             saved[i + 1] = hs
     norm = final_norm(model).to(device)
-    head = model.get_output_embeddings().to(device) if objective == "fisher" else None
+    head = model.get_output_embeddings().to(device) if objective == "fisher" or vocab is not None else None
     U = None
     if objective == "pca":
         U = top_directions((norm(h.to(device)) for h in saved[n_blocks]), min(components, _hidden(model)), stride)
@@ -218,6 +236,9 @@ def blockwise_gradient_sensitivity(source, ids: torch.Tensor, skip: tuple[str, .
         loss = objective_loss(norm(h)[:, ::stride], objective, U, head, g)
         (gh,) = torch.autograd.grad(loss, [h])
         grads.append(_park(gh, home))
+        if vocab is not None:
+            with torch.no_grad():
+                vocab.add_head(norm(h)[:, ::stride])
     final_norm(model).to("cpu")
     if head is not None:
         model.get_output_embeddings().to("cpu")
@@ -235,16 +256,19 @@ def blockwise_gradient_sensitivity(source, ids: torch.Tensor, skip: tuple[str, .
         try:
             for p in params.values():
                 p.requires_grad_(True)
+            into = i > 0 or vocab is not None  # the gradient at the block's input is wanted
             for k, c in enumerate(chunks):
-                x = saved[i][k].to(device).requires_grad_(i > 0)
+                x = saved[i][k].to(device).requires_grad_(into)
                 with torch.enable_grad():
                     out = block(x, **c.kwargs)
                     out = out[0] if isinstance(out, (tuple, list)) else out
-                    wrt = ([x] if i > 0 else []) + list(params.values())
+                    wrt = ([x] if into else []) + list(params.values())
                     res = torch.autograd.grad(out, wrt, grad_outputs=grads[k].to(device))
                 if i > 0:
                     new.append(_park(res[0], home))
-                for n, gr in zip(params, res[1:] if i > 0 else res):
+                elif vocab is not None:  # block 0's input is the embedding's output
+                    vocab.add_embedding(ids[k * batch_size : (k + 1) * batch_size], res[0])
+                for n, gr in zip(params, res[1:] if into else res):
                     acc[n].add_(gr.to(torch.float32).square())
             steps = max(len(chunks), 1)
             sens = {f"{blocks_name}.{i}.{n}": a.div_(steps) for n, a in acc.items()}

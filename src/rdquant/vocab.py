@@ -5,6 +5,9 @@ an untied embedding is rounded to its grid (its error does not pass through a He
 tied pair is one matrix, quantized once for the head, and the embedding looks its rows up from the
 same stored tensors (runtime.QuantEmbedding). Grids: symmetric, `embed_bits` wide, row-wise groups
 of the run's group size along the hidden size (at 8 bits and groups of 32: llama.cpp's Q8_0).
+
+Their width is `--embed-bits`; with its automatic value (-1) CVXQ's allocation chooses it (each matrix
+one cell of the allocation, `VocabSensitivity` measures its distortion weight), other methods take 8.
 """
 
 from __future__ import annotations
@@ -22,12 +25,29 @@ from .qtensor import QuantizedWeight
 from .runtime import QuantEmbedding, QuantLinear
 
 CHUNK_BYTES = 256 << 20  # float32 rows of a vocabulary matrix solved at once (an 8B head is 2 GiB)
+DEFAULT_BITS = 8  # --embed-bits auto where no allocation chooses the width
+MIN_BITS = 2  # the narrowest width the allocation offers them (a symmetric 1-bit grid is one level)
 
 
-def vocab_config(cfg: CompressConfig) -> CompressConfig:
-    """GPTQ settings for the vocabulary matrices: the run's solver settings at `embed_bits`, symmetric."""
+def allocated(cfg: CompressConfig) -> bool:
+    """Whether CVXQ's allocation chooses the vocabulary matrices' width (--embed-bits auto with cvxq
+    and a gradient sensitivity; the H-diagonal proxy has no measure for them)."""
+    return cfg.embed_bits == -1 and cfg.method == "cvxq" and cfg.cvxq_sensitivity in ("gradient", "fisher")
+
+
+def vocab_bits(cfg: CompressConfig, name: str | None = None, widths: dict[str, int] | None = None) -> int:
+    """The width matrix `name` is stored at: --embed-bits, else the allocation's choice (`widths`),
+    else DEFAULT_BITS (also the stand-in before an allocation has run)."""
+    if cfg.embed_bits != -1:
+        return cfg.embed_bits
+    return int(widths[name]) if widths and name in widths else DEFAULT_BITS
+
+
+def vocab_config(cfg: CompressConfig, bits: int | None = None) -> CompressConfig:
+    """GPTQ settings for the vocabulary matrices: the run's solver settings at `bits` (default
+    vocab_bits), symmetric."""
     group = cfg.group_size if cfg.group_size != 0 else 64
-    return CompressConfig(method="gptq", bits=cfg.embed_bits, group_size=group, symmetric=True,
+    return CompressConfig(method="gptq", bits=vocab_bits(cfg) if bits is None else bits, group_size=group, symmetric=True,
                           act_order=cfg.act_order, damp_percent=cfg.damp_percent, block_size=cfg.block_size,
                           clip_search=cfg.clip_search, max_shrink=cfg.max_shrink, scale_bits=cfg.scale_bits,
                           device=cfg.device)
@@ -46,35 +66,46 @@ def vocab_modules(model: nn.Module) -> tuple[str | None, nn.Module | None, str |
             names.get(id(head)) if head is not None else None, head, tied)
 
 
-def vocab_entries(model: nn.Module, cfg: CompressConfig) -> dict[str, dict]:
+def vocab_entries(model: nn.Module, cfg: CompressConfig, widths: dict[str, int] | None = None) -> dict[str, dict]:
     """The manifest entries (`quantized` table) the run will write for the embedding and head, from the
-    shapes alone: a tied pair is the embedding's entry with `tied_head`. Empty when they stay 16-bit."""
+    shapes alone: a tied pair is the embedding's entry with `tied_head`. Empty when they stay 16-bit.
+    Widths the allocation chooses are `widths`' (DEFAULT_BITS before it has run)."""
     if cfg.embed_bits == 16:
         return {}
-    vcfg = vocab_config(cfg)
     emb_name, emb, head_name, head, tied = vocab_modules(model)
     out: dict[str, dict] = {}
     for name, mod, kind in ((head_name, head, "head"), (emb_name, emb, "embedding")):
         if mod is not None and not (tied and kind == "head"):
+            vcfg = vocab_config(cfg, vocab_bits(cfg, name, widths))
             out[name] = {"layout": "affine", "bits": vcfg.bits, "group_size": vcfg.group_size, "symmetric": True,
                          "shape": list(mod.weight.shape), "kind": kind, **({"tied_head": head_name} if tied and
                                                                             kind == "embedding" else {})}
     return out
 
 
-def vocab_stored_bytes(model: nn.Module, cfg: CompressConfig) -> tuple[dict[str, int], int]:
-    """({module name: stored bytes}, total) of the quantized embedding and head as `cfg` will store them
-    (codes and fp16 scales; a tied pair once, its head at 0); empty when they stay 16-bit."""
+def stored_bytes(rows: int, cols: int, bits: int, group_size: int) -> int:
+    """Bytes of one quantized vocabulary matrix: packed codes and an fp16 scale per row group."""
     from .packing import packed_nbytes
     from .qtensor import num_groups
 
+    return packed_nbytes(rows * cols, bits) + 2 * rows * num_groups(cols, group_size)
+
+
+def vocab_stored_bytes(model: nn.Module, cfg: CompressConfig, widths: dict[str, int] | None = None
+                       ) -> tuple[dict[str, int], int]:
+    """({module name: stored bytes}, total) of the quantized embedding and head as `cfg` will store them
+    (codes and fp16 scales; a tied pair once, its head at 0); empty when they stay 16-bit."""
     out: dict[str, int] = {}
-    for name, e in vocab_entries(model, cfg).items():
-        rows, cols = e["shape"]
-        out[name] = packed_nbytes(rows * cols, e["bits"]) + 2 * rows * num_groups(cols, e["group_size"])
+    for name, e in vocab_entries(model, cfg, widths).items():
+        out[name] = stored_bytes(*e["shape"], e["bits"], e["group_size"])
         if "tied_head" in e:
             out[e["tied_head"]] = 0
     return out, sum(out.values())
+
+
+def vocab_params(model: nn.Module, cfg: CompressConfig) -> int:
+    """Weights of the quantized embedding and head (a tied pair once); 0 when they stay 16-bit."""
+    return sum(e["shape"][0] * e["shape"][1] for e in vocab_entries(model, cfg).values())
 
 
 def _quantize_rows(name: str, weight: torch.Tensor, H: torch.Tensor | None, vcfg: CompressConfig,
@@ -105,17 +136,19 @@ def _quantize_rows(name: str, weight: torch.Tensor, H: torch.Tensor | None, vcfg
 
 @torch.no_grad()
 def quantize_vocab(model: nn.Module, cfg: CompressConfig, head_inputs: list[torch.Tensor] | None,
-                   dtype: torch.dtype, final_norm: nn.Module | None = None) -> list[LayerLog]:
+                   dtype: torch.dtype, final_norm: nn.Module | None = None,
+                   widths: dict[str, int] | None = None) -> list[LayerLog]:
     """Replace the embedding (QuantEmbedding) and the head (QuantLinear, kind "head") of `model` by
-    their quantized forms; `head_inputs` are the last block's outputs per batch (None: plain rounding)."""
+    their quantized forms; `head_inputs` are the last block's outputs per batch (None: plain rounding);
+    `widths` the allocation's choice per matrix (vocab_bits)."""
     if cfg.embed_bits == 16:
         return []
-    vcfg = vocab_config(cfg)
     device = torch.device(cfg.device)
     emb_name, emb, head_name, head, tied = vocab_modules(model)
     logs: list[LayerLog] = []
     qhead = None
     if head is not None:
+        vcfg = vocab_config(cfg, vocab_bits(cfg, emb_name if tied else head_name, widths))
         H = None
         if head_inputs and cfg.method != "rtn":
             acc = HessianAccumulator(head.weight.shape[1], device=device)
@@ -134,19 +167,102 @@ def quantize_vocab(model: nn.Module, cfg: CompressConfig, head_inputs: list[torc
         logs.append(log)
         set_submodule(model, head_name, qhead.to("cpu"))
     if emb is not None:
+        vcfg = vocab_config(cfg, vocab_bits(cfg, emb_name, widths))
+        qemb = QuantEmbedding(emb.num_embeddings, emb.embedding_dim, vcfg.bits, vcfg.group_size, True, dtype,
+                              "cpu", padding_idx=emb.padding_idx)
         if tied and qhead is not None:
-            qemb = QuantEmbedding(emb.num_embeddings, emb.embedding_dim, vcfg.bits, vcfg.group_size, True, dtype,
-                                  "cpu", padding_idx=emb.padding_idx)
             for k in qhead.buffer_names:
                 qemb._buffers[k] = qhead._buffers[k]  # one matrix: the very same stored tensors
             qemb.tied_head, qemb.solver = head_name, qhead.solver
         else:
             q, log = _quantize_rows(emb_name, emb.weight.data, None, vcfg, device)
-            qemb = QuantEmbedding(emb.num_embeddings, emb.embedding_dim, vcfg.bits, vcfg.group_size, True, dtype,
-                                  "cpu", padding_idx=emb.padding_idx)
             qemb.set_tensors({k: v.cpu() for k, v in q.packed_state().items()})
             qemb.solver = "rtn"
             log.notes = []
             logs.append(log)
         set_submodule(model, emb_name, qemb)
     return logs
+
+
+class VocabSensitivity:
+    """The vocabulary matrices as cells of CVXQ's allocation (--embed-bits auto): each matrix's distortion
+    weight is the linears' group-cell formula (cvxq.group_cells: sum over row groups of n S^2 G^2), with
+    G^2 the mean squared gradient of the sensitivity objective per calibration batch.
+
+    The embedding's gradient comes from the linears' own backward pass (its output's gradient, added
+    up per token row). The head does not reach the PCA objective (it acts after the final hidden state
+    z), so its gradient is that of the log-likelihood of tokens sampled from the model's prediction (the
+    fisher objective); under pca it is rescaled by k / E||d loglik/dz||^2, the ratio of the two objectives'
+    squared gradients at z (the pca one is k per position: k orthonormal directions with signs +-1).
+    A tied pair is one cell whose weight is the sum of both roles'."""
+
+    def __init__(self, model: nn.Module, cfg: CompressConfig) -> None:
+        self.emb_name, self.emb, self.head_name, self.head, self.tied = vocab_modules(model)
+        self.cfg, self.group = cfg, vocab_config(cfg).group_size
+        self.gen = torch.Generator().manual_seed(cfg.seed + 1)  # apart from the linears' draws
+        self.emb_sum = self.head_sum = self.gz_sum = 0.0
+        self.emb_steps = self.head_steps = self.positions = 0
+        self.scale = 1.0
+        if self.emb is not None:  # an embedding that scales its rows (Gemma): their gradient scales alike
+            probe = torch.arange(min(self.emb.num_embeddings, 64))
+            w = self.emb.weight.data[probe].to(torch.float64)
+            e = self.emb(probe.to(self.emb.weight.device)).detach().to(torch.float64).cpu()
+            self.scale = float((e * w).sum() / (w * w).sum().clamp_min(1e-30))
+
+    def _weight(self, W: torch.Tensor, G: torch.Tensor) -> float:
+        """sum n S^2 G^2 over the row groups of rows W [r, d] with gradients G [r, d]."""
+        from .methods.cvxq import group_cells
+
+        return float(group_cells(W, G.square(), self.group)[0].sum())
+
+    @torch.no_grad()
+    def add_embedding(self, ids: torch.Tensor, grad: torch.Tensor) -> None:
+        """One batch: `grad` [b, t, d] is the objective's gradient at the embedding's output for `ids` [b, t]."""
+        if self.emb is None:
+            return
+        rows, inv = torch.unique(ids.reshape(-1).cpu(), return_inverse=True)
+        g = grad.reshape(-1, grad.shape[-1]).to("cpu", torch.float64)
+        G = torch.zeros(rows.numel(), g.shape[1], dtype=torch.float64).index_add_(0, inv, g) * self.scale
+        self.emb_sum += self._weight(self.emb.weight.data[rows.to(self.emb.weight.device)].cpu(), G)
+        self.emb_steps += 1
+
+    @torch.no_grad()
+    def add_head(self, z: torch.Tensor) -> None:
+        """One batch of final hidden states z [b, t', d] (after the last norm, at the objective's stride)."""
+        if self.head is None:
+            return
+        W = self.head.weight
+        z = z.reshape(-1, z.shape[-1]).to(W.device, W.dtype)
+        logits = (z @ W.t()).to(torch.float32)
+        if self.head.bias is not None:
+            logits += self.head.bias.to(torch.float32)
+        r = torch.softmax(logits, -1)  # d(-log p_y)/d logits = p - e_y, y drawn from p
+        u = torch.rand(r.shape[0], 1, generator=self.gen).to(r.device)
+        y = torch.searchsorted(r.cumsum(-1), u.contiguous()).clamp(max=r.shape[1] - 1).flatten()
+        r[torch.arange(r.shape[0], device=r.device), y] -= 1
+        self.gz_sum += float((r @ W.to(torch.float32)).square().sum(dtype=torch.float64))
+        self.positions += r.shape[0]
+        step = max(1, CHUNK_BYTES // (4 * W.shape[1]))
+        zf = z.to(torch.float32)
+        for a in range(0, W.shape[0], step):
+            self.head_sum += self._weight(W[a : a + step].detach().float().cpu(), (r[:, a : a + step].t() @ zf).cpu())
+        self.head_steps += 1
+
+    def cells(self, objective: str, components: int, max_bits: int) -> list[tuple[str, float, torch.Tensor]]:
+        """(name, distortion weight, stored bits at widths 0..max_bits) per matrix the allocation sets (a
+        tied pair once, under the embedding's name). Widths below MIN_BITS cost what MIN_BITS costs, so
+        the allocation never prefers them (vocab widths are clamped to MIN_BITS after it)."""
+        w_emb = self.emb_sum / max(self.emb_steps, 1)
+        w_head = self.head_sum / max(self.head_steps, 1)
+        if objective == "pca" and self.positions:
+            w_head *= components / max(self.gz_sum / self.positions, 1e-30)
+        out = []
+        for name, mod, w in ((self.emb_name, self.emb, w_emb + (w_head if self.tied else 0.0)),
+                             (None if self.tied else self.head_name, self.head, w_head)):
+            if name is None or mod is None:
+                continue
+            rows, cols = mod.weight.shape
+            rate = torch.tensor([8.0 * stored_bytes(rows, cols, max(b, MIN_BITS), self.group)
+                                 for b in range(max_bits + 1)], dtype=torch.float64)
+            out.append((name, w, rate))
+        return out

@@ -55,19 +55,21 @@ class CvxqPlan:
     summary: dict[str, float] = field(default_factory=dict)  # layer -> mean code width
     clusters: dict[str, torch.Tensor] = field(default_factory=dict)
     phases: dict[str, float] = field(default_factory=dict)  # seconds of the sensitivity pass and the allocation
+    vocab: dict[str, int] = field(default_factory=dict)  # embedding / head -> the width the allocation chose
 
     def to_dict(self) -> dict[str, Any]:
         enc = lambda ts, dt: {n: [list(t.shape), base64.b64encode(t.to(dt).numpy().tobytes()).decode()] for n, t in ts.items()}
         return {"widths": enc(self.widths, torch.uint8), "target_bits": self.target_bits, "planned_bits": self.planned_bits,
                 "sensitivity": self.sensitivity, "cells": self.cells, "seconds": self.seconds, "summary": self.summary,
-                "clusters": enc(self.clusters, torch.int16), "phases": self.phases}
+                "clusters": enc(self.clusters, torch.int16), "phases": self.phases, "vocab": self.vocab}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "CvxqPlan":
         dec = lambda ts, dt: {n: torch.frombuffer(bytearray(base64.b64decode(b64)), dtype=dt).view(*shape).clone()
                               for n, (shape, b64) in ts.items()}
         return cls(dec(d["widths"], torch.uint8), d["target_bits"], d["planned_bits"], d["sensitivity"], d["cells"],
-                   d["seconds"], d["summary"], dec(d.get("clusters", {}), torch.int16), d.get("phases", {}))
+                   d["seconds"], d["summary"], dec(d.get("clusters", {}), torch.int16), d.get("phases", {}),
+                   d.get("vocab", {}))
 
 
 def cell_kind(cfg: CompressConfig) -> str:
@@ -240,11 +242,14 @@ def model_layers(model: nn.Module, cfg: CompressConfig) -> list[LayerInfo]:
 def dense_bytes(model: nn.Module, layers: list[LayerInfo], cfg: CompressConfig | None = None) -> int:
     """Bytes of everything the artifact stores outside the decoder linears (tied tensors once) plus a
     bound on the safetensors header: what --target-size-total leaves out of the quantized layers'
-    budget. The embedding and head count at their quantized size when `cfg` quantizes them."""
-    from ..vocab import vocab_stored_bytes
+    budget. The embedding and head count at their quantized size when `cfg` quantizes them at a fixed
+    width; when the allocation sets their width they are in the quantized budget instead (0 here)."""
+    from ..vocab import allocated, vocab_stored_bytes
 
     q = {l.name for l in layers}
     vocab, vocab_total = vocab_stored_bytes(model, cfg) if cfg is not None else ({}, 0)
+    if cfg is not None and allocated(cfg):
+        vocab_total = 0
     seen: set[int] = set()
     total, count = vocab_total, len(vocab) * 3
     for name, t in model.state_dict().items():
@@ -263,9 +268,17 @@ def dense_bytes(model: nn.Module, layers: list[LayerInfo], cfg: CompressConfig |
     return total + 256 * n_tensors + 4096
 
 
+def quantized_params(model: nn.Module, layers: list[LayerInfo], cfg: CompressConfig) -> int:
+    """Weights the allocation sets: the layers', and the embedding's and head's when it sets them too."""
+    from ..vocab import allocated, vocab_params
+
+    return sum(l.rows * l.cols for l in layers) + (vocab_params(model, cfg) if allocated(cfg) else 0)
+
+
 def budget_bits(model: nn.Module, layers: list[LayerInfo], cfg: CompressConfig) -> float:
-    """The quantized layers' all-in bits allowed by the target (--target-bits / -size / -size-total)."""
-    n = sum(l.rows * l.cols for l in layers)
+    """The all-in bits allowed by the target (--target-bits / -size / -size-total) for what the allocation
+    sets: the quantized layers, and the embedding and head with --embed-bits auto."""
+    n = quantized_params(model, layers, cfg)
     if cfg.target_bits is not None:
         return cfg.target_bits * n
     if cfg.target_size is not None:
@@ -328,11 +341,15 @@ def layer_cells(W: torch.Tensor, sens: torch.Tensor, l: LayerInfo, cfg: Compress
 def allocate(model: nn.Module, layers: list[LayerInfo], sens: dict[str, torch.Tensor] | None, cfg: CompressConfig,
              budget: float, progress: bool = False,
              cells: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] | None = None,
-             ) -> tuple[dict[str, torch.Tensor], int, dict[str, torch.Tensor]]:
+             vocab: list[tuple[str, float, torch.Tensor]] | None = None,
+             ) -> tuple[dict[str, torch.Tensor], int, dict[str, torch.Tensor], dict[str, int]]:
     """Global reverse water-filling: (widths per layer, their bits <= `budget`, row clusters per layer
-    with cluster cells). The bits are the exact stored bits, or with --rate coded the modelled coded
-    bits (codes at their per-width entropy, side information as stored). Each layer's cells come
-    from `cells` (layer_cells, computed earlier) or from the model's weights and `sens`."""
+    with cluster cells, widths of the vocabulary matrices). The bits are the exact stored bits, or with
+    --rate coded the modelled coded bits (codes at their per-width entropy, side information as stored).
+    Each layer's cells come from `cells` (layer_cells, computed earlier) or from the model's weights and
+    `sens`; `vocab` (VocabSensitivity.cells) adds one cell per embedding / head matrix, at least
+    vocab.MIN_BITS wide."""
+    from ..vocab import MIN_BITS
     from tqdm.auto import tqdm
 
     mb = cfg.cvxq_max_bits
@@ -356,19 +373,29 @@ def allocate(model: nn.Module, layers: list[LayerInfo], sens: dict[str, torch.Te
         spans.append(w.numel())
         weights.append(w)
         rates.append(r)
+    vocab = vocab or []
+    for _, w, r in vocab:
+        weights.append(torch.tensor([w], dtype=torch.float64))
+        rates.append(r[None, :].to(rates[0].dtype))  # float32 rounds it by a few bits; the exact fit below does not
+    n_layer_cells = sum(spans)
     weight, rate = torch.cat(weights), torch.cat(rates)[:, lo:].contiguous()
     kap = kap[lo:]
+    floor = torch.zeros(weight.numel(), dtype=torch.long)  # narrowest width offered, less lo
+    floor[n_layer_cells:] = max(MIN_BITS - lo, 0)
     avail = budget - fixed
     if avail < float(rate[:, 0].sum(dtype=torch.float64)):
-        n = sum(l.rows * l.cols for l in layers)
+        n = quantized_params(model, layers, cfg) if vocab else sum(l.rows * l.cols for l in layers)
         raise RdquantError(
-            f"the target ({budget / n:.3f} bits/weight for the quantized layers) is below the smallest "
+            f"the target ({budget / n:.3f} bits/weight for the quantized weights) is below the smallest "
             f"possible size ({(float(rate[:, 0].sum(dtype=torch.float64)) + fixed) / n:.3f} bits/weight: every cell at width {lo})")
-    flat = waterfill(weight, rate, avail, kap, device=cfg.device)
+    flat = torch.maximum(waterfill(weight, rate, avail, kap, device=cfg.device), floor)  # same rate below the floor
+
+    def vocab_widths(flat: torch.Tensor) -> dict[str, int]:
+        return {name: int(b) + lo for (name, _, _), b in zip(vocab, flat[n_layer_cells:])}
 
     def unflatten(flat: torch.Tensor) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
-        for l, piece in zip(layers, torch.split(flat + lo, spans)):
+        for l, piece in zip(layers, torch.split(flat[:n_layer_cells] + lo, spans)):
             if cell_kind(cfg) == "column":
                 out[l.name] = piece.to(torch.uint8)
             elif cell_kind(cfg) == "cluster":
@@ -380,19 +407,20 @@ def allocate(model: nn.Module, layers: list[LayerInfo], sens: dict[str, torch.Te
         return out
 
     if coded:  # a model of the coded size: no exact count to fit (the artifact's coded size is reported)
-        return unflatten(flat), int(fixed + float(rate.gather(1, flat[:, None]).sum())), clusters
+        return unflatten(flat), int(fixed + float(rate.gather(1, flat[:, None]).sum())), clusters, vocab_widths(flat)
     # the rate model leaves out packing padding (a few bytes per layer): measure the exact size and,
     # if it is over, narrow the cells that lose least per bit saved until it fits
     for _ in range(50):
         out = unflatten(flat)
         total = sum(layer_stored_bits(out[l.name], l.rows, l.cols, cfg, l.bias, clusters.get(l.name)) for l in layers)
+        total += sum(int(r[lo + int(b)]) for (_, _, r), b in zip(vocab, flat[n_layer_cells:]))  # exact, float64
         excess = total - budget
         if excess <= 0:
-            return out, total, clusters
+            return out, total, clusters, vocab_widths(flat)
         prv = (flat - 1).clamp_min(0)
         dr = rate.gather(1, flat[:, None])[:, 0].double() - rate.gather(1, prv[:, None])[:, 0].double()
         dd = (weight * (kap[prv] - kap[flat])).to(torch.float64)
-        cand = torch.nonzero(flat > 0).flatten()
+        cand = torch.nonzero(flat > floor).flatten()
         cand = cand[torch.argsort(dd[cand] / dr[cand].clamp_min(1e-9))]
         k = int(torch.searchsorted(torch.cumsum(dr[cand], 0), torch.tensor([float(excess)], dtype=torch.float64))) + 1
         flat = flat.clone()
@@ -407,6 +435,7 @@ def plan(model: "nn.Module | BlockSource", calib_ids: torch.Tensor | None, cfg: 
 
     from ..sensitivity import blockwise_gradient_sensitivity, gradient_sensitivity, hessian_sensitivity
     from ..source import BlockSource
+    from ..vocab import VocabSensitivity, allocated
 
     source = model if isinstance(model, BlockSource) else None
     model = source.model if source is not None else model
@@ -419,6 +448,7 @@ def plan(model: "nn.Module | BlockSource", calib_ids: torch.Tensor | None, cfg: 
     ids = calib_ids[: cfg.cvxq_samples]
     cells = None
     objective = "pca" if cfg.cvxq_sensitivity == "gradient" else "fisher"
+    vocab = VocabSensitivity(model, cfg) if allocated(cfg) else None
     if source is not None and source.streamed:  # one block at a time; only each layer's cells are kept
         if cfg.cvxq_sensitivity not in ("gradient", "fisher"):
             raise RdquantError(f"cvxq sensitivity {cfg.cvxq_sensitivity!r} needs the model in memory; a streamed "
@@ -431,18 +461,22 @@ def plan(model: "nn.Module | BlockSource", calib_ids: torch.Tensor | None, cfg: 
                 cells[n] = layer_cells(block.get_submodule(n.split(f".{i}.", 1)[1]).weight.data, s, by_name[n], cfg)
 
         blockwise_gradient_sensitivity(source, ids, cfg.skip, cfg.cvxq_components, cfg.cvxq_stride, cfg.cvxq_batch,
-                                       cfg.device, cfg.seed, progress, objective, on_block=reduce)
+                                       cfg.device, cfg.seed, progress, objective, on_block=reduce, vocab=vocab)
         sens = None
     elif cfg.cvxq_sensitivity in ("gradient", "fisher"):
         sens = gradient_sensitivity(model, ids, names, cfg.cvxq_components, cfg.cvxq_stride, cfg.cvxq_batch,
-                                    cfg.device, cfg.seed, progress, "pca" if cfg.cvxq_sensitivity == "gradient" else "fisher")
+                                    cfg.device, cfg.seed, progress, objective, vocab=vocab)
     else:
         sens = hessian_sensitivity(model, ids, names, cfg.cvxq_batch, cfg.device, progress)
     t_sens = time.perf_counter() - t0
     budget = budget_bits(model, layers, cfg)
-    widths, total, clusters = allocate(model, layers, sens, cfg, budget, progress, cells)
+    vocab_cells = vocab.cells(objective, min(cfg.cvxq_components, int(model.config.hidden_size)), cfg.cvxq_max_bits) \
+        if vocab is not None else None
+    widths, total, clusters, vocab_widths = allocate(model, layers, sens, cfg, budget, progress, cells, vocab_cells)
+    if vocab is not None and vocab.tied and vocab.head_name:
+        vocab_widths[vocab.head_name] = vocab_widths[vocab.emb_name]
     phases = {"sensitivity": round(t_sens, 2), "allocation": round(time.perf_counter() - t0 - t_sens, 2)}
-    n = sum(l.rows * l.cols for l in layers)
+    n = quantized_params(model, layers, cfg)
     summary = {}
     for l in layers:
         w = widths[l.name].to(torch.float64)
@@ -451,8 +485,9 @@ def plan(model: "nn.Module | BlockSource", calib_ids: torch.Tensor | None, cfg: 
         elif cell_kind(cfg) == "cluster":
             w = w[clusters[l.name].to(torch.long)]
         summary[l.name] = round(float(w.mean()), 4)
+    summary.update({name: float(b) for name, b in vocab_widths.items()})
     return CvxqPlan(widths, budget / n, total / n, cfg.cvxq_sensitivity, cell_kind(cfg),
-                    time.perf_counter() - t0, summary, clusters, phases)
+                    time.perf_counter() - t0, summary, clusters, phases, vocab_widths)
 
 
 def cvxq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: CompressConfig, state: CvxqPlan,
@@ -483,10 +518,13 @@ def smallest_bits(model: nn.Module, cfg: CompressConfig) -> tuple[float, float]:
     """(smallest all-in bits the quantized layers can take, bits the target allows), from the shapes
     alone: every cell at the narrowest width offered, all side information counted (with --rate coded
     the codes may code to nearly nothing, so only the side information). For claq with --target-bits
-    the same per layer; checked before calibration so an impossible target fails at once."""
+    the same per layer; checked before calibration so an impossible target fails at once. With the
+    embedding and head in the allocation, their narrowest width counts too."""
+    from ..vocab import MIN_BITS, allocated, vocab_stored_bytes
+
     layers = model_layers(model, cfg)
-    n = sum(l.rows * l.cols for l in layers)
-    total = 0.0
+    n = quantized_params(model, layers, cfg)
+    total = 8.0 * vocab_stored_bytes(model, cfg.replace(embed_bits=MIN_BITS))[1] if allocated(cfg) else 0.0
     for l in layers:
         if cfg.method == "claq":
             share = cfg.claq_share
@@ -521,7 +559,7 @@ def check_target(model: nn.Module, cfg: CompressConfig) -> None:
     smallest, budget = smallest_bits(model, cfg)
     if budget >= smallest:
         return
-    n = sum(l.rows * l.cols for l in model_layers(model, cfg))
+    n = quantized_params(model, model_layers(model, cfg), cfg)
     if cfg.target_bits is not None:
         what = f"--target-bits {cfg.target_bits}"
     elif cfg.target_size is not None:
@@ -529,5 +567,5 @@ def check_target(model: nn.Module, cfg: CompressConfig) -> None:
     else:
         what = f"--target-size-total {cfg.target_size_total:,} bytes"
     raise RdquantError(f"{what} cannot be met: the smallest {cfg.method} can store is {smallest / n:.3f} bits/weight "
-                       f"({smallest / 8:,.0f} bytes of quantized layers, every cell at its narrowest width with its "
+                       f"({smallest / 8:,.0f} bytes of quantized weights, every cell at its narrowest width with its "
                        f"side information); raise the target")

@@ -1,0 +1,170 @@
+"""Whole-file size against perplexity (issue 21): every tensor of the file counts, embedding and head
+included (llama.cpp's basis), on the default model and on a second architecture.
+
+    python bench/whole_file.py                                   # the default rows on the default model
+    python bench/whole_file.py --model gemma3-270m --windows 8 --calib-samples 32
+    python bench/whole_file.py --rows "method=cvxq file_bits=3.0" "method=cvxq file_bits=3.0 embed_bits=4"
+    python bench/whole_file.py ... --results                     # and publish: bench/results/whole_file.json
+
+A row is `KEY=VALUE ...` of CompressConfig fields, plus `file_bits=B`: the tensor file at B bits per
+parameter (--target-size-total = B x parameters / 8, cvxq). Two size figures: *tensors bits/param*
+(every tensor: the safetensors file, llama.cpp's basis of all tensors) and *whole-file bits/param*
+(every file of the artifact: tokenizer, manifest and config too; Gemma's tokenizer.json alone is 33 MB). The embedding / head width is the row's
+`embed_bits` (default: auto, which cvxq's allocation chooses and other methods take as 8). Protocol
+as bench/quality.py: WikiText-2 test windows, C4 calibration (seed 0); the loaded artifact is
+evaluated. Rows are cached in bench/cache/rows; --fresh recomputes them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+
+import rdquant  # noqa: E402
+from quality import CACHE, MEASURED, ROOT, _typed, cached_row, calib_file, eval_row  # noqa: E402
+from rdquant.data import shared_data_dir  # noqa: E402
+from rdquant.models import load_model, resolve_model  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results" / "whole_file.json"
+DEFAULT_ROWS = ["method=gptq bits=3 group_size=64 embed_bits=8", "method=gptq bits=3 group_size=64 embed_bits=4",
+                "method=cvxq file_bits=3.0", "method=cvxq file_bits=3.0 embed_bits=4",
+                "method=cvxq file_bits=3.0 embed_bits=6"]
+
+
+def parse_row(text: str, params: int) -> tuple[str, rdquant.CompressConfig, float | None]:
+    """(cache name, config, whole-file target in bits per parameter or None) of a row spec."""
+    pairs = text.split()
+    file_bits = None
+    rest = []
+    for p in pairs:
+        k, _, v = p.partition("=")
+        if k == "file_bits":
+            file_bits = float(v)
+        else:
+            rest.append(p)
+    typed = _typed(rest)
+    if file_bits is not None:
+        typed["target_size_total"] = int(file_bits * params / 8)
+    name = "_".join(p.replace("=", "") for p in sorted(pairs))
+    return name, rdquant.CompressConfig(**typed), file_bits
+
+
+def run(name: str, cfg: rdquant.CompressConfig, file_bits: float | None, args, calib: Path) -> dict:
+    model, tok, mid = load_model(args.model)
+    t0 = time.perf_counter()
+    cm = rdquant.compress(model, cfg, tokenizer=tok, calib_ids=load_file(calib)["input_ids"], model_id=mid)
+    seconds = time.perf_counter() - t0
+    out = cm.save(CACHE / "artifacts" / f"{args.model}_{name}", overwrite=True)
+    del cm, model
+    rep = rdquant.inspect(out)
+    vocab = [l for l in rep.layers if l.kind != "linear"]
+    row = {"tool": "rdquant", "model": args.model, "spec": name, "method": cfg.method,
+           "setting": (f"file {file_bits} bits/param" if file_bits is not None else
+                       f"target {cfg.target_bits}" if cfg.target_bits is not None else f"{cfg.bits}-bit g{cfg.group_size}"),
+           "embed": "16-bit" if not vocab else "/".join(sorted({f"{l.bits}-bit" for l in vocab}))
+                    + (" (allocated)" if cfg.embed_bits == -1 and cfg.method == "cvxq" else ""),
+           "tensor_bits_per_param": round(8 * sum(f.stat().st_size for f in out.glob("*.safetensors"))
+                                          / (rep.original_16bit_bytes / 2), 3),
+           "file_bytes": rep.total_bytes, "file_mib": round(rep.total_bytes / 2**20, 2),
+           "file_bits_per_param": round(rep.file_bits_per_param, 3), "ratio": round(rep.compression_ratio, 2),
+           "linear_bits_per_weight": round(rep.bits_per_weight, 3), "compress_seconds": round(seconds, 1),
+           "threads": torch.get_num_threads()}
+    row.update(eval_row(rdquant.load(out), tok, args))
+    return row
+
+
+def table(rows: list[dict], args) -> str:
+    lines = [f"{args.model}: WikiText-2 test, first {args.windows} x {args.seqlen} windows; calibration "
+             f"{args.calib_samples} x {args.calib_seqlen} C4 tokens", "",
+             "| tool | method | setting | embedding / head | tensors bits/param | file MiB | whole-file bits/param | "
+             "ratio vs 16-bit | linear bits/weight | ppl | compress s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        f = lambda k, fmt: "-" if r.get(k) is None else format(r[k], fmt)
+        lines.append(f"| {r['tool']} | {r['method']} | {r.get('setting', '-')} | {r.get('embed', '-')} | "
+                     f"{f('tensor_bits_per_param', '.3f')} | {f('file_mib', '.2f')} | {f('file_bits_per_param', '.3f')} | "
+                     f"{f('ratio', '.2f')} | "
+                     f"{f('linear_bits_per_weight', '.3f')} | {r['ppl']:.3f} | {f('compress_seconds', '.0f')} |")
+    return "\n".join(lines)
+
+
+def publish(rows: list[dict], args) -> None:
+    """Put this run's measured rows into bench/results/whole_file.json (the results page's source) with
+    the command line, date and machine; a published row of the same model and spec is replaced."""
+    import platform
+    import shlex
+    from datetime import date
+
+    measured = [r for r in rows if any(r is m for m in MEASURED)]
+    if not measured:
+        print("--results: nothing measured in this run (cached rows are not published)")
+        return
+    page = json.loads(RESULTS.read_text())
+    command = "python bench/whole_file.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    machine = f"{platform.machine()} CPU, {torch.get_num_threads()} threads, PyTorch {torch.__version__}"
+    keep = {(r["model"], r.get("spec")) for r in measured}
+    page["rows"] = [r for r in page["rows"] if (r.get("model"), r.get("spec")) not in keep]
+    for r in measured:
+        page["rows"].append({**r, "command": command, "machine": machine, "date": date.today().isoformat(),
+                             "source": "bench/whole_file.py --results"})
+    RESULTS.write_text(json.dumps(page, indent=1, ensure_ascii=False) + "\n")
+    import subprocess
+
+    subprocess.run([sys.executable, str(ROOT / "bench" / "results_page.py")], check=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--rows", nargs="+", default=DEFAULT_ROWS, metavar="SPEC")
+    ap.add_argument("--windows", type=int, default=32)
+    ap.add_argument("--seqlen", type=int, default=2048)
+    ap.add_argument("--calib-samples", type=int, default=128)
+    ap.add_argument("--calib-seqlen", type=int, default=512)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--fresh", action="store_true", help="recompute cached rows")
+    ap.add_argument("--results", action="store_true", help="publish the measured rows (bench/results/whole_file.json)")
+    args = ap.parse_args()
+    if shared_data_dir() is None:
+        raise SystemExit("needs ../shared/data (WikiText-2 and the C4 sample)")
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(resolve_model(args.model).path)
+    calib = calib_file(tok, args.calib_samples, args.calib_seqlen, 0)
+    if args.model != "smollm2-135m":  # calib_file names by size only: keep other tokenizers' windows apart
+        calib = calib.with_name(f"{args.model}_{calib.name}")
+        if not calib.is_file():
+            from safetensors.torch import save_file
+
+            from rdquant.data import calibration_windows
+
+            save_file({"input_ids": calibration_windows(tok, shared_data_dir() / "c4" / "c4_calib_1k.jsonl",
+                                                        args.calib_samples, args.calib_seqlen, 0)}, calib)
+    tag = f"{args.model}_w{args.windows}s{args.seqlen}c{args.calib_samples}x{args.calib_seqlen}_v{rdquant.__version__}"
+    model, mtok, _ = load_model(args.model)
+    params = sum(t.numel() for t in {p.data_ptr(): p for p in model.parameters()}.values())
+    orig = cached_row(f"wholefile_original_{tag}", False, lambda: {
+        "tool": "original", "model": args.model, "spec": "original", "method": "16-bit", "embed": "16-bit",
+        "file_bits_per_param": 16.0, "tensor_bits_per_param": 16.0, "ratio": 1.0, "file_mib": round(2 * params / 2**20, 2),
+        **eval_row(model, mtok, args)})
+    del model
+    rows = [orig]
+    for spec in args.rows:
+        name, cfg, file_bits = parse_row(spec, params)
+        row = cached_row(f"wholefile_{name}_{tag}", args.fresh, lambda: run(name, cfg, file_bits, args, calib))
+        rows.append(row)
+        print(table(rows, args), flush=True)
+    if args.results:
+        publish(rows, args)
+    print("\n" + table(rows, args))
+
+
+if __name__ == "__main__":
+    main()
