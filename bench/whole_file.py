@@ -69,7 +69,8 @@ def run(name: str, cfg: rdquant.CompressConfig, file_bits: float | None, args, c
     row = {"tool": "rdquant", "model": args.model, "spec": name, "method": cfg.method,
            "setting": (f"file {file_bits} bits/param" if file_bits is not None else
                        f"target {cfg.target_bits}" if cfg.target_bits is not None else f"{cfg.bits}-bit g{cfg.group_size}"),
-           "embed": "16-bit" if not vocab else "/".join(sorted({f"{l.bits}-bit" for l in vocab}))
+           "embed": "16-bit" if not vocab else "/".join(sorted({f"{l.bits}-bit" if l.mean_width is None else
+                                                                f"{l.mean_width:.2f}-bit mean" for l in vocab}))
                     + (" (allocated)" if cfg.embed_bits == -1 and cfg.method == "cvxq" else ""),
            "tensor_bits_per_param": round(8 * sum(f.stat().st_size for f in out.glob("*.safetensors"))
                                           / (rep.original_16bit_bytes / 2), 3),

@@ -176,3 +176,16 @@ def test_short_calibration_windows_on_a_sliding_window_model_are_named(capsys):
                 SimpleNamespace(sliding_window=16, use_sliding_window=True)):
         warn_short_windows(cfg, 32)
         assert capsys.readouterr().err == ""
+
+
+def test_claq_with_few_calibration_tokens_is_warned_about(capsys):
+    from rdquant.compress import warn_few_tokens
+    from rdquant.config import CompressConfig
+
+    warn_few_tokens(CompressConfig(method="claq", bits=3), 16 * 512)
+    assert "8,192 calibration tokens; CLAQ was measured to lose to GPTQ" in capsys.readouterr().err
+    warn_few_tokens(CompressConfig(method="cvxq", target_bits=3, cvxq_solver="claq", claq_share=1), 16 * 512)
+    assert "CLAQ" in capsys.readouterr().err
+    for cfg, tokens in ((CompressConfig(method="claq", bits=3), 128 * 512), (CompressConfig(method="gptq"), 512)):
+        warn_few_tokens(cfg, tokens)
+        assert capsys.readouterr().err == ""

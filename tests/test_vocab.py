@@ -10,6 +10,18 @@ from rdquant.testing import tiny_model
 from rdquant.vocab import MIN_BITS, VocabSensitivity, allocated, stored_bytes, vocab_bits
 
 
+class _Scaled(torch.nn.Embedding):
+    """Gemma's kind of embedding: rows times a constant."""
+
+    def __init__(self, emb: torch.nn.Embedding, scale: float = 8.0):
+        super().__init__(emb.num_embeddings, emb.embedding_dim)
+        self.weight = emb.weight
+        self.scale = scale
+
+    def forward(self, ids):
+        return super().forward(ids) * self.scale
+
+
 def _model(tied: bool):
     torch.manual_seed(0)
     return tiny_model("llama", 50, hidden=64, intermediate=128, layers=2, tie_word_embeddings=tied).eval()
@@ -47,8 +59,7 @@ def test_embedding_weight_adds_token_rows_and_follows_a_scaled_embedding():
     G = torch.zeros_like(W).index_add_(0, ids[0], grad[0])
     assert vs.emb_sum == pytest.approx(float(group_cells(W, G.square(), 16)[0].sum()), rel=1e-6)
     # an embedding that scales its output (Gemma's sqrt(hidden)): the rows' gradient scales with it
-    emb = model.get_input_embeddings()
-    emb.forward = lambda x, f=emb.forward: 8.0 * f(x)
+    model.model.embed_tokens = _Scaled(model.get_input_embeddings())
     scaled = VocabSensitivity(model, cfg)
     assert scaled.scale == pytest.approx(8.0)
     scaled.add_embedding(ids, grad)
@@ -69,6 +80,8 @@ def test_cells_one_per_stored_matrix_with_exact_rates(tied):
         assert rate.tolist() == [8.0 * stored_bytes(50, 64, max(b, MIN_BITS), 16) for b in range(8)]
     if tied:  # the tied cell carries both roles
         assert cells[0][1] > vs.emb_sum / vs.emb_steps
+    seen = vs.emb_w[[1, 2]]  # per row x group cells: the rows the batch read carry the embedding's weight
+    assert bool((seen > 0).all()) and float(vs.emb_w.sum()) == pytest.approx(float(seen.sum()))
 
 
 def test_auto_width_only_where_an_allocation_chooses():
@@ -80,3 +93,24 @@ def test_auto_width_only_where_an_allocation_chooses():
     assert vocab_bits(CompressConfig(method="gptq", embed_bits=4)) == 4
     auto = CompressConfig(method="cvxq", target_bits=3)
     assert vocab_bits(auto, "lm_head", {"lm_head": 5}) == 5 and vocab_bits(auto, "lm_head") == 8
+
+
+def test_a_scaled_embedding_keeps_its_scale_through_quantization_and_reload(tmp_path):
+    import rdquant
+    from rdquant.errors import RdquantError
+
+    model = _model(False)
+    model.model.embed_tokens = _Scaled(model.get_input_embeddings())
+    cfg = CompressConfig(bits=4, group_size=16, embed_bits=8, calib_samples=2, calib_seqlen=16)
+    cm = rdquant.compress(model, cfg, calib_ids=torch.randint(0, 50, (2, 16)), progress=False)
+    qemb = cm.model.get_input_embeddings()
+    ids = torch.tensor([[1, 5, 7]])
+    assert qemb.embed_scale == pytest.approx(8.0)
+    torch.testing.assert_close(qemb(ids), 8.0 * qemb.dequantized_weight()[ids])
+    loaded = rdquant.load(cm.save(tmp_path / "a"))
+    assert torch.equal(loaded.get_input_embeddings()(ids), qemb(ids))
+    model = _model(False)  # compress quantized the first one in place
+    model.model.embed_tokens = type("Shifted", (_Scaled,), {"forward": lambda self, x: _Scaled.forward(self, x) + 1})(
+        model.get_input_embeddings())
+    with pytest.raises(RdquantError, match="not a scaled row lookup.*--embed-bits 16"):
+        rdquant.compress(model, cfg, calib_ids=torch.randint(0, 50, (2, 16)), progress=False)

@@ -132,7 +132,8 @@ class InspectReport:
             + ("" if self.decode_mcodes is None else f"; codes decode at {self.decode_mcodes:,.0f} M/s (one thread)"),
             *([f"embedding / head    {self.vocab_params:,} params, {self.vocab_bytes:,} bytes, "
                f"{8 * self.vocab_bytes / self.vocab_params:.3f} bits/weight all-in (quantized; "
-               + ", ".join(f"{l.name} {l.bits}-bit" for l in self.layers if l.kind != "linear") + ")"]
+               + ", ".join(f"{l.name} " + (f"{l.mean_width:.2f}-bit mean (allocated widths)" if l.mean_width is not None
+                                           else f"{l.bits}-bit") for l in self.layers if l.kind != "linear") + ")"]
               if self.vocab_params else []),
             f"left in 16 bit      {self.dense_params:,} params, {self.dense_bytes:,} bytes",
             f"on disk             {self.total_bytes:,} bytes ({self.total_bytes / 2**20:.1f} MiB)",

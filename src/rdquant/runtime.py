@@ -219,21 +219,29 @@ class QuantEmbedding(QuantLinear):
         super().__init__(embedding_dim, num_embeddings, bits, group_size, symmetric, False, dtype, device, spec)
         self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
         self.tied_head: str | None = None  # the head module sharing these tensors, if any
+        self.embed_scale = 1.0  # rows are multiplied by it on lookup (Gemma scales by sqrt(hidden))
 
     @classmethod
     def from_manifest(cls, info: dict, dtype: torch.dtype = torch.float32) -> "QuantEmbedding":
         out_f, in_f = info["shape"]
         m = cls(out_f, in_f, info["bits"], info["group_size"], info["symmetric"], dtype, spec=_spec_of(info))
         m.tied_head = info.get("tied_head")
+        m.embed_scale = float(info.get("embed_scale", 1.0))
         return m
 
     def table_entry(self) -> dict[str, Any]:
         entry = super().table_entry()  # kind "embedding" included
         if self.tied_head:
             entry["tied_head"] = self.tied_head
+        if self.embed_scale != 1.0:
+            entry["embed_scale"] = self.embed_scale
         return entry
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        out = self._lookup(ids)
+        return out if self.embed_scale == 1.0 else out * self.embed_scale
+
+    def _lookup(self, ids: torch.Tensor) -> torch.Tensor:
         if self.backend == "cached":
             return F.embedding(ids, self.dequantized_weight())
         self.materialize()

@@ -43,6 +43,31 @@ def vocab_bits(cfg: CompressConfig, name: str | None = None, widths: dict[str, i
     return int(widths[name]) if widths and name in widths else DEFAULT_BITS
 
 
+def embedding_scale(emb: nn.Module) -> float:
+    """The factor an embedding module multiplies its rows by (Gemma's sqrt(hidden); 1 for nn.Embedding),
+    probed on a few rows; an embedding whose output is not a scaled row lookup is refused by name."""
+    from .errors import RdquantError
+
+    if type(emb) is nn.Embedding:
+        return 1.0
+    probe = torch.arange(min(emb.num_embeddings, 64))
+    with torch.no_grad():
+        w = emb.weight.data[probe].to(torch.float64)
+        e = emb(probe.to(emb.weight.device)).detach().to(torch.float64).cpu()
+    scale = float((e * w).sum() / (w * w).sum().clamp_min(1e-30))
+    if not torch.allclose(e, w * scale, rtol=1e-2, atol=1e-6 * float(w.abs().max())):
+        raise RdquantError(f"the token embedding ({type(emb).__name__}) is not a scaled row lookup, so its quantized "
+                           "form cannot reproduce it; compress with --embed-bits 16")
+    return scale
+
+
+def check_vocab(model: nn.Module, cfg: CompressConfig) -> None:
+    """Refuse, before calibration, an embedding the quantized lookup cannot reproduce (embedding_scale)."""
+    emb = vocab_modules(model)[1]
+    if cfg.embed_bits != 16 and emb is not None:
+        embedding_scale(emb)
+
+
 def vocab_config(cfg: CompressConfig, bits: int | None = None) -> CompressConfig:
     """GPTQ settings for the vocabulary matrices: the run's solver settings at `bits` (default
     vocab_bits), symmetric."""
@@ -66,17 +91,17 @@ def vocab_modules(model: nn.Module) -> tuple[str | None, nn.Module | None, str |
             names.get(id(head)) if head is not None else None, head, tied)
 
 
-def vocab_entries(model: nn.Module, cfg: CompressConfig, widths: dict[str, int] | None = None) -> dict[str, dict]:
-    """The manifest entries (`quantized` table) the run will write for the embedding and head, from the
-    shapes alone: a tied pair is the embedding's entry with `tied_head`. Empty when they stay 16-bit.
-    Widths the allocation chooses are `widths`' (DEFAULT_BITS before it has run)."""
+def vocab_entries(model: nn.Module, cfg: CompressConfig) -> dict[str, dict]:
+    """The manifest entries (`quantized` table) the run will write for the embedding and head at their
+    fixed width (vocab_bits), from the shapes alone: a tied pair is the embedding's entry with
+    `tied_head`. Empty when they stay 16-bit."""
     if cfg.embed_bits == 16:
         return {}
     emb_name, emb, head_name, head, tied = vocab_modules(model)
     out: dict[str, dict] = {}
     for name, mod, kind in ((head_name, head, "head"), (emb_name, emb, "embedding")):
         if mod is not None and not (tied and kind == "head"):
-            vcfg = vocab_config(cfg, vocab_bits(cfg, name, widths))
+            vcfg = vocab_config(cfg)
             out[name] = {"layout": "affine", "bits": vcfg.bits, "group_size": vcfg.group_size, "symmetric": True,
                          "shape": list(mod.weight.shape), "kind": kind, **({"tied_head": head_name} if tied and
                                                                             kind == "embedding" else {})}
@@ -91,12 +116,12 @@ def stored_bytes(rows: int, cols: int, bits: int, group_size: int) -> int:
     return packed_nbytes(rows * cols, bits) + 2 * rows * num_groups(cols, group_size)
 
 
-def vocab_stored_bytes(model: nn.Module, cfg: CompressConfig, widths: dict[str, int] | None = None
-                       ) -> tuple[dict[str, int], int]:
+def vocab_stored_bytes(model: nn.Module, cfg: CompressConfig) -> tuple[dict[str, int], int]:
     """({module name: stored bytes}, total) of the quantized embedding and head as `cfg` will store them
-    (codes and fp16 scales; a tied pair once, its head at 0); empty when they stay 16-bit."""
+    at their fixed width (codes and fp16 scales; a tied pair once, its head at 0); empty when they stay
+    16-bit."""
     out: dict[str, int] = {}
-    for name, e in vocab_entries(model, cfg, widths).items():
+    for name, e in vocab_entries(model, cfg).items():
         out[name] = stored_bytes(*e["shape"], e["bits"], e["group_size"])
         if "tied_head" in e:
             out[e["tied_head"]] = 0
@@ -167,17 +192,21 @@ def quantize_vocab(model: nn.Module, cfg: CompressConfig, head_inputs: list[torc
         logs.append(log)
         set_submodule(model, head_name, qhead.to("cpu"))
     if emb is not None:
-        vcfg = vocab_config(cfg, vocab_bits(cfg, emb_name, widths))
-        qemb = QuantEmbedding(emb.num_embeddings, emb.embedding_dim, vcfg.bits, vcfg.group_size, True, dtype,
-                              "cpu", padding_idx=emb.padding_idx)
         if tied and qhead is not None:
+            qemb = QuantEmbedding(emb.num_embeddings, emb.embedding_dim, qhead.bits, qhead.group_size, qhead.symmetric,
+                                  dtype, "cpu", spec=qhead.spec, padding_idx=emb.padding_idx)
             for k in qhead.buffer_names:
                 qemb._buffers[k] = qhead._buffers[k]  # one matrix: the very same stored tensors
             qemb.tied_head, qemb.solver = head_name, qhead.solver
+            qemb.embed_scale = embedding_scale(emb)
         else:
-            q, log = _quantize_rows(emb_name, emb.weight.data, None, vcfg, device)
+            q, log = _quantize_rows(emb_name, emb.weight.data, None, vocab_config(cfg, vocab_bits(cfg, emb_name, widths)),
+                                    device)
+            qemb = QuantEmbedding(emb.num_embeddings, emb.embedding_dim, q.bits, q.group_size, q.symmetric, dtype,
+                                  "cpu", spec=q.spec(), padding_idx=emb.padding_idx)
             qemb.set_tensors({k: v.cpu() for k, v in q.packed_state().items()})
             qemb.solver = "rtn"
+            qemb.embed_scale = embedding_scale(emb)
             log.notes = []
             logs.append(log)
         set_submodule(model, emb_name, qemb)
@@ -185,35 +214,45 @@ def quantize_vocab(model: nn.Module, cfg: CompressConfig, head_inputs: list[torc
 
 
 class VocabSensitivity:
-    """The vocabulary matrices as cells of CVXQ's allocation (--embed-bits auto): each matrix's distortion
-    weight is the linears' group-cell formula (cvxq.group_cells: sum over row groups of n S^2 G^2), with
-    G^2 the mean squared gradient of the sensitivity objective per calibration batch.
+    """The vocabulary matrices as cells of CVXQ's allocation (--embed-bits auto): row x group cells like
+    a linear's group cells (cvxq.group_cells: distortion weight n S^2 G^2 per cell), with G^2 the mean
+    squared gradient of the sensitivity objective per calibration batch. Rows of tokens the model
+    rarely reads or predicts get little weight, so the allocation can store them narrower.
 
     The embedding's gradient comes from the linears' own backward pass (its output's gradient, added
     up per token row). The head does not reach the PCA objective (it acts after the final hidden state
     z), so its gradient is that of the log-likelihood of tokens sampled from the model's prediction (the
     fisher objective); under pca it is rescaled by k / E||d loglik/dz||^2, the ratio of the two objectives'
     squared gradients at z (the pca one is k per position: k orthonormal directions with signs +-1).
-    A tied pair is one cell whose weight is the sum of both roles'."""
+    A tied pair is one matrix whose cells carry both roles' weights."""
 
     def __init__(self, model: nn.Module, cfg: CompressConfig) -> None:
+        from .qtensor import num_groups
+
         self.emb_name, self.emb, self.head_name, self.head, self.tied = vocab_modules(model)
         self.cfg, self.group = cfg, vocab_config(cfg).group_size
         self.gen = torch.Generator().manual_seed(cfg.seed + 1)  # apart from the linears' draws
-        self.emb_sum = self.head_sum = self.gz_sum = 0.0
+        cells = lambda m: torch.zeros(m.weight.shape[0], num_groups(m.weight.shape[1], self.group), dtype=torch.float64)
+        self.emb_w = cells(self.emb) if self.emb is not None else None  # summed over batches
+        self.head_w = cells(self.head) if self.head is not None else None
+        self.gz_sum = 0.0
         self.emb_steps = self.head_steps = self.positions = 0
-        self.scale = 1.0
-        if self.emb is not None:  # an embedding that scales its rows (Gemma): their gradient scales alike
-            probe = torch.arange(min(self.emb.num_embeddings, 64))
-            w = self.emb.weight.data[probe].to(torch.float64)
-            e = self.emb(probe.to(self.emb.weight.device)).detach().to(torch.float64).cpu()
-            self.scale = float((e * w).sum() / (w * w).sum().clamp_min(1e-30))
+        # an embedding that scales its rows (Gemma): their gradient scales alike
+        self.scale = embedding_scale(self.emb) if self.emb is not None else 1.0
 
-    def _weight(self, W: torch.Tensor, G: torch.Tensor) -> float:
-        """sum n S^2 G^2 over the row groups of rows W [r, d] with gradients G [r, d]."""
+    @property
+    def emb_sum(self) -> float:
+        return float(self.emb_w.sum()) if self.emb_w is not None else 0.0
+
+    @property
+    def head_sum(self) -> float:
+        return float(self.head_w.sum()) if self.head_w is not None else 0.0
+
+    def _weight(self, W: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
+        """n S^2 G^2 of every row x group cell [r, n_groups] of rows W [r, d] with gradients G [r, d]."""
         from .methods.cvxq import group_cells
 
-        return float(group_cells(W, G.square(), self.group)[0].sum())
+        return group_cells(W, G.square(), self.group)[0].view(W.shape[0], -1).cpu()
 
     @torch.no_grad()
     def add_embedding(self, ids: torch.Tensor, grad: torch.Tensor) -> None:
@@ -223,7 +262,7 @@ class VocabSensitivity:
         rows, inv = torch.unique(ids.reshape(-1).cpu(), return_inverse=True)
         g = grad.reshape(-1, grad.shape[-1]).to("cpu", torch.float64)
         G = torch.zeros(rows.numel(), g.shape[1], dtype=torch.float64).index_add_(0, inv, g) * self.scale
-        self.emb_sum += self._weight(self.emb.weight.data[rows.to(self.emb.weight.device)].cpu(), G)
+        self.emb_w.index_add_(0, rows, self._weight(self.emb.weight.data[rows.to(self.emb.weight.device)].cpu(), G))
         self.emb_steps += 1
 
     @torch.no_grad()
@@ -240,18 +279,23 @@ class VocabSensitivity:
         u = torch.rand(r.shape[0], 1, generator=self.gen).to(r.device)
         y = torch.searchsorted(r.cumsum(-1), u.contiguous()).clamp(max=r.shape[1] - 1).flatten()
         r[torch.arange(r.shape[0], device=r.device), y] -= 1
-        self.gz_sum += float((r @ W.to(torch.float32)).square().sum(dtype=torch.float64))
         self.positions += r.shape[0]
-        step = max(1, CHUNK_BYTES // (4 * W.shape[1]))
+        step = max(1, CHUNK_BYTES // (4 * W.shape[1]))  # rows of W in float32 at a time (an 8B head is 2 GiB)
         zf = z.to(torch.float32)
+        gz = torch.zeros_like(zf)  # d(-log p_y)/dz
         for a in range(0, W.shape[0], step):
-            self.head_sum += self._weight(W[a : a + step].detach().float().cpu(), (r[:, a : a + step].t() @ zf).cpu())
+            Wa = W[a : a + step].detach().float()
+            gz += r[:, a : a + step] @ Wa
+            self.head_w[a : a + step] += self._weight(Wa, r[:, a : a + step].t() @ zf)
+        self.gz_sum += float(gz.square().sum(dtype=torch.float64))
         self.head_steps += 1
 
     def cells(self, objective: str, components: int, max_bits: int) -> list[tuple[str, float, torch.Tensor]]:
-        """(name, distortion weight, stored bits at widths 0..max_bits) per matrix the allocation sets (a
-        tied pair once, under the embedding's name). Widths below MIN_BITS cost what MIN_BITS costs, so
-        the allocation never prefers them (vocab widths are clamped to MIN_BITS after it)."""
+        """(name, distortion weight, stored bits at widths 0..max_bits) per matrix the allocation sets: one
+        cell each (a tied pair once, under the embedding's name), symmetric affine at one width, the sum
+        of its row x group cells' weights. Widths below MIN_BITS cost what MIN_BITS costs, so the
+        allocation never prefers them (vocab widths are clamped to MIN_BITS after it). Row-group cells
+        of their own (a width per row x group) measured worse: docs/notes/2026-12-04-embeddings.md."""
         w_emb = self.emb_sum / max(self.emb_steps, 1)
         w_head = self.head_sum / max(self.head_steps, 1)
         if objective == "pca" and self.positions:
