@@ -115,6 +115,9 @@ def test_inspect_counts_every_byte(tiny_model_dir, tmp_path):
         math.prod(i["shape"]) for i in manifest["quantized"].values())  # quantized weights are buffers
     assert rep.file_bits_per_param == pytest.approx(8 * rep.total_bytes / n_params, rel=1e-9)
     assert rep.file_bits_per_param > rep.bits_per_weight  # 8-bit embeddings, 16-bit norms, the files' overhead
+    tensors = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    assert rep.tensor_bits_per_param == pytest.approx(8 * tensors / n_params, rel=1e-9)
+    assert rep.tensor_bits_per_param < rep.file_bits_per_param  # no tokenizer, manifest or config
 
 
 def _first_quant_tensor(out):

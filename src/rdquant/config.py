@@ -82,9 +82,9 @@ class CompressConfig:
     symmetric: bool = opt(False, "symmetric grids (no zero points)", uses=GRID)
     # size targets: all-in bits per weight (codes + every piece of side information)
     target_bits: float | None = opt(None, "all-in bits/weight: claq of every layer, cvxq of all quantized layers together (and the "
-                                    "embedding / head with --embed-bits auto)",
+                                    "embedding / head with --embed-bits -1, the default)",
                                     panel="Size target (claq, cvxq)", uses=TARGETED, lo=0.1, hi=16)
-    target_size: int | None = opt(None, "bytes of the quantized layers (and embedding / head with --embed-bits auto), all-in, "
+    target_size: int | None = opt(None, "bytes of the quantized layers (and embedding / head with --embed-bits -1), all-in, "
                                   "e.g. 40MB, 38.5MiB",
                                   panel="Size target (claq, cvxq)", uses=CVXQ, lo=1, unit="size")
     target_size_total: int | None = opt(None, "bytes of the whole tensor file (16-bit rest included), e.g. 100MB",

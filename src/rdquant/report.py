@@ -63,6 +63,7 @@ class InspectReport:
     dense_params: int = 0
     dense_bytes: int = 0
     total_bytes: int = 0  # every file in the artifact directory
+    tensor_bytes: int = 0  # the tensor files (*.safetensors): every tensor, no tokenizer or manifest
     original_16bit_bytes: int = 0  # all parameters (tied ones once) at 2 bytes each
     decode_mcodes: float | None = None  # all coded qweights, millions of codes/s, one thread (when measured)
     verified: int | None = None  # tensors whose sha256 was checked (None: not checked)
@@ -103,6 +104,12 @@ class InspectReport:
         basis: embeddings, head and norms count), beside the per-linear-weight figure."""
         return 16 * self.total_bytes / max(self.original_16bit_bytes, 1)
 
+    @property
+    def tensor_bits_per_param(self) -> float:
+        """Every tensor (the safetensors files) over every parameter: the size basis of
+        --target-size-total, without the tokenizer and manifest files."""
+        return 16 * self.tensor_bytes / max(self.original_16bit_bytes, 1)
+
     def table(self, per_layer: bool = True) -> str:
         lines = []
         if per_layer:
@@ -138,7 +145,8 @@ class InspectReport:
             f"left in 16 bit      {self.dense_params:,} params, {self.dense_bytes:,} bytes",
             f"on disk             {self.total_bytes:,} bytes ({self.total_bytes / 2**20:.1f} MiB)",
             f"16-bit original     {self.original_16bit_bytes:,} bytes; compression ratio {self.compression_ratio:.2f}x",
-            f"whole file          {self.file_bits_per_param:.3f} bits per parameter (all tensors and files: llama.cpp's basis)",
+            f"whole file          {self.file_bits_per_param:.3f} bits per parameter (all tensors and files: llama.cpp's basis); "
+            f"tensors alone {self.tensor_bits_per_param:.3f}",
             f"backends (auto)     GPU: {self.kernel_summary()}; CPU: cached where memory allows, "
             f"else {self.kernel_summary(cpu=True)}",
             f"checksums           all {self.verified} tensors and files read and verified (sha256)" if self.verified is not None
@@ -230,6 +238,7 @@ def _report(p: Path, manifest: dict, verified: int | None, decode_speed: bool) -
     rep.dense_params = sum(math.prod(i["shape"]) for i in dense)
     rep.dense_bytes = sum(_stored(i) for i in dense)
     rep.total_bytes = sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+    rep.tensor_bytes = sum(f.stat().st_size for f in p.glob("*.safetensors"))
     biases = sum(math.prod(tensors[k]["shape"]) for k in owned if k.endswith(".bias"))
     rep.original_16bit_bytes = 2 * (rep.quantized_params + rep.vocab_params + rep.dense_params + biases)
     if decode_speed:
