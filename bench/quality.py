@@ -85,14 +85,16 @@ def _scales_label(bits: int) -> str:
 def rdquant_job(method: str, setting, args) -> tuple[str, rdquant.CompressConfig]:
     """(artifact name, config) of one rdquant row. setting: the bit width; ecsq: target coded bits;
     claq: target all-in bits per weight; cvxq: (target bits, solver); uniform: (bits, group) of GPTQ."""
-    dev = dict(device=args.device)
+    # the page's protocol compares decoder linears: embedding and head stay 16-bit unless a row's extras
+    # say otherwise (bench/whole_file.py compares whole files)
+    dev = dict(device=args.device, embed_bits=16)
     if method == "ecsq":
         return (f"ecsq_c{setting}g{args.ecsq_group_size}",
                 rdquant.CompressConfig(method=method, target_coded_bits=setting, group_size=args.ecsq_group_size, **dev))
     if method == "claq":
         typed = _typed(args.claq_extra)
         tag = _tag(typed, "claq_")
-        return f"claq_t{setting}{tag}", rdquant.CompressConfig(method="claq", target_bits=setting, **typed, **dev)
+        return f"claq_t{setting}{tag}", rdquant.CompressConfig(method="claq", target_bits=setting, **{**dev, **typed})
     if method == "cvxq":
         target, solver = setting
         typed = _typed(args.cvxq_extra)
@@ -100,13 +102,13 @@ def rdquant_job(method: str, setting, args) -> tuple[str, rdquant.CompressConfig
         group = args.group_size if solver == "claq" else args.cvxq_group_size or args.group_size  # claq: column cells
         return (f"cvxq_{solver}_t{target}g{group}{tag}",
                 rdquant.CompressConfig(method="cvxq", target_bits=target, cvxq_solver=solver, group_size=group,
-                                       cvxq_cluster_rows=group, **typed, **dev))
+                                       cvxq_cluster_rows=group, **{**dev, **typed}))
     if method == "uniform":
         bits, group = setting
         return f"gptq_w{bits}g{group}", rdquant.CompressConfig(method="gptq", bits=bits, group_size=group, **dev)
     typed = _typed(args.gptq_extra) if method in ("gptq", "rtn") else {}
     return (f"{method}_w{int(setting)}g{args.group_size}{_tag(typed)}",
-            rdquant.CompressConfig(method=method, bits=int(setting), group_size=args.group_size, **typed, **dev))
+            rdquant.CompressConfig(method=method, bits=int(setting), group_size=args.group_size, **{**dev, **typed}))
 
 
 def run_rdquant(name: str, cfg: rdquant.CompressConfig, args, calib: Path) -> dict:

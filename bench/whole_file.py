@@ -65,7 +65,9 @@ def run(name: str, cfg: rdquant.CompressConfig, file_bits: float | None, args, c
     del cm, model
     rep = rdquant.inspect(out)
     vocab = [l for l in rep.layers if l.kind != "linear"]
-    row = {"tool": "rdquant", "model": args.model, "spec": name, "method": cfg.method,
+    method = cfg.method + (f" ({cfg.cvxq_sensitivity} sensitivity)" if cfg.method == "cvxq" and
+                           cfg.cvxq_sensitivity != "gradient" else "")
+    row = {"tool": "rdquant", "model": args.model, "spec": name, "method": method,
            "setting": (f"file {file_bits} bits/param" if file_bits is not None else
                        f"target {cfg.target_bits}" if cfg.target_bits is not None else f"{cfg.bits}-bit g{cfg.group_size}"),
            "embed": "16-bit" if not vocab else "/".join(sorted({f"{l.bits}-bit" if l.mean_width is None else
