@@ -565,7 +565,9 @@ def check_target(model: nn.Module, cfg: CompressConfig) -> None:
     elif cfg.target_size is not None:
         what = f"--target-size {cfg.target_size:,} bytes"
     else:
-        what = f"--target-size-total {cfg.target_size_total:,} bytes"
+        rest = dense_bytes(model, model_layers(model, cfg), cfg)
+        what = (f"--target-size-total {cfg.target_size_total:,} bytes (the smallest tensor file is "
+                f"{smallest / 8 + rest:,.0f} bytes)")
     raise RdquantError(f"{what} cannot be met: the smallest {cfg.method} can store is {smallest / n:.3f} bits/weight "
                        f"({smallest / 8:,.0f} bytes of quantized weights, every cell at its narrowest width with its "
                        f"side information); raise the target")
