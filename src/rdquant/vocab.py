@@ -214,10 +214,10 @@ def quantize_vocab(model: nn.Module, cfg: CompressConfig, head_inputs: list[torc
 
 
 class VocabSensitivity:
-    """The vocabulary matrices as cells of CVXQ's allocation (--embed-bits auto): row x group cells like
-    a linear's group cells (cvxq.group_cells: distortion weight n S^2 G^2 per cell), with G^2 the mean
-    squared gradient of the sensitivity objective per calibration batch. Rows of tokens the model
-    rarely reads or predicts get little weight, so the allocation can store them narrower.
+    """The distortion weights of the vocabulary matrices as cells of CVXQ's allocation (--embed-bits
+    auto), kept per row x group like a linear's group cells (cvxq.group_cells: n S^2 G^2 per cell, G^2
+    the mean squared gradient of the sensitivity objective per calibration batch) and summed into one
+    cell per matrix (`cells`).
 
     The embedding's gradient comes from the linears' own backward pass (its output's gradient, added
     up per token row). The head does not reach the PCA objective (it acts after the final hidden state
