@@ -33,8 +33,9 @@ CACHE = ROOT / "bench" / "cache"
 PEER_PY = ROOT / ".venv-bench" / "bin" / "python"
 
 
-def calib_file(tok, n: int, seqlen: int, seed: int) -> Path:
-    path = CACHE / f"calib_c4_{n}x{seqlen}_seed{seed}.safetensors"
+def calib_file(tok, n: int, seqlen: int, seed: int, prefix: str = "") -> Path:
+    """The cached calibration windows; `prefix` keeps another tokenizer's windows apart."""
+    path = CACHE / f"{prefix}calib_c4_{n}x{seqlen}_seed{seed}.safetensors"
     if not path.is_file():
         ids = calibration_windows(tok, shared_data_dir() / "c4" / "c4_calib_1k.jsonl", n, seqlen, seed)
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -138,16 +138,8 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(resolve_model(args.model).path)
-    calib = calib_file(tok, args.calib_samples, args.calib_seqlen, 0)
-    if args.model != "smollm2-135m":  # calib_file names by size only: keep other tokenizers' windows apart
-        calib = calib.with_name(f"{args.model}_{calib.name}")
-        if not calib.is_file():
-            from safetensors.torch import save_file
-
-            from rdquant.data import calibration_windows
-
-            save_file({"input_ids": calibration_windows(tok, shared_data_dir() / "c4" / "c4_calib_1k.jsonl",
-                                                        args.calib_samples, args.calib_seqlen, 0)}, calib)
+    calib = calib_file(tok, args.calib_samples, args.calib_seqlen, 0,
+                       "" if args.model == "smollm2-135m" else f"{args.model}_")  # another tokenizer's windows apart
     tag = f"{args.model}_w{args.windows}s{args.seqlen}c{args.calib_samples}x{args.calib_seqlen}_v{rdquant.__version__}"
     model, mtok, _ = load_model(args.model)
     params = sum(t.numel() for t in {p.data_ptr(): p for p in model.parameters()}.values())

@@ -69,10 +69,14 @@ def objective_loss(z: torch.Tensor, objective: str, U: torch.Tensor | None, head
         return (proj * signs).sum()
     logits = head(z).to(torch.float32).reshape(-1, head.out_features)
     with torch.no_grad():
-        u = torch.rand(logits.shape[0], 1, generator=g).to(z.device)
-        cdf = torch.softmax(logits, -1).cumsum(-1)
-        y = torch.searchsorted(cdf, u.contiguous()).clamp(max=logits.shape[1] - 1).flatten()
+        y = sample_tokens(torch.softmax(logits, -1), g)
     return torch.nn.functional.cross_entropy(logits, y, reduction="sum")
+
+
+def sample_tokens(probs: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """One token per row of `probs` [n, vocab], drawn with `g` (CPU draws, so any device gives the same)."""
+    u = torch.rand(probs.shape[0], 1, generator=g).to(probs.device)
+    return torch.searchsorted(probs.cumsum(-1), u.contiguous()).clamp(max=probs.shape[1] - 1).flatten()
 
 
 def _hidden(model: nn.Module) -> int:

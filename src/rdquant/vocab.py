@@ -275,9 +275,10 @@ class VocabSensitivity:
         logits = (z @ W.t()).to(torch.float32)
         if self.head.bias is not None:
             logits += self.head.bias.to(torch.float32)
+        from .sensitivity import sample_tokens
+
         r = torch.softmax(logits, -1)  # d(-log p_y)/d logits = p - e_y, y drawn from p
-        u = torch.rand(r.shape[0], 1, generator=self.gen).to(r.device)
-        y = torch.searchsorted(r.cumsum(-1), u.contiguous()).clamp(max=r.shape[1] - 1).flatten()
+        y = sample_tokens(r, self.gen)
         r[torch.arange(r.shape[0], device=r.device), y] -= 1
         self.positions += r.shape[0]
         step = max(1, CHUNK_BYTES // (4 * W.shape[1]))  # rows of W in float32 at a time (an 8B head is 2 GiB)
