@@ -19,7 +19,8 @@ def _tensors(path):
     return t
 
 
-@pytest.mark.parametrize("kw", [dict(bits=3), dict(method="cvxq", target_bits=3.0)])
+@pytest.mark.parametrize("kw", [dict(bits=3), dict(method="cvxq", target_bits=3.0),
+                                dict(method="slim", lowrank=0.25, lowrank_group=16)])
 def test_resume_after_interrupt_gives_the_same_artifact(tiny_model_dir, tmp_path, kw):
     """Also for a method with run-wide state (cvxq's allocation): written once beside the progress, not
     with every block, and read back on resume."""

@@ -17,12 +17,20 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .adapters import check_spec as check_lowrank
 from .errors import ArtifactError, RdquantError
 from .safety import check_output, remove_owned
 
 FORMAT_NAME = "rdquant"
-FORMAT_VERSION = 4  # 2: optional per-tensor codecs; 3: codebook layers; 4: mixed-width layers
-READABLE_VERSIONS = (1, 2, 3, 4)
+FORMAT_VERSION = 5  # 2: optional per-tensor codecs; 3: codebook layers; 4: mixed-width layers; 5: 2:4 sparse, adapters
+READABLE_VERSIONS = (1, 2, 3, 4, 5)
+
+
+def format_version(quantized: dict[str, Any]) -> int:
+    """The oldest version that holds these layers: 5 only with 2:4 sparse layers or low-rank adapters
+    (which a version-4 reader would not apply), so other artifacts still load in older readers."""
+    new = any(isinstance(q, dict) and (q.get("layout") == "sparse24" or "lowrank" in q) for q in quantized.values())
+    return FORMAT_VERSION if new else 4
 MANIFEST = "manifest.json"
 SHARD_BYTES = 2 * 1024**3
 
@@ -138,7 +146,7 @@ def write_artifact(
         for writer in extra_files.values():
             writer(tmp)
         sidecars = {f.name: file_sha256(f) for f in sorted(tmp.iterdir()) if f.is_file() and f.name not in files}
-        manifest = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION,
+        manifest = {"format": FORMAT_NAME, "format_version": format_version(manifest.get("quantized", {})),
                     **{k: v for k, v in manifest.items() if k != "manifest_sha256"}, "files": files, "tensors": entries,
                     "sidecar_sha256": sidecars}
         manifest = json.loads(json.dumps(manifest))  # as a reader will see it (lists for tuples, str keys)
@@ -243,7 +251,7 @@ def _check_manifest(m: dict[str, Any], mpath: Path) -> None:
         if not (isinstance(q, dict) and isinstance(q.get("shape"), list) and len(q["shape"]) == 2
                 and all(is_int(d, 1) for d in q["shape"]) and is_int(q.get("bits"), 0) and is_int(q.get("group_size"), -1)
                 and isinstance(q.get("symmetric"), bool) and isinstance(q.get("bias", False), bool)
-                and q.get("layout", "affine") in ("affine", "codebook", "mixed")):
+                and q.get("layout", "affine") in ("affine", "codebook", "mixed", "sparse24")):
             raise bad(f"entry of quantized layer {name!r}")
         wrong = [k for k, ok in _LAYER_FIELDS.items() if k in q and not ok(q[k])]
         if wrong:
@@ -270,7 +278,7 @@ _LAYER_FIELDS = {
     "mean_width": _is_number_or_none, "grid": lambda x: isinstance(x, str), "share": _is_int_in(1, 2**40),
     "scale_group": _is_int_in(-1, 2**40, not_zero=True), "width_bits": _is_int_in(1, 8),
     "codebook_bits": lambda x: x in (8, 16) and isinstance(x, int), "outliers": _is_int_in(0, 2**62),
-    "row_scale": lambda x: isinstance(x, bool),
+    "row_scale": lambda x: isinstance(x, bool), "lowrank": check_lowrank,
 }
 
 

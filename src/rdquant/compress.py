@@ -23,7 +23,7 @@ from .errors import RdquantError
 from .methods import METHODS
 from .methods.cvxq import check_target
 from .vocab import check_vocab
-from .models import find_blocks, load_model
+from .models import block_linears, find_blocks, load_model
 from .pipeline import Checkpoint, run_pipeline
 from .runtime import QUANT_BUFFERS, QuantLinear
 from .source import BlockSource
@@ -216,6 +216,7 @@ def compress(
     model = source.model if source is not None else model
     check_target(model, cfg)  # from the shapes alone, before calibration
     check_vocab(model, cfg)
+    check_sparse_shapes(model, cfg)
     dense = dense_dtype_for(model) if source is None else source_dense_dtype(source)
     if source is not None and source.streamed:
         if checkpoint_dir is None:
@@ -255,6 +256,18 @@ def compress(
         del teacher
     return CompressedModel(model, tokenizer, cfg, model_id, state.logs, time.perf_counter() - t0, dense,
                            state.method_state, tuning, files)
+
+
+def check_sparse_shapes(model: nn.Module, cfg: CompressConfig) -> None:
+    """2:4 sparsity (--method slim) needs every quantized linear's input width to be a multiple of 4."""
+    if cfg.method != "slim":
+        return
+    blocks_name, blocks = find_blocks(model)
+    for i, block in enumerate(blocks):
+        for n, lin in block_linears(block, cfg.skip).items():
+            if lin.in_features % 4:
+                raise RdquantError(f"--method slim: {blocks_name}.{i}.{n} has {lin.in_features} inputs, not a multiple "
+                                   "of 4, so it cannot be 2:4 sparse; use another --method for this model")
 
 
 def source_dense_dtype(source: BlockSource) -> torch.dtype:

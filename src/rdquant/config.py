@@ -22,7 +22,7 @@ import yaml
 
 from .errors import RdquantError
 
-METHODS = ("gptq", "rtn", "claq", "cvxq", "ecsq")
+METHODS = ("gptq", "rtn", "claq", "cvxq", "slim", "ecsq")
 EXPERIMENTAL_METHODS = ("ecsq",)  # lost to cvxq --rate coded at the same coded size (31.62 vs 37.93)
 BITS = (2, 3, 4, 5, 6, 7, 8)
 LOST = "it lost to the default in every measurement (docs/notes/benchmarks-lab.md)"
@@ -40,15 +40,27 @@ def _uses(methods: tuple[str, ...], cvxq_solvers: tuple[str, ...] = ()) -> Calla
     return lambda c: c.method in methods or c.method == "ecsq" or (c.method == "cvxq" and c.cvxq_solver in cvxq_solvers)
 
 
-GRID = _uses(("gptq", "rtn"), ("gptq", "rtn"))  # affine grids: gptq, rtn, cvxq with those solvers
-GPTQ_SWEEP = _uses(("gptq", "claq"), ("gptq", "claq"))  # the error-compensating column sweep
+_AFFINE = _uses(("gptq", "rtn"), ("gptq", "rtn"))
+_SWEEP = _uses(("gptq", "claq"), ("gptq", "claq"))
+
+
+def _slim_group(c: "CompressConfig") -> bool:
+    return c.method == "slim" and c.slim_scale == "group"
+
+
+GRID = lambda c: _AFFINE(c) or _slim_group(c)  # affine group grids: gptq, rtn, cvxq with those solvers, slim's group scales
+GPTQ_SWEEP = _SWEEP  # the error-compensating column sweep with act-order (slim's runs of four keep the natural order)
+SOLVE_SWEEP = lambda c: _SWEEP(c) or (c.method == "slim" and c.slim_solver == "gptq")  # the sweep, any order
+SLIM = lambda c: c.method == "slim"
+LOWRANK = lambda c: c.lowrank > 0
 CLAQ = _uses(("claq",), ("claq",))
 CVXQ = _uses(("cvxq",))
 TARGETED = _uses(("claq", "cvxq"))
 
 
 def _group_size_used(c: "CompressConfig") -> bool:
-    return c.method in ("gptq", "rtn", "ecsq") or (c.method == "cvxq" and c.cvxq_solver != "claq" and c.cvxq_cells == "group")
+    return (c.method in ("gptq", "rtn", "ecsq") or _slim_group(c)
+            or (c.method == "cvxq" and c.cvxq_solver != "claq" and c.cvxq_cells == "group"))
 
 
 def _cluster_rows_used(c: "CompressConfig") -> bool:
@@ -56,7 +68,7 @@ def _cluster_rows_used(c: "CompressConfig") -> bool:
 
 
 def _bits_used(c: "CompressConfig") -> bool:
-    return c.method in ("gptq", "rtn", "ecsq") or (c.method == "claq" and c.target_bits is None)
+    return c.method in ("gptq", "rtn", "slim", "ecsq") or (c.method == "claq" and c.target_bits is None)
 
 
 def opt(default: Any, help: str, *, flag: str | None = None, short: str | None = None, panel: str = "General",
@@ -74,7 +86,7 @@ def opt(default: Any, help: str, *, flag: str | None = None, short: str | None =
 class CompressConfig:
     """Everything that decides the compressed weights (recorded in the artifact's manifest)."""
 
-    method: str = opt("gptq", "gptq | rtn | claq | cvxq", choices=METHODS, experimental_values=EXPERIMENTAL_METHODS)
+    method: str = opt("gptq", "gptq | rtn | claq | cvxq | slim (2:4 sparse + quantized)", choices=METHODS, experimental_values=EXPERIMENTAL_METHODS)
     bits: int = opt(4, "code width of every weight (claq: of every column, without --target-bits)",
                     choices=BITS, uses=_bits_used)
     group_size: int = opt(64, "weights per scale group along a row; -1 = one scale per row", short="-g",
@@ -92,8 +104,8 @@ class CompressConfig:
     # GPTQ (Frantar et al. 2022)
     act_order: bool = opt(True, "quantize columns by decreasing H_jj (static groups)", panel="GPTQ solver", uses=GPTQ_SWEEP)
     damp_percent: float = opt(0.01, "damping: lambda = damp x mean(diag H)", flag="--damp", panel="GPTQ solver",
-                              uses=GPTQ_SWEEP, lo=0, hi=0.999)
-    block_size: int = opt(128, "lazy-batch width of the column sweep", panel="GPTQ solver", uses=GPTQ_SWEEP, lo=1, hi=1 << 16)
+                              uses=SOLVE_SWEEP, lo=0, hi=0.999)
+    block_size: int = opt(128, "lazy-batch width of the column sweep", panel="GPTQ solver", uses=SOLVE_SWEEP, lo=1, hi=1 << 16)
     # CVXQ (Young 2024): one global rate-distortion allocation of widths to cells, then a solver per layer
     cvxq_solver: str = opt("gptq", "quantizes each cell at its width: gptq | rtn | claq", flag="--solver",
                            panel="CVXQ allocation", uses=CVXQ, choices=("gptq", "rtn", "claq"))
@@ -124,6 +136,22 @@ class CompressConfig:
                           choices=("gauss", "grid"), experimental=True)
     cvxq_cell_group: int = opt(0, "group cells: columns sharing a width (multiple of group_size; -1 whole row)",
                                uses=CVXQ, lo=-1, hi=1 << 20, experimental=True)
+    # SLiM (Mozaffari et al. 2025): 2:4 sparsity + quantization (methods/slim.py)
+    slim_mask: str = opt("wanda", "which two of every four inputs stay: wanda (|W| x input norm, on the original "
+                         "weights) | sparsegpt (chosen inside the solver's sweep)", flag="--mask", panel="SLiM (2:4 sparse)",
+                         uses=SLIM, choices=("wanda", "sparsegpt"))
+    slim_scale: str = opt("group", "matrix (SLiM-Quant: one symmetric scale per matrix from the |W| histogram) | group "
+                          "(a grid per --group-size weights)", flag="--slim-scale", panel="SLiM (2:4 sparse)", uses=SLIM,
+                          choices=("matrix", "group"))
+    slim_solver: str = opt("gptq", "gptq (prune and quantize in GPTQ's error-compensating sweep) | rtn (round the masked "
+                           "weights)", flag="--slim-solver", panel="SLiM (2:4 sparse)", uses=SLIM, choices=("gptq", "rtn"))
+    # low-rank adapters (lowrank.py), any method: a saliency-weighted rank-r repair of the quantization error
+    lowrank: float = opt(0.0, "adapters' rank as a fraction of min(in, out), rounded up to 16 (128 for layers >= 2048 "
+                         "wide); 0 = no adapters. Their bytes count in the size", panel="Low-rank adapters", lo=0, hi=1)
+    lowrank_bits: int = opt(4, "code width of the adapter factors (symmetric); 16 = fp16", panel="Low-rank adapters",
+                            uses=LOWRANK, choices=(2, 3, 4, 5, 6, 7, 8, 16))
+    lowrank_group: int = opt(128, "adapter weights per scale group along each factor's input", panel="Low-rank adapters",
+                             uses=lambda c: c.lowrank > 0 and c.lowrank_bits != 16, lo=8, hi=1 << 20)
     bias_correction: bool = opt(False, "store (W - Q) times the mean input as a bias per layer", lo=None)
     # CLAQ (Wang et al. 2024): column K-means codebooks inside GPTQ
     claq_share: int = opt(1, "columns per codebook", flag="--codebook-share", panel="CLAQ codebooks", uses=CLAQ, lo=1, hi=1 << 16)
@@ -316,6 +344,11 @@ def _check_combinations(c: CompressConfig) -> None:
         raise RdquantError("cvxq: the width cell (cvxq_cell_group) must be 0, -1 or a multiple of the group size")
     if c.method == "cvxq" and c.cvxq_solver == "claq" and c.claq_share != 1:
         raise RdquantError("cvxq with the claq solver allocates per column: use --codebook-share 1")
+    if c.method == "slim" and c.slim_mask == "sparsegpt" and c.slim_solver == "rtn":
+        raise RdquantError("slim: --mask sparsegpt chooses the mask inside the GPTQ sweep; use --slim-solver gptq "
+                           "or --mask wanda")
+    if c.lowrank > 0 and c.method == "ecsq":
+        raise RdquantError("--lowrank is not supported by the experimental ecsq method")
     if c.claq_scale_group != -1 and (c.claq_scale_group < 8 or c.claq_scale_group % 8):
         raise RdquantError("claq: scale group must be -1 (per row) or a multiple of 8")
 

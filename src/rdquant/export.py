@@ -44,6 +44,8 @@ def plan(quantized: dict[str, dict[str, Any]], format: str) -> dict[str, Scheme]
         if info.get("kind", "linear") != "linear":
             bad.append((name, f"it is the quantized {info['kind']} ({format} holds the decoder linears only); "
                               "compress with --embed-bits 16 to export"))
+        elif "lowrank" in info:
+            bad.append((name, f"its low-rank adapters have no {format} form; compress without --lowrank to export"))
         elif layout != "affine":
             bad.append((name, f"its {layout} layout (per-cell or per-column widths) has no {format} scheme; "
                               "compress with --method gptq or rtn to export"))

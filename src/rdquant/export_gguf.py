@@ -29,7 +29,7 @@ ASYMMETRIC = {4: "Q4_1", 5: "Q5_1"}  # exact where each block's offset -z * d is
 
 def gguf_type(info: dict[str, Any]) -> str | None:
     """The GGUF type that can hold a quantized layer exactly, or None."""
-    if info.get("layout", "affine") != "affine" or info["group_size"] != 32:
+    if info.get("layout", "affine") != "affine" or "lowrank" in info or info["group_size"] != 32:
         return None
     return (SYMMETRIC if info["symmetric"] else ASYMMETRIC).get(info["bits"])
 
@@ -44,7 +44,7 @@ def check(manifest: dict[str, Any], config: dict[str, Any]) -> dict[str, str]:
         t = gguf_type(info)
         if t is None or info["shape"][1] % 32:
             layout = info.get("layout", "affine")
-            what = (f"its {layout} layout" if layout != "affine" else
+            what = (f"its {layout} layout" if layout != "affine" else "its low-rank adapters" if "lowrank" in info else
                     f"{'symmetric' if info['symmetric'] else 'asymmetric'} {info['bits']}-bit codes in groups of "
                     f"{info['group_size']}")
             bad.append((name, f"{what} have no exact GGUF type (exact: 4-, 5- or 8-bit codes in groups of 32: "

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from .config import CompressConfig, LayerLog
 from .errors import RdquantError
 from .hessian import HessianAccumulator
+from .lowrank import adapter_nbytes, fit_adapters
 from .memory import retain_freed_memory
 from .methods import METHODS, state_to_dict
 from .methods.gptq import proxy_error
@@ -418,21 +419,32 @@ def quantize_stage(
             raise RdquantError(f"{prefix}{n}.weight has NaN/Inf values; the checkpoint is broken")
     W = torch.cat(weights, dim=0)
     parts = tuple((w.shape[0], linears[n].bias is not None) for n, w in zip(stage, weights))
-    qw, notes = method.quantize(W, H, cfg, method_state, parts, [prefix + n for n in stage])
+    names = [prefix + n for n in stage]
+    solve_cfg = _less_adapters(cfg, weights)
+    bounds = torch.cumsum(torch.tensor([0] + [w.shape[0] for w in weights]), 0).tolist()
+    split = lambda qw: qw if isinstance(qw, list) else [qw.rows(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+    qw, notes = method.quantize(W, H, solve_cfg, method_state, parts, names)
+    results = split(qw)
+    adapters: list = [None] * len(stage)
+    if cfg.lowrank > 0:  # SLiM's adapters on the first solve's error, then the base solved again against W - U D
+        h_diag = torch.diagonal(H) if H is not None else torch.ones(W.shape[1], device=W.device)
+        adapters = [fit_adapters(w, part.dequantize().to(w.device), h_diag, cfg) for w, part in zip(weights, results)]
+        if any(a is not None for a in adapters):
+            delta = torch.cat([a.delta().to(W.device) if a is not None else torch.zeros_like(w)
+                               for a, w in zip(adapters, weights)])
+            again = method.requantize or (lambda W_, H_, c, st, p, nm, first: method.quantize(W_, H_, c, st, p, nm))
+            qw, notes2 = again(W - delta, H, solve_cfg, method_state, parts, names, results)
+            results = split(qw)
+            notes = notes + [m for m in notes2 if m not in notes]
     seconds = (time.perf_counter() - t0) / len(stage)
-    if isinstance(qw, list):
-        results = qw
-    else:
-        bounds = torch.cumsum(torch.tensor([0] + [w.shape[0] for w in weights]), 0).tolist()
-        results = [qw.rows(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
     logs = []
-    for n, w, part in zip(stage, weights, results):
+    for n, w, part, lowrank in zip(stage, weights, results, adapters):
         lin = linears[n]
         correct = cfg.bias_correction and x_mean is not None
         bias = lin.bias.data if lin.bias is not None else torch.zeros(w.shape[0]) if correct else None
-        q = QuantLinear.from_quantized(part, bias, dtype)
+        q = QuantLinear.from_quantized(part, bias, dtype, lowrank)
         q.cache_dequantized = True  # the pipeline's later stages reuse it; cleared per block
-        Q = q.dequantized_weight().to(torch.float32)
+        Q = (q.effective_weight() if lowrank is not None else q.dequantized_weight()).to(torch.float32)
         if correct:  # the mean output error, moved into the bias
             q.bias.data += ((w - Q) @ x_mean.to(w.device)).to(q.bias.dtype)
         log = layer_log(prefix + n, cfg.method, part, w, Q, H, notes, q.spec)
@@ -441,6 +453,19 @@ def quantize_stage(
         set_submodule(block, n, q)
         linears[n] = q  # type: ignore[assignment]
     return logs
+
+
+def _less_adapters(cfg: CompressConfig, weights: list[torch.Tensor]) -> CompressConfig:
+    """The config a stage is solved with: CLAQ's per-layer --target-bits lowered by the adapters' share
+    (their bytes count in the all-in size; CVXQ's plan takes them out of its budget)."""
+    if cfg.lowrank <= 0 or cfg.method != "claq" or cfg.target_bits is None:
+        return cfg
+    n = sum(w.numel() for w in weights)
+    share = 8 * sum(adapter_nbytes(w.shape[1], w.shape[0], cfg) for w in weights) / n
+    if cfg.target_bits - share < 0.5:
+        raise RdquantError(f"--target-bits {cfg.target_bits} leaves {cfg.target_bits - share:.2f} bits/weight for the "
+                           f"codes after the adapters' {share:.2f}: raise the target or lower --lowrank")
+    return cfg.replace(target_bits=cfg.target_bits - share)
 
 
 class Checkpoint:

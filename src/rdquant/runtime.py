@@ -8,21 +8,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import adapters
+from .adapters import LowRank
 from .layouts import STORED, LayerSpec, layout_named
 
-QUANT_BUFFERS = STORED  # every stored tensor name of every layout
+QUANT_BUFFERS = STORED + adapters.STORED  # every stored tensor name of every layout, and of low-rank adapters
 
 
 def _spec_of(info: dict) -> dict | None:
-    """A manifest entry's layout spec for the constructor: the entry itself, None for the affine layout."""
-    return info if info.get("layout", "affine") != "affine" else None
+    """A manifest entry's layout spec for the constructor: the entry itself, None for a plain affine layer."""
+    return info if info.get("layout", "affine") != "affine" or "lowrank" in info else None
 
 
 class QuantLinear(nn.Module):
     """A Linear whose weight lives packed, as stored in the artifact, and is dequantized on the fly.
 
-    The packed format is its `layout` (layouts/: affine groups, mixed-width cells, column codebooks),
-    reached only through the Layout interface. Buffers are named as in the artifact, so the module's
+    The packed format is its `layout` (layouts/: affine groups, mixed-width cells, column codebooks,
+    2:4 sparse), reached only through the Layout interface; low-rank adapters (`spec["lowrank"]`,
+    adapters.py) may sit beside any layout and add (x D^T) U^T to the output. Buffers are named as in the artifact, so the module's
     state_dict is exactly what is stored; layouts sized by their data take the sizes that are loaded.
     With `cache_dequantized` the dequantized weight is kept after first use (faster, but costs the
     dense weight's memory).
@@ -44,7 +47,8 @@ class QuantLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size, self.symmetric = bits, group_size, symmetric
         self.spec = dict(spec) if spec else None
-        self.layout = layout_named(self.spec["layout"] if self.spec else "affine")
+        self.layout = layout_named((self.spec or {}).get("layout", "affine"))
+        self.lowrank: dict | None = (self.spec or {}).get("lowrank")
         self.layer = LayerSpec(out_features, in_features, bits, group_size, symmetric, self.spec or {})
         self.compute_dtype = dtype
         self.backend = "reference"  # reference | cached | a kernel the layout has (backends.py chooses)
@@ -56,6 +60,10 @@ class QuantLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device)) if bias else None
         for name, (dt, shape) in self.layout.buffers(self.layer).items():
             self.register_buffer(name, torch.empty(shape, dtype=dt, device=device))
+        if self.lowrank:
+            for name, (dt, shape) in adapters.buffers(self.lowrank, in_features, out_features).items():
+                self.register_buffer(name, torch.empty(shape, dtype=dt, device=device))
+        self._adapter_cache: tuple[torch.Tensor, torch.Tensor] | None = None
 
     kind = "linear"  # linear | head (the output head, outside the decoder blocks) | embedding
 
@@ -68,11 +76,15 @@ class QuantLinear(nn.Module):
         return entry
 
     @classmethod
-    def from_quantized(cls, qw, bias: torch.Tensor | None, dtype: torch.dtype = torch.float32) -> "QuantLinear":
-        """A layer holding a method's result (any layout's weight object)."""
+    def from_quantized(cls, qw, bias: torch.Tensor | None, dtype: torch.dtype = torch.float32,
+                       lowrank: LowRank | None = None) -> "QuantLinear":
+        """A layer holding a method's result (any layout's weight object), with its adapters if any."""
         out_f, in_f = qw.shape
-        m = cls(in_f, out_f, qw.bits, qw.group_size, qw.symmetric, bias is not None, dtype, qw.codes.device, qw.spec())
-        m.set_tensors(qw.packed_state())
+        spec = qw.spec()
+        if lowrank is not None:
+            spec = {**(spec or {}), "lowrank": lowrank.spec()}
+        m = cls(in_f, out_f, qw.bits, qw.group_size, qw.symmetric, bias is not None, dtype, qw.codes.device, spec)
+        m.set_tensors({**qw.packed_state(), **(lowrank.packed_state() if lowrank is not None else {})})
         if bias is not None:
             m.bias.data.copy_(bias.to(dtype))
         return m
@@ -88,8 +100,8 @@ class QuantLinear(nn.Module):
 
     @property
     def buffer_names(self) -> tuple[str, ...]:
-        """The stored tensors of this layer's layout that it has."""
-        return tuple(n for n in self.layout.stored if getattr(self, n, None) is not None)
+        """The stored tensors of this layer (its layout's, then its adapters') that it has."""
+        return tuple(n for n in self.layout.stored + adapters.STORED if getattr(self, n, None) is not None)
 
     def set_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         """Put stored tensors in place (layouts sized by their data take the given sizes)."""
@@ -126,7 +138,8 @@ class QuantLinear(nn.Module):
         self.materialize()
         self._restore_stored()
         try:
-            return self.layout.weight({k: getattr(self, k) for k in self.buffer_names}, self.layer)
+            return self.layout.weight({k: getattr(self, k) for k in self.buffer_names if k in self.layout.stored},
+                                      self.layer)
         except (ValueError, TypeError, IndexError, ZeroDivisionError, RuntimeError) as e:
             from .errors import ArtifactError, first_line
 
@@ -173,6 +186,37 @@ class QuantLinear(nn.Module):
             for k in self.buffer_names:
                 self._buffers[k] = self._buffers[k].to(home)
 
+    def low_rank(self) -> LowRank | None:
+        """The layer's adapter factors (None without adapters)."""
+        if not self.lowrank:
+            return None
+        self.materialize()
+        self._restore_stored()
+        try:
+            return LowRank.from_packed({k: getattr(self, k) for k in adapters.STORED if getattr(self, k, None) is not None},
+                                       self.lowrank, self.in_features, self.out_features)
+        except (KeyError, ValueError, TypeError, RuntimeError) as e:
+            from .errors import ArtifactError, first_line
+
+            raise ArtifactError(f"a layer's low-rank adapters do not fit its manifest entry ({first_line(e)}): "
+                                "the artifact is damaged") from e
+
+    def effective_weight(self) -> torch.Tensor:
+        """The weight the layer applies, adapters included (float32 [out, in])."""
+        W = self.quantized_weight().dequantize(torch.float32)
+        lr = self.low_rank()
+        return W if lr is None else W + lr.delta().to(W.device)
+
+    def _adapter_out(self, x: torch.Tensor) -> torch.Tensor:
+        """(x D^T) U^T: the adapters' share of the output."""
+        mats = self._adapter_cache
+        if mats is None:
+            mats = self.low_rank().matrices(self.compute_dtype)  # type: ignore[union-attr]
+            if self.backend != "reference":
+                self._adapter_cache = mats
+        D, U = mats
+        return F.linear(F.linear(x, D.to(x.dtype)), U.to(x.dtype))
+
     def dequantized_weight(self) -> torch.Tensor:
         if self._cache is not None:
             return self._cache
@@ -184,6 +228,7 @@ class QuantLinear(nn.Module):
     def clear_cache(self) -> None:
         self._cache = None
         self._kernel = None
+        self._adapter_cache = None
 
     def _apply(self, fn, recurse=True):  # moving the module invalidates the cached / repacked weight
         self._restore_stored()
@@ -193,16 +238,21 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
         if self.backend in ("reference", "cached"):
-            return F.linear(x, self.dequantized_weight().to(x.dtype), bias)
-        if self._kernel is None:
-            self._kernel = self.layout.prepare_kernel(self.quantized_weight(), self.backend)
-            self._offload_stored()
-        y = self.layout.kernel_linear(x, self._kernel, self.backend)
-        return y if bias is None else y + bias
+            y = F.linear(x, self.dequantized_weight().to(x.dtype), bias)
+        else:
+            if self._kernel is None:
+                if self.lowrank:  # the factors, kept on the device before the stored tensors move out
+                    self._adapter_cache = self.low_rank().matrices(self.compute_dtype)  # type: ignore[union-attr]
+                self._kernel = self.layout.prepare_kernel(self.quantized_weight(), self.backend)
+                self._offload_stored()
+            y = self.layout.kernel_linear(x, self._kernel, self.backend)
+            y = y if bias is None else y + bias
+        return y + self._adapter_out(x) if self.lowrank else y
 
     def extra_repr(self) -> str:
+        lr = f", lowrank={self.lowrank['rank']} ({self.lowrank['bits']}-bit)" if self.lowrank else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, {self.layout.describe(self.layer)}, "
-                f"bias={self.bias is not None}")
+                f"bias={self.bias is not None}{lr}")
 
 
 class QuantEmbedding(QuantLinear):

@@ -21,6 +21,7 @@ from torch import nn
 
 from .grid import FP16_MANTISSA
 from .layouts.base import Tuning
+from .lowrank import AdapterTuning
 from .runtime import QuantLinear
 
 
@@ -65,11 +66,13 @@ class _Tunable:
 
 def tunables(model: nn.Module) -> list[_Tunable]:
     """Every decoder-block QuantLinear whose layout has values to tune (mixed-width layers have none yet;
-    the quantized embedding and head stay as solved)."""
+    the quantized embedding and head stay as solved), or whose low-rank adapters do."""
     out = []
     for m in model.modules():
         if isinstance(m, QuantLinear) and m.kind == "linear":
-            tuning = m.layout.tuning(m.quantized_weight())
+            lowrank = m.low_rank()  # a layer with low-rank adapters tunes them alone (SLiM's adapter fine-tune)
+            tuning = (AdapterTuning(m.quantized_weight().dequantize(torch.float32), lowrank) if lowrank is not None
+                      else m.layout.tuning(m.quantized_weight()))
             if tuning is not None:
                 out.append(_Tunable(m, tuning))
     return out

@@ -14,8 +14,9 @@ from .affine import Affine
 from .base import Layout, LayerSpec
 from .codebook import Codebook
 from .mixed import Mixed
+from .sparse24 import Sparse24
 
-LAYOUTS: dict[str, type[Layout]] = {cls.name: cls for cls in (Affine, Mixed, Codebook)}
+LAYOUTS: dict[str, type[Layout]] = {cls.name: cls for cls in (Affine, Mixed, Codebook, Sparse24)}
 STORED = tuple(dict.fromkeys(n for cls in LAYOUTS.values() for n in cls.stored))  # every stored tensor name
 
 
@@ -31,8 +32,8 @@ def layout_named(name: str) -> type[Layout]:
 
 
 def layout_of(weight) -> type[Layout]:
-    """The layout class of a weight object (QuantizedWeight, MixedWeight, CodebookWeight)."""
+    """The layout class of a weight object (QuantizedWeight, MixedWeight, CodebookWeight, Sparse24Weight)."""
     return layout_named(getattr(weight, "layout", "affine"))
 
 
-__all__ = ["Affine", "Codebook", "LAYOUTS", "LayerSpec", "Layout", "Mixed", "STORED", "layout_named", "layout_of"]
+__all__ = ["Affine", "Codebook", "LAYOUTS", "LayerSpec", "Layout", "Mixed", "STORED", "Sparse24", "layout_named", "layout_of"]

@@ -27,6 +27,7 @@ from .cvxq import CvxqPlan, cvxq_quantize, plan as cvxq_plan
 from .ecsq import RateControl, ecsq_quantize, plan_rate
 from .gptq import gptq_quantize
 from .rtn import rtn_quantize
+from .slim import slim_quantize
 
 Result = tuple[QuantizedWeight | list[Any], list[str]]
 
@@ -39,6 +40,9 @@ class Method:
     prepare: Callable[..., Any] | None = None
     from_dict: Callable[[dict[str, Any]], Any] | None = None
     state_changes: bool = False  # the state moves with every block (ECSQ's rate control): saved with each block's progress
+    # the solve again after low-rank adapters took their share (W - U D), given the first solve's weights
+    # (one per stacked part): SLiM keeps its 2:4 mask; None: `quantize` again
+    requantize: Callable[..., Result] | None = None
 
 
 def state_to_dict(state: Any) -> dict[str, Any] | None:
@@ -78,6 +82,15 @@ def _cvxq(W, H, cfg, state, parts=None, names=None) -> Result:
     return cvxq_quantize(W, H, cfg, state, parts, names)
 
 
+def _slim(W, H, cfg, state, parts=None, names=None) -> Result:
+    assert H is not None, "SLiM needs the layer Hessian"
+    return slim_quantize(W, H, cfg, parts)
+
+
+def _slim_again(W, H, cfg, state, parts, names, first) -> Result:
+    return slim_quantize(W, H, cfg, parts, mask=torch.cat([f.mask() for f in first]).to(W.device))
+
+
 def _rate_from_dict(d: dict[str, Any]) -> RateControl:
     return RateControl(**{**d, "history": [tuple(h) for h in d["history"]]})
 
@@ -89,4 +102,5 @@ METHODS: dict[str, Method] = {
                    state_changes=True),
     "claq": Method("claq", _claq, needs_hessian=True),
     "cvxq": Method("cvxq", _cvxq, needs_hessian=True, prepare=cvxq_plan, from_dict=CvxqPlan.from_dict),
+    "slim": Method("slim", _slim, needs_hessian=True, requantize=_slim_again),
 }

@@ -279,17 +279,25 @@ def budget_bits(model: nn.Module, layers: list[LayerInfo], cfg: CompressConfig) 
     """The all-in bits allowed by the target (--target-bits / -size / -size-total) for what the allocation
     sets: the quantized layers, and the embedding and head with --embed-bits auto."""
     n = quantized_params(model, layers, cfg)
+    adapters = 8.0 * adapters_bytes(layers, cfg)  # low-rank adapters (--lowrank): fixed, out of the codes' share
     if cfg.target_bits is not None:
-        return cfg.target_bits * n
+        return cfg.target_bits * n - adapters
     if cfg.target_size is not None:
-        return 8.0 * cfg.target_size
+        return 8.0 * cfg.target_size - adapters
     if cfg.target_size_total is not None:
         rest = dense_bytes(model, layers, cfg)
         if cfg.target_size_total <= rest:
             raise RdquantError(f"--target-size-total {cfg.target_size_total:,} bytes is below what stays in 16 bit "
                                f"({rest:,} bytes: embeddings, norms, ...)")
-        return 8.0 * (cfg.target_size_total - rest)
-    return cfg.bits * n
+        return 8.0 * (cfg.target_size_total - rest) - adapters
+    return cfg.bits * n - adapters
+
+
+def adapters_bytes(layers: list[LayerInfo], cfg: CompressConfig) -> int:
+    """Stored bytes of every layer's low-rank adapters (0 without --lowrank)."""
+    from ..lowrank import adapter_nbytes
+
+    return sum(adapter_nbytes(l.cols, l.rows, cfg) for l in layers)
 
 
 def grid_kappa(n: int, max_bits: int, clip_search: int, max_shrink: float, samples: int = 4000) -> torch.Tensor:
@@ -525,6 +533,7 @@ def smallest_bits(model: nn.Module, cfg: CompressConfig) -> tuple[float, float]:
     layers = model_layers(model, cfg)
     n = quantized_params(model, layers, cfg)
     total = 8.0 * vocab_stored_bytes(model, cfg.replace(embed_bits=MIN_BITS))[1] if allocated(cfg) else 0.0
+    total += 8.0 * adapters_bytes(layers, cfg)
     for l in layers:
         if cfg.method == "claq":
             share = cfg.claq_share
@@ -570,4 +579,6 @@ def check_target(model: nn.Module, cfg: CompressConfig) -> None:
                 f"{smallest / 8 + rest:,.0f} bytes)")
     raise RdquantError(f"{what} cannot be met: the smallest {cfg.method} can store is {smallest / n:.3f} bits/weight "
                        f"({smallest / 8:,.0f} bytes of quantized weights, every cell at its narrowest width with its "
-                       f"side information); raise the target")
+                       f"side information" + (f", {adapters_bytes(model_layers(model, cfg), cfg):,} of them the low-rank "
+                                              "adapters" if cfg.lowrank > 0 else "")
+                       + "); raise the target" + (" or lower --lowrank" if cfg.lowrank > 0 else ""))

@@ -60,6 +60,9 @@ class ColumnQuantizer:
     def begin_block(self, cols: list[int], W1: torch.Tensor) -> None:  # pragma: no cover - interface
         pass
 
+    def see_inverse(self, Hinv1: torch.Tensor) -> None:
+        """The lazy block's inverse-Hessian factor, before begin_block (SparseGPT's mask reads its diagonal)."""
+
     def column(self, i: int, w: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError
 
@@ -134,6 +137,7 @@ def gptq_sweep(
         # work on the transposed block [B, rows] so each column and each update row is contiguous
         W1 = W[:, i1:i2].t().contiguous()
         Hinv1 = Hinv[i1:i2, i1:i2]
+        quantizer.see_inverse(Hinv1)
         quantizer.begin_block(order[i1:i2], W1)
         Err1 = quantizer.fused_block(fused, W1, Hinv1) if fused is not None else None
         if Err1 is None:

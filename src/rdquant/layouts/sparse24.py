@@ -1,0 +1,86 @@
+"""2:4 sparse (SLiM): two kept codes of every four inputs, bit-packed at their width, 2-bit positions
+per kept value, per-group affine grids along the dense input (qsparse.Sparse24Weight; docs/FORMAT.md).
+Runtime: the reference path dequantizes and scatters; no kernel reads the packed form yet. Distillation
+tuning moves the group scales."""
+
+from __future__ import annotations
+
+import torch
+
+from .. import packing
+from ..qsparse import Sparse24Weight, check_shape
+from ..qtensor import num_groups
+from .base import LayerSpec, Layout, Tuning
+
+
+class Sparse24(Layout):
+    name = "sparse24"
+    stored = ("qweight", "meta", "scales", "qzeros")
+
+    @classmethod
+    def buffers(cls, layer: LayerSpec) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+        out_f, in_f = layer.shape
+        check_shape(in_f)
+        n_g = num_groups(in_f, layer.group_size)
+        out = {"qweight": (torch.uint8, (packing.packed_nbytes(out_f * in_f // 2, layer.bits),)),
+               "meta": (torch.uint8, (packing.packed_nbytes(out_f * in_f // 4, 4),)),
+               "scales": (torch.float16, (out_f, n_g))}
+        if not layer.symmetric:
+            out["qzeros"] = (torch.uint8, (packing.packed_nbytes(out_f * n_g, layer.bits),))
+        return out
+
+    @classmethod
+    def weight(cls, state: dict[str, torch.Tensor], layer: LayerSpec) -> Sparse24Weight:
+        return Sparse24Weight.from_packed(state, layer.shape, layer.bits, layer.group_size)
+
+    @classmethod
+    def describe(cls, layer: LayerSpec) -> str:
+        return f"2:4 sparse, bits={layer.bits}, group_size={layer.group_size}, symmetric={layer.symmetric}"
+
+    @classmethod
+    def encode_qweight(cls, t, tensors, owner, layer, codec, speed_floor_mbps):
+        """The kept codes as one symbol per code (their positions are a separate byte tensor)."""
+        from .. import codecs
+        from ..coding import choose_codec
+
+        out_f, in_f = layer["shape"]
+        sym = packing.unpack(t, layer["bits"], out_f * in_f // 2).numpy()
+        spec, payload = choose_codec(sym, codec, speed_floor_mbps)
+        return spec, payload, {"kind": "symbols", "mapping": "raw", "entropy_bits": round(codecs.entropy_bits(sym), 4)}
+
+    @classmethod
+    def decode_symbols(cls, mapping, sym, decoded, owner, layer):
+        from .. import codecs
+
+        if mapping != "raw":
+            raise codecs.CodecError(f"mapping {mapping} does not belong to a 2:4 sparse layer")
+        out_f, in_f = layer["shape"]
+        if sym.size != out_f * in_f // 2:
+            raise codecs.CodecError("decoded symbol count does not match the layer's kept values")
+        if sym.size and int(sym.max()) >= (1 << layer["bits"]):
+            raise codecs.CodecError("decoded codes fall outside the code range")
+        return packing.pack(torch.from_numpy(sym), layer["bits"])
+
+    @classmethod
+    def tuning(cls, weight: Sparse24Weight) -> "Sparse24Tuning":
+        return Sparse24Tuning(weight)
+
+
+class Sparse24Tuning(Tuning):
+    """The group scales move; the kept codes, their positions and the zero points stay."""
+
+    def __init__(self, w: Sparse24Weight) -> None:
+        self.w = w
+        unit = Sparse24Weight(w.codes, w.idx, torch.ones_like(w.scales, dtype=torch.float32), w.zeros, w.bits, w.group_size)
+        self.q = unit.dequantize(torch.float32)  # (code - zero) at the kept positions, 0 elsewhere
+        self.base = {"scales": w.scales.to(torch.float32)}
+
+    def weight(self, values: dict[str, torch.Tensor]) -> torch.Tensor:
+        from ..qtensor import expand_groups
+
+        return self.q * expand_groups(values["scales"], self.w.shape[1], self.w.group_size)
+
+    def stored(self, values: dict[str, torch.Tensor], scale_bits: int) -> dict[str, torch.Tensor]:
+        from ..grid import store_scale
+
+        return {"scales": store_scale(values["scales"], scale_bits).to(torch.float16)}
