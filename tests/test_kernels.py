@@ -100,8 +100,35 @@ def test_segment_kernel_matches_the_reference_on_codebooks(kernel, entries, shar
         assert _close(Codebook.kernel_linear(x, p, "triton"), x @ w.dequantize().T), M
 
 
+@pytest.mark.parametrize("bits", [1, 3, 4, 8])
+@pytest.mark.parametrize("group", [64, 10, -1])
+def test_sparse24_kernel_matches_the_reference(bits, group):
+    """2:4 layers: kept codes and position nibbles read packed (groups of 10 straddle runs of four)."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("triton was imported before this module could select its CPU interpreter")
+    from rdquant.kernels.sparse24_triton import repack_sparse24, sparse24_matmul
+    from rdquant.qsparse import Sparse24Weight, kept_positions
+    from rdquant.qtensor import num_groups
+
+    g = torch.Generator().manual_seed(bits * 100 + group)
+    N, K = 40, 200  # K is no multiple of the 64-column step: the last step is masked
+    runs = torch.rand(N, K // 4, 4, generator=g)
+    keep = torch.zeros_like(runs, dtype=torch.bool).scatter_(-1, runs.topk(2, -1).indices, True).view(N, K)
+    n_g = num_groups(K, group)
+    for symmetric in (False, True):
+        w = Sparse24Weight(torch.randint(0, 1 << bits, (N, K // 2), generator=g, dtype=torch.uint8), kept_positions(keep),
+                           (torch.rand(N, n_g, generator=g) * 0.05 + 0.01).half(),
+                           None if symmetric else torch.randint(0, 1 << bits, (N, n_g), generator=g, dtype=torch.uint8),
+                           bits, group)
+        p = repack_sparse24(w.codes, w.idx, w.scales, w.zeros, bits, group)
+        for M in (1, 3, 17):  # GEMV per row, and the tensor-core path
+            x = torch.randn(M, K, generator=g)
+            assert _close(sparse24_matmul(x, p, block_n=16), x @ w.dequantize().T), (symmetric, M)
+
+
 @pytest.mark.parametrize("method", [dict(bits=3, group_size=48), dict(method="claq", target_bits=3.1),
-                                    dict(method="cvxq", target_bits=3.0)], ids=["gptq", "claq", "cvxq"])
+                                    dict(method="cvxq", target_bits=3.0), dict(method="slim", lowrank=0.25)],
+                         ids=["gptq", "claq", "cvxq", "slim+adapters"])
 def test_artifact_on_the_triton_backend_matches_reference(kernel, tiny_model_dir, tmp_path, method):
     import rdquant
 

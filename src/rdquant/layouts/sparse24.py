@@ -1,7 +1,7 @@
 """2:4 sparse (SLiM): two kept codes of every four inputs, bit-packed at their width, 2-bit positions
 per kept value, per-group affine grids along the dense input (qsparse.Sparse24Weight; docs/FORMAT.md).
-Runtime: the reference path dequantizes and scatters; no kernel reads the packed form yet. Distillation
-tuning moves the group scales."""
+Runtime: the reference path dequantizes and scatters; on CUDA a Triton kernel reads the packed form
+(kernels/sparse24_triton.py). Distillation tuning moves the group scales."""
 
 from __future__ import annotations
 
@@ -36,6 +36,24 @@ class Sparse24(Layout):
     @classmethod
     def describe(cls, layer: LayerSpec) -> str:
         return f"2:4 sparse, bits={layer.bits}, group_size={layer.group_size}, symmetric={layer.symmetric}"
+
+    kernels = ("triton",)  # kernels/sparse24_triton.py: widths 1..8, any group size (GPU)
+
+    @classmethod
+    def kernel_supports(cls, layer: LayerSpec, backend: str) -> bool:
+        return backend == "triton" and 1 <= layer.bits <= 8
+
+    @classmethod
+    def prepare_kernel(cls, weight: Sparse24Weight, backend: str):
+        from ..kernels.sparse24_triton import repack_sparse24
+
+        return repack_sparse24(weight.codes, weight.idx, weight.scales, weight.zeros, weight.bits, weight.group_size)
+
+    @classmethod
+    def kernel_linear(cls, x: torch.Tensor, prepared, backend: str) -> torch.Tensor:
+        from ..kernels.sparse24_triton import sparse24_matmul
+
+        return sparse24_matmul(x, prepared)
 
     @classmethod
     def encode_qweight(cls, t, tensors, owner, layer, codec, speed_floor_mbps):
