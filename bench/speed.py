@@ -2,7 +2,8 @@
 
 Part 1, matmuls: Llama-3-8B shapes (4096->6144 qkv, 4096->4096 o, 4096->28672 gate+up, 14336->4096
 down), batch 1/16/64: torch fp16, torch's int4 tinygemm where this torch has it, and rdquant's triton
-kernels for affine 4/3/2-bit g128 (asymmetric), CVXQ-style mixed cells (128-row clusters x one column,
+kernels for affine 4/3/2-bit g128 (asymmetric), SLiM's 2:4 + 4-bit g128 alone and with fp16 adapters of
+rank 10% (two more matmuls), CVXQ-style mixed cells (128-row clusters x one column,
 widths 2/3/4 at mean 3.0 bits) and CLAQ-style column codebooks (widths 2/3/4 at mean 3.1 bits, 8-bit
 entries, row scales). Each kernel's best launch configuration of a small sweep; every configuration's
 result is checked against dequantize-then-matmul (relative error <= 1e-2). Median of >= 50 timed
@@ -112,8 +113,44 @@ def best_of(run, configs, ref) -> tuple[float, dict, float]:
     return best[0], best[1], worst
 
 
+SPARSE24_CONFIGS = [dict(block_n=bn, num_warps=nw, block_k=bk) for bn in (32, 64, 128) for nw in (2, 4) for bk in (64, 128)]
+
+
+def _random_sparse24(N: int, K: int, bits: int, group: int, g: torch.Generator):
+    """A random 2:4 layer (speed does not depend on the values)."""
+    from rdquant.qsparse import Sparse24Weight, kept_positions
+
+    dev = g.device
+    runs = torch.rand(N, K // 4, 4, device=dev, generator=g)
+    keep = torch.zeros_like(runs, dtype=torch.bool).scatter_(-1, runs.topk(2, -1).indices, True).view(N, K)
+    n_g = -(-K // group)
+    return Sparse24Weight(torch.randint(0, 1 << bits, (N, K // 2), device=dev, dtype=torch.uint8, generator=g),
+                          kept_positions(keep), (torch.rand(N, n_g, device=dev, generator=g) * 0.01 + 0.001).half(),
+                          torch.randint(0, 1 << bits, (N, n_g), device=dev, dtype=torch.uint8, generator=g), bits, group)
+
+
+def _random_adapters(N: int, K: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp16 factors D [r, K], U [N, r] at rdquant's rank for 10% (rounded up to 128)."""
+    from rdquant.lowrank import adapter_rank
+
+    r = adapter_rank(0.1, K, N)
+    return ((torch.randn(r, K, device=g.device, generator=g) * 0.01).half(),
+            (torch.randn(N, r, device=g.device, generator=g) * 0.01).half())
+
+
+class _WithAdapters:
+    """A weight whose dequantized form includes U D (the reference of the adapters' row)."""
+
+    def __init__(self, w, D: torch.Tensor, U: torch.Tensor) -> None:
+        self.w, self.D, self.U = w, D, U
+
+    def dequantize(self, dtype=torch.float32) -> torch.Tensor:
+        return (self.w.dequantize(torch.float32) + self.U.float() @ self.D.float()).to(dtype)
+
+
 def matmul_rows(args) -> list[dict]:
     from rdquant.kernels import matmul_triton as k
+    from rdquant.kernels import sparse24_triton as k24
     from rdquant.layouts import layout_named
     from rdquant.qtensor import QuantizedWeight
     from rdquant.testing import random_codebook, random_mixed
@@ -134,6 +171,14 @@ def matmul_rows(args) -> list[dict]:
                                  torch.randint(0, 1 << bits, (N, n_g), device=dev, dtype=torch.uint8, generator=g), bits, G)
             p = k.repack_affine(qw.codes, qw.scales, qw.zeros, bits, G)
             layers[f"affine {bits}-bit g128"] = (qw, [(p, None)], lambda x, p, **c: k.affine_matmul(x, p, **c))
+        w24 = _random_sparse24(N, K, 4, 128, g)  # SLiM's layer: 2:4 + 4-bit, alone and with 4-bit adapters
+        p24 = k24.repack_sparse24(w24.codes, w24.idx, w24.scales, w24.zeros, 4, 128)
+        layers["2:4 4-bit g128 (SLiM)"] = (w24, [(p24, None)], lambda x, p, **c: k24.sparse24_matmul(x, p, **c))
+        D, U = _random_adapters(N, K, g)
+        layers["2:4 4-bit g128 + adapters r=10%"] = (
+            _WithAdapters(w24, D, U), [(p24, None)],
+            lambda x, p, D=D, U=U, **c: k24.sparse24_matmul(x, p, **c) + torch.nn.functional.linear(
+                torch.nn.functional.linear(x, D), U))
         for name, w in (("mixed 3.0 (CVXQ cells)", random_mixed(N, K, seed=1, device=dev)),
                         ("codebook 3.1 (CLAQ)", random_codebook(N, K, seed=2, device=dev))):
             lay = layout_named(w.layout)
@@ -154,7 +199,7 @@ def matmul_rows(args) -> list[dict]:
                 best = None
                 for p, blocks in preps:
                     cfgs = (GEMV_CONFIGS if M < 8 else GEMM_CONFIGS) if name.startswith("affine") else \
-                        [dict(num_warps=nw) for nw in (2, 4)]
+                        SPARSE24_CONFIGS if name.startswith("2:4") else [dict(num_warps=nw) for nw in (2, 4)]
                     t, c, err = best_of(lambda **c: fn(x, p, **c), cfgs, ref)
                     if blocks:
                         c = dict(c, block_r=blocks[0], block_k=blocks[1])
@@ -260,6 +305,11 @@ def quantize_model(model, layout: str) -> None:
         if layout.startswith("affine"):
             bits = int(layout.split()[1][0])
             qw = rtn_quantize(lin.weight.data, CompressConfig(bits=bits, group_size=128, clip_search=0))
+        elif layout.startswith("2:4"):  # SLiM: 2:4 + 4-bit g128 of the random weights (Wanda mask without inputs)
+            from rdquant.methods.slim import slim_quantize
+
+            cfg = CompressConfig(method="slim", slim_solver="rtn", group_size=128, clip_search=0)
+            qw, _ = slim_quantize(lin.weight.data.float(), torch.eye(in_f, device=lin.weight.device), cfg)
         elif layout.startswith("mixed"):
             qw = random_mixed(out_f, in_f, seed=i, device=lin.weight.device)
         else:
@@ -277,14 +327,14 @@ def model_rows(args) -> list[dict]:
 
     dev = torch.device("cuda")
     rows = []
-    layouts = ["fp16", "affine 4-bit g128", "affine 3-bit g128", "affine 2-bit g128", "mixed 3.0 (CVXQ cells)",
-               "codebook 3.1 (CLAQ)"]
+    layouts = ["fp16", "affine 4-bit g128", "affine 3-bit g128", "affine 2-bit g128", "2:4 4-bit g128 (SLiM)",
+               "mixed 3.0 (CVXQ cells)", "codebook 3.1 (CLAQ)"]
     models = dict(list(MODELS.items())[:1]) if args.quick else MODELS
     for mname, kw in models.items():
         cfg = LlamaConfig(**kw, max_position_embeddings=4096)
-        # the 8B shape: affine layouts only (random mixed / codebook codes for 224 large layers take minutes
+        # the 8B shape: affine and 2:4 layouts only (random mixed / codebook codes for 224 large layers take minutes
         # to draw on the host; their kernels are timed at these shapes in part 1)
-        for layout in layouts if mname.startswith("SmolLM2") else layouts[:4]:
+        for layout in layouts if mname.startswith("SmolLM2") else layouts[:5]:
             torch.manual_seed(0)
             gc.collect()  # the previous model, its KV cache and CUDA graph's pool
             torch.cuda.empty_cache()
