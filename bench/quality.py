@@ -60,6 +60,30 @@ def cached_row(name: str, fresh: bool, compute, cached_only: bool = False):
     return row
 
 
+def publish_rows(results: Path, rows: list[dict], key, script: str) -> None:
+    """Put this run's measured rows (those in MEASURED) into a results file with the command line, date
+    and machine, replacing a published row of the same `key(row)`, then regenerate the results page."""
+    import platform
+    import shlex
+    import sys
+    from datetime import date
+
+    measured = [r for r in rows if any(r is m for m in MEASURED)]
+    if not measured:
+        print("--results: nothing measured in this run (cached rows are not published)")
+        return
+    page = json.loads(results.read_text())
+    command = f"python bench/{script} " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    machine = f"{platform.machine()} CPU, {torch.get_num_threads()} threads, PyTorch {torch.__version__}"
+    keep = {key(r) for r in measured}
+    page["rows"] = [r for r in page["rows"] if key(r) not in keep]
+    for r in measured:
+        page["rows"].append({**r, "command": command, "machine": machine, "date": date.today().isoformat(),
+                             "source": f"bench/{script} --results"})
+    results.write_text(json.dumps(page, indent=1, ensure_ascii=False) + "\n")
+    subprocess.run([sys.executable, str(ROOT / "bench" / "results_page.py")], check=True)
+
+
 def eval_row(model, tok, args) -> dict:
     r = rdquant.evaluate(model, tok, seqlen=args.seqlen, max_windows=args.windows, device=args.device)
     return {"ppl": r.ppl, "tokens": r.tokens, "eval_seconds": r.seconds}

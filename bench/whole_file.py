@@ -29,7 +29,7 @@ import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 import rdquant  # noqa: E402
-from quality import CACHE, MEASURED, ROOT, _typed, cached_row, calib_file, eval_row  # noqa: E402
+from quality import CACHE, ROOT, _typed, cached_row, calib_file, eval_row, publish_rows  # noqa: E402
 from rdquant.data import shared_data_dir  # noqa: E402
 from rdquant.models import load_model, resolve_model  # noqa: E402
 
@@ -97,28 +97,9 @@ def table(rows: list[dict], args) -> str:
 
 
 def publish(rows: list[dict], args) -> None:
-    """Put this run's measured rows into bench/results/whole_file.json (the results page's source) with
-    the command line, date and machine; a published row of the same model and spec is replaced."""
-    import platform
-    import shlex
-    from datetime import date
-
-    measured = [r for r in rows if any(r is m for m in MEASURED)]
-    if not measured:
-        print("--results: nothing measured in this run (cached rows are not published)")
-        return
-    page = json.loads(RESULTS.read_text())
-    command = "python bench/whole_file.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    machine = f"{platform.machine()} CPU, {torch.get_num_threads()} threads, PyTorch {torch.__version__}"
-    keep = {(r["model"], r.get("spec")) for r in measured}
-    page["rows"] = [r for r in page["rows"] if (r.get("model"), r.get("spec")) not in keep]
-    for r in measured:
-        page["rows"].append({**r, "command": command, "machine": machine, "date": date.today().isoformat(),
-                             "source": "bench/whole_file.py --results"})
-    RESULTS.write_text(json.dumps(page, indent=1, ensure_ascii=False) + "\n")
-    import subprocess
-
-    subprocess.run([sys.executable, str(ROOT / "bench" / "results_page.py")], check=True)
+    """This run's measured rows into bench/results/whole_file.json (a published row of the same model and
+    spec is replaced), then the results page."""
+    publish_rows(RESULTS, rows, lambda r: (r.get("model"), r.get("spec")), "whole_file.py")
 
 
 def main() -> None:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from . import packing
-from .qtensor import dequantize_codes, num_groups
+from .qtensor import GroupGrid, dequantize_codes, num_groups
 
 # the six ways to keep two of four, as (idx0, idx1); a nibble idx0 | idx1 << 2 is valid iff idx0 < idx1
 PAIRS = ((0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3))
@@ -79,7 +79,7 @@ def unpack_meta(meta: torch.Tensor, out_features: int, in_features: int) -> torc
 
 
 @dataclass
-class Sparse24Weight:
+class Sparse24Weight(GroupGrid):
     """Kept codes, their positions and the group grid of one 2:4 sparse linear layer."""
 
     layout = "sparse24"  # layouts.Sparse24
@@ -94,15 +94,6 @@ class Sparse24Weight:
     @property
     def shape(self) -> tuple[int, int]:
         return (self.codes.shape[0], 2 * self.codes.shape[1])
-
-    @property
-    def symmetric(self) -> bool:
-        return self.zeros is None
-
-    def zero_points(self) -> torch.Tensor:
-        if self.zeros is not None:
-            return self.zeros
-        return torch.full_like(self.scales, float(1 << (self.bits - 1)), dtype=torch.float32)
 
     def mask(self) -> torch.Tensor:
         """The dense bool mask [out, in] of the kept weights."""

@@ -93,8 +93,26 @@ class VariableWidth:
         return False
 
 
+class GroupGrid:
+    """What the weights on per-group affine grids share (`scales`, `zeros` or None, `bits`): symmetry and
+    the zero points, the constant 2**(bits-1) when symmetric."""
+
+    scales: torch.Tensor
+    zeros: torch.Tensor | None
+    bits: int
+
+    @property
+    def symmetric(self) -> bool:
+        return self.zeros is None
+
+    def zero_points(self) -> torch.Tensor:
+        if self.zeros is not None:
+            return self.zeros
+        return torch.full_like(self.scales, float(1 << (self.bits - 1)), dtype=torch.float32)
+
+
 @dataclass
-class QuantizedWeight:
+class QuantizedWeight(GroupGrid):
     """Codes, fp16 scales and integer zero points of one linear layer's weight."""
 
     layout = "affine"  # layouts.Affine
@@ -108,15 +126,6 @@ class QuantizedWeight:
     @property
     def shape(self) -> tuple[int, int]:
         return tuple(self.codes.shape)  # type: ignore[return-value]
-
-    @property
-    def symmetric(self) -> bool:
-        return self.zeros is None
-
-    def zero_points(self) -> torch.Tensor:
-        if self.zeros is not None:
-            return self.zeros
-        return torch.full_like(self.scales, float(1 << (self.bits - 1)), dtype=torch.float32)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         out_f, in_f = self.shape

@@ -214,6 +214,16 @@ def repack_affine(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor
                         zeros.to(torch.uint8).t().contiguous(), bits, G, in_f, out_f)
 
 
+def as_rows(x: torch.Tensor, in_features: int) -> torch.Tensor:
+    """x [..., in] as contiguous-row [M, in] activations for a kernel (a one-line error on a wrong width)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    if x2.shape[1] != in_features:
+        raise ValueError(f"x has {x2.shape[1]} features, the layer takes {in_features}")
+    return x2
+
+
 def _pow2_divisor(n: int, cap: int) -> int:
     p = 1
     while p * 2 <= cap and n % (p * 2) == 0:
@@ -229,14 +239,9 @@ def affine_matmul(x: torch.Tensor, p: PackedAffine, block_n: int | None = None, 
     at least 32). `split_k` slices the input over more programs when few output tiles would leave the
     GPU idle (decode); default: ~1,500 programs (~11 per SM of an H200). Defaults
     are bench/speed.py's fastest configurations on an H200."""
-    shape = x.shape
-    x2 = x.reshape(-1, shape[-1])
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    shape, x2 = x.shape, as_rows(x, p.in_features)
     M, K = x2.shape
     N = p.out_features
-    if K != p.in_features:
-        raise ValueError(f"x has {K} features, the layer takes {p.in_features}")
     gemv = M < 8  # a few rows: one program per row, each a GEMV
     block_m = 1 if gemv else 16 if M <= 16 else 32 if M <= 32 else 64
     if block_k is None:
@@ -422,13 +427,8 @@ def repack_segments(codes: torch.Tensor, row_sets: torch.Tensor | None, widths: 
 def segment_matmul(x: torch.Tensor, p: PackedSegments, block_m: int | None = None, num_warps: int = 4) -> torch.Tensor:
     """x [..., in] @ W^T for a column-grid layer: one launch per width into an fp32 output, then the
     outliers' corrections, cast to x's dtype."""
-    shape = x.shape
-    x2 = x.reshape(-1, shape[-1])
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    shape, x2 = x.shape, as_rows(x, p.in_features)
     M, K = x2.shape
-    if K != p.in_features:
-        raise ValueError(f"x has {K} features, the layer takes {p.in_features}")
     gemv = M < 8
     bm = 1 if gemv else (block_m or (16 if M <= 16 else 32 if M <= 32 else 64))
     y = torch.zeros(M, p.out_features, dtype=torch.float32, device=x.device)

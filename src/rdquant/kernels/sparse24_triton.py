@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .matmul_triton import _codes, _exact_f32, _plane, _plane_args, pack_planes
+from .matmul_triton import _codes, _exact_f32, _plane, _plane_args, as_rows, pack_planes
 
 PAD_K = 256  # the dense input dimension is padded to a multiple of the largest tile
 
@@ -125,14 +125,9 @@ def sparse24_matmul(x: torch.Tensor, p: PackedSparse24, block_n: int | None = No
     per step) is a multiple of 64."""
     if block_k % 64:
         raise ValueError("block_k must be a multiple of 64")
-    shape = x.shape
-    x2 = x.reshape(-1, shape[-1])
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    shape, x2 = x.shape, as_rows(x, p.in_features)
     M, K = x2.shape
     N = p.out_features
-    if K != p.in_features:
-        raise ValueError(f"x has {K} features, the layer takes {p.in_features}")
     gemv = M < 8
     block_m = 1 if gemv else 16 if M <= 16 else 32
     if block_n is None:
