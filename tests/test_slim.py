@@ -40,11 +40,35 @@ def test_slim_keeps_exactly_two_of_every_four_and_prunes_the_rest(mask, solver, 
         assert torch.equal(m, wanda_mask(W, torch.diagonal(H)))
 
 
+def test_refit_reaches_the_masked_least_squares_optimum():
+    from rdquant.methods.slim import refit_kept
+
+    W, H = _problem(out_f=6, in_f=32, seed=4)
+    mask = wanda_mask(W, torch.diagonal(H))
+    got = refit_kept(W, H, mask, iters=60, damp=0.0)
+    Hd = H.double()
+    for r in range(W.shape[0]):  # each row: w~_S = w_S + H_SS^-1 H_SP w_P, w~_P = 0
+        S, P = mask[r], ~mask[r]
+        want = W[r, S].double() + torch.linalg.solve(Hd[S][:, S], Hd[S][:, P] @ W[r, P].double())
+        torch.testing.assert_close(got[r, S].double(), want, rtol=1e-3, atol=1e-4)
+        assert bool((got[r, P] == 0).all())
+
+
+def test_the_refit_lowers_the_layer_error():
+    W, H = _problem(seed=5)
+    err = {}
+    for refit in (False, True):
+        qw, _ = slim_quantize(W, H, rdquant.CompressConfig(method="slim", slim_refit=refit))
+        D = W - qw.dequantize()
+        err[refit] = float(((D @ H) * D).sum())
+    assert err[True] < err[False]
+
+
 def test_error_feedback_beats_plain_rounding_on_the_same_mask():
     W, H = _problem(seed=1)
     err = {}
     for solver in ("gptq", "rtn"):
-        qw, _ = slim_quantize(W, H, rdquant.CompressConfig(method="slim", slim_solver=solver))
+        qw, _ = slim_quantize(W, H, rdquant.CompressConfig(method="slim", slim_mask="wanda", slim_solver=solver))
         D = W - qw.dequantize()
         err[solver] = float(((D @ H) * D).sum())
     assert err["gptq"] < err["rtn"]

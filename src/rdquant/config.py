@@ -137,12 +137,15 @@ class CompressConfig:
     cvxq_cell_group: int = opt(0, "group cells: columns sharing a width (multiple of group_size; -1 whole row)",
                                uses=CVXQ, lo=-1, hi=1 << 20, experimental=True)
     # SLiM (Mozaffari et al. 2025): 2:4 sparsity + quantization (methods/slim.py)
-    slim_mask: str = opt("wanda", "which two of every four inputs stay: wanda (|W| x input norm, on the original "
-                         "weights) | sparsegpt (chosen inside the solver's sweep)", flag="--mask", panel="SLiM (2:4 sparse)",
+    slim_mask: str = opt("sparsegpt", "which two of every four inputs stay: sparsegpt (SparseGPT's rule inside the "
+                         "solver's sweep) | wanda (|W| x input norm, on the original weights)", flag="--mask", panel="SLiM (2:4 sparse)",
                          uses=SLIM, choices=("wanda", "sparsegpt"))
     slim_scale: str = opt("group", "matrix (SLiM-Quant: one symmetric scale per matrix from the |W| histogram) | group "
                           "(a grid per --group-size weights)", flag="--slim-scale", panel="SLiM (2:4 sparse)", uses=SLIM,
                           choices=("matrix", "group"))
+    slim_refit: bool = opt(True, "re-fit the kept weights to the layer's least-squares optimum on the mask before "
+                           "quantizing (on the default model 9-23% less layer error than SparseGPT's sweep alone)", flag="--refit",
+                           panel="SLiM (2:4 sparse)", uses=SLIM)
     slim_solver: str = opt("gptq", "gptq (prune and quantize in GPTQ's error-compensating sweep) | rtn (round the masked "
                            "weights)", flag="--slim-solver", panel="SLiM (2:4 sparse)", uses=SLIM, choices=("gptq", "rtn"))
     # low-rank adapters (lowrank.py), any method: a saliency-weighted rank-r repair of the quantization error
