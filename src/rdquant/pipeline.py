@@ -426,16 +426,19 @@ def quantize_stage(
     qw, notes = method.quantize(W, H, solve_cfg, method_state, parts, names)
     results = split(qw)
     adapters: list = [None] * len(stage)
-    if cfg.lowrank > 0:  # SLiM's adapters on the first solve's error, then the base solved again against W - U D
+    if cfg.lowrank > 0:  # SLiM's adapters on the solve's error, the base solved again against W - U D (rounds),
+        # then the adapters re-fitted to the last base's error
         h_diag = torch.diagonal(H) if H is not None else torch.ones(W.shape[1], device=W.device)
-        adapters = [fit_adapters(w, part.dequantize().to(w.device), h_diag, cfg) for w, part in zip(weights, results)]
-        if any(a is not None for a in adapters):
+        fit = lambda: [fit_adapters(w, part.dequantize().to(w.device), h_diag, cfg) for w, part in zip(weights, results)]
+        adapters = fit()
+        again = method.requantize or (lambda W_, H_, c, st, p, nm, first: method.quantize(W_, H_, c, st, p, nm))
+        for _ in range(cfg.lowrank_rounds if any(a is not None for a in adapters) else 0):
             delta = torch.cat([a.delta().to(W.device) if a is not None else torch.zeros_like(w)
                                for a, w in zip(adapters, weights)])
-            again = method.requantize or (lambda W_, H_, c, st, p, nm, first: method.quantize(W_, H_, c, st, p, nm))
             qw, notes2 = again(W - delta, H, solve_cfg, method_state, parts, names, results)
             results = split(qw)
             notes = notes + [m for m in notes2 if m not in notes]
+            adapters = fit()
     seconds = (time.perf_counter() - t0) / len(stage)
     logs = []
     for n, w, part, lowrank in zip(stage, weights, results, adapters):
