@@ -60,26 +60,31 @@ def cached_row(name: str, fresh: bool, compute, cached_only: bool = False):
     return row
 
 
-def publish_rows(results: Path, rows: list[dict], key, script: str) -> None:
-    """Put this run's measured rows (those in MEASURED) into a results file with the command line, date
-    and machine, replacing a published row of the same `key(row)`, then regenerate the results page."""
+def provenance(script: str) -> dict:
+    """The command line, machine and date of this run, for a row measured now."""
     import platform
     import shlex
     import sys
     from datetime import date
 
-    measured = [r for r in rows if any(r is m for m in MEASURED)]
+    return {"command": f"python bench/{script} " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+            "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads, PyTorch {torch.__version__}",
+            "date": date.today().isoformat()}
+
+
+def publish_rows(results: Path, rows: list[dict], key, script: str, stamped: bool = False) -> None:
+    """Put rows into a results file, replacing a published row of the same `key(row)`, then regenerate
+    the results page: this run's measured rows (those in MEASURED) with this run's command line, date
+    and machine, or (`stamped`) every row that recorded its own when it was measured (`provenance`)."""
+    measured = [r for r in rows if "command" in r] if stamped else [r for r in rows if any(r is m for m in MEASURED)]
     if not measured:
         print("--results: nothing measured in this run (cached rows are not published)")
         return
     page = json.loads(results.read_text())
-    command = f"python bench/{script} " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    machine = f"{platform.machine()} CPU, {torch.get_num_threads()} threads, PyTorch {torch.__version__}"
     keep = {key(r) for r in measured}
     page["rows"] = [r for r in page["rows"] if key(r) not in keep]
     for r in measured:
-        page["rows"].append({**r, "command": command, "machine": machine, "date": date.today().isoformat(),
-                             "source": f"bench/{script} --results"})
+        page["rows"].append({**r, **({} if stamped else provenance(script)), "source": f"bench/{script} --results"})
     results.write_text(json.dumps(page, indent=1, ensure_ascii=False) + "\n")
     subprocess.run([sys.executable, str(ROOT / "bench" / "results_page.py")], check=True)
 
