@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -64,7 +65,6 @@ def provenance(script: str) -> dict:
     """The command line, machine and date of this run, for a row measured now."""
     import platform
     import shlex
-    import sys
     from datetime import date
 
     return {"command": f"python bench/{script} " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
@@ -94,12 +94,22 @@ def eval_row(model, tok, args) -> dict:
     return {"ppl": r.ppl, "tokens": r.tokens, "eval_seconds": r.seconds}
 
 
+def _number(v: str):
+    """A value for a field whose default is None (target_bits, target_size, ...): a number if it reads as one."""
+    for kind in (int, float):
+        try:
+            return kind(v)
+        except ValueError:
+            pass
+    return v
+
+
 def _typed(pairs: list[str]) -> dict:
     """KEY=VALUE strings -> CompressConfig fields of the right type."""
     out = {}
     for k, v in (kv.split("=", 1) for kv in pairs):
         default = getattr(rdquant.CompressConfig, k)
-        out[k] = v.lower() in ("1", "true", "yes") if isinstance(default, bool) else type(default)(v) if default is not None else v
+        out[k] = v.lower() in ("1", "true", "yes") if isinstance(default, bool) else type(default)(v) if default is not None else _number(v)
     return out
 
 
