@@ -225,7 +225,7 @@ def test_bad_input_is_refused_before_work(tmp_path):
         rdquant.CompressConfig(method="slim", slim_mask="sparsegpt", slim_solver="rtn")
     with pytest.raises(RdquantError, match="not used"):
         rdquant.config.from_settings({}, {"method": "gptq", "slim_mask": "wanda"})
-    with pytest.raises(RdquantError, match="lowrank_bits"):
+    with pytest.raises(RdquantError, match="lowrank_bits is not used by method gptq without --lowrank"):
         rdquant.config.from_settings({}, {"method": "gptq", "lowrank_bits": 8})  # without --lowrank
 
 

@@ -443,6 +443,7 @@ def from_settings(experimental: dict[str, Any], given: dict[str, Any], base: dic
             raise RdquantError(f"{where}: {shown} is not used by method {cfg.method}"
                                + (f" with solver {cfg.cvxq_solver}" if cfg.method == "cvxq" else "")
                                + (" (cvxq: --cluster-rows sets the rows per cell)" if key == "group_size" and cfg.method == "cvxq" else "")
+                               + (" without --lowrank (it sets the adapters, off at 0)" if key.startswith("lowrank_") and cfg.lowrank <= 0 else "")
                                + "; remove it")
     return cfg
 
