@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from . import packing
-from .qtensor import GroupGrid, dequantize_codes, num_groups
+from .qtensor import GroupGrid, dequantize_codes, unpack_grid
 
 # the six ways to keep two of four, as (idx0, idx1); a nibble idx0 | idx1 << 2 is valid iff idx0 < idx1
 PAIRS = ((0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3))
@@ -152,18 +152,12 @@ class Sparse24Weight(GroupGrid):
                     group_size: int) -> "Sparse24Weight":
         out_f, in_f = shape
         check_shape(in_f)
-        n_g = num_groups(in_f, group_size)
         kept = out_f * in_f // 2
         if state["qweight"].numel() != packing.packed_nbytes(kept, bits):
             raise ValueError(f"qweight has {state['qweight'].numel()} bytes, {kept} kept {bits}-bit codes need "
                              f"{packing.packed_nbytes(kept, bits)}")
         codes = packing.unpack(state["qweight"], bits, kept).view(out_f, in_f // 2)
         idx = unpack_meta(state["meta"], out_f, in_f)
-        scales = state["scales"]
-        if tuple(scales.shape) != (out_f, n_g):
-            raise ValueError(f"scales have shape {tuple(scales.shape)}, expected {(out_f, n_g)}")
-        zeros = None
-        if "qzeros" in state:
-            zeros = packing.unpack(state["qzeros"], bits, out_f * n_g).view(out_f, n_g)
+        scales, zeros = unpack_grid(state, out_f, in_f, bits, group_size)
         return cls(codes, idx, scales, zeros, bits, group_size)
 

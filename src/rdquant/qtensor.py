@@ -93,6 +93,29 @@ class VariableWidth:
         return False
 
 
+def grid_buffers(out_features: int, in_features: int, bits: int, group_size: int, symmetric: bool
+                 ) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    """The stored tensors of a per-group affine grid: fp16 `scales` and (asymmetric) packed `qzeros`."""
+    n_g = num_groups(in_features, group_size)
+    out = {"scales": (torch.float16, (out_features, n_g))}
+    if not symmetric:
+        out["qzeros"] = (torch.uint8, (packing.packed_nbytes(out_features * n_g, bits),))
+    return out
+
+
+def unpack_grid(state: dict[str, torch.Tensor], out_features: int, in_features: int, bits: int,
+                group_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(scales, zero points or None) of a per-group affine grid from its stored tensors (shape checked)."""
+    n_g = num_groups(in_features, group_size)
+    scales = state["scales"]
+    if tuple(scales.shape) != (out_features, n_g):
+        raise ValueError(f"scales have shape {tuple(scales.shape)}, expected {(out_features, n_g)}")
+    zeros = None
+    if "qzeros" in state:
+        zeros = packing.unpack(state["qzeros"], bits, out_features * n_g).view(out_features, n_g)
+    return scales, zeros
+
+
 class GroupGrid:
     """What the weights on per-group affine grids share (`scales`, `zeros` or None, `bits`): symmetry and
     the zero points, the constant 2**(bits-1) when symmetric."""
@@ -174,12 +197,6 @@ class QuantizedWeight(GroupGrid):
         group_size: int,
     ) -> "QuantizedWeight":
         out_f, in_f = shape
-        n_g = num_groups(in_f, group_size)
         codes = packing.unpack(state["qweight"], bits, out_f * in_f).view(out_f, in_f)
-        scales = state["scales"]
-        if tuple(scales.shape) != (out_f, n_g):
-            raise ValueError(f"scales have shape {tuple(scales.shape)}, expected {(out_f, n_g)}")
-        zeros = None
-        if "qzeros" in state:
-            zeros = packing.unpack(state["qzeros"], bits, out_f * n_g).view(out_f, n_g)
+        scales, zeros = unpack_grid(state, out_f, in_f, bits, group_size)
         return cls(codes=codes, scales=scales, zeros=zeros, bits=bits, group_size=group_size)

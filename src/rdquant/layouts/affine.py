@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from .. import packing
-from ..qtensor import QuantizedWeight, expand_groups, num_groups
+from ..qtensor import QuantizedWeight, expand_groups, grid_buffers
 from .base import LayerSpec, Layout, Tuning
 
 
@@ -17,12 +17,8 @@ class Affine(Layout):
     @classmethod
     def buffers(cls, layer: LayerSpec) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
         out_f, in_f = layer.shape
-        n_g = num_groups(in_f, layer.group_size)
-        out = {"qweight": (torch.uint8, (packing.packed_nbytes(out_f * in_f, layer.bits),)),
-               "scales": (torch.float16, (out_f, n_g))}
-        if not layer.symmetric:
-            out["qzeros"] = (torch.uint8, (packing.packed_nbytes(out_f * n_g, layer.bits),))
-        return out
+        return {"qweight": (torch.uint8, (packing.packed_nbytes(out_f * in_f, layer.bits),)),
+                **grid_buffers(out_f, in_f, layer.bits, layer.group_size, layer.symmetric)}
 
     @classmethod
     def weight(cls, state: dict[str, torch.Tensor], layer: LayerSpec) -> QuantizedWeight:

@@ -9,7 +9,7 @@ import torch
 
 from .. import packing
 from ..qsparse import Sparse24Weight, check_shape
-from ..qtensor import num_groups
+from ..qtensor import grid_buffers
 from .base import LayerSpec, Layout, Tuning
 
 
@@ -21,13 +21,9 @@ class Sparse24(Layout):
     def buffers(cls, layer: LayerSpec) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
         out_f, in_f = layer.shape
         check_shape(in_f)
-        n_g = num_groups(in_f, layer.group_size)
-        out = {"qweight": (torch.uint8, (packing.packed_nbytes(out_f * in_f // 2, layer.bits),)),
-               "meta": (torch.uint8, (packing.packed_nbytes(out_f * in_f // 4, 4),)),
-               "scales": (torch.float16, (out_f, n_g))}
-        if not layer.symmetric:
-            out["qzeros"] = (torch.uint8, (packing.packed_nbytes(out_f * n_g, layer.bits),))
-        return out
+        return {"qweight": (torch.uint8, (packing.packed_nbytes(out_f * in_f // 2, layer.bits),)),
+                "meta": (torch.uint8, (packing.packed_nbytes(out_f * in_f // 4, 4),)),
+                **grid_buffers(out_f, in_f, layer.bits, layer.group_size, layer.symmetric)}
 
     @classmethod
     def weight(cls, state: dict[str, torch.Tensor], layer: LayerSpec) -> Sparse24Weight:
