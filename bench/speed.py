@@ -129,23 +129,71 @@ def _random_sparse24(N: int, K: int, bits: int, group: int, g: torch.Generator):
                           torch.randint(0, 1 << bits, (N, n_g), device=dev, dtype=torch.uint8, generator=g), bits, group)
 
 
-def _random_adapters(N: int, K: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp16 factors D [r, K], U [N, r] at rdquant's rank for 10% (rounded up to 128)."""
+def _random_adapters(N: int, K: int, g: torch.Generator):
+    """4-bit symmetric g128 factors D [r, K], U [N, r] at rdquant's rank for 10% (rounded up to 128), as
+    `--lowrank 0.1` stores them."""
+    from rdquant.adapters import LowRank
+    from rdquant.config import CompressConfig
     from rdquant.lowrank import adapter_rank
+    from rdquant.methods.rtn import rtn_quantize
 
     r = adapter_rank(0.1, K, N)
-    return ((torch.randn(r, K, device=g.device, generator=g) * 0.01).half(),
-            (torch.randn(N, r, device=g.device, generator=g) * 0.01).half())
+    cfg = CompressConfig(bits=4, group_size=128, symmetric=True, clip_search=0)
+    return LowRank(rtn_quantize(torch.randn(r, K, device=g.device, generator=g) * 0.01, cfg),
+                   rtn_quantize(torch.randn(N, r, device=g.device, generator=g) * 0.01, cfg), 4, 128)
 
 
 class _WithAdapters:
     """A weight whose dequantized form includes U D (the reference of the adapters' row)."""
 
-    def __init__(self, w, D: torch.Tensor, U: torch.Tensor) -> None:
-        self.w, self.D, self.U = w, D, U
+    def __init__(self, w, lr) -> None:
+        self.w, self.lr = w, lr
 
     def dequantize(self, dtype=torch.float32) -> torch.Tensor:
-        return (self.w.dequantize(torch.float32) + self.U.float() @ self.D.float()).to(dtype)
+        return (self.w.dequantize(torch.float32) + self.lr.delta()).to(dtype)
+
+    def extra_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.lr.packed_state().values())
+
+
+class _Dense:
+    """A plain fp16 weight with the `dequantize` the correctness check calls."""
+
+    def __init__(self, W: torch.Tensor) -> None:
+        self.W = W
+
+    def dequantize(self, dtype=torch.float32) -> torch.Tensor:
+        return self.W.to(dtype)
+
+
+class _Bytes:
+    """A torch semi-structured tensor's bytes (kept values and metadata) for the b/w column."""
+
+    def __init__(self, Ws) -> None:
+        self.Ws = Ws
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.Ws.packed, self.Ws.meta) if t is not None)
+
+
+def wanted(args, name: str) -> bool:
+    """Whether `--layouts` (substrings; none: all) asks for this layout's rows."""
+    return not args.layouts or any(k in name for k in args.layouts)
+
+
+def _semi_structured(W: torch.Tensor) -> list[tuple[str, object]]:
+    """A 2:4 fp16 weight as torch's semi-structured sparse tensor, per backend this torch has (CUTLASS,
+    cuSPARSELt): the 'first fast path' the SLiM issue names, on the dequantized values."""
+    from torch.sparse import SparseSemiStructuredTensor, to_sparse_semi_structured
+
+    out = []
+    for name, force_cutlass in (("cutlass", True), ("cusparselt", False)):
+        try:
+            SparseSemiStructuredTensor._FORCE_CUTLASS = force_cutlass
+            out.append((name, to_sparse_semi_structured(W)))
+        except Exception as e:  # noqa: BLE001 - a backend this build lacks: say so, keep the others
+            print(f"torch semi-structured {name}: {type(e).__name__}: {str(e).splitlines()[0][:160]}", flush=True)
+    return out
 
 
 def matmul_rows(args) -> list[dict]:
@@ -153,6 +201,7 @@ def matmul_rows(args) -> list[dict]:
     from rdquant.kernels import sparse24_triton as k24
     from rdquant.layouts import layout_named
     from rdquant.qtensor import QuantizedWeight
+    from rdquant.runtime import adapter_runner
     from rdquant.testing import random_codebook, random_mixed
 
     dev = torch.device("cuda")
@@ -174,13 +223,19 @@ def matmul_rows(args) -> list[dict]:
         w24 = _random_sparse24(N, K, 4, 128, g)  # SLiM's layer: 2:4 + 4-bit, alone and with 4-bit adapters
         p24 = k24.repack_sparse24(w24.codes, w24.idx, w24.scales, w24.zeros, 4, 128)
         layers["2:4 4-bit g128 (SLiM)"] = (w24, [(p24, None)], lambda x, p, **c: k24.sparse24_matmul(x, p, **c))
-        D, U = _random_adapters(N, K, g)
-        layers["2:4 4-bit g128 + adapters r=10%"] = (
-            _WithAdapters(w24, D, U), [(p24, None)],
-            lambda x, p, D=D, U=U, **c: k24.sparse24_matmul(x, p, **c) + torch.nn.functional.linear(
-                torch.nn.functional.linear(x, D), U))
+        lr = _random_adapters(N, K, g)
+        run_lr = adapter_runner(lr, "triton", torch.float16)
+        layers["2:4 4-bit g128 + 4-bit adapters r=10%"] = (
+            _WithAdapters(w24, lr), [(p24, None)], lambda x, p, run_lr=run_lr, **c: k24.sparse24_matmul(x, p, **c) + run_lr(x))
+        W24 = w24.dequantize(torch.float16)
+        for backend, Ws in _semi_structured(W24):  # torch's semi-structured matmul on the dequantized values
+            layers[f"2:4 fp16 torch semi-structured ({backend})"] = (
+                _Dense(W24), [(_Bytes(Ws), None)], lambda x, p, Ws=Ws, **c: torch.nn.functional.linear(x, Ws))
+        del W24
         for name, w in (("mixed 3.0 (CVXQ cells)", random_mixed(N, K, seed=1, device=dev)),
                         ("codebook 3.1 (CLAQ)", random_codebook(N, K, seed=2, device=dev))):
+            if not wanted(args, name):
+                continue
             lay = layout_named(w.layout)
             preps = []
             for blocks in SEGMENT_BLOCKS:  # the same layer repacked in each tile shape
@@ -195,11 +250,14 @@ def matmul_rows(args) -> list[dict]:
                 xb = x.to(torch.bfloat16)
                 t_tg = median_ms(lambda: tg(xb))
             for name, (w, preps, fn) in layers.items():
+                if not wanted(args, name):
+                    continue
                 ref = torch.nn.functional.linear(x, w.dequantize().half())
                 best = None
                 for p, blocks in preps:
                     cfgs = (GEMV_CONFIGS if M < 8 else GEMM_CONFIGS) if name.startswith("affine") else \
-                        SPARSE24_CONFIGS if name.startswith("2:4") else [dict(num_warps=nw) for nw in (2, 4)]
+                        [{}] if "torch" in name else SPARSE24_CONFIGS if name.startswith("2:4") else \
+                        [dict(num_warps=nw) for nw in (2, 4)]
                     t, c, err = best_of(lambda **c: fn(x, p, **c), cfgs, ref)
                     if blocks:
                         c = dict(c, block_r=blocks[0], block_k=blocks[1])
@@ -208,7 +266,7 @@ def matmul_rows(args) -> list[dict]:
                     else:
                         best = (best[0], best[1], max(best[2], err), best[3])
                 t, c, err, p = best
-                bpw = p.nbytes() * 8 / (N * K)
+                bpw = (p.nbytes() + (w.extra_bytes() if hasattr(w, "extra_bytes") else 0)) * 8 / (N * K)
                 row = {"shape": label, "K": K, "N": N, "batch": M, "layout": name, "bits_per_weight_kernel_form": round(bpw, 3),
                        "fp16_ms": round(t_fp16, 4), "rdquant_triton_ms": round(t, 4), "speedup_vs_fp16": round(t_fp16 / t, 2),
                        "tinygemm_ms": None if t_tg is None else round(t_tg, 4),
@@ -299,6 +357,7 @@ def quantize_model(model, layout: str) -> None:
 
     names = [n for n, m in model.model.layers.named_modules() if isinstance(m, torch.nn.Linear)]
     for i, n in enumerate(names):
+        lr = None
         parent = model.model.layers.get_submodule(n.rsplit(".", 1)[0])
         lin = getattr(parent, n.rsplit(".", 1)[1])
         out_f, in_f = lin.weight.shape
@@ -310,11 +369,13 @@ def quantize_model(model, layout: str) -> None:
 
             cfg = CompressConfig(method="slim", slim_solver="rtn", group_size=128, clip_search=0)
             qw, _ = slim_quantize(lin.weight.data.float(), torch.eye(in_f, device=lin.weight.device), cfg)
+            if "adapters" in layout:
+                lr = _random_adapters(out_f, in_f, torch.Generator(device=lin.weight.device).manual_seed(i))
         elif layout.startswith("mixed"):
             qw = random_mixed(out_f, in_f, seed=i, device=lin.weight.device)
         else:
             qw = random_codebook(out_f, in_f, seed=i, device=lin.weight.device)
-        q = QuantLinear.from_quantized(qw, lin.bias, dtype=torch.float16)
+        q = QuantLinear.from_quantized(qw, lin.bias, dtype=torch.float16, lowrank=lr)
         q.set_backend("triton")
         setattr(parent, n.rsplit(".", 1)[1], q)
         del lin
@@ -328,13 +389,17 @@ def model_rows(args) -> list[dict]:
     dev = torch.device("cuda")
     rows = []
     layouts = ["fp16", "affine 4-bit g128", "affine 3-bit g128", "affine 2-bit g128", "2:4 4-bit g128 (SLiM)",
-               "mixed 3.0 (CVXQ cells)", "codebook 3.1 (CLAQ)"]
+               "2:4 4-bit g128 + 4-bit adapters r=10%", "mixed 3.0 (CVXQ cells)", "codebook 3.1 (CLAQ)"]
     models = dict(list(MODELS.items())[:1]) if args.quick else MODELS
+    if args.models:
+        models = {k: v for k, v in MODELS.items() if any(tag in k for tag in ({"small": "SmolLM2", "8b": "8B"}[m] for m in args.models))}
     for mname, kw in models.items():
         cfg = LlamaConfig(**kw, max_position_embeddings=4096)
         # the 8B shape: affine and 2:4 layouts only (random mixed / codebook codes for 224 large layers take minutes
         # to draw on the host; their kernels are timed at these shapes in part 1)
-        for layout in layouts if mname.startswith("SmolLM2") else layouts[:5]:
+        for layout in layouts if mname.startswith("SmolLM2") else layouts[:6]:
+            if layout != "fp16" and not wanted(args, layout):
+                continue
             torch.manual_seed(0)
             gc.collect()  # the previous model, its KV cache and CUDA graph's pool
             torch.cuda.empty_cache()
@@ -452,6 +517,9 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--quick", action="store_true", help="one shape, batch 1, the small model (a smoke run)")
     ap.add_argument("--parts", nargs="+", default=["matmul", "models"], choices=["matmul", "models"])
+    ap.add_argument("--layouts", nargs="+", default=None,
+                    help="only the layouts whose names contain one of these strings (e.g. '2:4' fp16 'affine 4')")
+    ap.add_argument("--models", nargs="+", default=None, choices=["small", "8b"], help="the model part's shapes")
     ap.add_argument("--tables", type=Path, default=None,
                     help="no run: write the results page's tables from this run's JSON (kept in bench/results/raw/)")
     args = ap.parse_args()

@@ -121,9 +121,11 @@ def test_sparse24_kernel_matches_the_reference(bits, group):
                            None if symmetric else torch.randint(0, 1 << bits, (N, n_g), generator=g, dtype=torch.uint8),
                            bits, group)
         p = repack_sparse24(w.codes, w.idx, w.scales, w.zeros, bits, group)
-        for M in (1, 3, 17):  # GEMV per row, and the tensor-core path
+        for M in (1, 3, 17):  # GEMV per row, and the tensor-core path; one slice, the default, three
             x = torch.randn(M, K, generator=g)
-            assert _close(sparse24_matmul(x, p, block_n=16), x @ w.dequantize().T), (symmetric, M)
+            for split_k in (1, None, 3):
+                y = sparse24_matmul(x, p, block_n=16, split_k=split_k)
+                assert _close(y, x @ w.dequantize().T), (symmetric, M, split_k)
 
 
 @pytest.mark.parametrize("method", [dict(bits=3, group_size=48), dict(method="claq", target_bits=3.1),

@@ -102,9 +102,7 @@ def _affine_kernel(x_ptr, p0, p1, p2, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr, M, N
                    SPLIT: tl.constexpr, SCALE_PER_TILE: tl.constexpr, F16_MAGIC: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """y[M, N] = x[M, K] @ W^T, the input cut into n_split slices. BLOCK_M == 1: one activation row per
-    program (GEMV: multiply and reduce in fp32); else tl.dot on BLOCK_M rows. Slices (SPLIT) leave their
-    fp32 partial sums in the workspace; the last program of a tile to finish (a per-tile counter, which
-    it resets for the next call) adds them up and writes y: one kernel, nothing to clear or cast."""
+    program (GEMV: multiply and reduce in fp32); else tl.dot on BLOCK_M rows; slices sum in `_finish`."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -150,6 +148,15 @@ def _affine_kernel(x_ptr, p0, p1, p2, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr, M, N
             else:
                 x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=(rm[:, None] < M) & kmask[None, :], other=0.0)
                 acc += tl.dot(x, w.to(x.dtype), out_dtype=tl.float32)
+    _finish(acc, y_ptr, ws_ptr, cnt_ptr, pid_m, pid_n, pid_k, rm, rn, nmask, M, N, n_split, stride_ym, SPLIT, BLOCK_M)
+
+
+@triton.jit
+def _finish(acc, y_ptr, ws_ptr, cnt_ptr, pid_m, pid_n, pid_k, rm, rn, nmask, M, N, n_split, stride_ym,
+            SPLIT: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Write a program's fp32 sums to y; with SPLIT, leave them in the workspace, and the last slice of
+    the tile to finish (a per-tile counter, which it resets for the next call) adds them up and writes y:
+    one kernel, nothing to clear or cast."""
     if BLOCK_M == 1:
         idx = pid_m * N + rn
         out = y_ptr + pid_m * stride_ym + rn
@@ -172,8 +179,27 @@ def _affine_kernel(x_ptr, p0, p1, p2, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr, M, N
         tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=omask)
 
 
+class SplitCounters:
+    """A packed layer's split-K tile counters (zero between calls: each call's last programs reset them)."""
+
+    def counters(self, n: int, device: torch.device) -> torch.Tensor:
+        c = getattr(self, "_counters", None)
+        if c is None or c.numel() < n:
+            c = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
+            self._counters = c
+        return c
+
+
+def split_plan(K: int, block_k: int, tiles: int, split_k: int | None = None) -> tuple[int, int]:
+    """(slices, columns per slice) of the input: by default ~1,500 programs, each at least two tiles deep."""
+    if split_k is None:
+        split_k = max(1, min(16, 1536 // max(tiles, 1), triton.cdiv(K, 2 * block_k)))
+    k_per_split = triton.cdiv(triton.cdiv(K, split_k), block_k) * block_k
+    return triton.cdiv(K, k_per_split), k_per_split
+
+
 @dataclass
-class PackedAffine:
+class PackedAffine(SplitCounters):
     """An affine layer in the kernel's layout: bit planes [K_pad * p / 32, out] int32 (input-major),
     scales [n_groups, out] fp16, zero points [n_groups, out] uint8 (symmetric: 2^(bits-1) stored)."""
 
@@ -185,16 +211,8 @@ class PackedAffine:
     in_features: int
     out_features: int
 
-    _counters: torch.Tensor | None = None
-
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.planes, self.scales, self.zeros))
-
-    def counters(self, n: int, device: torch.device) -> torch.Tensor:
-        """The split-K tile counters (zero between calls: each call's last programs reset them)."""
-        if self._counters is None or self._counters.numel() < n:
-            self._counters = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
-        return self._counters
 
 
 def repack_affine(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int,
@@ -254,10 +272,7 @@ def affine_matmul(x: torch.Tensor, p: PackedAffine, block_n: int | None = None, 
     scale_per_tile = group % block_k == 0
     rows = M if gemv else triton.cdiv(M, block_m)
     tiles = rows * triton.cdiv(N, block_n)
-    if split_k is None:  # ~1,500 programs, each at least two tiles deep
-        split_k = max(1, min(16, 1536 // max(tiles, 1), triton.cdiv(K, 2 * block_k)))
-    k_per_split = triton.cdiv(triton.cdiv(K, split_k), block_k) * block_k
-    split_k = triton.cdiv(K, k_per_split)
+    split_k, k_per_split = split_plan(K, block_k, tiles, split_k)
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     ws = torch.empty(split_k * M * N if split_k > 1 else 1, dtype=torch.float32, device=x.device)
     (q0, q1, q2), (b0, b1, b2) = _plane_args(p.planes, p.bits)
