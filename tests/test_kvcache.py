@@ -1,0 +1,110 @@
+"""KV-cache quantization (kvcache.py): the round trip's bound, past-only semantics, the one-pass
+evaluation against the token-by-token cache, and the folds."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rdquant import kvcache
+from rdquant.errors import RdquantError
+from rdquant.kvcache import KVSpec, QuantizedKVCache
+from rdquant.testing import tiny_model
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("group", [16, 8])
+def test_token_round_trip_within_half_a_step(bits, group):
+    g = torch.Generator().manual_seed(bits + group)
+    x = torch.randn(2, 3, 40, 16, generator=g) * torch.linspace(0.1, 5, 16)  # channels of different ranges
+    codes, scale, lo = kvcache.quantize_tokens(x, bits, group)
+    assert codes.shape == x.shape and scale.shape == (2, 3, 40, 16 // group) and int(codes.max()) < (1 << bits)
+    y = kvcache.dequantize_tokens(codes, scale, lo)
+    step = scale.float().repeat_interleave(group, -1)
+    assert ((x - y).abs() <= step / 2 + 1e-3 * x.abs().amax()).all()
+    # packed rows come back as they went in
+    packed = kvcache._pack_rows(codes, bits)
+    assert packed.shape[-1] == 16 * bits // 8
+    assert torch.equal(kvcache._unpack_rows(packed, bits, 16), codes)
+
+
+def _model(seed=0):
+    m = tiny_model("llama", 96, hidden=64, layers=2, seed=seed).float()
+    return m
+
+
+def test_cache_is_past_only_and_packed():
+    m = _model()
+    params = kvcache.attach(m, KVSpec(bits=3))
+    g = torch.Generator().manual_seed(1)
+    params[0].shift_k.normal_(generator=g)
+    lay = kvcache.QuantizedKVLayer(params[0])
+    k1, v1 = torch.randn(1, 2, 5, 16, generator=g), torch.randn(1, 2, 5, 16, generator=g)
+    keys, values = lay.update(k1, v1)  # a prefill chunk: itself in full precision (shifted)
+    sk, sv = params[0].shifted(k1, v1)
+    assert torch.equal(keys, sk) and torch.equal(values, sv)
+    k2, v2 = torch.randn(1, 2, 1, 16, generator=g), torch.randn(1, 2, 1, 16, generator=g)
+    keys, values = lay.update(k2, v2)
+    sk2, sv2 = params[0].shifted(k2, v2)
+    assert torch.equal(keys[:, :, -1:], sk2) and torch.equal(values[:, :, -1:], sv2)  # its own K/V exact
+    assert torch.allclose(keys[:, :, :5], params[0].fake(sk)) and not torch.equal(keys[:, :, :5], sk)
+    assert lay.get_seq_length() == 6
+    assert lay.nbytes() == 2 * 6 * 2 * (16 * 3 // 8 + 4)  # K and V, 6 tokens, 2 heads: codes + scale + minimum
+
+
+@pytest.mark.parametrize("spec", [KVSpec(bits=4), KVSpec(bits=2, group_size=8), KVSpec(bits=3, residual=3)],
+                         ids=["kv4", "kv2-g8", "kv3-residual3"])
+def test_one_pass_equals_token_by_token(spec):
+    """The evaluation's one pass computes what generation through the cache computes, token by token."""
+    m = _model()
+    kvcache.attach(m, spec)
+    g = torch.Generator().manual_seed(2)
+    for p, attn in zip(kvcache.kv_params(m), kvcache.attention_modules(m)):  # shifts as calibration leaves them
+        p.shift_k.normal_(generator=g)
+        kvcache.fold_value_shift(attn, torch.randn(2, 16, generator=g))
+    ids = torch.randint(0, 96, (1, 24), generator=g)
+    with torch.no_grad():
+        with kvcache.past_only(m):
+            one = m(ids, use_cache=False).logits
+        cache = QuantizedKVCache(m)
+        steps = [m(ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits for t in range(ids.shape[1])]
+        plain = m(ids, use_cache=False).logits  # the context restored the model's own attention
+    steps = torch.cat(steps, 1)
+    assert torch.allclose(one, steps, atol=1e-4, rtol=1e-4), float((one - steps).abs().max())
+    assert not torch.allclose(one, plain, atol=1e-3)  # the quantization is seen
+    assert cache.get_seq_length() == 24
+
+
+def test_generate_with_the_quantized_cache():
+    m = _model()
+    kvcache.attach(m, KVSpec(bits=8))
+    ids = torch.randint(0, 96, (1, 6), generator=torch.Generator().manual_seed(3))
+    out = m.generate(ids, past_key_values=QuantizedKVCache(m), max_new_tokens=5, do_sample=False)
+    ref = m.generate(ids, max_new_tokens=5, do_sample=False)
+    assert out.shape == (1, 11) and torch.equal(out, ref)  # 8-bit K/V: the same greedy tokens
+
+
+def test_folds_keep_the_float_model():
+    """Key smoothing (q/k projections) and the value shift (o_proj's bias) leave the function unchanged:
+    with the cache in full precision (8 bits and a residual window covering the text) the outputs match."""
+    m = _model()
+    ids = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        before = m(ids, use_cache=False).logits
+        kvcache.calibrate(m, ids, KVSpec(bits=8, residual=64), key_alpha=0.5)
+        assert all(bool(p.shift_k.any()) for p in kvcache.kv_params(m))
+        assert all(a.v_proj.bias is not None and a.o_proj.bias is not None for a in kvcache.attention_modules(m))
+        with kvcache.past_only(m):
+            after = m(ids, use_cache=False).logits
+        plain = m(ids, use_cache=False).logits
+    assert torch.allclose(before, after, atol=1e-4) and torch.allclose(before, plain, atol=1e-4)
+
+
+def test_bad_specs_name_the_fix():
+    m = _model()
+    with pytest.raises(RdquantError, match="--kv-bits 5"):
+        kvcache.attach(m, KVSpec(bits=5))
+    with pytest.raises(RdquantError, match="--kv-group 5"):
+        kvcache.attach(m, KVSpec(group_size=5))
+    with pytest.raises(RdquantError, match="no KV quantization"):
+        QuantizedKVCache(_model())
