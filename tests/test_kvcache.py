@@ -15,6 +15,7 @@ from rdquant.testing import tiny_model
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("group", [16, 8])
 def test_token_round_trip_within_half_a_step(bits, group):
+    """Min-max groups (no clipping): every value within half a step of its group's grid."""
     g = torch.Generator().manual_seed(bits + group)
     x = torch.randn(2, 3, 40, 16, generator=g) * torch.linspace(0.1, 5, 16)  # channels of different ranges
     codes, scale, lo = kvcache.quantize_tokens(x, bits, group)
@@ -28,6 +29,24 @@ def test_token_round_trip_within_half_a_step(bits, group):
     assert torch.equal(kvcache._unpack_rows(packed, bits, 16), codes)
 
 
+@pytest.mark.parametrize("bits", [2, 4])
+def test_channel_groups_and_clipping(bits):
+    """Keys per channel over groups of tokens round-trip within half a step; clipping never raises a
+    group's squared error over min-max's."""
+    g = torch.Generator().manual_seed(bits)
+    x = torch.randn(1, 2, 32, 16, generator=g) * torch.linspace(0.1, 5, 16)
+    codes, scale, lo = kvcache.quantize_channels(x, bits, 8)
+    assert scale.shape == (1, 2, 4, 16)
+    y = kvcache.dequantize_channels(codes, scale, lo)
+    step = scale.float().repeat_interleave(8, 2)
+    assert ((x - y).abs() <= step / 2 + 1e-3 * x.abs().amax()).all()
+    yc = kvcache.dequantize_channels(*kvcache.quantize_channels(x, bits, 8, clip=True))
+    err = lambda z: ((z - x) ** 2).reshape(1, 2, 4, 8, 16).sum(3)
+    assert (err(yc) <= err(y) + 1e-6).all()
+    if bits == 2:  # at 2 bits a gaussian group's min-max range wastes levels: clipping must find less error
+        assert err(yc).sum() < err(y).sum()
+
+
 def _model(seed=0):
     m = tiny_model("llama", 96, hidden=64, layers=2, seed=seed).float()
     return m
@@ -35,7 +54,7 @@ def _model(seed=0):
 
 def test_cache_is_past_only_and_packed():
     m = _model()
-    params = kvcache.attach(m, KVSpec(bits=3))
+    params = kvcache.attach(m, KVSpec(bits=3, key_axis="token", clip=False))
     g = torch.Generator().manual_seed(1)
     params[0].shift_k.normal_(generator=g)
     lay = kvcache.QuantizedKVLayer(params[0])
@@ -47,13 +66,16 @@ def test_cache_is_past_only_and_packed():
     keys, values = lay.update(k2, v2)
     sk2, sv2 = params[0].shifted(k2, v2)
     assert torch.equal(keys[:, :, -1:], sk2) and torch.equal(values[:, :, -1:], sv2)  # its own K/V exact
-    assert torch.allclose(keys[:, :, :5], params[0].fake(sk)) and not torch.equal(keys[:, :, :5], sk)
+    assert torch.allclose(keys[:, :, :5], params[0].fake_keys(sk)) and not torch.equal(keys[:, :, :5], sk)
+    assert torch.allclose(values[:, :, :5], params[0].fake_values(sv))
     assert lay.get_seq_length() == 6
     assert lay.nbytes() == 2 * 6 * 2 * (16 * 3 // 8 + 4)  # K and V, 6 tokens, 2 heads: codes + scale + minimum
 
 
-@pytest.mark.parametrize("spec", [KVSpec(bits=4), KVSpec(bits=2, group_size=8), KVSpec(bits=3, residual=3)],
-                         ids=["kv4", "kv2-g8", "kv3-residual3"])
+@pytest.mark.parametrize("spec", [KVSpec(bits=4, key_tokens=4), KVSpec(bits=2, key_tokens=8, residual=3),
+                                  KVSpec(bits=4, key_axis="token"), KVSpec(bits=2, group_size=8, key_axis="token", clip=False),
+                                  KVSpec(bits=3, residual=3, key_axis="token")],
+                         ids=["kv4-channel", "kv2-channel-residual3", "kv4-token", "kv2-token-g8", "kv3-token-residual3"])
 def test_one_pass_equals_token_by_token(spec):
     """The evaluation's one pass computes what generation through the cache computes, token by token."""
     m = _model()
@@ -67,7 +89,8 @@ def test_one_pass_equals_token_by_token(spec):
         with kvcache.past_only(m):
             one = m(ids, use_cache=False).logits
         cache = QuantizedKVCache(m)
-        steps = [m(ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits for t in range(ids.shape[1])]
+        kw = kvcache.cache_kwarg(m)
+        steps = [m(ids[:, t : t + 1], **{kw: cache}, use_cache=True).logits for t in range(ids.shape[1])]
         plain = m(ids, use_cache=False).logits  # the context restored the model's own attention
     steps = torch.cat(steps, 1)
     assert torch.allclose(one, steps, atol=1e-4, rtol=1e-4), float((one - steps).abs().max())
@@ -79,7 +102,7 @@ def test_generate_with_the_quantized_cache():
     m = _model()
     kvcache.attach(m, KVSpec(bits=8))
     ids = torch.randint(0, 96, (1, 6), generator=torch.Generator().manual_seed(3))
-    out = m.generate(ids, past_key_values=QuantizedKVCache(m), max_new_tokens=5, do_sample=False)
+    out = m.generate(ids, **{kvcache.cache_kwarg(m): QuantizedKVCache(m)}, max_new_tokens=5, do_sample=False)
     ref = m.generate(ids, max_new_tokens=5, do_sample=False)
     assert out.shape == (1, 11) and torch.equal(out, ref)  # 8-bit K/V: the same greedy tokens
 
@@ -108,3 +131,26 @@ def test_bad_specs_name_the_fix():
         kvcache.attach(m, KVSpec(group_size=5))
     with pytest.raises(RdquantError, match="no KV quantization"):
         QuantizedKVCache(_model())
+
+
+@pytest.mark.parametrize("method", [dict(bits=4, group_size=32), dict(method="claq", target_bits=3.1)], ids=["gptq", "claq"])
+def test_compressed_artifact_carries_the_kv_cache(tmp_path, tiny_model_dir, method):
+    """--kv-bits with a weight method: calibrated per block, saved, loaded, evaluated past-only, generated."""
+    import rdquant
+    from rdquant.artifact import read_manifest
+
+    cfg = rdquant.CompressConfig(calib_samples=4, calib_seqlen=32, kv_bits=4, kv_shift=True, kv_smooth=0.5, **method)
+    cm = rdquant.compress(str(tiny_model_dir), cfg, progress=False)
+    out = cm.save(tmp_path / "a")
+    man = read_manifest(out)
+    assert man["kv_cache"] == {"bits": 4, "group_size": -1, "residual": 0, "key_axis": "channel", "key_tokens": 32,
+                               "clip": False} and man["format_version"] == 6
+    assert any(k.endswith("self_attn.kv_shift_k") for k in man["tensors"])
+    m = rdquant.load(out)
+    assert kvcache.has_kv(m) and all(bool(p.shift_k.any()) for p in kvcache.kv_params(m))
+    # the loaded model computes what the compressed one did (same shifts, folds and cache)
+    ids = torch.randint(0, m.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), kvcache.past_only(m), kvcache.past_only(cm.model):
+        assert torch.allclose(m(ids, use_cache=False).logits, cm.model(ids, use_cache=False).logits, atol=1e-4)
+    gen = m.generate(ids, **{kvcache.cache_kwarg(m): QuantizedKVCache(m)}, max_new_tokens=4, do_sample=False)
+    assert gen.shape == (1, 16)

@@ -22,15 +22,18 @@ from .errors import ArtifactError, RdquantError
 from .safety import check_output, remove_owned
 
 FORMAT_NAME = "rdquant"
-FORMAT_VERSION = 5  # 2: optional per-tensor codecs; 3: codebook layers; 4: mixed-width layers; 5: 2:4 sparse, adapters
-READABLE_VERSIONS = (1, 2, 3, 4, 5)
+FORMAT_VERSION = 6  # 2: optional per-tensor codecs; 3: codebook layers; 4: mixed-width layers; 5: 2:4 sparse, adapters; 6: quantized KV cache
+READABLE_VERSIONS = (1, 2, 3, 4, 5, 6)
 
 
-def format_version(quantized: dict[str, Any]) -> int:
-    """The oldest version that holds these layers: 5 only with 2:4 sparse layers or low-rank adapters
-    (which a version-4 reader would not apply), so other artifacts still load in older readers."""
+def format_version(quantized: dict[str, Any], kv_cache: bool = False) -> int:
+    """The oldest version that holds these layers: 6 with a quantized KV cache, 5 with 2:4 sparse layers or
+    low-rank adapters (which older readers would not apply), else 4, so other artifacts still load in older
+    readers."""
+    if kv_cache:
+        return 6
     new = any(isinstance(q, dict) and (q.get("layout") == "sparse24" or "lowrank" in q) for q in quantized.values())
-    return FORMAT_VERSION if new else 4
+    return 5 if new else 4
 MANIFEST = "manifest.json"
 SHARD_BYTES = 2 * 1024**3
 
@@ -146,7 +149,7 @@ def write_artifact(
         for writer in extra_files.values():
             writer(tmp)
         sidecars = {f.name: file_sha256(f) for f in sorted(tmp.iterdir()) if f.is_file() and f.name not in files}
-        manifest = {"format": FORMAT_NAME, "format_version": format_version(manifest.get("quantized", {})),
+        manifest = {"format": FORMAT_NAME, "format_version": format_version(manifest.get("quantized", {}), "kv_cache" in manifest),
                     **{k: v for k, v in manifest.items() if k != "manifest_sha256"}, "files": files, "tensors": entries,
                     "sidecar_sha256": sidecars}
         manifest = json.loads(json.dumps(manifest))  # as a reader will see it (lists for tuples, str keys)

@@ -489,10 +489,17 @@ def generate(
         if isinstance(q, QuantLinear) and q.backend == "cached":
             q.dequantized_weight()
     prep = time.perf_counter() - t_prep
+    from .kvcache import QuantizedKVCache, cache_kwarg, has_kv
+
+    kv = {cache_kwarg(m): QuantizedKVCache(m)} if has_kv(m) else {}  # the artifact's quantized KV cache
     t0 = time.perf_counter()
     with torch.inference_mode():
-        out = m.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.eos_token_id)
+        out = m.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.eos_token_id, **kv)
     seconds = time.perf_counter() - t0
+    if kv:
+        cache = next(iter(kv.values()))
+        typer.echo(f"[KV cache: {cache.nbytes() / 2**20:.2f} MiB for {cache.get_seq_length()} tokens, "
+                   f"{cache.layers[0].params.spec.bits}-bit]", err=True)
     new = out[0][n_prompt:]
     typer.echo(tok.decode(new, skip_special_tokens=True))
     from .backends import describe

@@ -118,6 +118,10 @@ class CompressedModel:
         }
         if self.tuning is not None:
             manifest["tuning"] = self.tuning
+        if self.config.kv_bits:  # the cache's spec; each attention module's key shift is a tensor (kv_shift_k)
+            from .kvcache import spec_of
+
+            manifest["kv_cache"] = spec_of(self.config).to_dict()
         log = [asdict(entry) for entry in self.logs]
         extra = {
             "config": lambda d: self.model.config.save_pretrained(d),
@@ -227,7 +231,7 @@ def compress(
     elif next(model.parameters()).dtype != torch.float32 and cfg.device == "cpu":
         model = model.float()
         source = None
-    if calib_ids is None and (METHODS[cfg.method].needs_hessian or cfg.tune_steps):
+    if calib_ids is None and (METHODS[cfg.method].needs_hessian or cfg.tune_steps or cfg.kv_bits):
         if tokenizer is None:
             raise RdquantError("calibration needs a tokenizer (or pass calib_ids)")
         calib_ids = calibration_windows(tokenizer, cfg.calib, cfg.calib_samples, cfg.calib_seqlen, cfg.seed)

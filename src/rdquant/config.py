@@ -53,6 +53,7 @@ GPTQ_SWEEP = _SWEEP  # the error-compensating column sweep with act-order (slim'
 SOLVE_SWEEP = lambda c: _SWEEP(c) or (c.method == "slim" and c.slim_solver == "gptq")  # the sweep, any order
 SLIM = lambda c: c.method == "slim"
 LOWRANK = lambda c: c.lowrank > 0
+KV = lambda c: c.kv_bits > 0
 CLAQ = _uses(("claq",), ("claq",))
 CVXQ = _uses(("cvxq",))
 TARGETED = _uses(("claq", "cvxq"))
@@ -158,6 +159,28 @@ class CompressConfig:
                             uses=LOWRANK, choices=(2, 3, 4, 5, 6, 7, 8, 16))
     lowrank_group: int = opt(128, "adapter weights per scale group along each factor's input", panel="Low-rank adapters",
                              uses=lambda c: c.lowrank > 0 and c.lowrank_bits != 16, lo=8, hi=1 << 20)
+    # KV cache (WKVQuant, kvcache.py), any method
+    kv_bits: int = opt(0, "bits of the cached keys and values: generation and evaluation of the artifact use a "
+                       "quantized KV cache (past-only, token-wise groups); 0 = a 16-bit cache", panel="KV cache",
+                       choices=(0, 2, 3, 4, 8))
+    kv_group: int = opt(-1, "cached values per scale group along each head (keys too with --kv-key-axis token); "
+                        "-1 = the whole head", panel="KV cache", uses=KV, lo=-1, hi=1 << 16)
+    kv_key_axis: str = opt("channel", "keys' grids: channel (one per channel per --kv-key-tokens tokens; the newest "
+                           "partial group waits in 16 bits) | token (WKVQuant's token-wise groups, as the values)",
+                           panel="KV cache", uses=KV, choices=("channel", "token"))
+    kv_key_tokens: int = opt(32, "tokens per key group with --kv-key-axis channel", panel="KV cache",
+                             uses=lambda c: c.kv_bits > 0 and c.kv_key_axis == "channel", lo=1, hi=4096)
+    kv_clip: str = opt("auto", "each group's range clipped to the fraction (1, 0.9, 0.8, 0.7) of least squared "
+                       "error: on | off | auto (on at 2 bits, where it helps; off above, where min-max did better)",
+                       panel="KV cache", uses=KV, choices=("auto", "on", "off"))
+    kv_residual: int = opt(0, "most recent past tokens the cache keeps in 16 bits", panel="KV cache", uses=KV, lo=0,
+                           hi=1 << 20)
+    kv_smooth: float = opt(-1, "WKVQuant's key smoothing: per-channel scales max|k|^a / max|q|^(1-a) folded into "
+                           "q/k_proj (0.5 helps token-wise keys; channel keys don't need it); -1 = off", panel="KV cache",
+                           uses=KV, lo=-1, hi=1)
+    kv_shift: bool = opt(False, "WKVQuant's static per-channel shifts (mid-range) of keys (in the cache) and values "
+                         "(folded into the v_proj / o_proj biases) before the groups (helps token-wise keys)",
+                         panel="KV cache", uses=KV)
     bias_correction: bool = opt(False, "store (W - Q) times the mean input as a bias per layer", lo=None)
     # CLAQ (Wang et al. 2024): column K-means codebooks inside GPTQ
     claq_share: int = opt(1, "columns per codebook", flag="--codebook-share", panel="CLAQ codebooks", uses=CLAQ, lo=1, hi=1 << 16)
@@ -353,6 +376,13 @@ def _check_combinations(c: CompressConfig) -> None:
     if c.method == "slim" and c.slim_mask == "sparsegpt" and c.slim_solver == "rtn":
         raise RdquantError("slim: --mask sparsegpt chooses the mask inside the GPTQ sweep; use --slim-solver gptq "
                            "or --mask wanda")
+    if c.kv_bits and c.method == "rtn":
+        raise RdquantError("--kv-bits calibrates the cache on each block's inputs, which method rtn does not "
+                           "compute: use gptq, claq, cvxq or slim")
+    if c.kv_group == 0 or c.kv_group < -1:
+        raise RdquantError(f"--kv-group must be -1 (the whole head) or a positive divisor of the head size, not {c.kv_group}")
+    if c.kv_smooth != -1 and not 0 <= c.kv_smooth <= 1:
+        raise RdquantError(f"--kv-smooth must be -1 (off) or between 0 and 1, not {c.kv_smooth}")
     if c.lowrank > 0 and c.method == "ecsq":
         raise RdquantError("--lowrank is not supported by the experimental ecsq method")
     if c.claq_scale_group != -1 and (c.claq_scale_group < 8 or c.claq_scale_group % 8):

@@ -3,6 +3,7 @@ tokens, ppl = exp(mean next-token NLL). One code path for original and compresse
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -156,7 +157,10 @@ def evaluate(
     model(windows[0, :1].unsqueeze(0).to(dev))  # models that prepare on their first call (a compressed-tensors
     # model decompresses then) are ready before loss_parts calls their parts directly
     parts = loss_parts(model, windows[0, : min(PROBE_TOKENS, seqlen)].unsqueeze(0).to(dev))
-    with retain_freed_memory():
+    from .kvcache import has_kv, past_only
+
+    # a quantized KV cache: each position sees the quantized past and itself exact, as generation would
+    with retain_freed_memory(), (past_only(model) if has_kv(model) else contextlib.nullcontext()):
         for w in tqdm(range(n), desc=f"ppl {data}", unit="window", disable=not progress):
             x = windows[w].unsqueeze(0).to(dev)
             total += window_nll(model, x, parts, chunk)

@@ -34,14 +34,24 @@ KV_BITS = (2, 3, 4, 8)
 ATTN_NAME = "rdquant_past_only"
 
 
+KEY_AXES = ("channel", "token")
+CLIPS = (1.0, 0.9, 0.8, 0.7)  # range fractions the clip search tries per group
+
+
 @dataclass(frozen=True)
 class KVSpec:
-    """How the cache stores K and V: width, group size along head_dim (-1: the whole head) and the
-    number of most recent past tokens kept in full precision (0: only the current token)."""
+    """How the cache stores K and V. Values: token-wise groups of `group_size` along head_dim (-1: the whole
+    head). Keys: per channel over groups of `key_tokens` tokens (`key_axis` channel: the past's slowly
+    varying channels cost few levels; the newest partial group waits in 16 bits) or token-wise like the
+    values (`token`). `residual`: most recent past tokens kept in 16 bits besides. `clip`: each group's
+    range shrunk to the fraction of CLIPS with the least squared error, instead of min-max."""
 
     bits: int = 4
     group_size: int = -1
     residual: int = 0
+    key_axis: str = "channel"
+    key_tokens: int = 32
+    clip: bool = False
 
     def check(self, head_dim: int) -> None:
         """A one-line error for a spec this model's heads can't take."""
@@ -55,32 +65,66 @@ class KVSpec:
             raise RdquantError(f"a head of {head_dim} values at {self.bits} bits is not a whole number of bytes")
         if self.residual < 0:
             raise RdquantError(f"--kv-residual must be 0 or more (got {self.residual})")
+        if self.key_axis not in KEY_AXES:
+            raise RdquantError(f"--kv-key-axis {self.key_axis!r}: use channel or token")
+        if self.key_tokens < 1:
+            raise RdquantError(f"--kv-key-tokens must be at least 1 (got {self.key_tokens})")
 
     def group(self, head_dim: int) -> int:
         return head_dim if self.group_size == -1 else self.group_size
 
-    def bytes_per_token(self, head_dim: int, kv_heads: int) -> float:
-        """Cache bytes per token per layer for K and V (packed codes plus fp16 scale and minimum per group)."""
-        groups = head_dim // self.group(head_dim)
-        return 2 * kv_heads * (head_dim * self.bits / 8 + 4 * groups)
+    @property
+    def unit(self) -> int:
+        """Tokens that leave the 16-bit window together (a key group, or one token)."""
+        return self.key_tokens if self.key_axis == "channel" else 1
 
-    def to_dict(self) -> dict[str, int]:
+    def bytes_per_token(self, head_dim: int, kv_heads: int) -> float:
+        """Cache bytes per token per layer for K and V at long context: packed codes plus an fp16 scale and
+        minimum per group."""
+        v_grid = 4 * head_dim // self.group(head_dim)
+        k_grid = 4 * head_dim / self.key_tokens if self.key_axis == "channel" else v_grid
+        return kv_heads * (2 * head_dim * self.bits / 8 + v_grid + k_grid)
+
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-# --- token-wise group quantization ----------------------------------------------------------------
+# --- group quantization ----------------------------------------------------------------------------
 
-def quantize_tokens(x: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x [..., D] -> codes uint8 [..., D], scale and minimum fp16 [..., D / group]: asymmetric min-max
-    per group of `group` consecutive values. Codes are rounded against the fp16 scale and minimum that
-    are stored, so dequantize_tokens is within scale / 2 of x."""
-    *lead, D = x.shape
-    xg = x.float().reshape(*lead, D // group, group)
-    lo = xg.amin(-1).half()
-    hi = xg.amax(-1)
+def quantize_groups(xg: torch.Tensor, bits: int, dim: int, clip: bool = False
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric quantization of xg with one fp16 (scale, minimum) per slice along `dim`: codes uint8 of
+    xg's shape, scale and minimum with `dim` dropped. Codes are rounded against the stored fp16 grid, so
+    the round trip is within half a step inside the (possibly clipped) range."""
+    x = xg.float()
+    lo0, hi0 = x.amin(dim, keepdim=True), x.amax(dim, keepdim=True)
     qmax = (1 << bits) - 1
-    scale = ((hi - lo.float()) / qmax).clamp_min(1e-8).half()
-    codes = ((xg - lo.float()[..., None]) / scale.float()[..., None]).round_().clamp_(0, qmax).to(torch.uint8)
+    best = None
+    for c in CLIPS if clip else (1.0,):
+        mid, half = (hi0 + lo0) / 2, (hi0 - lo0) / 2 * c
+        lo = (mid - half).half()
+        scale = (2 * half / qmax).clamp_min(1e-8).half()
+        codes = ((x - lo.float()) / scale.float()).round_().clamp_(0, qmax)
+        if not clip:
+            best = (codes, scale, lo)
+            break
+        err = ((codes * scale.float() + lo.float() - x) ** 2).sum(dim, keepdim=True)
+        if best is None:
+            best = (codes, scale, lo, err)
+        else:
+            better = err < best[3]
+            best = (torch.where(better, codes, best[0]), torch.where(better, scale, best[1]),
+                    torch.where(better, lo, best[2]), torch.minimum(err, best[3]))
+    codes, scale, lo = best[:3]
+    return codes.to(torch.uint8), scale.squeeze(dim), lo.squeeze(dim)
+
+
+def quantize_tokens(x: torch.Tensor, bits: int, group: int, clip: bool = False
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [..., D] -> codes uint8 [..., D], scale and minimum fp16 [..., D / group]: one grid per group of
+    `group` consecutive values of a token."""
+    *lead, D = x.shape
+    codes, scale, lo = quantize_groups(x.reshape(*lead, D // group, group), bits, -1, clip)
     return codes.reshape(*lead, D), scale, lo
 
 
@@ -92,70 +136,98 @@ def dequantize_tokens(codes: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor
     return x.reshape(*lead, D).to(dtype)
 
 
-def fake_quant_tokens(x: torch.Tensor, bits: int, group: int) -> torch.Tensor:
+def quantize_channels(x: torch.Tensor, bits: int, tokens: int, clip: bool = False
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [B, H, n, D] (n a multiple of `tokens`) -> codes [B, H, n, D], scale and minimum [B, H, n / tokens,
+    D]: one grid per channel per group of `tokens` consecutive tokens."""
+    B, H, n, D = x.shape
+    codes, scale, lo = quantize_groups(x.reshape(B, H, n // tokens, tokens, D), bits, 3, clip)
+    return codes.reshape(B, H, n, D), scale, lo
+
+
+def dequantize_channels(codes: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor,
+                        dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    B, H, n, D = codes.shape
+    g = scale.shape[2]
+    x = codes.reshape(B, H, g, n // g, D).float() * scale.float()[:, :, :, None] + lo.float()[:, :, :, None]
+    return x.reshape(B, H, n, D).to(dtype)
+
+
+def fake_quant_tokens(x: torch.Tensor, bits: int, group: int, clip: bool = False) -> torch.Tensor:
     """x through quantize_tokens and back, in x's dtype (what the cache hands out for a past token)."""
-    return dequantize_tokens(*quantize_tokens(x, bits, group), dtype=x.dtype)
+    return dequantize_tokens(*quantize_tokens(x, bits, group, clip), dtype=x.dtype)
 
 
 # --- per-layer parameters -------------------------------------------------------------------------
 
-class KVParams(nn.Module):
-    """One attention layer's KV quantization: the spec and the static per-channel key shift [kv_heads,
-    head_dim] subtracted from keys (post-RoPE, as cached) before token-wise quantization."""
+SHIFT = "kv_shift_k"  # the buffer on each attention module that holds its key shift (saved with the block)
 
-    def __init__(self, spec: KVSpec, kv_heads: int, head_dim: int) -> None:
-        super().__init__()
-        self.spec = spec
-        self.register_buffer("shift_k", torch.zeros(kv_heads, head_dim))
+
+class KVParams:
+    """One attention layer's KV quantization: the spec, and the module's static per-channel key shift
+    [kv_heads, head_dim] (a buffer of the module, so checkpoints and artifacts carry it) subtracted from keys
+    (post-RoPE, as cached) before token-wise quantization."""
+
+    def __init__(self, spec: KVSpec, attn: nn.Module) -> None:
+        self.spec, self.attn = spec, attn
+
+    @property
+    def shift_k(self) -> torch.Tensor:
+        return getattr(self.attn, SHIFT)
 
     def shifted(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """k [B, kv_heads, T, D] minus the key shift, and v (what the cache stores and hands out)."""
-        return k - self.shift_k[None, :, None, :].to(k.dtype), v
+        return k - self.shift_k[None, :, None, :].to(k.device, k.dtype), v
 
-    def fake(self, x: torch.Tensor) -> torch.Tensor:
-        return fake_quant_tokens(x, self.spec.bits, self.spec.group(x.shape[-1]))
+    def fake_values(self, v: torch.Tensor) -> torch.Tensor:
+        """Values [B, H, S, D] as the cache hands them out once quantized."""
+        return fake_quant_tokens(v, self.spec.bits, self.spec.group(v.shape[-1]), self.spec.clip)
+
+    def fake_keys(self, k: torch.Tensor) -> torch.Tensor:
+        """Shifted keys [B, H, S, D] as the cache hands them out once quantized (channel axis: the complete
+        groups of key_tokens from the first token; the rest is never seen quantized, and stays)."""
+        sp = self.spec
+        if sp.key_axis == "token":
+            return fake_quant_tokens(k, sp.bits, sp.group(k.shape[-1]), sp.clip)
+        n = k.shape[2] // sp.key_tokens * sp.key_tokens
+        out = k.clone()
+        if n:
+            out[:, :, :n] = dequantize_channels(*quantize_channels(k[:, :, :n], sp.bits, sp.key_tokens, sp.clip), dtype=k.dtype)
+        return out
 
 
 def attention_modules(model: nn.Module) -> list[nn.Module]:
-    """The model's self-attention modules in layer order (those with k_proj, v_proj, o_proj and a layer_idx)."""
+    """The self-attention modules under `model` (a model or one block) in layer order: those with k_proj,
+    v_proj, o_proj and a layer_idx."""
     mods = [m for m in model.modules() if all(hasattr(m, a) for a in ("k_proj", "v_proj", "o_proj", "layer_idx"))]
     return sorted(mods, key=lambda m: m.layer_idx)
 
 
-def head_shape(model: nn.Module) -> tuple[int, int]:
-    """(kv heads, head_dim) of a transformers decoder's config."""
-    cfg = getattr(model, "config", None)
-    cfg = getattr(cfg, "text_config", None) or cfg
-    if cfg is None or not hasattr(cfg, "num_attention_heads"):
-        raise RdquantError("KV quantization needs a transformers decoder with num_attention_heads in its config")
-    heads = cfg.num_attention_heads
-    kv = getattr(cfg, "num_key_value_heads", None) or heads
-    return kv, getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+def head_shape(attn: nn.Module) -> tuple[int, int]:
+    """(kv heads, head_dim) of a transformers attention module."""
+    cfg = getattr(attn, "config", None)
+    D = getattr(attn, "head_dim", None)
+    if cfg is None or D is None or not hasattr(cfg, "num_attention_heads"):
+        raise RdquantError("KV quantization needs transformers attention modules (with a config and head_dim)")
+    return getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads, D
 
 
-def attach(model: nn.Module, spec: KVSpec, state: dict[str, torch.Tensor] | None = None) -> list[KVParams]:
-    """Give every attention module of `model` a `kv_quant` KVParams (key shifts from `state`, keyed
-    `layers.<i>.shift_k`, else zero). Returns them in layer order."""
-    kv, hd = head_shape(model)
-    spec.check(hd)
+def attach(model: nn.Module, spec: KVSpec) -> list[KVParams]:
+    """Give every attention module under `model` a `kv_quant` KVParams and a zero key-shift buffer where it
+    has none (an artifact's shifts are then read into it). Returns them in layer order."""
     mods = attention_modules(model)
     if not mods:
         raise RdquantError("KV quantization found no attention modules (k_proj / v_proj / o_proj) in this model")
     out = []
     for m in mods:
-        p = KVParams(spec, kv, hd).to(m.o_proj.weight.device if hasattr(m.o_proj, "weight") else "cpu")
-        t = None if state is None else state.get(f"layers.{m.layer_idx}.shift_k")
-        if t is not None:
-            p.shift_k.copy_(t)
-        m.kv_quant = p
-        out.append(p)
+        kv, D = head_shape(m)
+        spec.check(D)
+        if getattr(m, SHIFT, None) is None:
+            t = next((t for t in (*m.parameters(), *m.buffers()) if t.device.type != "meta"), None)
+            m.register_buffer(SHIFT, torch.zeros(kv, D, dtype=torch.float32, device=t.device if t is not None else "cpu"))
+        m.kv_quant = KVParams(spec, m)
+        out.append(m.kv_quant)
     return out
-
-
-def kv_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The attached key shifts, as `attach` reads them back."""
-    return {f"layers.{m.layer_idx}.shift_k": m.kv_quant.shift_k.detach().cpu().float().contiguous()
-            for m in attention_modules(model) if getattr(m, "kv_quant", None) is not None}
 
 
 def kv_params(model: nn.Module) -> list[KVParams]:
@@ -164,30 +236,49 @@ def kv_params(model: nn.Module) -> list[KVParams]:
 
 # --- the cache -----------------------------------------------------------------------------------
 
-class _Packed:
-    """A growing store of one tensor's packed tokens [B, H, T, ...] (capacity doubles as it fills)."""
+class _Growing:
+    """One tensor [B, H, n, ...] that grows along dim 2 (its capacity doubles as it fills)."""
 
     def __init__(self) -> None:
-        self.codes: torch.Tensor | None = None  # [B, H, cap, D * bits / 8] uint8
-        self.scale: torch.Tensor | None = None  # [B, H, cap, groups] fp16
-        self.lo: torch.Tensor | None = None
+        self.t: torch.Tensor | None = None
         self.n = 0
 
-    def append(self, codes: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor) -> None:
-        t = codes.shape[2]
-        if self.codes is None or self.n + t > self.codes.shape[2]:
-            cap = max(2 * (self.n + t), 64)
-            grow = lambda old, new: new if old is None else torch.cat([old[:, :, : self.n], new[:, :, : cap - self.n]], 2)
-            self.codes = grow(self.codes, codes.new_zeros(*codes.shape[:2], cap, codes.shape[3]))
-            self.scale = grow(self.scale, scale.new_zeros(*scale.shape[:2], cap, scale.shape[3]))
-            self.lo = grow(self.lo, lo.new_zeros(*lo.shape[:2], cap, lo.shape[3]))
-        self.codes[:, :, self.n : self.n + t] = codes
-        self.scale[:, :, self.n : self.n + t] = scale
-        self.lo[:, :, self.n : self.n + t] = lo
-        self.n += t
+    def append(self, x: torch.Tensor) -> None:
+        m = x.shape[2]
+        if self.t is None or self.n + m > self.t.shape[2]:
+            cap = max(2 * (self.n + m), 64)
+            new = x.new_zeros(*x.shape[:2], cap, *x.shape[3:])
+            if self.t is not None:
+                new[:, :, : self.n] = self.t[:, :, : self.n]
+            self.t = new
+        self.t[:, :, self.n : self.n + m] = x
+        self.n += m
+
+    def view(self) -> torch.Tensor:
+        return self.t[:, :, : self.n]  # type: ignore[index]
 
     def nbytes(self) -> int:
-        return sum(t[:, :, : self.n].numel() * t.element_size() for t in (self.codes, self.scale, self.lo) if t is not None)
+        return 0 if self.t is None else self.view().numel() * self.t.element_size()
+
+
+class _Packed:
+    """A tensor's quantized past: packed code rows (one per token) and the grids (one row per token, or
+    per group of tokens for keys quantized per channel)."""
+
+    def __init__(self) -> None:
+        self.codes, self.scale, self.lo = _Growing(), _Growing(), _Growing()
+
+    @property
+    def n(self) -> int:
+        return self.codes.n
+
+    def append(self, codes: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor) -> None:
+        self.codes.append(codes)
+        self.scale.append(scale)
+        self.lo.append(lo)
+
+    def nbytes(self) -> int:
+        return self.codes.nbytes() + self.scale.nbytes() + self.lo.nbytes()
 
 
 def _pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -241,18 +332,21 @@ class QuantizedKVLayer(_dynamic_layer()):  # type: ignore[misc]
         super().reset()
 
     def _store(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        spec, D = self.params.spec, k.shape[-1]
-        g = spec.group(D)
-        for store, x in ((self.k, k), (self.v, v)):
-            codes, scale, lo = quantize_tokens(x, spec.bits, g)
-            store.append(_pack_rows(codes, spec.bits), scale, lo)
+        sp, D = self.params.spec, k.shape[-1]
+        if sp.key_axis == "channel":
+            kc, ks, kl = quantize_channels(k, sp.bits, sp.key_tokens, sp.clip)
+        else:
+            kc, ks, kl = quantize_tokens(k, sp.bits, sp.group(D), sp.clip)
+        self.k.append(_pack_rows(kc, sp.bits), ks, kl)
+        vc, vs, vl = quantize_tokens(v, sp.bits, sp.group(D), sp.clip)
+        self.v.append(_pack_rows(vc, sp.bits), vs, vl)
 
-    def _past(self, store: _Packed, window: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    def _past(self, store: _Packed, window: torch.Tensor | None, like: torch.Tensor, channels: bool) -> torch.Tensor:
         parts = []
         if store.n:
-            D = like.shape[-1]
-            codes = _unpack_rows(store.codes[:, :, : store.n].contiguous(), self.params.spec.bits, D)
-            parts.append(dequantize_tokens(codes, store.scale[:, :, : store.n], store.lo[:, :, : store.n], like.dtype))
+            codes = _unpack_rows(store.codes.view().contiguous(), self.params.spec.bits, like.shape[-1])
+            deq = dequantize_channels if channels else dequantize_tokens
+            parts.append(deq(codes, store.scale.view(), store.lo.view(), like.dtype))
         if window is not None:
             parts.append(window)
         return torch.cat(parts, 2) if parts else like[:, :, :0]
@@ -264,11 +358,12 @@ class QuantizedKVLayer(_dynamic_layer()):  # type: ignore[misc]
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         k, v = self.params.shifted(key_states, value_states)
-        keys = torch.cat([self._past(self.k, self.rk, k), k], 2)
-        values = torch.cat([self._past(self.v, self.rv, v), v], 2)
+        sp = self.params.spec
+        keys = torch.cat([self._past(self.k, self.rk, k, sp.key_axis == "channel"), k], 2)
+        values = torch.cat([self._past(self.v, self.rv, v, False), v], 2)
         wk = k if self.rk is None else torch.cat([self.rk, k], 2)
         wv = v if self.rv is None else torch.cat([self.rv, v], 2)
-        out = wk.shape[2] - self.params.spec.residual
+        out = max(wk.shape[2] - sp.residual, 0) // sp.unit * sp.unit  # whole key groups past the residual
         if out > 0:
             self._store(wk[:, :, :out], wv[:, :, :out])
             wk, wv = wk[:, :, out:], wv[:, :, out:]
@@ -305,12 +400,13 @@ class QuantizedKVCache(_cache_base()):  # type: ignore[misc]
 
 # --- one-pass past-only attention ----------------------------------------------------------------
 
-def fp_window(T: int, S: int, residual: int, device: torch.device) -> torch.Tensor:
-    """[T, S] True where query i (the last T of S positions) sees key j in full precision: j itself and
-    the `residual` tokens before it; earlier keys are seen quantized."""
+def fp_window(T: int, S: int, residual: int, device: torch.device, unit: int = 1) -> torch.Tensor:
+    """[T, S] True where query i (the last T of S positions) sees key j in full precision, as the cache
+    computes token by token: the cache has quantized the tokens before unit * floor((i - residual) / unit)
+    (whole groups of `unit` that left the residual window), the rest (i itself included) is exact."""
     i = torch.arange(S - T, S, device=device)[:, None]
     j = torch.arange(S, device=device)[None, :]
-    return (i - j >= 0) & (i - j <= residual)
+    return j >= (i - residual).clamp_min(0) // unit * unit
 
 
 def mixed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kq: torch.Tensor, vq: torch.Tensor,
@@ -344,8 +440,8 @@ def _past_only_attention(module: nn.Module, query: torch.Tensor, key: torch.Tens
         kq, vq, full = quantizer(k, v, query.shape[-2])
     else:
         k, v = params.shifted(key, value)
-        kq, vq = params.fake(k), params.fake(v)
-        full = fp_window(query.shape[-2], key.shape[-2], params.spec.residual, query.device)
+        kq, vq = params.fake_keys(k), params.fake_values(v)
+        full = fp_window(query.shape[-2], key.shape[-2], params.spec.residual, query.device, params.spec.unit)
     return mixed_attention(query, _repeat(k, n), _repeat(v, n), _repeat(kq, n), _repeat(vq, n), full,
                            attention_mask, scaling)
 
@@ -405,57 +501,73 @@ def fold_value_shift(attn: nn.Module, shift_v: torch.Tensor) -> None:
     _add_bias(attn.o_proj, attn.o_proj.weight.float() @ _rep_heads(shift_v.float(), n).to(attn.o_proj.weight.device))
 
 
+Runner = Callable[[dict[str, Any]], None]  # runs the calibration forwards with these extra keyword arguments
+
+
 @torch.no_grad()
-def smooth_keys(model: nn.Module, windows: torch.Tensor, alpha: float = 0.5) -> int:
+def smooth_keys(mods: list[nn.Module], run: Runner, alpha: float = 0.5, stat: str = "max") -> int:
     """Per-channel key scales folded into k_proj (divide) and q_proj (multiply): scores are unchanged and the
     cached keys' channels come closer in range, so token-wise groups lose less to outlier channels. A
     scale is shared by each rotary pair (channels c and c + D/2 rotate together, so RoPE commutes with
-    it); it is max|k|^alpha / max|q|^(1 - alpha) over the pair's norm. Skipped for attention with a norm
-    on q/k (its output does not scale with the projection). Returns the layers smoothed."""
-    kv, D = head_shape(model)
-    mods = [m for m in attention_modules(model) if not (hasattr(m, "q_norm") or hasattr(m, "k_norm"))]
+    it); it is |k|^alpha / |q|^(1 - alpha) of the pair's norm, |.| its root mean square over the tokens
+    (stat "rms": robust to the few huge keys of attention sinks) or its maximum ("max"). Skipped for
+    attention with a norm on q/k (its output does not scale with the projection). Returns the layers
+    smoothed."""
+    mods = [m for m in mods if not (hasattr(m, "q_norm") or hasattr(m, "k_norm"))]
     if not mods:
         return 0
-    peaks: dict[int, dict[str, torch.Tensor]] = {}
+    if stat not in ("rms", "max"):
+        raise RdquantError(f"key smoothing statistic {stat!r}: use rms or max")
+    peaks: dict[tuple[int, str], torch.Tensor] = {}  # squared pair norms: the maximum, or the sum
+    counts: dict[tuple[int, str], int] = {}
 
-    def hook(idx: int, name: str):
+    def hook(idx: int, name: str, D: int):
         def f(_mod, _inp, out):
             x = out.detach().float().reshape(-1, out.shape[-1] // D, D)
-            pair = (x[..., : D // 2] ** 2 + x[..., D // 2 :] ** 2).sqrt().amax(0)  # [heads, D/2]
-            d = peaks.setdefault(idx, {})
-            d[name] = pair if name not in d else torch.maximum(d[name], pair)
+            sq = x[..., : D // 2] ** 2 + x[..., D // 2 :] ** 2  # [tokens, heads, D/2]
+            key = (idx, name)
+            if stat == "max":
+                pair = sq.amax(0)
+                peaks[key] = pair if key not in peaks else torch.maximum(peaks[key], pair)
+            else:  # sums of squares and counts, for the root mean square
+                peaks[key] = sq.sum(0) + (peaks[key] if key in peaks else 0)
+                counts[key] = sq.shape[0] + counts.get(key, 0)
         return f
 
-    handles = [h for m in mods for h in (m.q_proj.register_forward_hook(hook(m.layer_idx, "q")),
-                                         m.k_proj.register_forward_hook(hook(m.layer_idx, "k")))]
+    handles = []
+    for m in mods:
+        D = head_shape(m)[1]
+        handles += [m.q_proj.register_forward_hook(hook(m.layer_idx, "q", D)),
+                    m.k_proj.register_forward_hook(hook(m.layer_idx, "k", D))]
     try:
-        dev = next(model.parameters()).device
-        for w in windows:
-            model(w.unsqueeze(0).to(dev), use_cache=False)
+        run({})
     finally:
         for h in handles:
             h.remove()
     for m in mods:
-        pk = peaks[m.layer_idx]["k"].clamp_min(1e-5)  # [kv, D/2]
-        heads = peaks[m.layer_idx]["q"].shape[0]
-        n = heads // kv
-        pq = peaks[m.layer_idx]["q"].reshape(kv, n, D // 2).amax(1).clamp_min(1e-5)
+        kv, D = head_shape(m)
+        norm = {n: (peaks[(m.layer_idx, n)] / counts.get((m.layer_idx, n), 1)).sqrt() for n in ("q", "k")}
+        pk = norm["k"].clamp_min(1e-5)  # [kv, D/2]
+        n = norm["q"].shape[0] // kv
+        pq = norm["q"].reshape(kv, n, D // 2).amax(1).clamp_min(1e-5)
         s = pk ** alpha / pq ** (1 - alpha)
         s = torch.cat([s, s], -1)  # [kv, D]: the pair's two channels
         for proj, scale in ((m.k_proj, 1 / s.reshape(-1)), (m.q_proj, _rep_heads(s, n))):
-            proj.weight.data *= scale.to(proj.weight.dtype)[:, None].to(proj.weight.device)
+            proj.weight.data *= scale.to(proj.weight.device, proj.weight.dtype)[:, None]
             if proj.bias is not None:
-                proj.bias.data *= scale.to(proj.bias.dtype).to(proj.bias.device)
+                proj.bias.data *= scale.to(proj.bias.device, proj.bias.dtype)
     return len(mods)
 
 
 class _Recorder(_cache_base()):  # type: ignore[misc]
     """A cache that keeps nothing and records each layer's per-channel min and max of K and V."""
 
-    def __init__(self, layers: int) -> None:
-        super().__init__(layers=[_dynamic_layer()() for _ in range(layers)])
+    def __init__(self) -> None:
+        super().__init__(layer_class_to_replicate=_dynamic_layer())
         self.lo: dict[tuple[int, str], torch.Tensor] = {}
         self.hi: dict[tuple[int, str], torch.Tensor] = {}
+        self.sum: dict[tuple[int, str], torch.Tensor] = {}
+        self.n: dict[tuple[int, str], int] = {}
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         for name, x in (("k", key_states), ("v", value_states)):
@@ -464,28 +576,61 @@ class _Recorder(_cache_base()):  # type: ignore[misc]
             key = (layer_idx, name)
             self.lo[key] = lo if key not in self.lo else torch.minimum(self.lo[key], lo)
             self.hi[key] = hi if key not in self.hi else torch.maximum(self.hi[key], hi)
+            self.sum[key] = x.sum(0) + self.sum.get(key, 0)
+            self.n[key] = x.shape[0] + self.n.get(key, 0)
         return key_states, value_states
+
+    def centre(self, key: tuple[int, str], how: str) -> torch.Tensor:
+        """Per-channel centre: 'mean' over the tokens, or 'midrange' (max + min) / 2."""
+        return self.sum[key] / self.n[key] if how == "mean" else (self.lo[key] + self.hi[key]) / 2
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0
+
+
+def cache_kwarg(module: nn.Module) -> str:
+    """The keyword a transformers model or block takes its cache by ('cache' since 5.x, else past_key_values)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
 
 
 @torch.no_grad()
-def calibrate(model: nn.Module, windows: torch.Tensor, spec: KVSpec, key_alpha: float | None = 0.5,
-              shifts: bool = True) -> list[KVParams]:
-    """Two-dimensional KV quantization on calibration windows [n, L]: key smoothing (`smooth_keys`, None:
-    off), then each channel's mid-range as its static shift (keys: in the cache; values: folded into the
-    v_proj / o_proj biases). Changes the float model in place (the folds keep its function) and attaches
-    the KV parameters."""
+def calibrate_modules(mods: list[nn.Module], run: Runner, spec: KVSpec, key_alpha: float | None, shifts: bool,
+                      cache_kw: str, stat: str = "max", centre: str = "midrange") -> list[KVParams]:
+    """Two-dimensional KV quantization of these attention modules, whose inputs `run` produces: key
+    smoothing (`smooth_keys`; None: off), then each channel's centre (`centre`: mean or midrange) as its
+    static shift (keys: in the cache; values: folded into the v_proj / o_proj biases). The folds keep the
+    float function."""
     if key_alpha is not None:
-        smooth_keys(model, windows, key_alpha)
-    params = attach(model, spec)
-    if not shifts:
-        return params
-    mods = attention_modules(model)
-    rec = _Recorder(len(mods))
-    dev = next(model.parameters()).device
-    for w in windows:
-        model(w.unsqueeze(0).to(dev), past_key_values=rec, use_cache=True)  # it stores nothing: ranges accumulate
-    for m, p in zip(mods, params):
-        idx = m.layer_idx
-        p.shift_k.copy_((rec.lo[(idx, "k")] + rec.hi[(idx, "k")]) / 2)
-        fold_value_shift(m, (rec.lo[(idx, "v")] + rec.hi[(idx, "v")]) / 2)
+        smooth_keys(mods, run, key_alpha, stat)
+    params = []
+    for m in mods:
+        params += attach(m, spec)
+    if shifts:
+        rec = _Recorder()
+        run({cache_kw: rec, "use_cache": True})  # it stores nothing: ranges accumulate over the windows
+        for m, p in zip(mods, params):
+            idx = m.layer_idx
+            p.shift_k.copy_(rec.centre((idx, "k"), centre).to(p.shift_k.device))
+            fold_value_shift(m, rec.centre((idx, "v"), centre))
     return params
+
+
+def calibrate(model: nn.Module, windows: torch.Tensor, spec: KVSpec, key_alpha: float | None = 0.5,
+              shifts: bool = True, stat: str = "max", centre: str = "midrange") -> list[KVParams]:
+    """`calibrate_modules` for a whole model in memory on calibration windows [n, L] (changes it in place
+    and attaches the KV parameters)."""
+    dev = next(model.parameters()).device
+
+    def run(extra: dict[str, Any]) -> None:
+        for w in windows:
+            model(w.unsqueeze(0).to(dev), **({"use_cache": False} | extra))
+
+    return calibrate_modules(attention_modules(model), run, spec, key_alpha, shifts, cache_kwarg(model), stat, centre)
+
+
+def spec_of(cfg: Any) -> KVSpec:
+    """The KVSpec of a CompressConfig (its kv_* fields)."""
+    clip = cfg.kv_bits <= 2 if cfg.kv_clip == "auto" else cfg.kv_clip == "on"
+    return KVSpec(cfg.kv_bits, cfg.kv_group, cfg.kv_residual, cfg.kv_key_axis, cfg.kv_key_tokens, clip)

@@ -105,6 +105,13 @@ def _load_artifact(path: Path, device: str, dtype: torch.dtype, verify: bool, ba
             if lazy and name in lazy_layers:
                 q.set_loader(functools.partial(_materialize, path, layer_keys[name], verify))
         state = reading.result()
+    if "kv_cache" in manifest:  # the key-shift buffers the state fills; generation uses QuantizedKVCache
+        from .kvcache import KVSpec, attach
+
+        try:
+            attach(model, KVSpec(**manifest["kv_cache"]))
+        except (TypeError, RdquantError) as e:
+            raise ArtifactError(f"{path}: the manifest's kv_cache entry is invalid ({first_line(e)})") from e
     # the read tensors become the model's (no copy); shapes are checked by load_state_dict
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     missing = [k for k in missing if k not in deferred]

@@ -128,6 +128,24 @@ def capture_block_inputs(
     return chunks
 
 
+def _attach_kv(block: nn.Module, cfg: CompressConfig) -> None:
+    from .kvcache import attach, spec_of
+
+    attach(block, spec_of(cfg))
+
+
+def kv_calibrate_block(block: nn.Module, chunks: list[Chunk], cfg: CompressConfig) -> None:
+    """Two-dimensional KV quantization of this block's attention on its calibration inputs (kvcache.py)."""
+    from .kvcache import attention_modules, cache_kwarg, calibrate_modules, spec_of
+
+    def run(extra: dict[str, Any]) -> None:
+        for c in chunks:
+            _block_output(block, Chunk(c.hidden, {**c.kwargs, **extra}, c.device))
+
+    calibrate_modules(attention_modules(block), run, spec_of(cfg), None if cfg.kv_smooth == -1 else cfg.kv_smooth,
+                      cfg.kv_shift, cache_kwarg(block))
+
+
 def _block_output(block: nn.Module, chunk: Chunk) -> torch.Tensor:
     hidden = chunk.hidden
     if chunk.device is not None and hidden.device != chunk.device:
@@ -715,6 +733,8 @@ def _run_pipeline(
     state = PipelineState()
     start = checkpoint.start(resume) if checkpoint else 0
     for i in range(start):
+        if cfg.kv_bits and not source.streamed:  # the saved block holds its key shifts
+            _attach_kv(blocks[i], cfg)
         if source.streamed:
             state.logs += checkpoint.load_logs(i)  # type: ignore[union-attr]
         else:
@@ -744,6 +764,8 @@ def _run_pipeline(
         for i in range(first or 0, start):  # recompute the inputs of block `start` from the saved ones
             block = source.load(i, device)
             if source.streamed:
+                if cfg.kv_bits:
+                    _attach_kv(block, cfg)
                 checkpoint.load_block(i, block, cfg, dtype, f"{blocks_name}.{i}.")  # type: ignore[union-attr]
             propagate(block, chunks, i)
             source.release(i)
@@ -761,6 +783,8 @@ def _run_pipeline(
     for i in bar:
         block = source.load(i, device)
         prefix = f"{blocks_name}.{i}."
+        if cfg.kv_bits:  # on the float block, before its Hessians: the folds change q/k/v/o_proj
+            kv_calibrate_block(block, chunks, cfg)
         linears = block_linears(block, cfg.skip)
         logs: list[LayerLog] = []
         if method.needs_hessian:
