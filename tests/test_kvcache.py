@@ -154,3 +154,6 @@ def test_compressed_artifact_carries_the_kv_cache(tmp_path, tiny_model_dir, meth
         assert torch.allclose(m(ids, use_cache=False).logits, cm.model(ids, use_cache=False).logits, atol=1e-4)
     gen = m.generate(ids, **{kvcache.cache_kwarg(m): QuantizedKVCache(m)}, max_new_tokens=4, do_sample=False)
     assert gen.shape == (1, 16)
+    rep = rdquant.inspect(out)
+    assert 0 < rep.kv_bytes_per_token < 0.35 * rep.kv_fp16_bytes_per_token and "KV cache" in rep.table(per_layer=False)
+    assert "v_proj / o_proj biases" in rep.exports["gguf"]  # its shifts live in biases the formats lack

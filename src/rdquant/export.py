@@ -34,6 +34,14 @@ class Scheme:
     symmetric: bool
 
 
+def check_kv(manifest: dict[str, Any], format: str) -> None:
+    """Refuse an artifact whose KV-cache shifts live in v_proj / o_proj biases (the format's architecture has
+    none); other KV-quantized artifacts export with a 16-bit cache (the weights are unchanged by it)."""
+    if isinstance(manifest.get("kv_cache"), dict) and manifest.get("recipe", {}).get("kv_shift"):
+        raise RdquantError(f"this artifact's KV shifts are folded into v_proj / o_proj biases, which {format} has no "
+                           "place for; compress without --kv-shift (the default) to export")
+
+
 def plan(quantized: dict[str, dict[str, Any]], format: str) -> dict[str, Scheme]:
     """The scheme of every quantized layer (manifest entries) in `format`, or an RdquantError naming the
     first layer the format cannot hold exactly and how many more there are."""
@@ -162,6 +170,7 @@ def export(artifact: str | os.PathLike, out: str | os.PathLike, format: str = "c
     if not is_artifact(src):
         raise RdquantError(f"{src} is not an rdquant artifact (no manifest.json): export takes what `rdquant compress` wrote")
     manifest = read_manifest(src)
+    check_kv(manifest, format)
     if format == "gguf":
         return _export_gguf(src, manifest, Path(out), overwrite)
     try:
@@ -194,8 +203,8 @@ def export(artifact: str | os.PathLike, out: str | os.PathLike, format: str = "c
     seen: set[int] = set()
     for k, v in model.state_dict(keep_vars=False).items():
         owner = k.rpartition(".")[0]
-        if owner in quantized or v.data_ptr() in seen:  # tied weights are written once (the config ties them)
-            continue
+        if owner in quantized or v.data_ptr() in seen or k.endswith(".kv_shift_k"):  # tied weights once; the
+            continue  # KV cache's key shifts (zero without --kv-shift) have no place in the format
         seen.add(v.data_ptr())
         state[k] = v.detach().contiguous()
     linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n not in quantized]

@@ -69,6 +69,9 @@ class InspectReport:
     decode_mcodes: float | None = None  # all coded qweights, millions of codes/s, one thread (when measured)
     verified: int | None = None  # tensors whose sha256 was checked (None: not checked)
     exports: dict[str, str] = field(default_factory=dict)  # format -> "yes" or why `rdquant export` refuses it
+    kv_cache: dict | None = None  # the quantized KV cache's spec (manifest `kv_cache`), if any
+    kv_bytes_per_token: float | None = None  # its bytes per token, all layers, K and V, at long context
+    kv_fp16_bytes_per_token: float | None = None
 
     @property
     def bits_per_weight(self) -> float:
@@ -153,6 +156,14 @@ class InspectReport:
             f"checksums           all {self.verified} tensors and files read and verified (sha256)" if self.verified is not None
             else "checksums           not checked here (`rdquant inspect` verifies them)",
         ]
+        if self.kv_cache is not None:
+            kv = self.kv_cache
+            keys = (f"keys per channel over {kv['key_tokens']} tokens" if kv["key_axis"] == "channel"
+                    else "keys per token")
+            lines.append(f"KV cache            {kv['bits']}-bit ({keys}, values per token), past-only: "
+                         + (f"{self.kv_bytes_per_token:,.0f} bytes/token against {self.kv_fp16_bytes_per_token:,.0f} in "
+                            f"16 bits ({self.kv_bytes_per_token / self.kv_fp16_bytes_per_token:.3f}x)"
+                            if self.kv_bytes_per_token else "bytes/token unknown (no head counts in config.json)"))
         lines += [f"{'export' if i == 0 else '':<20}{fmt}: {why}" for i, (fmt, why) in enumerate(self.exports.items())]
         return "\n".join(lines)
 
@@ -247,17 +258,36 @@ def _report(p: Path, manifest: dict, verified: int | None, decode_speed: bool) -
         for layer in rep.layers:
             layer.decode_mcodes = per_layer.get(layer.name)
     rep.exports = export_options(p, manifest)
+    if isinstance(manifest.get("kv_cache"), dict):
+        rep.kv_cache = manifest["kv_cache"]
+        rep.kv_bytes_per_token, rep.kv_fp16_bytes_per_token = _kv_bytes(p, manifest["kv_cache"])
     return rep
+
+
+def _kv_bytes(p: Path, kv: dict) -> tuple[float | None, float | None]:
+    """(quantized, 16-bit) KV-cache bytes per token over all layers, from config.json's head counts."""
+    from .kvcache import KVSpec
+
+    try:
+        cfg = json.loads((p / "config.json").read_text())
+        cfg = cfg.get("text_config", cfg)
+        heads, layers = cfg["num_attention_heads"], cfg["num_hidden_layers"]
+        kv_heads = cfg.get("num_key_value_heads") or heads
+        D = cfg.get("head_dim") or cfg["hidden_size"] // heads
+        return layers * KVSpec(**kv).bytes_per_token(D, kv_heads), float(layers * kv_heads * D * 2 * 2)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None, None
 
 
 def export_options(p: Path, manifest: dict) -> dict[str, str]:
     """For each `rdquant export` format: "yes", or the reason it refuses this artifact (shapes and grids only)."""
     from . import export_gguf
-    from .export import plan
+    from .export import check_kv, plan
 
     out = {}
     for fmt in ("compressed-tensors", "gptq", "gguf"):
         try:
+            check_kv(manifest, fmt)
             if fmt == "gguf":
                 export_gguf.check(manifest, json.loads((p / "config.json").read_text()))
             else:
