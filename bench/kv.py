@@ -46,6 +46,7 @@ from rdquant.models import load_model  # noqa: E402
 from slim import held_out_files  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "kv.json"
+GEN_RESULTS = ROOT / "bench" / "results" / "raw" / "kv_generate.json"
 DEFAULT_ROWS = [
     "W16, 16-bit KV|scheme=fp16",
     "W16 KV4 rdquant (keys per channel g32, values per token; past-only)|scheme=rdquant bits=4",
@@ -164,7 +165,7 @@ def prepare(r: dict, args, tok, calib: torch.Tensor):
                                      **({} if r["scheme"] != "rdquant" else dict(
                                          kv_bits=r["bits"], kv_group=r["group"], kv_residual=r["residual"],
                                          kv_smooth=r["smooth"], kv_shift=bool(r["shift"]), kv_key_axis=r["axis"],
-                                         kv_key_tokens=r["tokens"], kv_clip=bool(r["clip"]))))
+                                         kv_key_tokens=r["tokens"], kv_clip="on" if r["clip"] else "off")))
         base, _, mid = load_model(args.model)
         cm = rdquant.compress(base, cfg, tokenizer=tok, calib_ids=calib, model_id=mid, progress=False)
         name = "kv_w4" + (f"_kv{r['bits']}" if r["scheme"] == "rdquant" else "")
@@ -215,6 +216,52 @@ def run(label: str, r: dict, args, tok, calib: torch.Tensor) -> dict:
     return row
 
 
+def generate_one(args, which: str) -> dict:
+    """One process: greedy generation of --generate tokens after a 64-token WikiText-2 prompt, with a 16-bit
+    (DynamicCache) or rdquant's KV4 cache; tokens/s, the cache's bytes at the end and the process's peak RSS."""
+    import resource
+
+    model, tok, _ = load_model(args.model)
+    model.float().eval()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    prompt = eval_windows(tok, eval_text("wikitext2"), 64)[:1]
+    kw = {}
+    if which != "fp16":
+        kvcache.attach(model, KVSpec(int(which.removeprefix("kv"))))
+        kw = {kvcache.cache_kwarg(model): kvcache.QuantizedKVCache(model)}
+    else:
+        from transformers import DynamicCache
+
+        kw = {kvcache.cache_kwarg(model): DynamicCache(config=model.config)}
+    cache = next(iter(kw.values()))
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(prompt, **kw, max_new_tokens=args.generate, min_new_tokens=args.generate, do_sample=False)
+    seconds = time.perf_counter() - t0
+    new = out.shape[1] - prompt.shape[1]
+    if which == "fp16":
+        held = sum(t.numel() * t.element_size() for lay in cache.layers for t in (lay.keys, lay.values))
+    else:
+        held = cache.nbytes()
+    return {"cache": which, "new_tokens": new, "tokens_per_s": round(new / seconds, 2), "seconds": round(seconds, 1),
+            "cache_bytes": held, "context": out.shape[1],
+            "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)}
+
+
+def generate_rows(args) -> list[dict]:
+    """Both caches, each in its own process (so each peak RSS is its own)."""
+    import json
+    import subprocess
+
+    rows = []
+    for which in ("fp16", "kv4"):
+        out = subprocess.run([sys.executable, __file__, "--model", args.model, "--generate", str(args.generate),
+                              "--gen-one", which], capture_output=True, text=True, check=True).stdout
+        rows.append({**json.loads(out.strip().splitlines()[-1]), **provenance("kv.py")})
+        print(rows[-1], flush=True)
+    return rows
+
+
 def table(rows: list[dict], title: str) -> str:
     lines = [title, "", "| configuration | KV bytes/token | x fp16 | windows | evaluation | WikiText-2 ppl |",
              "|---|---|---|---|---|---|"]
@@ -231,11 +278,29 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=32, help="WikiText-2 windows of 2048 (one-pass rows)")
     ap.add_argument("--peers", action="store_true", help="the QuantizedCache table (token by token, --peer-windows)")
     ap.add_argument("--peer-windows", type=int, default=2)
+    ap.add_argument("--generate", type=int, default=0, metavar="N",
+                    help="instead: generate N tokens with a 16-bit and a 4-bit cache on this CPU (tokens/s, memory)")
+    ap.add_argument("--gen-one", help=argparse.SUPPRESS)
     ap.add_argument("--fresh", action="store_true", help="recompute cached rows")
     ap.add_argument("--results", action="store_true", help="publish the measured rows (bench/results/kv.json)")
     args = ap.parse_args()
     if shared_data_dir() is None:
         raise SystemExit("needs ../shared/data (WikiText-2 and the C4 file)")
+    if args.gen_one:
+        import json
+
+        print(json.dumps(generate_one(args, args.gen_one)))
+        return
+    if args.generate:
+        rows = generate_rows(args)
+        if args.results:
+            page = GEN_RESULTS
+            import json
+
+            data = json.loads(page.read_text()) if page.is_file() else {"rows": []}
+            data["rows"] = rows
+            page.write_text(json.dumps(data, indent=1) + "\n")
+        return
     rows_text = args.rows or (PEER_ROWS if args.peers else DEFAULT_ROWS)
     if args.peers:
         args.windows = args.peer_windows

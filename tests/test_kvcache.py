@@ -157,3 +157,14 @@ def test_compressed_artifact_carries_the_kv_cache(tmp_path, tiny_model_dir, meth
     rep = rdquant.inspect(out)
     assert 0 < rep.kv_bytes_per_token < 0.35 * rep.kv_fp16_bytes_per_token and "KV cache" in rep.table(per_layer=False)
     assert "v_proj / o_proj biases" in rep.exports["gguf"]  # its shifts live in biases the formats lack
+
+
+def test_config_refuses_bad_kv_options():
+    import rdquant
+
+    with pytest.raises(RdquantError, match="method rtn"):
+        rdquant.CompressConfig(method="rtn", kv_bits=4)
+    with pytest.raises(RdquantError, match="--kv-group"):
+        rdquant.CompressConfig(kv_bits=4, kv_group=0)
+    with pytest.raises(RdquantError, match="--kv-smooth"):
+        rdquant.CompressConfig(kv_bits=4, kv_smooth=2.0)

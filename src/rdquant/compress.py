@@ -221,6 +221,7 @@ def compress(
     check_target(model, cfg)  # from the shapes alone, before calibration
     check_vocab(model, cfg)
     check_sparse_shapes(model, cfg)
+    check_kv_spec(model, cfg)
     dense = dense_dtype_for(model) if source is None else source_dense_dtype(source)
     if source is not None and source.streamed:
         if checkpoint_dir is None:
@@ -260,6 +261,19 @@ def compress(
         del teacher
     return CompressedModel(model, tokenizer, cfg, model_id, state.logs, time.perf_counter() - t0, dense,
                            state.method_state, tuning, files)
+
+
+def check_kv_spec(model: nn.Module, cfg: CompressConfig) -> None:
+    """--kv-bits: the model has attention modules whose heads the KV spec fits (before calibration)."""
+    if not cfg.kv_bits:
+        return
+    from .kvcache import attention_modules, head_shape, spec_of
+
+    mods = attention_modules(model)
+    if not mods:
+        raise RdquantError("--kv-bits: this model has no attention modules with k_proj / v_proj / o_proj; "
+                           "compress without --kv-bits")
+    spec_of(cfg).check(head_shape(mods[0])[1])
 
 
 def check_sparse_shapes(model: nn.Module, cfg: CompressConfig) -> None:
