@@ -46,7 +46,7 @@ from rdquant.models import load_model  # noqa: E402
 from slim import held_out_files  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "kv.json"
-GEN_RESULTS = ROOT / "bench" / "results" / "raw" / "kv_generate.json"
+GEN_RESULTS = ROOT / "bench" / "results" / "kv_generate.json"
 DEFAULT_ROWS = [
     "W16, 16-bit KV|scheme=fp16",
     "W16 KV4 rdquant (keys per channel g32, values per token; past-only)|scheme=rdquant bits=4",
@@ -294,12 +294,7 @@ def main() -> None:
     if args.generate:
         rows = generate_rows(args)
         if args.results:
-            page = GEN_RESULTS
-            import json
-
-            data = json.loads(page.read_text()) if page.is_file() else {"rows": []}
-            data["rows"] = rows
-            page.write_text(json.dumps(data, indent=1) + "\n")
+            publish_rows(GEN_RESULTS, rows, lambda r: (r["cache"], r["new_tokens"]), "kv.py", stamped=True)
         return
     rows_text = args.rows or (PEER_ROWS if args.peers else DEFAULT_ROWS)
     if args.peers:
