@@ -168,3 +168,7 @@ def test_config_refuses_bad_kv_options():
         rdquant.CompressConfig(kv_bits=4, kv_group=0)
     with pytest.raises(RdquantError, match="--kv-smooth"):
         rdquant.CompressConfig(kv_bits=4, kv_smooth=2.0)
+    with pytest.raises(RdquantError, match="kv_key_tokens is not used by method gptq without --kv-bits"):
+        rdquant.config.from_settings({}, {"method": "gptq", "kv_key_tokens": 16})
+    with pytest.raises(RdquantError, match="with --kv-key-axis token"):
+        rdquant.config.from_settings({}, {"kv_bits": 4, "kv_key_axis": "token", "kv_key_tokens": 16})

@@ -474,6 +474,8 @@ def from_settings(experimental: dict[str, Any], given: dict[str, Any], base: dic
                                + (f" with solver {cfg.cvxq_solver}" if cfg.method == "cvxq" else "")
                                + (" (cvxq: --cluster-rows sets the rows per cell)" if key == "group_size" and cfg.method == "cvxq" else "")
                                + (" without --lowrank (it sets the adapters, off at 0)" if key.startswith("lowrank_") and cfg.lowrank <= 0 else "")
+                               + (" without --kv-bits (it sets the KV cache, off at 0)" if key.startswith("kv_") and not cfg.kv_bits else "")
+                               + (" with --kv-key-axis token" if key == "kv_key_tokens" and cfg.kv_bits else "")
                                + "; remove it")
     return cfg
 
