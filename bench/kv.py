@@ -81,7 +81,7 @@ def parse(text: str) -> tuple[str, dict]:
     label, _, spec = text.partition("|")
     opts = dict(p.split("=", 1) for p in spec.split())
     out = {"scheme": "fp16", "bits": 16, "group": -1, "residual": 0, "smooth": -1, "shift": 0, "past_only": 1,
-           "weights": "fp", "stepwise": 0, "stat": "max", "centre": "midrange", "axis": "channel", "tokens": 32,
+           "weights": "fp", "stepwise": 0, "axis": "channel", "tokens": 32,
            "clip": -1}
     for k, v in opts.items():
         if k not in out:
@@ -174,8 +174,7 @@ def prepare(r: dict, args, tok, calib: torch.Tensor):
         model = copy.deepcopy(args.float_model)
     if r["scheme"] == "rdquant" and r["weights"] == "fp":
         spec = KVSpec(r["bits"], r["group"], r["residual"], r["axis"], r["tokens"], bool(r["clip"]))
-        kvcache.calibrate(model, calib[:32], spec, None if r["smooth"] == -1 else r["smooth"], bool(r["shift"]),
-                          r["stat"], r["centre"])
+        kvcache.calibrate(model, calib[:32], spec, None if r["smooth"] == -1 else r["smooth"], bool(r["shift"]))
     if r["scheme"] == "rdquant" and not r["past_only"]:
         params = kvcache.kv_params(model)
         make = rdquant_no_past_only(params)

@@ -1,5 +1,6 @@
-"""Quantized KV cache (WKVQuant): past keys and values stored packed at 2/3/4/8 bits, token-wise
-asymmetric groups along head_dim, after a static per-channel shift (two-dimensional quantization).
+"""Quantized KV cache (WKVQuant): past keys and values stored packed at 2/3/4/8 bits with an fp16 scale
+and minimum per group: values token-wise along head_dim, keys per channel over groups of tokens (or
+token-wise, WKVQuant's layout, optionally after its two-dimensional quantization).
 
 Past-only: a token attends to its own K/V (and, as an option, to the `residual` most recent tokens) in
 full precision and to the dequantized past; a prefill chunk attends to itself in full precision and is
@@ -505,33 +506,24 @@ Runner = Callable[[dict[str, Any]], None]  # runs the calibration forwards with 
 
 
 @torch.no_grad()
-def smooth_keys(mods: list[nn.Module], run: Runner, alpha: float = 0.5, stat: str = "max") -> int:
+def smooth_keys(mods: list[nn.Module], run: Runner, alpha: float = 0.5) -> int:
     """Per-channel key scales folded into k_proj (divide) and q_proj (multiply): scores are unchanged and the
     cached keys' channels come closer in range, so token-wise groups lose less to outlier channels. A
     scale is shared by each rotary pair (channels c and c + D/2 rotate together, so RoPE commutes with
-    it); it is |k|^alpha / |q|^(1 - alpha) of the pair's norm, |.| its root mean square over the tokens
-    (stat "rms": robust to the few huge keys of attention sinks) or its maximum ("max"). Skipped for
-    attention with a norm on q/k (its output does not scale with the projection). Returns the layers
-    smoothed."""
+    it); it is max|k|^alpha / max|q|^(1 - alpha) of the pair's norm over the tokens (the root mean square
+    did worse: docs/notes/2026-12-05-kv.md). Skipped for attention with a norm on q/k (its output does
+    not scale with the projection). Returns the layers smoothed."""
     mods = [m for m in mods if not (hasattr(m, "q_norm") or hasattr(m, "k_norm"))]
     if not mods:
         return 0
-    if stat not in ("rms", "max"):
-        raise RdquantError(f"key smoothing statistic {stat!r}: use rms or max")
-    peaks: dict[tuple[int, str], torch.Tensor] = {}  # squared pair norms: the maximum, or the sum
-    counts: dict[tuple[int, str], int] = {}
+    peaks: dict[tuple[int, str], torch.Tensor] = {}  # the largest squared pair norms [heads, D/2]
 
     def hook(idx: int, name: str, D: int):
         def f(_mod, _inp, out):
             x = out.detach().float().reshape(-1, out.shape[-1] // D, D)
-            sq = x[..., : D // 2] ** 2 + x[..., D // 2 :] ** 2  # [tokens, heads, D/2]
+            pair = (x[..., : D // 2] ** 2 + x[..., D // 2 :] ** 2).amax(0)
             key = (idx, name)
-            if stat == "max":
-                pair = sq.amax(0)
-                peaks[key] = pair if key not in peaks else torch.maximum(peaks[key], pair)
-            else:  # sums of squares and counts, for the root mean square
-                peaks[key] = sq.sum(0) + (peaks[key] if key in peaks else 0)
-                counts[key] = sq.shape[0] + counts.get(key, 0)
+            peaks[key] = pair if key not in peaks else torch.maximum(peaks[key], pair)
         return f
 
     handles = []
@@ -546,7 +538,7 @@ def smooth_keys(mods: list[nn.Module], run: Runner, alpha: float = 0.5, stat: st
             h.remove()
     for m in mods:
         kv, D = head_shape(m)
-        norm = {n: (peaks[(m.layer_idx, n)] / counts.get((m.layer_idx, n), 1)).sqrt() for n in ("q", "k")}
+        norm = {n: peaks[(m.layer_idx, n)].sqrt() for n in ("q", "k")}
         pk = norm["k"].clamp_min(1e-5)  # [kv, D/2]
         n = norm["q"].shape[0] // kv
         pq = norm["q"].reshape(kv, n, D // 2).amax(1).clamp_min(1e-5)
@@ -566,8 +558,6 @@ class _Recorder(_cache_base()):  # type: ignore[misc]
         super().__init__(layer_class_to_replicate=_dynamic_layer())
         self.lo: dict[tuple[int, str], torch.Tensor] = {}
         self.hi: dict[tuple[int, str], torch.Tensor] = {}
-        self.sum: dict[tuple[int, str], torch.Tensor] = {}
-        self.n: dict[tuple[int, str], int] = {}
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         for name, x in (("k", key_states), ("v", value_states)):
@@ -576,13 +566,11 @@ class _Recorder(_cache_base()):  # type: ignore[misc]
             key = (layer_idx, name)
             self.lo[key] = lo if key not in self.lo else torch.minimum(self.lo[key], lo)
             self.hi[key] = hi if key not in self.hi else torch.maximum(self.hi[key], hi)
-            self.sum[key] = x.sum(0) + self.sum.get(key, 0)
-            self.n[key] = x.shape[0] + self.n.get(key, 0)
         return key_states, value_states
 
-    def centre(self, key: tuple[int, str], how: str) -> torch.Tensor:
-        """Per-channel centre: 'mean' over the tokens, or 'midrange' (max + min) / 2."""
-        return self.sum[key] / self.n[key] if how == "mean" else (self.lo[key] + self.hi[key]) / 2
+    def midrange(self, key: tuple[int, str]) -> torch.Tensor:
+        """Per-channel (max + min) / 2 (the mean did worse: docs/notes/2026-12-05-kv.md)."""
+        return (self.lo[key] + self.hi[key]) / 2
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0
@@ -597,13 +585,12 @@ def cache_kwarg(module: nn.Module) -> str:
 
 @torch.no_grad()
 def calibrate_modules(mods: list[nn.Module], run: Runner, spec: KVSpec, key_alpha: float | None, shifts: bool,
-                      cache_kw: str, stat: str = "max", centre: str = "midrange") -> list[KVParams]:
+                      cache_kw: str) -> list[KVParams]:
     """Two-dimensional KV quantization of these attention modules, whose inputs `run` produces: key
-    smoothing (`smooth_keys`; None: off), then each channel's centre (`centre`: mean or midrange) as its
-    static shift (keys: in the cache; values: folded into the v_proj / o_proj biases). The folds keep the
-    float function."""
+    smoothing (`smooth_keys`; None: off), then each channel's mid-range as its static shift (keys: in the
+    cache; values: folded into the v_proj / o_proj biases). The folds keep the float function."""
     if key_alpha is not None:
-        smooth_keys(mods, run, key_alpha, stat)
+        smooth_keys(mods, run, key_alpha)
     params = []
     for m in mods:
         params += attach(m, spec)
@@ -612,13 +599,13 @@ def calibrate_modules(mods: list[nn.Module], run: Runner, spec: KVSpec, key_alph
         run({cache_kw: rec, "use_cache": True})  # it stores nothing: ranges accumulate over the windows
         for m, p in zip(mods, params):
             idx = m.layer_idx
-            p.shift_k.copy_(rec.centre((idx, "k"), centre).to(p.shift_k.device))
-            fold_value_shift(m, rec.centre((idx, "v"), centre))
+            p.shift_k.copy_(rec.midrange((idx, "k")).to(p.shift_k.device))
+            fold_value_shift(m, rec.midrange((idx, "v")))
     return params
 
 
 def calibrate(model: nn.Module, windows: torch.Tensor, spec: KVSpec, key_alpha: float | None = 0.5,
-              shifts: bool = True, stat: str = "max", centre: str = "midrange") -> list[KVParams]:
+              shifts: bool = True) -> list[KVParams]:
     """`calibrate_modules` for a whole model in memory on calibration windows [n, L] (changes it in place
     and attaches the KV parameters)."""
     dev = next(model.parameters()).device
@@ -627,7 +614,7 @@ def calibrate(model: nn.Module, windows: torch.Tensor, spec: KVSpec, key_alpha: 
         for w in windows:
             model(w.unsqueeze(0).to(dev), **({"use_cache": False} | extra))
 
-    return calibrate_modules(attention_modules(model), run, spec, key_alpha, shifts, cache_kwarg(model), stat, centre)
+    return calibrate_modules(attention_modules(model), run, spec, key_alpha, shifts, cache_kwarg(model))
 
 
 def spec_of(cfg: Any) -> KVSpec:
