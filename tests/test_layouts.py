@@ -45,3 +45,28 @@ def test_no_branches_on_layout_names_or_types_outside_layouts():
     for name in ("runtime.py", "pipeline.py", "tune.py", "loading.py", "coding.py"):
         hits = [l for l in (SRC / name).read_text().splitlines() if pattern.search(l)]
         assert not hits, f"{name} branches on a layout: {hits}"
+
+
+@pytest.mark.parametrize("shape,group,bits,symmetric", [((40, 200), 64, 3, False), ((33, 96), 48, 4, True),
+                                                        ((16, 70), -1, 2, False), ((8, 64), 64, 8, False)])
+def test_grouped_dequantization_is_the_expanded_formula_bit_for_bit(shape, group, bits, symmetric):
+    """dequantize_grouped (in place, per group, ragged last group) gives exactly (codes - zero) * scale
+    with scales and zero points expanded to every column; the affine row lookup gives the same rows."""
+    from rdquant import packing
+    from rdquant.qtensor import QuantizedWeight, dequantize_codes, expand_groups, num_groups
+
+    g = torch.Generator().manual_seed(1)
+    out_f, in_f = shape
+    n_g = num_groups(in_f, group)
+    codes = torch.randint(0, 1 << bits, shape, generator=g, dtype=torch.uint8)
+    scales = (torch.rand(out_f, n_g, generator=g) * 0.02 + 1e-3).half()
+    zeros = None if symmetric else torch.randint(0, 1 << bits, (out_f, n_g), generator=g, dtype=torch.uint8)
+    q = QuantizedWeight(codes, scales, zeros, bits, group)
+    want = dequantize_codes(codes, expand_groups(scales, in_f, group), expand_groups(q.zero_points(), in_f, group))
+    assert torch.equal(q.dequantize(), want)
+    assert torch.equal(q.dequantize(torch.float16), want.half())
+    layer = LayerSpec(out_f, in_f, bits, group, symmetric, {})
+    rows = torch.tensor([0, out_f - 1, 3])
+    got = layout_named("affine").gather_rows(q.packed_state(), layer, rows)
+    assert got is None or torch.equal(got, want[rows])
+    assert torch.equal(packing.unpack(packing.pack(codes, bits), bits, codes.numel()), codes.reshape(-1))

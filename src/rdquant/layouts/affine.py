@@ -32,7 +32,7 @@ class Affine(Layout):
     def gather_rows(cls, state: dict[str, torch.Tensor], layer: LayerSpec, rows: torch.Tensor) -> torch.Tensor | None:
         """Rows `rows` of the weight, dequantized (float32 [n, in]), unpacking only those rows' codes:
         an embedding lookup. None when rows do not start on byte boundaries (in_features % 8)."""
-        from ..qtensor import dequantize_codes
+        from ..qtensor import dequantize_grouped
 
         out_f, in_f = layer.shape
         if in_f % 8:
@@ -46,8 +46,7 @@ class Affine(Layout):
             zeros = packing.unpack(state["qzeros"], layer.bits, out_f * n_g).view(out_f, n_g)[rows]
         else:
             zeros = torch.full_like(scales, float(1 << (layer.bits - 1)), dtype=torch.float32)
-        return dequantize_codes(codes, expand_groups(scales, in_f, layer.group_size),
-                                expand_groups(zeros, in_f, layer.group_size))
+        return dequantize_grouped(codes, scales, zeros, layer.group_size)
 
     stream_mappings = ("zero-context", "zero-context-packed", "zero-context-pairs")
     # kernels/matmul_triton.py: widths 1..8, any group size (GPU); kernels/int4_cpu.py: torch's CPU int4
