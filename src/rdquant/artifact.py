@@ -379,8 +379,7 @@ def _read_group(
     p: Path, fname: str, names: list[str], entries: dict[str, Any], quantized: dict[str, Any], verify: bool,
     verify_payloads: bool = False,
 ) -> dict[str, torch.Tensor]:
-    from .codecs import CodecError, release_scratch
-    from .coding import decode_tensor
+    from .codecs import release_scratch
 
     out: dict[str, torch.Tensor] = {}
     try:
@@ -389,31 +388,8 @@ def _read_group(
             for name in names:
                 if name not in stored:
                     raise ArtifactError(f"tensor {name} is missing from {p / fname}")
-                e = entries[name]
-                t = fh.get_tensor(name)
-                payload = t if "codec" in e else None
-
-                def fail(message: str, cause: Exception | None = None) -> None:
-                    # the decoded tensor's sha256 covers every payload byte that matters; the payload's own
-                    # is checked only now, to say that it is the payload that is damaged
-                    if (verify or verify_payloads) and payload is not None and tensor_sha256(payload) != e["stored_sha256"]:
-                        raise ArtifactError(f"tensor {name} in {p / fname}: its coded payload fails its sha256 check: "
-                                            "the artifact is corrupted") from cause
-                    raise ArtifactError(message) from cause
-
-                if payload is not None:
-                    try:
-                        t = decode_tensor(name, t, e, quantized, out)
-                    except CodecError as err:
-                        fail(f"tensor {name} in {p / fname} does not decode: {err}", err)
-                if list(t.shape) != e["shape"] or _dtype_name(t) != e["dtype"]:
-                    fail(f"tensor {name} has shape/dtype {list(t.shape)}/{_dtype_name(t)}, manifest says {e['shape']}/{e['dtype']}")
-                if verify and tensor_sha256(t) != e["sha256"]:
-                    fail(f"tensor {name} in {p / fname} fails its sha256 check: the artifact is corrupted")
-                if verify_payloads and payload is not None and tensor_sha256(payload) != e["stored_sha256"]:
-                    raise ArtifactError(f"tensor {name} in {p / fname}: its coded payload fails its sha256 check "
-                                        "(it still decodes to the right tensor): the artifact is corrupted")
-                out[name] = t
+                out[name] = decode_checked(name, fh.get_tensor(name), entries[name], quantized, out, p / fname, verify,
+                                           verify_payloads)
     except ArtifactError:
         raise
     except Exception as err:
@@ -421,3 +397,37 @@ def _read_group(
     finally:
         release_scratch()
     return out
+
+
+def decode_checked(name: str, t: torch.Tensor, e: dict[str, Any], quantized: dict[str, Any],
+                   decoded: dict[str, torch.Tensor], where: Path, verify: bool, verify_payloads: bool = False
+                   ) -> torch.Tensor:
+    """A tensor as read from its file (`t`: the stored bytes, a coded payload where the manifest names a
+    codec) decoded and checked against its manifest entry `e`; `decoded` holds the layer's tensors
+    decoded so far (a qweight decodes with its qzeros). Damage is an ArtifactError naming the tensor."""
+    from .codecs import CodecError
+    from .coding import decode_tensor
+
+    payload = t if "codec" in e else None
+
+    def fail(message: str, cause: Exception | None = None) -> None:
+        # the decoded tensor's sha256 covers every payload byte that matters; the payload's own
+        # is checked only now, to say that it is the payload that is damaged
+        if (verify or verify_payloads) and payload is not None and tensor_sha256(payload) != e["stored_sha256"]:
+            raise ArtifactError(f"tensor {name} in {where}: its coded payload fails its sha256 check: "
+                                "the artifact is corrupted") from cause
+        raise ArtifactError(message) from cause
+
+    if payload is not None:
+        try:
+            t = decode_tensor(name, t, e, quantized, decoded)
+        except CodecError as err:
+            fail(f"tensor {name} in {where} does not decode: {err}", err)
+    if list(t.shape) != e["shape"] or _dtype_name(t) != e["dtype"]:
+        fail(f"tensor {name} has shape/dtype {list(t.shape)}/{_dtype_name(t)}, manifest says {e['shape']}/{e['dtype']}")
+    if verify and tensor_sha256(t) != e["sha256"]:
+        fail(f"tensor {name} in {where} fails its sha256 check: the artifact is corrupted")
+    if verify_payloads and payload is not None and tensor_sha256(payload) != e["stored_sha256"]:
+        raise ArtifactError(f"tensor {name} in {where}: its coded payload fails its sha256 check "
+                            "(it still decodes to the right tensor): the artifact is corrupted")
+    return t

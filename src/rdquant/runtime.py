@@ -12,6 +12,7 @@ from . import adapters
 from .adapters import LowRank
 from .layouts import STORED, LayerSpec, layout_named
 
+ROW_CHUNK = 1 << 21  # weights of one slice of a large layer the reference backend dequantizes at a time
 QUANT_BUFFERS = STORED + adapters.STORED  # every stored tensor name of every layout, and of low-rank adapters
 
 
@@ -76,6 +77,7 @@ class QuantLinear(nn.Module):
             for name, (dt, shape) in adapters.buffers(self.lowrank, in_features, out_features).items():
                 self.register_buffer(name, torch.empty(shape, dtype=dt, device=device))
         self._adapter_cache: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self._rows_ok: bool | None = None  # the layout's row lookup works for this layer (_rowwise)
 
     kind = "linear"  # linear | head (the output head, outside the decoder blocks) | embedding
 
@@ -248,8 +250,12 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
+        y = None
         if self.backend in ("reference", "cached"):
-            y = F.linear(x, self.dequantized_weight().to(x.dtype), bias)
+            if self.in_features * self.out_features > ROW_CHUNK:
+                y = self._rowwise(x, bias)
+            if y is None:
+                y = F.linear(x, self.dequantized_weight().to(x.dtype), bias)
         else:
             if self._kernel is None:
                 if self.lowrank:  # the factors, kept on the device before the stored tensors move out
@@ -259,6 +265,45 @@ class QuantLinear(nn.Module):
             y = self.layout.kernel_linear(x, self._kernel, self.backend)
             y = y if bias is None else y + bias
         return y + self._adapter_out(x) if self.lowrank else y
+
+    def _check_shapes(self) -> None:
+        """Row lookups read the stored tensors directly: check their shapes as loading would."""
+        if self.layout.resizable:
+            return
+        for k, (_, shape) in self.layout.buffers(self.layer).items():
+            t = getattr(self, k, None)
+            if t is not None and tuple(t.shape) != tuple(shape):
+                from .errors import ArtifactError
+
+                raise ArtifactError(f"the {self.kind} layer's {k} has shape {tuple(t.shape)}, its manifest entry says "
+                                    f"{tuple(shape)}: the artifact is damaged")
+
+    def _rowwise(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+        """x W^T a slice of output rows at a time: the reference backend dequantizes each slice alone (the
+        layout's row lookup), so a large layer (a vocabulary head) never holds its whole dense weight;
+        the cached backend multiplies the same slices of its cached weight, so the two agree bit for bit
+        (a matmul's rounding depends on its width). None where the layout has no row lookup."""
+        gather = getattr(self.layout, "gather_rows", None)
+        if gather is None:
+            return None
+        self.materialize()
+        self._check_shapes()
+        state = {k: getattr(self, k) for k in self.buffer_names if k in self.layout.stored}
+        dev = self.qweight.device
+        if self._rows_ok is None:  # whether the stored rows can be read alone (whole bytes per row)
+            self._rows_ok = gather(state, self.layer, torch.zeros(1, dtype=torch.long, device=dev)) is not None
+        if not self._rows_ok:
+            return None
+        cached = self.dequantized_weight() if self.backend == "cached" else None
+        step = max(1, ROW_CHUNK // self.in_features)
+        parts = []
+        for start in range(0, self.out_features, step):
+            stop = min(start + step, self.out_features)
+            W = cached[start:stop] if cached is not None else gather(
+                state, self.layer, torch.arange(start, stop, device=dev)).to(self.compute_dtype)
+            parts.append(F.linear(x, W.to(x.dtype)))
+        y = torch.cat(parts, dim=-1)
+        return y if bias is None else y + bias
 
     def extra_repr(self) -> str:
         lr = f", lowrank={self.lowrank['rank']} ({self.lowrank['bits']}-bit)" if self.lowrank else ""
@@ -307,14 +352,7 @@ class QuantEmbedding(QuantLinear):
             return F.embedding(ids, self.dequantized_weight())
         self.materialize()
         self._restore_stored()
-        if not self.layout.resizable:  # the row lookup reads the tensors directly: check them as loading would
-            for k, (_, shape) in self.layout.buffers(self.layer).items():
-                t = getattr(self, k, None)
-                if t is not None and tuple(t.shape) != tuple(shape):
-                    from .errors import ArtifactError
-
-                    raise ArtifactError(f"the embedding's {k} has shape {tuple(t.shape)}, its manifest entry says "
-                                        f"{tuple(shape)}: the artifact is damaged")
+        self._check_shapes()
         rows = ids.reshape(-1).to(self.qweight.device)
         gather = getattr(self.layout, "gather_rows", None)
         out = gather({k: getattr(self, k) for k in self.buffer_names}, self.layer, rows) if gather else None
