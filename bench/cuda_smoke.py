@@ -1,6 +1,7 @@
 """The pipeline on an NVIDIA GPU: compress a tiny random Llama with GPTQ and CLAQ on CUDA, save,
-reload on CUDA, check bit-exact reload and generate; then CLAQ on one default-model-sized layer on
-CUDA vs CPU. Run on the device machine:
+reload on CUDA, check bit-exact reload and generate; stream the last artifact's blocks under a GPU
+memory budget (`max_memory`) and compare logits and greedy tokens with the full load; then CLAQ on one
+default-model-sized layer on CUDA vs CPU. Run on the device machine:
 
     PYTHONPATH=src python3 bench/cuda_smoke.py
 """
@@ -48,7 +49,28 @@ def main() -> None:
               f"model on {next(loaded.parameters()).device}")
     enc = tok("the", return_tensors="pt").to("cuda")
     print("generate:", loaded.generate(**enc, max_new_tokens=8, do_sample=False, pad_token_id=tok.eos_token_id).shape)
+    streamed(out, tok)
     claq_layer()
+
+
+def streamed(path: Path, tok) -> None:
+    """The artifact under a GPU budget that streams every block (host -> device on a side stream) against
+    the full load with the same (reference) backend: logits and greedy tokens must be identical."""
+    from rdquant.artifact import read_manifest
+    from rdquant.stream import make_plan, streamer_of
+
+    plan = make_plan(read_manifest(path), None)
+    full = rdquant.load(path, device="cuda", backend="reference")
+    small = rdquant.load(path, device="cuda", backend="reference",
+                         max_memory=plan.fixed + max(plan.slots) + max(plan.blocks))
+    ids = tok("the history of", return_tensors="pt")["input_ids"].to("cuda")
+    gen = dict(max_new_tokens=16, do_sample=False, pad_token_id=tok.eos_token_id)
+    with torch.inference_mode():
+        same_logits = torch.equal(full(ids).logits, small(ids).logits)
+        same_tokens = torch.equal(full.generate(ids, **gen), small.generate(ids, **gen))
+    st = streamer_of(small).stats
+    print(f"streamed on cuda ({small._rdquant_plan.describe()}): same logits {same_logits}, same tokens "
+          f"{same_tokens}, {st.blocks_read} block reads, {st.wait_s:.3f} s waited")
 
 
 def claq_layer() -> None:

@@ -66,12 +66,13 @@ def layer_options(m: QuantLinear, device: torch.device, explicit: bool = False) 
     return kernels + ["cached", "reference"]
 
 
-def set_backend(model: nn.Module, backend: str = "auto") -> dict[str, int]:
+def set_backend(model: nn.Module, backend: str = "auto", cache: bool = True) -> dict[str, int]:
     """Give every QuantLinear of `model` a backend; returns how many layers use each. `auto`: an exact
     kernel where the layer's layout has one that runs here, else `cached` while the dequantized weights
     fit in CACHE_SHARE of the free memory, else an inexact kernel that fits the layer (int4-cpu: faster
     than `reference` and as small), else `reference`. A kernel named explicitly runs every decoder
-    linear (or is refused); the embedding and head take `cached` where that kernel does not fit them."""
+    linear (or is refused); the embedding and head take `cached` where that kernel does not fit them.
+    With cache=False (under a memory budget) no layer keeps a dequantized copy: never `cached`."""
     if backend not in BACKENDS:
         raise RdquantError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
@@ -80,6 +81,8 @@ def set_backend(model: nn.Module, backend: str = "auto") -> dict[str, int]:
     for m in layers:
         device = m.device
         options = layer_options(m, device, explicit=backend != "auto")
+        if not cache:
+            options = [k for k in options if k != "cached"]
         if backend == "auto":
             inexact = [k for k in options if k in KERNELS and not EXACT[k]]
             choice = next(k for k in options if k not in inexact)

@@ -355,6 +355,9 @@ def eval_cmd(
     backend: str = typer.Option("auto", help="how quantized layers compute: auto | reference | cached | triton | int4-cpu"),
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON", show_default="off"),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="progress bar"),
+    max_memory: Optional[str] = typer.Option(None, "--max-memory", help="bound the memory the weights take (e.g. 200MB): "
+                                             "decoder blocks beyond it are streamed from the artifact per forward",
+                                             show_default="no limit"),
 ) -> None:
     """Perplexity with the standard protocol (non-overlapping windows, exp of mean NLL)."""
     from dataclasses import asdict
@@ -368,13 +371,14 @@ def eval_cmd(
     check_device(device)
     _check_backend(backend)
     eval_text(data)  # the data exist and are UTF-8 text
-    m, tok = load_any(model, device=device, backend=backend)
+    m, tok = load_any(model, device=device, backend=backend, max_memory=max_memory)
     check_seqlen(m, seqlen)
     r = evaluate(m, tok, data=data, seqlen=seqlen, max_windows=max_windows, device=device, progress=progress)
     if as_json:
         typer.echo(json.dumps(asdict(r)))
     else:
         typer.echo(f"{model}: ppl {r.ppl:.4f} on {data} ({r.windows} windows x {r.seqlen} = {r.tokens} tokens, {r.seconds:.1f} s)")
+    _report_streaming(m)
 
 
 @app.command("inspect")
@@ -400,7 +404,9 @@ def inspect_cmd(
                                "vocab_params": rep.vocab_params, "vocab_bytes": rep.vocab_bytes,
                                "split_bits_per_weight": rep.split_bits(),
                                "coded_bits_per_weight": rep.coded_bits_per_weight,
-                               "decode_mcodes_per_s": rep.decode_mcodes}))
+                               "decode_mcodes_per_s": rep.decode_mcodes,
+                               "memory_bytes": rep.memory.total if rep.memory else None,
+                               "min_max_memory_bytes": rep.memory.minimum if rep.memory else None}))
     else:
         typer.echo(rep.table(per_layer=layers))
 
@@ -460,6 +466,9 @@ def generate(
     chat: bool = typer.Option(False, help="wrap the prompt in the tokenizer's chat template"),
     device: str = typer.Option("cpu", help="cpu | cuda | cuda:N"),
     backend: str = typer.Option("auto", help="how quantized layers compute: auto | reference | cached | triton | int4-cpu"),
+    max_memory: Optional[str] = typer.Option(None, "--max-memory", help="bound the memory the weights take (e.g. 200MB): "
+                                             "decoder blocks beyond it are streamed from the artifact per forward",
+                                             show_default="no limit"),
 ) -> None:
     """Greedy generation from a prompt; prints the text, then the speed (tokens/s) on stderr."""
     import time
@@ -473,7 +482,7 @@ def generate(
     _positive("--max-new-tokens", max_new_tokens)
     check_device(device)
     _check_backend(backend)
-    m, tok = load_any(model, device=device, backend=backend)
+    m, tok = load_any(model, device=device, backend=backend, max_memory=max_memory)
     text = prompt
     if chat and getattr(tok, "chat_template", None):
         text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
@@ -511,6 +520,23 @@ def generate(
     runtime = f"backends: {describe(counts)}" if counts else "original model"
     typer.echo(f"[{new.numel()} tokens in {seconds:.2f} s: {new.numel() / max(seconds, 1e-9):.1f} tokens/s, "
                f"{device}, {runtime}" + (f"; weights dequantized once in {prep:.2f} s" if prep > 0.01 else "") + "]", err=True)
+    _report_streaming(m)
+
+
+def _report_streaming(m) -> None:
+    """On stderr: how a model loaded with --max-memory was laid out and what streaming cost."""
+    plan = getattr(m, "_rdquant_plan", None)
+    if plan is None:
+        return
+    from .stream import streamer_of
+
+    st = streamer_of(m)
+    line = f"[--max-memory: {plan.describe()}"
+    if st is not None:
+        s = st.stats
+        line += (f"; read {s.bytes_read / 2**20:,.1f} MiB in {s.blocks_read} block reads ({s.read_s:.2f} s reading, "
+                 f"{s.decode_s:.2f} s decoding, {s.wait_s:.2f} s waited)")
+    typer.echo(line + "]", err=True)
 
 
 def main() -> None:

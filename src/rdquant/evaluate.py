@@ -32,15 +32,18 @@ class EvalResult:
     seconds: float
 
 
-def load_any(model: str, device: str = "cpu", dtype: torch.dtype = torch.float32, backend: str = "auto"):
+def load_any(model: str, device: str = "cpu", dtype: torch.dtype = torch.float32, backend: str = "auto",
+             max_memory: str | int | None = None):
     """(model, tokenizer) for an artifact directory, an alias, a .gguf file or an HF directory. An
     artifact's layers take `backend` (backends.py; `auto`: a kernel where one runs here, else cached
     dequantized weights where memory allows: 4-bit default model on 2 CPU cores ~32 tokens/s cached
-    against ~6 dequantizing on every call)."""
+    against ~6 dequantizing on every call). `max_memory` streams an artifact's blocks beyond it (stream.py)."""
     if is_artifact(model):
         from .loading import load, load_tokenizer
 
-        return load(model, device=device, dtype=dtype, backend=backend), load_tokenizer(model)
+        return load(model, device=device, dtype=dtype, backend=backend, max_memory=max_memory), load_tokenizer(model)
+    if max_memory is not None:
+        raise RdquantError(f"--max-memory streams an rdquant artifact's blocks; {model} is not one: compress it first")
     from .models import load_model
 
     m, tok, _ = load_model(model, dtype=dtype, device=device)

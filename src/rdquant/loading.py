@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -15,6 +16,9 @@ from .errors import ArtifactError, RdquantError, first_line
 from .models import set_submodule
 from .backends import set_backend
 from .runtime import QUANT_BUFFERS, QuantEmbedding, QuantLinear
+
+if TYPE_CHECKING:
+    from .stream import Storage
 
 try:  # transformers >= 5
     from transformers.initialization import no_init_weights
@@ -30,6 +34,8 @@ def load(
     cache_dequantized: bool = False,
     lazy: bool = False,
     backend: str = "auto",
+    max_memory: str | int | None = None,
+    storage: "Storage | None" = None,
 ) -> nn.Module:
     """Load an artifact as a transformers causal LM whose quantized linears are QuantLinear; given
     anything else `--model` accepts (an alias such as "smollm2-135m", an HF directory, a .gguf file),
@@ -40,11 +46,24 @@ def load(
     fastest that exists for the layer on `device`), `reference`, `cached` or `triton`;
     `cache_dequantized=True` is the older spelling of `backend="cached"`. With `lazy`, a quantized
     layer's tensors are read, checked and decoded only when it is first used.
+
+    `max_memory` ("200MB", bytes) bounds the memory the model's tensors take on `device`: decoder
+    blocks that do not fit stay in the artifact and every forward streams them (stream.py; each block
+    is checked on its first read); `storage` simulates slower storage for benchmarks.
     """
+    from .stream import parse_budget
+
+    budget = parse_budget(max_memory)
     if not is_artifact(path):
+        if budget is not None:
+            raise RdquantError(f"--max-memory streams an rdquant artifact's blocks; {path} is not one: compress it first")
         return load_original(path, device=device, dtype=dtype)
+    backend = "cached" if cache_dequantized else backend
+    if budget is not None and backend not in ("auto", "reference", "triton"):
+        raise RdquantError(f"--backend {backend} keeps a second copy of the weights, which --max-memory does not "
+                           "allow: use --backend auto, reference or triton")
     try:
-        return _load_artifact(Path(path), device, dtype, verify, "cached" if cache_dequantized else backend, lazy)
+        return _load_artifact(Path(path), device, dtype, verify, backend, lazy, budget, storage)
     except RdquantError:
         raise
     except Exception as e:  # anything a damaged file can make transformers or safetensors raise
@@ -61,8 +80,11 @@ def load_original(spec: str | os.PathLike, device: str = "cpu", dtype: torch.dty
 
 
 def _load_artifact(path: Path, device: str, dtype: torch.dtype, verify: bool, backend: str,
-                   lazy: bool) -> nn.Module:
+                   lazy: bool, budget: int | None = None, storage: "Storage | None" = None) -> nn.Module:
+    from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .stream import BlockStreamer, block_of, block_prefix, make_plan
 
     manifest = read_manifest(path)
     if verify:
@@ -74,6 +96,12 @@ def _load_artifact(path: Path, device: str, dtype: torch.dtype, verify: bool, ba
     # lazily read: decoder linears (a vocabulary matrix may be shared by two modules: read at once)
     lazy_layers = {n for n, info in manifest["quantized"].items() if info.get("kind", "linear") == "linear"}
     deferred = {k for n, keys in layer_keys.items() if n in lazy_layers for k in keys} if lazy else set()
+    plan = prefix = None
+    if budget is not None:  # blocks beyond the budget are never read here: the streamer reads them per forward
+        prefix = block_prefix(manifest)
+        plan = make_plan(manifest, budget, dtype, prefix)
+        streamed = set(plan.streamed)
+        deferred = {k for k in manifest["tensors"] if block_of(k, prefix) in streamed}
     names = [k for k in manifest["tensors"] if k not in deferred]
     quant_keys = {f"{name}.{k}" for name in manifest["quantized"] for k in QUANT_BUFFERS}
 
@@ -91,7 +119,7 @@ def _load_artifact(path: Path, device: str, dtype: torch.dtype, verify: bool, ba
             config = AutoConfig.from_pretrained(path, local_files_only=True)
         except (OSError, ValueError) as e:
             raise ArtifactError(f"{path}/config.json is missing or invalid: {e}") from e
-        with no_init_weights():
+        with no_init_weights(), init_empty_weights():  # parameters on the meta device: every one is assigned below
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         for name, info in manifest["quantized"].items():
             if info.get("kind") == "embedding":
@@ -102,7 +130,7 @@ def _load_artifact(path: Path, device: str, dtype: torch.dtype, verify: bool, ba
             else:
                 q = QuantLinear.from_manifest(info, dtype)
             set_submodule(model, name, q)
-            if lazy and name in lazy_layers:
+            if lazy and budget is None and name in lazy_layers:
                 q.set_loader(functools.partial(_materialize, path, layer_keys[name], verify))
         state = reading.result()
     if "kv_cache" in manifest:  # the key-shift buffers the state fills; generation uses QuantizedKVCache
@@ -129,8 +157,18 @@ def _load_artifact(path: Path, device: str, dtype: torch.dtype, verify: bool, ba
     missing = [k for k in missing if k not in tied]
     if missing:
         raise ArtifactError(f"tensor {missing[0]} is missing from {path}")
+    if plan is not None and plan.streamed:
+        streamer = BlockStreamer(path, manifest, model, plan, prefix, dtype, torch.device(device), storage, verify)
+        streamer.placeholders()  # before the move: the streamed blocks' skeleton tensors never reach the device
+        model._rdquant_streamer = streamer
     model.eval().to(device)
-    set_backend(model, backend)
+    set_backend(model, backend, cache=budget is None)
+    if plan is not None:
+        model._rdquant_plan = plan
+        for b in plan.streamed:  # dequantized per call from the tensors of the moment
+            for m in model.get_submodule(prefix)[b].modules():
+                if isinstance(m, QuantLinear):
+                    m.set_backend("reference")
     return model
 
 

@@ -42,3 +42,13 @@ def retain_freed_memory() -> Iterator[None]:
         libc.mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX)
         libc.mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM)
         libc.malloc_trim(0)
+
+
+def trim() -> None:
+    """Give the heap's free pages back to the OS (glibc's malloc_trim; a no-op elsewhere). A streamed
+    model calls it after each forward: blocks read in one thread and freed in another otherwise leave
+    the heap fragmented, and peak RSS drifted from +120 to +500 MB over a budget between runs."""
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+

@@ -7,6 +7,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from .artifact import DTYPE_BYTES, check_sidecars, read_manifest
 from .errors import ArtifactError, RdquantError, first_line
@@ -72,6 +73,7 @@ class InspectReport:
     kv_cache: dict | None = None  # the quantized KV cache's spec (manifest `kv_cache`), if any
     kv_bytes_per_token: float | None = None  # its bytes per token, all layers, K and V, at long context
     kv_fp16_bytes_per_token: float | None = None
+    memory: Any = None  # stream.Plan sizes at the default dtype (float32): whole model, smallest --max-memory
 
     @property
     def bits_per_weight(self) -> float:
@@ -156,6 +158,11 @@ class InspectReport:
             f"checksums           all {self.verified} tensors and files read and verified (sha256)" if self.verified is not None
             else "checksums           not checked here (`rdquant inspect` verifies them)",
         ]
+        if self.memory is not None:
+            m, mib = self.memory, 2**20
+            lines.append(f"memory (float32)    {m.total / mib:,.1f} MiB loaded; runs in as little as --max-memory "
+                         f"{m.minimum / mib:,.1f} MiB ({m.fixed / mib:,.1f} MiB outside the {len(m.blocks)} decoder blocks, "
+                         f"one block of {max(m.slots) / mib:,.2f} MiB streamed at a time)")
         if self.kv_cache is not None:
             kv = self.kv_cache
             keys = (f"keys per channel over {kv['key_tokens']} tokens" if kv["key_axis"] == "channel"
@@ -215,8 +222,14 @@ def inspect(path: str | os.PathLike, decode_speed: bool = False, verify: bool = 
 
 
 def _report(p: Path, manifest: dict, verified: int | None, decode_speed: bool) -> InspectReport:
+    from .stream import make_plan
+
     tensors = manifest["tensors"]
     rep = InspectReport(str(p), str(manifest.get("source_model", "?")), verified=verified)
+    try:
+        rep.memory = make_plan(manifest, None)
+    except RdquantError:  # nothing to stream (no quantized decoder blocks)
+        rep.memory = None
     owned: set[str] = set()
     for name, info in manifest["quantized"].items():
         keys = [k for k in (f"{name}.{s}" for s in (*QUANT_BUFFERS, "bias")) if k in tensors]
