@@ -186,7 +186,8 @@ def make_plan(manifest: dict[str, Any], budget: int | None, dtype: torch.dtype =
         return plan
     if budget < plan.minimum:
         mib = 2**20
-        raise RdquantError(f"--max-memory {budget / mib:,.1f} MiB is below the smallest budget this model runs in, "
+        given = f"{budget / mib:,.1f} MiB" if budget >= mib // 10 else f"{budget:,} bytes"
+        raise RdquantError(f"--max-memory {given} is below the smallest budget this model runs in, "
                            f"{plan.minimum / mib:,.1f} MiB ({fixed / mib:,.1f} MiB outside the decoder blocks and "
                            f"{max(slots) / mib:,.1f} MiB for the block computing): raise --max-memory")
     for prefetch in (1, 0):
@@ -268,8 +269,9 @@ class _Shard:
 
 class BlockStreamer:
     """Installs streamed blocks' tensors for their forward only: a pre-forward hook takes the block
-    (read ahead, or read now), a forward hook releases it. One reader thread reads and decodes blocks in
-    forward order (cyclically: after the last streamed block comes the first, for the next token)."""
+    (read ahead, or read now), a forward hook releases it. One reader thread reads blocks in forward
+    order (cyclically: after the last streamed block comes the first, for the next token) and hands each
+    layer's bytes to the decode threads while it reads the next layer."""
 
     def __init__(self, path: Path, manifest: dict[str, Any], model: nn.Module, plan: Plan, prefix: str,
                  dtype: torch.dtype, device: torch.device, storage: Storage | None = None, verify: bool = True) -> None:
