@@ -70,3 +70,21 @@ def test_grouped_dequantization_is_the_expanded_formula_bit_for_bit(shape, group
     got = layout_named("affine").gather_rows(q.packed_state(), layer, rows)
     assert got is None or torch.equal(got, want[rows])
     assert torch.equal(packing.unpack(packing.pack(codes, bits), bits, codes.numel()), codes.reshape(-1))
+
+
+@pytest.mark.parametrize("widths", [[3] * 10, [2, 4, 0, 3, 3, 2, 4, 4, 1, 3]])
+def test_codebook_segments_round_trip_and_damage_is_named(widths):
+    """Column codes pack into one run per width and unpack back (one width: no scatter); a stream of the
+    wrong length is a ValueError (the loader's damaged-artifact error)."""
+    from rdquant.qcodebook import CodebookWeight, pack_segments, unpack_segments
+
+    g = torch.Generator().manual_seed(2)
+    cw = torch.tensor(widths)
+    codes = (torch.randint(0, 256, (12, len(widths)), generator=g) % (1 << cw)).to(torch.uint8)
+    packed = pack_segments(codes, cw)
+    assert torch.equal(unpack_segments(packed, cw, 12), codes)
+    with pytest.raises(ValueError, match="widths say"):
+        unpack_segments(torch.cat([packed, packed[:1]]), cw, 12)
+    entries = int((1 << cw).sum())
+    state = {"qweight": packed, "widths": cw.to(torch.uint8), "codebook": torch.randn(entries).half()}
+    assert torch.equal(CodebookWeight.from_packed(state, (12, len(widths)), 1).codes, codes)

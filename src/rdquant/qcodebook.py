@@ -78,9 +78,15 @@ def pack_segments(codes: torch.Tensor, col_widths: torch.Tensor) -> torch.Tensor
 def unpack_segments(qweight: torch.Tensor, col_widths: torch.Tensor, out_features: int) -> torch.Tensor:
     """Inverse of pack_segments: codes [out, in] uint8."""
     in_f = col_widths.numel()
+    widths = sorted(set(col_widths.tolist()))
+    if len(widths) == 1 and widths[0] > 0:  # every column one width: one packed run, no scatter
+        n = packing.packed_nbytes(out_features * in_f, widths[0])
+        if n != qweight.numel():
+            raise ValueError(f"qweight has {qweight.numel()} bytes, its widths say {n}")
+        return packing.unpack(qweight, widths[0], out_features * in_f).view(out_features, in_f)
     codes = torch.zeros(out_features, in_f, dtype=torch.uint8, device=qweight.device)
     pos = 0
-    for b in sorted(set(col_widths.tolist())):
+    for b in widths:
         if b == 0:
             continue
         cols = torch.nonzero(col_widths == b).flatten().to(qweight.device)
@@ -226,7 +232,7 @@ class CodebookWeight(VariableWidth):
             raise ValueError(f"codebook has {state['codebook'].numel()} entries, widths say {n_entries}")
         codes = unpack_segments(state["qweight"], column_widths(widths, share, in_f), out_f)
         cw = column_widths(widths, share, in_f).to(codes.device)
-        if bool((codes.to(torch.long) >= (1 << cw)[None, :]).any()):
+        if codes.numel() and bool((codes.amax(0).to(torch.long) >= (1 << cw)).any()):
             raise ValueError("codes out of range for their column widths")
         w = cls(codes, widths, state["codebook"], share, state.get("row_scale"), scale_group=scale_group)
         if w.row_scale is not None:
