@@ -165,3 +165,13 @@ def test_cli_generate_eval_and_inspect_under_a_budget(artifact, text_file):
     plan = make_plan(read_manifest(artifact), None)
     r = CliRunner().invoke(app, ["inspect", str(artifact), "--json", "--no-decode-speed"])
     assert json.loads(r.output)["min_max_memory_bytes"] == plan.minimum
+
+
+def test_evaluate_streams_a_path_and_refuses_a_budget_for_a_loaded_model(artifact, text_file):
+    budget = _tight(artifact)
+    streamed = rdquant.evaluate(str(artifact), data=str(text_file), seqlen=64, max_windows=2, progress=False,
+                                max_memory=budget)
+    full = rdquant.evaluate(str(artifact), data=str(text_file), seqlen=64, max_windows=2, progress=False)
+    assert streamed.ppl == full.ppl
+    with pytest.raises(RdquantError, match="max_memory applies when evaluate loads"):
+        rdquant.evaluate(rdquant.load(artifact), tokenizer=None, max_memory=budget)

@@ -132,12 +132,17 @@ def evaluate(
     device: str = "cpu",
     progress: bool = True,
     chunk: int = 256,
+    max_memory: str | int | None = None,
 ) -> EvalResult:
     """Perplexity of `model` (a module, a CompressedModel, or a path/alias) on `data`. Where the logits
     are head(decoder) (`loss_parts`), the loss is taken `chunk` positions at a time, so memory does
-    not grow with the vocabulary; other models give their whole logits (`window_nll`)."""
+    not grow with the vocabulary; other models give their whole logits (`window_nll`). A path loaded
+    here takes `max_memory` (an artifact's blocks beyond it are streamed: stream.py)."""
     if isinstance(model, str):
-        model, tokenizer = load_any(model, device=device)
+        model, tokenizer = load_any(model, device=device, max_memory=max_memory)
+    elif max_memory is not None:
+        raise RdquantError("max_memory applies when evaluate loads the model: pass a path, or load it with "
+                           "rdquant.load(path, max_memory=...)")
     elif hasattr(model, "model") and hasattr(model, "tokenizer") and not isinstance(model, nn.Module):
         model, tokenizer = model.model, tokenizer or model.tokenizer
     if tokenizer is None:
