@@ -50,6 +50,7 @@ def main() -> None:
     enc = tok("the", return_tensors="pt").to("cuda")
     print("generate:", loaded.generate(**enc, max_new_tokens=8, do_sample=False, pad_token_id=tok.eos_token_id).shape)
     streamed(out, tok)
+    stream_speed(tmp)
     claq_layer()
 
 
@@ -71,6 +72,49 @@ def streamed(path: Path, tok) -> None:
     st = streamer_of(small).stats
     print(f"streamed on cuda ({small._rdquant_plan.describe()}): same logits {same_logits}, same tokens "
           f"{same_tokens}, {st.blocks_read} block reads, {st.wait_s:.3f} s waited")
+
+
+def stream_speed(tmp: Path) -> None:
+    """A default-model-shaped random Llama (hidden 576, MLP 1536, 30 blocks, vocab 49152, tied), RTN 4-bit
+    g64 with a 4-bit embedding, packed and coded (`codec="auto"`): greedy tokens/s on CUDA fully loaded and
+    with a budget of 50% of the packed model, storage simulated at 0.25 / 1 / 3 GB/s (issue 24's GPU rows)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from rdquant.artifact import read_manifest
+    from rdquant.stream import Storage, make_plan, streamer_of
+    from rdquant.testing import tiny_tokenizer
+
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                      num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
+                      tie_word_embeddings=True)
+    torch.manual_seed(0)
+    tok = tiny_tokenizer()
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    cm = rdquant.compress(model, rdquant.CompressConfig(method="rtn", bits=4, group_size=64, embed_bits=4),
+                          tokenizer=tok, progress=False, model_id="random-smollm2-shape")
+    paths = {"packed": cm.save(tmp / "rand_packed"), "coded": cm.save(tmp / "rand_coded", codec="auto")}
+    budget = make_plan(read_manifest(paths["packed"]), None).total // 2
+    ids = torch.tensor([[1, 5, 9, 13, 17, 21, 25, 29]], device="cuda")
+    gen = dict(max_new_tokens=64, min_new_tokens=64, do_sample=False, pad_token_id=0)
+    for name, path in paths.items():
+        rows = [("full", None, None)] + [("50%", budget, bw) for bw in (0.25e9, 1e9, 3e9)]
+        ref = None
+        for label, mm, bw in rows:
+            m = rdquant.load(path, device="cuda", backend="reference", max_memory=mm, storage=Storage(bandwidth=bw))
+            with torch.inference_mode():
+                m.generate(ids, **{**gen, "max_new_tokens": 2, "min_new_tokens": 2})
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                out = m.generate(ids, **gen)
+                torch.cuda.synchronize()
+                tps = 64 / (time.perf_counter() - t0)
+            ref = out if ref is None else ref
+            st = streamer_of(m)
+            extra = "" if st is None else (f", {st.stats.bytes_read / 2**20 / 66:.1f} MiB read/token, "
+                                           f"decode {st.stats.decode_s:.2f} s, waited {st.stats.wait_s:.2f} s")
+            print(f"stream speed {name} {label} {'' if bw is None else f'{bw / 1e9:g} GB/s'}: {tps:.1f} tokens/s, "
+                  f"same tokens {torch.equal(out, ref)}{extra}", flush=True)
+            del m
 
 
 def claq_layer() -> None:
