@@ -224,6 +224,19 @@ DTYPE_BYTES = {"uint8": 1, "int8": 1, "int16": 2, "int32": 4, "int64": 8, "float
                "float64": 8, "bool": 1}  # every dtype a manifest may name, and its size
 
 
+def entry_nbytes(e: dict[str, Any]) -> int:
+    """A manifest tensor entry's decoded bytes (its dtype and shape)."""
+    n = DTYPE_BYTES[e["dtype"]]
+    for d in e["shape"]:
+        n *= d
+    return n
+
+
+def stored_nbytes(e: dict[str, Any]) -> int:
+    """A manifest tensor entry's bytes in the file (its coded payload's, where coded)."""
+    return int(e.get("stored_bytes", entry_nbytes(e)))
+
+
 def _check_manifest(m: dict[str, Any], mpath: Path) -> None:
     """The manifest's structure, as far as the readers use it: a damaged one is an ArtifactError here,
     never a KeyError or TypeError later."""

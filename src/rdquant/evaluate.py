@@ -43,7 +43,9 @@ def load_any(model: str, device: str = "cpu", dtype: torch.dtype = torch.float32
 
         return load(model, device=device, dtype=dtype, backend=backend, max_memory=max_memory), load_tokenizer(model)
     if max_memory is not None:
-        raise RdquantError(f"--max-memory streams an rdquant artifact's blocks; {model} is not one: compress it first")
+        from .stream import not_streamable
+
+        raise not_streamable(model)
     from .models import load_model
 
     m, tok, _ = load_model(model, dtype=dtype, device=device)

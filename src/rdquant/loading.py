@@ -51,12 +51,12 @@ def load(
     blocks that do not fit stay in the artifact and every forward streams them (stream.py; each block
     is checked on its first read); `storage` simulates slower storage for benchmarks.
     """
-    from .stream import parse_budget
+    from .stream import not_streamable, parse_budget
 
     budget = parse_budget(max_memory)
     if not is_artifact(path):
         if budget is not None:
-            raise RdquantError(f"--max-memory streams an rdquant artifact's blocks; {path} is not one: compress it first")
+            raise not_streamable(path)
         return load_original(path, device=device, dtype=dtype)
     backend = "cached" if cache_dequantized else backend
     if budget is not None and backend not in ("auto", "reference", "triton"):

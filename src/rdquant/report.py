@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .artifact import DTYPE_BYTES, check_sidecars, read_manifest
+from .artifact import check_sidecars, entry_nbytes, read_manifest, stored_nbytes
 from .errors import ArtifactError, RdquantError, first_line
 from .backends import KERNELS
 from .layouts import LayerSpec, layout_named
@@ -175,12 +175,6 @@ class InspectReport:
         return "\n".join(lines)
 
 
-def _nbytes(info: dict) -> int:
-    return math.prod(info["shape"]) * DTYPE_BYTES[info["dtype"]]
-
-
-def _stored(info: dict) -> int:
-    return info.get("stored_bytes", _nbytes(info))
 
 
 def verify_tensors(path: Path, manifest: dict, batch_bytes: int = 256 * 2**20) -> int:
@@ -196,7 +190,7 @@ def verify_tensors(path: Path, manifest: dict, batch_bytes: int = 256 * 2**20) -
     size = 0
     for names in layers.values():
         batch += names
-        size += sum(_stored(manifest["tensors"][n]) for n in names)
+        size += sum(stored_nbytes(manifest["tensors"][n]) for n in names)
         if size >= batch_bytes:
             read_tensors(path, verify=True, names=batch, verify_payloads=True)
             batch, size = [], 0
@@ -241,7 +235,7 @@ def _report(p: Path, manifest: dict, verified: int | None, decode_speed: bool) -
         codec = qweight.get("codec", {})
         rep.layers.append(
             LayerReport(name, (out_f, in_f), info.get("method", "?"), info["bits"], info["group_size"], out_f * in_f,
-                        sum(_nbytes(tensors[k]) for k in keys), sum(_stored(tensors[k]) for k in keys),
+                        sum(entry_nbytes(tensors[k]) for k in keys), sum(stored_nbytes(tensors[k]) for k in keys),
                         codec.get("codec", "none"), codec.get("entropy_bits"),
                         split={}, mean_width=info.get("mean_width"), mapping=codec.get("mapping", codec.get("kind", "-")))
         )
@@ -252,7 +246,7 @@ def _report(p: Path, manifest: dict, verified: int | None, decode_speed: bool) -
         rep.layers[-1].cpu_kernel = next((k for k in KERNELS if k != "triton" and layout.kernel_supports(spec, k)), "-")
         for k in keys:
             part = PART_OF[k.rpartition(".")[2]]
-            rep.layers[-1].split[part] = rep.layers[-1].split.get(part, 0) + _nbytes(tensors[k])
+            rep.layers[-1].split[part] = rep.layers[-1].split.get(part, 0) + entry_nbytes(tensors[k])
     linears = [l for l in rep.layers if l.kind == "linear"]  # the figure every bench table compares
     rep.quantized_params = sum(l.params for l in linears)
     rep.quantized_bytes = sum(l.bytes for l in linears)
@@ -261,7 +255,7 @@ def _report(p: Path, manifest: dict, verified: int | None, decode_speed: bool) -
     rep.vocab_bytes = sum(l.stored_bytes for l in rep.layers if l.kind != "linear")
     dense = [info for k, info in tensors.items() if k not in owned]
     rep.dense_params = sum(math.prod(i["shape"]) for i in dense)
-    rep.dense_bytes = sum(_stored(i) for i in dense)
+    rep.dense_bytes = sum(stored_nbytes(i) for i in dense)
     rep.total_bytes = sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
     rep.tensor_bytes = sum(f.stat().st_size for f in p.glob("*.safetensors"))
     biases = sum(math.prod(tensors[k]["shape"]) for k in owned if k.endswith(".bias"))

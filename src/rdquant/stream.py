@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .artifact import DTYPE_BYTES, _decode_rank, available_cores, decode_checked
+from .artifact import DTYPE_BYTES, _decode_rank, available_cores, decode_checked, entry_nbytes, stored_nbytes
 from .errors import ArtifactError, RdquantError
 
 
@@ -101,6 +101,11 @@ def parse_budget(max_memory: str | int | None) -> int | None:
     return budget
 
 
+def not_streamable(path: Any) -> RdquantError:
+    """The error for a memory budget given with a model that is not an rdquant artifact."""
+    return RdquantError(f"--max-memory streams an rdquant artifact's blocks; {path} is not one: compress it first")
+
+
 def block_of(name: str, prefix: str) -> int | None:
     """The decoder block a tensor name belongs to ('model.layers.12.mlp.up_proj.qweight' -> 12), else None."""
     if not name.startswith(prefix + "."):
@@ -123,24 +128,16 @@ def block_prefix(manifest: dict[str, Any]) -> str:
     return max(counts, key=lambda k: len(counts[k]))
 
 
-def memory_bytes(name: str, e: dict[str, Any], quantized_keys: set[str], dtype: torch.dtype) -> int:
-    """A tensor's bytes once loaded: float tensors outside the quantized layers take the model's dtype."""
-    n = 1
-    for d in e["shape"]:
-        n *= d
+def memory_dtype(name: str, e: dict[str, Any], quantized_keys: set[str], dtype: torch.dtype) -> torch.dtype:
+    """A tensor's dtype once loaded: float tensors outside the quantized layers take the model's dtype."""
     is_float = e["dtype"] in ("float16", "bfloat16", "float32", "float64")
-    size = torch.empty(0, dtype=dtype).element_size() if is_float and name not in quantized_keys else DTYPE_BYTES[e["dtype"]]
-    return n * size
+    return dtype if is_float and name not in quantized_keys else getattr(torch, e["dtype"])
 
 
-def stored_bytes(e: dict[str, Any]) -> int:
-    """A tensor's bytes in the file (its coded payload's, where coded)."""
-    if "codec" in e:
-        return int(e["stored_bytes"])
-    n = DTYPE_BYTES[e["dtype"]]
-    for d in e["shape"]:
-        n *= d
-    return n
+def memory_bytes(name: str, e: dict[str, Any], quantized_keys: set[str], dtype: torch.dtype) -> int:
+    """A tensor's bytes once loaded."""
+    return entry_nbytes(e) // DTYPE_BYTES[e["dtype"]] * torch.empty(0, dtype=memory_dtype(
+        name, e, quantized_keys, dtype)).element_size()
 
 
 def decode_workers() -> int:
@@ -176,8 +173,8 @@ def make_plan(manifest: dict[str, Any], budget: int | None, dtype: torch.dtype =
         owners: dict[str, int] = {}
         for n in names:
             e = manifest["tensors"][n]
-            if "codec" in e or memory_bytes(n, e, quant_keys, dtype) != stored_bytes(e):
-                owners[n.rpartition(".")[0]] = owners.get(n.rpartition(".")[0], 0) + stored_bytes(e)
+            if "codec" in e or memory_bytes(n, e, quant_keys, dtype) != stored_nbytes(e):
+                owners[n.rpartition(".")[0]] = owners.get(n.rpartition(".")[0], 0) + stored_nbytes(e)
         extra = sum(sorted(owners.values(), reverse=True)[:inflight])
         blocks.append(mem)
         slots.append(mem + extra)
@@ -347,9 +344,7 @@ class BlockStreamer:
             m.clear_cache()
 
     def _dtype_of(self, name: str) -> torch.dtype:
-        e = self.manifest["tensors"][name]
-        is_float = e["dtype"] in ("float16", "bfloat16", "float32", "float64")
-        return self.dtype if is_float and name not in self.quant_keys else getattr(torch, e["dtype"])
+        return memory_dtype(name, self.manifest["tensors"][name], self.quant_keys, self.dtype)
 
     # -- reading -----------------------------------------------------------------------------------
     def _read_block(self, b: int) -> tuple[list[torch.Tensor], Any]:
@@ -371,7 +366,7 @@ class BlockStreamer:
                     shard = self.shards[e["file"]] = _Shard(self.path / e["file"], self.storage)
                 if not layer:
                     self.inflight.acquire()  # given back by the decode task of this layer
-                layer.append((name, shard.read(name, stored_bytes(e), self.stats), shard.path))
+                layer.append((name, shard.read(name, stored_nbytes(e), self.stats), shard.path))
                 nxt = self.names[b][k + 1] if k + 1 < len(self.names[b]) else None
                 if nxt is None or nxt.rpartition(".")[0] != name.rpartition(".")[0]:
                     tasks.append(self.decoders.submit(self._decode_layer, layer, verify))
