@@ -103,6 +103,8 @@ def parse_budget(max_memory: str | int | None) -> int | None:
 
 def not_streamable(path: Any) -> RdquantError:
     """The error for a memory budget given with a model that is not an rdquant artifact."""
+    if not Path(path).exists() and "/" in str(path):
+        return RdquantError(f"{path} does not exist; give an rdquant artifact directory to --max-memory runs")
     return RdquantError(f"--max-memory streams an rdquant artifact's blocks; {path} is not one: compress it first")
 
 
