@@ -148,3 +148,84 @@ def test_artifact_on_the_triton_backend_matches_reference(kernel, tiny_model_dir
     kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=tok.eos_token_id)
     assert torch.equal(ref.generate(**enc, **kw), fast.generate(**enc, **kw))
 
+
+
+@pytest.fixture(scope="module")
+def kv_kernel():
+    """The packed-KV decode attention kernel module, under the interpreter."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("triton was imported before this module could select its CPU interpreter")
+    return importlib.import_module("rdquant.kernels.kv_triton")
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("axis", ["channel", "token"])
+def test_kv_decode_kernel_matches_the_dequantized_past(kv_kernel, bits, axis):
+    from rdquant.kvcache import (_pack_rows, dequantize_channels, dequantize_tokens, quantize_channels,
+                                 quantize_tokens)
+
+    g = torch.Generator().manual_seed(bits)
+    B, Hkv, G, D, n, E = 2, 2, 3, 32, 160, 5  # 160 past tokens: a ragged last tile of 64; GQA 3 (padded to 16)
+    k, v = torch.randn(B, Hkv, n, D, generator=g), torch.randn(B, Hkv, n, D, generator=g)
+    q = torch.randn(B, Hkv * G, D, generator=g).half()
+    if axis == "channel":
+        kc, ks, kl = quantize_channels(k, bits, 32)
+        kd = dequantize_channels(kc, ks, kl)
+    else:
+        kc, ks, kl = quantize_tokens(k, bits, 16)
+        kd = dequantize_tokens(kc, ks, kl)
+    vc, vs, vl = quantize_tokens(v, bits, 8)
+    vd = dequantize_tokens(vc, vs, vl)
+    ke, ve = torch.randn(B, Hkv, E, D, generator=g).half(), torch.randn(B, Hkv, E, D, generator=g).half()
+    scale = D ** -0.5
+    kk = torch.cat([kd.half(), ke], 2).repeat_interleave(G, 1).float()
+    vv = torch.cat([vd.half(), ve], 2).repeat_interleave(G, 1).float()
+    ref = (torch.softmax(q.float()[:, :, None] @ kk.transpose(-1, -2) * scale, -1) @ vv)[:, :, 0]
+    for splits in (1, 3):
+        o, m, l = kv_kernel.packed_attention(q, _pack_rows(kc, bits), ks, kl, _pack_rows(vc, bits), vs, vl, bits,
+                                             32 if axis == "channel" else 0, scale, splits=splits)
+        assert o.shape[2] == splits
+        out = kv_kernel.merge(o, m, l, q, ke, ve, scale)
+        assert _close(out.float(), ref, 2e-3), float((out.float() - ref).abs().max())
+    # without exact keys, the packed past alone
+    past = (torch.softmax(q.float()[:, :, None] @ kk[:, :, :n].transpose(-1, -2) * scale, -1) @ vv[:, :, :n])[:, :, 0]
+    assert _close(kv_kernel.merge(o, m, l, q, None, None, scale).float(), past, 2e-3)
+
+
+@pytest.mark.parametrize("residual", [0, 3])
+def test_generate_reads_the_packed_cache_in_the_kernel(kv_kernel, residual):
+    from rdquant import kvcache
+    from rdquant.kvcache import DECODE_ATTN, KVSpec, QuantizedKVCache
+    from rdquant.testing import tiny_model
+
+    m = tiny_model("llama", 96, hidden=64, layers=2).to(torch.float16)  # 4 heads of 16, 2 KV heads
+    kvcache.attach(m, KVSpec(bits=4, residual=residual, key_tokens=4))
+    ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(5))
+    kw = dict(max_new_tokens=10, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    plain = m.generate(ids, **{kvcache.cache_kwarg(m): QuantizedKVCache(m, fused=False)}, **kw)
+    assert m.config._attn_implementation != DECODE_ATTN
+    calls = []
+    real = kvcache.QuantizedKVLayer.fused_attention
+    kvcache.QuantizedKVLayer.fused_attention = lambda self, *a: calls.append(1) or real(self, *a)
+    try:
+        fused = m.generate(ids, **{kvcache.cache_kwarg(m): QuantizedKVCache(m, fused=True)}, **kw)
+    finally:
+        kvcache.QuantizedKVLayer.fused_attention = real
+    assert m.config._attn_implementation == DECODE_ATTN and len(calls) == 2 * 9  # every decode step, both layers
+    assert torch.equal(fused.sequences, plain.sequences)
+    for a, b in zip(fused.logits, plain.logits):
+        assert _close(a.float(), b.float(), 1e-2)
+
+
+def test_fused_kv_cache_refuses_a_model_it_cannot_run():
+    from rdquant import kvcache
+    from rdquant.errors import RdquantError
+    from rdquant.kvcache import KVSpec, QuantizedKVCache
+    from rdquant.testing import tiny_model
+
+    m = tiny_model("llama", 96, hidden=64, layers=1)  # float32: the kernel takes 16-bit models only
+    kvcache.attach(m, KVSpec(bits=4))
+    with pytest.raises(RdquantError, match="16-bit model"):
+        QuantizedKVCache(m, fused=True)
+    QuantizedKVCache(m)  # auto: falls back to the dequantizing path
+    assert m.config._attn_implementation != kvcache.DECODE_ATTN

@@ -33,6 +33,7 @@ from .errors import RdquantError
 
 KV_BITS = (2, 3, 4, 8)
 ATTN_NAME = "rdquant_past_only"
+DECODE_ATTN = "rdquant_kv_decode"  # sdpa, except a decode step of QuantizedKVCache reads the packed past (Triton)
 
 
 KEY_AXES = ("channel", "token")
@@ -171,6 +172,7 @@ class KVParams:
 
     def __init__(self, spec: KVSpec, attn: nn.Module) -> None:
         self.spec, self.attn = spec, attn
+        self.pending: tuple[Any, int] | None = None  # (the cache layer, packed tokens) for the fused attention
 
     @property
     def shift_k(self) -> torch.Tensor:
@@ -305,9 +307,9 @@ class QuantizedKVLayer(_dynamic_layer()):  # type: ignore[misc]
 
     is_croppable = False
 
-    def __init__(self, params: KVParams) -> None:
+    def __init__(self, params: KVParams, fused: bool = False) -> None:
         super().__init__()
-        self.params = params
+        self.params, self.fused = params, fused
         self.k, self.v = _Packed(), _Packed()
         self.rk: torch.Tensor | None = None  # the full-precision window [B, H, <= residual, D]
         self.rv: torch.Tensor | None = None
@@ -342,34 +344,63 @@ class QuantizedKVLayer(_dynamic_layer()):  # type: ignore[misc]
         vc, vs, vl = quantize_tokens(v, sp.bits, sp.group(D), sp.clip)
         self.v.append(_pack_rows(vc, sp.bits), vs, vl)
 
-    def _past(self, store: _Packed, window: torch.Tensor | None, like: torch.Tensor, channels: bool) -> torch.Tensor:
-        parts = []
-        if store.n:
-            codes = _unpack_rows(store.codes.view().contiguous(), self.params.spec.bits, like.shape[-1])
-            deq = dequantize_channels if channels else dequantize_tokens
-            parts.append(deq(codes, store.scale.view(), store.lo.view(), like.dtype))
-        if window is not None:
-            parts.append(window)
-        return torch.cat(parts, 2) if parts else like[:, :, :0]
-
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
                **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """The keys/values to attend over: the dequantized past, the window, then this chunk in full
-        precision (all shifted); then the chunk joins the window and what leaves it is quantized."""
+        precision (all shifted); then the chunk joins the window and what leaves it is quantized. A decode
+        step under the fused attention (`use_decode_kernel`) returns only the exact part (window and chunk)
+        and leaves the packed past to the attention function (`pending`)."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         k, v = self.params.shifted(key_states, value_states)
         sp = self.params.spec
-        keys = torch.cat([self._past(self.k, self.rk, k, sp.key_axis == "channel"), k], 2)
-        values = torch.cat([self._past(self.v, self.rv, v, False), v], 2)
         wk = k if self.rk is None else torch.cat([self.rk, k], 2)
         wv = v if self.rv is None else torch.cat([self.rv, v], 2)
+        if self._fused_step(k):
+            self.params.pending = (self, self.k.n)
+            keys, values = wk, wv
+        elif self.k.n:
+            pk, pv = self.dequantized_past(self.k.n, k)
+            keys, values = torch.cat([pk, wk], 2), torch.cat([pv, wv], 2)
+        else:
+            keys, values = wk, wv
         out = max(wk.shape[2] - sp.residual, 0) // sp.unit * sp.unit  # whole key groups past the residual
         if out > 0:
             self._store(wk[:, :, :out], wv[:, :, :out])
             wk, wv = wk[:, :, out:], wv[:, :, out:]
         self.rk, self.rv = (wk, wv) if wk.shape[2] else (None, None)
         return keys, values
+
+    def _fused_step(self, k: torch.Tensor) -> bool:
+        """Whether this step's attention reads the packed past in the kernel: a fused cache, one new token, a
+        packed past, the model's attention set to DECODE_ATTN, and K/V the kernel takes."""
+        attn = self.params.attn
+        return (self.fused and k.shape[2] == 1 and self.k.n > 0
+                and getattr(getattr(attn, "config", None), "_attn_implementation", None) == DECODE_ATTN
+                and decode_kernel_runs(k, self.params.spec))
+
+    def fused_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n: int, scaling: float) -> torch.Tensor:
+        """Attention [B, Hq, D] of one query token q [B, Hq, D] over the first n packed past tokens (read by
+        the Triton kernel) and the exact keys/values k, v [B, Hkv, E, D]."""
+        from .kernels import kv_triton
+
+        sp = self.params.spec
+        rows = n // sp.key_tokens if sp.key_axis == "channel" else n
+        o, m, l = kv_triton.packed_attention(
+            q, self.k.codes.t[:, :, :n], self.k.scale.t[:, :, :rows], self.k.lo.t[:, :, :rows],
+            self.v.codes.t[:, :, :n], self.v.scale.t[:, :, :n], self.v.lo.t[:, :, :n], sp.bits,
+            sp.key_tokens if sp.key_axis == "channel" else 0, scaling)
+        return kv_triton.merge(o, m, l, q, k, v, scaling)
+
+    def dequantized_past(self, n: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first n packed past tokens' keys and values, dequantized to like's dtype."""
+        sp, D = self.params.spec, like.shape[-1]
+        rows = n // sp.key_tokens if sp.key_axis == "channel" else n
+        deq = dequantize_channels if sp.key_axis == "channel" else dequantize_tokens
+        kc = _unpack_rows(self.k.codes.t[:, :, :n].contiguous(), sp.bits, D)
+        vc = _unpack_rows(self.v.codes.t[:, :, :n].contiguous(), sp.bits, D)
+        return (deq(kc, self.k.scale.t[:, :, :rows], self.k.lo.t[:, :, :rows], like.dtype),
+                dequantize_tokens(vc, self.v.scale.t[:, :, :n], self.v.lo.t[:, :, :n], like.dtype))
 
     def nbytes(self) -> int:
         fp = sum(t.numel() * t.element_size() for t in (self.rk, self.rv) if t is not None)
@@ -385,14 +416,17 @@ def _cache_base():
 class QuantizedKVCache(_cache_base()):  # type: ignore[misc]
     """A transformers Cache whose layers store K/V quantized (past-only). Build it from a model that has
     KV parameters attached (`attach`, or an artifact compressed with --kv-bits):
-    `model.generate(..., past_key_values=QuantizedKVCache(model))`."""
+    `model.generate(..., past_key_values=QuantizedKVCache(model))`. `fused` (None: where it runs, i.e. a
+    16-bit model on CUDA with triton installed): decode steps attend over the packed past in a Triton kernel
+    (`use_decode_kernel` switches the model's attention to DECODE_ATTN for that)."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, fused: bool | None = None) -> None:
         params = kv_params(model)
         if not params:
             raise RdquantError("this model has no KV quantization attached: compress with --kv-bits, or call "
                                "rdquant.kvcache.attach(model, KVSpec(...)) first")
-        super().__init__(layers=[QuantizedKVLayer(p) for p in params])
+        fused = (fused or fused is None) and use_decode_kernel(model, required=bool(fused))
+        super().__init__(layers=[QuantizedKVLayer(p, fused) for p in params])
 
     def nbytes(self) -> int:
         """Bytes the cache holds now (packed codes, scales, minimums and the full-precision window)."""
@@ -447,14 +481,70 @@ def _past_only_attention(module: nn.Module, query: torch.Tensor, key: torch.Tens
                            attention_mask, scaling)
 
 
+def decode_kernel_runs(x: torch.Tensor, spec: KVSpec) -> bool:
+    """Whether the packed-cache decode kernel runs for keys like x [B, H, T, D] under this spec: 16-bit, a
+    head size it takes, on CUDA (or on the CPU under Triton's interpreter, for tests)."""
+    from .backends import kernel_runs_on
+
+    if not kernel_runs_on("triton", x.device):
+        return False
+    from .kernels.kv_triton import supported
+
+    return supported(x.shape[-1], spec.bits, x.dtype)
+
+
+def use_decode_kernel(model: nn.Module, required: bool = False) -> bool:
+    """Switch the model's attention to DECODE_ATTN (sdpa, with QuantizedKVCache's decode steps over the packed
+    past in the kernel) when the kernel runs for it; `required`: a one-line error where it does not."""
+    params = kv_params(model)
+    p = next(model.parameters())
+    like = torch.empty(0, 0, 0, head_shape(params[0].attn)[1] if params else 0, dtype=p.dtype, device=p.device)
+    if not params or not decode_kernel_runs(like, params[0].spec):
+        if required:
+            raise RdquantError("the fused KV decode kernel needs a 16-bit model on CUDA with triton installed and a "
+                               "power-of-two head size: pass fused=False (or None) to QuantizedKVCache")
+        return False
+    _register()
+    for c in _configs(model):
+        c._attn_implementation = DECODE_ATTN
+    return True
+
+
+def _decode_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      attention_mask: torch.Tensor | None, scaling: float, dropout: float = 0.0, **kwargs: Any):
+    """transformers attention function: sdpa, except where the cache left a decode step's packed past
+    (`KVParams.pending`): then key/value are only the exact part, and the kernel reads the past."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    params: KVParams | None = getattr(module, "kv_quant", None)
+    pending = None if params is None else params.pending
+    if pending is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    params.pending = None
+    layer, n = pending
+    if attention_mask is None and query.shape[2] == 1:
+        out = layer.fused_attention(query[:, :, 0], key, value, n, scaling)  # [B, Hq, D]
+        return out[:, None], None
+    pk, pv = layer.dequantized_past(n, key)  # a mask (padding): the dequantized past through sdpa
+    return sdpa_attention_forward(module, query, torch.cat([pk, key], 2), torch.cat([pv, value], 2), attention_mask,
+                                  scaling=scaling, dropout=dropout, **kwargs)
+
+
+def _configs(model: nn.Module) -> list[Any]:
+    """The model's config and its text config (multimodal wrappers), once each."""
+    return [c for c in {id(c): c for c in (model.config, getattr(model.config, "text_config", None)) if c}.values()]
+
+
 def _register() -> None:
     from transformers import AttentionInterface
 
     AttentionInterface.register(ATTN_NAME, _past_only_attention)
-    try:  # the masks this function takes: the eager (additive float) ones
-        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
+    AttentionInterface.register(DECODE_ATTN, _decode_attention)
+    try:  # the masks these functions take: eager (additive float) and sdpa's
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask, sdpa_mask
 
         ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_NAME, eager_mask)
+        ALL_MASK_ATTENTION_FUNCTIONS.register(DECODE_ATTN, sdpa_mask)
     except ImportError:  # pragma: no cover - older transformers
         pass
 
@@ -463,7 +553,7 @@ def _register() -> None:
 def past_only(model: nn.Module) -> Iterator[None]:
     """Within: a forward without a cache computes each position as the quantized cache would (one pass)."""
     _register()
-    configs = [c for c in {id(c): c for c in (model.config, getattr(model.config, "text_config", None)) if c}.values()]
+    configs = _configs(model)
     before = [c._attn_implementation for c in configs]
     try:
         for c in configs:
