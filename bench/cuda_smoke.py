@@ -29,14 +29,18 @@ def main() -> None:
     (src / "eval.txt").write_text("\n\n".join(read_documents(None)[100:160]))
     jobs = [(f"{b}-bit g64", dict(bits=b, group_size=64)) for b in (4, 3, 2)]
     jobs += [("claq 3.1 bpw", dict(method="claq", target_bits=3.1)),
-             ("claq 2-bit +0.5% outliers", dict(method="claq", bits=2, claq_outlier_frac=0.005))]
+             ("claq 2-bit +0.5% outliers", dict(method="claq", bits=2, claq_outlier_frac=0.005)),
+             ("cvxq 3.0 bpw", dict(method="cvxq", target_bits=3.0, group_size=64)),
+             ("slim 2:4 + adapters r=10%", dict(method="slim", group_size=64, lowrank=0.1))]
+    saved = []
     for label, kw in jobs:
         model, tok, mid = load_model(str(src))
         cfg = rdquant.CompressConfig(calib_samples=64, calib_seqlen=256, device="cuda", **kw)
         t0 = time.perf_counter()
         cm = rdquant.compress(model, cfg, tokenizer=tok, model_id=mid, progress=False)
         t = time.perf_counter() - t0
-        out = cm.save(tmp / label.replace(" ", "_"))
+        out = cm.save(tmp / "".join(c if c.isalnum() else "_" for c in label))
+        saved.append((label, out))
         loaded = rdquant.load(out, device="cuda")
         exact = all(torch.equal(m.dequantized_weight().cpu(), loaded.get_submodule(n).dequantized_weight().cpu())
                     for n, m in cm.model.named_modules() if isinstance(m, QuantLinear))
@@ -49,12 +53,13 @@ def main() -> None:
               f"model on {next(loaded.parameters()).device}")
     enc = tok("the", return_tensors="pt").to("cuda")
     print("generate:", loaded.generate(**enc, max_new_tokens=8, do_sample=False, pad_token_id=tok.eos_token_id).shape)
-    streamed(out, tok)
+    for label, out in saved:  # every layout streamed on the GPU
+        streamed(out, tok, label)
     stream_speed(tmp)
     claq_layer()
 
 
-def streamed(path: Path, tok) -> None:
+def streamed(path: Path, tok, label: str) -> None:
     """The artifact under a GPU budget that streams every block (host -> device on a side stream) against
     the full load with the same (reference) backend: logits and greedy tokens must be identical."""
     from rdquant.artifact import read_manifest
@@ -70,7 +75,7 @@ def streamed(path: Path, tok) -> None:
         same_logits = torch.equal(full(ids).logits, small(ids).logits)
         same_tokens = torch.equal(full.generate(ids, **gen), small.generate(ids, **gen))
     st = streamer_of(small).stats
-    print(f"streamed on cuda ({small._rdquant_plan.describe()}): same logits {same_logits}, same tokens "
+    print(f"{label} streamed on cuda ({small._rdquant_plan.describe()}): same logits {same_logits}, same tokens "
           f"{same_tokens}, {st.blocks_read} block reads, {st.wait_s:.3f} s waited")
 
 
