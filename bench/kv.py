@@ -9,7 +9,8 @@ cache, KIVI-style quantization and transformers' QuantizedCache.
 
 A row is `label|KEY=VALUE ...`: scheme = fp16 | rdquant | kivi | quanto | hqq, bits, group (-1: whole
 head), residual (16-bit recent tokens), smooth (key smoothing exponent, -1 off), shift (1/0: static
-channel shifts), past_only (1/0: 0 quantizes a token's own K/V too: the ablation), weights = fp | gptq4
+channel shifts), crr (cross-block reconstruction through this many next blocks; crr_steps, crr_lr),
+past_only (1/0: 0 quantizes a token's own K/V too: the ablation), weights = fp | gptq4
 (GPTQ w4 g64 weights; with scheme=rdquant compressed with --kv-bits, the KV calibration inside the
 pipeline), stepwise=1 (token by token through the cache instead of one pass).
 rdquant and kivi rows run in one pass (kvcache.past_only; a test checks it equals the token-by-token
@@ -74,7 +75,7 @@ PEER_ROWS = [
     "W16 KV2 QuantizedCache hqq (residual 128)|scheme=hqq bits=2",
     "W16 KV4 rdquant, token by token|scheme=rdquant bits=4 stepwise=1",
 ]
-INTS = ("bits", "group", "residual", "shift", "past_only", "stepwise", "tokens", "clip")
+INTS = ("bits", "group", "residual", "shift", "past_only", "stepwise", "tokens", "clip", "crr", "crr_steps")
 
 
 def parse(text: str) -> tuple[str, dict]:
@@ -82,11 +83,11 @@ def parse(text: str) -> tuple[str, dict]:
     opts = dict(p.split("=", 1) for p in spec.split())
     out = {"scheme": "fp16", "bits": 16, "group": -1, "residual": 0, "smooth": -1, "shift": 0, "past_only": 1,
            "weights": "fp", "stepwise": 0, "axis": "channel", "tokens": 32,
-           "clip": -1}
+           "clip": -1, "crr": 0, "crr_steps": 64, "crr_lr": 5e-3}
     for k, v in opts.items():
         if k not in out:
             raise SystemExit(f"unknown row key {k!r} in {text!r}")
-        out[k] = int(v) if k in INTS else float(v) if k == "smooth" else v
+        out[k] = int(v) if k in INTS else float(v) if k in ("smooth", "crr_lr") else v
     if out["clip"] == -1:  # as the CLI's auto
         out["clip"] = int(out["bits"] <= 2)
     return label.strip(), out
@@ -165,7 +166,8 @@ def prepare(r: dict, args, tok, calib: torch.Tensor):
                                      **({} if r["scheme"] != "rdquant" else dict(
                                          kv_bits=r["bits"], kv_group=r["group"], kv_residual=r["residual"],
                                          kv_smooth=r["smooth"], kv_shift=bool(r["shift"]), kv_key_axis=r["axis"],
-                                         kv_key_tokens=r["tokens"], kv_clip="on" if r["clip"] else "off")))
+                                         kv_key_tokens=r["tokens"], kv_clip="on" if r["clip"] else "off",
+                                         kv_crr=r["crr"], kv_crr_steps=r["crr_steps"], kv_crr_lr=r["crr_lr"])))
         base, _, mid = load_model(args.model)
         cm = rdquant.compress(base, cfg, tokenizer=tok, calib_ids=calib, model_id=mid, progress=False)
         name = "kv_w4" + (f"_kv{r['bits']}" if r["scheme"] == "rdquant" else "")
@@ -174,7 +176,8 @@ def prepare(r: dict, args, tok, calib: torch.Tensor):
         model = copy.deepcopy(args.float_model)
     if r["scheme"] == "rdquant" and r["weights"] == "fp":
         spec = KVSpec(r["bits"], r["group"], r["residual"], r["axis"], r["tokens"], bool(r["clip"]))
-        kvcache.calibrate(model, calib[:32], spec, None if r["smooth"] == -1 else r["smooth"], bool(r["shift"]))
+        kvcache.calibrate(model, calib[:32], spec, None if r["smooth"] == -1 else r["smooth"], bool(r["shift"]),
+                          crr=r["crr"], crr_steps=r["crr_steps"], crr_lr=r["crr_lr"])
     if r["scheme"] == "rdquant" and not r["past_only"]:
         params = kvcache.kv_params(model)
         make = rdquant_no_past_only(params)

@@ -123,6 +123,39 @@ def test_folds_keep_the_float_model():
     assert torch.allclose(before, after, atol=1e-4) and torch.allclose(before, plain, atol=1e-4)
 
 
+@pytest.mark.parametrize("axis", ["token", "channel"])
+def test_cross_block_reconstruction_lowers_its_loss_and_keeps_the_float_model(axis):
+    """CRR: the loss after the next block falls as the K/V transforms train, and their folds leave the float
+    model's function unchanged; the block-wise whole-model calibration attaches every layer."""
+    from rdquant.models import find_blocks
+    from rdquant.pipeline import capture_block_inputs
+
+    m = _model()
+    ids = torch.randint(0, 96, (8, 48), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        before = m(ids, use_cache=False).logits
+    _, blocks = find_blocks(m)
+    kvcache.attach(blocks[0], KVSpec(bits=2, key_axis=axis, key_tokens=8))
+    chunks = capture_block_inputs(m, blocks, ids, 4, torch.device("cpu"))
+    shift = blocks[0].self_attn.kv_shift_k.clone()
+    lr = 5e-3 if axis == "token" else 1e2  # channel keys: a rate that can only make it worse, so nothing is folded
+    first, last = kvcache.crr_block(blocks[0], [blocks[1]], [(c.hidden, c.kwargs, None) for c in chunks], 40, lr)
+    if axis == "token":
+        assert last < 0.97 * first, (first, last)
+        assert not torch.equal(blocks[0].self_attn.kv_shift_k, shift)
+    else:
+        assert not last < first and torch.equal(blocks[0].self_attn.kv_shift_k, shift)  # worse (or NaN): kept
+    assert not hasattr(blocks[0].self_attn, "kv_crr") and m.config._attn_implementation != kvcache.CRR_ATTN
+    assert all(p.requires_grad for p in m.parameters())
+    with torch.no_grad():
+        assert torch.allclose(m(ids, use_cache=False).logits, before, atol=1e-4)
+    m2 = _model()
+    kvcache.calibrate(m2, ids[:4], KVSpec(bits=4), key_alpha=None, shifts=False, crr=1, crr_steps=2)
+    assert len(kvcache.kv_params(m2)) == len(kvcache.attention_modules(m2))
+    with torch.no_grad():
+        assert torch.allclose(m2(ids, use_cache=False).logits, before, atol=1e-4)
+
+
 def test_bad_specs_name_the_fix():
     m = _model()
     with pytest.raises(RdquantError, match="--kv-bits 5"):
@@ -133,7 +166,8 @@ def test_bad_specs_name_the_fix():
         QuantizedKVCache(_model())
 
 
-@pytest.mark.parametrize("method", [dict(bits=4, group_size=32), dict(method="claq", target_bits=3.1)], ids=["gptq", "claq"])
+@pytest.mark.parametrize("method", [dict(bits=4, group_size=32), dict(method="claq", target_bits=3.1),
+                                    dict(bits=4, group_size=32, kv_crr=1, kv_crr_steps=3)], ids=["gptq", "claq", "gptq+crr"])
 def test_compressed_artifact_carries_the_kv_cache(tmp_path, tiny_model_dir, method):
     """--kv-bits with a weight method: calibrated per block, saved, loaded, evaluated past-only, generated."""
     import rdquant

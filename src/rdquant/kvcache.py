@@ -33,7 +33,8 @@ from .errors import RdquantError
 
 KV_BITS = (2, 3, 4, 8)
 ATTN_NAME = "rdquant_past_only"
-DECODE_ATTN = "rdquant_kv_decode"  # sdpa, except a decode step of QuantizedKVCache reads the packed past (Triton)
+DECODE_ATTN = "rdquant_kv_decode"
+CRR_ATTN = "rdquant_kv_crr"  # training: learnable K/V transforms and straight-through fake quantization  # sdpa, except a decode step of QuantizedKVCache reads the packed past (Triton)
 
 
 KEY_AXES = ("channel", "token")
@@ -160,6 +161,15 @@ def fake_quant_tokens(x: torch.Tensor, bits: int, group: int, clip: bool = False
     return dequantize_tokens(*quantize_tokens(x, bits, group, clip), dtype=x.dtype)
 
 
+def fake_quant_ste(x: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+    """Min-max fake quantization of x with one grid per slice along `dim`, differentiable for training:
+    rounding is straight-through, and the range (so the step, so the error's size) carries the gradient."""
+    lo, hi = x.amin(dim, keepdim=True), x.amax(dim, keepdim=True)
+    step = ((hi - lo) / ((1 << bits) - 1)).clamp_min(1e-8)
+    y = (x - lo) / step
+    return (y + (y.round() - y).detach()) * step + lo
+
+
 # --- per-layer parameters -------------------------------------------------------------------------
 
 SHIFT = "kv_shift_k"  # the buffer on each attention module that holds its key shift (saved with the block)
@@ -182,20 +192,30 @@ class KVParams:
         """k [B, kv_heads, T, D] minus the key shift, and v (what the cache stores and hands out)."""
         return k - self.shift_k[None, :, None, :].to(k.device, k.dtype), v
 
-    def fake_values(self, v: torch.Tensor) -> torch.Tensor:
-        """Values [B, H, S, D] as the cache hands them out once quantized."""
-        return fake_quant_tokens(v, self.spec.bits, self.spec.group(v.shape[-1]), self.spec.clip)
+    def fake_values(self, v: torch.Tensor, ste: bool = False) -> torch.Tensor:
+        """Values [B, H, S, D] as the cache hands them out once quantized (`ste`: min-max, differentiable)."""
+        g = self.spec.group(v.shape[-1])
+        if ste:
+            *lead, D = v.shape
+            return fake_quant_ste(v.reshape(*lead, D // g, g), self.spec.bits, -1).reshape(v.shape)
+        return fake_quant_tokens(v, self.spec.bits, g, self.spec.clip)
 
-    def fake_keys(self, k: torch.Tensor) -> torch.Tensor:
+    def fake_keys(self, k: torch.Tensor, ste: bool = False) -> torch.Tensor:
         """Shifted keys [B, H, S, D] as the cache hands them out once quantized (channel axis: the complete
-        groups of key_tokens from the first token; the rest is never seen quantized, and stays)."""
+        groups of key_tokens from the first token; the rest is never seen quantized, and stays). `ste`:
+        min-max, differentiable (fake_quant_ste)."""
         sp = self.spec
         if sp.key_axis == "token":
-            return fake_quant_tokens(k, sp.bits, sp.group(k.shape[-1]), sp.clip)
-        n = k.shape[2] // sp.key_tokens * sp.key_tokens
+            return self.fake_values(k, ste) if ste else fake_quant_tokens(k, sp.bits, sp.group(k.shape[-1]), sp.clip)
+        B, H, S, D = k.shape
+        n = S // sp.key_tokens * sp.key_tokens
+        if not n:
+            return k
+        if ste:
+            q = fake_quant_ste(k[:, :, :n].reshape(B, H, n // sp.key_tokens, sp.key_tokens, D), sp.bits, 3)
+            return torch.cat([q.reshape(B, H, n, D), k[:, :, n:]], 2)
         out = k.clone()
-        if n:
-            out[:, :, :n] = dequantize_channels(*quantize_channels(k[:, :, :n], sp.bits, sp.key_tokens, sp.clip), dtype=k.dtype)
+        out[:, :, :n] = dequantize_channels(*quantize_channels(k[:, :, :n], sp.bits, sp.key_tokens, sp.clip), dtype=k.dtype)
         return out
 
 
@@ -540,10 +560,12 @@ def _register() -> None:
 
     AttentionInterface.register(ATTN_NAME, _past_only_attention)
     AttentionInterface.register(DECODE_ATTN, _decode_attention)
+    AttentionInterface.register(CRR_ATTN, _crr_attention)
     try:  # the masks these functions take: eager (additive float) and sdpa's
         from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask, sdpa_mask
 
         ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_NAME, eager_mask)
+        ALL_MASK_ATTENTION_FUNCTIONS.register(CRR_ATTN, eager_mask)
         ALL_MASK_ATTENTION_FUNCTIONS.register(DECODE_ATTN, sdpa_mask)
     except ImportError:  # pragma: no cover - older transformers
         pass
@@ -632,13 +654,32 @@ def smooth_keys(mods: list[nn.Module], run: Runner, alpha: float = 0.5) -> int:
         pk = norm["k"].clamp_min(1e-5)  # [kv, D/2]
         n = norm["q"].shape[0] // kv
         pq = norm["q"].reshape(kv, n, D // 2).amax(1).clamp_min(1e-5)
-        s = pk ** alpha / pq ** (1 - alpha)
-        s = torch.cat([s, s], -1)  # [kv, D]: the pair's two channels
-        for proj, scale in ((m.k_proj, 1 / s.reshape(-1)), (m.q_proj, _rep_heads(s, n))):
-            proj.weight.data *= scale.to(proj.weight.device, proj.weight.dtype)[:, None]
-            if proj.bias is not None:
-                proj.bias.data *= scale.to(proj.bias.device, proj.bias.dtype)
+        fold_key_scale(m, pk ** alpha / pq ** (1 - alpha))
     return len(mods)
+
+
+@torch.no_grad()
+def fold_key_scale(attn: nn.Module, s: torch.Tensor) -> None:
+    """Divide the keys by s [kv_heads, D/2] (one scale per rotary pair: channels c and c + D/2, so RoPE
+    commutes with it) in k_proj and multiply the queries by it in q_proj: scores are unchanged."""
+    s = torch.cat([s, s], -1)  # [kv, D]
+    n = attn.q_proj.out_features // s.numel()
+    for proj, scale in ((attn.k_proj, 1 / s.reshape(-1)), (attn.q_proj, _rep_heads(s, n))):
+        proj.weight.data *= scale.to(proj.weight.device, proj.weight.dtype)[:, None]
+        if proj.bias is not None:
+            proj.bias.data *= scale.to(proj.bias.device, proj.bias.dtype)
+
+
+@torch.no_grad()
+def fold_value_scale(attn: nn.Module, s: torch.Tensor) -> None:
+    """Divide the values by s [kv_heads, D] in v_proj's rows and multiply o_proj's matching input columns
+    by it (each query head's copy of its KV head): the attention output is unchanged."""
+    n = attn.o_proj.in_features // s.numel()
+    v = 1 / s.reshape(-1)
+    attn.v_proj.weight.data *= v.to(attn.v_proj.weight.device, attn.v_proj.weight.dtype)[:, None]
+    if attn.v_proj.bias is not None:
+        attn.v_proj.bias.data *= v.to(attn.v_proj.bias.device, attn.v_proj.bias.dtype)
+    attn.o_proj.weight.data *= _rep_heads(s, n).to(attn.o_proj.weight.device, attn.o_proj.weight.dtype)[None, :]
 
 
 class _Recorder(_cache_base()):  # type: ignore[misc]
@@ -695,19 +736,185 @@ def calibrate_modules(mods: list[nn.Module], run: Runner, spec: KVSpec, key_alph
 
 
 def calibrate(model: nn.Module, windows: torch.Tensor, spec: KVSpec, key_alpha: float | None = 0.5,
-              shifts: bool = True) -> list[KVParams]:
+              shifts: bool = True, crr: int = 0, crr_steps: int = 64, crr_lr: float = 5e-3) -> list[KVParams]:
     """`calibrate_modules` for a whole model in memory on calibration windows [n, L] (changes it in place
-    and attaches the KV parameters)."""
+    and attaches the KV parameters). `crr` > 0: block by block, each block's transforms then refined by
+    cross-block reconstruction (`crr_block`) through the next `crr` blocks."""
     dev = next(model.parameters()).device
+    if not crr:
+        def run(extra: dict[str, Any]) -> None:
+            for w in windows:
+                model(w.unsqueeze(0).to(dev), **({"use_cache": False} | extra))
 
-    def run(extra: dict[str, Any]) -> None:
-        for w in windows:
-            model(w.unsqueeze(0).to(dev), **({"use_cache": False} | extra))
+        return calibrate_modules(attention_modules(model), run, spec, key_alpha, shifts, cache_kwarg(model))
+    from .models import find_blocks
+    from .pipeline import Chunk, _block_output, capture_block_inputs, propagate
 
-    return calibrate_modules(attention_modules(model), run, spec, key_alpha, shifts, cache_kwarg(model))
+    _, blocks = find_blocks(model)
+    chunks = capture_block_inputs(model, blocks, windows, 4, dev)
+    out = []
+    with torch.no_grad():
+        for i, block in enumerate(blocks):
+            def run_block(extra: dict[str, Any], block: nn.Module = block) -> None:
+                for c in chunks:
+                    _block_output(block, Chunk(c.hidden, {**c.kwargs, **extra}, c.device))
+
+            out += calibrate_modules(attention_modules(block), run_block, spec, key_alpha, shifts, cache_kwarg(block))
+            crr_block(block, list(blocks[i + 1 : i + 1 + crr]), [(c.hidden, c.kwargs, c.device) for c in chunks],
+                      crr_steps, crr_lr)
+            propagate(block, chunks, i)
+    return out
 
 
 def spec_of(cfg: Any) -> KVSpec:
     """The KVSpec of a CompressConfig (its kv_* fields)."""
     clip = cfg.kv_bits <= 2 if cfg.kv_clip == "auto" else cfg.kv_clip == "on"
     return KVSpec(cfg.kv_bits, cfg.kv_group, cfg.kv_residual, cfg.kv_key_axis, cfg.kv_key_tokens, clip)
+
+
+# --- cross-block reconstruction (WKVQuant's CRR) --------------------------------------------------
+
+class CRRParams(nn.Module):
+    """One attention module's learnable two-dimensional KV transforms: keys / sk - dk (sk one scale per
+    rotary pair) and values / sv - dv, quantized after; folded into the projections when trained."""
+
+    def __init__(self, kv: int, D: int, shift_k: torch.Tensor) -> None:
+        super().__init__()
+        dev = shift_k.device
+        self.log_sk = nn.Parameter(torch.zeros(kv, D // 2, device=dev))
+        self.dk = nn.Parameter(shift_k.detach().float().clone())
+        self.log_sv = nn.Parameter(torch.zeros(kv, D, device=dev))
+        self.dv = nn.Parameter(torch.zeros(kv, D, device=dev))
+
+    def key_scale(self) -> torch.Tensor:
+        return self.log_sk.exp().repeat(1, 2)  # [kv, D]: channels c and c + D/2 share theirs
+
+    @torch.no_grad()
+    def fold(self, attn: nn.Module) -> None:
+        """Move the trained transforms into the module: key scales into q_proj / k_proj, the key shift into
+        its buffer (the cache subtracts it), value scales into v_proj / o_proj, the value shift into their
+        biases. The float module's function is unchanged."""
+        fold_key_scale(attn, self.log_sk.exp())
+        getattr(attn, SHIFT).copy_(self.dk.to(getattr(attn, SHIFT).dtype))
+        fold_value_scale(attn, self.log_sv.exp())
+        fold_value_shift(attn, self.dv.float())
+
+
+def _additive_mask(mask: torch.Tensor | None, T: int, S: int, like: torch.Tensor) -> torch.Tensor | None:
+    """An additive float mask [.., T, S] from transformers' (None: causal, as sdpa's is_causal; bool: allowed)."""
+    if mask is None:
+        if T == 1:
+            return None
+        i = torch.arange(S - T, S, device=like.device)[:, None]
+        allowed = torch.arange(S, device=like.device)[None, :] <= i
+    elif mask.dtype == torch.bool:
+        allowed = mask
+    else:
+        return mask
+    return torch.zeros(allowed.shape, dtype=like.dtype, device=like.device).masked_fill(~allowed, torch.finfo(like.dtype).min)
+
+
+def _crr_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                   attention_mask: torch.Tensor | None, scaling: float, dropout: float = 0.0, **kwargs: Any):
+    """transformers attention function for CRR training: past-only attention over keys and values through
+    the module's learnable transforms and differentiable fake quantization; sdpa where none is attached."""
+    t: CRRParams | None = getattr(module, "kv_crr", None)
+    if t is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    params: KVParams = module.kv_quant
+    n = query.shape[1] // key.shape[1]
+    sk, sv = t.key_scale().to(key.dtype), t.log_sv.exp().to(value.dtype)
+    q = query * sk.repeat_interleave(n, 0)[None, :, None]
+    k = key / sk[None, :, None] - t.dk.to(key.dtype)[None, :, None]
+    v = value / sv[None, :, None] - t.dv.to(value.dtype)[None, :, None]
+    kq, vq = params.fake_keys(k, ste=True), params.fake_values(v, ste=True)
+    T, S = query.shape[-2], key.shape[-2]
+    full = fp_window(T, S, params.spec.residual, query.device, params.spec.unit)
+    o, probs = mixed_attention(q, _repeat(k, n), _repeat(v, n), _repeat(kq, n), _repeat(vq, n), full,
+                               _additive_mask(attention_mask, T, S, q), scaling)
+    o = (o + t.dv.to(o.dtype).repeat_interleave(n, 0)) * sv.repeat_interleave(n, 0)  # back to the true values
+    return o, probs
+
+
+def _through(blocks: list[nn.Module], x: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+    for b in blocks:
+        out = b(x, **kwargs)
+        x = out[0] if isinstance(out, (tuple, list)) else out
+    return x
+
+
+@contextlib.contextmanager
+def _attention(model: nn.Module, name: str) -> Iterator[None]:
+    """Within: every attention module under `model` (and all that share their configs) uses `name`."""
+    _register()
+    configs = list({id(c): c for c in (getattr(m, "config", None) for m in attention_modules(model)) if c}.values())
+    before = [c._attn_implementation for c in configs]
+    try:
+        for c in configs:
+            c._attn_implementation = name
+        yield
+    finally:
+        for c, b in zip(configs, before):
+            c._attn_implementation = b
+
+
+Inputs = list[tuple[torch.Tensor, dict[str, Any], "torch.device | None"]]  # (hidden, kwargs, run device)
+
+
+def _run(chain: list[nn.Module], item: tuple[torch.Tensor, dict[str, Any], torch.device | None]) -> torch.Tensor:
+    x, kw, dev = item
+    return _through(chain, x if dev is None else x.to(dev, non_blocking=True), kw)
+
+
+def crr_block(block: nn.Module, following: list[nn.Module], inputs: Inputs, steps: int,
+              lr: float = 5e-3) -> tuple[float, float]:
+    """WKVQuant's cross-block reconstruction for the attention of `block` (KV parameters attached): learn its
+    K/V transforms (CRRParams) with AdamW so that the output after `following` (the next k full-precision
+    blocks) with the quantized cache matches the output without quantization (mean absolute error), one
+    input batch per step (hidden states move to the run device a batch at a time); then fold them in, if
+    they lowered the loss over the inputs (else the block keeps what it had). Returns that loss before and
+    after."""
+    mods = [m for m in attention_modules(block) if getattr(m, "kv_quant", None) is not None]
+    if not mods or steps <= 0:
+        return 0.0, 0.0
+    chain = [block, *following]
+    with torch.no_grad():
+        targets = [_run(chain, it).to(it[0].device) for it in inputs]
+    frozen = [p for b in chain for p in b.parameters() if p.requires_grad]
+    for m in mods:
+        kv, D = head_shape(m)
+        m.kv_crr = CRRParams(kv, D, getattr(m, SHIFT))
+    trained = [p for m in mods for p in m.kv_crr.parameters()]
+    for p in frozen:
+        p.requires_grad_(False)
+    opt = torch.optim.AdamW(trained, lr=lr, weight_decay=0.0)
+
+    def loss_of(i: int) -> torch.Tensor:
+        y = _run(chain, inputs[i])
+        return (y.float() - targets[i].to(y.device).float()).abs().mean()
+
+    def mean_loss() -> float:
+        with torch.no_grad():
+            return sum(float(loss_of(i)) for i in range(len(inputs))) / len(inputs)
+
+    try:
+        with _attention(block, CRR_ATTN):
+            before = mean_loss()
+            with torch.enable_grad():
+                for step in range(steps):
+                    loss = loss_of(step % len(inputs))
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+            after = mean_loss()
+        if after < before:
+            for m in mods:
+                m.kv_crr.fold(m)
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+        for m in mods:
+            del m.kv_crr
+    return before, after

@@ -146,6 +146,21 @@ def kv_calibrate_block(block: nn.Module, chunks: list[Chunk], cfg: CompressConfi
                       cfg.kv_shift, cache_kwarg(block))
 
 
+def kv_crr_block(block: nn.Module, source: BlockSource, i: int, n_blocks: int, chunks: list[Chunk],
+                 cfg: CompressConfig, device: torch.device) -> None:
+    """WKVQuant's cross-block reconstruction of block i's KV transforms (kvcache.crr_block), the loss taken
+    after the next cfg.kv_crr blocks, loaded in full precision from the source for it."""
+    from .kvcache import crr_block
+
+    nxt = list(range(i + 1, min(i + 1 + cfg.kv_crr, n_blocks)))
+    following = [source.load(j, device) for j in nxt]
+    try:
+        crr_block(block, following, [(c.hidden, c.kwargs, c.device) for c in chunks], cfg.kv_crr_steps, cfg.kv_crr_lr)
+    finally:
+        for j in nxt:
+            source.release(j)
+
+
 def _block_output(block: nn.Module, chunk: Chunk) -> torch.Tensor:
     hidden = chunk.hidden
     if chunk.device is not None and hidden.device != chunk.device:
@@ -785,6 +800,8 @@ def _run_pipeline(
         prefix = f"{blocks_name}.{i}."
         if cfg.kv_bits:  # on the float block, before its Hessians: the folds change q/k/v/o_proj
             kv_calibrate_block(block, chunks, cfg)
+            if cfg.kv_crr:
+                kv_crr_block(block, source, i, len(blocks), chunks, cfg, device)
         linears = block_linears(block, cfg.skip)
         logs: list[LayerLog] = []
         if method.needs_hessian:
