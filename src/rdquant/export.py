@@ -37,9 +37,10 @@ class Scheme:
 def check_kv(manifest: dict[str, Any], format: str) -> None:
     """Refuse an artifact whose KV-cache shifts live in v_proj / o_proj biases (the format's architecture has
     none); other KV-quantized artifacts export with a 16-bit cache (the weights are unchanged by it)."""
-    if isinstance(manifest.get("kv_cache"), dict) and manifest.get("recipe", {}).get("kv_shift"):
+    recipe = manifest.get("recipe", {})
+    if isinstance(manifest.get("kv_cache"), dict) and (recipe.get("kv_shift") or recipe.get("kv_crr")):
         raise RdquantError(f"this artifact's KV shifts are folded into v_proj / o_proj biases, which {format} has no "
-                           "place for; compress without --kv-shift (the default) to export")
+                           "place for; compress without --kv-shift and --kv-crr (the defaults) to export")
 
 
 def plan(quantized: dict[str, dict[str, Any]], format: str) -> dict[str, Scheme]:
