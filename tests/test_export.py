@@ -245,3 +245,16 @@ def test_inspect_says_where_an_artifact_can_be_exported(tiny_model_dir, tmp_path
     ex = rdquant.inspect(art, decode_speed=False).exports
     assert ex["gptq"] == "yes" and ex["compressed-tensors"].startswith("no: ") and "--group-size 32" in ex["compressed-tensors"]
     assert ex["gguf"].startswith("no: ")
+
+
+@pytest.mark.parametrize("recipe", [{"kv_shift": True}, {"kv_crr": 1}, {}])
+def test_kv_folds_in_biases_refuse_export(recipe):
+    """KV shifts folded into v_proj / o_proj biases (--kv-shift, --kv-crr) have no place in the formats."""
+    from rdquant.export import check_kv
+
+    manifest = {"kv_cache": {"bits": 4}, "recipe": {"kv_shift": False, "kv_crr": 0, **recipe}}
+    if recipe:
+        with pytest.raises(RdquantError, match="--kv-shift and --kv-crr"):
+            check_kv(manifest, "gguf")
+    else:
+        check_kv(manifest, "gguf")
