@@ -15,6 +15,7 @@ layers), batch 8, long contexts, against the 16-bit cache, with the correctness 
 
     PYTHONPATH=src python bench/kv_decode.py [--json OUT.json] [--context 32768] [--batch 8]
     python bench/kv_decode.py --tiny   # CPU dry run under Triton's interpreter (tiny shapes)
+    python bench/kv_decode.py --tables OUT.json   # (no GPU) the results page's table from that run
 """
 
 from __future__ import annotations
@@ -33,6 +34,41 @@ import torch
 
 LLAMA_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                 num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0)
+RESULTS = Path(__file__).resolve().parent / "results"
+INTRO = ("Llama-3-8B shape (32 query / 8 KV heads of 128, 32 layers), batch 8. The 'attention' rows are one "
+         "layer's decode attention (q length 1) over the past: fp16 K/V through torch's scaled_dot_product_attention "
+         "against the packed cache read by rdquant's Triton kernel (keys per channel over 32 tokens, values per "
+         "token, whole-head groups), and the packed cache dequantized then sdpa. The 'model' rows are whole eager "
+         "decode steps of random 8B-shaped fp16 weights with the cache filled to the context (no CUDA graph on "
+         "either side): fp16 K/V in transformers' StaticCache against rdquant's QuantizedKVCache. Kernel checks "
+         "(relative error against float32 attention over the dequantized past) are in the raw JSON.")
+
+
+def write_tables(result: dict, source: str) -> None:
+    """bench/results/kv_decode.json (the results page's table) from one run's JSON."""
+    common = {"command": result["command"], "source": f"bench/results/raw/{source}", "date": result["date"],
+              "machine": result["device"]}
+    rows = []
+    for r in result.get("attention", []):
+        for what, key in (("fp16 sdpa", "fp16"), ("KV4 Triton kernel", "kv4"), ("KV2 Triton kernel", "kv2"),
+                          ("KV4 dequantize + sdpa", "kv4_dequant_sdpa"), ("KV2 dequantize + sdpa", "kv2_dequant_sdpa")):
+            ms = r.get(f"{key}_ms")
+            if ms is not None:
+                rows.append({"part": "attention, one layer", "what": what, "context": r["context"], "batch": r["batch"],
+                             "ms": ms, "x_fp16": r["fp16_ms"] / ms, "gb_s": r.get(f"{key}_gb_s"), **common})
+    for r in result.get("model", []):
+        rows.append({"part": "whole model decode step", "what": r["what"], "context": r["context"], "batch": r["batch"],
+                     "ms": r["step_ms"], "x_fp16": r["x_fp16"], "tok_s": r["tok_s"], "kv_gib": r.get("kv_gib"),
+                     "peak_gib": r.get("peak_gib"), "logits_rel_error": r.get("logits_rel_error"), **common})
+    cols = [["part", "part"], ["what", "what"], ["context", "context"], ["batch", "batch"], ["ms", "ms", ".3f"],
+            ["x_fp16", "speed x fp16", ".2f"], ["gb_s", "GB/s read", ".0f"], ["tok_s", "tokens/s", ".1f"],
+            ["kv_gib", "KV GiB", ".2f"], ["peak_gib", "peak GiB", ".1f"], ["logits_rel_error", "logits err vs dequant", ".1e"]]
+    (RESULTS / "kv_decode.json").write_text(json.dumps(
+        {"title": "GPU decode with the quantized KV cache", "question": "How fast does decode attend over a 4-bit or "
+         "2-bit cache at long context, against a 16-bit cache?", "intro": INTRO, "columns": cols, "rows": rows},
+        indent=1) + "\n")
+
+
 TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2)
 
@@ -243,7 +279,16 @@ def main() -> None:
     ap.add_argument("--contexts", type=int, nargs="+", default=[4096, 8192, 16384, 32768])
     ap.add_argument("--parts", nargs="+", default=["checks", "attention", "model"], choices=["checks", "attention", "model"])
     ap.add_argument("--tiny", action="store_true", help="CPU dry run under Triton's interpreter, tiny shapes")
+    ap.add_argument("--tables", type=Path, help="no run: write the results page's table from this run's JSON")
     args = ap.parse_args()
+    if args.tables:
+        run = json.loads(args.tables.read_text())
+        raw = RESULTS / "raw" / f"kv_decode-{run['date']}.json"
+        raw.parent.mkdir(parents=True, exist_ok=True)
+        raw.write_text(json.dumps(run, indent=1))
+        write_tables(run, raw.name)
+        print(f"tables written from {raw}")
+        return
     if args.tiny:
         os.environ["TRITON_INTERPRET"] = "1"
         dev = torch.device("cpu")
