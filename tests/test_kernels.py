@@ -160,7 +160,8 @@ def kv_kernel():
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("axis", ["channel", "token"])
-def test_kv_decode_kernel_matches_the_dequantized_past(kv_kernel, bits, axis):
+@pytest.mark.parametrize("group", [8, -1])  # -1: whole-head grids (and key groups of 32 tokens: a tile's rows)
+def test_kv_decode_kernel_matches_the_dequantized_past(kv_kernel, bits, axis, group):
     from rdquant.kvcache import (_pack_rows, dequantize_channels, dequantize_tokens, quantize_channels,
                                  quantize_tokens)
 
@@ -168,13 +169,14 @@ def test_kv_decode_kernel_matches_the_dequantized_past(kv_kernel, bits, axis):
     B, Hkv, G, D, n, E = 2, 2, 3, 32, 160, 5  # 160 past tokens: a ragged last tile of 64; GQA 3 (padded to 16)
     k, v = torch.randn(B, Hkv, n, D, generator=g), torch.randn(B, Hkv, n, D, generator=g)
     q = torch.randn(B, Hkv * G, D, generator=g).half()
+    g_size = D if group == -1 else group
     if axis == "channel":
-        kc, ks, kl = quantize_channels(k, bits, 32)
+        kc, ks, kl = quantize_channels(k, bits, 32 if group == -1 else 20)  # 20: groups straddle tiles
         kd = dequantize_channels(kc, ks, kl)
     else:
-        kc, ks, kl = quantize_tokens(k, bits, 16)
+        kc, ks, kl = quantize_tokens(k, bits, g_size)
         kd = dequantize_tokens(kc, ks, kl)
-    vc, vs, vl = quantize_tokens(v, bits, 8)
+    vc, vs, vl = quantize_tokens(v, bits, g_size)
     vd = dequantize_tokens(vc, vs, vl)
     ke, ve = torch.randn(B, Hkv, E, D, generator=g).half(), torch.randn(B, Hkv, E, D, generator=g).half()
     scale = D ** -0.5
@@ -183,7 +185,8 @@ def test_kv_decode_kernel_matches_the_dequantized_past(kv_kernel, bits, axis):
     ref = (torch.softmax(q.float()[:, :, None] @ kk.transpose(-1, -2) * scale, -1) @ vv)[:, :, 0]
     for splits in (1, 3):
         o, m, l = kv_kernel.packed_attention(q, _pack_rows(kc, bits), ks, kl, _pack_rows(vc, bits), vs, vl, bits,
-                                             32 if axis == "channel" else 0, scale, splits=splits)
+                                             (32 if group == -1 else 20) if axis == "channel" else 0, scale,
+                                             splits=splits)
         assert o.shape[2] == splits
         out = kv_kernel.merge(o, m, l, q, ke, ve, scale)
         assert _close(out.float(), ref, 2e-3), float((out.float() - ref).abs().max())

@@ -69,12 +69,24 @@ def _kv_decode_kernel(q_ptr, kc_ptr, ks_ptr, kl_ptr, vc_ptr, vs_ptr, vl_ptr, o_p
         n = n0 + tl.arange(0, BLOCK_N)
         nmask = n < stop
         k = _codes(kc, n * skc_n, d, nmask, BITS, ROW_BYTES)
-        if KEY_TOKENS > 0:
-            at = (n // KEY_TOKENS)[:, None] * sks_r + d[None, :]
+        if KEY_TOKENS > 0 and BLOCK_N % KEY_TOKENS == 0:  # the tile's whole key groups: one grid row each
+            R: tl.constexpr = BLOCK_N // KEY_TOKENS
+            r = n0 // KEY_TOKENS + tl.arange(0, R)
+            at = r[:, None] * sks_r + d[None, :]
+            rmask = (r * KEY_TOKENS < stop)[:, None]
+            sc = tl.load(ks + at, mask=rmask, other=0.0).to(tl.float32)
+            lo = tl.load(kl + at, mask=rmask, other=0.0).to(tl.float32)
+            k = tl.reshape(tl.reshape(k, (R, KEY_TOKENS, D)) * sc[:, None, :] + lo[:, None, :], (BLOCK_N, D))
+        elif KEY_TOKENS == 0 and KGROUP == D:  # token-wise keys, one grid per head
+            k = k * tl.load(ks + n * sks_r, mask=nmask, other=0.0).to(tl.float32)[:, None] \
+                + tl.load(kl + n * sks_r, mask=nmask, other=0.0).to(tl.float32)[:, None]
         else:
-            at = n[:, None] * sks_r + (d // KGROUP)[None, :]
-        k = k * tl.load(ks + at, mask=nmask[:, None], other=0.0).to(tl.float32) \
-            + tl.load(kl + at, mask=nmask[:, None], other=0.0).to(tl.float32)
+            if KEY_TOKENS > 0:
+                at = (n // KEY_TOKENS)[:, None] * sks_r + d[None, :]
+            else:
+                at = n[:, None] * sks_r + (d // KGROUP)[None, :]
+            k = k * tl.load(ks + at, mask=nmask[:, None], other=0.0).to(tl.float32) \
+                + tl.load(kl + at, mask=nmask[:, None], other=0.0).to(tl.float32)
         s = tl.dot(q, tl.trans(k.to(q.dtype)))  # [G, BLOCK_N]
         s = tl.where(nmask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -82,9 +94,13 @@ def _kv_decode_kernel(q_ptr, kc_ptr, ks_ptr, kl_ptr, vc_ptr, vs_ptr, vl_ptr, o_p
         p = tl.exp(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v = _codes(vc, n * svc_n, d, nmask, BITS, ROW_BYTES)
-        vat = n[:, None] * svs_n + (d // VGROUP)[None, :]
-        v = v * tl.load(vs + vat, mask=nmask[:, None], other=0.0).to(tl.float32) \
-            + tl.load(vl + vat, mask=nmask[:, None], other=0.0).to(tl.float32)
+        if VGROUP == D:  # one grid per token and head
+            v = v * tl.load(vs + n * svs_n, mask=nmask, other=0.0).to(tl.float32)[:, None] \
+                + tl.load(vl + n * svs_n, mask=nmask, other=0.0).to(tl.float32)[:, None]
+        else:
+            vat = n[:, None] * svs_n + (d // VGROUP)[None, :]
+            v = v * tl.load(vs + vat, mask=nmask[:, None], other=0.0).to(tl.float32) \
+                + tl.load(vl + vat, mask=nmask[:, None], other=0.0).to(tl.float32)
         acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
         m_i = m_new
     qh = h * GQA + g
