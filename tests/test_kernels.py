@@ -232,3 +232,27 @@ def test_fused_kv_cache_refuses_a_model_it_cannot_run():
         QuantizedKVCache(m, fused=True)
     QuantizedKVCache(m)  # auto: falls back to the dequantizing path
     assert m.config._attn_implementation != kvcache.DECODE_ATTN
+
+
+def test_fused_kv_cache_with_padding_takes_the_masked_path(kv_kernel):
+    """A left-padded batch has a mask at every decode step: the fused attention falls back to the dequantized
+    past through sdpa with that mask, and generates what the unfused cache does."""
+    from rdquant import kvcache
+    from rdquant.kvcache import KVSpec, QuantizedKVCache
+    from rdquant.testing import tiny_model
+
+    m = tiny_model("llama", 96, hidden=64, layers=2).to(torch.float16)
+    kvcache.attach(m, KVSpec(bits=4, key_tokens=4))
+    ids = torch.randint(1, 96, (2, 10), generator=torch.Generator().manual_seed(8))
+    mask = torch.ones_like(ids)
+    ids[0, :3], mask[0, :3] = 0, 0
+    kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    plain = m.generate(ids, **{kvcache.cache_kwarg(m): QuantizedKVCache(m, fused=False)}, **kw)
+    calls = []
+    real = kvcache.QuantizedKVLayer.dequantized_past
+    kvcache.QuantizedKVLayer.dequantized_past = lambda self, *a: calls.append(1) or real(self, *a)
+    try:
+        fused = m.generate(ids, **{kvcache.cache_kwarg(m): QuantizedKVCache(m, fused=True)}, **kw)
+    finally:
+        kvcache.QuantizedKVLayer.dequantized_past = real
+    assert calls and torch.equal(fused, plain)
