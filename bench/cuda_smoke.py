@@ -4,10 +4,12 @@ memory budget (`max_memory`) and compare logits and greedy tokens with the full 
 default-model-sized layer on CUDA vs CPU. Run on the device machine:
 
     PYTHONPATH=src python3 bench/cuda_smoke.py
+    RDQ_SMOKE_DEVICE=cpu python bench/cuda_smoke.py   # a dry run of the same steps on the CPU
 """
 
 from __future__ import annotations
 
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -20,10 +22,18 @@ from rdquant.models import load_model
 from rdquant.runtime import QuantLinear
 from rdquant.testing import save_tiny_model_dir
 
+DEV = os.environ.get("RDQ_SMOKE_DEVICE", "cuda")
+
+
+def sync() -> None:
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+
 
 def main() -> None:
-    assert torch.cuda.is_available(), "needs a CUDA GPU"
-    print("device:", torch.cuda.get_device_name(0), "| torch", torch.__version__)
+    if DEV == "cuda":
+        assert torch.cuda.is_available(), "needs a CUDA GPU (RDQ_SMOKE_DEVICE=cpu: a dry run on the CPU)"
+        print("device:", torch.cuda.get_device_name(0), "| torch", torch.__version__)
     tmp = Path(tempfile.mkdtemp())
     src = save_tiny_model_dir(tmp / "tiny", "llama", hidden=256, intermediate=704, layers=4)
     (src / "eval.txt").write_text("\n\n".join(read_documents(None)[100:160]))
@@ -32,29 +42,27 @@ def main() -> None:
              ("claq 2-bit +0.5% outliers", dict(method="claq", bits=2, claq_outlier_frac=0.005)),
              ("cvxq 3.0 bpw", dict(method="cvxq", target_bits=3.0, group_size=64)),
              ("slim 2:4 + adapters r=10%", dict(method="slim", group_size=64, lowrank=0.1))]
-    saved = []
     for label, kw in jobs:
         model, tok, mid = load_model(str(src))
-        cfg = rdquant.CompressConfig(calib_samples=64, calib_seqlen=256, device="cuda", **kw)
+        cfg = rdquant.CompressConfig(calib_samples=64, calib_seqlen=256, device=DEV, **kw)
         t0 = time.perf_counter()
         cm = rdquant.compress(model, cfg, tokenizer=tok, model_id=mid, progress=False)
         t = time.perf_counter() - t0
         out = cm.save(tmp / "".join(c if c.isalnum() else "_" for c in label))
-        saved.append((label, out))
-        loaded = rdquant.load(out, device="cuda")
+        loaded = rdquant.load(out, device=DEV)
         exact = all(torch.equal(m.dequantized_weight().cpu(), loaded.get_submodule(n).dequantized_weight().cpu())
                     for n, m in cm.model.named_modules() if isinstance(m, QuantLinear))
-        gain = sum(l.proxy_error for l in cm.logs) / sum(l.proxy_error_rtn for l in cm.logs)
+        logs = [l for l in cm.logs if l.proxy_error is not None and l.proxy_error_rtn is not None]
+        gain = sum(l.proxy_error for l in logs) / sum(l.proxy_error_rtn for l in logs)
         ppl = rdquant.evaluate(str(out), data=str(src / "eval.txt"), seqlen=128, max_windows=4,
-                               device="cuda", progress=False).ppl
+                               device=DEV, progress=False).ppl
         rep = rdquant.inspect(out)
-        print(f"{label} on cuda: compress {t:.1f} s, {rep.bits_per_weight:.3f} bpw, "
+        print(f"{label} on {DEV}: compress {t:.1f} s, {rep.bits_per_weight:.3f} bpw, "
               f"method/plain-rounding proxy error {gain:.3f}, reload exact={exact}, ppl(eval text)={ppl:.2f}, "
-              f"model on {next(loaded.parameters()).device}")
-    enc = tok("the", return_tensors="pt").to("cuda")
+              f"model on {next(loaded.parameters()).device}", flush=True)
+        streamed(out, tok, label)  # every layout streamed on the GPU
+    enc = tok("the", return_tensors="pt").to(DEV)
     print("generate:", loaded.generate(**enc, max_new_tokens=8, do_sample=False, pad_token_id=tok.eos_token_id).shape)
-    for label, out in saved:  # every layout streamed on the GPU
-        streamed(out, tok, label)
     stream_speed(tmp)
     claq_layer()
 
@@ -66,16 +74,16 @@ def streamed(path: Path, tok, label: str) -> None:
     from rdquant.stream import make_plan, streamer_of
 
     plan = make_plan(read_manifest(path), None)
-    full = rdquant.load(path, device="cuda", backend="reference")
-    small = rdquant.load(path, device="cuda", backend="reference",
+    full = rdquant.load(path, device=DEV, backend="reference")
+    small = rdquant.load(path, device=DEV, backend="reference",
                          max_memory=plan.fixed + max(plan.slots) + max(plan.blocks))
-    ids = tok("the history of", return_tensors="pt")["input_ids"].to("cuda")
+    ids = tok("the history of", return_tensors="pt")["input_ids"].to(DEV)
     gen = dict(max_new_tokens=16, do_sample=False, pad_token_id=tok.eos_token_id)
     with torch.inference_mode():
         same_logits = torch.equal(full(ids).logits, small(ids).logits)
         same_tokens = torch.equal(full.generate(ids, **gen), small.generate(ids, **gen))
     st = streamer_of(small).stats
-    print(f"{label} streamed on cuda ({small._rdquant_plan.describe()}): same logits {same_logits}, same tokens "
+    print(f"{label} streamed on {DEV} ({small._rdquant_plan.describe()}): same logits {same_logits}, same tokens "
           f"{same_tokens}, {st.blocks_read} block reads, {st.wait_s:.3f} s waited")
 
 
@@ -99,19 +107,19 @@ def stream_speed(tmp: Path) -> None:
                           tokenizer=tok, progress=False, model_id="random-smollm2-shape")
     paths = {"packed": cm.save(tmp / "rand_packed"), "coded": cm.save(tmp / "rand_coded", codec="auto")}
     budget = make_plan(read_manifest(paths["packed"]), None).total // 2
-    ids = torch.tensor([[1, 5, 9, 13, 17, 21, 25, 29]], device="cuda")
+    ids = torch.tensor([[1, 5, 9, 13, 17, 21, 25, 29]], device=DEV)
     gen = dict(max_new_tokens=64, min_new_tokens=64, do_sample=False, pad_token_id=0)
     for name, path in paths.items():
         rows = [("full", None, None)] + [("50%", budget, bw) for bw in (0.25e9, 1e9, 3e9)]
         ref = None
         for label, mm, bw in rows:
-            m = rdquant.load(path, device="cuda", backend="reference", max_memory=mm, storage=Storage(bandwidth=bw))
+            m = rdquant.load(path, device=DEV, backend="reference", max_memory=mm, storage=Storage(bandwidth=bw))
             with torch.inference_mode():
                 m.generate(ids, **{**gen, "max_new_tokens": 2, "min_new_tokens": 2})
-                torch.cuda.synchronize()
+                sync()
                 t0 = time.perf_counter()
                 out = m.generate(ids, **gen)
-                torch.cuda.synchronize()
+                sync()
                 tps = 64 / (time.perf_counter() - t0)
             ref = out if ref is None else ref
             st = streamer_of(m)
@@ -132,7 +140,7 @@ def claq_layer() -> None:
     X = torch.randn(576, 4096, generator=g) * (torch.rand(576, 1, generator=g) * 2)
     H = 2 * X @ X.t() / X.shape[1]
     cfg = rdquant.CompressConfig(method="claq", target_bits=3.1)
-    for dev in ("cuda", "cpu"):
+    for dev in dict.fromkeys((DEV, "cpu")):
         Wd, Hd = W.to(dev), H.to(dev)
         claq_quantize(Wd[:64], Hd, cfg)  # warm-up
         if dev == "cuda":

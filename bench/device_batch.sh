@@ -10,9 +10,10 @@ set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 SITE=/tmp/rdq-site
 if [ ! -d $SITE/transformers ]; then
-  names=$(ls .devcarry/whl | sed 's/-[0-9].*//' | sort -u)
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target $SITE \
-    --find-links .devcarry/whl $names || { echo "wheel install failed"; exit 2; }
+  tag=$(python3 -c 'import sys; print("cp%d%d" % sys.version_info[:2])')
+  files=$(ls .devcarry/whl/*.whl | grep -E -- "-($tag-|py3-none|py2.py3-none|cp3[0-9]+-abi3)")  # this Python's
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target $SITE $files \
+    || { echo "wheel install failed"; exit 2; }
 fi
 export PYTHONPATH=$SITE:$PWD/src PYTHONUNBUFFERED=1 OUT
 n=0; summary=""

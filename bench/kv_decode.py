@@ -4,7 +4,8 @@ layers), batch 8, long contexts, against the 16-bit cache, with the correctness 
 1. Checks: the Triton kernel that reads the packed cache (kernels/kv_triton.py) against the dequantized
    past through softmax attention in float32, at the 8B head shape, 2/3/4/8 bits, keys per channel and
    token-wise: max relative error.
-2. Decode attention of one layer (the part KV quantization changes), batch 8, contexts 4k-32k: fp16 K/V
+2. The kernel's launch configurations at the longest context (the fastest is used by every row after).
+   Decode attention of one layer (the part KV quantization changes), batch 8, contexts 4k-32k: fp16 K/V
    through torch's scaled_dot_product_attention (GQA, q length 1), the packed cache through the kernel
    (plus the exact current token), and the packed cache dequantized then sdpa (the cache's path without
    the kernel). Median of CUDA-event timings after warm-up; bytes of K/V read and the rate.
@@ -164,6 +165,41 @@ def _packed_timings(q: torch.Tensor, B: int, H: int, L: int, D: int, bits: int, 
     return t, timed(unfused, dev, max(3, reps // 10)), layer.k.nbytes() + layer.v.nbytes()
 
 
+def sweep(dev: torch.device, B: int, L: int, tiny: bool, reps: int) -> list[dict]:
+    """The kernel's launch configurations at context L, KV4 (CONFIG is set to the fastest, which every later
+    row uses): block_n x num_warps x programs per SM x pipeline stages."""
+    import itertools
+
+    from rdquant.kernels import kv_triton
+    from rdquant.kvcache import KVSpec
+
+    Hq, H, D = (4, 2, 16) if tiny else (32, 8, 128)
+    layer = packed_past(B, H, L, D, KVSpec(bits=4), dev, torch.float16)
+    q = torch.randn(B, Hq, D, device=dev, dtype=torch.float16)
+    ke = torch.randn(B, H, 1, D, device=dev, dtype=torch.float16)
+    ve = torch.randn_like(ke)
+    ref = layer.fused_attention(q, ke, ve, L, D ** -0.5).float()
+    default, rows = dict(kv_triton.CONFIG), []
+    grid = itertools.product((32, 64), (4,), (8,), (2,)) if tiny else \
+        itertools.product((32, 64, 128), (4, 8), (4, 16), (1, 3))
+    for bn, nw, ps, st in grid:
+        kv_triton.CONFIG.update(block_n=bn, num_warps=nw, per_sm=ps, num_stages=st)
+        try:
+            out = layer.fused_attention(q, ke, ve, L, D ** -0.5).float()
+            err = float((out - ref).abs().max() / ref.abs().max())
+            t = timed(lambda: layer.fused_attention(q, ke, ve, L, D ** -0.5), dev, reps)
+            rows.append({**kv_triton.CONFIG, "ms": t * 1e3, "rel_error": err})
+        except Exception as e:  # noqa: BLE001 - a configuration that does not compile or fit: say so, go on
+            rows.append({**kv_triton.CONFIG, "ms": None, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"})
+        print("sweep", rows[-1], flush=True)
+    ok = [r for r in rows if r["ms"] is not None and r["rel_error"] <= 1e-2]
+    best = min(ok, key=lambda r: r["ms"]) if ok else default
+    kv_triton.CONFIG.clear()
+    kv_triton.CONFIG.update({k: best[k] for k in default})
+    print("kernel configuration:", kv_triton.CONFIG, flush=True)
+    return rows
+
+
 def attention_rows(dev: torch.device, B: int, contexts: list[int], tiny: bool, reps: int) -> list[dict]:
     import torch.nn.functional as F
 
@@ -311,6 +347,12 @@ def main() -> None:
 
     if "checks" in args.parts:
         out["checks"] = checks(dev, args.tiny)
+        save()
+    if "attention" in args.parts or "model" in args.parts:
+        from rdquant.kernels import kv_triton
+
+        out["sweep"] = sweep(dev, args.batch, args.context, args.tiny, 2 if args.tiny else 20)
+        out["config"] = dict(kv_triton.CONFIG)
         save()
     if "attention" in args.parts:
         out["attention"] = attention_rows(dev, args.batch, args.contexts, args.tiny, 2 if args.tiny else 50)

@@ -159,6 +159,9 @@ def _from_pretrained(src: ModelSource, dtype: torch.dtype):
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # rdquant shows its own progress
+    # no Hub kernels (transformers >= 5.2x swaps layers for them by default on GPUs): they are fetched from the
+    # network, and rdquant's hooks and quantized layers need the stock modules; USE_HUB_KERNELS=1 overrides
+    os.environ.setdefault("USE_HUB_KERNELS", "0")
     kw = {"gguf_file": src.gguf_file} if src.gguf_file else {}
     where = src.path / src.gguf_file if src.gguf_file else src.path
     if not src.gguf_file:

@@ -16,8 +16,9 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK_N = 64  # past tokens per tile
 MIN_G = 16  # tl.dot's smallest M: the query heads of one KV head are padded to it
+# launch defaults: past tokens per tile, warps, programs per multiprocessor (sets the splits), pipeline stages
+CONFIG = dict(block_n=64, num_warps=4, per_sm=8, num_stages=2)
 
 
 @triton.jit
@@ -34,16 +35,28 @@ def _codes(ptr, rows, d, nmask, BITS: tl.constexpr, ROW_BYTES: tl.constexpr):
 
 
 @triton.jit
+def _word_codes(ptr, rows, nmask, BITS: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Codes [BLOCK_N, D] (fp32) of code rows read as int32 words (rows [BLOCK_N] in words; 32 % BITS == 0):
+    word w holds codes w * 32 / BITS + i at bit i * BITS (little-endian bytes, packing.pack's order)."""
+    PER: tl.constexpr = 32 // BITS
+    W: tl.constexpr = D // PER
+    words = tl.load(ptr + rows[:, None] + tl.arange(0, W)[None, :], mask=nmask[:, None], other=0)
+    c = (words[:, :, None] >> (tl.arange(0, PER) * BITS)[None, None, :]) & ((1 << BITS) - 1)
+    return tl.reshape(c, (BLOCK_N, D)).to(tl.float32)
+
+
+@triton.jit
 def _kv_decode_kernel(q_ptr, kc_ptr, ks_ptr, kl_ptr, vc_ptr, vs_ptr, vl_ptr, o_ptr, m_ptr, l_ptr,
                       N, per_split, scaling,
                       sq_b, sq_h, skc_b, skc_h, skc_n, sks_b, sks_h, sks_r, svc_b, svc_h, svc_n, svs_b, svs_h, svs_n,
                       so_b, so_h, so_s, sm_b, sm_h,
                       HKV: tl.constexpr, GQA: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
-                      KEY_TOKENS: tl.constexpr, KGROUP: tl.constexpr, VGROUP: tl.constexpr,
+                      KEY_TOKENS: tl.constexpr, KGROUP: tl.constexpr, VGROUP: tl.constexpr, WORDS: tl.constexpr,
                       BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr):
     """Partial attention of the GQA query heads of KV head (pid 0 % HKV) of sequence (pid 0 // HKV) over
     past tokens [pid 1 * per_split, + per_split): unnormalised output [G, D], running max and sum [G].
-    KEY_TOKENS > 0: keys have one grid per channel per KEY_TOKENS tokens; 0: token-wise groups of KGROUP."""
+    KEY_TOKENS > 0: keys have one grid per channel per KEY_TOKENS tokens; 0: token-wise groups of KGROUP.
+    WORDS: the code pointers are int32 and their row strides in words (widths that divide 32)."""
     pid = tl.program_id(0)
     split = tl.program_id(1)
     b = pid // HKV
@@ -68,7 +81,10 @@ def _kv_decode_kernel(q_ptr, kc_ptr, ks_ptr, kl_ptr, vc_ptr, vs_ptr, vl_ptr, o_p
     for n0 in range(start, stop, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
         nmask = n < stop
-        k = _codes(kc, n * skc_n, d, nmask, BITS, ROW_BYTES)
+        if WORDS:
+            k = _word_codes(kc, n * skc_n, nmask, BITS, D, BLOCK_N)
+        else:
+            k = _codes(kc, n * skc_n, d, nmask, BITS, ROW_BYTES)
         if KEY_TOKENS > 0 and BLOCK_N % KEY_TOKENS == 0:  # the tile's whole key groups: one grid row each
             R: tl.constexpr = BLOCK_N // KEY_TOKENS
             r = n0 // KEY_TOKENS + tl.arange(0, R)
@@ -93,7 +109,10 @@ def _kv_decode_kernel(q_ptr, kc_ptr, ks_ptr, kl_ptr, vc_ptr, vs_ptr, vl_ptr, o_p
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _codes(vc, n * svc_n, d, nmask, BITS, ROW_BYTES)
+        if WORDS:
+            v = _word_codes(vc, n * svc_n, nmask, BITS, D, BLOCK_N)
+        else:
+            v = _codes(vc, n * svc_n, d, nmask, BITS, ROW_BYTES)
         if VGROUP == D:  # one grid per token and head
             v = v * tl.load(vs + n * svs_n, mask=nmask, other=0.0).to(tl.float32)[:, None] \
                 + tl.load(vl + n * svs_n, mask=nmask, other=0.0).to(tl.float32)[:, None]
@@ -115,43 +134,49 @@ def supported(head_dim: int, bits: int, dtype: torch.dtype) -> bool:
         and dtype in (torch.float16, torch.bfloat16)
 
 
-def splits_for(programs: int, n: int, device: torch.device) -> int:
-    """Splits of the past so that about four programs run per multiprocessor, each with >= one tile."""
+def splits_for(programs: int, n: int, device: torch.device, per_sm: int, block_n: int) -> int:
+    """Splits of the past so that about `per_sm` programs run per multiprocessor, each with >= one tile."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    return max(1, min(triton.cdiv(4 * sms, programs), triton.cdiv(n, BLOCK_N)))
+    return max(1, min(triton.cdiv(per_sm * sms, programs), triton.cdiv(n, block_n)))
 
 
 def packed_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tensor, k_lo: torch.Tensor,
                      v_codes: torch.Tensor, v_scale: torch.Tensor, v_lo: torch.Tensor, bits: int, key_tokens: int,
-                     scaling: float, splits: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                     scaling: float, splits: int | None = None, **config: int
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Split partial attention of q [B, Hq, D] over the packed past: code rows [B, Hkv, n, D * bits / 8]
     (uint8; any strides with contiguous rows), key grids [B, Hkv, n / key_tokens, D] (key_tokens > 0) or
     [B, Hkv, n, D / group] (key_tokens 0), value grids [B, Hkv, n, D / group]. Returns unnormalised outputs
-    [B, Hq, S, D] and the running max and sum [B, Hq, S] (fp32) of S splits."""
+    [B, Hq, S, D] and the running max and sum [B, Hq, S] (fp32) of S splits. `config` overrides CONFIG."""
+    cfg = {**CONFIG, **config}
     B, Hq, D = q.shape
     Hkv, n = k_codes.shape[1], k_codes.shape[2]
     assert n > 0 and Hq % Hkv == 0 and k_codes.shape[-1] * 8 == D * bits, (q.shape, k_codes.shape, bits)
-    gqa = Hq // Hkv
-    S = splits or splits_for(B * Hkv, n, q.device)
-    per = triton.cdiv(triton.cdiv(n, S), BLOCK_N) * BLOCK_N
+    gqa, bn = Hq // Hkv, cfg["block_n"]
+    S = splits or splits_for(B * Hkv, n, q.device, cfg["per_sm"], bn)
+    per = triton.cdiv(triton.cdiv(n, S), bn) * bn
     S = triton.cdiv(n, per)  # every split holds at least one token
     o = torch.empty(B, Hq, S, D, device=q.device, dtype=torch.float32)
     m = torch.empty(B, Hq, S, device=q.device, dtype=torch.float32)
     l = torch.empty_like(m)
-    ks_rows = k_scale.stride(2)
     kgroup = D if key_tokens else D // k_scale.shape[-1]
     for t in (k_codes, v_codes, k_scale, k_lo, v_scale, v_lo):
         assert t.stride(-1) == 1, "rows must be contiguous"
     assert k_scale.stride() == k_lo.stride() and v_scale.stride() == v_lo.stride()
+    words = 32 % bits == 0 and k_codes.shape[-1] % 4 == 0 and all(
+        t.stride(i) % 4 == 0 and t.data_ptr() % 4 == 0 for t in (k_codes, v_codes) for i in range(3))
+    if words:  # the same bytes as int32 words (strides in words)
+        k_codes, v_codes = k_codes.view(torch.int32), v_codes.view(torch.int32)
     q = q.contiguous()
     _kv_decode_kernel[(B * Hkv, S)](
         q, k_codes, k_scale, k_lo, v_codes, v_scale, v_lo, o, m, l, n, per, scaling,
         q.stride(0), q.stride(1), k_codes.stride(0), k_codes.stride(1), k_codes.stride(2),
-        k_scale.stride(0), k_scale.stride(1), ks_rows, v_codes.stride(0), v_codes.stride(1), v_codes.stride(2),
+        k_scale.stride(0), k_scale.stride(1), k_scale.stride(2), v_codes.stride(0), v_codes.stride(1), v_codes.stride(2),
         v_scale.stride(0), v_scale.stride(1), v_scale.stride(2), o.stride(0), o.stride(1), o.stride(2),
         m.stride(0), m.stride(1),
         HKV=Hkv, GQA=gqa, D=D, BITS=bits, KEY_TOKENS=key_tokens, KGROUP=kgroup, VGROUP=D // v_scale.shape[-1],
-        BLOCK_G=max(MIN_G, triton.next_power_of_2(gqa)), BLOCK_N=BLOCK_N)
+        WORDS=words, BLOCK_G=max(MIN_G, triton.next_power_of_2(gqa)), BLOCK_N=bn,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return o, m, l
 
 
