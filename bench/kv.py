@@ -83,7 +83,7 @@ def parse(text: str) -> tuple[str, dict]:
     opts = dict(p.split("=", 1) for p in spec.split())
     out = {"scheme": "fp16", "bits": 16, "group": -1, "residual": 0, "smooth": -1, "shift": 0, "past_only": 1,
            "weights": "fp", "stepwise": 0, "axis": "channel", "tokens": 32,
-           "clip": -1, "crr": 0, "crr_steps": 64, "crr_lr": 5e-3}
+           "clip": -1, "crr": 0, "crr_steps": 16, "crr_lr": 5e-3}
     for k, v in opts.items():
         if k not in out:
             raise SystemExit(f"unknown row key {k!r} in {text!r}")

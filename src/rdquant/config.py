@@ -184,7 +184,7 @@ class CompressConfig:
     kv_crr: int = opt(0, "WKVQuant's cross-block reconstruction: learn each block's K/V scales and shifts "
                       "(AdamW, straight-through rounding) so the output after this many more full-precision blocks "
                       "matches the unquantized cache's; 0 = off", panel="KV cache", uses=KV, lo=0, hi=64)
-    kv_crr_steps: int = opt(64, "optimiser steps per block for --kv-crr (one calibration batch each)", panel="KV cache",
+    kv_crr_steps: int = opt(16, "optimiser steps per block for --kv-crr (one calibration batch each)", panel="KV cache",
                             uses=lambda c: c.kv_bits > 0 and c.kv_crr > 0, lo=1, hi=1 << 20)
     kv_crr_lr: float = opt(5e-3, "AdamW learning rate for --kv-crr", panel="KV cache",
                            uses=lambda c: c.kv_bits > 0 and c.kv_crr > 0, lo=1e-6, hi=1.0)

@@ -736,7 +736,7 @@ def calibrate_modules(mods: list[nn.Module], run: Runner, spec: KVSpec, key_alph
 
 
 def calibrate(model: nn.Module, windows: torch.Tensor, spec: KVSpec, key_alpha: float | None = 0.5,
-              shifts: bool = True, crr: int = 0, crr_steps: int = 64, crr_lr: float = 5e-3) -> list[KVParams]:
+              shifts: bool = True, crr: int = 0, crr_steps: int = 16, crr_lr: float = 5e-3) -> list[KVParams]:
     """`calibrate_modules` for a whole model in memory on calibration windows [n, L] (changes it in place
     and attaches the KV parameters). `crr` > 0: block by block, each block's transforms then refined by
     cross-block reconstruction (`crr_block`) through the next `crr` blocks."""
