@@ -33,8 +33,8 @@ from .errors import RdquantError
 
 KV_BITS = (2, 3, 4, 8)
 ATTN_NAME = "rdquant_past_only"
-DECODE_ATTN = "rdquant_kv_decode"
-CRR_ATTN = "rdquant_kv_crr"  # training: learnable K/V transforms and straight-through fake quantization  # sdpa, except a decode step of QuantizedKVCache reads the packed past (Triton)
+DECODE_ATTN = "rdquant_kv_decode"  # sdpa, except a decode step of QuantizedKVCache reads the packed past (Triton)
+CRR_ATTN = "rdquant_kv_crr"  # training: learnable K/V transforms and straight-through fake quantization
 
 
 KEY_AXES = ("channel", "token")
