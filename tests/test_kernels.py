@@ -195,8 +195,15 @@ def test_kv_decode_kernel_matches_the_dequantized_past(kv_kernel, bits, axis, gr
     assert _close(kv_kernel.merge(o, m, l, q, None, None, scale).float(), past, 2e-3)
 
 
+def _count_calls(monkeypatch, cls, name: str) -> list:
+    """Calls of cls.name from now on (the method still runs)."""
+    calls, real = [], getattr(cls, name)
+    monkeypatch.setattr(cls, name, lambda self, *a: calls.append(1) or real(self, *a))
+    return calls
+
+
 @pytest.mark.parametrize("residual", [0, 3])
-def test_generate_reads_the_packed_cache_in_the_kernel(kv_kernel, residual):
+def test_generate_reads_the_packed_cache_in_the_kernel(kv_kernel, residual, monkeypatch):
     from rdquant import kvcache
     from rdquant.kvcache import DECODE_ATTN, KVSpec, QuantizedKVCache
     from rdquant.testing import tiny_model
@@ -207,13 +214,8 @@ def test_generate_reads_the_packed_cache_in_the_kernel(kv_kernel, residual):
     kw = dict(max_new_tokens=10, do_sample=False, output_logits=True, return_dict_in_generate=True)
     plain = m.generate(ids, **{kvcache.cache_kwarg(m): QuantizedKVCache(m, fused=False)}, **kw)
     assert m.config._attn_implementation != DECODE_ATTN
-    calls = []
-    real = kvcache.QuantizedKVLayer.fused_attention
-    kvcache.QuantizedKVLayer.fused_attention = lambda self, *a: calls.append(1) or real(self, *a)
-    try:
-        fused = m.generate(ids, **{kvcache.cache_kwarg(m): QuantizedKVCache(m, fused=True)}, **kw)
-    finally:
-        kvcache.QuantizedKVLayer.fused_attention = real
+    calls = _count_calls(monkeypatch, kvcache.QuantizedKVLayer, "fused_attention")
+    fused = m.generate(ids, **{kvcache.cache_kwarg(m): QuantizedKVCache(m, fused=True)}, **kw)
     assert m.config._attn_implementation == DECODE_ATTN and len(calls) == 2 * 9  # every decode step, both layers
     assert torch.equal(fused.sequences, plain.sequences)
     for a, b in zip(fused.logits, plain.logits):
@@ -234,7 +236,7 @@ def test_fused_kv_cache_refuses_a_model_it_cannot_run():
     assert m.config._attn_implementation != kvcache.DECODE_ATTN
 
 
-def test_fused_kv_cache_with_padding_takes_the_masked_path(kv_kernel):
+def test_fused_kv_cache_with_padding_takes_the_masked_path(kv_kernel, monkeypatch):
     """A left-padded batch has a mask at every decode step: the fused attention falls back to the dequantized
     past through sdpa with that mask, and generates what the unfused cache does."""
     from rdquant import kvcache
@@ -248,11 +250,6 @@ def test_fused_kv_cache_with_padding_takes_the_masked_path(kv_kernel):
     ids[0, :3], mask[0, :3] = 0, 0
     kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
     plain = m.generate(ids, **{kvcache.cache_kwarg(m): QuantizedKVCache(m, fused=False)}, **kw)
-    calls = []
-    real = kvcache.QuantizedKVLayer.dequantized_past
-    kvcache.QuantizedKVLayer.dequantized_past = lambda self, *a: calls.append(1) or real(self, *a)
-    try:
-        fused = m.generate(ids, **{kvcache.cache_kwarg(m): QuantizedKVCache(m, fused=True)}, **kw)
-    finally:
-        kvcache.QuantizedKVLayer.dequantized_past = real
+    calls = _count_calls(monkeypatch, kvcache.QuantizedKVLayer, "dequantized_past")
+    fused = m.generate(ids, **{kvcache.cache_kwarg(m): QuantizedKVCache(m, fused=True)}, **kw)
     assert calls and torch.equal(fused, plain)

@@ -574,12 +574,18 @@ def _register() -> None:
 @contextlib.contextmanager
 def past_only(model: nn.Module) -> Iterator[None]:
     """Within: a forward without a cache computes each position as the quantized cache would (one pass)."""
+    with _using(_configs(model), ATTN_NAME):
+        yield
+
+
+@contextlib.contextmanager
+def _using(configs: list[Any], name: str) -> Iterator[None]:
+    """Within: these configs' attention implementation is `name` (registered); restored after."""
     _register()
-    configs = _configs(model)
     before = [c._attn_implementation for c in configs]
     try:
         for c in configs:
-            c._attn_implementation = ATTN_NAME
+            c._attn_implementation = name
         yield
     finally:
         for c, b in zip(configs, before):
@@ -848,16 +854,9 @@ def _through(blocks: list[nn.Module], x: torch.Tensor, kwargs: dict[str, Any]) -
 @contextlib.contextmanager
 def _attention(model: nn.Module, name: str) -> Iterator[None]:
     """Within: every attention module under `model` (and all that share their configs) uses `name`."""
-    _register()
-    configs = list({id(c): c for c in (getattr(m, "config", None) for m in attention_modules(model)) if c}.values())
-    before = [c._attn_implementation for c in configs]
-    try:
-        for c in configs:
-            c._attn_implementation = name
+    with _using(list({id(c): c for c in (getattr(m, "config", None) for m in attention_modules(model)) if c}.values()),
+                name):
         yield
-    finally:
-        for c, b in zip(configs, before):
-            c._attn_implementation = b
 
 
 Inputs = list[tuple[torch.Tensor, dict[str, Any], "torch.device | None"]]  # (hidden, kwargs, run device)
