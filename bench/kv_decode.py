@@ -181,7 +181,7 @@ def sweep(dev: torch.device, B: int, L: int, tiny: bool, reps: int) -> list[dict
     ref = layer.fused_attention(q, ke, ve, L, D ** -0.5).float()
     default, rows = dict(kv_triton.CONFIG), []
     grid = itertools.product((32, 64), (4,), (8,), (2,)) if tiny else \
-        itertools.product((32, 64, 128), (4, 8), (4, 16), (1, 3))
+        itertools.product((32, 64, 128), (4, 8), (4, 16), (2,))
     for bn, nw, ps, st in grid:
         kv_triton.CONFIG.update(block_n=bn, num_warps=nw, per_sm=ps, num_stages=st)
         try:
@@ -351,7 +351,7 @@ def main() -> None:
     if "attention" in args.parts or "model" in args.parts:
         from rdquant.kernels import kv_triton
 
-        out["sweep"] = sweep(dev, args.batch, args.context, args.tiny, 2 if args.tiny else 20)
+        out["sweep"] = sweep(dev, args.batch, args.context, args.tiny, 2 if args.tiny else 10)
         out["config"] = dict(kv_triton.CONFIG)
         save()
     if "attention" in args.parts:
