@@ -73,7 +73,7 @@ class Sparse24(Layout):
             raise codecs.CodecError("decoded symbol count does not match the layer's kept values")
         if sym.size and int(sym.max()) >= (1 << layer["bits"]):
             raise codecs.CodecError("decoded codes fall outside the code range")
-        return packing.pack(torch.from_numpy(sym), layer["bits"])
+        return packing.pack(torch.from_numpy(sym.copy() if not sym.flags.writeable else sym), layer["bits"])
 
     @classmethod
     def tuning(cls, weight: Sparse24Weight) -> "Sparse24Tuning":
