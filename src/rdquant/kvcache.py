@@ -336,6 +336,7 @@ class QuantizedKVLayer(_dynamic_layer()):  # type: ignore[misc]
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device, self.dtype = key_states.device, key_states.dtype
+        self.fused = self.fused and decode_kernel_runs(self.device, self.dtype, key_states.shape[-1], self.params.spec)
         self.keys = key_states[:, :, :0]  # empty: transformers' helpers read device and dtype off these
         self.values = value_states[:, :, :0]
         self.is_initialized = True
@@ -392,20 +393,23 @@ class QuantizedKVLayer(_dynamic_layer()):  # type: ignore[misc]
         return keys, values
 
     def _fused_step(self, k: torch.Tensor) -> bool:
-        """Whether this step's attention reads the packed past in the kernel: a fused cache, one new token, a
-        packed past, the model's attention set to DECODE_ATTN, and K/V the kernel takes."""
+        """Whether this step's attention reads the packed past in the kernel: a fused cache whose K/V the
+        kernel takes (decided at the first update), one new token, a packed past, and the model's attention
+        set to DECODE_ATTN."""
         attn = self.params.attn
         return (self.fused and k.shape[2] == 1 and self.k.n > 0
-                and getattr(getattr(attn, "config", None), "_attn_implementation", None) == DECODE_ATTN
-                and decode_kernel_runs(k, self.params.spec))
+                and getattr(getattr(attn, "config", None), "_attn_implementation", None) == DECODE_ATTN)
+
+    def _grid_rows(self, n: int) -> int:
+        """Key grid rows of the first n packed tokens (one per key group on the channel axis, else per token)."""
+        return n // self.params.spec.key_tokens if self.params.spec.key_axis == "channel" else n
 
     def fused_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n: int, scaling: float) -> torch.Tensor:
         """Attention [B, Hq, D] of one query token q [B, Hq, D] over the first n packed past tokens (read by
         the Triton kernel) and the exact keys/values k, v [B, Hkv, E, D]."""
         from .kernels import kv_triton
 
-        sp = self.params.spec
-        rows = n // sp.key_tokens if sp.key_axis == "channel" else n
+        sp, rows = self.params.spec, self._grid_rows(n)
         o, m, l = kv_triton.packed_attention(
             q, self.k.codes.t[:, :, :n], self.k.scale.t[:, :, :rows], self.k.lo.t[:, :, :rows],
             self.v.codes.t[:, :, :n], self.v.scale.t[:, :, :n], self.v.lo.t[:, :, :n], sp.bits,
@@ -414,8 +418,7 @@ class QuantizedKVLayer(_dynamic_layer()):  # type: ignore[misc]
 
     def dequantized_past(self, n: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The first n packed past tokens' keys and values, dequantized to like's dtype."""
-        sp, D = self.params.spec, like.shape[-1]
-        rows = n // sp.key_tokens if sp.key_axis == "channel" else n
+        sp, D, rows = self.params.spec, like.shape[-1], self._grid_rows(n)
         deq = dequantize_channels if sp.key_axis == "channel" else dequantize_tokens
         kc = _unpack_rows(self.k.codes.t[:, :, :n].contiguous(), sp.bits, D)
         vc = _unpack_rows(self.v.codes.t[:, :, :n].contiguous(), sp.bits, D)
@@ -501,16 +504,16 @@ def _past_only_attention(module: nn.Module, query: torch.Tensor, key: torch.Tens
                            attention_mask, scaling)
 
 
-def decode_kernel_runs(x: torch.Tensor, spec: KVSpec) -> bool:
-    """Whether the packed-cache decode kernel runs for keys like x [B, H, T, D] under this spec: 16-bit, a
-    head size it takes, on CUDA (or on the CPU under Triton's interpreter, for tests)."""
+def decode_kernel_runs(device: torch.device, dtype: torch.dtype, head_dim: int, spec: KVSpec) -> bool:
+    """Whether the packed-cache decode kernel runs for K/V of this device, dtype and head size under this
+    spec: 16-bit, a head size it takes, on CUDA (or on the CPU under Triton's interpreter, for tests)."""
     from .backends import kernel_runs_on
 
-    if not kernel_runs_on("triton", x.device):
+    if not kernel_runs_on("triton", device):
         return False
     from .kernels.kv_triton import supported
 
-    return supported(x.shape[-1], spec.bits, x.dtype)
+    return supported(head_dim, spec.bits, dtype)
 
 
 def use_decode_kernel(model: nn.Module, required: bool = False) -> bool:
@@ -518,8 +521,7 @@ def use_decode_kernel(model: nn.Module, required: bool = False) -> bool:
     past in the kernel) when the kernel runs for it; `required`: a one-line error where it does not."""
     params = kv_params(model)
     p = next(model.parameters())
-    like = torch.empty(0, 0, 0, head_shape(params[0].attn)[1] if params else 0, dtype=p.dtype, device=p.device)
-    if not params or not decode_kernel_runs(like, params[0].spec):
+    if not params or not decode_kernel_runs(p.device, p.dtype, head_shape(params[0].attn)[1], params[0].spec):
         if required:
             raise RdquantError("the fused KV decode kernel needs a 16-bit model on CUDA with triton installed and a "
                                "power-of-two head size: pass fused=False (or None) to QuantizedKVCache")

@@ -12,6 +12,8 @@ the attention (the residual window and the current token, kept in 16 bits) in to
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -134,10 +136,14 @@ def supported(head_dim: int, bits: int, dtype: torch.dtype) -> bool:
         and dtype in (torch.float16, torch.bfloat16)
 
 
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
 def splits_for(programs: int, n: int, device: torch.device, per_sm: int, block_n: int) -> int:
     """Splits of the past so that about `per_sm` programs run per multiprocessor, each with >= one tile."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    return max(1, min(triton.cdiv(per_sm * sms, programs), triton.cdiv(n, block_n)))
+    return max(1, min(triton.cdiv(per_sm * _multiprocessors(device), programs), triton.cdiv(n, block_n)))
 
 
 def packed_attention(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tensor, k_lo: torch.Tensor,
