@@ -318,6 +318,8 @@ def main() -> None:
     ap.add_argument("--tables", type=Path, help="no run: write the results page's table from this run's JSON")
     args = ap.parse_args()
     if args.tables:
+        if not args.tables.is_file():
+            raise SystemExit(f"--tables {args.tables}: no such file (give the JSON a GPU run wrote with --json)")
         run = json.loads(args.tables.read_text())
         raw = RESULTS / "raw" / f"kv_decode-{run['date']}.json"
         raw.parent.mkdir(parents=True, exist_ok=True)
