@@ -756,18 +756,14 @@ def calibrate(model: nn.Module, windows: torch.Tensor, spec: KVSpec, key_alpha: 
 
         return calibrate_modules(attention_modules(model), run, spec, key_alpha, shifts, cache_kwarg(model))
     from .models import find_blocks
-    from .pipeline import Chunk, _block_output, capture_block_inputs, propagate
+    from .pipeline import calibrate_block_kv, capture_block_inputs, propagate
 
     _, blocks = find_blocks(model)
     chunks = capture_block_inputs(model, blocks, windows, 4, dev)
     out = []
     with torch.no_grad():
         for i, block in enumerate(blocks):
-            def run_block(extra: dict[str, Any], block: nn.Module = block) -> None:
-                for c in chunks:
-                    _block_output(block, Chunk(c.hidden, {**c.kwargs, **extra}, c.device))
-
-            out += calibrate_modules(attention_modules(block), run_block, spec, key_alpha, shifts, cache_kwarg(block))
+            out += calibrate_block_kv(block, chunks, spec, key_alpha, shifts)
             crr_block(block, list(blocks[i + 1 : i + 1 + crr]), [(c.hidden, c.kwargs, c.device) for c in chunks],
                       crr_steps, crr_lr)
             propagate(block, chunks, i)

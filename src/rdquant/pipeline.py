@@ -136,14 +136,20 @@ def _attach_kv(block: nn.Module, cfg: CompressConfig) -> None:
 
 def kv_calibrate_block(block: nn.Module, chunks: list[Chunk], cfg: CompressConfig) -> None:
     """Two-dimensional KV quantization of this block's attention on its calibration inputs (kvcache.py)."""
-    from .kvcache import attention_modules, cache_kwarg, calibrate_modules, spec_of
+    from .kvcache import spec_of
+
+    calibrate_block_kv(block, chunks, spec_of(cfg), None if cfg.kv_smooth == -1 else cfg.kv_smooth, cfg.kv_shift)
+
+
+def calibrate_block_kv(block: nn.Module, chunks: list[Chunk], spec: Any, key_alpha: float | None, shifts: bool) -> list:
+    """kvcache.calibrate_modules for one block's attention, its calibration forwards run over `chunks`."""
+    from .kvcache import attention_modules, cache_kwarg, calibrate_modules
 
     def run(extra: dict[str, Any]) -> None:
         for c in chunks:
             _block_output(block, Chunk(c.hidden, {**c.kwargs, **extra}, c.device))
 
-    calibrate_modules(attention_modules(block), run, spec_of(cfg), None if cfg.kv_smooth == -1 else cfg.kv_smooth,
-                      cfg.kv_shift, cache_kwarg(block))
+    return calibrate_modules(attention_modules(block), run, spec, key_alpha, shifts, cache_kwarg(block))
 
 
 def kv_crr_block(block: nn.Module, source: BlockSource, i: int, n_blocks: int, chunks: list[Chunk],
