@@ -22,14 +22,16 @@ from .errors import ArtifactError, RdquantError
 from .safety import check_output, remove_owned
 
 FORMAT_NAME = "rdquant"
-FORMAT_VERSION = 6  # 2: optional per-tensor codecs; 3: codebook layers; 4: mixed-width layers; 5: 2:4 sparse, adapters; 6: quantized KV cache
-READABLE_VERSIONS = (1, 2, 3, 4, 5, 6)
+FORMAT_VERSION = 7  # 2: optional per-tensor codecs; 3: codebook layers; 4: mixed-width layers; 5: 2:4 sparse, adapters; 6: quantized KV cache; 7: k-quant layers
+READABLE_VERSIONS = (1, 2, 3, 4, 5, 6, 7)
 
 
 def format_version(quantized: dict[str, Any], kv_cache: bool = False) -> int:
-    """The oldest version that holds these layers: 6 with a quantized KV cache, 5 with 2:4 sparse layers or
+    """The oldest version that holds these layers: 7 with k-quant layers, 6 with a quantized KV cache, 5 with 2:4 sparse layers or
     low-rank adapters (which older readers would not apply), else 4, so other artifacts still load in older
     readers."""
+    if any(isinstance(q, dict) and q.get("layout") == "kquant" for q in quantized.values()):
+        return 7
     if kv_cache:
         return 6
     new = any(isinstance(q, dict) and (q.get("layout") == "sparse24" or "lowrank" in q) for q in quantized.values())
@@ -267,7 +269,7 @@ def _check_manifest(m: dict[str, Any], mpath: Path) -> None:
         if not (isinstance(q, dict) and isinstance(q.get("shape"), list) and len(q["shape"]) == 2
                 and all(is_int(d, 1) for d in q["shape"]) and is_int(q.get("bits"), 0) and is_int(q.get("group_size"), -1)
                 and isinstance(q.get("symmetric"), bool) and isinstance(q.get("bias", False), bool)
-                and q.get("layout", "affine") in ("affine", "codebook", "mixed", "sparse24")):
+                and q.get("layout", "affine") in ("affine", "codebook", "mixed", "sparse24", "kquant")):
             raise bad(f"entry of quantized layer {name!r}")
         wrong = [k for k, ok in _LAYER_FIELDS.items() if k in q and not ok(q[k])]
         if wrong:
@@ -295,6 +297,7 @@ _LAYER_FIELDS = {
     "scale_group": _is_int_in(-1, 2**40, not_zero=True), "width_bits": _is_int_in(1, 8),
     "codebook_bits": lambda x: x in (8, 16) and isinstance(x, int), "outliers": _is_int_in(0, 2**62),
     "row_scale": lambda x: isinstance(x, bool), "lowrank": check_lowrank,
+    "gguf_type": lambda x: x in ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"),
 }
 
 

@@ -42,7 +42,7 @@ DEFAULT_SPEED_FLOOR_MBPS = 200.0
 MULTI_STREAM = ("zero-context", "zero-context-packed", "zero-context-pairs", "planes", "codebook-segments",
                 "codebook-pairs", "mixed-widths", "codebook-deltas")  # mappings stored as a multi-stream blob
 DECODE_FIRST = ("qzeros", "widths", "qwidths", "qclusters")  # a layer's tensors that its other tensors decode with
-MAPPINGS = (*MULTI_STREAM, "raw", "zero-relative", "codebook", "mixed")  # every mapping this reader decodes
+MAPPINGS = (*MULTI_STREAM, "raw", "zero-relative", "codebook", "mixed", "bytes")  # every mapping this reader decodes
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,10 @@ def _uses(methods: tuple[str, ...], cvxq_solvers: tuple[str, ...] = ()) -> Calla
     return lambda c: c.method in methods or c.method == "ecsq" or (c.method == "cvxq" and c.cvxq_solver in cvxq_solvers)
 
 
-_AFFINE = _uses(("gptq", "rtn"), ("gptq", "rtn"))
+_AFFINE_METHODS = _uses(("gptq", "rtn"), ("gptq", "rtn"))
+_AFFINE = lambda c: _AFFINE_METHODS(c) and c.grid == "affine"
+_KQUANT = lambda c: c.method in ("gptq", "rtn") and c.grid != "affine"
+GRIDS = ("affine", "gguf:Q2_K", "gguf:Q3_K", "gguf:Q4_K", "gguf:Q5_K", "gguf:Q6_K")
 _SWEEP = _uses(("gptq", "claq"), ("gptq", "claq"))
 
 
@@ -49,6 +52,7 @@ def _slim_group(c: "CompressConfig") -> bool:
 
 
 GRID = lambda c: _AFFINE(c) or _slim_group(c)  # affine group grids: gptq, rtn, cvxq with those solvers, slim's group scales
+SEARCHED = lambda c: GRID(c) or _KQUANT(c)  # grids fitted by the clip search (affine and k-quant)
 GPTQ_SWEEP = _SWEEP  # the error-compensating column sweep with act-order (slim's runs of four keep the natural order)
 SOLVE_SWEEP = lambda c: _SWEEP(c) or (c.method == "slim" and c.slim_solver == "gptq")  # the sweep, any order
 SLIM = lambda c: c.method == "slim"
@@ -60,7 +64,7 @@ TARGETED = _uses(("claq", "cvxq"))
 
 
 def _group_size_used(c: "CompressConfig") -> bool:
-    return (c.method in ("gptq", "rtn", "ecsq") or _slim_group(c)
+    return (c.method == "ecsq" or (c.method in ("gptq", "rtn") and c.grid == "affine") or _slim_group(c)
             or (c.method == "cvxq" and c.cvxq_solver != "claq" and c.cvxq_cells == "group"))
 
 
@@ -69,7 +73,8 @@ def _cluster_rows_used(c: "CompressConfig") -> bool:
 
 
 def _bits_used(c: "CompressConfig") -> bool:
-    return c.method in ("gptq", "rtn", "slim", "ecsq") or (c.method == "claq" and c.target_bits is None)
+    return (c.method in ("slim", "ecsq") or (c.method in ("gptq", "rtn") and c.grid == "affine")
+            or (c.method == "claq" and c.target_bits is None))
 
 
 def opt(default: Any, help: str, *, flag: str | None = None, short: str | None = None, panel: str = "General",
@@ -93,6 +98,10 @@ class CompressConfig:
     group_size: int = opt(64, "weights per scale group along a row; -1 = one scale per row", short="-g",
                           uses=_group_size_used)
     symmetric: bool = opt(False, "symmetric grids (no zero points)", uses=GRID)
+    grid: str = opt("affine", "the grid gptq / rtn solve in: affine (--bits, --group-size, --symmetric) or a llama.cpp "
+                    "k-quant, gguf:Q2_K .. gguf:Q6_K, exported to GGUF as is (rows that are not whole 256-weight "
+                    "super-blocks take llama.cpp's block-32 fallback type)", choices=GRIDS,
+                    uses=lambda c: c.method in ("gptq", "rtn"))
     # size targets: all-in bits per weight (codes + every piece of side information)
     target_bits: float | None = opt(None, "all-in bits/weight: claq of every layer, cvxq of all quantized layers together (and the "
                                     "embedding / head with --embed-bits -1, the default)",
@@ -226,8 +235,8 @@ class CompressConfig:
     tune_batch: int = opt(4, "calibration windows per tuning step", panel="Tuning", lo=1, hi=1 << 16,
                           uses=lambda c: c.tune_steps > 0)
     # grid: shrink the min-max range by up to max_shrink in clip_search steps (0 = plain min-max)
-    clip_search: int = opt(20, "grid shrink steps; 0 = min-max", uses=GRID, lo=0, hi=1000)
-    max_shrink: float = opt(0.3, "largest shrink of the min-max range the clip search tries", uses=GRID, lo=0, hi=0.99)
+    clip_search: int = opt(20, "grid shrink steps; 0 = min-max", uses=SEARCHED, lo=0, hi=1000)
+    max_shrink: float = opt(0.3, "largest shrink of the min-max range the clip search tries", uses=SEARCHED, lo=0, hi=0.99)
     # affine grids' fp16 scales keep this many of fp16's 10 mantissa bits (the rest zero): fewer bits
     # compress under a codec (relative scale error <= 2**-(bits + 1)); the packed file stays fp16
     scale_bits: int = opt(7, "mantissa bits kept in the fp16 group scales (the file stays fp16); 7 codes 1-2% smaller "
@@ -483,6 +492,8 @@ def from_settings(experimental: dict[str, Any], given: dict[str, Any], base: dic
                                + (" without --lowrank (it sets the adapters, off at 0)" if key.startswith("lowrank_") and cfg.lowrank <= 0 else "")
                                + (" without --kv-bits (it sets the KV cache, off at 0)" if key.startswith("kv_") and not cfg.kv_bits else "")
                                + (" with --kv-key-axis token" if key == "kv_key_tokens" and cfg.kv_bits else "")
+                               + (f" with --grid {cfg.grid} (the k-quant fixes widths, groups and scales)"
+                                  if cfg.grid != "affine" and key in ("bits", "group_size", "symmetric", "scale_bits") else "")
                                + "; remove it")
     return cfg
 

@@ -55,6 +55,9 @@ def plan(quantized: dict[str, dict[str, Any]], format: str) -> dict[str, Scheme]
                               "compress with --embed-bits 16 to export"))
         elif "lowrank" in info:
             bad.append((name, f"its low-rank adapters have no {format} form; compress without --lowrank to export"))
+        elif layout == "kquant":
+            bad.append((name, f"its llama.cpp {info['gguf_type']} grid (--grid gguf:{info['gguf_type']}) has no {format} "
+                              "scheme; export it with --format gguf, or compress without --grid to export"))
         elif layout != "affine":
             bad.append((name, f"its {layout} layout (per-cell or per-column widths) has no {format} scheme; "
                               "compress with --method gptq or rtn to export"))
@@ -243,10 +246,13 @@ def check_before_compress(format: str, model, cfg) -> None:
 
     if format not in FORMATS:
         raise RdquantError(f"--export {format!r}: choose one of {', '.join(FORMATS)}")
+    from .kquant import planned_entry
+
     layout = {"claq": "codebook", "cvxq": "mixed"}.get(cfg.method, "affine")
     prefix, blocks = find_blocks(model)
-    entries = {f"{prefix}.{i}.{n}": {"layout": layout, "bits": cfg.bits, "group_size": cfg.group_size,
-                                      "symmetric": cfg.symmetric, "shape": list(lin.weight.shape)}
+    entries = {f"{prefix}.{i}.{n}": planned_entry(cfg, tuple(lin.weight.shape)) or
+               {"layout": layout, "bits": cfg.bits, "group_size": cfg.group_size, "symmetric": cfg.symmetric,
+                "shape": list(lin.weight.shape)}
                for i, block in enumerate(blocks) for n, lin in block_linears(block).items()}
     from .vocab import vocab_entries
 

@@ -1,5 +1,6 @@
-"""GGUF export (llama.cpp) of llama-architecture artifacts whose layers have an exact GGUF type, codes in
-groups of 32: symmetric 4/5/8-bit codes are Q4_0 / Q5_0 / Q8_0 (w = d * (q - 2^(bits-1)), Q8_0's codes
+"""GGUF export (llama.cpp) of llama-architecture artifacts whose layers have an exact GGUF type: k-quant
+layers (solved in the type's own grid with --grid gguf:TYPE, kquant.py) are written as the blocks they store;
+affine codes in groups of 32: symmetric 4/5/8-bit codes are Q4_0 / Q5_0 / Q8_0 (w = d * (q - 2^(bits-1)), Q8_0's codes
 stored signed); asymmetric 4/5-bit ones are Q4_1 / Q5_1 (w = d * q + m) when every block's offset
 m = -z * d is an fp16 value, which holds when the scales keep few enough mantissa bits
 (--scale-bits 6 at 4 bits, 5 at 5 bits). The fp16 group scale is the block's d, bit for bit. Embeddings and
@@ -25,10 +26,13 @@ LAYER_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self
 
 SYMMETRIC = {4: "Q4_0", 5: "Q5_0", 8: "Q8_0"}
 ASYMMETRIC = {4: "Q4_1", 5: "Q5_1"}  # exact where each block's offset -z * d is an fp16 value
+FILE_TYPE = {"Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M"}  # general.file_type names the mostly-used type
 
 
 def gguf_type(info: dict[str, Any]) -> str | None:
     """The GGUF type that can hold a quantized layer exactly, or None."""
+    if info.get("layout") == "kquant" and "lowrank" not in info:  # solved in the type's own grid (--grid gguf:TYPE)
+        return info["gguf_type"]
     if info.get("layout", "affine") != "affine" or "lowrank" in info or info["group_size"] != 32:
         return None
     return (SYMMETRIC if info["symmetric"] else ASYMMETRIC).get(info["bits"])
@@ -42,13 +46,14 @@ def check(manifest: dict[str, Any], config: dict[str, Any]) -> dict[str, str]:
     types, bad = {}, []
     for name, info in manifest["quantized"].items():
         t = gguf_type(info)
-        if t is None or info["shape"][1] % 32:
+        if t is None or info["shape"][1] % (256 if info.get("layout") == "kquant" else 32):
             layout = info.get("layout", "affine")
             what = (f"its {layout} layout" if layout != "affine" else "its low-rank adapters" if "lowrank" in info else
                     f"{'symmetric' if info['symmetric'] else 'asymmetric'} {info['bits']}-bit codes in groups of "
                     f"{info['group_size']}")
             bad.append((name, f"{what} have no exact GGUF type (exact: 4-, 5- or 8-bit codes in groups of 32: "
-                              "Q4_0 / Q5_0 / Q8_0, asymmetric Q4_1 / Q5_1); compress with --bits 4 --group-size 32"))
+                              "Q4_0 / Q5_0 / Q8_0, asymmetric Q4_1 / Q5_1; the k-quants of --grid gguf:TYPE); compress with "
+                              "--bits 4 --group-size 32 or --grid gguf:Q4_K"))
         else:
             types[name] = t
     if bad:
@@ -67,9 +72,11 @@ def _f16_bytes(t: torch.Tensor, shape: tuple[int, ...]) -> np.ndarray:
 
 
 def _blocks(qw, gtype: str, name: str) -> np.ndarray:
-    """The layer's rows as GGUF blocks of 32 (ggml's layouts): fp16 d, for Q4_1 / Q5_1 fp16 m, for Q5_*
-    the 32 fifth bits (uint32), then the low nibbles (code j in byte j's low half, code j + 16 in its high
-    half) or, for Q8_0, signed bytes."""
+    """The layer's rows as GGUF blocks (ggml's layouts). k-quants: the blocks the layer stores. Blocks of 32:
+    fp16 d, for Q4_1 / Q5_1 fp16 m, for Q5_* the 32 fifth bits (uint32), then the low nibbles (code j in byte
+    j's low half, code j + 16 in its high half) or, for Q8_0, signed bytes."""
+    if getattr(qw, "layout", "affine") == "kquant":
+        return qw.blocks().numpy()
     out_f, in_f = qw.shape
     nb = in_f // 32
     parts = [_f16_bytes(qw.scales, (out_f, nb))]
@@ -117,7 +124,7 @@ def write(model, manifest: dict[str, Any], types: dict[str, str], tokenizer, pat
     w.add_vocab_size(cfg.vocab_size)
     w.add_rope_dimension_count(head_dim)
     common = max(set(types.values()), key=list(types.values()).count)
-    w.add_file_type(getattr(gguf.LlamaFileType, f"MOSTLY_{common}"))
+    w.add_file_type(getattr(gguf.LlamaFileType, f"MOSTLY_{FILE_TYPE.get(common, common)}"))
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     _tokenizer_metadata(w, tokenizer, source_gguf)
     vocab = {n: info.get("kind") for n, info in manifest["quantized"].items() if info.get("kind", "linear") != "linear"}
@@ -155,7 +162,13 @@ def write(model, manifest: dict[str, Any], types: dict[str, str], tokenizer, pat
 
 def _rows(qw, n_head: int):
     """The weight object with its rows (codes, scales, zero points) in llama.cpp's rotary order."""
+    from .kquant import KParams, KQuantWeight
     from .qtensor import QuantizedWeight
+
+    if isinstance(qw, KQuantWeight):
+        p = qw.params
+        perm = lambda t: None if t is None else _permute(t, n_head)
+        return KQuantWeight(_permute(qw.codes, n_head), KParams(perm(p.d), perm(p.dmin), perm(p.sc), perm(p.m)), qw.type)
 
     zeros = None if qw.zeros is None else _permute(qw.zeros, n_head)
     return QuantizedWeight(_permute(qw.codes, n_head), _permute(qw.scales, n_head), zeros, qw.bits, qw.group_size)

@@ -13,10 +13,11 @@ from __future__ import annotations
 from .affine import Affine
 from .base import Layout, LayerSpec
 from .codebook import Codebook
+from .kquant import KQuant
 from .mixed import Mixed
 from .sparse24 import Sparse24
 
-LAYOUTS: dict[str, type[Layout]] = {cls.name: cls for cls in (Affine, Mixed, Codebook, Sparse24)}
+LAYOUTS: dict[str, type[Layout]] = {cls.name: cls for cls in (Affine, Mixed, Codebook, Sparse24, KQuant)}
 STORED = tuple(dict.fromkeys(n for cls in LAYOUTS.values() for n in cls.stored))  # every stored tensor name
 
 
@@ -32,8 +33,8 @@ def layout_named(name: str) -> type[Layout]:
 
 
 def layout_of(weight) -> type[Layout]:
-    """The layout class of a weight object (QuantizedWeight, MixedWeight, CodebookWeight, Sparse24Weight)."""
+    """The layout class of a weight object (QuantizedWeight, MixedWeight, CodebookWeight, Sparse24Weight, KQuantWeight)."""
     return layout_named(getattr(weight, "layout", "affine"))
 
 
-__all__ = ["Affine", "Codebook", "LAYOUTS", "LayerSpec", "Layout", "Mixed", "STORED", "Sparse24", "layout_named", "layout_of"]
+__all__ = ["Affine", "Codebook", "KQuant", "LAYOUTS", "LayerSpec", "Layout", "Mixed", "STORED", "Sparse24", "layout_named", "layout_of"]

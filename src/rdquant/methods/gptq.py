@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import kquant
 from ..config import CompressConfig
 from ..grid import cluster_grid, companded_quantize, grid_params, group_grid, max_code, mixed_group_grid, quantize
 from ..qmixed import MixedWeight, width_bits
@@ -250,6 +251,79 @@ class _ClusterColumns(ColumnQuantizer):
                            self.cfg.group_size, width_bits(max_width), self.clusters.to(torch.int16), self.grid)
 
 
+class _KQuantColumns(ColumnQuantizer):
+    """llama.cpp k-quant grids (kquant.py), one per 256-column super-block: fitted when the sweep reaches the
+    super-block's first column, to its error-updated columns (the lazy block spans whole super-blocks), or
+    given up front (`params`: static, for act-order)."""
+
+    def __init__(self, kt: kquant.KType, cfg: CompressConfig, h_diag: torch.Tensor, rows: int, cols: int,
+                 params: kquant.KParams | None = None):
+        self.kt, self.cfg, self.h_diag, self.static = kt, cfg, h_diag, params is not None
+        dev = h_diag.device
+        n_sb = cols // kquant.QK
+        self.params = params or kquant.KParams(
+            torch.zeros(rows, n_sb, device=dev), torch.zeros(rows, n_sb, device=dev) if kt.has_min else None,
+            torch.zeros(rows, n_sb * kt.n_sub, device=dev), torch.zeros(rows, n_sb * kt.n_sub, device=dev) if kt.has_min else None)
+        self.codes = torch.empty(rows, cols, dtype=torch.uint8, device=dev)
+        if self.static:
+            self.A, self.B = self._columns(self.params)
+
+    def _columns(self, p: kquant.KParams) -> tuple[torch.Tensor, torch.Tensor]:
+        """Steps and offsets [cols, rows] of grid p (one row per column, as the sweep reads them)."""
+        a, b = p.step_offset(self.kt)
+        return a.repeat_interleave(self.kt.sub, 1).t().contiguous(), b.repeat_interleave(self.kt.sub, 1).t().contiguous()
+
+    def begin_block(self, cols: list[int], W1: torch.Tensor) -> None:
+        self.cols, self.W1 = cols, W1
+        self.C1 = torch.empty_like(W1, dtype=torch.uint8)
+        if self.static:
+            self.A1, self.B1 = self.A[cols], self.B[cols]
+        else:
+            self.A1, self.B1 = torch.empty_like(W1), torch.empty_like(W1)
+
+    def column(self, i: int, w: torch.Tensor) -> torch.Tensor:
+        c0 = self.cols[i]
+        if not self.static and c0 % kquant.QK == 0:
+            k, n, cfg = c0 // kquant.QK, self.kt.n_sub, self.cfg
+            p = kquant.fit(self.W1[i : i + kquant.QK].t(), self.kt, self.h_diag[c0 : c0 + kquant.QK], cfg.clip_search,
+                           cfg.max_shrink)
+            self.params.d[:, k] = p.d[:, 0]
+            self.params.sc[:, k * n : (k + 1) * n] = p.sc
+            if self.kt.has_min:
+                self.params.dmin[:, k] = p.dmin[:, 0]
+                self.params.m[:, k * n : (k + 1) * n] = p.m
+            self.A1[i : i + kquant.QK], self.B1[i : i + kquant.QK] = self._columns(p)
+        a, b = self.A1[i], self.B1[i]
+        c = kquant.codes_for(w, a, b, self.kt)
+        self.C1[i] = c
+        return kquant.values(c, a, b, self.kt)
+
+    def end_block(self) -> None:
+        self.codes[:, self.cols] = self.C1.t()
+
+
+def kquant_gptq(W: torch.Tensor, H: torch.Tensor, cfg: CompressConfig) -> tuple[kquant.KQuantWeight, list[str]]:
+    """GPTQ in a llama.cpp k-quant grid (`--grid gguf:TYPE`; W's rows whole 256-weight super-blocks): the sweep
+    of gptq_quantize with _KQuantColumns (the Python loop: the fused kernel's rounding has integer zero points)."""
+    kt = kquant.ktype(kquant.grid_type(cfg.grid))
+    notes: list[str] = []
+    W, H, dead = prepare_hessian(W, H, notes)
+    rows, cols = W.shape
+    h_diag = torch.diagonal(H).clone()
+    rtn = lambda: kquant.quantize_rtn(W, kt.name, h_diag, cfg.clip_search, cfg.max_shrink)
+    if bool(dead.all()):
+        notes.append("all inputs are zero: fell back to RTN (plain rounding)")
+        return rtn(), notes
+    params = kquant.fit(W, kt, h_diag, cfg.clip_search, cfg.max_shrink) if cfg.act_order else None
+    perm = torch.argsort(h_diag, descending=True) if cfg.act_order else torch.arange(cols, device=W.device)
+    kq = _KQuantColumns(kt, cfg, h_diag, rows, cols, params)
+    B = cfg.block_size if cfg.act_order else -(-cfg.block_size // kquant.QK) * kquant.QK
+    if not gptq_sweep(W, H, kq, perm, B, cfg.damp_percent, notes, kernel=False):
+        notes.append("Hessian could not be factored even with heavy damping: fell back to RTN (plain rounding)")
+        return rtn(), notes
+    return kquant.KQuantWeight(kq.codes, kq.params, kt.name), notes
+
+
 def mixed_rtn(W: torch.Tensor, widths: torch.Tensor, cfg: CompressConfig, max_width: int = 8,
               col_weight: torch.Tensor | None = None, clusters: torch.Tensor | None = None,
               grid: str = "affine") -> MixedWeight:
@@ -297,6 +371,10 @@ def gptq_quantize(
     and each block's grids are fitted to its error-updated columns, uniform or (`companded`) CVXQ's
     Laplace-shaped grid.
     """
+    if cfg.grid != "affine" and grid is None and widths is None:  # a llama.cpp k-quant grid, or its fallback
+        if W.shape[1] % kquant.QK == 0:
+            return kquant_gptq(W, H, cfg)
+        cfg = kquant.fallback_config(cfg)
     cell_grid = "laplace" if companded else "affine"
     notes: list[str] = []
     W, H, dead = prepare_hessian(W, H, notes)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import kquant
 from ..config import CompressConfig
 from ..grid import group_grid, quantize
 from ..qtensor import QuantizedWeight, expand_groups
@@ -11,8 +12,13 @@ from ..qtensor import QuantizedWeight, expand_groups
 
 def rtn_quantize(
     W: torch.Tensor, cfg: CompressConfig, col_weight: torch.Tensor | None = None
-) -> QuantizedWeight:
-    """Quantize W [out, in] group by group (ragged last group allowed)."""
+) -> "QuantizedWeight | kquant.KQuantWeight":
+    """Quantize W [out, in] group by group (ragged last group allowed); with `--grid gguf:TYPE`, on the
+    k-quant grid (rows of whole super-blocks) or its block-32 fallback."""
+    if cfg.grid != "affine":
+        if W.shape[1] % kquant.QK == 0:
+            return kquant.quantize_rtn(W, kquant.grid_type(cfg.grid), col_weight, cfg.clip_search, cfg.max_shrink)
+        cfg = kquant.fallback_config(cfg)
     W = W.to(torch.float32)
     scales, zeros = group_grid(
         W, cfg.bits, cfg.symmetric, cfg.group_size, cfg.clip_search, cfg.max_shrink, col_weight, cfg.scale_bits
