@@ -76,26 +76,33 @@ def gptq_weight_error(out: Path, ref) -> float:
     return worst
 
 
-def gguf_weight_error(out: Path, ref) -> float:
-    """Largest |W_exported - W_artifact|, W_exported dequantized by the gguf package from the file's blocks
-    (query/key rows put back from llama.cpp's rotary order)."""
+def gguf_linears(path: Path, config) -> dict[str, torch.Tensor]:
+    """Every decoder linear of a llama GGUF file, dequantized by the gguf package from its blocks, under its
+    transformers name (query/key rows put back from llama.cpp's rotary order)."""
     import gguf
 
     from rdquant.export_gguf import LAYER_NAMES, _permute
 
-    cfg = ref.config
-    tensors = {t.name: t for t in gguf.GGUFReader(str(out)).tensors}
-    worst = 0.0
-    for name, m in ((n, m) for n, m in ref.named_modules() if isinstance(m, QuantLinear)):
-        i, _, rest = name.removeprefix("model.layers.").partition(".")
-        t = tensors[f"blk.{i}.{LAYER_NAMES[rest]}.weight"]
-        W = torch.from_numpy(gguf.dequantize(t.data, t.tensor_type).reshape(m.out_features, m.in_features).copy())
-        heads = {"self_attn.q_proj": cfg.num_attention_heads, "self_attn.k_proj": cfg.num_key_value_heads}.get(rest)
-        if heads:  # invert the permutation: applying it to the identity's rows gives the order
-            order = _permute(torch.arange(m.out_features), heads)
-            W = W[torch.argsort(order)]
-        worst = max(worst, float((W.float() - m.quantized_weight().dequantize()).abs().max()))
-    return worst
+    heads = {"self_attn.q_proj": config.num_attention_heads, "self_attn.k_proj": config.num_key_value_heads}
+    out = {}
+    for t in gguf.GGUFReader(str(path)).tensors:
+        blk, i, kind, _ = (t.name.split(".") + ["", "", ""])[:4]
+        rest = next((k for k, v in LAYER_NAMES.items() if v == kind and "norm" not in v), None)
+        if blk != "blk" or rest is None:
+            continue
+        rows, cols = int(t.shape[1]), int(t.shape[0])  # ggml lists dimensions innermost first
+        W = torch.from_numpy(gguf.dequantize(t.data, t.tensor_type).reshape(rows, cols).copy()).float()
+        if rest in heads:  # invert the permutation: applying it to the identity's rows gives the order
+            W = W[torch.argsort(_permute(torch.arange(rows), heads[rest]))]
+        out[f"model.layers.{i}.{rest}"] = W
+    return out
+
+
+def gguf_weight_error(out: Path, ref) -> float:
+    """Largest |W_exported - W_artifact|, W_exported dequantized by the gguf package from the file's blocks."""
+    exported = gguf_linears(out, ref.config)
+    return max(float((exported[n] - m.quantized_weight().dequantize()).abs().max())
+               for n, m in ref.named_modules() if isinstance(m, QuantLinear) and getattr(m, "kind", "linear") == "linear")
 
 
 def llama_cpp_ppl(python: str, gguf_path: Path, tok, args, tmp: Path) -> float:

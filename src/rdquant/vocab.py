@@ -70,8 +70,8 @@ def check_vocab(model: nn.Module, cfg: CompressConfig) -> None:
 
 def vocab_config(cfg: CompressConfig, bits: int | None = None) -> CompressConfig:
     """GPTQ settings for the vocabulary matrices: the run's solver settings at `bits` (default
-    vocab_bits), symmetric."""
-    group = cfg.group_size if cfg.group_size != 0 else 64
+    vocab_bits), symmetric; in groups of 32 under `--grid gguf:TYPE` (8 bits: llama.cpp's Q8_0, exported as is)."""
+    group = 32 if cfg.grid != "affine" else cfg.group_size if cfg.group_size != 0 else 64
     return CompressConfig(method="gptq", bits=vocab_bits(cfg) if bits is None else bits, group_size=group, symmetric=True,
                           act_order=cfg.act_order, damp_percent=cfg.damp_percent, block_size=cfg.block_size,
                           clip_search=cfg.clip_search, max_shrink=cfg.max_shrink, scale_bits=cfg.scale_bits,
