@@ -127,3 +127,53 @@ def test_kquant_artifact_loads_codes_and_exports_to_gguf_exactly(wide_llama, tmp
     why = f"its llama.cpp {name} grid" if embed == 16 else "it is the quantized embedding"
     with pytest.raises(RdquantError, match=rf"cannot export layer .* to compressed-tensors: {why}"):
         rdquant.export(art, tmp_path / "ct", format="compressed-tensors")
+
+
+def test_gguf_mix_allocation_fits_and_beats_every_uniform_choice():
+    from rdquant.methods import ggufmix
+
+    g = torch.Generator().manual_seed(0)
+    costs = {}
+    for i in range(12):
+        R = torch.tensor([2.625, 3.4375, 4.5, 5.5, 6.5625, 8.5], dtype=torch.float64) * 1024 * (1 + i % 3)
+        D = torch.rand(1, generator=g).double() * 2.0 ** (-2 * R / (1024 * (1 + i % 3)))  # 4x less error per bit
+        costs[f"l{i}"] = (ggufmix.KQUANT_MENU, D, R)
+    for budget in (70_000.0, 110_000.0, 180_000.0):
+        types, bits = ggufmix.allocate(costs, budget)
+        k = {n: costs[n][0].index(t) for n, t in types.items()}
+        assert bits <= budget and bits == sum(float(costs[n][2][k[n]]) for n in costs)
+        dist = sum(float(costs[n][1][k[n]]) for n in costs)
+        for u in range(6):  # every uniform mix that fits is no better
+            if sum(float(c[2][u]) for c in costs.values()) <= budget:
+                assert dist <= sum(float(c[1][u]) for c in costs.values()) + 1e-12
+    with pytest.raises(RdquantError, match="below the smallest GGUF mix"):
+        ggufmix.allocate(costs, 1000.0)
+
+
+def test_gguf_mix_meets_the_size_target_and_exports_exactly(wide_llama, tmp_path):
+    import gguf
+
+    from rdquant.methods import ggufmix
+
+    sizes = {}
+    for target in (420_000, 800_000):
+        cfg = CompressConfig(method="cvxq", grid="gguf", target_size=target, calib_samples=4, calib_seqlen=32,
+                             cvxq_samples=4, embed_bits=16, clip_search=5)
+        art = rdquant.compress(str(wide_llama), cfg, progress=False).save(tmp_path / f"m{target}")
+        q = json.loads((art / "manifest.json").read_text())["quantized"]
+        linear = sum(ggufmix.type_bits(e.get("gguf_type") or "Q8_0", *e["shape"]) for e in q.values()) // 8
+        assert linear <= target and linear >= 0.9 * target
+        out = rdquant.export(art, tmp_path / f"m{target}.gguf", format="gguf")
+        types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(out)).tensors}
+        assert types["blk.0.ffn_down.weight"] == q["model.layers.0.mlp.down_proj"].get("gguf_type", "Q8_0")
+        sizes[target] = sum(int(t.n_bytes) for t in gguf.GGUFReader(str(out)).tensors if t.name.startswith("blk.") and
+                            not t.name.endswith("norm.weight"))
+        assert sizes[target] == linear  # the GGUF file holds the artifact's bytes
+    assert sizes[800_000] > sizes[420_000]
+    with pytest.raises(RdquantError, match="needs --method cvxq"):
+        CompressConfig(grid="gguf")
+    with pytest.raises(RdquantError, match="cvxq takes --grid gguf"):
+        CompressConfig(method="cvxq", grid="gguf:Q4_K", target_bits=4.0)
+    with pytest.raises(RdquantError, match="cannot be met"):
+        rdquant.compress(str(wide_llama), CompressConfig(method="cvxq", grid="gguf", target_size=100_000,
+                                                         calib_samples=4, calib_seqlen=32), progress=False)

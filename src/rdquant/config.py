@@ -42,8 +42,8 @@ def _uses(methods: tuple[str, ...], cvxq_solvers: tuple[str, ...] = ()) -> Calla
 
 _AFFINE_METHODS = _uses(("gptq", "rtn"), ("gptq", "rtn"))
 _AFFINE = lambda c: _AFFINE_METHODS(c) and c.grid == "affine"
-_KQUANT = lambda c: c.method in ("gptq", "rtn") and c.grid != "affine"
-GRIDS = ("affine", "gguf:Q2_K", "gguf:Q3_K", "gguf:Q4_K", "gguf:Q5_K", "gguf:Q6_K")
+_KQUANT = lambda c: c.method in ("gptq", "rtn", "cvxq") and c.grid != "affine"
+GRIDS = ("affine", "gguf", "gguf:Q2_K", "gguf:Q3_K", "gguf:Q4_K", "gguf:Q5_K", "gguf:Q6_K")
 _SWEEP = _uses(("gptq", "claq"), ("gptq", "claq"))
 
 
@@ -100,8 +100,9 @@ class CompressConfig:
     symmetric: bool = opt(False, "symmetric grids (no zero points)", uses=GRID)
     grid: str = opt("affine", "the grid gptq / rtn solve in: affine (--bits, --group-size, --symmetric) or a llama.cpp "
                     "k-quant, gguf:Q2_K .. gguf:Q6_K, exported to GGUF as is (rows that are not whole 256-weight "
-                    "super-blocks take llama.cpp's block-32 fallback type)", choices=GRIDS,
-                    uses=lambda c: c.method in ("gptq", "rtn"))
+                    "super-blocks take llama.cpp's block-32 fallback type); with cvxq, gguf: a size-targeted mix of "
+                    "llama.cpp types, one per linear", choices=GRIDS,
+                    uses=lambda c: c.method in ("gptq", "rtn", "cvxq"))
     # size targets: all-in bits per weight (codes + every piece of side information)
     target_bits: float | None = opt(None, "all-in bits/weight: claq of every layer, cvxq of all quantized layers together (and the "
                                     "embedding / head with --embed-bits -1, the default)",
@@ -361,6 +362,14 @@ def _check_range(f: dataclasses.Field, value: Any) -> None:
 
 def _check_combinations(c: CompressConfig) -> None:
     """Rules that involve more than one option."""
+    if c.grid == "gguf" and c.method != "cvxq":
+        raise RdquantError("--grid gguf (a size-targeted mix of llama.cpp types) needs --method cvxq and a size target; "
+                           f"{c.method} takes one type, e.g. --grid gguf:Q4_K")
+    if c.method == "cvxq" and c.grid not in ("affine", "gguf"):
+        raise RdquantError(f"cvxq takes --grid gguf (its allocation picks a llama.cpp type per linear), not {c.grid}")
+    if c.grid == "gguf" and (c.cvxq_solver == "claq" or c.cvxq_rate == "coded" or c.cvxq_grid != "uniform"):
+        raise RdquantError("--grid gguf solves each layer in its GGUF type: use --solver gptq or rtn, the stored rate and "
+                           "the uniform grid")
     if c.group_size != -1 and (c.group_size < 8 or c.group_size % 2):
         raise RdquantError(f"unsupported group size {c.group_size}; use -1 (per row) or an even number >= 8")
     if not (c.device == "cpu" or c.device == "cuda" or (c.device.startswith("cuda:") and c.device[5:].isdigit())):

@@ -350,6 +350,15 @@ def fallback_config(cfg):
 def planned_entry(cfg, shape: tuple[int, int]) -> dict | None:
     """The manifest entry a `--grid gguf:TYPE` run will write for a linear of `shape` [out, in] (the k-quant
     layout, or the affine fallback), for checks made before calibration; None for other runs."""
+    if cfg.method == "cvxq" and cfg.grid == "gguf":  # a mix: every layer in some GGUF type (the narrowest stands in)
+        from .methods.ggufmix import menu
+
+        types = menu(shape[1])
+        if not types:
+            return None
+        if types[0] in TYPES:
+            return planned_entry(cfg.replace(method="gptq", grid=f"gguf:{types[0]}"), shape)
+        return {"layout": "affine", "bits": 4, "group_size": 32, "symmetric": True, "shape": list(shape)}
     if cfg.method not in ("gptq", "rtn") or cfg.grid == "affine":
         return None
     if shape[1] % QK == 0:

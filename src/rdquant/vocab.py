@@ -32,7 +32,8 @@ MIN_BITS = 2  # the narrowest width the allocation offers them (a symmetric 1-bi
 def allocated(cfg: CompressConfig) -> bool:
     """Whether CVXQ's allocation chooses the vocabulary matrices' width (--embed-bits auto with cvxq
     and a gradient sensitivity; the H-diagonal proxy has no measure for them)."""
-    return cfg.embed_bits == -1 and cfg.method == "cvxq" and cfg.cvxq_sensitivity in ("gradient", "fisher")
+    return (cfg.embed_bits == -1 and cfg.method == "cvxq" and cfg.cvxq_sensitivity in ("gradient", "fisher")
+            and cfg.grid == "affine")  # a GGUF mix keeps them at their fixed width (8 bits: Q8_0)
 
 
 def vocab_bits(cfg: CompressConfig, name: str | None = None, widths: dict[str, int] | None = None) -> int:

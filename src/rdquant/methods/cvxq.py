@@ -35,6 +35,7 @@ from ..errors import RdquantError
 from ..models import block_linears, find_blocks
 from ..qmixed import cluster_stored_bits, stored_bits, width_bits, width_map
 from ..qtensor import group_sizes, num_groups
+from . import ggufmix
 from .claq import claq_quantize, codebook_rates, layer_bits, n_scales
 from .gptq import gptq_quantize, mixed_rtn
 
@@ -56,12 +57,14 @@ class CvxqPlan:
     clusters: dict[str, torch.Tensor] = field(default_factory=dict)
     phases: dict[str, float] = field(default_factory=dict)  # seconds of the sensitivity pass and the allocation
     vocab: dict[str, int] = field(default_factory=dict)  # embedding / head -> the width the allocation chose
+    types: dict[str, str] = field(default_factory=dict)  # --grid gguf: each layer's GGUF type (ggufmix.py)
 
     def to_dict(self) -> dict[str, Any]:
         enc = lambda ts, dt: {n: [list(t.shape), base64.b64encode(t.to(dt).numpy().tobytes()).decode()] for n, t in ts.items()}
         return {"widths": enc(self.widths, torch.uint8), "target_bits": self.target_bits, "planned_bits": self.planned_bits,
                 "sensitivity": self.sensitivity, "cells": self.cells, "seconds": self.seconds, "summary": self.summary,
-                "clusters": enc(self.clusters, torch.int16), "phases": self.phases, "vocab": self.vocab}
+                "clusters": enc(self.clusters, torch.int16), "phases": self.phases, "vocab": self.vocab,
+                "types": self.types}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "CvxqPlan":
@@ -69,11 +72,11 @@ class CvxqPlan:
                               for n, (shape, b64) in ts.items()}
         return cls(dec(d["widths"], torch.uint8), d["target_bits"], d["planned_bits"], d["sensitivity"], d["cells"],
                    d["seconds"], d["summary"], dec(d.get("clusters", {}), torch.int16), d.get("phases", {}),
-                   d.get("vocab", {}))
+                   d.get("vocab", {}), d.get("types", {}))
 
 
 def cell_kind(cfg: CompressConfig) -> str:
-    return "column" if cfg.cvxq_solver == "claq" else cfg.cvxq_cells
+    return "gguf" if cfg.grid == "gguf" else "column" if cfg.cvxq_solver == "claq" else cfg.cvxq_cells
 
 
 def min_bits(cfg: CompressConfig) -> int:
@@ -447,6 +450,7 @@ def plan(model: "nn.Module | BlockSource", calib_ids: torch.Tensor | None, cfg: 
 
     source = model if isinstance(model, BlockSource) else None
     model = source.model if source is not None else model
+    mix = cfg.grid == "gguf"
 
     t0 = time.perf_counter()
     if calib_ids is None:
@@ -466,7 +470,8 @@ def plan(model: "nn.Module | BlockSource", calib_ids: torch.Tensor | None, cfg: 
 
         def reduce(i: int, block: nn.Module, sens: dict[str, torch.Tensor]) -> None:
             for n, s in sens.items():
-                cells[n] = layer_cells(block.get_submodule(n.split(f".{i}.", 1)[1]).weight.data, s, by_name[n], cfg)
+                W = block.get_submodule(n.split(f".{i}.", 1)[1]).weight.data
+                cells[n] = ggufmix.layer_costs(W, s, cfg, n) if mix else layer_cells(W, s, by_name[n], cfg)
 
         blockwise_gradient_sensitivity(source, ids, cfg.skip, cfg.cvxq_components, cfg.cvxq_stride, cfg.cvxq_batch,
                                        cfg.device, cfg.seed, progress, objective, on_block=reduce, vocab=vocab)
@@ -478,6 +483,16 @@ def plan(model: "nn.Module | BlockSource", calib_ids: torch.Tensor | None, cfg: 
         sens = hessian_sensitivity(model, ids, names, cfg.cvxq_batch, cfg.device, progress)
     t_sens = time.perf_counter() - t0
     budget = budget_bits(model, layers, cfg)
+    if mix:  # one llama.cpp type per layer (ggufmix.py)
+        costs = cells if cells is not None else {
+            l.name: ggufmix.layer_costs(model.get_submodule(l.name).weight.data, sens[l.name], cfg, l.name) for l in layers}
+        fixed = sum(16 * l.rows for l in layers if l.bias)
+        types, total = ggufmix.allocate(costs, budget - fixed)
+        n = quantized_params(model, layers, cfg)
+        summary = {l.name: ggufmix.type_bits(types[l.name], l.rows, l.cols) / (l.rows * l.cols) for l in layers}
+        phases = {"sensitivity": round(t_sens, 2), "allocation": round(time.perf_counter() - t0 - t_sens, 2)}
+        return CvxqPlan({}, budget / n, (total + fixed) / n, cfg.cvxq_sensitivity, "gguf", time.perf_counter() - t0,
+                        summary, {}, phases, {}, types)
     vocab_cells = vocab.cells(objective, min(cfg.cvxq_components, int(model.config.hidden_size)), cfg.cvxq_max_bits) \
         if vocab is not None else None
     widths, total, clusters, vocab_widths = allocate(model, layers, sens, cfg, budget, progress, cells, vocab_cells)
@@ -501,9 +516,12 @@ def plan(model: "nn.Module | BlockSource", calib_ids: torch.Tensor | None, cfg: 
 def cvxq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: CompressConfig, state: CvxqPlan,
                   parts: tuple[tuple[int, bool], ...], names: list[str]) -> tuple[Any, list[str]]:
     """Quantize the stacked layers `names` at their planned widths with the configured solver."""
-    missing = [n for n in names if n not in state.widths]
+    missing = [n for n in names if n not in (state.types or state.widths)]
     if missing:
         raise RdquantError(f"cvxq: no allocation for {missing[0]} (the plan was made for another model?)")
+    if state.types:  # a GGUF mix: each layer in its type's grid
+        q, notes = ggufmix.quantize(W, H, cfg, [state.types[n] for n in names], parts)
+        return q, ["gguf types: " + ", ".join(f"{n.rpartition('.')[2]} {state.types[n]}" for n in names), *notes]
     note = "cvxq widths: " + ", ".join(f"{n.rpartition('.')[2]} {state.summary.get(n, math.nan):.3f}" for n in names)
     if cfg.cvxq_solver == "claq":
         q, notes = claq_quantize(W, H, cfg, parts, column_widths=[state.widths[n].to(torch.long) for n in names])
@@ -535,6 +553,13 @@ def smallest_bits(model: nn.Module, cfg: CompressConfig) -> tuple[float, float]:
     total = 8.0 * vocab_stored_bytes(model, cfg.replace(embed_bits=MIN_BITS))[1] if allocated(cfg) else 0.0
     total += 8.0 * adapters_bytes(layers, cfg)
     for l in layers:
+        if cell_kind(cfg) == "gguf":
+            types = ggufmix.menu(l.cols)
+            if not types:
+                raise RdquantError(f"{l.name}: its {l.cols} input columns are not a multiple of 32, so no GGUF type "
+                                   "holds it; compress without --grid gguf")
+            total += min(ggufmix.type_bits(t, l.rows, l.cols) for t in types) + (16 * l.rows if l.bias else 0)
+            continue
         if cfg.method == "claq":
             share = cfg.claq_share
             n_g = -(-l.cols // share)
