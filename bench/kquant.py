@@ -8,12 +8,19 @@ fallback elsewhere) and so the same bytes:
   rdquant rtn    `--method rtn --grid gguf:TYPE`, exported to GGUF
   rdquant gptq   `--method gptq --grid gguf:TYPE`, exported to GGUF
 
-Each file's linears are read back with the gguf package and put into the float model, which is scored on the
-first WikiText-2 windows; rdquant's rows also check that the export holds the artifact's weights exactly.
-Token embedding and head stay 16-bit everywhere (the comparison is the linears').
+and, with --mixes, llama.cpp's own mixes (Q4_K_M, ...: its per-tensor rules) beside rdquant's size-targeted mix
+(`--method cvxq --grid gguf --target-size B`, B the linear bytes of llama.cpp's file).
+
+Each file's linears (and token embedding) are read back with the gguf package and put into the float model,
+which is scored on the first WikiText-2 windows; rdquant's rows also check that the export holds the
+artifact's weights exactly. The single-type files keep the token embedding 16-bit (the comparison is the
+linears'); the mixes keep it in Q8_0 as llama.cpp's mixes do on this model, so both files of a size have the
+same bytes, and with --llama-windows both are also scored by llama.cpp itself.
 
     python bench/kquant.py --types Q4_K Q3_K Q2_K --windows 32 --llama-python /work/.cache/llama-venv/bin/python
-    python bench/kquant.py --results      # the results page's table from bench/results/kquant.json
+    python bench/kquant.py --types --mixes Q4_K_M Q3_K_M Q2_K --windows 32 --llama-windows 8 \
+        --llama-python /work/.cache/llama-venv/bin/python --json bench/results/kquant_mix.json
+    python bench/kquant.py --results [--json FILE]   # a run's table
 """
 
 from __future__ import annotations
@@ -57,63 +64,116 @@ def linear_types(path: Path) -> tuple[float, dict[str, int], int]:
 
 
 def score(path: Path, args) -> float:
-    """WikiText-2 perplexity of the float model with its decoder linears from the GGUF file at `path`."""
+    """WikiText-2 perplexity of the float model with its decoder linears (and token embedding) from the GGUF file
+    at `path`, dequantized by the gguf package."""
+    import gguf
+
     model, tok = load_any(args.model)
     with torch.no_grad():
         for name, W in gguf_linears(path, model.config).items():
             model.get_submodule(name).weight.copy_(W)
+        emb = next(t for t in gguf.GGUFReader(str(path)).tensors if t.name == "token_embd.weight")
+        E = model.get_input_embeddings().weight
+        E.copy_(torch.from_numpy(gguf.dequantize(emb.data, emb.tensor_type).reshape(E.shape).copy()))
     return rdquant.evaluate(model, tok, seqlen=args.seqlen, max_windows=args.windows, progress=False).ppl
 
 
-def llama_cpp_row(gtype: str, args, tmp: Path) -> dict:
+def whole_file(path: Path, row: dict, args, tmp: Path) -> dict:
+    """The file's size in bits per parameter (llama.cpp's basis) and, with --llama-windows, llama.cpp's own
+    perplexity on the first windows (bench/llama_cpp_ppl.py)."""
+    from export import llama_cpp_ppl
+
+    from rdquant.loading import load_tokenizer
+
+    model, tok = load_any(args.model)
+    params = sum(p.numel() for p in model.parameters())  # tied embedding / head once
+    row["file_bytes"] = path.stat().st_size
+    row["file_bits_per_param"] = round(8 * path.stat().st_size / params, 4)
+    if args.llama_windows:
+        a = argparse.Namespace(seqlen=args.seqlen, windows=args.llama_windows)
+        row["llama_cpp_ppl"] = round(llama_cpp_ppl(args.llama_python, path, tok, a, tmp), 4)
+    return row
+
+
+PURE = {"Q2_K": "Q2_K", "Q3_K": "Q3_K_S", "Q4_K": "Q4_K_S", "Q5_K": "Q5_K_S", "Q6_K": "Q6_K"}  # file type whose base is the k-quant
+
+
+def llama_cpp_row(ftype: str, args, tmp: Path, pure: bool) -> dict:
+    """llama.cpp's quantizer: one k-quant everywhere (`pure`, ftype a k-quant) or a file type's own mix."""
     from rdquant.models import alias_gguf
 
-    out = tmp / f"llamacpp-{gtype}.gguf"
+    out = tmp / f"llamacpp-{ftype}{'-pure' if pure else ''}.gguf"
     res = subprocess.run([args.llama_python, str(Path(__file__).parent / "peers" / "llamacpp_requant.py"),
-                          str(alias_gguf(args.model)), str(out), gtype, "--threads", str(torch.get_num_threads())],
+                          str(alias_gguf(args.model)), str(out), PURE[ftype] if pure else ftype,
+                          "--threads", str(torch.get_num_threads())] + (["--pure"] if pure else ["--own-vocab"]),
                          capture_output=True, text=True, check=True)
     info = json.loads(res.stdout.strip().splitlines()[-1])
     bits, types, nbytes = linear_types(out)
-    return {"tool": "llama.cpp", "method": f"quantize (pure, no imatrix), llama-cpp-python {info['version']}", "type": gtype,
-            "seconds": round(info["wall_s"], 1), "linear_bits": round(bits, 4), "linear_bytes": nbytes, "types": types,
-            "ppl": round(score(out, args), 4), "exact_export": None}
+    how = "pure" if pure else "its mix"
+    row = {"tool": "llama.cpp", "method": f"quantize ({how}, no imatrix), llama-cpp-python {info['version']}",
+           "type": ftype if pure else f"{ftype} mix",
+           "seconds": round(info["wall_s"], 1), "linear_bits": round(bits, 4), "linear_bytes": nbytes, "types": types,
+           "ppl": round(score(out, args), 4), "exact_export": None}
+    return row if pure else whole_file(out, row, args, tmp)
 
 
-def rdquant_row(gtype: str, method: str, args, tmp: Path) -> dict:
+def mix_row(ftype: str, linear_bytes: int, args, tmp: Path) -> dict:
+    """rdquant's size-targeted GGUF mix (cvxq --grid gguf) at the linear bytes of llama.cpp's `ftype` mix, the
+    token embedding in Q8_0 as llama.cpp's mixes keep it here: the same file size."""
+    cfg = rdquant.CompressConfig(method="cvxq", grid="gguf", target_size=linear_bytes, embed_bits=8,
+                                 calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen)
+    return rdquant_row(f"{ftype} mix", cfg, f"cvxq --grid gguf --target-size {linear_bytes}", args, tmp, whole=True)
+
+
+def type_row(gtype: str, method: str, args, tmp: Path) -> dict:
+    """rdquant solving in one k-quant's grid (`--grid gguf:TYPE`)."""
     cfg = rdquant.CompressConfig(method=method, grid=f"gguf:{gtype}", embed_bits=16, calib_samples=args.calib_samples,
                                  calib_seqlen=args.calib_seqlen)
+    return rdquant_row(gtype, cfg, f"{method} --grid gguf:{gtype}", args, tmp)
+
+
+def rdquant_row(gtype: str, cfg, label: str, args, tmp: Path, whole: bool = False) -> dict:
+    """Compress, save, export to GGUF, check the export against the artifact and score the GGUF's linears."""
+    name = label.replace(" ", "_").replace("-", "").replace(":", "")
     t0 = time.perf_counter()
-    art = rdquant.compress(args.model, cfg, progress=False).save(tmp / f"{method}-{gtype}")
+    art = rdquant.compress(args.model, cfg, progress=False).save(tmp / name)
     seconds = time.perf_counter() - t0
-    out = rdquant.export(art, tmp / f"{method}-{gtype}.gguf", format="gguf")
+    out = rdquant.export(art, tmp / f"{name}.gguf", format="gguf")
     bits, types, nbytes = linear_types(out)
     worst = gguf_weight_error(out, rdquant.load(art, backend="cached"))
-    return {"tool": "rdquant", "method": f"{method} --grid gguf:{gtype}", "type": gtype, "seconds": round(seconds, 1),
+    row = {"tool": "rdquant", "method": label, "type": gtype, "seconds": round(seconds, 1),
             "linear_bits": round(bits, 4), "linear_bytes": nbytes, "types": types, "ppl": round(score(out, args), 4),
             "exact_export": worst == 0.0}
+    return whole_file(out, row, args, tmp) if whole else row
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| type | tool | method | linear bits/weight | linear tensor types | WikiText-2 ppl | export = artifact | compress s |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| type | tool | method | linear bits/weight | linear tensor types | ppl (rdquant's evaluator) | export = artifact "
+             "| compress s | file bits/param | ppl in llama.cpp |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         types = ", ".join(f"{k} x{v}" for k, v in sorted(r["types"].items())) if r.get("types") else "-"
         exact = "-" if r.get("exact_export") is None else ("yes" if r["exact_export"] else "NO")
         lines.append(f"| {r['type']} | {r['tool']} | {r['method']} | {r['linear_bits']} | {types} | {r['ppl']:.3f} | {exact} | "
-                     f"{r['seconds']:.0f} |")
+                     f"{r['seconds']:.0f} | {r.get('file_bits_per_param', '-')} | {r.get('llama_cpp_ppl', '-')} |")
     return "\n".join(lines)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--types", nargs="+", default=["Q4_K", "Q3_K", "Q2_K"], choices=["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"])
+    ap.add_argument("--types", nargs="*", default=["Q4_K", "Q3_K", "Q2_K"], choices=["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--windows", type=int, default=32)
     ap.add_argument("--seqlen", type=int, default=2048)
     ap.add_argument("--calib-samples", type=int, default=128)
     ap.add_argument("--calib-seqlen", type=int, default=512)
     ap.add_argument("--methods", nargs="+", default=["rtn", "gptq"], choices=["rtn", "gptq"])
+    ap.add_argument("--mixes", nargs="*", default=[], choices=["Q2_K", "Q3_K_M", "Q4_K_M", "Q5_K_M"],
+                    help="llama.cpp's own mixes, each beside rdquant's cvxq --grid gguf mix of the same linear bytes")
     ap.add_argument("--llama-python", default=None, help="a python with llama-cpp-python: llama.cpp's own rows")
+    ap.add_argument("--llama-windows", type=int, default=0,
+                    help="with --mixes: score both files of each size in llama.cpp too, on this many windows (~30 s per window "
+                         "on 2 cores)")
     ap.add_argument("--json", type=Path, default=RESULTS)
     ap.add_argument("--results", action="store_true", help="no run: print the table of --json")
     args = ap.parse_args()
@@ -130,16 +190,23 @@ def main() -> None:
     del model
     for gtype in args.types:
         if args.llama_python:
-            rows.append(llama_cpp_row(gtype, args, tmp))
-        rows += [rdquant_row(gtype, m, args, tmp) for m in args.methods]
+            rows.append(llama_cpp_row(gtype, args, tmp, pure=True))
+        rows += [type_row(gtype, m, args, tmp) for m in args.methods]
+        print(table(rows), flush=True)
+    for ftype in args.mixes:  # llama.cpp's own mixes against rdquant's at the same linear bytes
+        if not args.llama_python:
+            raise SystemExit("--mixes needs --llama-python (llama.cpp's mix sets the size)")
+        peer = llama_cpp_row(ftype, args, tmp, pure=False)
+        rows += [peer, mix_row(ftype, peer["linear_bytes"], args, tmp)]
         print(table(rows), flush=True)
     command = "python bench/kquant.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({
         "command": command, "date": date.today().isoformat(),
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
-        "protocol": f"WikiText-2 test, first {args.windows} windows x {args.seqlen}; calibration {args.calib_samples} x "
-                    f"{args.calib_seqlen} C4; token embedding and head 16-bit in every file",
+        "protocol": f"WikiText-2 test, first {args.windows} windows x {args.seqlen} (llama.cpp's own: the first "
+                    f"{args.llama_windows}); calibration {args.calib_samples} x {args.calib_seqlen} C4; token embedding "
+                    "16-bit in the single-type files, Q8_0 in the mixes (as llama.cpp's mixes keep it here)",
         "rows": rows}, indent=1))
     print(f"wrote {args.json}")
 
