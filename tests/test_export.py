@@ -258,3 +258,24 @@ def test_kv_folds_in_biases_refuse_export(recipe):
             check_kv(manifest, "gguf")
     else:
         check_kv(manifest, "gguf")
+
+
+def test_vllm_check_follows_vllms_kernel_rules():
+    from rdquant.export import Scheme, vllm_check
+
+    def layers(shape, **schemes):
+        q = {f"model.layers.0.{n}": {"shape": list(shape)} for n in
+             ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")}
+        s = {n: Scheme(4, 128, True) for n in q}
+        s.update({f"model.layers.0.{k.replace('__', '.')}": v for k, v in schemes.items()})
+        return q, s
+
+    assert vllm_check(*layers((4096, 4096))) == "yes"
+    three = {n: Scheme(3, 128, True) for n in ("self_attn__q_proj", "self_attn__k_proj", "self_attn__v_proj")}
+    assert vllm_check(*layers((4096, 4096), **three)).startswith("0.34 and later only: model.layers.0.self_attn.q_proj has 3-bit")
+    assert "asymmetric 8-bit" in vllm_check(*layers((4096, 4096), **{n: Scheme(8, 128, False) for n in
+                                                                       ("self_attn__q_proj", "self_attn__k_proj", "self_attn__v_proj")}))
+    assert vllm_check(*layers((576, 576))).startswith("0.34 and later only: model.layers.0.self_attn.q_proj is 576x576")
+    assert vllm_check(*layers((4096, 4096), mlp__up_proj=Scheme(4, 96, True))).startswith("no: model.layers.0.mlp.up_proj has groups of 96")
+    verdict = vllm_check(*layers((4096, 4096), self_attn__v_proj=Scheme(8, 128, True)))
+    assert verdict.startswith("no: model.layers.0.self_attn.{q_proj,k_proj,v_proj} differ in scheme")

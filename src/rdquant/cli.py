@@ -422,11 +422,16 @@ def export_cmd(
 ) -> None:
     """Write the artifact in a format other tools load: compressed-tensors (pack-quantized: transformers,
     vLLM), gptq (GPTQModel, transformers' GPTQ path) or gguf (llama.cpp: Q4_0 / Q8_0 from symmetric group-32
-    codes). Layers the format cannot hold exactly are refused by name, never re-quantized."""
-    from .export import export
+    codes, the k-quants of --grid gguf:TYPE). Layers the format cannot hold exactly are refused by name, never
+    re-quantized."""
+    from .artifact import read_manifest
+    from .export import export, plan, vllm_check
 
     path = export(artifact, out, format=format, overwrite=overwrite)
     typer.echo(f"exported {artifact} as {format} to {path}")
+    if format == "compressed-tensors":
+        q = read_manifest(artifact)["quantized"]
+        typer.echo(f"vLLM (rules read from its source, not run here): {vllm_check(q, plan(q, format))}")
 
 
 @app.command()

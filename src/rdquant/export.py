@@ -80,6 +80,42 @@ def plan(quantized: dict[str, dict[str, Any]], format: str) -> dict[str, Scheme]
     return out
 
 
+# vLLM cannot be installed here: these rules were read from its source (compressed_tensors_wNa16.py and the
+# mixed-precision kernels' can_implement, vLLM 0.11.0 and 0.34.0; docs/notes/2026-12-05-export-kquants.md)
+VLLM_GROUPS = (-1, 32, 64, 128)  # Marlin's group sizes
+VLLM_FUSED = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj"))
+
+
+def vllm_check(quantized: dict[str, dict[str, Any]], schemes: dict[str, Scheme]) -> str:
+    """Whether vLLM's compressed-tensors weight-only path (CompressedTensorsWNA16, Marlin on the GPU) takes a
+    compressed-tensors export: "yes", "0.34 and later only: WHY" or "no: WHY" (first reason, with a count)."""
+    hard, newer = [], []
+    for name, sc in schemes.items():
+        out_f, in_f = quantized[name]["shape"]
+        if sc.bits not in (4, 8):
+            newer.append(f"{name} has {sc.bits}-bit codes: vLLM's Marlin / Machete kernels take 4 and 8 bits (0.34's "
+                         "humming kernel accepts others, untested)")
+        elif not sc.symmetric and sc.bits == 8:
+            newer.append(f"{name} is asymmetric 8-bit: only Machete (Hopper GPUs) takes 8-bit zero points")
+        if sc.group_size not in VLLM_GROUPS:
+            hard.append(f"{name} has groups of {sc.group_size}: vLLM's kernels take -1, 32, 64 or 128")
+        elif out_f % 64 or in_f % 128:
+            newer.append(f"{name} is {out_f}x{in_f}: vLLM before 0.34 needs Marlin's output rows % 64 and inputs % 128")
+    for parts in VLLM_FUSED:  # vLLM fuses these into one layer with one scheme
+        prefixes = {n.removesuffix(parts[0]) for n in schemes if n.endswith(parts[0])}
+        for pre in prefixes:
+            found = {schemes.get(pre + part) for part in parts}
+            if len(found) > 1:
+                module = parts[0].rpartition(".")[0]
+                hard.append(f"{pre}{module}.{{{','.join(p.rpartition('.')[2] for p in parts)}}} differ in scheme, and vLLM "
+                            "fuses them into one layer")
+    if hard:
+        return f"no: {hard[0]}" + (f" (and {len(hard) - 1} more)" if len(hard) > 1 else "")
+    if newer:
+        return f"0.34 and later only: {newer[0]}" + (f" (and {len(newer) - 1} more)" if len(newer) > 1 else "")
+    return "yes"
+
+
 def _dividing_group(quantized: dict[str, dict[str, Any]], g: int) -> int:
     """The largest power of two below g that divides every layer's row (a hint for the error)."""
     k = g // 2

@@ -289,7 +289,7 @@ def _kv_bytes(p: Path, kv: dict) -> tuple[float | None, float | None]:
 def export_options(p: Path, manifest: dict) -> dict[str, str]:
     """For each `rdquant export` format: "yes", or the reason it refuses this artifact (shapes and grids only)."""
     from . import export_gguf
-    from .export import check_kv, plan
+    from .export import check_kv, plan, vllm_check
 
     out = {}
     for fmt in ("compressed-tensors", "gptq", "gguf"):
@@ -298,9 +298,11 @@ def export_options(p: Path, manifest: dict) -> dict[str, str]:
             if fmt == "gguf":
                 export_gguf.check(manifest, json.loads((p / "config.json").read_text()))
             else:
-                plan(manifest["quantized"], fmt)
+                schemes = plan(manifest["quantized"], fmt)
             out[fmt] = "yes" + (" (Q4_1 / Q5_1: if every block's offset is an fp16 value)"
                                 if fmt == "gguf" and any(not i["symmetric"] for i in manifest["quantized"].values()) else "")
+            if fmt == "compressed-tensors":
+                out[fmt] += f"; vLLM (rules read from its source, not run): {vllm_check(manifest['quantized'], schemes)}"
         except RdquantError as e:
             out[fmt] = "no: " + str(e).split(": ", 1)[-1]
         except (OSError, ValueError):
