@@ -188,26 +188,34 @@ def main() -> None:
              "ppl": round(rdquant.evaluate(model, tok, seqlen=args.seqlen, max_windows=args.windows, progress=False).ppl, 4),
              "exact_export": None}]
     del model
+    if args.mixes and not args.llama_python:
+        raise SystemExit("--mixes needs --llama-python (llama.cpp's mix sets the size)")
+    command = "python bench/kquant.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+
+    def publish() -> None:  # after every row: a long run that stops keeps what it measured
+        print(table(rows), flush=True)
+        args.json.write_text(json.dumps({
+            "command": command, "date": date.today().isoformat(),
+            "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+            "protocol": f"WikiText-2 test, first {args.windows} windows x {args.seqlen} (llama.cpp's own: the first "
+                        f"{args.llama_windows}); calibration {args.calib_samples} x {args.calib_seqlen} C4; token "
+                        "embedding 16-bit in the single-type files, Q8_0 in the mixes (as llama.cpp's mixes keep it here)",
+            "rows": rows}, indent=1))
+
     for gtype in args.types:
         if args.llama_python:
             rows.append(llama_cpp_row(gtype, args, tmp, pure=True))
-        rows += [type_row(gtype, m, args, tmp) for m in args.methods]
-        print(table(rows), flush=True)
+            publish()
+        for m in args.methods:
+            rows.append(type_row(gtype, m, args, tmp))
+            publish()
     for ftype in args.mixes:  # llama.cpp's own mixes against rdquant's at the same linear bytes
-        if not args.llama_python:
-            raise SystemExit("--mixes needs --llama-python (llama.cpp's mix sets the size)")
         peer = llama_cpp_row(ftype, args, tmp, pure=False)
-        rows += [peer, mix_row(ftype, peer["linear_bytes"], args, tmp)]
-        print(table(rows), flush=True)
-    command = "python bench/kquant.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({
-        "command": command, "date": date.today().isoformat(),
-        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
-        "protocol": f"WikiText-2 test, first {args.windows} windows x {args.seqlen} (llama.cpp's own: the first "
-                    f"{args.llama_windows}); calibration {args.calib_samples} x {args.calib_seqlen} C4; token embedding "
-                    "16-bit in the single-type files, Q8_0 in the mixes (as llama.cpp's mixes keep it here)",
-        "rows": rows}, indent=1))
+        rows.append(peer)
+        publish()
+        rows.append(mix_row(ftype, peer["linear_bytes"], args, tmp))
+        publish()
     print(f"wrote {args.json}")
 
 

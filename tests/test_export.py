@@ -279,3 +279,29 @@ def test_vllm_check_follows_vllms_kernel_rules():
     assert vllm_check(*layers((4096, 4096), mlp__up_proj=Scheme(4, 96, True))).startswith("no: model.layers.0.mlp.up_proj has groups of 96")
     verdict = vllm_check(*layers((4096, 4096), self_attn__v_proj=Scheme(8, 128, True)))
     assert verdict.startswith("no: model.layers.0.self_attn.{q_proj,k_proj,v_proj} differ in scheme")
+
+
+def test_cvxq_layer_widths_export_to_compressed_tensors_and_load(tiny_model_dir, tmp_path):
+    """CVXQ with one width per linear (--cells layer): each width a config group; q/k/v and gate/up share one
+    (vLLM fuses them); symmetric exports load in transformers with the artifact's logits."""
+    from transformers import AutoModelForCausalLM
+
+    art = _artifact(tiny_model_dir, tmp_path, "x", method="cvxq", cvxq_cells="layer", target_bits=4.25, group_size=32,
+                    symmetric=True, cvxq_samples=2, clip_search=5)
+    q = json.loads((art / "manifest.json").read_text())["quantized"]
+    for i in range(3):
+        p = f"model.layers.{i}."
+        assert len({q[p + f"self_attn.{n}_proj"]["bits"] for n in "qkv"}) == 1
+        assert q[p + "mlp.gate_proj"]["bits"] == q[p + "mlp.up_proj"]["bits"]
+    assert all(e.get("layout", "affine") == "affine" for e in q.values())
+    report = rdquant.inspect(art)
+    assert report.bits_per_weight <= 4.25 and report.exports["compressed-tensors"].startswith("yes")
+    out = rdquant.export(art, tmp_path / "ct", progress=False)
+    groups = json.loads((out / "config.json").read_text())["quantization_config"]["config_groups"]
+    assert {g["weights"]["num_bits"] for g in groups.values()} == {e["bits"] for e in q.values()}
+    model = AutoModelForCausalLM.from_pretrained(out)
+    ref = rdquant.load(art, backend="reference")
+    x = torch.randint(0, 300, (2, 12))
+    with torch.no_grad():
+        a, b = ref(x).logits, model(x).logits.float()
+    assert float((a - b).abs().max()) <= 2e-3 * float(a.abs().max())

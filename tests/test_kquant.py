@@ -86,7 +86,7 @@ def test_grid_options_are_checked():
         from_settings({}, {"grid": "gguf:Q4_K", "bits": 3})
     with pytest.raises(RdquantError, match="grid is not used by method claq"):
         from_settings({}, {"grid": "gguf:Q4_K", "method": "claq", "target_bits": 3.0})
-    with pytest.raises(RdquantError, match="choose one of affine, gguf:Q2_K"):
+    with pytest.raises(RdquantError, match="choose one of affine, gguf, gguf:Q2_K"):
         from_settings({}, {"grid": "gguf:Q4_K_M"})
     assert from_settings({}, {"grid": "gguf:Q3_K", "clip_search": 5}).grid == "gguf:Q3_K"
 
@@ -130,30 +130,30 @@ def test_kquant_artifact_loads_codes_and_exports_to_gguf_exactly(wide_llama, tmp
 
 
 def test_gguf_mix_allocation_fits_and_beats_every_uniform_choice():
-    from rdquant.methods import ggufmix
+    from rdquant.methods import layermix
 
     g = torch.Generator().manual_seed(0)
     costs = {}
     for i in range(12):
         R = torch.tensor([2.625, 3.4375, 4.5, 5.5, 6.5625, 8.5], dtype=torch.float64) * 1024 * (1 + i % 3)
         D = torch.rand(1, generator=g).double() * 2.0 ** (-2 * R / (1024 * (1 + i % 3)))  # 4x less error per bit
-        costs[f"l{i}"] = (ggufmix.KQUANT_MENU, D, R)
+        costs[f"l{i}"] = (layermix.KQUANT_MENU, D, R)
     for budget in (70_000.0, 110_000.0, 180_000.0):
-        types, bits = ggufmix.allocate(costs, budget)
+        types, bits = layermix.allocate(costs, budget)
         k = {n: costs[n][0].index(t) for n, t in types.items()}
         assert bits <= budget and bits == sum(float(costs[n][2][k[n]]) for n in costs)
         dist = sum(float(costs[n][1][k[n]]) for n in costs)
         for u in range(6):  # every uniform mix that fits is no better
             if sum(float(c[2][u]) for c in costs.values()) <= budget:
                 assert dist <= sum(float(c[1][u]) for c in costs.values()) + 1e-12
-    with pytest.raises(RdquantError, match="below the smallest GGUF mix"):
-        ggufmix.allocate(costs, 1000.0)
+    with pytest.raises(RdquantError, match="below the smallest mix"):
+        layermix.allocate(costs, 1000.0)
 
 
 def test_gguf_mix_meets_the_size_target_and_exports_exactly(wide_llama, tmp_path):
     import gguf
 
-    from rdquant.methods import ggufmix
+    from rdquant.methods import layermix
 
     sizes = {}
     for target in (420_000, 800_000):
@@ -161,7 +161,7 @@ def test_gguf_mix_meets_the_size_target_and_exports_exactly(wide_llama, tmp_path
                              cvxq_samples=4, embed_bits=16, clip_search=5)
         art = rdquant.compress(str(wide_llama), cfg, progress=False).save(tmp_path / f"m{target}")
         q = json.loads((art / "manifest.json").read_text())["quantized"]
-        linear = sum(ggufmix.type_bits(e.get("gguf_type") or "Q8_0", *e["shape"]) for e in q.values()) // 8
+        linear = sum(layermix.type_bits(e.get("gguf_type") or "Q8_0", *e["shape"]) for e in q.values()) // 8
         assert linear <= target and linear >= 0.9 * target
         out = rdquant.export(art, tmp_path / f"m{target}.gguf", format="gguf")
         types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(out)).tensors}

@@ -65,7 +65,7 @@ TARGETED = _uses(("claq", "cvxq"))
 
 def _group_size_used(c: "CompressConfig") -> bool:
     return (c.method == "ecsq" or (c.method in ("gptq", "rtn") and c.grid == "affine") or _slim_group(c)
-            or (c.method == "cvxq" and c.cvxq_solver != "claq" and c.cvxq_cells == "group"))
+            or (c.method == "cvxq" and c.cvxq_solver != "claq" and c.cvxq_cells in ("group", "layer")))
 
 
 def _cluster_rows_used(c: "CompressConfig") -> bool:
@@ -139,8 +139,10 @@ class CompressConfig:
                            uses=CVXQ, lo=1, hi=1 << 16)
     cvxq_batch: int = opt(4, "windows per forward/backward of the sensitivity pass", flag="--sensitivity-batch",
                           panel="CVXQ allocation", uses=CVXQ, lo=1, hi=1 << 16)
-    cvxq_cells: str = opt("cluster", "cells: cluster (rows x one column) | group (one row x group_size columns)",
-                          uses=CVXQ, choices=("group", "cluster"), experimental=True)
+    cvxq_cells: str = opt("cluster", "cells: cluster (rows x one column) | layer (one width per linear at --group-size, "
+                          "q/k/v and gate/up together: exports to compressed-tensors) | group (one row x group_size "
+                          "columns)", flag="--cells", panel="CVXQ allocation", uses=CVXQ,
+                          choices=("group", "cluster", "layer"), experimental_values=("group",))
     cvxq_grid: str = opt("uniform", "cluster cells' grid: uniform | laplace (companded)", uses=CVXQ,
                          choices=("uniform", "laplace"), experimental=True)
     cvxq_kappa: str = opt("gauss", "distortion vs width: gauss (Lloyd-Max) | grid (measured)", uses=CVXQ,
@@ -367,6 +369,10 @@ def _check_combinations(c: CompressConfig) -> None:
                            f"{c.method} takes one type, e.g. --grid gguf:Q4_K")
     if c.method == "cvxq" and c.grid not in ("affine", "gguf"):
         raise RdquantError(f"cvxq takes --grid gguf (its allocation picks a llama.cpp type per linear), not {c.grid}")
+    if c.method == "cvxq" and c.cvxq_cells == "layer" and (c.cvxq_solver == "claq" or c.cvxq_rate == "coded"
+                                                             or c.cvxq_grid != "uniform" or c.grid != "affine"):
+        raise RdquantError("cvxq --cells layer solves each linear at one width: use --solver gptq or rtn, the stored "
+                           "rate, the uniform grid, and no --grid")
     if c.grid == "gguf" and (c.cvxq_solver == "claq" or c.cvxq_rate == "coded" or c.cvxq_grid != "uniform"):
         raise RdquantError("--grid gguf solves each layer in its GGUF type: use --solver gptq or rtn, the stored rate and "
                            "the uniform grid")

@@ -128,11 +128,17 @@ def fit(W: torch.Tensor, kt: KType, col_weight: torch.Tensor | None = None, clip
     sub = W.reshape(rows * cols // kt.sub, kt.sub)
     cw = (torch.ones(cols, device=W.device) if col_weight is None else col_weight.to(W.device, torch.float32).clamp_min(0))
     cw = cw.reshape(-1, kt.sub).repeat(rows, 1)
-    if kt.has_min:
+    if kt.has_min:  # two starts, each refitted: the clip search's grid (integer zero point) and the plain
+        # min-max grid with a free offset (a sub-block already on a min-based grid is recovered exactly)
         s, z = grid_params(sub, kt.bits, False, clip_search, max_shrink, cw)
-        step, offset = s.view(rows, -1), (z * s).view(rows, -1)  # w = s * q - z * s
+        a1, b1, e1 = _refit(sub, cw, s, z * s, kt)
+        lo, hi = sub.min(1, keepdim=True).values.clamp(max=0), sub.max(1, keepdim=True).values.clamp(min=0)
+        a2, b2, e2 = _refit(sub, cw, ((hi - lo) / kt.max_code).clamp_min(1e-12), -lo, kt)
+        second = e2 < e1
+        step, offset = torch.where(second, a2, a1).view(rows, -1), torch.where(second, b2, b1).view(rows, -1)
     else:
-        step = _centred_steps(sub, kt, cw, clip_search, max_shrink).view(rows, -1)
+        s = _centred_steps(sub, kt, cw, clip_search, max_shrink)
+        step = _refit(sub, cw, s, torch.zeros_like(s), kt)[0].view(rows, -1)
     per_sb = lambda t: t.view(rows, n_sb, kt.n_sub)
     d = _f16(per_sb(step).abs().amax(-1) / kt.levels)  # [rows, n_sb]
     ratio = torch.round(per_sb(step) / torch.where(d == 0, 1.0, d)[..., None])
@@ -146,6 +152,34 @@ def fit(W: torch.Tensor, kt: KType, col_weight: torch.Tensor | None = None, clip
     dmin = _f16(per_sb(offset).amax(-1) / kt.levels)
     m = torch.round(per_sb(offset) / torch.where(dmin == 0, 1.0, dmin)[..., None]).clamp(0, kt.levels).view(rows, -1)
     return KParams(d, dmin, sc, m)
+
+
+def _refit(sub: torch.Tensor, cw: torch.Tensor, a: torch.Tensor, b: torch.Tensor, kt: KType, rounds: int = 2
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Weighted least-squares steps (and offsets, min types) of each sub-block (rows of `sub`) for the codes the
+    grid (a, b) gives, alternated with re-rounding `rounds` times; a sub-block keeps its grid where the refit does
+    not lower its error. The clip search only scales the range; this moves step and offset freely (as llama.cpp's
+    make_qkx2_quants does), which recovers a grid the weights already sit on. Returns (a, b, weighted error)."""
+    err = lambda a_, b_: ((values(codes_for(sub, a_, b_, kt), a_, b_, kt) - sub).square() * cw).sum(1, keepdim=True)
+    best = err(a, b)
+    for _ in range(rounds):
+        q = codes_for(sub, a, b, kt) - kt.zero  # w ~ a q - b
+        sw, sq, sx = cw.sum(1, keepdim=True), (cw * q).sum(1, keepdim=True), (cw * sub).sum(1, keepdim=True)
+        sqq, sqx = (cw * q * q).sum(1, keepdim=True), (cw * q * sub).sum(1, keepdim=True)
+        if kt.has_min:  # minimise sum cw (a q - b - x)^2 over (a, b), b >= 0 (the stored min is unsigned)
+            det = sw * sqq - sq * sq
+            na = torch.where(det > 0, (sw * sqx - sq * sx) / det.clamp_min(1e-30), a)
+            nb = (na * sq - sx) / sw.clamp_min(1e-30)  # the normal equations: b = a mean(q) - mean(x)
+            neg = nb < 0
+            na = torch.where(neg, sqx / sqq.clamp_min(1e-30), na)
+            nb = nb.clamp_min(0)
+        else:
+            na, nb = torch.where(sqq > 0, sqx / sqq.clamp_min(1e-30), a), b
+        na = torch.where(na > 0, na, a) if kt.has_min else torch.where(na != 0, na, a)
+        e = err(na, nb)
+        better = e < best
+        a, b, best = torch.where(better, na, a), torch.where(better, nb, b), torch.where(better, e, best)
+    return a, b, best
 
 
 def _centred_steps(sub: torch.Tensor, kt: KType, cw: torch.Tensor, clip_search: int, max_shrink: float) -> torch.Tensor:
@@ -350,10 +384,13 @@ def fallback_config(cfg):
 def planned_entry(cfg, shape: tuple[int, int]) -> dict | None:
     """The manifest entry a `--grid gguf:TYPE` run will write for a linear of `shape` [out, in] (the k-quant
     layout, or the affine fallback), for checks made before calibration; None for other runs."""
+    if cfg.method == "cvxq" and cfg.cvxq_cells == "layer":  # one affine width per linear (the widest stands in)
+        return {"layout": "affine", "bits": cfg.cvxq_max_bits, "group_size": cfg.group_size, "symmetric": cfg.symmetric,
+                "shape": list(shape)}
     if cfg.method == "cvxq" and cfg.grid == "gguf":  # a mix: every layer in some GGUF type (the narrowest stands in)
-        from .methods.ggufmix import menu
+        from .methods.layermix import menu
 
-        types = menu(shape[1])
+        types = menu(shape[1], cfg)
         if not types:
             return None
         if types[0] in TYPES:

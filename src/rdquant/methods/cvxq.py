@@ -35,7 +35,7 @@ from ..errors import RdquantError
 from ..models import block_linears, find_blocks
 from ..qmixed import cluster_stored_bits, stored_bits, width_bits, width_map
 from ..qtensor import group_sizes, num_groups
-from . import ggufmix
+from . import layermix
 from .claq import claq_quantize, codebook_rates, layer_bits, n_scales
 from .gptq import gptq_quantize, mixed_rtn
 
@@ -57,7 +57,7 @@ class CvxqPlan:
     clusters: dict[str, torch.Tensor] = field(default_factory=dict)
     phases: dict[str, float] = field(default_factory=dict)  # seconds of the sensitivity pass and the allocation
     vocab: dict[str, int] = field(default_factory=dict)  # embedding / head -> the width the allocation chose
-    types: dict[str, str] = field(default_factory=dict)  # --grid gguf: each layer's GGUF type (ggufmix.py)
+    types: dict[str, str] = field(default_factory=dict)  # --grid gguf: each layer's GGUF type (layermix.py)
 
     def to_dict(self) -> dict[str, Any]:
         enc = lambda ts, dt: {n: [list(t.shape), base64.b64encode(t.to(dt).numpy().tobytes()).decode()] for n, t in ts.items()}
@@ -77,6 +77,9 @@ class CvxqPlan:
 
 def cell_kind(cfg: CompressConfig) -> str:
     return "gguf" if cfg.grid == "gguf" else "column" if cfg.cvxq_solver == "claq" else cfg.cvxq_cells
+
+
+MENU_KINDS = ("gguf", "layer")  # one choice per linear from a menu (layermix.py)
 
 
 def min_bits(cfg: CompressConfig) -> int:
@@ -450,7 +453,7 @@ def plan(model: "nn.Module | BlockSource", calib_ids: torch.Tensor | None, cfg: 
 
     source = model if isinstance(model, BlockSource) else None
     model = source.model if source is not None else model
-    mix = cfg.grid == "gguf"
+    mix = cell_kind(cfg) in MENU_KINDS
 
     t0 = time.perf_counter()
     if calib_ids is None:
@@ -471,7 +474,7 @@ def plan(model: "nn.Module | BlockSource", calib_ids: torch.Tensor | None, cfg: 
         def reduce(i: int, block: nn.Module, sens: dict[str, torch.Tensor]) -> None:
             for n, s in sens.items():
                 W = block.get_submodule(n.split(f".{i}.", 1)[1]).weight.data
-                cells[n] = ggufmix.layer_costs(W, s, cfg, n) if mix else layer_cells(W, s, by_name[n], cfg)
+                cells[n] = layermix.layer_costs(W, s, cfg, n) if mix else layer_cells(W, s, by_name[n], cfg)
 
         blockwise_gradient_sensitivity(source, ids, cfg.skip, cfg.cvxq_components, cfg.cvxq_stride, cfg.cvxq_batch,
                                        cfg.device, cfg.seed, progress, objective, on_block=reduce, vocab=vocab)
@@ -483,16 +486,16 @@ def plan(model: "nn.Module | BlockSource", calib_ids: torch.Tensor | None, cfg: 
         sens = hessian_sensitivity(model, ids, names, cfg.cvxq_batch, cfg.device, progress)
     t_sens = time.perf_counter() - t0
     budget = budget_bits(model, layers, cfg)
-    if mix:  # one llama.cpp type per layer (ggufmix.py)
+    if mix:  # one llama.cpp type per layer (layermix.py)
         costs = cells if cells is not None else {
-            l.name: ggufmix.layer_costs(model.get_submodule(l.name).weight.data, sens[l.name], cfg, l.name) for l in layers}
+            l.name: layermix.layer_costs(model.get_submodule(l.name).weight.data, sens[l.name], cfg, l.name) for l in layers}
         fixed = sum(16 * l.rows for l in layers if l.bias)
-        types, total = ggufmix.allocate(costs, budget - fixed)
+        types, total = layermix.allocate(costs, budget - fixed, lambda name: layermix.fused_key(name, cfg))
         n = quantized_params(model, layers, cfg)
-        summary = {l.name: ggufmix.type_bits(types[l.name], l.rows, l.cols) / (l.rows * l.cols) for l in layers}
+        summary = {l.name: layermix.type_bits(types[l.name], l.rows, l.cols, cfg) / (l.rows * l.cols) for l in layers}
         phases = {"sensitivity": round(t_sens, 2), "allocation": round(time.perf_counter() - t0 - t_sens, 2)}
-        return CvxqPlan({}, budget / n, (total + fixed) / n, cfg.cvxq_sensitivity, "gguf", time.perf_counter() - t0,
-                        summary, {}, phases, {}, types)
+        return CvxqPlan({}, budget / n, (total + fixed) / n, cfg.cvxq_sensitivity, cell_kind(cfg),
+                        time.perf_counter() - t0, summary, {}, phases, {}, types)
     vocab_cells = vocab.cells(objective, min(cfg.cvxq_components, int(model.config.hidden_size)), cfg.cvxq_max_bits) \
         if vocab is not None else None
     widths, total, clusters, vocab_widths = allocate(model, layers, sens, cfg, budget, progress, cells, vocab_cells)
@@ -520,8 +523,8 @@ def cvxq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: CompressConfig, state: 
     if missing:
         raise RdquantError(f"cvxq: no allocation for {missing[0]} (the plan was made for another model?)")
     if state.types:  # a GGUF mix: each layer in its type's grid
-        q, notes = ggufmix.quantize(W, H, cfg, [state.types[n] for n in names], parts)
-        return q, ["gguf types: " + ", ".join(f"{n.rpartition('.')[2]} {state.types[n]}" for n in names), *notes]
+        q, notes = layermix.quantize(W, H, cfg, [state.types[n] for n in names], parts)
+        return q, [f"{state.cells} choices: " + ", ".join(f"{n.rpartition('.')[2]} {state.types[n]}" for n in names), *notes]
     note = "cvxq widths: " + ", ".join(f"{n.rpartition('.')[2]} {state.summary.get(n, math.nan):.3f}" for n in names)
     if cfg.cvxq_solver == "claq":
         q, notes = claq_quantize(W, H, cfg, parts, column_widths=[state.widths[n].to(torch.long) for n in names])
@@ -553,12 +556,12 @@ def smallest_bits(model: nn.Module, cfg: CompressConfig) -> tuple[float, float]:
     total = 8.0 * vocab_stored_bytes(model, cfg.replace(embed_bits=MIN_BITS))[1] if allocated(cfg) else 0.0
     total += 8.0 * adapters_bytes(layers, cfg)
     for l in layers:
-        if cell_kind(cfg) == "gguf":
-            types = ggufmix.menu(l.cols)
+        if cell_kind(cfg) in MENU_KINDS:
+            types = layermix.menu(l.cols, cfg)
             if not types:
                 raise RdquantError(f"{l.name}: its {l.cols} input columns are not a multiple of 32, so no GGUF type "
                                    "holds it; compress without --grid gguf")
-            total += min(ggufmix.type_bits(t, l.rows, l.cols) for t in types) + (16 * l.rows if l.bias else 0)
+            total += min(layermix.type_bits(t, l.rows, l.cols, cfg) for t in types) + (16 * l.rows if l.bias else 0)
             continue
         if cfg.method == "claq":
             share = cfg.claq_share
