@@ -21,6 +21,7 @@ same bytes, and with --llama-windows both are also scored by llama.cpp itself.
     python bench/kquant.py --types --mixes Q4_K_M Q3_K_M Q2_K --windows 32 --llama-windows 8 \
         --llama-python /work/.cache/llama-venv/bin/python --json bench/results/kquant_mix.json
     python bench/kquant.py --results [--json FILE]   # a run's table
+    python bench/kquant.py --tables bench/results/raw/kquant-DATE.json   # the results page's table
 """
 
 from __future__ import annotations
@@ -45,7 +46,20 @@ from export import gguf_linears, gguf_weight_error  # noqa: E402
 import rdquant  # noqa: E402
 from rdquant.evaluate import load_any  # noqa: E402
 
-RESULTS = Path(__file__).parent / "results" / "kquant.json"
+RESULTS = Path(__file__).parent / "results" / "raw" / f"kquant-{date.today().isoformat()}.json"
+PAGE_TABLE = Path(__file__).parent / "results" / "kquant.json"
+INTRO = ("Default model. Every row is a GGUF file scored after reading its tensors back with the `gguf` package into "
+         "the float model (rdquant's evaluator, WikiText-2, first 32 x 2048 windows); the mix rows are also scored by "
+         "llama.cpp itself (llama-cpp-python 0.3.36, built with GGML_NATIVE=OFF) on the first 4 windows. Single-type "
+         "rows: every linear in the type (`pure` for llama.cpp), token embedding 16-bit, so the linears are the only "
+         "difference; the same tensors get the same type in all three files, hence the same bytes. Mix rows: "
+         "llama.cpp's own per-tensor rules for the file type, against rdquant's `cvxq --grid gguf` allocation at the "
+         "same linear bytes; both keep the token embedding in Q8_0 (llama.cpp's choice here), so the files have the "
+         "same size. Only ffn_down (1536 inputs) has rows of whole 256-weight super-blocks on this model; every other "
+         "linear (576 inputs) takes a block-32 type (Q4_0, Q5_0, Q8_0), as llama.cpp falls back. The model's float "
+         "weights were dequantized from a 4-bit block-32 (Q4_1) file, so block-32 grids of 4 bits and more, Q4_K "
+         "included, nearly reproduce them for every tool: the 3- and 2-bit rows (Q3_K, Q2_K) are the telling ones. "
+         "'export = artifact': the GGUF holds rdquant's weights bit for bit.")
 LINEARS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 
 
@@ -159,6 +173,24 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def write_table(run: Path) -> None:
+    """bench/results/kquant.json (the results page's table) from one run's JSON (kept in bench/results/raw/)."""
+    result = json.loads(run.read_text())
+    common = {"command": result["command"], "source": f"bench/results/raw/{run.name}", "date": result["date"],
+              "machine": result["machine"]}
+    rows = [{**r, "types": ", ".join(f"{k} x{v}" for k, v in sorted(r["types"].items())) or None, **common}
+            for r in result["rows"]]
+    cols = [["type", "file type"], ["tool", "tool"], ["method", "method"], ["linear_bits", "linear bits/weight", ".4f"],
+            ["types", "linear tensor types"], ["ppl", "ppl (32 windows)", ".3f"], ["file_bits_per_param",
+            "file bits/param", ".3f"], ["llama_cpp_ppl", "llama.cpp ppl (4 windows)", ".3f"],
+            ["exact_export", "export = artifact"], ["seconds", "compress s", ".0f"]]
+    PAGE_TABLE.write_text(json.dumps(
+        {"title": "GGUF: llama.cpp's k-quants and mixes", "question": "At the same GGUF types and file size, does "
+         "rdquant's GGUF (GPTQ solved in the types' own grids, CVXQ's size-targeted mix) beat llama.cpp's own "
+         "quantizer?", "intro": INTRO, "columns": cols, "rows": rows}, indent=1) + "\n")
+    print(f"wrote {PAGE_TABLE}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--types", nargs="*", default=["Q4_K", "Q3_K", "Q2_K"], choices=["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"])
@@ -176,7 +208,13 @@ def main() -> None:
                          "on 2 cores)")
     ap.add_argument("--json", type=Path, default=RESULTS)
     ap.add_argument("--results", action="store_true", help="no run: print the table of --json")
+    ap.add_argument("--tables", type=Path, default=None, help="no run: write the results page's table from this run's JSON")
     args = ap.parse_args()
+    if args.tables is not None:
+        if not args.tables.is_file():
+            raise SystemExit(f"{args.tables} does not exist: run the benchmark first")
+        write_table(args.tables)
+        return
     if args.results:
         if not args.json.is_file():
             raise SystemExit(f"{args.json} does not exist: run the benchmark first")
