@@ -169,8 +169,46 @@ def table(rows: list[dict]) -> str:
         types = ", ".join(f"{k} x{v}" for k, v in sorted(r["types"].items())) if r.get("types") else "-"
         exact = "-" if r.get("exact_export") is None else ("yes" if r["exact_export"] else "NO")
         lines.append(f"| {r['type']} | {r['tool']} | {r['method']} | {r['linear_bits']} | {types} | {r['ppl']:.3f} | {exact} | "
-                     f"{r['seconds']:.0f} | {r.get('file_bits_per_param', '-')} | {r.get('llama_cpp_ppl', '-')} |")
+                     f"{'-' if r['seconds'] is None else format(r['seconds'], '.0f')} | {r.get('file_bits_per_param', '-')} | "
+                     f"{r.get('llama_cpp_ppl', '-')} |")
     return "\n".join(lines)
+
+
+def tiny_rows(args, tmp: Path) -> list[dict]:
+    """llama.cpp itself on rdquant's k-quant exports of a tiny random llama whose rows are whole super-blocks
+    (hidden 256, MLP 512; every linear in the type, embedding and head Q8_0): its perplexity on random token
+    windows beside rdquant's on the same tokens (llama.cpp computes its dot products on 8-bit activations)."""
+    import math
+
+    import numpy as np
+
+    from rdquant.testing import save_tiny_model_dir
+
+    d = save_tiny_model_dir(tmp / "wide-llama", "llama", hidden=256, intermediate=512, layers=2)
+    windows = torch.randint(0, 400, (4, 128), generator=torch.Generator().manual_seed(0))
+    np.save(tmp / "tiny-windows.npy", windows.numpy().astype(np.int32))
+    rows = []
+    for t in ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"):
+        cfg = rdquant.CompressConfig(grid=f"gguf:{t}", calib_samples=8, calib_seqlen=64)
+        art = rdquant.compress(str(d), cfg, progress=False).save(tmp / f"tiny-{t}")
+        out = rdquant.export(art, tmp / f"tiny-{t}.gguf", format="gguf")
+        model = rdquant.load(art, backend="reference")
+        with torch.no_grad():
+            logits = model(windows).logits.float()
+        nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), windows[:, 1:].reshape(-1))
+        res = subprocess.run([args.llama_python, str(Path(__file__).parent / "llama_cpp_ppl.py"), str(out),
+                              str(tmp / "tiny-windows.npy")], capture_output=True, text=True, check=True)
+        got = json.loads(res.stdout.strip().splitlines()[-1])
+        theirs, first = got["ppl"], torch.tensor(got["first_logits"])  # window 0's first 8 positions x 8 logits
+        ours = logits[0, :8, :8].double()
+        rel = float((first - ours).abs().max() / ours.abs().max())
+        bits, types, nbytes = linear_types(out)
+        rows.append({"tool": "llama.cpp", "method": "runs rdquant's gptq --grid gguf export (tiny random llama, 256-wide, "
+                     "4 x 128 random tokens)", "type": f"{t} (tiny)", "seconds": None, "linear_bits": round(bits, 4),
+                     "linear_bytes": nbytes, "types": types, "ppl": round(math.exp(float(nll)), 4),
+                     "llama_cpp_ppl": round(theirs, 4), "exact_export": gguf_weight_error(out, model) == 0.0,
+                     "logits_rel_err": round(rel, 5), "tiny": True})
+    return rows
 
 
 def write_table(run: Path) -> None:
@@ -183,7 +221,8 @@ def write_table(run: Path) -> None:
     cols = [["type", "file type"], ["tool", "tool"], ["method", "method"], ["linear_bits", "linear bits/weight", ".4f"],
             ["types", "linear tensor types"], ["ppl", "ppl (32 windows)", ".3f"], ["file_bits_per_param",
             "file bits/param", ".3f"], ["llama_cpp_ppl", "llama.cpp ppl (4 windows)", ".3f"],
-            ["exact_export", "export = artifact"], ["seconds", "compress s", ".0f"]]
+            ["exact_export", "export = artifact"], ["logits_rel_err", "llama.cpp logits vs rdquant (max rel)", ".1e"],
+            ["seconds", "compress s", ".0f"]]
     PAGE_TABLE.write_text(json.dumps(
         {"title": "GGUF: llama.cpp's k-quants and mixes", "question": "At the same GGUF types and file size, does "
          "rdquant's GGUF (GPTQ solved in the types' own grids, CVXQ's size-targeted mix) beat llama.cpp's own "
@@ -208,6 +247,8 @@ def main() -> None:
                          "on 2 cores)")
     ap.add_argument("--json", type=Path, default=RESULTS)
     ap.add_argument("--results", action="store_true", help="no run: print the table of --json")
+    ap.add_argument("--tiny", action="store_true", help="only llama.cpp's perplexity on rdquant's k-quant exports of a "
+                    "tiny 256-wide llama, added to --json")
     ap.add_argument("--tables", type=Path, default=None, help="no run: write the results page's table from this run's JSON")
     args = ap.parse_args()
     if args.tables is not None:
@@ -221,11 +262,14 @@ def main() -> None:
         print(table(json.loads(args.json.read_text())["rows"]))
         return
     tmp = Path(tempfile.mkdtemp(prefix="rdq-kquant-"))
-    model, tok = load_any(args.model)
-    rows = [{"tool": "original", "method": "float", "type": "-", "seconds": 0, "linear_bits": 16.0, "types": {},
-             "ppl": round(rdquant.evaluate(model, tok, seqlen=args.seqlen, max_windows=args.windows, progress=False).ppl, 4),
-             "exact_export": None}]
-    del model
+    if args.tiny:
+        rows: list[dict] = []
+    else:
+        model, tok = load_any(args.model)
+        rows = [{"tool": "original", "method": "float", "type": "-", "seconds": 0, "linear_bits": 16.0, "types": {},
+                 "ppl": round(rdquant.evaluate(model, tok, seqlen=args.seqlen, max_windows=args.windows, progress=False).ppl, 4),
+                 "exact_export": None}]
+        del model
     if args.mixes and not args.llama_python:
         raise SystemExit("--mixes needs --llama-python (llama.cpp's mix sets the size)")
     command = "python bench/kquant.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
@@ -241,6 +285,14 @@ def main() -> None:
                         "embedding 16-bit in the single-type files, Q8_0 in the mixes (as llama.cpp's mixes keep it here)",
             "rows": rows}, indent=1))
 
+    if args.tiny:  # llama.cpp on the tiny model's exports, added to (or replacing those rows in) --json
+        if not args.llama_python:
+            raise SystemExit("--tiny needs --llama-python")
+        if args.json.is_file():
+            rows = [r for r in json.loads(args.json.read_text())["rows"] if not r.get("tiny")]
+        rows += tiny_rows(args, tmp)
+        publish()
+        return
     for gtype in args.types:
         if args.llama_python:
             rows.append(llama_cpp_row(gtype, args, tmp, pure=True))
