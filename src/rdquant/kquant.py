@@ -116,8 +116,9 @@ def fit(W: torch.Tensor, kt: KType, col_weight: torch.Tensor | None = None, clip
         max_shrink: float = 0.3) -> KParams:
     """The k-quant grid of W [rows, cols] (cols a multiple of 256): each sub-block's step (and offset) by
     rdquant's clip search (least col_weight-weighted squared error over shrinks of its range; centred types
-    put the larger-magnitude side on the code range's longer end, as llama.cpp does), then the super-block's
-    fp16 factors and the integer sub-block scales (and mins) rounded from them."""
+    put the larger-magnitude side on the code range's longer end, as llama.cpp does) and a least-squares
+    refit (_refit; min types also from the plain min-max start), then the super-block's fp16 factors and
+    the integer sub-block scales (and mins) rounded from them."""
     from .grid import grid_params
 
     rows, cols = W.shape
