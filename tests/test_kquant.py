@@ -89,6 +89,11 @@ def test_grid_options_are_checked():
     with pytest.raises(RdquantError, match="choose one of affine, gguf, gguf:Q2_K"):
         from_settings({}, {"grid": "gguf:Q4_K_M"})
     assert from_settings({}, {"grid": "gguf:Q3_K", "clip_search": 5}).grid == "gguf:Q3_K"
+    with pytest.raises(RdquantError, match="cvxq --cells layer solves each linear at one width"):
+        from_settings({}, {"method": "cvxq", "cvxq_cells": "layer", "cvxq_solver": "claq", "target_bits": 3.0})
+    with pytest.raises(RdquantError, match="--grid gguf solves each layer in its GGUF type"):
+        from_settings({}, {"method": "cvxq", "grid": "gguf", "cvxq_solver": "claq", "target_bits": 3.0})
+    assert from_settings({}, {"method": "cvxq", "cvxq_cells": "layer", "target_bits": 4.25}).cvxq_cells == "layer"
 
 
 @pytest.fixture(scope="module")
