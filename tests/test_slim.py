@@ -252,3 +252,34 @@ def test_plain_artifacts_keep_format_version_4():
     assert format_version({"a": {"bits": 4}, "b": {"layout": "mixed"}}) == 4
     assert format_version({"a": {"layout": "sparse24"}}) == 5
     assert format_version({"a": {"bits": 4, "lowrank": {"rank": 16, "bits": 4, "group_size": 128}}}) == 5
+
+
+def test_lowrank_auto_prices_rank_against_bits(tmp_path):
+    """--lowrank auto (cvxq): a layer gets adapters only where they save more distortion than the same bits as
+    widths (the allocation's price of a bit); what it spends stays inside the size target; the log says which
+    rank each layer got; other methods refuse it."""
+    from rdquant.config import from_settings
+    from rdquant.lowrank import rank_options
+    from rdquant.testing import save_tiny_model_dir
+
+    with pytest.raises(RdquantError, match="--lowrank auto .* needs --method cvxq"):
+        from_settings({}, {"lowrank": "auto"}, flags=True)
+    with pytest.raises(RdquantError, match="give a number or auto"):
+        from_settings({}, {"lowrank": "most"}, flags=True)
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(64, 256, generator=g)
+    opts = rank_options(W, torch.rand(64, 256, generator=g), rdquant.CompressConfig(method="cvxq", target_bits=3.0), 3)
+    assert [o[0] for o in opts] == [16, 16, 16] and all(o[2] > 0 and o[1] == opts[0][1] for o in opts)
+
+    d = save_tiny_model_dir(tmp_path / "wide", "llama", hidden=256, intermediate=512, layers=2)
+    cfg = from_settings({}, {"method": "cvxq", "target_bits": 3.25, "lowrank": "auto", "calib_samples": 4,
+                             "calib_seqlen": 32, "cvxq_samples": 4, "embed_bits": 16, "clip_search": 5}, flags=True)
+    art = rdquant.compress(str(d), cfg, progress=False).save(tmp_path / "a")
+    rep = rdquant.inspect(art)
+    assert rep.bits_per_weight <= 3.25
+    q = json.loads((art / "manifest.json").read_text())["quantized"]
+    log = {e["name"]: e for e in json.loads((art / "quant_log.json").read_text())}
+    for name, entry in q.items():
+        rank = entry.get("lowrank", {}).get("rank", 0)
+        assert f"{name.rpartition('.')[2]} rank {rank}" in log[name]["notes"][0]
+    assert rep.split_bits()["adapters"] > 0  # this random model's layers take some (a layer's choice is logged)

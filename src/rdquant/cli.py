@@ -121,7 +121,7 @@ def _config_parameters() -> list[inspect.Parameter]:
             decls.append(m["short"])
         choices = [c for c in (m["choices"] or ()) if c not in m["experimental_values"]]
         help_text = m["help"] if not choices or "|" in m["help"] else f"{m['help']}: {' | '.join(map(str, choices))}"
-        annotation = hint if m["unit"] != "size" else Optional[str]
+        annotation = hint if m["unit"] not in ("size", "auto") else Optional[str]
         option = typer.Option(f.default, *decls, help=help_text, rich_help_panel=m["panel"], show_default=_shown_default(f))
         params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation))
     return params

@@ -56,7 +56,7 @@ SEARCHED = lambda c: GRID(c) or _KQUANT(c)  # grids fitted by the clip search (a
 GPTQ_SWEEP = _SWEEP  # the error-compensating column sweep with act-order (slim's runs of four keep the natural order)
 SOLVE_SWEEP = lambda c: _SWEEP(c) or (c.method == "slim" and c.slim_solver == "gptq")  # the sweep, any order
 SLIM = lambda c: c.method == "slim"
-LOWRANK = lambda c: c.lowrank > 0
+LOWRANK = lambda c: c.lowrank != 0  # a fraction, or -1: auto (cvxq)
 KV = lambda c: c.kv_bits > 0
 CLAQ = _uses(("claq",), ("claq",))
 CVXQ = _uses(("cvxq",))
@@ -163,14 +163,16 @@ class CompressConfig:
                            "weights)", flag="--slim-solver", panel="SLiM (2:4 sparse)", uses=SLIM, choices=("gptq", "rtn"))
     # low-rank adapters (lowrank.py), any method: a saliency-weighted rank-r repair of the quantization error
     lowrank: float = opt(0.0, "adapters' rank as a fraction of min(in, out), rounded up to 16 (128 for layers >= 2048 "
-                         "wide); 0 = no adapters. Their bytes count in the size", panel="Low-rank adapters", lo=0, hi=1)
+                         "wide); 0 = no adapters; auto (-1; cvxq) = its allocation gives each matrix the rank (0, 5, 10 "
+                         "or 20%) that buys more than the same bits spent on widths. Their bytes count in the size",
+                         panel="Low-rank adapters", lo=-1, hi=1, unit="auto")
     lowrank_rounds: int = opt(1, "times the base is solved again against W minus the adapters (each followed by "
                               "re-fitted adapters): 2 lowers the layer error by a further 3-6% for one more solve",
                               panel="Low-rank adapters", uses=LOWRANK, lo=1, hi=10)
     lowrank_bits: int = opt(4, "code width of the adapter factors (symmetric); 16 = fp16", panel="Low-rank adapters",
                             uses=LOWRANK, choices=(2, 3, 4, 5, 6, 7, 8, 16))
     lowrank_group: int = opt(128, "adapter weights per scale group along each factor's input", panel="Low-rank adapters",
-                             uses=lambda c: c.lowrank > 0 and c.lowrank_bits != 16, lo=8, hi=1 << 20)
+                             uses=lambda c: c.lowrank != 0 and c.lowrank_bits != 16, lo=8, hi=1 << 20)
     # KV cache (WKVQuant, kvcache.py), any method
     kv_bits: int = opt(0, "bits of the cached keys and values: generation and evaluation of the artifact use a "
                        "quantized KV cache (past-only, token-wise groups); 0 = a 16-bit cache", panel="KV cache",
@@ -414,6 +416,10 @@ def _check_combinations(c: CompressConfig) -> None:
         raise RdquantError(f"--kv-group must be -1 (the whole head) or a positive divisor of the head size, not {c.kv_group}")
     if c.kv_smooth != -1 and not 0 <= c.kv_smooth <= 1:
         raise RdquantError(f"--kv-smooth must be -1 (off) or between 0 and 1, not {c.kv_smooth}")
+    if c.lowrank < 0 and (c.lowrank != -1 or c.method != "cvxq" or c.grid != "affine" or c.cvxq_solver == "claq"
+                          or c.cvxq_cells == "layer"):
+        raise RdquantError("--lowrank auto (-1) needs --method cvxq with its cluster or group cells and the gptq or rtn "
+                           "solver (its allocation prices rank against bits); otherwise give a fraction, e.g. 0.1")
     if c.lowrank > 0 and c.method == "ecsq":
         raise RdquantError("--lowrank is not supported by the experimental ecsq method")
     if c.claq_scale_group != -1 and (c.claq_scale_group < 8 or c.claq_scale_group % 8):
@@ -494,6 +500,11 @@ def from_settings(experimental: dict[str, Any], given: dict[str, Any], base: dic
                                f"{key}={value} or put it under 'experimental:' in a recipe")
     settings = {**(base or {}), **given, **experimental}
     for key, value in settings.items():
+        if FIELDS[key].metadata["unit"] == "auto" and isinstance(value, str):
+            try:
+                settings[key] = -1.0 if value.strip().lower() == "auto" else float(value)
+            except ValueError:
+                raise RdquantError(f"{where}: {name(key)} is {value!r}; give a number or auto") from None
         if FIELDS[key].metadata["unit"] == "size" and isinstance(value, str):
             settings[key] = parse_size(value)
     cfg = CompressConfig(**settings)
@@ -504,7 +515,7 @@ def from_settings(experimental: dict[str, Any], given: dict[str, Any], base: dic
             raise RdquantError(f"{where}: {shown} is not used by method {cfg.method}"
                                + (f" with solver {cfg.cvxq_solver}" if cfg.method == "cvxq" else "")
                                + (" (cvxq: --cluster-rows sets the rows per cell)" if key == "group_size" and cfg.method == "cvxq" else "")
-                               + (" without --lowrank (it sets the adapters, off at 0)" if key.startswith("lowrank_") and cfg.lowrank <= 0 else "")
+                               + (" without --lowrank (it sets the adapters, off at 0)" if key.startswith("lowrank_") and cfg.lowrank == 0 else "")
                                + (" without --kv-bits (it sets the KV cache, off at 0)" if key.startswith("kv_") and not cfg.kv_bits else "")
                                + (" with --kv-key-axis token" if key == "kv_key_tokens" and cfg.kv_bits else "")
                                + (f" with --grid {cfg.grid} (the k-quant fixes widths, groups and scales)"

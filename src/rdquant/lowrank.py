@@ -42,6 +42,31 @@ def adapter_nbytes(in_features: int, out_features: int, cfg: CompressConfig) -> 
             + packing.packed_nbytes(out_features * r, cfg.lowrank_bits) + 2 * out_features * num_groups(r, g))
 
 
+AUTO_FRACTIONS = (0.05, 0.1, 0.2)  # the ranks --lowrank auto offers CVXQ's allocation (and 0)
+
+
+def rank_options(W: torch.Tensor, sens: torch.Tensor, cfg: CompressConfig, width: int) -> list[tuple[int, float, float]]:
+    """(rank, adapter bits, distortion saved) of each AUTO_FRACTIONS rank for one linear W [out, in]: the
+    saliency-weighted rank-r repair of its plain-rounding error at `width` bits (groups of 64), the distortion
+    in CVXQ's units (sum of the sensitivities `sens` [out, in] or [in] times the squared error)."""
+    from .methods.rtn import rtn_quantize
+
+    out_f, in_f = W.shape
+    W = W.to(torch.float32)
+    sens = sens.to(W.device, torch.float32)
+    E = W - rtn_quantize(W, CompressConfig(method="rtn", bits=width, group_size=64, clip_search=cfg.clip_search,
+                                           max_shrink=cfg.max_shrink)).dequantize()
+    s_col = (sens.mean(0) if sens.dim() == 2 else sens).clamp_min(0)
+    d0 = float((E.square() * sens).sum(dtype=torch.float64))
+    out = []
+    for f in AUTO_FRACTIONS:
+        r = adapter_rank(f, in_f, out_f)
+        D, U = saliency_lowrank(E, s_col, r)
+        saved = d0 - float(((E - U @ D).square() * sens).sum(dtype=torch.float64))
+        out.append((r, 8.0 * adapter_nbytes(in_f, out_f, cfg.replace(lowrank=f)), saved))
+    return out
+
+
 def saliency(h_diag: torch.Tensor) -> torch.Tensor:
     """sqrt(s) per input channel from diag H; channels that never fire take the smallest positive value
     (SLiM's shift), so the weighting stays invertible."""
@@ -60,14 +85,16 @@ def saliency_lowrank(E: torch.Tensor, h_diag: torch.Tensor, rank: int) -> tuple[
     return S[:r, None] * Vh[:r] / sq, U[:, :r].contiguous()
 
 
-def fit_adapters(W: torch.Tensor, Q: torch.Tensor, h_diag: torch.Tensor, cfg: CompressConfig) -> LowRank | None:
+def fit_adapters(W: torch.Tensor, Q: torch.Tensor, h_diag: torch.Tensor, cfg: CompressConfig,
+                 rank: int | None = None) -> LowRank | None:
     """The adapters of one layer (W original, Q its quantized weight, both [out, in]) as stored: fp16, or
     symmetric codes on groups of lowrank_group with the clip search (D's error weighted by s, as the
-    output sees it). None when the rank rounds to 0."""
+    output sees it). `rank`: the allocation's (--lowrank auto), else from the --lowrank fraction. None when
+    the rank is 0."""
     from .methods.rtn import rtn_quantize
 
     out_f, in_f = W.shape
-    r = adapter_rank(cfg.lowrank, in_f, out_f)
+    r = adapter_rank(cfg.lowrank, in_f, out_f) if rank is None else rank
     if r == 0:
         return None
     D, U = saliency_lowrank(W.to(torch.float32) - Q.to(torch.float32), h_diag, r)

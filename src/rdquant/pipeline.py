@@ -465,10 +465,12 @@ def quantize_stage(
     qw, notes = method.quantize(W, H, solve_cfg, method_state, parts, names)
     results = split(qw)
     adapters: list = [None] * len(stage)
-    if cfg.lowrank > 0:  # SLiM's adapters on the solve's error, the base solved again against W - U D (rounds),
-        # then the adapters re-fitted to the last base's error
+    if cfg.lowrank != 0:  # SLiM's adapters on the solve's error, the base solved again against W - U D (rounds),
+        # then the adapters re-fitted to the last base's error; --lowrank auto: the ranks CVXQ's plan chose
         h_diag = torch.diagonal(H) if H is not None else torch.ones(W.shape[1], device=W.device)
-        fit = lambda: [fit_adapters(w, part.dequantize().to(w.device), h_diag, cfg) for w, part in zip(weights, results)]
+        ranks = [getattr(method_state, "ranks", {}).get(nm, 0) if cfg.lowrank == -1 else None for nm in names]
+        fit = lambda: [fit_adapters(w, part.dequantize().to(w.device), h_diag, cfg, r)
+                       for w, part, r in zip(weights, results, ranks)]
         adapters = fit()
         again = method.requantize or (lambda W_, H_, c, st, p, nm, first: method.quantize(W_, H_, c, st, p, nm))
         for _ in range(cfg.lowrank_rounds if any(a is not None for a in adapters) else 0):

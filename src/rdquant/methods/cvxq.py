@@ -58,13 +58,14 @@ class CvxqPlan:
     phases: dict[str, float] = field(default_factory=dict)  # seconds of the sensitivity pass and the allocation
     vocab: dict[str, int] = field(default_factory=dict)  # embedding / head -> the width the allocation chose
     types: dict[str, str] = field(default_factory=dict)  # --grid gguf: each layer's GGUF type (layermix.py)
+    ranks: dict[str, int] = field(default_factory=dict)  # --lowrank auto: each layer's adapter rank (0: none)
 
     def to_dict(self) -> dict[str, Any]:
         enc = lambda ts, dt: {n: [list(t.shape), base64.b64encode(t.to(dt).numpy().tobytes()).decode()] for n, t in ts.items()}
         return {"widths": enc(self.widths, torch.uint8), "target_bits": self.target_bits, "planned_bits": self.planned_bits,
                 "sensitivity": self.sensitivity, "cells": self.cells, "seconds": self.seconds, "summary": self.summary,
                 "clusters": enc(self.clusters, torch.int16), "phases": self.phases, "vocab": self.vocab,
-                "types": self.types}
+                "types": self.types, "ranks": self.ranks}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "CvxqPlan":
@@ -72,7 +73,7 @@ class CvxqPlan:
                               for n, (shape, b64) in ts.items()}
         return cls(dec(d["widths"], torch.uint8), d["target_bits"], d["planned_bits"], d["sensitivity"], d["cells"],
                    d["seconds"], d["summary"], dec(d.get("clusters", {}), torch.int16), d.get("phases", {}),
-                   d.get("vocab", {}), d.get("types", {}))
+                   d.get("vocab", {}), d.get("types", {}), d.get("ranks", {}))
 
 
 def cell_kind(cfg: CompressConfig) -> str:
@@ -355,14 +356,15 @@ def layer_cells(W: torch.Tensor, sens: torch.Tensor, l: LayerInfo, cfg: Compress
 def allocate(model: nn.Module, layers: list[LayerInfo], sens: dict[str, torch.Tensor] | None, cfg: CompressConfig,
              budget: float, progress: bool = False,
              cells: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] | None = None,
-             vocab: list[tuple[str, float, torch.Tensor]] | None = None,
+             vocab: list[tuple[str, float, torch.Tensor]] | None = None, gain_out: list[float] | None = None,
              ) -> tuple[dict[str, torch.Tensor], int, dict[str, torch.Tensor], dict[str, int]]:
     """Global reverse water-filling: (widths per layer, their bits <= `budget`, row clusters per layer
     with cluster cells, widths of the vocabulary matrices). The bits are the exact stored bits, or with
     --rate coded the modelled coded bits (codes at their per-width entropy, side information as stored).
     Each layer's cells come from `cells` (layer_cells, computed earlier) or from the model's weights and
     `sens`; `vocab` (VocabSensitivity.cells) adds one cell per embedding / head matrix, at least
-    vocab.MIN_BITS wide."""
+    vocab.MIN_BITS wide. `gain_out` receives the price of a bit: the most distortion one more bit would
+    still save in any cell (the best upgrade the budget did not buy)."""
     from ..vocab import MIN_BITS
     from tqdm.auto import tqdm
 
@@ -430,6 +432,12 @@ def allocate(model: nn.Module, layers: list[LayerInfo], sens: dict[str, torch.Te
         total += sum(int(r[lo + int(b)]) for (_, _, r), b in zip(vocab, flat[n_layer_cells:]))  # exact, float64
         excess = total - budget
         if excess <= 0:
+            if gain_out is not None:
+                nxt = (flat + 1).clamp(max=rate.shape[1] - 1)
+                dr = rate.gather(1, nxt[:, None])[:, 0].double() - rate.gather(1, flat[:, None])[:, 0].double()
+                dd = (weight * (kap[flat] - kap[nxt])).to(torch.float64)
+                up = nxt > flat
+                gain_out.append(float((dd[up] / dr[up].clamp_min(1e-9)).max()) if bool(up.any()) else 0.0)
             return out, total, clusters, vocab_widths(flat)
         prv = (flat - 1).clamp_min(0)
         dr = rate.gather(1, flat[:, None])[:, 0].double() - rate.gather(1, prv[:, None])[:, 0].double()
@@ -451,9 +459,13 @@ def plan(model: "nn.Module | BlockSource", calib_ids: torch.Tensor | None, cfg: 
     from ..source import BlockSource
     from ..vocab import VocabSensitivity, allocated
 
+    from ..lowrank import rank_options
+
     source = model if isinstance(model, BlockSource) else None
     model = source.model if source is not None else model
     mix = cell_kind(cfg) in MENU_KINDS
+    auto = cfg.lowrank == -1  # adapters' ranks priced against bits by the allocation
+    options: dict[str, list[tuple[int, float, float]]] = {}
 
     t0 = time.perf_counter()
     if calib_ids is None:
@@ -461,6 +473,8 @@ def plan(model: "nn.Module | BlockSource", calib_ids: torch.Tensor | None, cfg: 
     layers = model_layers(model, cfg)
     names = [l.name for l in layers]
     ids = calib_ids[: cfg.cvxq_samples]
+    # --lowrank auto measures each rank's repair of the rounding error at the budget's mean width
+    guess = min(max(round(budget_bits(model, layers, cfg) / quantized_params(model, layers, cfg)), 2), cfg.cvxq_max_bits)
     cells = None
     objective = "pca" if cfg.cvxq_sensitivity == "gradient" else "fisher"
     vocab = VocabSensitivity(model, cfg) if allocated(cfg) else None
@@ -475,6 +489,8 @@ def plan(model: "nn.Module | BlockSource", calib_ids: torch.Tensor | None, cfg: 
             for n, s in sens.items():
                 W = block.get_submodule(n.split(f".{i}.", 1)[1]).weight.data
                 cells[n] = layermix.layer_costs(W, s, cfg, n) if mix else layer_cells(W, s, by_name[n], cfg)
+                if auto:
+                    options[n] = rank_options(W, s, cfg, guess)
 
         blockwise_gradient_sensitivity(source, ids, cfg.skip, cfg.cvxq_components, cfg.cvxq_stride, cfg.cvxq_batch,
                                        cfg.device, cfg.seed, progress, objective, on_block=reduce, vocab=vocab)
@@ -486,6 +502,9 @@ def plan(model: "nn.Module | BlockSource", calib_ids: torch.Tensor | None, cfg: 
         sens = hessian_sensitivity(model, ids, names, cfg.cvxq_batch, cfg.device, progress)
     t_sens = time.perf_counter() - t0
     budget = budget_bits(model, layers, cfg)
+    if auto and sens is not None:
+        options = {l.name: rank_options(model.get_submodule(l.name).weight.data, sens[l.name], cfg, guess)
+                   for l in layers}
     if mix:  # one llama.cpp type per layer (layermix.py)
         costs = cells if cells is not None else {
             l.name: layermix.layer_costs(model.get_submodule(l.name).weight.data, sens[l.name], cfg, l.name) for l in layers}
@@ -498,7 +517,20 @@ def plan(model: "nn.Module | BlockSource", calib_ids: torch.Tensor | None, cfg: 
                         time.perf_counter() - t0, summary, {}, phases, {}, types)
     vocab_cells = vocab.cells(objective, min(cfg.cvxq_components, int(model.config.hidden_size)), cfg.cvxq_max_bits) \
         if vocab is not None else None
-    widths, total, clusters, vocab_widths = allocate(model, layers, sens, cfg, budget, progress, cells, vocab_cells)
+    price: list[float] = []
+    widths, total, clusters, vocab_widths = allocate(model, layers, sens, cfg, budget, progress, cells, vocab_cells,
+                                                     price)
+    ranks: dict[str, int] = {}
+    if auto:  # a rank where it saves more than the same bits would as widths, then the widths in what is left
+        spent = 0.0
+        for name, opts in options.items():
+            r, bits, saved = max(opts, key=lambda o: o[2] - price[0] * o[1])
+            if saved - price[0] * bits > 0:
+                ranks[name], spent = r, spent + bits
+        if spent:
+            widths, total, clusters, vocab_widths = allocate(model, layers, sens, cfg, budget - spent, progress, cells,
+                                                             vocab_cells)
+            total += int(spent)
     if vocab is not None and vocab.tied and vocab.head_name:
         vocab_widths[vocab.head_name] = vocab_widths[vocab.emb_name]
     phases = {"sensitivity": round(t_sens, 2), "allocation": round(time.perf_counter() - t0 - t_sens, 2)}
@@ -513,7 +545,7 @@ def plan(model: "nn.Module | BlockSource", calib_ids: torch.Tensor | None, cfg: 
         summary[l.name] = round(float(w.mean()), 4)
     summary.update({name: float(b) for name, b in vocab_widths.items()})
     return CvxqPlan(widths, budget / n, total / n, cfg.cvxq_sensitivity, cell_kind(cfg),
-                    time.perf_counter() - t0, summary, clusters, phases, vocab_widths)
+                    time.perf_counter() - t0, summary, clusters, phases, vocab_widths, ranks=ranks)
 
 
 def cvxq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: CompressConfig, state: CvxqPlan,
@@ -526,6 +558,9 @@ def cvxq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: CompressConfig, state: 
         q, notes = layermix.quantize(W, H, cfg, [state.types[n] for n in names], parts)
         return q, [f"{state.cells} choices: " + ", ".join(f"{n.rpartition('.')[2]} {state.types[n]}" for n in names), *notes]
     note = "cvxq widths: " + ", ".join(f"{n.rpartition('.')[2]} {state.summary.get(n, math.nan):.3f}" for n in names)
+    if cfg.lowrank == -1:
+        note += "; --lowrank auto: " + ", ".join(f"{n.rpartition('.')[2]} rank {state.ranks.get(n, 0)}" for n in names) \
+            + ("" if any(state.ranks.get(n) for n in names) else " (bits pay more than adapters here)")
     if cfg.cvxq_solver == "claq":
         q, notes = claq_quantize(W, H, cfg, parts, column_widths=[state.widths[n].to(torch.long) for n in names])
         return q, [note, *notes]
