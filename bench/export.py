@@ -201,6 +201,9 @@ def main() -> None:
             ["artifact_mib", "artifact MiB", ".1f"], ["export_mib", "export MiB", ".1f"],
             ["max_weight_error", "max weight err", ".1e"], ["loads_in", "loaded by"], ["ppl_rdquant", "ppl rdquant", ".3f"],
             ["ppl_export", "ppl export", ".3f"], ["ppl_rel_diff", "diff"], ["windows", "WikiText-2 windows"]]
+    if RESULTS.is_file():  # rows of other artifacts (earlier runs, e.g. with --llama-python) stay
+        new = {(r["artifact"], r["format"]) for r in rows}
+        rows = [r for r in json.loads(RESULTS.read_text())["rows"] if (r["artifact"], r["format"]) not in new] + rows
     RESULTS.write_text(json.dumps({
         "title": "Export", "question": "Do rdquant's exports load elsewhere and hold the same model?",
         "intro": ("The default model's artifacts exported by `rdquant export`. Max weight error: every layer of the export "
