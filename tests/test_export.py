@@ -16,6 +16,15 @@ from rdquant.errors import RdquantError
 pytest.importorskip("compressed_tensors", reason="compressed-tensors is not installed (it is in the test extra)")
 
 
+def _same_logits(art, model, tol: float = 2e-3) -> None:
+    """The exported model's logits equal the artifact's (rdquant.load) within fp16 rounding."""
+    ref = rdquant.load(art, backend="reference")
+    x = torch.randint(0, 300, (2, 12))
+    with torch.no_grad():
+        a, b = ref(x).logits, model(x).logits.float()
+    assert float((a - b).abs().max()) <= tol * float(a.abs().max())
+
+
 def _artifact(tiny_model_dir, tmp_path, name, **cfg):
     cfg = rdquant.CompressConfig(calib_samples=2, calib_seqlen=16, **{"embed_bits": 16, **cfg})  # linears only
     return rdquant.compress(str(tiny_model_dir), cfg, progress=False).save(tmp_path / name)
@@ -29,12 +38,7 @@ def test_symmetric_export_loads_with_transformers(tiny_model_dir, tmp_path, bits
     out = rdquant.export(art, tmp_path / "ct", progress=False)
     cfg = json.loads((out / "config.json").read_text())["quantization_config"]
     assert cfg["format"] == "pack-quantized" and cfg["config_groups"]["group_0"]["weights"]["num_bits"] == bits
-    model = AutoModelForCausalLM.from_pretrained(out)
-    ref = rdquant.load(art, backend="reference")
-    x = torch.randint(0, 300, (2, 12))
-    with torch.no_grad():
-        a, b = ref(x).logits, model(x).logits.float()
-    assert float((a - b).abs().max()) <= 2e-3 * float(a.abs().max())
+    _same_logits(art, AutoModelForCausalLM.from_pretrained(out))
 
 
 def test_every_layer_decompresses_to_the_artifacts_weight(tiny_model_dir, tmp_path):
@@ -299,9 +303,4 @@ def test_cvxq_layer_widths_export_to_compressed_tensors_and_load(tiny_model_dir,
     out = rdquant.export(art, tmp_path / "ct", progress=False)
     groups = json.loads((out / "config.json").read_text())["quantization_config"]["config_groups"]
     assert {g["weights"]["num_bits"] for g in groups.values()} == {e["bits"] for e in q.values()}
-    model = AutoModelForCausalLM.from_pretrained(out)
-    ref = rdquant.load(art, backend="reference")
-    x = torch.randint(0, 300, (2, 12))
-    with torch.no_grad():
-        a, b = ref(x).logits, model(x).logits.float()
-    assert float((a - b).abs().max()) <= 2e-3 * float(a.abs().max())
+    _same_logits(art, AutoModelForCausalLM.from_pretrained(out))

@@ -267,6 +267,14 @@ def best_mapping(qweight: torch.Tensor, qzeros: torch.Tensor | None, info: Layer
     return best  # type: ignore[return-value]
 
 
+def symbol_payload(sym: np.ndarray, mapping: str, codec: str, speed_floor_mbps: float
+                   ) -> tuple[CodecSpec, bytes, dict[str, Any]]:
+    """(codec spec, payload, manifest fields) of one symbol stream stored under `mapping`: what a layout's
+    encode_qweight returns for its plain form."""
+    spec, payload = choose_codec(sym, codec, speed_floor_mbps)
+    return spec, payload, {"kind": "symbols", "mapping": mapping, "entropy_bits": round(codecs.entropy_bits(sym), 4)}
+
+
 def choose_codec(data: np.ndarray, codec: str, speed_floor_mbps: float) -> tuple[CodecSpec, bytes]:
     """Encode with the named codec, or for `auto` with the smallest candidate whose nominal decode
     speed is at least the floor (nominal speeds, not timings, so the choice is deterministic)."""

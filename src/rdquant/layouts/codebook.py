@@ -77,14 +77,12 @@ class Codebook(Layout):
     def encode_qweight(cls, t, tensors, owner, layer, codec, speed_floor_mbps):
         """One symbol stream, or the packed segments one stream (table) per column width (3-bit segments
         also as code pairs): the smallest."""
-        from .. import codecs
-        from ..coding import (_codebook_symbols, _column_width_map, _segments, _width_entropy_bits, choose_codec,
-                              encode_streams, segment_streams)
+        from ..coding import (_codebook_symbols, _column_width_map, _segments, _width_entropy_bits, encode_streams,
+                              segment_streams, symbol_payload)
 
         widths = tensors[f"{owner}.widths"]
         sym = _codebook_symbols(t, widths, layer)
-        spec, payload = choose_codec(sym, codec, speed_floor_mbps)
-        fields = {"kind": "symbols", "mapping": "codebook", "entropy_bits": round(codecs.entropy_bits(sym), 4)}
+        spec, payload, fields = symbol_payload(sym, "codebook", codec, speed_floor_mbps)
         if codec != "lz4":
             cut = _segments(widths, layer)
             has3 = any(b == 3 for b, _ in cut)  # pairs differ only there

@@ -33,12 +33,9 @@ class KQuant(Layout):
     @classmethod
     def encode_qweight(cls, t, tensors, owner, layer, codec, speed_floor_mbps):
         """The GGUF block bytes as one symbol each (codes, scales and factors together)."""
-        from .. import codecs
-        from ..coding import choose_codec
+        from ..coding import symbol_payload
 
-        sym = t.reshape(-1).numpy()
-        spec, payload = choose_codec(sym, codec, speed_floor_mbps)
-        return spec, payload, {"kind": "symbols", "mapping": "bytes", "entropy_bits": round(codecs.entropy_bits(sym), 4)}
+        return symbol_payload(t.reshape(-1).numpy(), "bytes", codec, speed_floor_mbps)
 
     @classmethod
     def decode_symbols(cls, mapping, sym, decoded, owner, layer):

@@ -59,15 +59,13 @@ class Mixed(Layout):
     def encode_qweight(cls, t, tensors, owner, layer, codec, speed_floor_mbps):
         """One symbol stream over every width, or one stream (table) per cell width, 3 bits as pairs
         (`mixed-widths`): the smaller."""
-        from .. import codecs
-        from ..coding import (_mixed_segments, _mixed_width_map, _width_entropy_bits, choose_codec, encode_streams,
-                              segment_streams)
+        from ..coding import (_mixed_segments, _mixed_width_map, _width_entropy_bits, encode_streams, segment_streams,
+                              symbol_payload)
         from ..qmixed import unpack_by_width
 
         wmap = _mixed_width_map(tensors, owner, layer)
         sym = unpack_by_width(t, wmap).reshape(-1).numpy()
-        spec, payload = choose_codec(sym, codec, speed_floor_mbps)
-        fields = {"kind": "symbols", "mapping": "mixed", "entropy_bits": round(codecs.entropy_bits(sym), 4)}
+        spec, payload, fields = symbol_payload(sym, "mixed", codec, speed_floor_mbps)
         if codec != "lz4":
             per_width = encode_streams(segment_streams(t, _mixed_segments(tensors, owner, layer), pairs=True),
                                        codec, speed_floor_mbps)

@@ -54,13 +54,10 @@ class Sparse24(Layout):
     @classmethod
     def encode_qweight(cls, t, tensors, owner, layer, codec, speed_floor_mbps):
         """The kept codes as one symbol per code (their positions are a separate byte tensor)."""
-        from .. import codecs
-        from ..coding import choose_codec
+        from ..coding import symbol_payload
 
         out_f, in_f = layer["shape"]
-        sym = packing.unpack(t, layer["bits"], out_f * in_f // 2).numpy()
-        spec, payload = choose_codec(sym, codec, speed_floor_mbps)
-        return spec, payload, {"kind": "symbols", "mapping": "raw", "entropy_bits": round(codecs.entropy_bits(sym), 4)}
+        return symbol_payload(packing.unpack(t, layer["bits"], out_f * in_f // 2).numpy(), "raw", codec, speed_floor_mbps)
 
     @classmethod
     def decode_symbols(cls, mapping, sym, decoded, owner, layer):
