@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 PAGE = ROOT / "BENCHMARKS.md"
 NOTEBOOK = "docs/notes/benchmarks-lab.md"
-ORDER = ("accuracy", "whole_file", "kquant", "slim", "kv", "kv_generate", "kv_decode", "offload", "compress_time", "scale", "generation", "gpu_kernels", "coding")  # the page's order; others follow
+ORDER = ("accuracy", "whole_file", "kquant", "slim", "slim_gpu", "kv", "kv_generate", "kv_decode", "offload", "compress_time", "scale", "generation", "gpu_kernels", "coding")  # the page's order; others follow
 
 
 def load_results(folder: Path = RESULTS) -> list[tuple[str, dict]]:

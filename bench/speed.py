@@ -369,7 +369,7 @@ def quantize_model(model, layout: str) -> None:
         elif layout.startswith("2:4"):  # SLiM: 2:4 + 4-bit g128 of the random weights (Wanda mask without inputs)
             from rdquant.methods.slim import slim_quantize
 
-            cfg = CompressConfig(method="slim", slim_solver="rtn", group_size=128, clip_search=0)
+            cfg = CompressConfig(method="slim", slim_solver="rtn", slim_mask="wanda", group_size=128, clip_search=0)
             qw, _ = slim_quantize(lin.weight.data.float(), torch.eye(in_f, device=lin.weight.device), cfg)
             if "adapters" in layout:
                 lr = _random_adapters(out_f, in_f, torch.Generator(device=lin.weight.device).manual_seed(i))
