@@ -40,13 +40,22 @@ def ct_weight_error(out: Path, ref) -> float:
     from compressed_tensors.quantization import QuantizationScheme
     from safetensors.torch import load_file
 
+    import re
+
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     schemes = [QuantizationScheme.model_validate(g) for g in qc["config_groups"].values()]
+
+    def scheme_of(name: str):  # the config group whose target names the layer (one group: every Linear)
+        for sc in schemes:
+            if any(tg == "Linear" or (tg.startswith("re:") and re.fullmatch(tg[3:], name)) for tg in sc.targets):
+                return sc
+        raise KeyError(f"no config group targets {name}")
+
     t = load_file(out / "model.safetensors")
     worst = 0.0
     for name, m in ((n, m) for n, m in ref.named_modules() if isinstance(m, QuantLinear)):
         sd = {k.rpartition(".")[2]: v for k, v in t.items() if k.rpartition(".")[0] == name}
-        W = PackedQuantizationCompressor.decompress(sd, schemes[0])["weight"].float()
+        W = PackedQuantizationCompressor.decompress(sd, scheme_of(name))["weight"].float()
         worst = max(worst, float((W - m.quantized_weight().dequantize()).abs().max()))
     return worst
 
