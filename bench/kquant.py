@@ -216,8 +216,8 @@ def write_table(run: Path) -> None:
     result = json.loads(run.read_text())
     common = {"command": result["command"], "source": f"bench/results/raw/{run.name}", "date": result["date"],
               "machine": result["machine"]}
-    rows = [{**r, "types": ", ".join(f"{k} x{v}" for k, v in sorted(r["types"].items())) or None, **common}
-            for r in result["rows"]]
+    rows = [{**r, **common, "command": r.get("command", result["command"]),
+             "types": ", ".join(f"{k} x{v}" for k, v in sorted(r["types"].items())) or None} for r in result["rows"]]
     cols = [["type", "file type"], ["tool", "tool"], ["method", "method"], ["linear_bits", "linear bits/weight", ".4f"],
             ["types", "linear tensor types"], ["ppl", "ppl (32 windows)", ".3f"], ["file_bits_per_param",
             "file bits/param", ".3f"], ["llama_cpp_ppl", "llama.cpp ppl (4 windows)", ".3f"],
@@ -276,6 +276,8 @@ def main() -> None:
     args.json.parent.mkdir(parents=True, exist_ok=True)
 
     def publish() -> None:  # after every row: a long run that stops keeps what it measured
+        for r in rows:  # each row keeps the command that measured it (a --tiny run adds rows to a file)
+            r.setdefault("command", command)
         print(table(rows), flush=True)
         args.json.write_text(json.dumps({
             "command": command, "date": date.today().isoformat(),
@@ -288,8 +290,9 @@ def main() -> None:
     if args.tiny:  # llama.cpp on the tiny model's exports, added to (or replacing those rows in) --json
         if not args.llama_python:
             raise SystemExit("--tiny needs --llama-python")
-        if args.json.is_file():
-            rows = [r for r in json.loads(args.json.read_text())["rows"] if not r.get("tiny")]
+        if args.json.is_file():  # the file's other rows keep the command that measured them
+            before = json.loads(args.json.read_text())
+            rows = [{**r, "command": r.get("command", before["command"])} for r in before["rows"] if not r.get("tiny")]
         rows += tiny_rows(args, tmp)
         publish()
         return
