@@ -59,7 +59,10 @@ INTRO = ("Default model. Every row is a GGUF file scored after reading its tenso
          "linear (576 inputs) takes a block-32 type (Q4_0, Q5_0, Q8_0), as llama.cpp falls back. The model's float "
          "weights were dequantized from a 4-bit block-32 (Q4_1) file, so block-32 grids of 4 bits and more, Q4_K "
          "included, nearly reproduce them for every tool: the 3- and 2-bit rows (Q3_K, Q2_K) are the telling ones. "
-         "'export = artifact': the GGUF holds rdquant's weights bit for bit.")
+         "'export = artifact': the GGUF holds rdquant's weights bit for bit. In the run below rdquant's row at "
+         "llama.cpp's Q2_K mix size was cut for time: that mix is Q3_K on ffn_down and Q4_0 elsewhere, the tensors of "
+         "the Q3_K single-type rows (there with a 16-bit embedding). The '(tiny)' rows: llama.cpp running rdquant's "
+         "k-quant exports of a tiny random llama whose rows are whole super-blocks (`--tiny`).")
 LINEARS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 
 
