@@ -182,3 +182,16 @@ def test_gguf_mix_meets_the_size_target_and_exports_exactly(wide_llama, tmp_path
     with pytest.raises(RdquantError, match="cannot be met"):
         rdquant.compress(str(wide_llama), CompressConfig(method="cvxq", grid="gguf", target_size=100_000,
                                                          calib_samples=4, calib_seqlen=32), progress=False)
+
+
+def test_gguf_runs_are_checked_for_export_before_calibration(wide_llama):
+    """--export gguf with a k-quant grid or a GGUF mix passes the pre-calibration check (every planned layer has a
+    GGUF type); an affine grid with no GGUF type is refused there."""
+    from rdquant.export import check_before_compress
+    from rdquant.models import load_model
+
+    model = load_model(str(wide_llama))[0]
+    check_before_compress("gguf", model, CompressConfig(grid="gguf:Q3_K"))
+    check_before_compress("gguf", model, CompressConfig(method="cvxq", grid="gguf", target_size=500_000))
+    with pytest.raises(RdquantError, match="to gguf"):
+        check_before_compress("gguf", model, CompressConfig(bits=3))

@@ -282,11 +282,9 @@ def check_before_compress(format: str, model, cfg) -> None:
 
     if format not in FORMATS:
         raise RdquantError(f"--export {format!r}: choose one of {', '.join(FORMATS)}")
-    from .kquant import planned_entry
-
     layout = {"claq": "codebook", "cvxq": "mixed"}.get(cfg.method, "affine")
     prefix, blocks = find_blocks(model)
-    entries = {f"{prefix}.{i}.{n}": planned_entry(cfg, tuple(lin.weight.shape)) or
+    entries = {f"{prefix}.{i}.{n}": _planned_entry(cfg, tuple(lin.weight.shape)) or
                {"layout": layout, "bits": cfg.bits, "group_size": cfg.group_size, "symmetric": cfg.symmetric,
                 "shape": list(lin.weight.shape)}
                for i, block in enumerate(blocks) for n, lin in block_linears(block).items()}
@@ -299,6 +297,33 @@ def check_before_compress(format: str, model, cfg) -> None:
         export_gguf.check({"quantized": entries}, model.config.to_dict())
     else:
         plan(entries, format)
+
+
+def _planned_entry(cfg, shape: tuple[int, int]) -> dict | None:
+    """The manifest entry a `--grid gguf...` or `--cells layer` run will write for a linear of `shape` [out, in]
+    (the k-quant layout, or an affine one), for checks made before calibration; None for other runs."""
+    from .kquant import QK, TYPES, fallback_config, grid_type, ktype
+
+    if cfg.method == "cvxq" and cfg.cvxq_cells == "layer":  # one affine width per linear (the widest stands in)
+        return {"layout": "affine", "bits": cfg.cvxq_max_bits, "group_size": cfg.group_size, "symmetric": cfg.symmetric,
+                "shape": list(shape)}
+    if cfg.method == "cvxq" and cfg.grid == "gguf":  # a mix: every layer in some GGUF type (the narrowest stands in)
+        from .methods.layermix import menu, type_config
+
+        types = menu(shape[1], cfg)
+        if not types:
+            return None
+        if types[0] in TYPES:
+            return _planned_entry(type_config(cfg, types[0]), shape)
+        return {"layout": "affine", "bits": 4, "group_size": 32, "symmetric": True, "shape": list(shape)}
+    if cfg.method not in ("gptq", "rtn") or cfg.grid == "affine":
+        return None
+    if shape[1] % QK == 0:
+        kt = ktype(grid_type(cfg.grid))
+        return {"layout": "kquant", "gguf_type": kt.name, "bits": kt.bits, "group_size": kt.sub,
+                "symmetric": not kt.has_min, "shape": list(shape)}
+    fb = fallback_config(cfg)
+    return {"layout": "affine", "bits": fb.bits, "group_size": fb.group_size, "symmetric": fb.symmetric, "shape": list(shape)}
 
 
 def export_path(artifact: Path, format: str) -> Path:

@@ -376,32 +376,5 @@ def grid_type(grid: str) -> str | None:
 def fallback_config(cfg):
     """The affine config of a layer whose rows are not whole super-blocks under `--grid gguf:TYPE`: llama.cpp's
     block-32 fallback type (FALLBACK) as an rdquant grid, which the GGUF export writes exactly."""
-    import dataclasses
-
     bits, symmetric, scale_bits = FALLBACK[grid_type(cfg.grid)]
-    return dataclasses.replace(cfg, grid="affine", bits=bits, group_size=32, symmetric=symmetric, scale_bits=scale_bits)
-
-
-def planned_entry(cfg, shape: tuple[int, int]) -> dict | None:
-    """The manifest entry a `--grid gguf:TYPE` run will write for a linear of `shape` [out, in] (the k-quant
-    layout, or the affine fallback), for checks made before calibration; None for other runs."""
-    if cfg.method == "cvxq" and cfg.cvxq_cells == "layer":  # one affine width per linear (the widest stands in)
-        return {"layout": "affine", "bits": cfg.cvxq_max_bits, "group_size": cfg.group_size, "symmetric": cfg.symmetric,
-                "shape": list(shape)}
-    if cfg.method == "cvxq" and cfg.grid == "gguf":  # a mix: every layer in some GGUF type (the narrowest stands in)
-        from .methods.layermix import menu
-
-        types = menu(shape[1], cfg)
-        if not types:
-            return None
-        if types[0] in TYPES:
-            return planned_entry(cfg.replace(method="gptq", grid=f"gguf:{types[0]}"), shape)
-        return {"layout": "affine", "bits": 4, "group_size": 32, "symmetric": True, "shape": list(shape)}
-    if cfg.method not in ("gptq", "rtn") or cfg.grid == "affine":
-        return None
-    if shape[1] % QK == 0:
-        kt = ktype(grid_type(cfg.grid))
-        return {"layout": "kquant", "gguf_type": kt.name, "bits": kt.bits, "group_size": kt.sub,
-                "symmetric": not kt.has_min, "shape": list(shape)}
-    fb = fallback_config(cfg)
-    return {"layout": "affine", "bits": fb.bits, "group_size": fb.group_size, "symmetric": fb.symmetric, "shape": list(shape)}
+    return cfg.replace(grid="affine", bits=bits, group_size=32, symmetric=symmetric, scale_bits=scale_bits)

@@ -474,7 +474,8 @@ def plan(model: "nn.Module | BlockSource", calib_ids: torch.Tensor | None, cfg: 
     names = [l.name for l in layers]
     ids = calib_ids[: cfg.cvxq_samples]
     # --lowrank auto measures each rank's repair of the rounding error at the budget's mean width
-    guess = min(max(round(budget_bits(model, layers, cfg) / quantized_params(model, layers, cfg)), 2), cfg.cvxq_max_bits)
+    budget = budget_bits(model, layers, cfg)
+    guess = min(max(round(budget / quantized_params(model, layers, cfg)), 2), cfg.cvxq_max_bits)
     cells = None
     objective = "pca" if cfg.cvxq_sensitivity == "gradient" else "fisher"
     vocab = VocabSensitivity(model, cfg) if allocated(cfg) else None
@@ -501,7 +502,6 @@ def plan(model: "nn.Module | BlockSource", calib_ids: torch.Tensor | None, cfg: 
     else:
         sens = hessian_sensitivity(model, ids, names, cfg.cvxq_batch, cfg.device, progress)
     t_sens = time.perf_counter() - t0
-    budget = budget_bits(model, layers, cfg)
     if auto and sens is not None:
         options = {l.name: rank_options(model.get_submodule(l.name).weight.data, sens[l.name], cfg, guess)
                    for l in layers}

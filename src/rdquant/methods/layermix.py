@@ -14,8 +14,6 @@ of 32) the block-32 types Q4_0, Q5_0, Q8_0, as llama.cpp's fallbacks do. Width m
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 
 from .. import kquant, packing
@@ -54,11 +52,11 @@ def type_config(cfg: CompressConfig, t: str) -> CompressConfig:
     """The gptq / rtn settings that solve a layer as choice t (a k-quant grid, symmetric groups of 32, or width b)."""
     base = dict(method=cfg.cvxq_solver, target_bits=None, target_size=None, target_size_total=None)
     if t in kquant.TYPES:
-        return dataclasses.replace(cfg, **base, grid=f"gguf:{t}")
+        return cfg.replace(**base, grid=f"gguf:{t}")
     if t in BLOCK32:
-        return dataclasses.replace(cfg, **base, grid="affine", bits=BLOCK32[t][0], group_size=32, symmetric=True,
+        return cfg.replace(**base, grid="affine", bits=BLOCK32[t][0], group_size=32, symmetric=True,
                                    scale_bits=10)
-    return dataclasses.replace(cfg, **base, bits=int(t[3:]))
+    return cfg.replace(**base, bits=int(t[3:]))
 
 
 def fused_key(name: str, cfg: CompressConfig) -> str:
@@ -82,7 +80,7 @@ def layer_costs(W: torch.Tensor, sens: torch.Tensor, cfg: CompressConfig, name: 
     s = sens.to(W.device, torch.float32)
     D = []
     for t in types:
-        Q = rtn_quantize(W, type_config(dataclasses.replace(cfg, cvxq_solver="rtn"), t)).dequantize()
+        Q = rtn_quantize(W, type_config(cfg.replace(cvxq_solver="rtn"), t)).dequantize()
         D.append(float(((W - Q).square() * s).sum(dtype=torch.float64)))
     R = [type_bits(t, rows, cols, cfg) for t in types]
     return types, torch.tensor(D, dtype=torch.float64), torch.tensor(R, dtype=torch.float64)
