@@ -1,4 +1,4 @@
-"""SLiM (issue 22): 2:4 sparsity + quantization + low-rank adapters against the same-size baselines, on
+"""SLiM (issue 22): 2:4 (and unstructured 50%) sparsity + quantization + low-rank adapters against the same-size baselines, on
 the default model.
 
     python bench/slim.py                                  # the default rows
@@ -50,9 +50,13 @@ DEFAULT_ROWS = [
     "rdquant slim + adapters r=10%|method=slim slim_mask=sparsegpt slim_refit=true lowrank=0.1",
     "rdquant slim + adapters r=5%|method=slim slim_mask=sparsegpt slim_refit=true lowrank=0.05",
     "rdquant slim + adapters r=20%|method=slim slim_mask=sparsegpt slim_refit=true lowrank=0.2",
+    "SparseGPT + GPTQ, unstructured 50% 4-bit g64|method=slim slim_pattern=unstructured slim_refit=false",
+    "rdquant slim, unstructured 50% 4-bit g64|method=slim slim_pattern=unstructured slim_mask=sparsegpt slim_refit=true",
+    "rdquant slim, unstructured 50% + adapters r=10%|method=slim slim_pattern=unstructured slim_mask=sparsegpt slim_refit=true lowrank=0.1",
     "GPTQ 3-bit g64|method=gptq bits=3",
     "CVXQ 3.25 bits|method=cvxq target_bits=3.25",
     "CVXQ 3.25 bits incl. adapters r=10%|method=cvxq target_bits=3.25 lowrank=0.1",
+    "CVXQ 3.25 bits, adapters where the allocation finds they pay (--lowrank auto)|method=cvxq target_bits=3.25 lowrank=-1",
 ]
 
 
@@ -111,7 +115,7 @@ def run(label: str, typed: dict, name: str, calib: Path, held: Path, args) -> di
 def table(rows: list[dict], args) -> str:
     lines = [f"{args.model}: WikiText-2 test and held-out C4, first {args.windows} x 2048 windows; calibration "
              "128 x 512 tokens of the first 800 C4 documents", "",
-             "| configuration | linear bits/weight (all-in) | of which adapters | 2:4 positions | WikiText-2 ppl | "
+             "| configuration | linear bits/weight (all-in) | of which adapters | sparsity positions | WikiText-2 ppl | "
              "C4 ppl (held out) | compress s |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         f = lambda k, fmt: "-" if r.get(k) is None else format(r[k], fmt)

@@ -12,7 +12,7 @@ from rdquant.errors import ArtifactError, RdquantError
 from rdquant.lowrank import adapter_nbytes, adapter_rank, saliency_lowrank
 from rdquant.methods.slim import slim_quant_alpha, slim_quantize, wanda_mask
 from rdquant.models import load_model
-from rdquant.qsparse import Sparse24Weight, pack_meta, unpack_meta
+from rdquant.qsparse import Sparse24Weight, SparseHalfWeight, pack_meta, unpack_meta
 
 
 def _problem(out_f=48, in_f=72, n=600, seed=0):
@@ -38,6 +38,54 @@ def test_slim_keeps_exactly_two_of_every_four_and_prunes_the_rest(mask, solver, 
     assert bool((Q[~m] == 0).all())
     if mask == "wanda":  # the mask comes from the original weights and the input norms alone
         assert torch.equal(m, wanda_mask(W, torch.diagonal(H)))
+
+
+@pytest.mark.parametrize("mask,solver", [("wanda", "gptq"), ("sparsegpt", "gptq"), ("wanda", "rtn")])
+def test_unstructured_keeps_exactly_half_of_every_row(mask, solver):
+    W, H = _problem()  # 72 inputs: lazy blocks of 64 and 8, a ragged last group of 8
+    cfg = rdquant.CompressConfig(method="slim", slim_pattern="unstructured", slim_mask=mask, slim_solver=solver,
+                                 bits=4, block_size=64)
+    qw, _ = slim_quantize(W, H, cfg)
+    assert isinstance(qw, SparseHalfWeight)
+    m = qw.mask()
+    assert bool((m.sum(1) == 36).all())
+    assert not _runs_keep_two(m)  # a free mask, not 2:4 by accident
+    Q = qw.dequantize()
+    assert bool((Q[~m] == 0).all())
+    if mask == "wanda":  # the larger half of each row's |W| sqrt(H_jj)
+        score = W.abs() * torch.diagonal(H).sqrt()
+        kept_min = torch.where(m, score, torch.inf).amin(1)
+        dropped_max = torch.where(m, -torch.inf, score).amax(1)
+        assert bool((kept_min >= dropped_max).all())
+    else:  # SparseGPT's choice: half of each row within every lazy block of the sweep
+        assert bool((m[:, :64].sum(1) == 32).all()) and bool((m[:, 64:].sum(1) == 4).all())
+
+
+def test_unstructured_beats_2_4_at_the_same_bytes():
+    """Both keep half the weights and spend 2 bits per kept value on positions: the freer mask errs less."""
+    W, H = _problem(seed=3)
+    err, nbytes = {}, {}
+    for pattern in ("2:4", "unstructured"):
+        qw, _ = slim_quantize(W, H, rdquant.CompressConfig(method="slim", slim_pattern=pattern))
+        D = W - qw.dequantize()
+        err[pattern] = float(((D @ H) * D).sum())
+        nbytes[pattern] = sum(t.numel() * t.element_size() for t in qw.packed_state().values())
+    assert nbytes["unstructured"] == nbytes["2:4"]
+    assert err["unstructured"] < err["2:4"]
+
+
+def test_unstructured_layout_round_trip_and_damaged_mask():
+    W, H = _problem()
+    qw, _ = slim_quantize(W, H, rdquant.CompressConfig(method="slim", slim_pattern="unstructured", symmetric=False))
+    state = qw.packed_state()
+    assert state["qweight"].numel() == packing.packed_nbytes(48 * 36, 4)
+    assert state["bitmask"].numel() == 48 * 72 // 8  # 1 bit per weight = 2 bits per kept value
+    back = SparseHalfWeight.from_packed(state, qw.shape, qw.bits, qw.group_size)
+    assert torch.equal(back.dequantize(), qw.dequantize())
+    assert torch.equal(back.mask(), qw.mask())
+    bad = dict(state, bitmask=torch.full_like(state["bitmask"], 0xFF))  # every weight "kept"
+    with pytest.raises(ValueError, match="half of every row"):
+        SparseHalfWeight.from_packed(bad, qw.shape, qw.bits, qw.group_size)
 
 
 def test_refit_reaches_the_masked_least_squares_optimum():
@@ -235,6 +283,29 @@ def test_odd_widths_are_refused_before_calibration(tmp_path):
     d = save_tiny_model_dir(tmp_path / "m", "llama", intermediate=162)
     with pytest.raises(RdquantError, match="multiple of 4"):
         rdquant.compress(str(d), _cfg(method="slim"), progress=False)
+    d = save_tiny_model_dir(tmp_path / "m2", "llama", intermediate=161)
+    with pytest.raises(RdquantError, match="multiple of 2, so it cannot be unstructured"):
+        rdquant.compress(str(d), _cfg(method="slim", slim_pattern="unstructured"), progress=False)
+
+
+def test_unstructured_artifact_loads_inspects_and_says_version_8(tiny_model_dir, tmp_path):
+    model, tok, mid = load_model(str(tiny_model_dir))
+    cm = rdquant.compress(model, _cfg(method="slim", slim_pattern="unstructured", lowrank=0.25, lowrank_group=16),
+                          tokenizer=tok, progress=False, model_id=mid)
+    out = cm.save(tmp_path / "a", codec="auto")
+    loaded = rdquant.load(out)
+    x = torch.arange(40).unsqueeze(0) * 7 % 300
+    with torch.no_grad():
+        assert torch.equal(cm.model(x).logits, loaded(x).logits)
+    split = rdquant.inspect(out).split_bits()
+    assert split["codes"] == pytest.approx(2.0) and split["sparsity"] == pytest.approx(1.0)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["format_version"] == 8
+    assert {e["layout"] for e in manifest["quantized"].values()} == {"sparse50"}
+    lin = next(m for m in loaded.modules() if isinstance(m, rdquant.runtime.QuantLinear))
+    assert "50% sparse" in repr(lin)
+    with pytest.raises(RdquantError, match="cannot export layer"):
+        rdquant.export(out, tmp_path / "ct", format="compressed-tensors", progress=False)
 
 
 def test_damaged_adapter_tensors_are_an_artifact_error(tiny_model_dir, tmp_path):
@@ -251,6 +322,7 @@ def test_plain_artifacts_keep_format_version_4():
 
     assert format_version({"a": {"bits": 4}, "b": {"layout": "mixed"}}) == 4
     assert format_version({"a": {"layout": "sparse24"}}) == 5
+    assert format_version({"a": {"layout": "sparse50"}}) == 8
     assert format_version({"a": {"bits": 4, "lowrank": {"rank": 16, "bits": 4, "group_size": 128}}}) == 5
 
 

@@ -22,14 +22,16 @@ from .errors import ArtifactError, RdquantError
 from .safety import check_output, remove_owned
 
 FORMAT_NAME = "rdquant"
-FORMAT_VERSION = 7  # 2: optional per-tensor codecs; 3: codebook layers; 4: mixed-width layers; 5: 2:4 sparse, adapters; 6: quantized KV cache; 7: k-quant layers
-READABLE_VERSIONS = (1, 2, 3, 4, 5, 6, 7)
+FORMAT_VERSION = 8  # 2: optional per-tensor codecs; 3: codebook layers; 4: mixed-width layers; 5: 2:4 sparse, adapters; 6: quantized KV cache; 7: k-quant layers; 8: unstructured 50% sparse layers
+READABLE_VERSIONS = (1, 2, 3, 4, 5, 6, 7, 8)
 
 
 def format_version(quantized: dict[str, Any], kv_cache: bool = False) -> int:
-    """The oldest version that holds these layers: 7 with k-quant layers, 6 with a quantized KV cache, 5 with 2:4 sparse layers or
+    """The oldest version that holds these layers: 8 with unstructured sparse layers, 7 with k-quant layers, 6 with a quantized KV cache, 5 with 2:4 sparse layers or
     low-rank adapters (which older readers would not apply), else 4, so other artifacts still load in older
     readers."""
+    if any(isinstance(q, dict) and q.get("layout") == "sparse50" for q in quantized.values()):
+        return 8
     if any(isinstance(q, dict) and q.get("layout") == "kquant" for q in quantized.values()):
         return 7
     if kv_cache:
@@ -269,7 +271,7 @@ def _check_manifest(m: dict[str, Any], mpath: Path) -> None:
         if not (isinstance(q, dict) and isinstance(q.get("shape"), list) and len(q["shape"]) == 2
                 and all(is_int(d, 1) for d in q["shape"]) and is_int(q.get("bits"), 0) and is_int(q.get("group_size"), -1)
                 and isinstance(q.get("symmetric"), bool) and isinstance(q.get("bias", False), bool)
-                and q.get("layout", "affine") in ("affine", "codebook", "mixed", "sparse24", "kquant")):
+                and q.get("layout", "affine") in ("affine", "codebook", "mixed", "sparse24", "sparse50", "kquant")):
             raise bad(f"entry of quantized layer {name!r}")
         wrong = [k for k, ok in _LAYER_FIELDS.items() if k in q and not ok(q[k])]
         if wrong:

@@ -277,15 +277,17 @@ def check_kv_spec(model: nn.Module, cfg: CompressConfig) -> None:
 
 
 def check_sparse_shapes(model: nn.Module, cfg: CompressConfig) -> None:
-    """2:4 sparsity (--method slim) needs every quantized linear's input width to be a multiple of 4."""
+    """Sparsity (--method slim) needs every quantized linear's input width to be a multiple of 4 (2:4) or
+    even (unstructured: half of every row)."""
     if cfg.method != "slim":
         return
+    m = 4 if cfg.slim_pattern == "2:4" else 2
     blocks_name, blocks = find_blocks(model)
     for i, block in enumerate(blocks):
         for n, lin in block_linears(block, cfg.skip).items():
-            if lin.in_features % 4:
+            if lin.in_features % m:
                 raise RdquantError(f"--method slim: {blocks_name}.{i}.{n} has {lin.in_features} inputs, not a multiple "
-                                   "of 4, so it cannot be 2:4 sparse; use another --method for this model")
+                                   f"of {m}, so it cannot be {cfg.slim_pattern} sparse; use another --method for this model")
 
 
 def source_dense_dtype(source: BlockSource) -> torch.dtype:

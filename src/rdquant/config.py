@@ -150,17 +150,21 @@ class CompressConfig:
     cvxq_cell_group: int = opt(0, "group cells: columns sharing a width (multiple of group_size; -1 whole row)",
                                uses=CVXQ, lo=-1, hi=1 << 20, experimental=True)
     # SLiM (Mozaffari et al. 2025): 2:4 sparsity + quantization (methods/slim.py)
-    slim_mask: str = opt("sparsegpt", "which two of every four inputs stay: sparsegpt (SparseGPT's rule inside the "
-                         "solver's sweep) | wanda (|W| x input norm, on the original weights)", flag="--mask", panel="SLiM (2:4 sparse)",
+    slim_pattern: str = opt("2:4", "2:4 (two of every four inputs: the GPU kernel's pattern) | unstructured (any half "
+                            "of each row, a 1-bit mask per weight: the same bytes as 2:4, a freer mask, no GPU kernel)",
+                            flag="--sparsity", panel="SLiM (sparsity)", uses=SLIM, choices=("2:4", "unstructured"))
+    slim_mask: str = opt("sparsegpt", "which weights stay (2:4: two of every four inputs; unstructured: half of each "
+                         "row, SparseGPT's choice made per row within each 128-column block): sparsegpt (SparseGPT's rule inside the "
+                         "solver's sweep) | wanda (|W| x input norm, on the original weights)", flag="--mask", panel="SLiM (sparsity)",
                          uses=SLIM, choices=("wanda", "sparsegpt"))
     slim_scale: str = opt("group", "matrix (SLiM-Quant: one symmetric scale per matrix from the |W| histogram) | group "
-                          "(a grid per --group-size weights)", flag="--slim-scale", panel="SLiM (2:4 sparse)", uses=SLIM,
+                          "(a grid per --group-size weights)", flag="--slim-scale", panel="SLiM (sparsity)", uses=SLIM,
                           choices=("matrix", "group"))
     slim_refit: bool = opt(True, "re-fit the kept weights to the layer's least-squares optimum on the mask before "
                            "quantizing (on the default model 9-23% less layer error than SparseGPT's sweep alone)", flag="--refit",
-                           panel="SLiM (2:4 sparse)", uses=SLIM)
+                           panel="SLiM (sparsity)", uses=SLIM)
     slim_solver: str = opt("gptq", "gptq (prune and quantize in GPTQ's error-compensating sweep) | rtn (round the masked "
-                           "weights)", flag="--slim-solver", panel="SLiM (2:4 sparse)", uses=SLIM, choices=("gptq", "rtn"))
+                           "weights)", flag="--slim-solver", panel="SLiM (sparsity)", uses=SLIM, choices=("gptq", "rtn"))
     # low-rank adapters (lowrank.py), any method: a saliency-weighted rank-r repair of the quantization error
     lowrank: float = opt(0.0, "adapters' rank as a fraction of min(in, out), rounded up to 16 (128 for layers >= 2048 "
                          "wide); 0 = no adapters; auto (-1; cvxq) = its allocation gives each matrix the rank (0, 5, 10 "

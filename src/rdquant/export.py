@@ -282,7 +282,8 @@ def check_before_compress(format: str, model, cfg) -> None:
 
     if format not in FORMATS:
         raise RdquantError(f"--export {format!r}: choose one of {', '.join(FORMATS)}")
-    layout = {"claq": "codebook", "cvxq": "mixed"}.get(cfg.method, "affine")
+    layout = {"claq": "codebook", "cvxq": "mixed", "slim": "sparse24" if cfg.slim_pattern == "2:4" else "sparse50"
+              }.get(cfg.method, "affine")
     prefix, blocks = find_blocks(model)
     entries = {f"{prefix}.{i}.{n}": _planned_entry(cfg, tuple(lin.weight.shape)) or
                {"layout": layout, "bits": cfg.bits, "group_size": cfg.group_size, "symmetric": cfg.symmetric,

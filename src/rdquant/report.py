@@ -18,7 +18,7 @@ from .runtime import QUANT_BUFFERS
 # where each stored tensor's bytes go in the bits-per-weight split
 PART_OF = {"qweight": "codes", "codebook": "codebooks", "codebook_range": "codebooks", "outlier_count": "outliers", "outlier_row": "outliers",
            "outlier_val": "outliers", "scales": "other", "qzeros": "other", "widths": "other", "qwidths": "other", "qclusters": "other",
-           "row_scale": "other", "bias": "other", "meta": "sparsity", "lowrank_down": "adapters",
+           "row_scale": "other", "bias": "other", "meta": "sparsity", "bitmask": "sparsity", "lowrank_down": "adapters",
            "lowrank_down_scales": "adapters", "lowrank_up": "adapters", "lowrank_up_scales": "adapters"}
 PARTS = ("codes", "codebooks", "outliers", "sparsity", "adapters", "other")
 
@@ -121,7 +121,7 @@ class InspectReport:
         if per_layer:
             lines.append(
                 f"{'layer':<44} {'shape':>10} {'method':>6} {'bits':>5} {'group':>5} {'bytes':>10} {'bpw':>6}"
-                f" {'codes':>6} {'books':>6} {'outl':>6} {'2:4':>6} {'adapt':>6} {'other':>6} {'codec':>8} {'mapping':>19} {'H(code)':>7}"
+                f" {'codes':>6} {'books':>6} {'outl':>6} {'mask':>6} {'adapt':>6} {'other':>6} {'codec':>8} {'mapping':>19} {'H(code)':>7}"
                 f" {'coded bpw':>9} {'decode M/s':>10} {'GPU kernel':>10}"
             )
             for l in self.layers:

@@ -15,9 +15,9 @@ from .base import Layout, LayerSpec
 from .codebook import Codebook
 from .kquant import KQuant
 from .mixed import Mixed
-from .sparse24 import Sparse24
+from .sparse24 import Sparse24, SparseHalf
 
-LAYOUTS: dict[str, type[Layout]] = {cls.name: cls for cls in (Affine, Mixed, Codebook, Sparse24, KQuant)}
+LAYOUTS: dict[str, type[Layout]] = {cls.name: cls for cls in (Affine, Mixed, Codebook, Sparse24, SparseHalf, KQuant)}
 STORED = tuple(dict.fromkeys(n for cls in LAYOUTS.values() for n in cls.stored))  # every stored tensor name
 
 
@@ -33,8 +33,8 @@ def layout_named(name: str) -> type[Layout]:
 
 
 def layout_of(weight) -> type[Layout]:
-    """The layout class of a weight object (QuantizedWeight, MixedWeight, CodebookWeight, Sparse24Weight, KQuantWeight)."""
+    """The layout class of a weight object (QuantizedWeight, MixedWeight, CodebookWeight, Sparse24Weight, SparseHalfWeight, KQuantWeight)."""
     return layout_named(getattr(weight, "layout", "affine"))
 
 
-__all__ = ["Affine", "Codebook", "KQuant", "LAYOUTS", "LayerSpec", "Layout", "Mixed", "STORED", "Sparse24", "layout_named", "layout_of"]
+__all__ = ["Affine", "Codebook", "KQuant", "LAYOUTS", "LayerSpec", "Layout", "Mixed", "STORED", "Sparse24", "SparseHalf", "layout_named", "layout_of"]

@@ -1,14 +1,15 @@
-"""2:4 sparse (SLiM): two kept codes of every four inputs, bit-packed at their width, 2-bit positions
-per kept value, per-group affine grids along the dense input (qsparse.Sparse24Weight; docs/FORMAT.md).
-Runtime: the reference path dequantizes and scatters; on CUDA a Triton kernel reads the packed form
-(kernels/sparse24_triton.py). Distillation tuning moves the group scales."""
+"""Sparse layouts (SLiM). 2:4: two kept codes of every four inputs, bit-packed at their width, 2-bit
+positions per kept value (qsparse.Sparse24Weight). Unstructured 50%: half of every row kept anywhere,
+a 1-bit mask per weight (qsparse.SparseHalfWeight). Both: per-group affine grids along the dense input
+(docs/FORMAT.md). Runtime: the reference path dequantizes and scatters; on CUDA a Triton kernel reads
+2:4's packed form (kernels/sparse24_triton.py). Distillation tuning moves the group scales."""
 
 from __future__ import annotations
 
 import torch
 
 from .. import packing
-from ..qsparse import Sparse24Weight, check_shape
+from ..qsparse import Sparse24Weight, SparseHalfWeight, check_shape
 from ..qtensor import grid_buffers
 from .base import LayerSpec, Layout, Tuning
 
@@ -77,12 +78,43 @@ class Sparse24(Layout):
         return Sparse24Tuning(weight)
 
 
+class SparseHalf(Sparse24):
+    """Unstructured 50%: the kept codes as 2:4's, their places a bitmask (1 bit per weight, row-major).
+    No GPU kernel: the reference and cached backends run it."""
+
+    name = "sparse50"
+    stored = ("qweight", "bitmask", "scales", "qzeros")
+    kernels = ()
+
+    @classmethod
+    def buffers(cls, layer: LayerSpec) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+        out_f, in_f = layer.shape
+        check_shape(in_f, "unstructured")
+        return {"qweight": (torch.uint8, (packing.packed_nbytes(out_f * in_f // 2, layer.bits),)),
+                "bitmask": (torch.uint8, (packing.packed_nbytes(out_f * in_f, 1),)),
+                **grid_buffers(out_f, in_f, layer.bits, layer.group_size, layer.symmetric)}
+
+    @classmethod
+    def weight(cls, state: dict[str, torch.Tensor], layer: LayerSpec) -> SparseHalfWeight:
+        return SparseHalfWeight.from_packed(state, layer.shape, layer.bits, layer.group_size)
+
+    @classmethod
+    def describe(cls, layer: LayerSpec) -> str:
+        return f"50% sparse (unstructured), bits={layer.bits}, group_size={layer.group_size}, symmetric={layer.symmetric}"
+
+    @classmethod
+    def kernel_supports(cls, layer: LayerSpec, backend: str) -> bool:
+        return False
+
+
 class Sparse24Tuning(Tuning):
     """The group scales move; the kept codes, their positions and the zero points stay."""
 
-    def __init__(self, w: Sparse24Weight) -> None:
+    def __init__(self, w: Sparse24Weight | SparseHalfWeight) -> None:
+        from dataclasses import replace
+
         self.w = w
-        unit = Sparse24Weight(w.codes, w.idx, torch.ones_like(w.scales, dtype=torch.float32), w.zeros, w.bits, w.group_size)
+        unit = replace(w, scales=torch.ones_like(w.scales, dtype=torch.float32))
         self.q = unit.dequantize(torch.float32)  # (code - zero) at the kept positions, 0 elsewhere
         self.base = {"scales": w.scales.to(torch.float32)}
 

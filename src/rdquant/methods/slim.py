@@ -1,5 +1,5 @@
-"""SLiM (Mozaffari et al. 2025): one-shot 2:4 sparsity with quantization; its low-rank adapters are
-lowrank.py's, for every method.
+"""SLiM (Mozaffari et al. 2025): one-shot 2:4 (or unstructured 50%) sparsity with quantization; its
+low-rank adapters are lowrank.py's, for every method.
 
 - SLiM-Quant: one symmetric scale per matrix whose clip value alpha minimises the expected squared error
   over the histogram of |W| (coarse search over a tenth of the bins, then every bin between the coarse
@@ -7,6 +7,9 @@ lowrank.py's, for every method.
   each group's own values).
 - 2:4 masks on the original weights: Wanda (|W_ij| sqrt(s_j), s_j = H_jj) or SparseGPT's (w^2 /
   [H^-1]_jj^2 on the error-updated weights, chosen when the sweep reaches each run of four).
+  Unstructured 50% (`--sparsity unstructured`): the same scores keep half of every row (Wanda: of the
+  whole row; SparseGPT: half of each row's columns in every lazy block of the sweep, chosen when the
+  sweep reaches the block, as SparseGPT chooses its masks per block).
 - Re-fit (default): with the mask fixed, the kept weights move to the layer's least-squares optimum
   (refit_kept) before they are quantized.
 - The solver: GPTQ's column sweep (methods.gptq.gptq_sweep) with pruned weights set to 0 and kept ones
@@ -20,7 +23,7 @@ import torch
 
 from ..config import CompressConfig
 from ..grid import group_grid, quantize, store_scale
-from ..qsparse import Sparse24Weight, check_shape
+from ..qsparse import Sparse24Weight, SparseHalfWeight, check_shape, top_half
 from ..qtensor import dequantize_codes, expand_groups
 from .gptq import ColumnQuantizer, gptq_sweep, prepare_hessian
 
@@ -83,12 +86,12 @@ def refit_kept(W: torch.Tensor, H: torch.Tensor, mask: torch.Tensor, iters: int 
     return x * M
 
 
-def wanda_mask(W: torch.Tensor, h_diag: torch.Tensor) -> torch.Tensor:
-    """Wanda's 2:4 mask [out, in] (bool): in each run of four inputs of a row, keep the two largest
-    |W_ij| sqrt(H_jj) (ties to the lower column)."""
-    check_shape(W.shape[1])
+def wanda_mask(W: torch.Tensor, h_diag: torch.Tensor, pattern: str = "2:4") -> torch.Tensor:
+    """Wanda's mask [out, in] (bool) by the score |W_ij| sqrt(H_jj): 2:4 keeps the two largest of each run
+    of four inputs of a row, unstructured the larger half of each row."""
+    check_shape(W.shape[1], pattern)
     score = W.abs().to(torch.float32) * h_diag.to(W.device, torch.float32).clamp_min(0).sqrt()
-    return _top2_of_4(score)
+    return _top2_of_4(score) if pattern == "2:4" else top_half(score)
 
 
 def _top2_of_4(score: torch.Tensor) -> torch.Tensor:
@@ -101,12 +104,14 @@ def _top2_of_4(score: torch.Tensor) -> torch.Tensor:
 
 
 class _SparseColumns(ColumnQuantizer):
-    """The sweep's quantizer for 2:4: pruned weights become 0, kept ones their grid value (static grids,
-    natural column order). Without a given mask, SparseGPT's rule picks each run's two weights when the
-    sweep reaches the run's first column, from the error-updated values and diag of the inverse factor."""
+    """The sweep's quantizer for sparse weights: pruned weights become 0, kept ones their grid value (static
+    grids, natural column order). Without a given mask, SparseGPT's rule w^2 / [H^-1]_jj^2 on the
+    error-updated values picks each run's two weights when the sweep reaches the run's first column
+    (2:4), or half of each row's columns of a lazy block when the sweep reaches the block (unstructured)."""
 
     def __init__(self, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group_size: int, rows: int, cols: int,
-                 mask: torch.Tensor | None):
+                 mask: torch.Tensor | None, pattern: str = "2:4"):
+        self.pattern = pattern
         self.scales, self.zeros, self.bits = scales, zeros, bits
         self.G = cols if group_size == -1 else group_size
         self.codes = torch.zeros(rows, cols, dtype=torch.uint8, device=scales.device)
@@ -124,9 +129,12 @@ class _SparseColumns(ColumnQuantizer):
         self.Z1 = self.zeros[:, groups].t().contiguous()
         self.C1 = torch.zeros_like(W1, dtype=torch.uint8)
         self.M1 = self.mask[:, cols].t().contiguous()
+        if self.choose and self.pattern == "unstructured":  # [B, rows]: half of every row's block columns
+            score = W1.square() / self.hinv_diag[:, None].square()
+            self.M1 = top_half(score.t().contiguous()).t().contiguous()
 
     def column(self, i: int, w: torch.Tensor) -> torch.Tensor:
-        if self.choose and self.cols[i] % 4 == 0:  # SparseGPT: w^2 / [H^-1]_jj^2 over the run's four columns
+        if self.choose and self.pattern == "2:4" and self.cols[i] % 4 == 0:  # SparseGPT: w^2 / [H^-1]_jj^2 over the run's four columns
             d = self.hinv_diag[i : i + 4]
             score = self.W1[i : i + 4].square() / d[:, None].square()
             self.M1[i : i + 4] = _top2_of_4(score.t().contiguous()).t()
@@ -160,16 +168,18 @@ def slim_grid(W: torch.Tensor, cfg: CompressConfig, parts: tuple[tuple[int, bool
 
 
 def slim_quantize(W: torch.Tensor, H: torch.Tensor, cfg: CompressConfig, parts: tuple[tuple[int, bool], ...] | None = None,
-                  mask: torch.Tensor | None = None) -> tuple[Sparse24Weight, list[str]]:
-    """2:4 prune and quantize W [out, in] against H [in, in]; a given `mask` (the re-solve after the
-    adapters) is kept. Returns the weight and log notes."""
+                  mask: torch.Tensor | None = None) -> tuple[Sparse24Weight | SparseHalfWeight, list[str]]:
+    """Prune (2:4 or half of each row, cfg.slim_pattern) and quantize W [out, in] against H [in, in]; a given
+    `mask` (the re-solve after the adapters) is kept. Returns the weight and log notes."""
     notes: list[str] = []
-    check_shape(W.shape[1])
+    pattern = cfg.slim_pattern
+    packed = Sparse24Weight if pattern == "2:4" else SparseHalfWeight
+    check_shape(W.shape[1], pattern)
     W, H, dead = prepare_hessian(W, H, notes)
     h_diag = torch.diagonal(H).clone()
     rows, cols = W.shape
     if mask is None and (cfg.slim_mask == "wanda" or cfg.slim_solver == "rtn"):
-        mask = wanda_mask(W, h_diag)
+        mask = wanda_mask(W, h_diag, pattern)
     if cfg.slim_refit and not bool(dead.all()):
         if mask is None:  # SparseGPT's mask comes out of a first prune-and-quantize sweep
             mask = slim_quantize(W, H, cfg.replace(slim_refit=False), parts)[0].mask().to(W.device)
@@ -180,12 +190,12 @@ def slim_quantize(W: torch.Tensor, H: torch.Tensor, cfg: CompressConfig, parts: 
         if cfg.slim_solver != "rtn":
             notes.append("all inputs are zero: fell back to plain rounding")
         codes = quantize(W, expand_groups(scales, cols, G), expand_groups(zeros, cols, G), cfg.bits)
-        return Sparse24Weight.from_dense(codes.to(torch.uint8), mask, scales, zeros_stored, cfg.bits, G), notes
-    sq = _SparseColumns(scales, zeros, cfg.bits, G, rows, cols, mask)
-    block = max(4, cfg.block_size // 4 * 4)  # runs of four never straddle two lazy blocks
+        return packed.from_dense(codes.to(torch.uint8), mask, scales, zeros_stored, cfg.bits, G), notes
+    sq = _SparseColumns(scales, zeros, cfg.bits, G, rows, cols, mask, pattern)
+    block = max(4, cfg.block_size // 4 * 4)  # runs of four never straddle two lazy blocks; every block even
     if not gptq_sweep(W, H, sq, torch.arange(cols, device=W.device), block, cfg.damp_percent, notes, kernel=False):
         notes.append("Hessian could not be factored even with heavy damping: fell back to plain rounding")
-        mask = mask if mask is not None else wanda_mask(W, h_diag)
+        mask = mask if mask is not None else wanda_mask(W, h_diag, pattern)
         codes = quantize(W, expand_groups(scales, cols, G), expand_groups(zeros, cols, G), cfg.bits)
-        return Sparse24Weight.from_dense(codes.to(torch.uint8), mask, scales, zeros_stored, cfg.bits, G), notes
-    return Sparse24Weight.from_dense(sq.codes, sq.mask, scales, zeros_stored, cfg.bits, G), notes
+        return packed.from_dense(codes.to(torch.uint8), mask, scales, zeros_stored, cfg.bits, G), notes
+    return packed.from_dense(sq.codes, sq.mask, scales, zeros_stored, cfg.bits, G), notes
