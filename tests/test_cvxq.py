@@ -53,6 +53,25 @@ def test_lambda_search_hits_integer_targets_exactly_and_fractional_ones_within_t
         assert 0.995 * budget <= total <= budget
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_closed_form_widths_equal_the_table_search(seed, monkeypatch):
+    """Rates that grow by a constant per bit take the closed form (no [cells, widths] tables): the same
+    widths as the argmin over the tables, with mixed cell sizes and a fill of the leftover."""
+    from rdquant import allocate as alloc
+
+    g = torch.Generator().manual_seed(seed)
+    n = 3000
+    weight = torch.rand(n, generator=g, dtype=torch.float64) ** 3 * 100 + 1e-3
+    sizes = torch.tensor([64.0, 48.0, 128.0], dtype=torch.float64)[torch.randint(0, 3, (n,), generator=g)]
+    rate = group_rates(sizes, 6, width_bits(6)).to(torch.float32)
+    assert alloc.affine_steps(rate, kappa(6)) is not None
+    budgets = [t * float(sizes.sum()) for t in (1.3, 2.71, 4.0)]
+    fast = [waterfill(weight, rate, b) for b in budgets]
+    monkeypatch.setattr(alloc, "affine_steps", lambda r, k: None)
+    for b, w in zip(budgets, fast):
+        assert torch.equal(w, waterfill(weight, rate, b))
+
+
 def test_water_filling_matches_brute_force_optimum():
     kap = kappa(3)
     for seed in range(4):

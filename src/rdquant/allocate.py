@@ -37,55 +37,93 @@ def widths_at(lam: float, D: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
                       for a in range(0, D.shape[0], _CHUNK)])
 
 
+def affine_steps(rate: torch.Tensor, kap: torch.Tensor) -> torch.Tensor | None:
+    """Each cell's rate per extra bit [n] when every cell's rate grows by the same amount at each width step
+    (R[i, b] = R[i, 0] + s_i b, s_i > 0) and kap is convex (its drops shrink with the width); else None.
+    Such allocations (uniform grids' cells) have a closed-form width at each lambda: no [n, B] tables."""
+    if rate.shape[1] < 2:
+        return None
+    s = rate[:, 1] - rate[:, 0]
+    dk = kap[:-1] - kap[1:]
+    if not bool((s > 0).all()) or not bool((dk[1:] <= dk[:-1]).all()) or not bool((dk > 0).all()):
+        return None
+    for b in range(2, rate.shape[1]):
+        if not bool((rate[:, b] - rate[:, b - 1] == s).all()):
+            return None
+    return s
+
+
+def _affine_widths(lam: float, ratio: torch.Tensor, dk: torch.Tensor) -> torch.Tensor:
+    """argmin_b w kap[b] + lam s b (ties to the narrower) for convex kap: a cell takes step b while
+    w (kap[b-1] - kap[b]) > lam s, i.e. while ratio = w / s exceeds lam / dk[b-1] (a prefix of the steps)."""
+    return torch.searchsorted(lam / dk, ratio)  # thresholds ascending (dk falls): how many lie below ratio
+
+
 def waterfill(weight: torch.Tensor, rate: torch.Tensor, budget: float, kap: torch.Tensor | None = None,
-              iters: int = 100, device: str | torch.device | None = None) -> torch.Tensor:
+              iters: int = 100, device: str | torch.device | None = None, keep_device: bool = False) -> torch.Tensor:
     """Widths [n] (long) minimising sum_i weight_i * kap[b_i] subject to sum_i rate[i, b_i] <= budget.
 
     rate: [n, B+1] bits of cell i at each width (non-decreasing in b). Raises ValueError when even
     the narrowest widths exceed the budget. The result is the Lagrangian solution for the smallest
     feasible lambda found by bisection (exact up to the duality gap of the integer problem).
     Rates may be float32 (bit counts below 2**24 are exact there); totals are summed in float64.
-    `device` (e.g. the GPU) is where the bisection runs; the widths come back on the CPU.
+    `device` (e.g. the GPU) is where the bisection runs; the widths come back on the CPU (on `device`
+    with keep_device). Rates that grow by a constant per bit (affine_steps) take a closed form per lambda.
     """
     n, nb = rate.shape
     device = torch.device(device) if device is not None else weight.device
     kap = kappa(nb - 1) if kap is None else kap
-    D = weight.to(device, torch.float64)[:, None] * kap[None, :nb].to(device, torch.float64)
+    kap = kap[:nb].to(device, torch.float64)
     R = rate.to(device) if rate.dtype in (torch.float32, torch.float64) else rate.to(device, torch.float64)
-    total = lambda w: float(R.gather(1, w[:, None]).sum(dtype=torch.float64))
-    if float(R[:, 0].sum()) > budget:
+    if float(R[:, 0].sum(dtype=torch.float64)) > budget:
         raise ValueError("the budget is below the narrowest widths' rate")
+    out = (lambda w: w) if keep_device else (lambda w: w.cpu())
+    total = lambda w: float(R.gather(1, w[:, None]).sum(dtype=torch.float64))
     widest = torch.full((n,), nb - 1, dtype=torch.long, device=device)
     if total(widest) <= budget:
-        return widest.cpu()
+        return out(widest)
+    wt = weight.to(device, torch.float64)
+    s = affine_steps(R, kap)
+    if s is not None:  # closed form per lambda: w / s against lam / (kap[b-1] - kap[b])
+        dk = kap[:-1] - kap[1:]
+        ratio = wt / s.to(torch.float64)
+        base = float(R[:, 0].sum(dtype=torch.float64))
+        s64 = s.to(torch.float64)
+        at = lambda lam: _affine_widths(lam, ratio, dk)
+        total = lambda w: base + float((s64 * w).sum())
+        hi = max(float(ratio.max()) * float(dk[0]), 1e-30) * 2
+    else:
+        D = wt[:, None] * kap[None, :]
+        at = lambda lam: widths_at(lam, D, R)
+        hi = max(float(D.max()), 1e-30) * 2
     # lambda range: rate differences are >= 1 bit, distortion gaps are bounded by the weights
     lo = 1e-30
-    hi = max(float(D.max()), 1e-30) * 2
-    while total(widths_at(hi, D, R)) > budget:  # pragma: no cover - only with zero-rate steps
+    while total(at(hi)) > budget:  # pragma: no cover - only with zero-rate steps
         hi *= 10
     for _ in range(iters):
         mid = math.sqrt(lo * hi)
-        if total(widths_at(mid, D, R)) <= budget:
+        if total(at(mid)) <= budget:
             hi = mid
         else:
             lo = mid
         if hi / lo < 1 + 1e-9:
             break
-    w = widths_at(hi, D, R)
-    return _fill(w, D, R, budget - total(w)).cpu()
+    w = at(hi)
+    return out(_fill(w, wt, kap, R, budget - total(w)))
 
 
-def _fill(w: torch.Tensor, D: torch.Tensor, R: torch.Tensor, slack: float, rounds: int = 64) -> torch.Tensor:
+def _fill(w: torch.Tensor, weight: torch.Tensor, kap: torch.Tensor, R: torch.Tensor, slack: float,
+          rounds: int = 64) -> torch.Tensor:
     """Spend leftover budget greedily: widen cells by one step in order of distortion drop per bit,
     as many per round as fit (a cell at most once per round), until nothing more fits."""
-    n, nb = D.shape
+    n, nb = R.shape
     w = w.clone()
     for _ in range(rounds):
         if slack <= 0:
             break
         nxt = (w + 1).clamp(max=nb - 1)
         dr = R.gather(1, nxt[:, None])[:, 0].double() - R.gather(1, w[:, None])[:, 0].double()
-        dd = D.gather(1, w[:, None])[:, 0] - D.gather(1, nxt[:, None])[:, 0]
+        dd = weight * (kap[w] - kap[nxt])
         ok = (nxt > w) & (dr <= slack) & (dr > 0)
         if not bool(ok.any()):
             break

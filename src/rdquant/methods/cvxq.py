@@ -222,7 +222,7 @@ def layer_stored_bits(widths: torch.Tensor, rows: int, in_f: int, cfg: CompressC
         return (cluster_stored_bits(widths, clusters, width_bits(cfg.cvxq_max_bits), cfg.cvxq_grid == "uniform")
                 + (16 * rows if bias else 0))
     if cell_kind(cfg) == "column":
-        return layer_bits(rows, in_f, 1, widths.to(torch.long), torch.zeros(in_f, dtype=torch.long),
+        return layer_bits(rows, in_f, 1, widths.cpu().to(torch.long), torch.zeros(in_f, dtype=torch.long),
                           n_scales(in_f, cfg), bias, cfg.claq_codebook_bits)
     return stored_bits(widths, in_f, cfg.group_size, width_bits(cfg.cvxq_max_bits)) + (16 * rows if bias else 0)
 
@@ -353,6 +353,9 @@ def layer_cells(W: torch.Tensor, sens: torch.Tensor, l: LayerInfo, cfg: Compress
     return w, (r if coded else r.to(torch.float32)), c  # stored bit counts are exact in float32
 
 
+PAD_BITS = 2 * 8 * sum(range(1, 9)) + 8 * 8  # a layer's packing padding is below this: codes and zeros per width, widths
+
+
 def allocate(model: nn.Module, layers: list[LayerInfo], sens: dict[str, torch.Tensor] | None, cfg: CompressConfig,
              budget: float, progress: bool = False,
              cells: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] | None = None,
@@ -404,10 +407,18 @@ def allocate(model: nn.Module, layers: list[LayerInfo], sens: dict[str, torch.Te
         raise RdquantError(
             f"the target ({budget / n:.3f} bits/weight for the quantized weights) is below the smallest "
             f"possible size ({(float(rate[:, 0].sum(dtype=torch.float64)) + fixed) / n:.3f} bits/weight: every cell at width {lo})")
-    flat = torch.maximum(waterfill(weight, rate, avail, kap, device=cfg.device), floor)  # same rate below the floor
+    # the rate model leaves out packing padding (under PAD_BITS a layer): on a large model that is set aside
+    # up front, so the exact count below fits at once (each recount costs a pass over every cell)
+    reserve = PAD_BITS * len(layers) if PAD_BITS * len(layers) < 1e-4 * avail else 0.0
+    dev = torch.device(cfg.device)
+    floor, rate, weight, kap = floor.to(dev), rate.to(dev), weight.to(dev), kap.to(dev)
+    flat = torch.maximum(waterfill(weight, rate, avail - reserve, kap, device=dev, keep_device=True), floor)
 
     def vocab_widths(flat: torch.Tensor) -> dict[str, int]:
-        return {name: int(b) + lo for (name, _, _), b in zip(vocab, flat[n_layer_cells:])}
+        return {name: int(b) + lo for (name, _, _), b in zip(vocab, flat[n_layer_cells:].tolist())}
+
+    def on_cpu(out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.cpu() for k, v in out.items()}
 
     def unflatten(flat: torch.Tensor) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
@@ -423,13 +434,12 @@ def allocate(model: nn.Module, layers: list[LayerInfo], sens: dict[str, torch.Te
         return out
 
     if coded:  # a model of the coded size: no exact count to fit (the artifact's coded size is reported)
-        return unflatten(flat), int(fixed + float(rate.gather(1, flat[:, None]).sum())), clusters, vocab_widths(flat)
-    # the rate model leaves out packing padding (a few bytes per layer): measure the exact size and,
-    # if it is over, narrow the cells that lose least per bit saved until it fits
+        return on_cpu(unflatten(flat)), int(fixed + float(rate.gather(1, flat[:, None]).sum())), clusters, vocab_widths(flat)
+    # measure the exact size and, if it is over, narrow the cells that lose least per bit saved until it fits
     for _ in range(50):
         out = unflatten(flat)
         total = sum(layer_stored_bits(out[l.name], l.rows, l.cols, cfg, l.bias, clusters.get(l.name)) for l in layers)
-        total += sum(int(r[lo + int(b)]) for (_, _, r), b in zip(vocab, flat[n_layer_cells:]))  # exact, float64
+        total += sum(int(r[lo + b]) for (_, _, r), b in zip(vocab, flat[n_layer_cells:].tolist()))  # exact, float64
         excess = total - budget
         if excess <= 0:
             if gain_out is not None:
@@ -438,13 +448,14 @@ def allocate(model: nn.Module, layers: list[LayerInfo], sens: dict[str, torch.Te
                 dd = (weight * (kap[flat] - kap[nxt])).to(torch.float64)
                 up = nxt > flat
                 gain_out.append(float((dd[up] / dr[up].clamp_min(1e-9)).max()) if bool(up.any()) else 0.0)
-            return out, total, clusters, vocab_widths(flat)
+            return on_cpu(out), total, clusters, vocab_widths(flat)
         prv = (flat - 1).clamp_min(0)
         dr = rate.gather(1, flat[:, None])[:, 0].double() - rate.gather(1, prv[:, None])[:, 0].double()
         dd = (weight * (kap[prv] - kap[flat])).to(torch.float64)
         cand = torch.nonzero(flat > floor).flatten()
         cand = cand[torch.argsort(dd[cand] / dr[cand].clamp_min(1e-9))]
-        k = int(torch.searchsorted(torch.cumsum(dr[cand], 0), torch.tensor([float(excess)], dtype=torch.float64))) + 1
+        k = int(torch.searchsorted(torch.cumsum(dr[cand], 0), torch.tensor([float(excess)], dtype=torch.float64,
+                                                                            device=dev))) + 1
         flat = flat.clone()
         flat[cand[:k]] -= 1
     raise RdquantError("cvxq: could not fit the allocation into the budget")  # pragma: no cover
