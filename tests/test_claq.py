@@ -292,3 +292,19 @@ def test_fused_lloyd_kernel_gives_the_torch_steps_centroids(monkeypatch, shape):
         monkeypatch.setattr(K, "FUSED_LLOYD", fused)
         out.append(K.kmeans_1d(x, kk, w, iters=20, rounds=1))
     assert torch.equal(out[0], out[1])
+
+
+def test_outlier_mask_keeps_the_largest_and_smallest_valid_entries():
+    from rdquant.methods.claq import _outlier_mask
+
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        N, m = 9, int(torch.randint(1, 40, (1,), generator=g))
+        X = torch.randn(N, m, generator=g)
+        valid = torch.rand(N, m, generator=g) > 0.2
+        n_top, n_bot = torch.randint(0, m + 2, (N,), generator=g), torch.randint(0, m + 2, (N,), generator=g)
+        got = _outlier_mask(X, valid, n_top, n_bot)
+        for r in range(N):
+            vals = sorted((float(X[r, j]), j) for j in range(m) if valid[r, j])
+            want = {j for _, j in vals[: int(n_bot[r])]} | {j for _, j in vals[max(len(vals) - int(n_top[r]), 0):]}
+            assert set(torch.nonzero(got[r]).flatten().tolist()) == want

@@ -175,24 +175,25 @@ class CodebookWeight(VariableWidth):
         kept): plain rounding on this grid, the "before" of the method's error compensation."""
         from .kmeans import nearest
 
-        if W.device.type != "cpu":  # a logging aid: computed on the CPU
-            return self.to_cpu().round_to_grid(W.cpu()).to(W.device)
+        if W.device != self.codes.device:  # computed where W is (a pass on the host slowed CLAQ at 8B shapes)
+            return self.to(W.device).round_to_grid(W)
         out_f, in_f = self.shape
         x = W.to(torch.float32)
         if self.row_scale is not None:
             x = x / self.scales_full()
-        cw = column_widths(self.widths, self.share, in_f)
-        off = column_offsets(self.widths, self.share, in_f)
+        cw = column_widths(self.widths, self.share, in_f).to(W.device)
+        off = column_offsets(self.widths, self.share, in_f).to(W.device)
         kmax = 1 << int(cw.max())
-        idx = (off[:, None] + torch.arange(kmax)[None, :]).clamp(max=self.codebook.numel() - 1)
-        cb = self.values()[idx]
-        cb = torch.where(torch.arange(kmax)[None, :] < (1 << cw)[:, None], cb, float("inf"))
+        slots = torch.arange(kmax, device=W.device)[None, :]
+        idx = (off[:, None] + slots).clamp(max=self.codebook.numel() - 1)
+        cb = self.values().to(W.device)[idx]
+        cb = torch.where(slots < (1 << cw)[:, None], cb, float("inf"))
         cb = cb.sort(dim=1).values
         c = nearest(x.t().contiguous(), cb)  # [in, out]
         return self.finish(cb.gather(1, c).t().contiguous())
 
-    def to_cpu(self) -> "CodebookWeight":
-        return CodebookWeight(**{f: (getattr(self, f).cpu() if isinstance(getattr(self, f), torch.Tensor) else getattr(self, f))
+    def to(self, device: torch.device | str) -> "CodebookWeight":
+        return CodebookWeight(**{f: (getattr(self, f).to(device) if isinstance(getattr(self, f), torch.Tensor) else getattr(self, f))
                                  for f in ("codes", "widths", "codebook", "share", "row_scale", "outlier_count",
                                            "outlier_row", "outlier_val", "codebook_range", "scale_group")})
 

@@ -99,11 +99,12 @@ def column_priority(W: torch.Tensor, h_diag: torch.Tensor, factor: float) -> tor
     count = outlier_counts(W, factor).to(torch.float64)
     energy = (h_diag.to(torch.float64) * W.to(torch.float64).square().sum(0))
     energy = energy / energy.max().clamp_min(1e-300)  # in [0, 1], below one outlier step
-    return torch.argsort(count + energy * 0.5, descending=True)
+    return torch.argsort(count + energy * 0.5, descending=True).cpu()
 
 
 def plan_columns(W: torch.Tensor, h_diag: torch.Tensor, cfg: CompressConfig, bias: bool = False) -> ColumnPlan:
-    """CLAQ's column precision policy (outlier-guided adaptive precision + outlier reservation)."""
+    """CLAQ's column precision policy (outlier-guided adaptive precision + outlier reservation). The
+    per-column statistics are computed where W is (the GPU in a GPU run); the plan is on the CPU."""
     rows, in_f = W.shape
     share = cfg.claq_share
     n_g = -(-in_f // share)
@@ -156,10 +157,10 @@ def _rd_widths(W: torch.Tensor, h_diag: torch.Tensor, cfg: CompressConfig, outli
     share = cfg.claq_share
     n_g = -(-in_f // share)
     Wc = W.to(torch.float64)
-    var = (Wc - Wc.mean(0, keepdim=True)).square().sum(0)  # per column, summed over rows
+    var = (Wc - Wc.mean(0, keepdim=True)).square().sum(0).cpu()  # per column, summed over rows
     var = var * (1 - outliers.to(torch.float64) / rows).clamp_min(0)  # reserved entries cost nothing
     weight = torch.zeros(n_g, dtype=torch.float64).index_add_(0, torch.arange(in_f) // share,
-                                                             var * h_diag.to(torch.float64))
+                                                             var * h_diag.cpu().to(torch.float64))
     rate = codebook_rates(rows, group_sizes(in_f, share), 8, cfg.claq_codebook_bits)
     rate = rate - rate[:, :1]  # above the width-0 size
     from ..allocate import waterfill
@@ -175,10 +176,12 @@ def _outlier_mask(X: torch.Tensor, valid: torch.Tensor, n_top: torch.Tensor, n_b
     """[N, m] mask of the n_top largest and n_bot smallest valid entries of each row of X."""
     if not bool((n_top > 0).any() or (n_bot > 0).any()):
         return torch.zeros_like(valid)
-    inf = float("inf")
-    asc = torch.where(valid, X, inf).argsort(1).argsort(1)
-    desc = torch.where(valid, -X, inf).argsort(1).argsort(1)
-    return ((asc < n_bot[:, None]) | (desc < n_top[:, None])) & valid
+    # one ascending sort (invalid entries last): the first n_bot and the last n_top valid places
+    order = torch.where(valid, X, float("inf")).argsort(1)
+    pos = torch.arange(X.shape[1], device=X.device)[None, :]
+    nv = valid.sum(1, keepdim=True)
+    take = (pos < n_bot[:, None]) | ((pos >= nv - n_top[:, None]) & (pos < nv))
+    return torch.zeros_like(valid).scatter_(1, order, take) & valid
 
 
 class _CodebookColumns(ColumnQuantizer):
@@ -415,7 +418,7 @@ def claq_quantize(
             raise RdquantError("claq: given column widths need one tensor per part and share 1")
         plans = [ColumnPlan(w.to(torch.long).cpu(), torch.zeros(cols, dtype=torch.long)) for w in column_widths]
     else:
-        plans = [plan_columns(W[a:b].cpu(), h_diag.cpu(), cfg, bias) for (a, b), (_, bias) in zip(bounds, parts)]
+        plans = [plan_columns(W[a:b], h_diag, cfg, bias) for (a, b), (_, bias) in zip(bounds, parts)]
     scales = [_row_scales(W[a:b], cfg.claq_scale_group) if cfg.claq_row_scale else None for a, b in bounds]
     cq = _CodebookColumns(W, bounds, plans, scales, cfg)
     if cfg.claq_share > 1:
