@@ -7,7 +7,8 @@ included (llama.cpp's basis), on the default model and on a second architecture.
     python bench/whole_file.py ... --results                     # and publish: bench/results/whole_file.json
 
 A row is `KEY=VALUE ...` of CompressConfig fields, plus `file_bits=B`: the tensor file at B bits per
-parameter (--target-size-total = B x parameters / 8, cvxq). Two size figures: *tensors bits/param*
+parameter (--target-size-total = B x parameters / 8, cvxq), and `codec=C`: the artifact saved entropy-coded
+(`rdquant compress --codec C`; default none, and auto with `cvxq_rate=coded`, whose target is the coded size). Two size figures: *tensors bits/param*
 (every tensor: the safetensors file, llama.cpp's basis of all tensors) and *whole-file bits/param*
 (every file of the artifact: tokenizer, manifest and config too; Gemma's tokenizer.json alone is 33 MB). The embedding / head width is the row's
 `embed_bits` (default: auto, which cvxq's allocation chooses and other methods take as 8). Protocol
@@ -38,37 +39,42 @@ DEFAULT_ROWS = ["method=gptq bits=3 group_size=64 embed_bits=8", "method=gptq bi
                 "method=cvxq file_bits=3.0", "method=cvxq file_bits=3.0 embed_bits=4"]
 
 
-def parse_row(text: str, params: int) -> tuple[str, rdquant.CompressConfig, float | None]:
-    """(cache name, config, whole-file target in bits per parameter or None) of a row spec."""
+def parse_row(text: str, params: int) -> tuple[str, rdquant.CompressConfig, float | None, str]:
+    """(cache name, config, whole-file target in bits per parameter or None, save codec) of a row spec."""
     pairs = text.split()
     file_bits = None
+    codec = None
     rest = []
     for p in pairs:
         k, _, v = p.partition("=")
         if k == "file_bits":
             file_bits = float(v)
+        elif k == "codec":
+            codec = v
         else:
             rest.append(p)
     typed = _typed(rest)
     if file_bits is not None:
         typed["target_size_total"] = int(file_bits * params / 8)
     name = "_".join(p.replace("=", "") for p in sorted(pairs))
-    return name, rdquant.CompressConfig(**typed), file_bits
+    cfg = rdquant.CompressConfig(**typed)
+    return name, cfg, file_bits, codec or ("auto" if cfg.cvxq_rate == "coded" else "none")
 
 
-def run(name: str, cfg: rdquant.CompressConfig, file_bits: float | None, args, calib: Path) -> dict:
+def run(name: str, cfg: rdquant.CompressConfig, file_bits: float | None, args, calib: Path, codec: str = "none") -> dict:
     model, tok, mid = load_model(args.model)
     t0 = time.perf_counter()
     cm = rdquant.compress(model, cfg, tokenizer=tok, calib_ids=load_file(calib)["input_ids"], model_id=mid)
     seconds = time.perf_counter() - t0
-    out = cm.save(CACHE / "artifacts" / f"{args.model}_{name}", overwrite=True)
+    out = cm.save(CACHE / "artifacts" / f"{args.model}_{name}", overwrite=True, codec=codec)
     del cm, model
     rep = rdquant.inspect(out)
     vocab = [l for l in rep.layers if l.kind != "linear"]
     method = cfg.method + (f" ({cfg.cvxq_sensitivity} sensitivity)" if cfg.method == "cvxq" and
                            cfg.cvxq_sensitivity != "gradient" else "")
     row = {"tool": "rdquant", "model": args.model, "spec": name, "method": method,
-           "setting": (f"file {file_bits} bits/param" if file_bits is not None else
+           "setting": (f"file {file_bits} bits/param" + (f", {cfg.cvxq_rate} rate, codec {codec}" if codec != "none" else "")
+                       if file_bits is not None else
                        f"target {cfg.target_bits}" if cfg.target_bits is not None else f"{cfg.bits}-bit g{cfg.group_size}"),
            "embed": "16-bit" if not vocab else "/".join(sorted({f"{l.bits}-bit" if l.mean_width is None else
                                                                 f"{l.mean_width:.2f}-bit mean" for l in vocab}))
@@ -131,8 +137,8 @@ def main() -> None:
     del model
     rows = [orig]
     for spec in args.rows:
-        name, cfg, file_bits = parse_row(spec, params)
-        row = cached_row(f"wholefile_{name}_{tag}", args.fresh, lambda: run(name, cfg, file_bits, args, calib))
+        name, cfg, file_bits, codec = parse_row(spec, params)
+        row = cached_row(f"wholefile_{name}_{tag}", args.fresh, lambda: run(name, cfg, file_bits, args, calib, codec))
         rows.append(row)
         print(table(rows, args), flush=True)
     if args.results:
