@@ -18,21 +18,27 @@ class Sparse24(Layout):
     name = "sparse24"
     stored = ("qweight", "meta", "scales", "qzeros")
 
+    pattern, label, weight_cls = "2:4", "2:4 sparse", Sparse24Weight
+
+    @classmethod
+    def positions(cls, out_f: int, in_f: int) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+        """The stored tensor that says where the kept values sit: one nibble per run of four."""
+        return {"meta": (torch.uint8, (packing.packed_nbytes(out_f * in_f // 4, 4),))}
+
     @classmethod
     def buffers(cls, layer: LayerSpec) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
         out_f, in_f = layer.shape
-        check_shape(in_f)
+        check_shape(in_f, cls.pattern)
         return {"qweight": (torch.uint8, (packing.packed_nbytes(out_f * in_f // 2, layer.bits),)),
-                "meta": (torch.uint8, (packing.packed_nbytes(out_f * in_f // 4, 4),)),
-                **grid_buffers(out_f, in_f, layer.bits, layer.group_size, layer.symmetric)}
+                **cls.positions(out_f, in_f), **grid_buffers(out_f, in_f, layer.bits, layer.group_size, layer.symmetric)}
 
     @classmethod
-    def weight(cls, state: dict[str, torch.Tensor], layer: LayerSpec) -> Sparse24Weight:
-        return Sparse24Weight.from_packed(state, layer.shape, layer.bits, layer.group_size)
+    def weight(cls, state: dict[str, torch.Tensor], layer: LayerSpec) -> Sparse24Weight | SparseHalfWeight:
+        return cls.weight_cls.from_packed(state, layer.shape, layer.bits, layer.group_size)
 
     @classmethod
     def describe(cls, layer: LayerSpec) -> str:
-        return f"2:4 sparse, bits={layer.bits}, group_size={layer.group_size}, symmetric={layer.symmetric}"
+        return f"{cls.label}, bits={layer.bits}, group_size={layer.group_size}, symmetric={layer.symmetric}"
 
     kernels = ("triton",)  # kernels/sparse24_triton.py: widths 1..8, any group size (GPU)
 
@@ -84,23 +90,12 @@ class SparseHalf(Sparse24):
 
     name = "sparse50"
     stored = ("qweight", "bitmask", "scales", "qzeros")
+    pattern, label, weight_cls = "unstructured", "50% sparse (unstructured)", SparseHalfWeight
     kernels = ()
 
     @classmethod
-    def buffers(cls, layer: LayerSpec) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
-        out_f, in_f = layer.shape
-        check_shape(in_f, "unstructured")
-        return {"qweight": (torch.uint8, (packing.packed_nbytes(out_f * in_f // 2, layer.bits),)),
-                "bitmask": (torch.uint8, (packing.packed_nbytes(out_f * in_f, 1),)),
-                **grid_buffers(out_f, in_f, layer.bits, layer.group_size, layer.symmetric)}
-
-    @classmethod
-    def weight(cls, state: dict[str, torch.Tensor], layer: LayerSpec) -> SparseHalfWeight:
-        return SparseHalfWeight.from_packed(state, layer.shape, layer.bits, layer.group_size)
-
-    @classmethod
-    def describe(cls, layer: LayerSpec) -> str:
-        return f"50% sparse (unstructured), bits={layer.bits}, group_size={layer.group_size}, symmetric={layer.symmetric}"
+    def positions(cls, out_f: int, in_f: int) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+        return {"bitmask": (torch.uint8, (packing.packed_nbytes(out_f * in_f, 1),))}
 
     @classmethod
     def kernel_supports(cls, layer: LayerSpec, backend: str) -> bool:
