@@ -32,6 +32,7 @@ METHOD_ARGS = {
     "gptq": dict(method="gptq", bits=4, group_size=128),
     "cvxq": dict(method="cvxq", target_bits=4.25, group_size=128),
     "claq": dict(method="claq", target_bits=3.1),
+    "gptq-tune": dict(method="gptq", bits=4, group_size=128, tune_steps=16, tune_scope="block"),  # block tuning
 }
 
 
@@ -80,6 +81,11 @@ def one(args: argparse.Namespace) -> dict:
     plan = getattr(cm, "method_state", None)
     if plan is not None and getattr(plan, "phases", None):  # cvxq: where the allocation's time went
         row["plan_seconds"] = {**plan.phases, "total": round(plan.seconds, 2)}
+    if cm.tuning and cm.tuning.get("scope") == "block":  # block tuning: its seconds and the blocks' mean error
+        t = cm.tuning
+        row["tuning"] = {"seconds": t["seconds"], "steps_per_block": t["steps_per_block"],
+                         "mean_error_before": round(sum(t["error_before"]) / t["blocks"], 6),
+                         "mean_error_after": round(sum(t["error_after"]) / t["blocks"], 6)}
     if device.startswith("cuda"):
         row["gpu"] = torch.cuda.get_device_name()
     return row

@@ -254,7 +254,7 @@ def _run_compress(ctx: typer.Context, model: str, out: Optional[Path], recipe: O
 def streamed_source(model: str, cfg):
     """A LazyBlocks source for an HF directory with safetensors weights when the run can stream (not
     for GGUF files or aliases, which transformers dequantizes whole, nor for methods that need every
-    weight at once: ecsq, distillation tuning, cvxq's Hessian-proxy sensitivity); else None."""
+    weight at once: ecsq, whole-model distillation tuning, cvxq's Hessian-proxy sensitivity); else None."""
     import torch
 
     from .models import check_config, load_tokenizer_of, resolve_model
@@ -263,7 +263,8 @@ def streamed_source(model: str, cfg):
     loc = resolve_model(model)
     if loc.gguf_file or not any(loc.path.glob("*.safetensors")):
         return None
-    if cfg.method == "ecsq" or cfg.tune_steps or (cfg.method == "cvxq" and cfg.cvxq_sensitivity == "hessian"):
+    if cfg.method == "ecsq" or (cfg.tune_steps and cfg.tune_scope == "model") or (
+            cfg.method == "cvxq" and cfg.cvxq_sensitivity == "hessian"):
         return None
     check_config(loc)
     tok = load_tokenizer_of(loc)

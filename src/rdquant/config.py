@@ -237,12 +237,16 @@ class CompressConfig:
                                           uses=lambda c: c.method == "ecsq", experimental=True)
     # distillation tuning (tune.py): after the solver, move codebook values / row scales / group scales
     # (codes fixed, size unchanged) so the model's next-token distribution matches the original's
-    tune_steps: int = opt(0, "Adam steps of distillation tuning after the solver (codes and size unchanged); 0 = off",
-                          panel="Tuning", lo=0, hi=1 << 20)
+    tune_steps: int = opt(0, "Adam steps of distillation tuning after the solver (codes and size unchanged); 0 = off. "
+                          "With --tune-scope block: steps per block", panel="Tuning", lo=0, hi=1 << 20)
+    tune_scope: str = opt("model", "model (the whole model's next-token KL against the original: needs both models in "
+                          "memory) | block (each block's output against the float block's on the same inputs, one "
+                          "calibration batch a step, inside the block-by-block pipeline: streams, any model size)",
+                          flag="--tune-scope", panel="Tuning", uses=lambda c: c.tune_steps > 0, choices=("model", "block"))
     tune_lr: float = opt(1e-3, "tuning step, relative to each tensor's magnitude", panel="Tuning", lo=1e-12, hi=10.0,
                          uses=lambda c: c.tune_steps > 0)
-    tune_batch: int = opt(4, "calibration windows per tuning step", panel="Tuning", lo=1, hi=1 << 16,
-                          uses=lambda c: c.tune_steps > 0)
+    tune_batch: int = opt(4, "calibration windows per tuning step (--tune-scope block: --batch-size)", panel="Tuning",
+                          lo=1, hi=1 << 16, uses=lambda c: c.tune_steps > 0 and c.tune_scope == "model")
     # grid: shrink the min-max range by up to max_shrink in clip_search steps (0 = plain min-max)
     clip_search: int = opt(20, "grid shrink steps; 0 = min-max", uses=SEARCHED, lo=0, hi=1000)
     max_shrink: float = opt(0.3, "largest shrink of the min-max range the clip search tries", uses=SEARCHED, lo=0, hi=0.99)
@@ -370,6 +374,9 @@ def _check_range(f: dataclasses.Field, value: Any) -> None:
 
 def _check_combinations(c: CompressConfig) -> None:
     """Rules that involve more than one option."""
+    if c.tune_steps and c.tune_scope == "block" and c.method == "rtn":
+        raise RdquantError("--tune-scope block tunes each block inside the calibrated pipeline, which rtn does not run: "
+                           "use --tune-scope model or a calibrated method (gptq, claq, cvxq, slim)")
     if c.grid == "gguf" and c.method != "cvxq":
         raise RdquantError("--grid gguf (a size-targeted mix of llama.cpp types) needs --method cvxq and a size target; "
                            f"{c.method} takes one type, e.g. --grid gguf:Q4_K")

@@ -65,6 +65,20 @@ class PipelineState:
     blocks_done: int = 0
     logs: list[LayerLog] = field(default_factory=list)
     method_state: Any = None
+    tuning: dict | None = None  # --tune-scope block: what the blocks' tuning did (summed over this run's blocks)
+
+    def add_tuning(self, i: int, done: dict, steps: int) -> None:
+        if not done.get("tuned_layers"):
+            return
+        t = self.tuning or {"scope": "block", "steps_per_block": steps, "blocks": 0, "tuned_layers": 0,
+                            "parameters": 0, "seconds": 0.0, "error_before": [], "error_after": []}
+        t["blocks"] += 1
+        for k in ("tuned_layers", "parameters", "seconds"):
+            t[k] += done[k]
+        t["error_before"].append(round(done["error_before"], 6))  # per block: relative output error, chunk 0
+        t["error_after"].append(round(done["error_after"], 6))
+        t["seconds"] = round(t["seconds"], 2)
+        self.tuning = t
 
 
 def _move_outside_blocks(model: nn.Module, blocks: nn.ModuleList, device: torch.device) -> None:
@@ -295,6 +309,13 @@ def _run_pass(
             continue
         if on_output:
             on_output(k, out)
+
+
+@torch.no_grad()
+def block_targets(block: nn.Module, chunks: list[Chunk]) -> list[torch.Tensor]:
+    """The float block's output on every chunk, parked where the chunk's hidden states wait (block tuning's
+    targets: one more copy of the calibration activations while the block is solved)."""
+    return [_park(_block_output(block, c), c.hidden.device) for c in chunks]
 
 
 @torch.no_grad()
@@ -701,11 +722,12 @@ def run_pipeline(*args, **kwargs) -> PipelineState:
 def activation_home(cfg: CompressConfig, n_windows: int, seqlen: int, hidden: int, dtype: torch.dtype,
                     fixed_bytes: int) -> torch.device:
     """Where calibration activations wait between passes, checked before any work: the device when a
-    block's inputs and outputs (2 copies) fit beside `fixed_bytes` (one block, its Hessians, a batch's
+    block's inputs and outputs (2 copies; 3 with block tuning's targets) fit beside `fixed_bytes` (one block, its Hessians, a batch's
     intermediates) in its free memory (cfg.activations = auto), else pinned CPU memory. A run that
     cannot fit either way is refused here with the flag that makes it fit."""
     device = torch.device(cfg.device)
-    need = 2 * n_windows * seqlen * hidden * torch.finfo(dtype).bits // 8
+    copies = 3 if cfg.tune_steps and cfg.tune_scope == "block" else 2  # block tuning keeps the float outputs too
+    need = copies * n_windows * seqlen * hidden * torch.finfo(dtype).bits // 8
     gib = lambda b: f"{b / 2**30:.1f} GiB"
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
@@ -815,6 +837,8 @@ def _run_pipeline(
         if method.needs_hessian:
             if stages is None or sorted(n for s in stages for n in s) != sorted(linears):
                 stages, tails = discover_stages(block, linears, chunks[0])
+            tune_here = cfg.tune_steps > 0 and cfg.tune_scope == "block"
+            targets = block_targets(block, chunks) if tune_here else None  # the float block's outputs
             reuse = ActivationReuse(block, tails, budget) if cfg.reuse_activations else None
             try:
                 changed = None
@@ -823,12 +847,22 @@ def _run_pipeline(
                     changed = stage[0]
                     logs += quantize_stage(block, linears, stage, H, cfg, prefix, dtype, method_state, x_mean)
                     del H
-                if reuse and i == start:  # check once that reuse is exact for this architecture
+                if targets is not None:  # every linear moved: reuse can serve nothing from here on
+                    from .tune import tune_block
+
+                    if reuse:
+                        reuse.bypass = True
+                    state.add_tuning(i, tune_block(block, lambda k: _block_output(block, chunks[k]), targets,
+                                                   cfg.tune_steps, cfg.tune_lr, cfg.seed + i, cfg.scale_bits),
+                                     cfg.tune_steps)
+                    del targets
+                elif reuse and i == start:  # check once that reuse is exact for this architecture
                     reuse.bypass = True
                     reference = _block_output(block, chunks[0])
                     reuse.bypass = False
                 propagate(block, chunks, i, reuse, changed)
-                if reuse and i == start and not torch.equal(reference.to(chunks[0].hidden.device), chunks[0].hidden):
+                if reuse and i == start and not tune_here and not torch.equal(reference.to(chunks[0].hidden.device),
+                                                                              chunks[0].hidden):
                     raise RdquantError(
                         "activation reuse does not reproduce this architecture's block outputs exactly "
                         "(a module changes its output in place?); rerun with reuse_activations: false"

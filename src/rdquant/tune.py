@@ -14,6 +14,7 @@ import math
 import time
 import types
 from dataclasses import asdict, dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -94,6 +95,66 @@ def _mean_kl(student: nn.Module, teacher: nn.Module, ids: torch.Tensor, batch: i
     return total / max(ids.shape[0], 1)
 
 
+class _Routed:
+    """While open, each tunable layer's forward computes with its trainable weight (the previous forward,
+    e.g. activation reuse's wrapper, is put back on exit) and every other parameter of `root` is frozen."""
+
+    def __init__(self, root: nn.Module, layers: list[_Tunable]) -> None:
+        self.root, self.layers = root, layers
+
+    def __enter__(self) -> "_Routed":
+        self.frozen = [p for p in self.root.parameters() if p.requires_grad]
+        for p in self.frozen:
+            p.requires_grad_(False)
+        self.saved = [t.m.__dict__.get("forward") for t in self.layers]
+        for t in self.layers:
+            t.m.forward = types.MethodType(
+                lambda m, x, t=t: F.linear(x, t.weight().to(x.dtype), None if m.bias is None else m.bias.to(x.dtype)), t.m)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for t, f in zip(self.layers, self.saved):
+            if f is None:
+                del t.m.forward
+            else:
+                t.m.forward = f
+        for p in self.frozen:
+            p.requires_grad_(True)
+
+
+def _optimise(layers: list[_Tunable], steps: int, lr: float, loss_at: Callable[[], torch.Tensor], bar=None) -> None:
+    """Adam with a cosine schedule on the layers' offsets, `loss_at()` giving each step's loss."""
+    params = [p for t in layers for p in t.delta.values()]
+    if steps <= 0 or not params:
+        return
+    opt = torch.optim.Adam(params, lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 0.5 * (1 + math.cos(math.pi * k / steps)))
+    for _ in range(steps):
+        loss = loss_at()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if bar is not None:
+            bar.set_postfix(loss=f"{float(loss):.4g}")
+            bar.update(1)
+
+
+def _sampler(n: int, batch: int, seed: int) -> Callable[[], torch.Tensor]:
+    """Indices of the next `batch` items of a reshuffled pass over n items (a fresh permutation each pass)."""
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.empty(0, dtype=torch.long)
+
+    def pick() -> torch.Tensor:
+        nonlocal order
+        if order.numel() < batch:
+            order = torch.cat([order, torch.randperm(n, generator=gen)])
+        out, order = order[:batch], order[batch:]
+        return out
+
+    return pick
+
+
 def tune(
     student: nn.Module,
     teacher: nn.Module,
@@ -115,50 +176,57 @@ def tune(
         holdout = 0
     held, train = ids[:holdout], ids[holdout:]
     layers = tunables(student)
-    params = [p for t in layers for p in t.delta.values()]
-    n_params = sum(p.numel() for p in params)
-    frozen = [p for p in student.parameters() if p.requires_grad]
-    for p in frozen:
-        p.requires_grad_(False)
+    n_params = sum(p.numel() for t in layers for p in t.delta.values())
     teacher.eval()
     student.eval()
-    for t in layers:  # route each layer's forward through its trainable weight
-        t.m.forward = types.MethodType(
-            lambda m, x, t=t: F.linear(x, t.weight().to(x.dtype), None if m.bias is None else m.bias.to(x.dtype)), t.m)
-    try:
+    pick = _sampler(train.shape[0], batch, seed)
+
+    def loss_at() -> torch.Tensor:
+        x = train[pick().to(dev)]
+        with torch.no_grad():
+            t_logits = teacher(x).logits
+        return _kl(student(x).logits, t_logits)
+
+    with _Routed(student, layers):
         kl_before = _mean_kl(student, teacher, held, batch) if holdout else float("nan")
-        if steps > 0 and params:
-            opt = torch.optim.Adam(params, lr=lr)
-            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 0.5 * (1 + math.cos(math.pi * k / steps)))
-            gen = torch.Generator().manual_seed(seed)
-            order = torch.empty(0, dtype=torch.long)
-            bar = _progress(steps, progress)
-            for _ in range(steps):
-                if order.numel() < batch:
-                    order = torch.cat([order, torch.randperm(train.shape[0], generator=gen)])
-                pick, order = order[:batch], order[batch:]
-                x = train[pick.to(dev)]
-                with torch.no_grad():
-                    t_logits = teacher(x).logits
-                loss = _kl(student(x).logits, t_logits)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                if bar is not None:
-                    bar.set_postfix(kl=f"{float(loss):.4f}")
-                    bar.update(1)
-            if bar is not None:
-                bar.close()
-    finally:
-        for t in layers:
-            del t.m.forward
-        for p in frozen:
-            p.requires_grad_(True)
+        bar = _progress(steps, progress) if layers else None
+        _optimise(layers, steps, lr, loss_at, bar)
+        if bar is not None:
+            bar.close()
     for t in layers:
         t.commit(scale_bits)
     kl_after = _mean_kl(student, teacher, held, batch) if holdout else float("nan")  # as stored
     return TuneLog(steps, len(layers), n_params, kl_before, kl_after, time.perf_counter() - t0)
+
+
+def block_error(block_out: Callable[[int], torch.Tensor], targets: list[torch.Tensor], k: int) -> torch.Tensor:
+    """Relative squared error ||y - y*||^2 / ||y*||^2 of chunk k's block output against its target."""
+    y = block_out(k).float()
+    t = targets[k].to(y.device).float()
+    return (y - t).square().sum() / t.square().sum().clamp_min(1e-30)
+
+
+def tune_block(block: nn.Module, block_out: Callable[[int], torch.Tensor], targets: list[torch.Tensor], steps: int,
+               lr: float = 1e-3, seed: int = 0, scale_bits: int = FP16_MANTISSA) -> dict:
+    """Block-wise distillation (--tune-scope block): move the block's free values so that its output on
+    each calibration chunk (`block_out(k)`, the quantized block on its own inputs) matches `targets[k]`,
+    the float block's output on the same inputs. Needs one block in memory, so it runs inside the
+    streamed pipeline at any model size. Returns the relative error on chunk 0 before / after (stored)."""
+    t0 = time.perf_counter()
+    layers = tunables(block)
+    if not layers or steps <= 0:
+        return {"tuned_layers": 0}
+    pick = _sampler(len(targets), 1, seed)
+    with _Routed(block, layers):
+        with torch.no_grad():
+            before = float(block_error(block_out, targets, 0))
+        _optimise(layers, steps, lr, lambda: block_error(block_out, targets, int(pick()[0])))
+    for t in layers:
+        t.commit(scale_bits)
+    with torch.no_grad():
+        after = float(block_error(block_out, targets, 0))
+    return {"tuned_layers": len(layers), "parameters": sum(p.numel() for t in layers for p in t.delta.values()),
+            "error_before": before, "error_after": after, "seconds": time.perf_counter() - t0}
 
 
 def _progress(total: int, enabled: bool):
