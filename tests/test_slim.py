@@ -174,6 +174,25 @@ def test_adapters_are_the_saliency_weighted_best_rank_r_approximation():
     torch.testing.assert_close((U @ D).double(), E, rtol=1e-4, atol=1e-4)
 
 
+def test_quantized_adapters_stay_close_to_the_float_ones():
+    """4-bit factors are the fp16 factors up to rounding (a transposed SVD factor once went through a
+    row-major-only dequantization and came out 500x too large)."""
+    from rdquant.lowrank import fit_adapters
+    from rdquant.qtensor import dequantize_grouped
+
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(256, 256, generator=g) * 0.02
+    Q = W + torch.randn(256, 256, generator=g) * 0.005
+    h = torch.rand(256, generator=g) * 10
+    d16, d4 = (fit_adapters(W, Q, h, rdquant.CompressConfig(method="slim", lowrank=0.1, lowrank_bits=b)).delta()
+               for b in (16, 4))
+    assert float((d4 - d16).norm() / d16.norm()) < 0.2
+    codes = torch.randint(0, 16, (40, 24), generator=g, dtype=torch.uint8)
+    scales, zeros = torch.rand(24, 3, generator=g), torch.full((24, 3), 8.0)
+    assert torch.equal(dequantize_grouped(codes.t(), scales, zeros, 16),
+                       dequantize_grouped(codes.t().contiguous(), scales, zeros, 16))
+
+
 def test_dead_input_channels_keep_the_weighting_invertible():
     E = torch.randn(8, 8)
     s = torch.ones(8)

@@ -82,7 +82,7 @@ def saliency_lowrank(E: torch.Tensor, h_diag: torch.Tensor, rank: int) -> tuple[
     sq = saliency(h_diag).to(E.device)
     U, S, Vh = torch.linalg.svd(E.to(torch.float32) * sq, full_matrices=False)
     r = min(rank, S.numel())
-    return S[:r, None] * Vh[:r] / sq, U[:, :r].contiguous()
+    return (S[:r, None] * Vh[:r] / sq).contiguous(), U[:, :r].contiguous()
 
 
 def fit_adapters(W: torch.Tensor, Q: torch.Tensor, h_diag: torch.Tensor, cfg: CompressConfig,

@@ -50,7 +50,7 @@ def dequantize_grouped(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.T
     out_f, in_f = codes.shape
     G = in_f if group_size == -1 else group_size
     n_full, s, z = in_f // G, scales.to(torch.float32), zeros.to(torch.float32)
-    w = codes.to(torch.float32)
+    w = codes.to(torch.float32, memory_format=torch.contiguous_format)  # as_strided below needs row-major
     if n_full:
         full = w.as_strided((out_f, n_full, G), (w.stride(0), G, 1))
         full.sub_(z[:, :n_full, None]).mul_(s[:, :n_full, None])
