@@ -4,6 +4,7 @@ the default model.
     python bench/slim.py                                  # the default rows
     python bench/slim.py --rows "method=slim" "method=slim lowrank=0.1"
     python bench/slim.py ... --results                    # and publish: bench/results/slim.json
+    python bench/slim.py --plot                           # the rank sweep's plot from the published rows
 
 A row is `label|KEY=VALUE ...` of CompressConfig fields (the label names the configuration in the
 table). Baselines are rdquant's own configurations of the same solvers: SparseGPT + GPTQ is `--mask
@@ -130,6 +131,43 @@ def publish(rows: list[dict], args) -> None:
     publish_rows(RESULTS, rows, lambda r: r.get("spec"), "slim.py", stamped=True)
 
 
+PLOT = ROOT / "bench" / "plots" / "slim_rank_sweep.png"
+
+
+def plot() -> Path:
+    """WikiText-2 perplexity against all-in bits/weight of the published rows: rdquant slim 2:4 at rank
+    0 / 5 / 10 / 20%, unstructured 50%, and the dense rows (bench/plots/slim_rank_sweep.png)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = json.loads(RESULTS.read_text())["rows"]
+    spec = lambda r: r.get("spec", "")
+    sweep = sorted((r for r in rows if spec(r).startswith("method=slim slim_mask=sparsegpt slim_refit=True")
+                    and "slim_pattern" not in spec(r)), key=lambda r: r["linear_bits_per_weight"])
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    ax.plot([r["linear_bits_per_weight"] for r in sweep], [r["ppl"] for r in sweep], "o-", label="rdquant slim 2:4, rank 0 / 5 / 10 / 20%")
+    for r in sweep:
+        rank = spec(r).partition("lowrank=")[2] or "0"
+        ax.annotate(f"r={float(rank):.0%}", (r["linear_bits_per_weight"], r["ppl"]), textcoords="offset points", xytext=(4, 4))
+    for r in rows:
+        if "slim_pattern=unstructured" in spec(r) or spec(r).startswith(("method=gptq", "method=cvxq")):
+            ax.plot(r["linear_bits_per_weight"], r["ppl"], "s", label=r["config"])
+    orig = next((r["ppl"] for r in rows if r.get("tool") == "original" or r.get("config") == "original"), None)
+    if orig:
+        ax.axhline(orig, color="grey", ls=":", label="original (16-bit)")
+    ax.set_xlabel("linear bits/weight, all-in (adapters and positions included)")
+    ax.set_ylabel("WikiText-2 perplexity")
+    ax.set_yscale("log")
+    ax.legend(fontsize=6)
+    ax.set_title("SLiM on SmolLM2-135M: perplexity against size")
+    fig.tight_layout()
+    PLOT.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(PLOT, dpi=120)
+    return PLOT
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
@@ -137,7 +175,11 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=32)
     ap.add_argument("--fresh", action="store_true", help="recompute cached rows")
     ap.add_argument("--results", action="store_true", help="publish the measured rows (bench/results/slim.json)")
+    ap.add_argument("--plot", action="store_true", help="only draw bench/plots/slim_rank_sweep.png from the published rows")
     args = ap.parse_args()
+    if args.plot:
+        print(f"wrote {plot()}")
+        return
     if shared_data_dir() is None:
         raise SystemExit("needs ../shared/data (WikiText-2 and the C4 file)")
     _, tok, _ = load_model(args.model)
