@@ -263,7 +263,7 @@ def streamed_source(model: str, cfg):
     loc = resolve_model(model)
     if loc.gguf_file or not any(loc.path.glob("*.safetensors")):
         return None
-    if cfg.method == "ecsq" or (cfg.tune_steps and cfg.tune_scope == "model") or (
+    if cfg.method == "ecsq" or cfg.tunes("model") or (
             cfg.method == "cvxq" and cfg.cvxq_sensitivity == "hessian"):
         return None
     check_config(loc)

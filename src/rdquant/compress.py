@@ -226,7 +226,7 @@ def compress(
     if source is not None and source.streamed:
         if checkpoint_dir is None:
             raise RdquantError("a streamed source writes each finished block to disk: pass checkpoint_dir")
-        if cfg.tune_steps and cfg.tune_scope == "model":
+        if cfg.tunes("model"):
             raise RdquantError("--tune-scope model needs the whole model in memory: use --tune-scope block (each "
                                "block tuned in the pipeline), an in-memory model, or --tune-steps 0")
     elif next(model.parameters()).dtype != torch.float32 and cfg.device == "cpu":
@@ -242,7 +242,7 @@ def compress(
     model_id = model_id or getattr(model.config, "_name_or_path", "") or type(model).__name__
     ckpt = Checkpoint(Path(checkpoint_dir), cfg, model_id) if checkpoint_dir else None
     model.eval()
-    teacher = copy.deepcopy(model) if cfg.tune_steps and cfg.tune_scope == "model" else None  # the original, for tuning
+    teacher = copy.deepcopy(model) if cfg.tunes("model") else None  # the original, for tuning
     state = run_pipeline(source or model, cfg, calib_ids, ckpt, resume, progress, after_block)
     round_to_storage(model, dense)
     files = None
@@ -259,7 +259,7 @@ def compress(
                       seed=cfg.seed, progress=progress, scale_bits=cfg.scale_bits).to_dict()
         model.to(home)
         del teacher
-    if cfg.tune_steps and cfg.tune_scope == "block":
+    if cfg.tunes("block"):
         tuning = state.tuning
     return CompressedModel(model, tokenizer, cfg, model_id, state.logs, time.perf_counter() - t0, dense,
                            state.method_state, tuning, files)

@@ -246,7 +246,7 @@ class CompressConfig:
     tune_lr: float = opt(1e-3, "tuning step, relative to each tensor's magnitude", panel="Tuning", lo=1e-12, hi=10.0,
                          uses=lambda c: c.tune_steps > 0)
     tune_batch: int = opt(4, "calibration windows per tuning step (--tune-scope block: --batch-size)", panel="Tuning",
-                          lo=1, hi=1 << 16, uses=lambda c: c.tune_steps > 0 and c.tune_scope == "model")
+                          lo=1, hi=1 << 16, uses=lambda c: c.tunes("model"))
     # grid: shrink the min-max range by up to max_shrink in clip_search steps (0 = plain min-max)
     clip_search: int = opt(20, "grid shrink steps; 0 = min-max", uses=SEARCHED, lo=0, hi=1000)
     max_shrink: float = opt(0.3, "largest shrink of the min-max range the clip search tries", uses=SEARCHED, lo=0, hi=0.99)
@@ -273,6 +273,10 @@ class CompressConfig:
                           choices=(-1, 2, 3, 4, 5, 6, 7, 8, 16))
     skip: tuple[str, ...] = opt(("lm_head",), "module-name suffixes left in 16 bit", cli=False)
     device: str = opt("cpu", "cpu | cuda | cuda:N")
+
+    def tunes(self, scope: str) -> bool:
+        """Whether distillation tuning runs, at this --tune-scope (model | block)."""
+        return self.tune_steps > 0 and self.tune_scope == scope
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -374,7 +378,7 @@ def _check_range(f: dataclasses.Field, value: Any) -> None:
 
 def _check_combinations(c: CompressConfig) -> None:
     """Rules that involve more than one option."""
-    if c.tune_steps and c.tune_scope == "block" and c.method == "rtn":
+    if c.tunes("block") and c.method == "rtn":
         raise RdquantError("--tune-scope block tunes each block inside the calibrated pipeline, which rtn does not run: "
                            "use --tune-scope model or a calibrated method (gptq, claq, cvxq, slim)")
     if c.grid == "gguf" and c.method != "cvxq":

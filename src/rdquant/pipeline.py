@@ -67,7 +67,7 @@ class PipelineState:
     method_state: Any = None
     tuning: dict | None = None  # --tune-scope block: what the blocks' tuning did (summed over this run's blocks)
 
-    def add_tuning(self, i: int, done: dict, steps: int) -> None:
+    def add_tuning(self, done: dict, steps: int) -> None:
         if not done.get("tuned_layers"):
             return
         t = self.tuning or {"scope": "block", "steps_per_block": steps, "blocks": 0, "tuned_layers": 0,
@@ -726,7 +726,7 @@ def activation_home(cfg: CompressConfig, n_windows: int, seqlen: int, hidden: in
     intermediates) in its free memory (cfg.activations = auto), else pinned CPU memory. A run that
     cannot fit either way is refused here with the flag that makes it fit."""
     device = torch.device(cfg.device)
-    copies = 3 if cfg.tune_steps and cfg.tune_scope == "block" else 2  # block tuning keeps the float outputs too
+    copies = 3 if cfg.tunes("block") else 2  # block tuning keeps the float outputs too
     need = copies * n_windows * seqlen * hidden * torch.finfo(dtype).bits // 8
     gib = lambda b: f"{b / 2**30:.1f} GiB"
     if device.type == "cuda":
@@ -837,8 +837,7 @@ def _run_pipeline(
         if method.needs_hessian:
             if stages is None or sorted(n for s in stages for n in s) != sorted(linears):
                 stages, tails = discover_stages(block, linears, chunks[0])
-            tune_here = cfg.tune_steps > 0 and cfg.tune_scope == "block"
-            targets = block_targets(block, chunks) if tune_here else None  # the float block's outputs
+            targets = block_targets(block, chunks) if cfg.tunes("block") else None  # the float block's outputs
             reuse = ActivationReuse(block, tails, budget) if cfg.reuse_activations else None
             try:
                 changed = None
@@ -852,7 +851,7 @@ def _run_pipeline(
 
                     if reuse:
                         reuse.bypass = True
-                    state.add_tuning(i, tune_block(block, lambda k: _block_output(block, chunks[k]), targets,
+                    state.add_tuning(tune_block(block, lambda k: _block_output(block, chunks[k]), targets,
                                                    cfg.tune_steps, cfg.tune_lr, cfg.seed + i, cfg.scale_bits),
                                      cfg.tune_steps)
                     del targets
@@ -861,8 +860,8 @@ def _run_pipeline(
                     reference = _block_output(block, chunks[0])
                     reuse.bypass = False
                 propagate(block, chunks, i, reuse, changed)
-                if reuse and i == start and not tune_here and not torch.equal(reference.to(chunks[0].hidden.device),
-                                                                              chunks[0].hidden):
+                checked = reuse and i == start and not cfg.tunes("block")
+                if checked and not torch.equal(reference.to(chunks[0].hidden.device), chunks[0].hidden):
                     raise RdquantError(
                         "activation reuse does not reproduce this architecture's block outputs exactly "
                         "(a module changes its output in place?); rerun with reuse_activations: false"
