@@ -184,7 +184,7 @@ def run_rdquant(name: str, cfg: rdquant.CompressConfig, args, calib: Path) -> di
            "group_size": f"col/{cfg.claq_share}" if "claq" in (cfg.method, method.removeprefix("cvxq+")[:4]) else cfg.group_size,
            "device": args.device, **size_fields(out), "compress_seconds": seconds, "exact_reload": exact,
            **({"allocation_seconds": plan_seconds} if plan_seconds is not None else {}),
-           "threads": torch.get_num_threads(), "name": name,
+           "threads": torch.get_num_threads(), "name": name, "calib_seed": args.calib_seed,
            **({"policy": cfg.claq_policy} if cfg.method == "claq" and cfg.claq_policy != "rd" else {})}
     row.update(eval_row(loaded, tok, args))
     return row
@@ -281,7 +281,8 @@ def table(rows: list[dict], args) -> str:
 
 RESULTS = ROOT / "bench" / "results" / "accuracy.json"
 # the results page's protocol (bench/results/accuracy.json's intro): --results refuses any other
-PAGE_PROTOCOL = {"model": "smollm2-135m", "windows": 32, "seqlen": 2048, "calib_samples": 128, "calib_seqlen": 512}
+PAGE_PROTOCOL = {"model": "smollm2-135m", "windows": 32, "seqlen": 2048, "calib_samples": 128, "calib_seqlen": 512,
+                 "calib_seed": 0}
 
 
 def quality_row(r: dict) -> str:
@@ -357,6 +358,8 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=2048)
     ap.add_argument("--calib-samples", type=int, default=128)
     ap.add_argument("--calib-seqlen", type=int, default=512)
+    ap.add_argument("--calib-seed", type=int, default=0,
+                    help="which C4 windows calibrate (another seed: how much a row moves with its calibration)")
     ap.add_argument("--ecsq-targets", type=float, nargs="+", default=[3.0, 2.5],
                     help="coded bits/weight targets for --methods ecsq")
     ap.add_argument("--ecsq-group-size", type=int, default=128)
@@ -399,11 +402,12 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(resolve_model(args.model).path)
-    calib = calib_file(tok, args.calib_samples, args.calib_seqlen, 0)
+    calib = calib_file(tok, args.calib_samples, args.calib_seqlen, args.calib_seed)
     tag = f"w{args.windows}s{args.seqlen}c{args.calib_samples}x{args.calib_seqlen}g{args.group_size}"
     rows = [cached_row(f"original_{args.model}_{tag}", False,
                        lambda: {"tool": "original", "method": "fp32 (16-bit on disk)",
                                 **eval_row(*load_model(args.model)[:2], args)})]
+    tag += f"_seed{args.calib_seed}" if args.calib_seed else ""  # the original's row does not calibrate
     jobs = [(m, b) for b in args.bits for m in args.methods if m not in ("ecsq", "claq", "cvxq", "uniform")]
     jobs += [("ecsq", t) for t in args.ecsq_targets if "ecsq" in args.methods]
     jobs += [("claq", t) for t in args.claq_targets if "claq" in args.methods]

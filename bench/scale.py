@@ -6,6 +6,11 @@ rdquant's methods through the streamed pipeline. Each (method, depth) runs in it
 peak host RSS is its own. Prints a table; --json writes the rows.
 
   python bench/scale.py --shape 8b --layers 2 32 --methods gptq claq --json bench/results/raw/scale.json
+
+Method `llmcompressor`: llm-compressor's GPTQ W4A16 g128 (`oneshot`, its sequential pipeline, batch 1 as
+its default) on the same weights and calibration tokens. It needs its own site directory (it pins an
+older transformers): `--peer-site DIR` goes first on that run's PYTHONPATH (bench/peers/README.md). The
+model is materialised whole on the host, as llm-compressor loads it.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 SHAPES = {
     # hidden, MLP, query heads, KV heads, vocab, layers of the real model
@@ -33,6 +39,7 @@ METHOD_ARGS = {
     "cvxq": dict(method="cvxq", target_bits=4.25, group_size=128),
     "claq": dict(method="claq", target_bits=3.1),
     "gptq-tune": dict(method="gptq", bits=4, group_size=128, tune_steps=16, tune_scope="block"),  # block tuning
+    "llmcompressor": None,  # the peer: one_llmcompressor
 }
 
 
@@ -55,8 +62,12 @@ def one(args: argparse.Namespace) -> dict:
     src = SyntheticBlocks(config, dtype, seed=0)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, config.vocab_size, (args.samples, args.seqlen), generator=g)
+    if args.one_method == "llmcompressor":
+        return one_llmcompressor(args, src, ids)
     cfg = rdquant.CompressConfig(**METHOD_ARGS[args.one_method], device=device, calib_samples=args.samples,
-                                 calib_seqlen=args.seqlen, batch_size=args.batch)
+                                 calib_seqlen=args.seqlen, batch_size=args.batch, activations=args.activations,
+                                 reuse_activations=not args.no_reuse)
+    phases, note = _watch_phases() if args.phase_peaks and device.startswith("cuda") else (None, None)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
@@ -71,13 +82,19 @@ def one(args: argparse.Namespace) -> dict:
             save_s = time.perf_counter() - t1
     row = {
         "shape": args.shape, "method": args.one_method, "layers": args.one_layers, "samples": args.samples,
-        "seqlen": args.seqlen, "batch": args.batch, "device": device, "seconds": round(seconds, 2),
+        "seqlen": args.seqlen, "batch": args.batch, "activations": args.activations,
+        "reuse_activations": not args.no_reuse, "device": device,
+        "seconds": round(seconds, 2),
         "seconds_per_layer": round(seconds / args.one_layers, 3),
         "solve_seconds": round(sum(l.seconds for l in cm.logs), 2),
-        "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.startswith("cuda") else None,
+        **_gpu_peaks(device),
         "peak_host_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
         "save_seconds": round(save_s, 2) if save_s is not None else None,
     }
+    if phases is not None:
+        note()
+        row["phase_peak_gpu_gib"] = {k: round(v / 2**30, 2) for k, v in phases.items()}
+        row["peak_gpu_gib"] = row["phase_peak_gpu_gib"]["run"]  # the stats were reset per phase
     plan = getattr(cm, "method_state", None)
     if plan is not None and getattr(plan, "phases", None):  # cvxq: where the allocation's time went
         row["plan_seconds"] = {**plan.phases, "total": round(plan.seconds, 2)}
@@ -87,6 +104,103 @@ def one(args: argparse.Namespace) -> dict:
                          "mean_error_before": round(sum(t["error_before"]) / t["blocks"], 6),
                          "mean_error_after": round(sum(t["error_after"]) / t["blocks"], 6)}
     if device.startswith("cuda"):
+        row["gpu"] = torch.cuda.get_device_name()
+    return row
+
+
+def _watch_phases() -> tuple[dict[str, int], Callable[[], None]]:
+    """Peak GPU bytes allocated inside each pipeline phase (capture, Hessians, solve, propagate, targets,
+    vocabulary), over all blocks: which step sets the run's peak. Wraps the pipeline's functions in this
+    process; a phase inside another counts for both, and "run" keeps the whole run's peak."""
+    import torch
+
+    from rdquant import pipeline, vocab
+
+    peaks: dict[str, int] = {"run": 0}
+    active = ["run"]
+
+    def note() -> None:
+        cur = torch.cuda.max_memory_allocated()
+        for ph in active:
+            peaks[ph] = max(peaks.get(ph, 0), cur)
+
+    def watch(module, name: str) -> None:
+        inner = getattr(module, name)
+
+        def wrapped(*a, **k):
+            note()
+            torch.cuda.reset_peak_memory_stats()
+            active.append(name)
+            try:
+                return inner(*a, **k)
+            finally:
+                note()
+                active.pop()
+
+        setattr(module, name, wrapped)
+
+    for name in ("capture_block_inputs", "stage_hessian", "quantize_stage", "propagate", "block_targets"):
+        watch(pipeline, name)
+    watch(vocab, "quantize_vocab")
+    return peaks, note  # call note() at the end: the last phase's peak is in the stats only
+
+
+def _gpu_peaks(device: str) -> dict:
+    """Peak GPU memory of this process: allocated by tensors, and reserved by PyTorch's caching allocator."""
+    import torch
+
+    if not device.startswith("cuda"):
+        return {"peak_gpu_gib": None}
+    return {"peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+            "peak_gpu_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2)}
+
+
+def one_llmcompressor(args: argparse.Namespace, src, ids) -> dict:
+    """llm-compressor's GPTQ on the synthetic model: its blocks filled with the weights rdquant's runs get
+    (generated on the same device kind), the whole model on the host; only oneshot() is timed."""
+    import importlib.util
+    import resource
+
+    import torch
+    from llmcompressor import oneshot
+    from torch.utils.data import DataLoader
+    from llmcompressor import __version__ as lc_version
+
+    for i in range(len(src)):
+        src.load(i, args.device).to("cpu")
+    model = src.model.eval()
+    cfg_dir = tempfile.mkdtemp(dir=args.tmp)  # oneshot re-reads the config from name_or_path: config.json only
+    model.config.save_pretrained(cfg_dir)
+    model.config.name_or_path = cfg_dir
+    spec = importlib.util.spec_from_file_location("lc_gptq", Path(__file__).parent / "peers" / "llmcompressor_gptq.py")
+    lc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(lc)  # the recipe of the default-model peer rows
+    recipe = lc.build_recipe(argparse.Namespace(bits=4, group_size=128, ignore=["lm_head"], dampening=0.01,
+                                                block_size=128, actorder="default"))
+    # the windows as a DataLoader of [1, seqlen] batches (what oneshot's own collator makes of a Dataset):
+    # a datasets.Dataset goes through .map, whose fingerprinting fails on Python 3.12 with pyarrow 26 (dill)
+    ds = DataLoader([{"input_ids": w, "attention_mask": torch.ones_like(w)} for w in ids], batch_size=1)
+    # oneshot wants a processor when given a dataset; the windows are tokens already, so a one-word one
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel({"<unk>": 0}, unk_token="<unk>")),
+                                  unk_token="<unk>", pad_token="<unk>")
+    if args.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    oneshot(model=model, processor=tok, dataset=ds, recipe=recipe, num_calibration_samples=ids.shape[0], max_seq_length=ids.shape[1],
+            batch_size=1, shuffle_calibration_samples=False, output_dir=None)
+    seconds = time.perf_counter() - t0
+    n = args.one_layers
+    quantized = sum(hasattr(m, "weight_scale") for m in model.modules())  # that it ran: linears with scales
+    row = {"shape": args.shape, "method": "llmcompressor", "tool": f"llm-compressor {lc_version}", "layers": n,
+           "samples": args.samples, "seqlen": args.seqlen, "batch": 1, "device": args.device,
+           "seconds": round(seconds, 2), "seconds_per_layer": round(seconds / n, 3), "solve_seconds": None,
+           "quantized_linears": quantized,
+           **_gpu_peaks(args.device),
+           "peak_host_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}
+    if args.device.startswith("cuda"):
         row["gpu"] = torch.cuda.get_device_name()
     return row
 
@@ -146,10 +260,16 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=2048)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--activations", choices=["auto", "device", "cpu"], default="auto",
+                    help="where rdquant's calibration activations wait between blocks (--activations of compress)")
+    ap.add_argument("--phase-peaks", action="store_true", help="also report the peak GPU memory of each pipeline phase")
+    ap.add_argument("--no-reuse", action="store_true", help="recompute submodule outputs instead of caching them "
+                    "on the GPU between stages (reuse_activations: false; less GPU memory)")
     ap.add_argument("--save", action="store_true", help="also write the artifact (timed separately)")
     ap.add_argument("--tmp", default=None, help="directory for the run's block files")
     ap.add_argument("--progress", action="store_true")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--peer-site", help="site directory with llm-compressor and its pins (method llmcompressor)")
     ap.add_argument("--check", action="store_true", help="run the GPU exactness checks first")
     ap.add_argument("--one-method", help=argparse.SUPPRESS)
     ap.add_argument("--one-layers", type=int, help=argparse.SUPPRESS)
@@ -167,7 +287,12 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--one-method", method, "--one-layers", str(layers)] + [
                 a for a in sys.argv[1:] if a not in ("--json", "--check") and not a.endswith(".json")]
             t0 = time.perf_counter()
-            p = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
+            env = dict(os.environ)
+            if method == "llmcompressor":
+                if not args.peer_site:
+                    raise SystemExit("method llmcompressor needs --peer-site DIR (llm-compressor's own site directory)")
+                env["PYTHONPATH"] = os.pathsep.join(p for p in (args.peer_site, env.get("PYTHONPATH")) if p)
+            p = subprocess.run(cmd, capture_output=True, text=True, env=env)
             row = next((json.loads(l[4:]) for l in p.stdout.splitlines() if l.startswith("ROW ")), None)
             if row is None:
                 tail = (p.stderr or p.stdout).strip().splitlines()[-5:]
@@ -182,7 +307,7 @@ def main() -> None:
         if "error" in r:
             print(f"{r['method']:6} {r['layers']:>6} error: {r['error']}")
             continue
-        print(f"{r['method']:6} {r['layers']:>6} {r['seconds']:>8} {r['seconds_per_layer']:>8} {r['solve_seconds']:>8} "
+        print(f"{r['method']:6} {r['layers']:>6} {r['seconds']:>8} {r['seconds_per_layer']:>8} {r['solve_seconds'] or '-':>8} "
               f"{r['peak_gpu_gib'] or '-':>8} {r['peak_host_rss_gib']:>8}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
