@@ -170,3 +170,15 @@ def test_gptq_scale_bits_zero_the_low_mantissa_bits_and_cost_little():
     assert err[5] < 1.1 * err[10]
     with pytest.raises(Exception, match="scale-bits"):
         CompressConfig(scale_bits=11)
+
+
+def test_inverse_hessian_in_place_damping_matches_the_copy():
+    """owned=True damps the caller's scratch H in place: the same factor bit for bit, retries included."""
+    from rdquant.methods.gptq import inverse_hessian_cholesky
+
+    X = torch.randn(48, 40)
+    for H in (X.T @ X / 48, X[:4].T @ X[:4] - 0.5 * torch.eye(40)):  # positive definite; needs more damping
+        a_notes, b_notes = [], []
+        a = inverse_hessian_cholesky(H, 0.01, a_notes)
+        b = inverse_hessian_cholesky(H.clone(), 0.01, b_notes, owned=True)
+        assert torch.equal(a, b) and a_notes == b_notes

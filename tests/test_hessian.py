@@ -14,3 +14,17 @@ def test_panelled_hessian_matches_float64_reference():
     assert acc.n == X.shape[0]
     assert torch.allclose(acc.H.double(), ref, rtol=1e-4, atol=1e-4)
     assert torch.equal(acc.H, acc.H.T)
+
+
+def test_hessian_is_mirrored_in_place_exactly():
+    """H is the accumulator's storage with the upper triangle mirrored: equal to triu + triu(1)^T of the
+    accumulated panels bit for bit (no full-size copy made), and still exact after more batches."""
+    torch.manual_seed(0)
+    acc = HessianAccumulator(300, panels=4)
+    acc.add(torch.randn(64, 300))
+    ref = torch.triu(acc._upper) + torch.triu(acc._upper, 1).t()
+    H = acc.H
+    assert H.data_ptr() == acc._upper.data_ptr() and torch.equal(H, ref) and torch.equal(H, H.t())
+    acc.add(torch.randn(32, 300))  # the stale lower triangle plays no part in later batches
+    ref = torch.triu(acc._upper) + torch.triu(acc._upper, 1).t()
+    assert torch.equal(acc.H, ref)

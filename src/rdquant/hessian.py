@@ -49,9 +49,16 @@ class HessianAccumulator:
 
     @property
     def H(self) -> torch.Tensor:
-        """The full symmetric Hessian [n_features, n_features]."""
-        upper = torch.triu(self._upper)
-        return upper + torch.triu(self._upper, 1).t()
+        """The full symmetric Hessian [n_features, n_features]: the accumulator's own storage with its lower
+        triangle filled from the upper one, panel by panel, so reading it costs no full-size copy (one
+        fp32 [in, in] matrix is 0.8 GB at 14k inputs, 3.3 GB at 28k). Adding batches after reading stays
+        exact (only the upper triangle accumulates); callers that edit H copy it first."""
+        U, e = self._upper, self._edges
+        for a, b in zip(e[:-1], e[1:]):
+            D = U[a:b, a:b]  # a panel's diagonal block is computed whole: keep its upper triangle, mirrored
+            D.copy_(torch.triu(D) + torch.triu(D, 1).t())
+            U[a:b, :a].copy_(U[:a, a:b].t())
+        return U
 
     def check_finite(self, name: str) -> None:
         """NaN/Inf anywhere in the inputs shows up in H: one cheap check instead of one per batch."""

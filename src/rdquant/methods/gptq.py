@@ -24,12 +24,13 @@ def proxy_error(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> float:
 
 
 def inverse_hessian_cholesky(
-    H: torch.Tensor, damp_percent: float, notes: list[str], tries: int = 6
+    H: torch.Tensor, damp_percent: float, notes: list[str], tries: int = 6, owned: bool = False
 ) -> torch.Tensor | None:
     """Upper Cholesky factor of (H + lambda I)^-1, lambda = damp_percent * mean(diag H).
 
     A Hessian that is not positive definite after damping gets 10x more damping, up to `tries`
-    times (noted in the layer log); None if it never factors.
+    times (noted in the layer log); None if it never factors. `owned`: H is the caller's scratch copy,
+    damped in place (one [in, in] matrix less at the peak; its diagonal is left damped).
     """
     diag = torch.diagonal(H)
     # the damping's scale: the mean diagonal, or (an indefinite H can have a mean <= 0) its largest magnitude
@@ -37,13 +38,21 @@ def inverse_hessian_cholesky(
     if not scale > 0:
         scale = float(diag.abs().max()) or 1.0
     damp = damp_percent * scale
+    undamped = diag.clone() if owned else None
     for attempt in range(tries):
-        damped = H.clone()  # H + damp I without an identity matrix beside it (memory at 14k inputs)
-        damped.diagonal().add_(damp)
+        if owned:
+            damped = H
+            diag.copy_(undamped).add_(damp)
+        else:
+            damped = H.clone()  # H + damp I without an identity matrix beside it (memory at 14k inputs)
+            damped.diagonal().add_(damp)
         L, info = torch.linalg.cholesky_ex(damped)
         del damped
         if int(info) == 0:
-            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            inv = torch.cholesky_inverse(L)
+            del L  # at most two [in, in] factors beside H at once
+            U, info = torch.linalg.cholesky_ex(inv, upper=True)
+            del inv
             if int(info) == 0 and torch.isfinite(U).all():
                 if attempt:
                     notes.append(f"Hessian not positive definite: damping raised to {damp:.3g}")
@@ -93,7 +102,7 @@ class ColumnQuantizer:
 def prepare_hessian(W: torch.Tensor, H: torch.Tensor, notes: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(W, H, dead) in float32 with dead inputs (H_jj = 0) zeroed in W and set to 1 on H's diagonal."""
     W = W.to(torch.float32).clone()
-    H = H.to(torch.float32).clone()
+    H = H.to(torch.float32)  # shared by the stage's linears: copied only when it is edited below
     if not torch.isfinite(H).all():
         raise ValueError("Hessian has non-finite entries (NaN/Inf activations)")
     dead = torch.diagonal(H) == 0
@@ -101,7 +110,8 @@ def prepare_hessian(W: torch.Tensor, H: torch.Tensor, notes: list[str]) -> tuple
         return W, H, dead
     if bool(dead.any()):
         notes.append(f"{int(dead.sum())} dead input columns set to 0")
-    H[dead, dead] = 1
+        H = H.clone()
+        H[dead, dead] = 1
     W[:, dead] = 0
     return W, H, dead
 
@@ -128,8 +138,8 @@ def gptq_sweep(
     fused block (`fused_block`, CLAQ's codebooks)."""
     fused = _block_kernel(W, kernel)
     cols = W.shape[1]
-    W, H = W[:, perm], H[perm][:, perm]
-    Hinv = inverse_hessian_cholesky(H, damp_percent, notes)
+    W = W[:, perm]
+    Hinv = inverse_hessian_cholesky(H[perm[:, None], perm], damp_percent, notes, owned=True)  # one permuted copy
     if Hinv is None:
         return False
     order = perm.tolist()
