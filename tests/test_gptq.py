@@ -172,13 +172,29 @@ def test_gptq_scale_bits_zero_the_low_mantissa_bits_and_cost_little():
         CompressConfig(scale_bits=11)
 
 
-def test_inverse_hessian_in_place_damping_matches_the_copy():
-    """owned=True damps the caller's scratch H in place: the same factor bit for bit, retries included."""
+def test_inverse_hessian_of_the_permuted_matrix_matches_the_copy():
+    """perm= factors H in that order from one scratch copy per attempt: the factor of H[perm][:, perm],
+    bit for bit, retries included, and H itself is left as it was."""
     from rdquant.methods.gptq import inverse_hessian_cholesky
 
     X = torch.randn(48, 40)
+    perm = torch.randperm(40)
     for H in (X.T @ X / 48, X[:4].T @ X[:4] - 0.5 * torch.eye(40)):  # positive definite; needs more damping
-        a_notes, b_notes = [], []
-        a = inverse_hessian_cholesky(H, 0.01, a_notes)
-        b = inverse_hessian_cholesky(H.clone(), 0.01, b_notes, owned=True)
-        assert torch.equal(a, b) and a_notes == b_notes
+        before, a_notes, b_notes = H.clone(), [], []
+        a = inverse_hessian_cholesky(H[perm][:, perm], 0.01, a_notes)
+        b = inverse_hessian_cholesky(H, 0.01, b_notes, perm=perm)
+        assert torch.equal(a, b) and a_notes == b_notes and torch.equal(H, before)
+    assert "damping raised" in b_notes[0]
+
+
+def test_gptq_solve_peak_memory_stays_near_four_hessians():
+    """One stage's solve (quantize_stage on a down_proj-shaped layer) holds at most H, two [in, in] factors
+    and a few weight copies at once: 6.97 Hessians before the copies were cut (bench/solve_memory.py)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from solve_memory import measure
+
+    r = measure("gptq", 256, 896)
+    assert r["peak_in_hessians"] <= 4.5, r

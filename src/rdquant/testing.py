@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import weakref
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from .data import read_documents
 
@@ -105,3 +108,36 @@ def random_codebook(out_f: int, in_f: int, widths: tuple[int, ...] = (2, 3, 4), 
     cb = CodebookWeight(codes, w.to(torch.uint8), book, share, row_scale=rs, codebook_range=rng, **kw)
     moved = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in vars(cb).items()}
     return CodebookWeight(**moved)
+
+
+class LiveBytes(TorchDispatchMode):
+    """Peak bytes of the tensors alive at once inside `with LiveBytes() as m:` (m.peak), on any device: every
+    storage an operator returns counts from then until it is freed (tensors made before the block count from
+    their first use in it). Measures a step's memory without a GPU (bench/solve_memory.py, tests)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = self.peak = 0
+        self._seen: set[int] = set()
+
+    def _count(self, t: torch.Tensor) -> None:
+        st = t.untyped_storage()
+        key, n = st.data_ptr(), st.nbytes()
+        if n == 0 or key in self._seen:
+            return
+        self._seen.add(key)
+        self.live += n
+        self.peak = max(self.peak, self.live)
+
+        def gone(key: int = key, n: int = n) -> None:
+            self._seen.discard(key)
+            self.live -= n
+
+        weakref.finalize(st, gone)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                self._count(t)
+        return out
