@@ -16,6 +16,7 @@ model is materialised whole on the host, as llm-compressor loads it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -31,6 +32,9 @@ SHAPES = {
                vocab_size=128256, layers=32),
     "70b": dict(hidden_size=8192, intermediate_size=28672, num_attention_heads=64, num_key_value_heads=8,
                 vocab_size=128256, layers=80),
+    # the 8B shape's widths / 8 (head dim 128 kept): CPU runs of the memory pattern (--phase-peaks)
+    "8b-mini": dict(hidden_size=512, intermediate_size=1792, num_attention_heads=4, num_key_value_heads=1,
+                    vocab_size=16032, layers=32),
     "tiny": dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
                  vocab_size=1000, layers=4),
 }
@@ -67,10 +71,19 @@ def one(args: argparse.Namespace) -> dict:
     cfg = rdquant.CompressConfig(**METHOD_ARGS[args.one_method], device=device, calib_samples=args.samples,
                                  calib_seqlen=args.seqlen, batch_size=args.batch, activations=args.activations,
                                  reuse_activations=not args.no_reuse)
-    phases, note = _watch_phases() if args.phase_peaks and device.startswith("cuda") else (None, None)
+    live = None
+    if args.phase_peaks and device.startswith("cuda"):
+        phases, note = _watch_phases(torch.cuda.max_memory_allocated, torch.cuda.reset_peak_memory_stats)
+    elif args.phase_peaks:  # on the CPU: the bytes of live tensors (parked activations and weights included)
+        from rdquant.testing import LiveBytes
+
+        live = LiveBytes()
+        phases, note = _watch_phases(lambda: live.peak, lambda: setattr(live, "peak", live.live))
+    else:
+        phases, note = None, None
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
+    with tempfile.TemporaryDirectory(dir=args.tmp) as tmp, live or contextlib.nullcontext():
         t0 = time.perf_counter()
         cm = rdquant.compress(src, cfg, calib_ids=ids, checkpoint_dir=Path(tmp) / "run.partial", progress=args.progress,
                               model_id=f"synthetic-{args.shape}")
@@ -91,10 +104,13 @@ def one(args: argparse.Namespace) -> dict:
         "peak_host_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
         "save_seconds": round(save_s, 2) if save_s is not None else None,
     }
-    if phases is not None:
+    if phases is not None and live is None:
         note()
         row["phase_peak_gpu_gib"] = {k: round(v / 2**30, 2) for k, v in phases.items()}
         row["peak_gpu_gib"] = row["phase_peak_gpu_gib"]["run"]  # the stats were reset per phase
+    elif phases is not None:
+        note()
+        row["phase_peak_live_gib"] = {k: round(v / 2**30, 3) for k, v in phases.items()}
     plan = getattr(cm, "method_state", None)
     if plan is not None and getattr(plan, "phases", None):  # cvxq: where the allocation's time went
         row["plan_seconds"] = {**plan.phases, "total": round(plan.seconds, 2)}
@@ -108,19 +124,18 @@ def one(args: argparse.Namespace) -> dict:
     return row
 
 
-def _watch_phases() -> tuple[dict[str, int], Callable[[], None]]:
-    """Peak GPU bytes allocated inside each pipeline phase (capture, Hessians, solve, propagate, targets,
-    vocabulary), over all blocks: which step sets the run's peak. Wraps the pipeline's functions in this
-    process; a phase inside another counts for both, and "run" keeps the whole run's peak."""
-    import torch
-
+def _watch_phases(peak: Callable[[], int], reset: Callable[[], None]) -> tuple[dict[str, int], Callable[[], None]]:
+    """Peak memory inside each pipeline phase (capture, Hessians, solve, propagate, targets, vocabulary), over
+    all blocks: which step sets the run's peak. `peak`/`reset` read and restart the meter (CUDA's allocator
+    statistics, or rdquant.testing.LiveBytes on the CPU). Wraps the pipeline's functions in this process; a
+    phase inside another counts for both, and "run" keeps the whole run's peak."""
     from rdquant import pipeline, vocab
 
     peaks: dict[str, int] = {"run": 0}
     active = ["run"]
 
     def note() -> None:
-        cur = torch.cuda.max_memory_allocated()
+        cur = peak()
         for ph in active:
             peaks[ph] = max(peaks.get(ph, 0), cur)
 
@@ -129,7 +144,7 @@ def _watch_phases() -> tuple[dict[str, int], Callable[[], None]]:
 
         def wrapped(*a, **k):
             note()
-            torch.cuda.reset_peak_memory_stats()
+            reset()
             active.append(name)
             try:
                 return inner(*a, **k)
@@ -262,7 +277,9 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--activations", choices=["auto", "device", "cpu"], default="auto",
                     help="where rdquant's calibration activations wait between blocks (--activations of compress)")
-    ap.add_argument("--phase-peaks", action="store_true", help="also report the peak GPU memory of each pipeline phase")
+    ap.add_argument("--phase-peaks", action="store_true",
+                    help="also report the peak memory of each pipeline phase (GPU: allocator statistics; CPU: live "
+                         "tensor bytes, parked activations included; CPU attention may materialise its scores)")
     ap.add_argument("--no-reuse", action="store_true", help="recompute submodule outputs instead of caching them "
                     "on the GPU between stages (reuse_activations: false; less GPU memory)")
     ap.add_argument("--save", action="store_true", help="also write the artifact (timed separately)")
