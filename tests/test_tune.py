@@ -101,3 +101,10 @@ def test_block_tuning_lowers_every_blocks_error_and_streams(llama_dir, tmp_path,
 def test_block_tuning_needs_a_calibrated_method():
     with pytest.raises(RdquantError, match="tune-scope block"):
         CompressConfig(method="rtn", tune_steps=5, tune_scope="block")
+
+
+def test_tune_scope_without_steps_names_the_missing_flag():
+    import rdquant.config
+
+    with pytest.raises(RdquantError, match="tune_scope is not used by method gptq without --tune-steps"):
+        rdquant.config.from_settings({}, {"method": "gptq", "tune_scope": "block"})

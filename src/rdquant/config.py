@@ -533,6 +533,7 @@ def from_settings(experimental: dict[str, Any], given: dict[str, Any], base: dic
                                + (" without --lowrank (it sets the adapters, off at 0)" if key.startswith("lowrank_") and cfg.lowrank == 0 else "")
                                + (" without --kv-bits (it sets the KV cache, off at 0)" if key.startswith("kv_") and not cfg.kv_bits else "")
                                + (" with --kv-key-axis token" if key == "kv_key_tokens" and cfg.kv_bits else "")
+                               + (" without --tune-steps (tuning is off at 0)" if key.startswith("tune_") and not cfg.tune_steps else "")
                                + (f" with --grid {cfg.grid} (the k-quant fixes widths, groups and scales)"
                                   if cfg.grid != "affine" and key in ("bits", "group_size", "symmetric", "scale_bits") else "")
                                + "; remove it")
