@@ -294,6 +294,9 @@ def main() -> None:
     if args.one_method:
         print("ROW " + json.dumps(one(args)), flush=True)
         return
+    if "llmcompressor" in args.methods and not (args.peer_site and Path(args.peer_site, "llmcompressor").is_dir()):
+        raise SystemExit("method llmcompressor needs --peer-site DIR, a site directory holding llm-compressor and its "
+                         "pins (bench/peers/README.md)")
     rows = []
     if args.check:
         for r in checks(args.device):
@@ -306,8 +309,6 @@ def main() -> None:
             t0 = time.perf_counter()
             env = dict(os.environ)
             if method == "llmcompressor":
-                if not args.peer_site:
-                    raise SystemExit("method llmcompressor needs --peer-site DIR (llm-compressor's own site directory)")
                 env["PYTHONPATH"] = os.pathsep.join(p for p in (args.peer_site, env.get("PYTHONPATH")) if p)
             p = subprocess.run(cmd, capture_output=True, text=True, env=env)
             row = next((json.loads(l[4:]) for l in p.stdout.splitlines() if l.startswith("ROW ")), None)
