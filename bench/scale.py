@@ -96,7 +96,8 @@ def one(args: argparse.Namespace) -> dict:
     row = {
         "shape": args.shape, "method": args.one_method, "layers": args.one_layers, "samples": args.samples,
         "seqlen": args.seqlen, "batch": args.batch, "activations": args.activations,
-        "reuse_activations": not args.no_reuse, "device": device,
+        "reuse_activations": not args.no_reuse, "device": device, "label": args.label,
+        "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
         "seconds": round(seconds, 2),
         "seconds_per_layer": round(seconds / args.one_layers, 3),
         "solve_seconds": round(sum(l.seconds for l in cm.logs), 2),
@@ -286,6 +287,7 @@ def main() -> None:
     ap.add_argument("--tmp", default=None, help="directory for the run's block files")
     ap.add_argument("--progress", action="store_true")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--label", help="a note kept in the rows (which code, which setting)")
     ap.add_argument("--peer-site", help="site directory with llm-compressor and its pins (method llmcompressor)")
     ap.add_argument("--check", action="store_true", help="run the GPU exactness checks first")
     ap.add_argument("--one-method", help=argparse.SUPPRESS)

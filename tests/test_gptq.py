@@ -187,14 +187,16 @@ def test_inverse_hessian_of_the_permuted_matrix_matches_the_copy():
     assert "damping raised" in b_notes[0]
 
 
-def test_gptq_solve_peak_memory_stays_near_four_hessians():
-    """One stage's solve (quantize_stage on a down_proj-shaped layer) holds at most H, two [in, in] factors
-    and a few weight copies at once: 6.97 Hessians before the copies were cut (bench/solve_memory.py)."""
+def test_gptq_solve_peak_memory_stays_near_three_hessians():
+    """One stage's solve (quantize_stage on a down_proj-shaped layer) holds at most H, the in-place factor
+    and a few weight copies at once: 6.97 Hessians before the copies were cut, 4.22 with a separate
+    factor, inverse and factor again, 2.95 now (bench/solve_memory.py). CLAQ's sweep shares the solve."""
     import sys
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
     from solve_memory import measure
 
-    r = measure("gptq", 256, 896)
-    assert r["peak_in_hessians"] <= 4.5, r
+    for method, most in (("gptq", 3.2), ("claq", 4.5)):  # CLAQ's K-means temporaries weigh more at this size
+        r = measure(method, 256, 896)
+        assert r["peak_in_hessians"] <= most, r

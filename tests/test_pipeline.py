@@ -169,3 +169,15 @@ def test_stages_of_a_llama_block_stay_the_same_across_many_discoveries(tiny_mode
     owner = {n: n.rpartition(".")[0] for n in linears}
     for stage in stages:  # a stage never spans the attention and the MLP
         assert len({owner[n] for n in stage}) == 1, stages
+
+
+def test_reuse_is_off_only_on_a_gpu_whose_activations_wait_on_the_host():
+    """The low-memory setting (--activations cpu on a GPU) keeps no reuse cache on the GPU; elsewhere the
+    option decides."""
+    from rdquant.pipeline import reuse_activations_on
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    on, off = rdquant.CompressConfig(), rdquant.CompressConfig(reuse_activations=False)
+    assert reuse_activations_on(on, cpu, cpu) and reuse_activations_on(on, gpu, gpu)
+    assert not reuse_activations_on(on, gpu, cpu)
+    assert not any(reuse_activations_on(off, d, h) for d, h in ((cpu, cpu), (gpu, gpu), (gpu, cpu)))

@@ -261,10 +261,11 @@ class CompressConfig:
     calib_seqlen: int = opt(512, "tokens per calibration window", panel="Calibration", lo=8, hi=1 << 20)
     seed: int = opt(0, "seed of the calibration windows and every random choice", panel="Calibration", lo=0, hi=2**63 - 1)
     batch_size: int = opt(16, "calibration windows per forward", panel="Calibration", lo=1, hi=1 << 20)
-    reuse_activations: bool = opt(True, "serve unchanged submodule outputs between stages (memory for speed)",
+    reuse_activations: bool = opt(True, "serve unchanged submodule outputs between stages (memory for speed; "
+                                  "off on a GPU whose activations are parked in CPU memory)",
                                   panel="Calibration")
     activations: str = opt("auto", "where calibration activations live between blocks: auto (on the device when they "
-                           "fit, else pinned CPU memory), device, cpu", choices=("auto", "device", "cpu"),
+                           "fit, else pinned CPU memory), device, cpu (least GPU memory)", choices=("auto", "device", "cpu"),
                            panel="Calibration")
     # what to quantize
     embed_bits: int = opt(-1, "bits of the token embedding and the output head (symmetric, row-wise groups of "

@@ -424,7 +424,7 @@ def claq_quantize(
     if cfg.claq_share > 1:
         cq.static = _static_codebooks(W, cq, h_diag, cfg)
     perm = torch.argsort(h_diag, descending=True) if cfg.act_order else torch.arange(cols)
-    ok = not bool(dead.all()) and gptq_sweep(W.clone(), H, cq, perm, cfg.block_size, cfg.damp_percent, notes)
+    ok = not bool(dead.all()) and gptq_sweep(W, H, cq, perm, cfg.block_size, cfg.damp_percent, notes)
     if not ok:  # no usable Hessian: codebooks and rounding without error feedback
         notes.append("no usable Hessian: column codebooks without error compensation")
         for i1 in range(0, cols, cfg.block_size):

@@ -30,32 +30,48 @@ def inverse_hessian_cholesky(
     columns in the order `perm` when given (GPTQ's act-order).
 
     A Hessian that is not positive definite after damping gets 10x more damping, up to `tries`
-    times (noted in the layer log); None if it never factors. H is left as it is. Memory: each attempt
-    damps a scratch copy, freed once factored, so at most two [in, in] matrices besides H are alive at
-    once (0.8 GB each at 14k inputs, 3.3 GB at 28k).
+    times (noted in the layer log); None if it never factors. H is left as it is. Memory: one [in, in]
+    matrix besides H (0.8 GB at 14k inputs, 3.3 GB at 28k), what the function returns: the permuted copy is
+    gathered into it a panel at a time, then factored, inverted and factored again in place. The work runs
+    on its column-major view (the matrix is symmetric, so it is the same matrix), the layout LAPACK and
+    cuSOLVER factor in place; torch copies a row-major `out=` through a temporary. The second factor is the
+    lower one there, whose transpose, the row-major view, is the upper factor asked for. (cuSOLVER's
+    inverse still takes a working copy for its own step.)
     """
-    diag = torch.diagonal(H) if perm is None else torch.diagonal(H)[perm]  # summed in the factor's order
-    # the damping's scale: the mean diagonal, or (an indefinite H can have a mean <= 0) its largest magnitude
-    scale = float(diag.mean())
+    diag = torch.diagonal(H)
+    # the damping's scale: the mean diagonal, or (an indefinite H can have a mean <= 0) its largest magnitude;
+    # summed in float64, where the order of the terms (H's layout, the permutation) does not change the sum
+    scale = float(diag.to(torch.float64).mean())
     if not scale > 0:
         scale = float(diag.abs().max()) or 1.0
     damp = damp_percent * scale
+    info = torch.zeros((), dtype=torch.int32, device=H.device)
+    A = torch.empty_like(H, memory_format=torch.contiguous_format)
+    B = A.mT  # column-major view of the same storage
     for attempt in range(tries):
-        damped = H[perm[:, None], perm] if perm is not None else H.clone()  # one gather: the permuted copy
-        damped.diagonal().add_(damp)  # H + damp I without an identity matrix beside it
-        L, info = torch.linalg.cholesky_ex(damped)
-        del damped
+        _gather(H, perm, A)
+        A.diagonal().add_(damp)  # H + damp I without an identity matrix beside it
+        torch.linalg.cholesky_ex(B, out=(B, info))  # B = L, H = L L^T
         if int(info) == 0:
-            inv = torch.cholesky_inverse(L)
-            del L
-            U, info = torch.linalg.cholesky_ex(inv, upper=True)
-            del inv
-            if int(info) == 0 and _finite(U):
+            torch.cholesky_inverse(B, out=B)  # B = H^-1
+            torch.linalg.cholesky_ex(B, out=(B, info))  # B = M, H^-1 = M M^T: A = M^T, upper, H^-1 = A^T A
+            if int(info) == 0 and _finite(A):
                 if attempt:
                     notes.append(f"Hessian not positive definite: damping raised to {damp:.3g}")
-                return U
+                return A
         damp = damp * 10 if damp > 0 else 0.01 * scale
     return None
+
+
+def _gather(H: torch.Tensor, perm: torch.Tensor | None, out: torch.Tensor, panels: int = 8) -> None:
+    """out = H[perm][:, perm] (H when perm is None), an eighth of the rows at a time: one advanced-indexing
+    gather of the whole matrix holds a second full-size temporary."""
+    if perm is None:
+        out.copy_(H)
+        return
+    step = max(1, -(-H.shape[0] // panels))
+    for a in range(0, H.shape[0], step):
+        torch.index_select(H.index_select(0, perm[a : a + step]), 1, perm, out=out[a : a + step])
 
 
 def _finite(t: torch.Tensor, panels: int = 8) -> bool:
@@ -103,19 +119,20 @@ class ColumnQuantizer:
 
 
 def prepare_hessian(W: torch.Tensor, H: torch.Tensor, notes: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(W, H, dead) in float32 with dead inputs (H_jj = 0) zeroed in W and set to 1 on H's diagonal."""
-    W = W.to(torch.float32).clone()
-    H = H.to(torch.float32)  # shared by the stage's linears: copied only when it is edited below
-    if not torch.isfinite(H).all():
+    """(W, H, dead) in float32 with dead inputs (H_jj = 0) zeroed in W and set to 1 on H's diagonal. The
+    inputs are not modified (copies are made only when there are dead inputs): callers must not edit W or H."""
+    W = W.to(torch.float32)  # W and H are the caller's (H is shared by the stage's linears): copied only
+    H = H.to(torch.float32)  # when edited below; the sweep works on its own permuted copy of W
+    if not _finite(H):
         raise ValueError("Hessian has non-finite entries (NaN/Inf activations)")
     dead = torch.diagonal(H) == 0
     if bool(dead.all()):  # nothing to compensate with: callers fall back to plain rounding of W
         return W, H, dead
     if bool(dead.any()):
         notes.append(f"{int(dead.sum())} dead input columns set to 0")
-        H = H.clone()
+        H, W = H.clone(), W.clone()
         H[dead, dead] = 1
-    W[:, dead] = 0
+        W[:, dead] = 0
     return W, H, dead
 
 
@@ -163,7 +180,7 @@ def gptq_sweep(
                 W1[i + 1 :].addr_(Hinv1[i, i + 1 :], err, alpha=-1)
                 Err1[i] = err
         quantizer.end_block()
-        W[:, i2:] -= Err1.t() @ Hinv[i1:i2, i2:]
+        W[:, i2:].addmm_(Err1.t(), Hinv[i1:i2, i2:], alpha=-1)  # in place: no [rows, in] temporary
     return True
 
 
