@@ -34,7 +34,7 @@ from .hessian import HessianAccumulator
 from .lowrank import adapter_nbytes, fit_adapters
 from .memory import retain_freed_memory
 from .methods import METHODS, state_to_dict
-from .methods.gptq import proxy_error
+from .methods.gptq import proxy_error, row_panels
 from .models import block_linears, find_blocks, set_submodule
 from .runtime import QuantLinear
 from .safety import CHECKPOINT_MARKER, PROGRESS, remove_owned
@@ -458,13 +458,11 @@ def layer_log(name: str, method: str, part: Any, w: torch.Tensor, Q: torch.Tenso
     log = LayerLog(name, method, part.bits, part.group_size, tuple(w.shape), part.symmetric, spec=spec, notes=list(notes))
     log.weight_mse = float((w - Q).square().mean())
     if H is not None:  # an eighth of the rows at a time: the rounding's temporaries are [rows, in] fp32 each
-        rows = w.shape[0]
-        step = max(1, -(-rows // 8))
+        panels = row_panels(w.shape[0])
         try:
-            panels = [(a, min(a + step, rows)) for a in range(0, rows, step)]
             grids = [part.rows(a, b) for a, b in panels]
         except (NotImplementedError, ValueError):  # a grid that cannot be cut there (codebooks, row clusters): whole
-            panels, grids = [(0, rows)], [part]
+            panels, grids = [(0, w.shape[0])], [part]
         log.proxy_error = log.proxy_error_rtn = 0.0
         for (a, b), g in zip(panels, grids):
             log.proxy_error += proxy_error(w[a:b], Q[a:b], H)

@@ -69,15 +69,20 @@ def _gather(H: torch.Tensor, perm: torch.Tensor | None, out: torch.Tensor, panel
     if perm is None:
         out.copy_(H)
         return
-    step = max(1, -(-H.shape[0] // panels))
-    for a in range(0, H.shape[0], step):
-        torch.index_select(H.index_select(0, perm[a : a + step]), 1, perm, out=out[a : a + step])
+    for a, b in row_panels(H.shape[0], panels):
+        torch.index_select(H.index_select(0, perm[a:b]), 1, perm, out=out[a:b])
 
 
-def _finite(t: torch.Tensor, panels: int = 8) -> bool:
+def _finite(t: torch.Tensor) -> bool:
     """torch.isfinite(t).all(), an eighth of the rows at a time (on the whole matrix it allocates ~2x its size)."""
-    step = max(1, -(-t.shape[0] // panels))
-    return all(bool(torch.isfinite(t[a : a + step]).all()) for a in range(0, t.shape[0], step))
+    return all(bool(torch.isfinite(t[a:b]).all()) for a, b in row_panels(t.shape[0]))
+
+
+def row_panels(rows: int, panels: int = 8) -> list[tuple[int, int]]:
+    """(start, stop) of `panels` near-equal row ranges covering `rows`: how the solve's full-size steps bound
+    their temporaries to a fraction of a matrix."""
+    step = max(1, -(-rows // panels))
+    return [(a, min(a + step, rows)) for a in range(0, rows, step)]
 
 
 class ColumnQuantizer:
