@@ -34,9 +34,11 @@ def inverse_hessian_cholesky(
     matrix besides H (0.8 GB at 14k inputs, 3.3 GB at 28k), what the function returns: the permuted copy is
     gathered into it a panel at a time, then factored, inverted and factored again in place. The work runs
     on its column-major view (the matrix is symmetric, so it is the same matrix), the layout LAPACK and
-    cuSOLVER factor in place; torch copies a row-major `out=` through a temporary. The second factor is the
-    lower one there, whose transpose, the row-major view, is the upper factor asked for. (cuSOLVER's
-    inverse still takes a working copy for its own step.)
+    cuSOLVER factor in place; torch copies a row-major `out=` through a temporary. The factor comes back in
+    that column-major layout (rows are strided): factoring the upper triangle there is the very computation
+    `torch.linalg.cholesky(Hinv, upper=True)` does on its own column-major copy, so the factor is bit-equal
+    to it (the transpose of the lower factor differs in the last bits, enough to move GPTQ's rounding
+    choices). (cuSOLVER's inverse still takes a working copy for its own step.)
     """
     diag = torch.diagonal(H)
     # the damping's scale: the mean diagonal, or (an indefinite H can have a mean <= 0) its largest magnitude;
@@ -54,11 +56,11 @@ def inverse_hessian_cholesky(
         torch.linalg.cholesky_ex(B, out=(B, info))  # B = L, H = L L^T
         if int(info) == 0:
             torch.cholesky_inverse(B, out=B)  # B = H^-1
-            torch.linalg.cholesky_ex(B, out=(B, info))  # B = M, H^-1 = M M^T: A = M^T, upper, H^-1 = A^T A
+            torch.linalg.cholesky_ex(B, upper=True, out=(B, info))  # B = U, upper, H^-1 = U^T U
             if int(info) == 0 and _finite(A):
                 if attempt:
                     notes.append(f"Hessian not positive definite: damping raised to {damp:.3g}")
-                return A
+                return B
         damp = damp * 10 if damp > 0 else 0.01 * scale
     return None
 
