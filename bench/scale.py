@@ -155,9 +155,18 @@ def _watch_phases(peak: Callable[[], int], reset: Callable[[], None]) -> tuple[d
 
         setattr(module, name, wrapped)
 
+    from rdquant import sensitivity
+    from rdquant.methods import cvxq
+
     for name in ("capture_block_inputs", "stage_hessian", "quantize_stage", "propagate", "block_targets"):
         watch(pipeline, name)
     watch(vocab, "quantize_vocab")
+    # CVXQ's plan: the block-wise sensitivity pass (the head's and the embedding's parts), the cells, the allocation
+    watch(sensitivity, "blockwise_gradient_sensitivity")
+    watch(vocab.VocabSensitivity, "add_head")
+    watch(vocab.VocabSensitivity, "add_embedding")
+    watch(cvxq, "layer_cells")
+    watch(cvxq, "allocate")
     return peaks, note  # call note() at the end: the last phase's peak is in the stats only
 
 

@@ -162,6 +162,30 @@ def test_row_clusters_follow_sensitivity_and_cluster_cells_are_their_statistics(
     assert float(w[1 * 40 + 7]) == pytest.approx(float(ref), rel=1e-6) and float(n[2 * 40]) == 22
 
 
+@pytest.mark.parametrize("proxy", [False, True])
+def test_cell_statistics_take_a_fraction_of_the_matrix_in_float64(proxy):
+    """The cells' float64 sums go a row panel at a time: at an 8B MLP matrix, whole-matrix float64 copies of W,
+    W^2 and the sensitivities held 6x the float32 matrix (1.3 GiB) while the block's gradients were on the GPU."""
+    from rdquant.testing import LiveBytes
+
+    W = torch.randn(512, 1792)
+    sens = torch.rand(1792) if proxy else torch.rand(512, 1792)
+    nbytes = W.numel() * 4
+    for step in (lambda: cluster_cells(W, sens, row_clusters(W, sens, 128)), lambda: group_cells(W, sens, 128)):
+        with LiveBytes() as m:
+            W.add_(0), sens.add_(0)  # counted from here: the inputs are not the step's
+            base = m.live
+            step()
+        assert m.peak - base < 1.0 * nbytes, (m.peak - base) / nbytes
+    # rows are independent: the panels give what one pass over the whole matrix gives, bit for bit
+    Wd, Sd = W.double(), sens.double().expand(W.shape)
+    idx = torch.arange(1792) // 128
+    s1 = torch.zeros(512, 14, dtype=torch.float64).index_add_(1, idx, Wd)
+    s2 = torch.zeros(512, 14, dtype=torch.float64).index_add_(1, idx, Wd.square())
+    g2 = torch.zeros(512, 14, dtype=torch.float64).index_add_(1, idx, Sd) / 128
+    assert torch.equal(group_cells(W, sens, 128)[0], ((s2 - s1.square() / 128).clamp_min(0) * g2).reshape(-1))
+
+
 def test_companded_grid_levels_are_laplace_quantiles_and_rounding_picks_the_nearest():
     from rdquant.grid import companded_quantize
     from rdquant.qtensor import laplace_levels

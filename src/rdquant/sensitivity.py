@@ -274,6 +274,7 @@ def blockwise_gradient_sensitivity(source, ids: torch.Tensor, skip: tuple[str, .
                     vocab.add_embedding(ids[k * batch_size : (k + 1) * batch_size], res[0])
                 for n, gr in zip(params, res[1:] if into else res):
                     acc[n].add_(gr.to(torch.float32).square())
+                x = out = res = gr = None  # the last chunk's gradients (a block's worth) are not kept for on_block
             steps = max(len(chunks), 1)
             sens = {f"{blocks_name}.{i}.{n}": a.div_(steps) for n, a in acc.items()}
             if on_block is not None:

@@ -37,7 +37,7 @@ from ..qmixed import cluster_stored_bits, stored_bits, width_bits, width_map
 from ..qtensor import group_sizes, num_groups
 from . import layermix
 from .claq import claq_quantize, codebook_rates, layer_bits, n_scales
-from .gptq import gptq_quantize, mixed_rtn
+from .gptq import gptq_quantize, mixed_rtn, row_panels
 
 if TYPE_CHECKING:
     from ..source import BlockSource
@@ -94,20 +94,24 @@ def min_bits(cfg: CompressConfig) -> int:
 
 def group_cells(W: torch.Tensor, sens: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(distortion weight n S^2 G^2, size n) of every row x group cell of W [out, in], flattened row-major.
-    `sens` is [out, in] (gradient) or [in] (proxy)."""
+    `sens` is [out, in] (gradient) or [in] (proxy). Sums in float64, an eighth of the rows at a time (rows
+    are independent here): whole-matrix float64 copies weigh 6x an 8B MLP matrix in float32."""
     out_f, in_f = W.shape
-    W = W.to(torch.float64)
-    sens = sens.to(torch.float64).expand(out_f, in_f)
     sizes = group_sizes(in_f, group).to(torch.float64)
     n_g = sizes.numel()
     sizes = sizes.to(W.device)
     idx = torch.arange(in_f, device=W.device) // (in_f if group == -1 else group)
-    zeros = lambda: torch.zeros(out_f, n_g, dtype=torch.float64, device=W.device)
-    s1 = zeros().index_add_(1, idx, W)
-    s2 = zeros().index_add_(1, idx, W.square())
-    g2 = zeros().index_add_(1, idx, sens) / sizes
-    var_sum = (s2 - s1.square() / sizes).clamp_min(0)  # n * S^2
-    return (var_sum * g2).reshape(-1), sizes.expand(out_f, n_g).reshape(-1)
+    var_sum = torch.empty(out_f, n_g, dtype=torch.float64, device=W.device)
+    g2 = torch.empty_like(var_sum)
+    for a, b in row_panels(out_f):
+        Wp = W[a:b].to(torch.float64)
+        zeros = lambda: torch.zeros(b - a, n_g, dtype=torch.float64, device=W.device)
+        s1 = zeros().index_add_(1, idx, Wp)
+        s2 = zeros().index_add_(1, idx, Wp.square())
+        sp = (sens[a:b] if sens.dim() == 2 else sens).to(torch.float64).expand(b - a, in_f)
+        torch.div(zeros().index_add_(1, idx, sp), sizes, out=g2[a:b])
+        torch.clamp_min(s2 - s1.square() / sizes, 0, out=var_sum[a:b])  # n * S^2
+    return (var_sum.mul_(g2)).reshape(-1), sizes.expand(out_f, n_g).reshape(-1)
 
 
 def group_rates(sizes: torch.Tensor, max_bits: int, wbits: int, grids: torch.Tensor | None = None,
@@ -154,10 +158,12 @@ def cells_per_width(in_f: int, cfg: CompressConfig) -> int:
 def row_clusters(W: torch.Tensor, sens: torch.Tensor, size: int) -> torch.Tensor:
     """[out] cluster of every row (int16): rows sorted by decreasing sensitivity (mean G^2 of the row;
     with a per-input proxy, its G^2-weighted energy), cut into clusters of `size` rows (-1: one cluster)."""
-    W = W.to(torch.float64)
-    sens = sens.to(torch.float64)
-    score = sens.mean(1) if sens.dim() == 2 else (W.square() * sens[None, :]).mean(1)
-    order = torch.argsort(score, descending=True, stable=True)
+    def score(a: int, b: int) -> torch.Tensor:  # float64 an eighth of the rows at a time (rows are independent)
+        if sens.dim() == 2:
+            return sens[a:b].to(torch.float64).mean(1)
+        return (W[a:b].to(torch.float64).square() * sens.to(torch.float64)[None, :]).mean(1)
+
+    order = torch.argsort(torch.cat([score(a, b) for a, b in row_panels(W.shape[0])]), descending=True, stable=True)
     size = W.shape[0] if size == -1 else size
     clusters = torch.empty(W.shape[0], dtype=torch.int16, device=W.device)
     clusters[order] = (torch.arange(W.shape[0], device=W.device) // size).to(torch.int16)
@@ -165,15 +171,19 @@ def row_clusters(W: torch.Tensor, sens: torch.Tensor, size: int) -> torch.Tensor
 
 
 def cluster_cells(W: torch.Tensor, sens: torch.Tensor, clusters: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(distortion weight n S^2 G^2, size n) of every row-cluster x column cell, [n_clusters, in] flattened."""
-    W = W.to(torch.float64)
-    sens = sens.to(torch.float64).expand(W.shape)
+    """(distortion weight n S^2 G^2, size n) of every row-cluster x column cell, [n_clusters, in] flattened.
+    The float64 sums take an eighth of the rows at a time, added in row order as one pass would."""
     idx = clusters.to(W.device, torch.long)
     n_c = int(idx.max()) + 1
     sizes = torch.bincount(idx, minlength=n_c).to(torch.float64)[:, None]
-    acc = lambda t: torch.zeros(n_c, W.shape[1], dtype=torch.float64, device=W.device).index_add_(0, idx, t)
-    var_sum = (acc(W.square()) - acc(W).square() / sizes).clamp_min(0)
-    g2 = acc(sens) / sizes
+    s1, s2, g = (torch.zeros(n_c, W.shape[1], dtype=torch.float64, device=W.device) for _ in range(3))
+    for a, b in row_panels(W.shape[0]):
+        Wp, ip = W[a:b].to(torch.float64), idx[a:b]
+        s1.index_add_(0, ip, Wp)
+        s2.index_add_(0, ip, Wp.square())
+        g.index_add_(0, ip, (sens[a:b] if sens.dim() == 2 else sens).to(torch.float64).expand(Wp.shape))
+    var_sum = (s2 - s1.square() / sizes).clamp_min(0)
+    g2 = g / sizes
     return (var_sum * g2).reshape(-1), sizes.expand(n_c, W.shape[1]).reshape(-1)
 
 
