@@ -97,6 +97,21 @@ def test_dead_inputs_get_zero_weight_and_all_dead_falls_back_to_rtn():
     assert torch.equal(qw.codes, rtn_quantize(W, cfg).codes)
 
 
+@pytest.mark.parametrize("n", [64, 500])
+def test_inverse_factor_is_the_upper_factorisation_bit_for_bit(n):
+    """The in-place factor equals torch.linalg.cholesky(upper=True) of the inverse exactly (the transpose of the
+    lower factor differs in the last bits, which moves GPTQ's rounding choices), upper triangular."""
+    from rdquant.methods.gptq import inverse_hessian_cholesky
+
+    X = torch.randn(n, 2 * n)
+    H = X @ X.T / (2 * n)
+    Hd = H.clone()
+    Hd.diagonal().add_(0.01 * float(torch.diagonal(H).to(torch.float64).mean()))
+    want = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(Hd)), upper=True)
+    U = inverse_hessian_cholesky(H, 0.01, [])
+    assert torch.equal(U, want) and torch.equal(U, U.triu())
+
+
 def test_non_positive_definite_hessian_gets_more_damping():
     """Damping grows tenfold until the Cholesky succeeds, also when the mean diagonal is negative."""
     from rdquant.methods.gptq import inverse_hessian_cholesky
