@@ -174,7 +174,7 @@ def gptq_sweep(
         i2 = min(i1 + block_size, cols)
         # work on the transposed block [B, rows] so each column and each update row is contiguous
         W1 = W[:, i1:i2].t().contiguous()
-        Hinv1 = Hinv[i1:i2, i1:i2]
+        Hinv1 = Hinv[i1:i2, i1:i2].contiguous()  # the factor is column-major: the loop reads this block's rows
         quantizer.see_inverse(Hinv1)
         quantizer.begin_block(order[i1:i2], W1)
         Err1 = quantizer.fused_block(fused, W1, Hinv1) if fused is not None else None
