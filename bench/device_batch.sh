@@ -9,13 +9,8 @@
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 SITE=/tmp/rdq-site
-if [ ! -f $SITE/.installed ]; then  # once per machine: later calls need not carry the wheels again
-  tag=$(python3 -c 'import sys; print("cp%d%d" % sys.version_info[:2])')
-  files=$(ls .devcarry/whl/*.whl | grep -E -- "-($tag-|py3-none|py2.py3-none|cp3[0-9]+-abi3)")  # this Python's
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target $SITE $files \
-    || { echo "wheel install failed"; exit 2; }
-  touch $SITE/.installed
-fi
+source bench/device_wheels.sh
+install_wheels || exit 2
 export PYTHONPATH=$SITE:$PWD/src PYTHONUNBUFFERED=1 OUT
 n=0; summary=""
 for part in "$@"; do

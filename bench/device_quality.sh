@@ -24,13 +24,8 @@ case "$1" in
     mkdir -p $D && cp .devcarry/p1/gg.aa $D/
     [ -d .devcarry/data ] && cp -r .devcarry/data $D/
     [ -d $D/data ] || { echo "carry .devcarry/data once"; exit 2; }
-    if [ ! -f $SITE/.installed ]; then
-      [ -d .devcarry/whl ] || { echo "carry .devcarry/whl (no wheels installed on this machine yet)"; exit 2; }
-      tag=$(python3 -c 'import sys; print("cp%d%d" % sys.version_info[:2])')
-      files=$(ls .devcarry/whl/*.whl | grep -E -- "-($tag-|py3-none|py2.py3-none|cp3[0-9]+-abi3)")
-      python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target $SITE $files
-      touch $SITE/.installed
-    fi
+    source bench/device_wheels.sh
+    install_wheels || exit 2
     ls -la $D ;;
   part2)
     assemble

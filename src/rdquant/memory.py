@@ -52,3 +52,9 @@ def trim() -> None:
     if libc is not None:
         libc.malloc_trim(0)
 
+
+def row_panels(rows: int, panels: int = 8) -> list[tuple[int, int]]:
+    """(start, stop) of `panels` near-equal row ranges covering `rows`: how full-size steps (the GPTQ solve, the
+    layer log, CVXQ's cell statistics) bound their float temporaries to a fraction of a matrix."""
+    step = max(1, -(-rows // panels))
+    return [(a, min(a + step, rows)) for a in range(0, rows, step)]

@@ -32,9 +32,9 @@ from .config import CompressConfig, LayerLog
 from .errors import RdquantError
 from .hessian import HessianAccumulator
 from .lowrank import adapter_nbytes, fit_adapters
-from .memory import retain_freed_memory
+from .memory import retain_freed_memory, row_panels
 from .methods import METHODS, state_to_dict
-from .methods.gptq import proxy_error, row_panels
+from .methods.gptq import proxy_error
 from .models import block_linears, find_blocks, set_submodule
 from .runtime import QuantLinear
 from .safety import CHECKPOINT_MARKER, PROGRESS, remove_owned

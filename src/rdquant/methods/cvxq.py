@@ -32,12 +32,13 @@ from torch import nn
 from ..allocate import kappa, waterfill
 from ..config import CompressConfig
 from ..errors import RdquantError
+from ..memory import row_panels
 from ..models import block_linears, find_blocks
 from ..qmixed import cluster_stored_bits, stored_bits, width_bits, width_map
 from ..qtensor import group_sizes, num_groups
 from . import layermix
 from .claq import claq_quantize, codebook_rates, layer_bits, n_scales
-from .gptq import gptq_quantize, mixed_rtn, row_panels
+from .gptq import gptq_quantize, mixed_rtn
 
 if TYPE_CHECKING:
     from ..source import BlockSource
@@ -92,6 +93,12 @@ def min_bits(cfg: CompressConfig) -> int:
     return 0 if cell_kind(cfg) == "column" else min(2, cfg.cvxq_max_bits)
 
 
+def _sens_rows(sens: torch.Tensor, a: int, b: int, in_f: int) -> torch.Tensor:
+    """Rows a:b of the sensitivities in float64, [b - a, in]: a slice of [out, in] ones, a per-input proxy [in]
+    repeated."""
+    return (sens[a:b] if sens.dim() == 2 else sens).to(torch.float64).expand(b - a, in_f)
+
+
 def group_cells(W: torch.Tensor, sens: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(distortion weight n S^2 G^2, size n) of every row x group cell of W [out, in], flattened row-major.
     `sens` is [out, in] (gradient) or [in] (proxy). Sums in float64, an eighth of the rows at a time (rows
@@ -108,8 +115,7 @@ def group_cells(W: torch.Tensor, sens: torch.Tensor, group: int) -> tuple[torch.
         zeros = lambda: torch.zeros(b - a, n_g, dtype=torch.float64, device=W.device)
         s1 = zeros().index_add_(1, idx, Wp)
         s2 = zeros().index_add_(1, idx, Wp.square())
-        sp = (sens[a:b] if sens.dim() == 2 else sens).to(torch.float64).expand(b - a, in_f)
-        torch.div(zeros().index_add_(1, idx, sp), sizes, out=g2[a:b])
+        torch.div(zeros().index_add_(1, idx, _sens_rows(sens, a, b, in_f)), sizes, out=g2[a:b])
         torch.clamp_min(s2 - s1.square() / sizes, 0, out=var_sum[a:b])  # n * S^2
     return (var_sum.mul_(g2)).reshape(-1), sizes.expand(out_f, n_g).reshape(-1)
 
@@ -181,7 +187,7 @@ def cluster_cells(W: torch.Tensor, sens: torch.Tensor, clusters: torch.Tensor) -
         Wp, ip = W[a:b].to(torch.float64), idx[a:b]
         s1.index_add_(0, ip, Wp)
         s2.index_add_(0, ip, Wp.square())
-        g.index_add_(0, ip, (sens[a:b] if sens.dim() == 2 else sens).to(torch.float64).expand(Wp.shape))
+        g.index_add_(0, ip, _sens_rows(sens, a, b, W.shape[1]))
     var_sum = (s2 - s1.square() / sizes).clamp_min(0)
     g2 = g / sizes
     return (var_sum * g2).reshape(-1), sizes.expand(n_c, W.shape[1]).reshape(-1)

@@ -12,6 +12,7 @@ import torch
 from .. import kquant
 from ..config import CompressConfig
 from ..grid import cluster_grid, companded_quantize, grid_params, group_grid, max_code, mixed_group_grid, quantize
+from ..memory import row_panels
 from ..qmixed import MixedWeight, width_bits
 from ..qtensor import QuantizedWeight, dequantize_codes, expand_groups, num_groups
 from .rtn import rtn_quantize
@@ -78,13 +79,6 @@ def _gather(H: torch.Tensor, perm: torch.Tensor | None, out: torch.Tensor, panel
 def _finite(t: torch.Tensor) -> bool:
     """torch.isfinite(t).all(), an eighth of the rows at a time (on the whole matrix it allocates ~2x its size)."""
     return all(bool(torch.isfinite(t[a:b]).all()) for a, b in row_panels(t.shape[0]))
-
-
-def row_panels(rows: int, panels: int = 8) -> list[tuple[int, int]]:
-    """(start, stop) of `panels` near-equal row ranges covering `rows`: how the solve's full-size steps bound
-    their temporaries to a fraction of a matrix."""
-    step = max(1, -(-rows // panels))
-    return [(a, min(a + step, rows)) for a in range(0, rows, step)]
 
 
 class ColumnQuantizer:
