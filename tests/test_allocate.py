@@ -62,3 +62,55 @@ def test_fractional_target_within_one_cell_and_sensitive_cells_get_more():
 def test_budget_below_minimum_is_refused():
     with pytest.raises(ValueError):
         waterfill(torch.ones(3), torch.ones(3, 5) * 10, budget=5.0)
+
+
+def _cells(n: int, seed: int = 0):
+    """Uniform-grid cells of mixed sizes plus two wide "vocabulary" cells (huge steps: large leftovers)."""
+    from rdquant.methods.cvxq import group_rates
+    from rdquant.qmixed import width_bits
+
+    g = torch.Generator().manual_seed(seed)
+    weight = torch.rand(n, generator=g, dtype=torch.float64) ** 3 * 100 + 1e-3
+    sizes = torch.tensor([64.0, 48.0, 128.0], dtype=torch.float64)[torch.randint(0, 3, (n,), generator=g)]
+    sizes[-2:] = 5e5
+    weight[-2:] = torch.tensor([5e5 * 30, 5e5 * 31], dtype=torch.float64)
+    return weight, group_rates(sizes, 7, width_bits(7)).to(torch.float32)
+
+
+@pytest.mark.parametrize("bits", [2.3, 3.0, 4.25])
+def test_chunked_passes_take_the_same_cells_as_one_sort(bits, monkeypatch):
+    """Past _CHUNK candidates the greedy fill and the narrowing cut their prefix at a key found by bisection
+    (one chunk in memory at a time): the same widths as sorting every candidate at once."""
+    from rdquant import allocate as alloc
+
+    weight, rate = _cells(20000)
+    budget = bits * float(rate[:, 1].sub(rate[:, 0]).sum())
+    one = alloc.Cells(weight, rate)
+    w_one = one.waterfill(budget)
+    start = w_one.clone()
+    start[::3] = 6
+    narrowed_one = one.narrow(start, 5e5, 19998, 2)
+    monkeypatch.setattr(alloc, "_CHUNK", 1000)
+    many = alloc.Cells(weight, rate)
+    assert torch.equal(many.waterfill(budget), w_one)
+    assert torch.equal(many.narrow(start, 5e5, 19998, 2), narrowed_one)
+    assert many.total(w_one) <= budget and many.total(narrowed_one) <= many.total(start) - 5e5
+
+
+def test_allocation_holds_a_few_bytes_a_cell_whatever_the_count(monkeypatch):
+    """The allocation's working memory: weights, per-bit steps and uint8 widths (13 bytes a cell) and one
+    chunk's temporaries, not [cells, widths] tables nor [cells]-long int64 and float64 temporaries (an 8B
+    model has 54M cells; the whole-array passes took 6.4 GiB of GPU memory there)."""
+    from rdquant import allocate as alloc
+    from rdquant.testing import LiveBytes
+
+    monkeypatch.setattr(alloc, "_CHUNK", 1 << 13)
+    n = 200_000
+    weight, rate = _cells(n)
+    with LiveBytes() as live:
+        weight.view_as(weight), rate.view_as(rate)  # the inputs count from here: what is measured is above them
+        base = live.live
+        w = alloc.Cells(weight, rate).waterfill(3.1 * float(rate[:, 1].sub(rate[:, 0]).sum()))
+        peak = live.peak - base
+    assert w.dtype == torch.uint8
+    assert peak < 16 * n, f"{peak / n:.1f} bytes a cell"

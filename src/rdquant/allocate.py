@@ -28,7 +28,7 @@ def kappa(max_bits: int = 8) -> torch.Tensor:
     return torch.tensor(k, dtype=torch.float64)
 
 
-_CHUNK = 1 << 22  # cells per step of widths_at (bounds its temporary to a few tens of MB)
+_CHUNK = 1 << 22  # cells per step of every pass over the cells (Cells, widths_at): bounds their temporaries
 
 
 def widths_at(lam: float, D: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
@@ -70,70 +70,211 @@ def waterfill(weight: torch.Tensor, rate: torch.Tensor, budget: float, kap: torc
     `device` (e.g. the GPU) is where the bisection runs; the widths come back on the CPU (on `device`
     with keep_device). Rates that grow by a constant per bit (affine_steps) take a closed form per lambda.
     """
-    n, nb = rate.shape
-    device = torch.device(device) if device is not None else weight.device
-    kap = kappa(nb - 1) if kap is None else kap
-    kap = kap[:nb].to(device, torch.float64)
-    R = rate.to(device) if rate.dtype in (torch.float32, torch.float64) else rate.to(device, torch.float64)
-    if float(R[:, 0].sum(dtype=torch.float64)) > budget:
-        raise ValueError("the budget is below the narrowest widths' rate")
-    out = (lambda w: w) if keep_device else (lambda w: w.cpu())
-    total = lambda w: float(R.gather(1, w[:, None]).sum(dtype=torch.float64))
-    widest = torch.full((n,), nb - 1, dtype=torch.long, device=device)
-    if total(widest) <= budget:
-        return out(widest)
-    wt = weight.to(device, torch.float64)
-    s = affine_steps(R, kap)
-    if s is not None:  # closed form per lambda: w / s against lam / (kap[b-1] - kap[b])
-        dk = kap[:-1] - kap[1:]
-        ratio = wt / s.to(torch.float64)
-        base = float(R[:, 0].sum(dtype=torch.float64))
-        s64 = s.to(torch.float64)
-        at = lambda lam: _affine_widths(lam, ratio, dk)
-        total = lambda w: base + float((s64 * w).sum())
-        hi = max(float(ratio.max()) * float(dk[0]), 1e-30) * 2
-    else:
-        D = wt[:, None] * kap[None, :]
-        at = lambda lam: widths_at(lam, D, R)
-        hi = max(float(D.max()), 1e-30) * 2
-    # lambda range: rate differences are >= 1 bit, distortion gaps are bounded by the weights
-    lo = 1e-30
-    while total(at(hi)) > budget:  # pragma: no cover - only with zero-rate steps
-        hi *= 10
-    for _ in range(iters):
-        mid = math.sqrt(lo * hi)
-        if total(at(mid)) <= budget:
-            hi = mid
-        else:
-            lo = mid
-        if hi / lo < 1 + 1e-9:
-            break
-    w = at(hi)
-    return out(_fill(w, wt, kap, R, budget - total(w)))
+    w = Cells(weight, rate, kap, device).waterfill(budget, iters).long()
+    return w if keep_device else w.cpu()
 
 
-def _fill(w: torch.Tensor, weight: torch.Tensor, kap: torch.Tensor, R: torch.Tensor, slack: float,
-          rounds: int = 64) -> torch.Tensor:
-    """Spend leftover budget greedily: widen cells by one step in order of distortion drop per bit,
-    as many per round as fit (a cell at most once per round), until nothing more fits."""
-    n, nb = R.shape
-    w = w.clone()
-    for _ in range(rounds):
-        if slack <= 0:
-            break
-        nxt = (w + 1).clamp(max=nb - 1)
-        dr = R.gather(1, nxt[:, None])[:, 0].double() - R.gather(1, w[:, None])[:, 0].double()
-        dd = weight * (kap[w] - kap[nxt])
-        ok = (nxt > w) & (dr <= slack) & (dr > 0)
-        if not bool(ok.any()):
-            break
-        cand = torch.nonzero(ok).flatten()
-        cand = cand[torch.argsort(dd[cand] / dr[cand], descending=True)]
-        take = cand[torch.cumsum(dr[cand], 0) <= slack]
-        if take.numel() == 0:  # the best one does not fit after all: try the rest one by one next round
-            take = cand[:1] if float(dr[cand[0]]) <= slack else cand[:0]
-            if take.numel() == 0:
+class Cells:
+    """The allocation's cells where it runs (`device`): weights [n] (float64) and, when every cell's rate grows
+    by the same amount per bit (affine_steps: uniform grids), that step [n] (float32) and the width-0 total,
+    else the whole rate table [n, B+1]. Every pass goes _CHUNK cells at a time and widths are uint8, so an
+    affine allocation holds 13 bytes a cell there, whatever the depth (the table's [n, B+1] copy and the
+    passes' [n]-long temporaries took 6.4 GiB of GPU memory for an 8B model's 54M cells)."""
+
+    def __init__(self, weight: torch.Tensor, rate: torch.Tensor, kap: torch.Tensor | None = None,
+                 device: str | torch.device | None = None) -> None:
+        self.n, self.nb = rate.shape
+        self.device = torch.device(device) if device is not None else weight.device
+        kap = kappa(self.nb - 1) if kap is None else kap
+        self.kap = kap[: self.nb].to(self.device, torch.float64)
+        self.dk = self.kap[:-1] - self.kap[1:]
+        self.wt = weight.to(self.device, torch.float64)
+        self.base = float(rate[:, 0].sum(dtype=torch.float64))
+        self.s: torch.Tensor | None = torch.empty(self.n, dtype=rate.dtype, device=self.device)
+        for a, b in self.chunks():
+            s = affine_steps(rate[a:b].to(self.device), self.kap)
+            if s is None:
+                self.s = None
                 break
-        w[take] += 1
-        slack -= float(dr[take].sum())
-    return w
+            self.s[a:b] = s
+        self.R = None
+        if self.s is None:
+            dtype = rate.dtype if rate.dtype in (torch.float32, torch.float64) else torch.float64
+            self.R = rate.to(self.device, dtype)
+
+    def chunks(self):
+        return ((a, min(a + _CHUNK, self.n)) for a in range(0, self.n, _CHUNK))
+
+    def step(self, a: int, b: int, w0: torch.Tensor, w1: torch.Tensor) -> torch.Tensor:
+        """rate[i, w1] - rate[i, w0] (float64) of cells a:b, widths long."""
+        if self.R is None:
+            return self.s[a:b].double() * (w1 - w0)
+        R = self.R[a:b]
+        return R.gather(1, w1[:, None])[:, 0].double() - R.gather(1, w0[:, None])[:, 0].double()
+
+    def _part(self, a: int, b: int, w: torch.Tensor) -> float:
+        """The rate of cells a:b at widths w (long): float64, exact for integer bit counts in any order."""
+        if self.R is None:
+            return float((self.s[a:b].double() * w).sum())
+        return float(self.R[a:b].gather(1, w[:, None]).sum(dtype=torch.float64))
+
+    def total(self, w: torch.Tensor) -> float:
+        """Total rate at widths w [n]."""
+        if self.R is None:
+            return self.base + sum(self._part(a, b, w[a:b].long()) for a, b in self.chunks())
+        return sum(self._part(a, b, w[a:b].long()) for a, b in self.chunks())
+
+    def _at(self, lam: float, a: int, b: int) -> torch.Tensor:
+        """argmin_b weight kap[b] + lam rate[b] of cells a:b (ties to the narrower), long."""
+        if self.R is None:
+            return _affine_widths(lam, self.wt[a:b] / self.s[a:b].to(torch.float64), self.dk)
+        return widths_at(lam, self.wt[a:b, None] * self.kap[None, :], self.R[a:b])
+
+    def widths_at(self, lam: float) -> torch.Tensor:
+        w = torch.empty(self.n, dtype=torch.uint8, device=self.device)
+        for a, b in self.chunks():
+            w[a:b] = self._at(lam, a, b)
+        return w
+
+    def total_at(self, lam: float) -> float:
+        parts = sum(self._part(a, b, self._at(lam, a, b)) for a, b in self.chunks())
+        return self.base + parts if self.R is None else parts
+
+    def waterfill(self, budget: float, iters: int = 100) -> torch.Tensor:
+        """waterfill()'s widths [n] (uint8, on the device)."""
+        if self.base > budget:
+            raise ValueError("the budget is below the narrowest widths' rate")
+        widest = torch.full((self.n,), self.nb - 1, dtype=torch.uint8, device=self.device)
+        if self.total(widest) <= budget:
+            return widest
+        if self.R is None:  # closed form per lambda: w / s against lam / (kap[b-1] - kap[b])
+            top = max((float((self.wt[a:b] / self.s[a:b].to(torch.float64)).max()) for a, b in self.chunks()),
+                      default=0.0)
+            hi = max(top * float(self.dk[0]), 1e-30) * 2
+        else:
+            top = max((float((self.wt[a:b, None] * self.kap[None, :]).max()) for a, b in self.chunks()), default=0.0)
+            hi = max(top, 1e-30) * 2
+        # lambda range: rate differences are >= 1 bit, distortion gaps are bounded by the weights
+        lo = 1e-30
+        while self.total_at(hi) > budget:  # pragma: no cover - only with zero-rate steps
+            hi *= 10
+        for _ in range(iters):
+            mid = math.sqrt(lo * hi)
+            if self.total_at(mid) <= budget:
+                hi = mid
+            else:
+                lo = mid
+            if hi / lo < 1 + 1e-9:
+                break
+        w = self.widths_at(hi)
+        return self.fill(w, budget - self.total(w))
+
+    def _take(self, w: torch.Tensor, cand, limit: float, reach: bool, descending: bool) -> float:
+        """Step by one (up if `descending`, else down) the cells a greedy pass takes in key order (largest key
+        first if `descending`): the longest prefix whose rates sum to <= limit, or with `reach` the shortest that
+        reaches limit (all when none does). cand(a, b): chunk a:b's candidates (local indices, keys, rates).
+        Returns the rates taken. Up to _CHUNK candidates are sorted as one; more are cut at the key where the
+        prefix ends, found by bisection over the keys' bit patterns (one chunk's temporaries at a time)."""
+        bump = (lambda i: w.index_put_((i,), w[i] + 1)) if descending else (lambda i: w.index_put_((i,), w[i] - 1))
+        if sum(int(cand(a, b)[0].numel()) for a, b in self.chunks()) <= _CHUNK:
+            parts = [(i + a, k, r) for a, b in self.chunks() for i, k, r in [cand(a, b)]]
+            idx, key, dr = (torch.cat([p[j] for p in parts]) for j in range(3))
+            order = torch.argsort(key, descending=descending)
+            idx, dr = idx[order], dr[order]
+            c = torch.cumsum(dr, 0)
+            n = (int(torch.searchsorted(c, torch.tensor([limit], dtype=c.dtype, device=c.device))) + 1 if reach
+                 else int((c <= limit).sum()))
+            bump(idx[:n])
+            return float(dr[:n].sum())
+
+        def ordinal(key: torch.Tensor) -> torch.Tensor:  # float64 -> int64 in the same order, ascending taken first
+            bits = (-key if descending else key).to(torch.float64).view(torch.int64)
+            return torch.where(bits < 0, bits ^ 0x7FFFFFFFFFFFFFFF, bits)
+
+        def mass(t: int, strict: bool = False) -> float:
+            out = 0.0
+            for a, b in self.chunks():
+                _, k, r = cand(a, b)
+                o = ordinal(k)
+                out += float(r[o < t if strict else o <= t].sum(dtype=torch.float64))
+            return out
+
+        over = (lambda m: m >= limit) if reach else (lambda m: m > limit)
+        lo = min(int(ordinal(cand(a, b)[1]).min()) for a, b in self.chunks() if cand(a, b)[0].numel()) - 1
+        hi = max(int(ordinal(cand(a, b)[1]).max()) for a, b in self.chunks() if cand(a, b)[0].numel())
+        if not over(mass(hi)):
+            t = hi + 1  # the whole pass fits (or never reaches): every candidate
+        else:
+            while hi - lo > 1:  # the first key whose prefix (ties included) goes over
+                mid = lo + (hi - lo) // 2
+                lo, hi = (lo, mid) if over(mass(mid)) else (mid, hi)
+            t = hi
+        below, ties, tie_dr = 0.0, [], []
+        for a, b in self.chunks():
+            i, k, r = cand(a, b)
+            o = ordinal(k)
+            below += float(r[o < t].sum(dtype=torch.float64))
+            ties.append(i[o == t] + a)
+            tie_dr.append(r[o == t])
+            bump(i[o < t] + a)
+        ties, tie_dr = torch.cat(ties), torch.cat(tie_dr)
+        c = torch.cumsum(tie_dr, 0) + below
+        n = (min(int(torch.searchsorted(c, torch.tensor([limit], dtype=c.dtype, device=c.device))) + 1, ties.numel())
+             if reach else int((c <= limit).sum()))
+        bump(ties[:n])
+        return below + float(tie_dr[:n].sum())
+
+    def fill(self, w: torch.Tensor, slack: float, rounds: int = 64) -> torch.Tensor:
+        """Spend leftover budget greedily: widen cells by one step in order of distortion drop per bit,
+        as many per round as fit (a cell at most once per round), until nothing more fits."""
+        w = w.clone()
+        for _ in range(rounds):
+            if slack <= 0:
+                break
+            limit = slack
+
+            def cand(a: int, b: int):
+                wc = w[a:b].long()
+                nxt = (wc + 1).clamp(max=self.nb - 1)
+                dr = self.step(a, b, wc, nxt)
+                i = torch.nonzero((nxt > wc) & (dr <= limit) & (dr > 0)).flatten()
+                dd = self.wt[a:b][i] * (self.kap[wc[i]] - self.kap[nxt[i]])
+                return i, dd / dr[i], dr[i]
+
+            if not any(cand(a, b)[0].numel() for a, b in self.chunks()):
+                break
+            slack -= self._take(w, cand, limit, reach=False, descending=True)
+        return w
+
+    def narrow(self, w: torch.Tensor, excess: float, floor_from: int, floor: int) -> torch.Tensor:
+        """Narrow by one step the cells that lose least distortion per bit saved until `excess` bits are saved
+        (cells from `floor_from` on stay at least `floor` wide)."""
+        w = w.clone()
+
+        def cand(a: int, b: int):  # a pass changes chunk a:b only after its candidates were read
+            wc = w[a:b].long()
+            prv = (wc - 1).clamp_min(0)
+            dr = self.step(a, b, prv, wc)
+            lowest = torch.zeros_like(wc)
+            if b > floor_from:
+                lowest[max(floor_from - a, 0):] = floor
+            i = torch.nonzero(wc > lowest).flatten()
+            dd = (self.wt[a:b][i] * (self.kap[prv[i]] - self.kap[wc[i]])).to(torch.float64)
+            return i, dd / dr[i].clamp_min(1e-9), dr[i]
+
+        self._take(w, cand, excess, reach=True, descending=False)
+        return w
+
+    def price(self, w: torch.Tensor) -> float:
+        """The most distortion one more bit would still save in any cell (0 when every cell is widest)."""
+        best = None
+        for a, b in self.chunks():
+            wc = w[a:b].long()
+            nxt = (wc + 1).clamp(max=self.nb - 1)
+            dr = self.step(a, b, wc, nxt)
+            dd = (self.wt[a:b] * (self.kap[wc] - self.kap[nxt])).to(torch.float64)
+            u = nxt > wc
+            if bool(u.any()):
+                g = float((dd[u] / dr[u].clamp_min(1e-9)).max())
+                best = g if best is None else max(best, g)
+        return best if best is not None else 0.0

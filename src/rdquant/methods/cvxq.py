@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from ..allocate import kappa, waterfill
+from ..allocate import Cells, kappa
 from ..config import CompressConfig
 from ..errors import RdquantError
 from ..memory import row_panels
@@ -413,10 +413,11 @@ def allocate(model: nn.Module, layers: list[LayerInfo], sens: dict[str, torch.Te
         weights.append(torch.tensor([w], dtype=torch.float64))
         rates.append(r[None, :].to(rates[0].dtype))  # float32 rounds it by a few bits; the exact fit below does not
     n_layer_cells = sum(spans)
-    weight, rate = torch.cat(weights), torch.cat(rates)[:, lo:].contiguous()
+    weight = torch.cat(weights)
+    rate = torch.cat([r[:, lo:] for r in rates])  # one copy of the rate tables: an 8B model has 54M cells
+    del weights, rates
     kap = kap[lo:]
-    floor = torch.zeros(weight.numel(), dtype=torch.long)  # narrowest width offered, less lo
-    floor[n_layer_cells:] = max(MIN_BITS - lo, 0)
+    floor = max(MIN_BITS - lo, 0)  # the vocabulary cells' narrowest width offered (cells from n_layer_cells on)
     avail = budget - fixed
     if avail < float(rate[:, 0].sum(dtype=torch.float64)):
         n = quantized_params(model, layers, cfg) if vocab else sum(l.rows * l.cols for l in layers)
@@ -426,9 +427,10 @@ def allocate(model: nn.Module, layers: list[LayerInfo], sens: dict[str, torch.Te
     # the rate model leaves out packing padding (under PAD_BITS a layer): on a large model that is set aside
     # up front, so the exact count below fits at once (each recount costs a pass over every cell)
     reserve = PAD_BITS * len(layers) if PAD_BITS * len(layers) < 1e-4 * avail else 0.0
-    dev = torch.device(cfg.device)
-    floor, rate, weight, kap = floor.to(dev), rate.to(dev), weight.to(dev), kap.to(dev)
-    flat = torch.maximum(waterfill(weight, rate, avail - reserve, kap, device=dev, keep_device=True), floor)
+    table = Cells(weight, rate, kap, cfg.device)  # on the device: 13 bytes a cell for uniform grids
+    del weight, rate
+    flat = table.waterfill(avail - reserve)
+    flat[n_layer_cells:].clamp_(min=floor)
 
     def vocab_widths(flat: torch.Tensor) -> dict[str, int]:
         return {name: int(b) + lo for (name, _, _), b in zip(vocab, flat[n_layer_cells:].tolist())}
@@ -450,7 +452,7 @@ def allocate(model: nn.Module, layers: list[LayerInfo], sens: dict[str, torch.Te
         return out
 
     if coded:  # a model of the coded size: no exact count to fit (the artifact's coded size is reported)
-        return on_cpu(unflatten(flat)), int(fixed + float(rate.gather(1, flat[:, None]).sum())), clusters, vocab_widths(flat)
+        return on_cpu(unflatten(flat)), int(fixed + table.total(flat)), clusters, vocab_widths(flat)
     # measure the exact size and, if it is over, narrow the cells that lose least per bit saved until it fits
     for _ in range(50):
         out = unflatten(flat)
@@ -459,21 +461,9 @@ def allocate(model: nn.Module, layers: list[LayerInfo], sens: dict[str, torch.Te
         excess = total - budget
         if excess <= 0:
             if gain_out is not None:
-                nxt = (flat + 1).clamp(max=rate.shape[1] - 1)
-                dr = rate.gather(1, nxt[:, None])[:, 0].double() - rate.gather(1, flat[:, None])[:, 0].double()
-                dd = (weight * (kap[flat] - kap[nxt])).to(torch.float64)
-                up = nxt > flat
-                gain_out.append(float((dd[up] / dr[up].clamp_min(1e-9)).max()) if bool(up.any()) else 0.0)
+                gain_out.append(table.price(flat))
             return on_cpu(out), total, clusters, vocab_widths(flat)
-        prv = (flat - 1).clamp_min(0)
-        dr = rate.gather(1, flat[:, None])[:, 0].double() - rate.gather(1, prv[:, None])[:, 0].double()
-        dd = (weight * (kap[prv] - kap[flat])).to(torch.float64)
-        cand = torch.nonzero(flat > floor).flatten()
-        cand = cand[torch.argsort(dd[cand] / dr[cand].clamp_min(1e-9))]
-        k = int(torch.searchsorted(torch.cumsum(dr[cand], 0), torch.tensor([float(excess)], dtype=torch.float64,
-                                                                            device=dev))) + 1
-        flat = flat.clone()
-        flat[cand[:k]] -= 1
+        flat = table.narrow(flat, excess, n_layer_cells, floor)
     raise RdquantError("cvxq: could not fit the allocation into the budget")  # pragma: no cover
 
 
