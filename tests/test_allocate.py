@@ -114,3 +114,19 @@ def test_allocation_holds_a_few_bytes_a_cell_whatever_the_count(monkeypatch):
         peak = live.peak - base
     assert w.dtype == torch.uint8
     assert peak < 16 * n, f"{peak / n:.1f} bytes a cell"
+
+
+@pytest.mark.parametrize("bits", [2.3, 3.0, 4.25, 5.0])
+def test_chunked_passes_with_keys_of_both_signs(bits, monkeypatch):
+    """A distortion model that rises somewhere (a measured kappa need not fall everywhere) gives steps of
+    negative gain: the cut falls back to a bisection over the keys and still equals one sort."""
+    from rdquant import allocate as alloc
+
+    weight, rate = _cells(20000, seed=1)
+    kap = kappa(7).clone()
+    kap[5] = kap[4] * 1.5
+    budget = bits * float(rate[:, 1].sub(rate[:, 0]).sum())
+    one = alloc.Cells(weight, rate, kap)
+    w_one = one.waterfill(budget)
+    monkeypatch.setattr(alloc, "_CHUNK", 1000)
+    assert torch.equal(alloc.Cells(weight, rate, kap).waterfill(budget), w_one)

@@ -28,6 +28,7 @@ def kappa(max_bits: int = 8) -> torch.Tensor:
     return torch.tensor(k, dtype=torch.float64)
 
 
+_INT64_MIN = -(1 << 63)
 _CHUNK = 1 << 22  # cells per step of every pass over the cells (Cells, widths_at): bounds their temporaries
 
 
@@ -174,9 +175,18 @@ class Cells:
         first if `descending`): the longest prefix whose rates sum to <= limit, or with `reach` the shortest that
         reaches limit (all when none does). cand(a, b): chunk a:b's candidates (local indices, keys, rates).
         Returns the rates taken. Up to _CHUNK candidates are sorted as one; more are cut at the key where the
-        prefix ends, found by bisection over the keys' bit patterns (one chunk's temporaries at a time)."""
+        prefix ends, found from histograms of the keys' bit patterns, 16 bits a pass (radix select; one chunk's
+        temporaries at a time)."""
         bump = (lambda i: w.index_put_((i,), w[i] + 1)) if descending else (lambda i: w.index_put_((i,), w[i] - 1))
-        if sum(int(cand(a, b)[0].numel()) for a, b in self.chunks()) <= _CHUNK:
+
+        def ordinal(key: torch.Tensor) -> torch.Tensor:  # float64 -> int64 in the same order, ascending taken first
+            bits = (-key if descending else key).to(torch.float64).view(torch.int64)
+            return torch.where(bits < 0, bits ^ 0x7FFFFFFFFFFFFFFF, bits)
+
+        count = sum(int(cand(a, b)[0].numel()) for a, b in self.chunks())
+        if count == 0:
+            return 0.0
+        if count <= _CHUNK:
             parts = [(i + a, k, r) for a, b in self.chunks() for i, k, r in [cand(a, b)]]
             idx, key, dr = (torch.cat([p[j] for p in parts]) for j in range(3))
             order = torch.argsort(key, descending=descending)
@@ -187,24 +197,41 @@ class Cells:
             bump(idx[:n])
             return float(dr[:n].sum())
 
-        def ordinal(key: torch.Tensor) -> torch.Tensor:  # float64 -> int64 in the same order, ascending taken first
-            bits = (-key if descending else key).to(torch.float64).view(torch.int64)
-            return torch.where(bits < 0, bits ^ 0x7FFFFFFFFFFFFFFF, bits)
-
-        def mass(t: int, strict: bool = False) -> float:
-            out = 0.0
-            for a, b in self.chunks():
-                _, k, r = cand(a, b)
+        lo, hi, everything = None, None, 0.0
+        for a, b in self.chunks():
+            _, k, r = cand(a, b)
+            if k.numel():
                 o = ordinal(k)
-                out += float(r[o < t if strict else o <= t].sum(dtype=torch.float64))
-            return out
-
+                lo = int(o.min()) if lo is None else min(lo, int(o.min()))
+                hi = int(o.max()) if hi is None else max(hi, int(o.max()))
+                everything += float(r.sum(dtype=torch.float64))
         over = (lambda m: m >= limit) if reach else (lambda m: m > limit)
-        lo = min(int(ordinal(cand(a, b)[1]).min()) for a, b in self.chunks() if cand(a, b)[0].numel()) - 1
-        hi = max(int(ordinal(cand(a, b)[1]).max()) for a, b in self.chunks() if cand(a, b)[0].numel())
-        if not over(mass(hi)):
+        if not over(everything):
             t = hi + 1  # the whole pass fits (or never reaches): every candidate
-        else:
+        elif lo >= 0 or hi < 0:  # one sign: the ordinals map to [0, 2^63) and a radix select finds t in 4 passes
+            flip = hi < 0
+            prefix, below = 0, 0.0
+            for shift in (48, 32, 16, 0):
+                hist = torch.zeros(1 << 16, dtype=torch.float64, device=self.device)
+                for a, b in self.chunks():
+                    _, k, r = cand(a, b)
+                    u = ordinal(k) ^ _INT64_MIN if flip else ordinal(k)
+                    if shift < 48:
+                        keep = (u >> (shift + 16)) == prefix
+                        u, r = u[keep], r[keep]
+                    hist += torch.bincount((u >> shift) & 0xFFFF, weights=r.to(torch.float64), minlength=1 << 16)
+                crossed = over(torch.cumsum(hist, 0) + below)
+                d = int(torch.argmax(crossed.to(torch.uint8)))  # the first digit whose prefix goes over
+                below += float(hist[:d].sum())
+                prefix = (prefix << 16) | d
+            t = prefix ^ _INT64_MIN if flip else prefix
+        else:  # ordinals of both signs (keys of both signs): bisection over them, a pass per bit
+
+            def mass(t: int) -> float:
+                return sum(float(r[ordinal(k) <= t].sum(dtype=torch.float64))
+                           for a, b in self.chunks() for _, k, r in [cand(a, b)])
+
+            lo -= 1
             while hi - lo > 1:  # the first key whose prefix (ties included) goes over
                 mid = lo + (hi - lo) // 2
                 lo, hi = (lo, mid) if over(mass(mid)) else (mid, hi)
