@@ -130,3 +130,21 @@ def test_chunked_passes_with_keys_of_both_signs(bits, monkeypatch):
     w_one = one.waterfill(budget)
     monkeypatch.setattr(alloc, "_CHUNK", 1000)
     assert torch.equal(alloc.Cells(weight, rate, kap).waterfill(budget), w_one)
+
+
+def test_allocation_of_a_whole_model_holds_a_few_bytes_a_cell_on_the_device(monkeypatch):
+    """cvxq.allocate on the default model's cell count (bench/alloc_memory.py, 30 blocks, 887k cells): from
+    allocate.Cells on, its arrays, float64 weights and passes take ~20 bytes a cell with small chunks, not
+    the [cells, widths] tables and [cells]-long passes it moved to the GPU before (6.4 GiB at 8B)."""
+    import sys
+    from pathlib import Path
+
+    from rdquant import allocate as alloc
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from alloc_memory import measure
+
+    monkeypatch.setattr(alloc, "_CHUNK", 1 << 15)
+    r = measure("135m", 30, 3.0)
+    assert r["bytes_per_cell"] < 24, r
+    assert r["bits_per_weight"] <= 3.0
