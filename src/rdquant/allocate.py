@@ -102,6 +102,7 @@ class Cells:
         if self.s is None:
             dtype = rate.dtype if rate.dtype in (torch.float32, torch.float64) else torch.float64
             self.R = rate.to(self.device, dtype)
+        self.offset = self.base if self.R is None else 0.0  # what _part leaves out of a total (the width-0 rates)
 
     def chunks(self):
         return ((a, min(a + _CHUNK, self.n)) for a in range(0, self.n, _CHUNK))
@@ -114,16 +115,15 @@ class Cells:
         return R.gather(1, w1[:, None])[:, 0].double() - R.gather(1, w0[:, None])[:, 0].double()
 
     def _part(self, a: int, b: int, w: torch.Tensor) -> float:
-        """The rate of cells a:b at widths w (long): float64, exact for integer bit counts in any order."""
+        """The rate of cells a:b at widths w (long), less their width-0 rates when affine: float64, exact for
+        integer bit counts in any order."""
         if self.R is None:
             return float((self.s[a:b].double() * w).sum())
         return float(self.R[a:b].gather(1, w[:, None]).sum(dtype=torch.float64))
 
     def total(self, w: torch.Tensor) -> float:
         """Total rate at widths w [n]."""
-        if self.R is None:
-            return self.base + sum(self._part(a, b, w[a:b].long()) for a, b in self.chunks())
-        return sum(self._part(a, b, w[a:b].long()) for a, b in self.chunks())
+        return self.offset + sum(self._part(a, b, w[a:b].long()) for a, b in self.chunks())
 
     def _at(self, lam: float, a: int, b: int) -> torch.Tensor:
         """argmin_b weight kap[b] + lam rate[b] of cells a:b (ties to the narrower), long."""
@@ -138,8 +138,7 @@ class Cells:
         return w
 
     def total_at(self, lam: float) -> float:
-        parts = sum(self._part(a, b, self._at(lam, a, b)) for a, b in self.chunks())
-        return self.base + parts if self.R is None else parts
+        return self.offset + sum(self._part(a, b, self._at(lam, a, b)) for a, b in self.chunks())
 
     def waterfill(self, budget: float, iters: int = 100) -> torch.Tensor:
         """waterfill()'s widths [n] (uint8, on the device)."""
@@ -268,9 +267,10 @@ class Cells:
                 dd = self.wt[a:b][i] * (self.kap[wc[i]] - self.kap[nxt[i]])
                 return i, dd / dr[i], dr[i]
 
-            if not any(cand(a, b)[0].numel() for a, b in self.chunks()):
+            taken = self._take(w, cand, limit, reach=False, descending=True)
+            if taken == 0:  # no candidate (the first one always fits when there is one)
                 break
-            slack -= self._take(w, cand, limit, reach=False, descending=True)
+            slack -= taken
         return w
 
     def narrow(self, w: torch.Tensor, excess: float, floor_from: int, floor: int) -> torch.Tensor:
