@@ -25,11 +25,7 @@ import torch
 from rdquant.config import CompressConfig
 from rdquant.testing import LiveBytes
 
-SHAPES = {  # hidden, MLP, query heads, KV heads, vocab (bench/scale.py's)
-    "8b": (4096, 14336, 32, 8, 128256),
-    "70b": (8192, 28672, 64, 8, 128256),
-    "135m": (576, 1536, 9, 3, 49152),
-}
+from scale import SHAPES  # bench/ is on sys.path (run as a script, or by the tests)
 
 
 def synthetic_cells(shape: str, layers: int, cfg: CompressConfig, seed: int = 0):
@@ -39,7 +35,9 @@ def synthetic_cells(shape: str, layers: int, cfg: CompressConfig, seed: int = 0)
     from rdquant.qmixed import width_bits
     from rdquant.vocab import stored_bytes
 
-    hidden, mlp, heads, kv, vocab = SHAPES[shape]
+    c = SHAPES[shape]
+    hidden, mlp, heads, kv, vocab = (c["hidden_size"], c["intermediate_size"], c["num_attention_heads"],
+                                     c["num_key_value_heads"], c["vocab_size"])
     kvw = hidden // heads * kv
     shapes = {"self_attn.q_proj": (hidden, hidden), "self_attn.k_proj": (kvw, hidden),
               "self_attn.v_proj": (kvw, hidden), "self_attn.o_proj": (hidden, hidden),

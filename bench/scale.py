@@ -35,6 +35,9 @@ SHAPES = {
     # the 8B shape's widths / 8 (head dim 128 kept): CPU runs of the memory pattern (--phase-peaks)
     "8b-mini": dict(hidden_size=512, intermediate_size=1792, num_attention_heads=4, num_key_value_heads=1,
                     vocab_size=16032, layers=32),
+    # the default model's (SmolLM2-135M) widths: bench/alloc_memory.py's test shape
+    "135m": dict(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3,
+                 vocab_size=49152, layers=30),
     "tiny": dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
                  vocab_size=1000, layers=4),
 }

@@ -125,10 +125,14 @@ class Cells:
         """Total rate at widths w [n]."""
         return self.offset + sum(self._part(a, b, w[a:b].long()) for a, b in self.chunks())
 
+    def _ratio(self, a: int, b: int) -> torch.Tensor:
+        """weight / rate step of affine cells a:b (float64): what the closed form compares with lam / dk."""
+        return self.wt[a:b] / self.s[a:b].to(torch.float64)
+
     def _at(self, lam: float, a: int, b: int) -> torch.Tensor:
         """argmin_b weight kap[b] + lam rate[b] of cells a:b (ties to the narrower), long."""
         if self.R is None:
-            return _affine_widths(lam, self.wt[a:b] / self.s[a:b].to(torch.float64), self.dk)
+            return _affine_widths(lam, self._ratio(a, b), self.dk)
         return widths_at(lam, self.wt[a:b, None] * self.kap[None, :], self.R[a:b])
 
     def widths_at(self, lam: float) -> torch.Tensor:
@@ -148,8 +152,7 @@ class Cells:
         if self.total(widest) <= budget:
             return widest
         if self.R is None:  # closed form per lambda: w / s against lam / (kap[b-1] - kap[b])
-            top = max((float((self.wt[a:b] / self.s[a:b].to(torch.float64)).max()) for a, b in self.chunks()),
-                      default=0.0)
+            top = max((float(self._ratio(a, b).max()) for a, b in self.chunks()), default=0.0)
             hi = max(top * float(self.dk[0]), 1e-30) * 2
         else:
             top = max((float((self.wt[a:b, None] * self.kap[None, :]).max()) for a, b in self.chunks()), default=0.0)
@@ -182,11 +185,17 @@ class Cells:
             bits = (-key if descending else key).to(torch.float64).view(torch.int64)
             return torch.where(bits < 0, bits ^ 0x7FFFFFFFFFFFFFFF, bits)
 
-        count = sum(int(cand(a, b)[0].numel()) for a, b in self.chunks())
+        parts, count = [], 0  # the candidates while they are few enough to sort as one
+        for a, b in self.chunks():
+            i, k, r = cand(a, b)
+            count += i.numel()
+            if count > _CHUNK:
+                parts = None
+                break
+            parts.append((i + a, k, r))
         if count == 0:
             return 0.0
-        if count <= _CHUNK:
-            parts = [(i + a, k, r) for a, b in self.chunks() for i, k, r in [cand(a, b)]]
+        if parts is not None:
             idx, key, dr = (torch.cat([p[j] for p in parts]) for j in range(3))
             order = torch.argsort(key, descending=descending)
             idx, dr = idx[order], dr[order]
